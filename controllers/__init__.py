@@ -1,0 +1,1 @@
+"""Controllers for parallelcity, found through the ``parallelcity.controllers`` entry points."""

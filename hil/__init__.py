@@ -1,0 +1,1 @@
+"""Test rigs and plant simulators for parallelcity (``parallelcity.rigs`` entry points)."""

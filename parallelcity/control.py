@@ -1,0 +1,115 @@
+"""What a controller is: configure, ``setup`` once, then ``step`` every cycle.
+
+A controller never raises for a failed solve: the outcome is a ``ControlResult``
+whose ``status`` says what happened, so the cycle can fall back explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from pydantic import BaseModel
+
+from .model import Array, SubsystemModel
+
+
+class SolveStatus(str, Enum):
+    SOLVED = "solved"  # converged to the requested tolerance
+    ACCEPTABLE = "acceptable"  # converged to a looser, still usable tolerance
+    INFEASIBLE = "infeasible"
+    TIMEOUT = "timeout"
+    FAILED = "failed"  # anything else: numerical trouble, iteration limit, exception
+
+    @property
+    def usable(self) -> bool:
+        return self in (SolveStatus.SOLVED, SolveStatus.ACCEPTABLE)
+
+
+@dataclass(frozen=True, eq=False)
+class ControlProblem:
+    """Everything fixed for a run: model, sample time, horizon, input limits, banded outputs."""
+
+    model: SubsystemModel
+    dt: float  # sample period, simulated seconds
+    horizon: int  # number of sample periods planned
+    u_min: Array  # (nu,)
+    u_max: Array  # (nu,)
+    du_max: Array  # (nu,) largest move per sample period; inf where unlimited
+    banded_outputs: tuple[int, ...]  # output indices that carry a comfort/safety band
+    params: Array | None = None  # model parameters the controller plans with (nominal if None)
+
+    @property
+    def p(self) -> Array:
+        return self.model.nominal if self.params is None else self.params
+
+
+@dataclass(frozen=True, eq=False)
+class ControlInput:
+    """What changes every cycle."""
+
+    t0: float  # simulated time of the cycle, seconds since the epoch
+    x0: Array  # (nx,) estimated state
+    u_prev: Array  # (nu,) inputs currently applied in the field
+    disturbances: Array  # (horizon, nd) forecast
+    y_low: Array  # (horizon + 1, len(banded_outputs)) lower band per step
+    y_high: Array  # (horizon + 1, len(banded_outputs)) upper band per step
+    deadline_s: float = float("inf")  # wall-clock seconds the solve may take
+
+
+@dataclass(frozen=True, eq=False)
+class ControlResult:
+    """A controller's answer: status first, then the plan it stands behind."""
+
+    status: SolveStatus
+    u_plan: Array  # (horizon, nu)
+    x_pred: Array  # (horizon + 1, nx)
+    y_pred: Array  # (horizon + 1, ny)
+    cost: float
+    iterations: int
+    solve_time_s: float
+    message: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def u_first(self) -> Array:
+        return np.asarray(self.u_plan[0], dtype=float)
+
+    @classmethod
+    def failure(
+        cls, status: SolveStatus, problem: ControlProblem, message: str, solve_time_s: float = 0.0
+    ) -> ControlResult:
+        """A result with no usable plan (NaN-filled, so it can never be sent by accident)."""
+        m, n = problem.model, problem.horizon
+        nan = float("nan")
+        return cls(
+            status=status,
+            u_plan=np.full((n, m.nu), nan),
+            x_pred=np.full((n + 1, m.nx), nan),
+            y_pred=np.full((n + 1, m.ny), nan),
+            cost=nan,
+            iterations=0,
+            solve_time_s=solve_time_s,
+            message=message,
+        )
+
+
+@runtime_checkable
+class Controller(Protocol):
+    def setup(self, problem: ControlProblem) -> None:
+        """Build solvers once for the problem; called before the first step."""
+        ...
+
+    def step(self, inp: ControlInput) -> ControlResult:
+        """Plan from the current state; must not raise for solver trouble."""
+        ...
+
+
+class ControllerKind(Protocol):
+    """What the ``parallelcity.controllers`` entry point of a kind provides."""
+
+    Config: type[BaseModel]
+
+    def create(self, config: BaseModel) -> Controller: ...

@@ -1,0 +1,72 @@
+"""The one exception tree of parallelcity.
+
+Every error the runtime raises on purpose derives from ``ParallelCityError``;
+errors of lower libraries (asyncua, pyzmq, sqlite3, casadi) are translated at
+the module that talks to them, with the original kept as ``__cause__``::
+
+    ParallelCityError
+    ├── ScenarioError            a scenario file is missing, unreadable or invalid
+    ├── PluginError              a controller / rig / model kind is unknown or broken
+    ├── SecurityError            a transport would run without the security it needs
+    ├── FieldError               talking to field equipment failed
+    │   ├── FieldConnectionError     cannot reach or lost an OPC UA endpoint
+    │   └── NodeMappingError         a scenario NodeId does not exist on the server
+    ├── DispatchError            a command could not be delivered or acknowledged
+    ├── WireFormatError          a message on the wire does not follow the protocol
+    └── JournalError             the journal could not be written or read
+
+Solver failures, stale data and rejected plans are *not* exceptions: they are
+values (``ControlResult.status``, ``Snapshot.stale``, ``Verdict.approved``) that
+the cycle handles explicitly.
+"""
+
+from __future__ import annotations
+
+
+class ParallelCityError(Exception):
+    """Base class of every error parallelcity raises on purpose."""
+
+
+class ScenarioError(ParallelCityError):
+    """A scenario file is missing, unreadable or does not validate.
+
+    ``problems`` lists one line per problem, each naming the key path.
+    """
+
+    def __init__(self, path: str, problems: list[str]) -> None:
+        self.path = path
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{path}: invalid scenario\n{lines}")
+
+
+class PluginError(ParallelCityError):
+    """A plug-in kind named by a scenario is not installed or failed to load."""
+
+
+class SecurityError(ParallelCityError):
+    """A transport would run without the security the configuration demands."""
+
+
+class FieldError(ParallelCityError):
+    """Talking to field equipment (OPC UA) failed."""
+
+
+class FieldConnectionError(FieldError):
+    """An OPC UA endpoint cannot be reached, or the session was lost."""
+
+
+class NodeMappingError(FieldError):
+    """A NodeId named in the scenario does not exist on the server."""
+
+
+class DispatchError(ParallelCityError):
+    """A command could not be delivered to the field gateway or was not acknowledged."""
+
+
+class WireFormatError(ParallelCityError):
+    """A message does not follow the documented wire protocol."""
+
+
+class JournalError(ParallelCityError):
+    """The journal could not be written or read."""

@@ -1,0 +1,1 @@
+"""Built-in subsystem models, registered under the ``parallelcity.models`` entry point group."""

@@ -1,0 +1,184 @@
+"""District heating: one heat plant feeding buildings through substations.
+
+States: zone temperature per building, plant supply temperature.
+Inputs: supply-temperature setpoint, mass flow per building.
+Disturbances: outdoor temperature, solar irradiance, internal gains per building.
+
+    C_i dT_i/dt = Q_i - UA_i (T_i - T_out) + g_i I_sol + Q_int_i
+    Q_i         = m_i c_p (T_s - T_i) (1 - exp(-UA_hx_i / (m_i c_p)))
+    dT_s/dt     = (T_s_set - T_s) / tau_s
+
+Units: temperatures in C, heat in kW, capacities in MJ/K, flows in kg/s.
+"""
+
+from __future__ import annotations
+
+import math
+
+import casadi as ca
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..model import Array, SubsystemModel
+from ..schedule import Period, active
+
+CP_KJ_PER_KG_K = 4.186
+
+
+class Building(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    ua_kw_per_k: float = Field(gt=0, description="building heat loss coefficient")
+    c_mj_per_k: float = Field(gt=0, description="zone thermal capacity")
+    ua_hx_kw_per_k: float = Field(gt=0, description="substation and emitters heat transfer")
+    solar_aperture_m2: float = Field(ge=0)
+    gains_kw: float = Field(ge=0, description="internal gains while occupied")
+    occupied: list[Period] = Field(
+        default_factory=lambda: [Period(start="00:00", end="24:00")],
+        description="when the internal gains apply (all day if omitted)",
+    )
+    initial_temperature_c: float = 20.0
+    initial_flow_kg_per_s: float = Field(0.3, gt=0)
+
+
+class Plant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tau_min: float = Field(20.0, gt=0, description="supply temperature lag")
+    eta_boiler: float = Field(0.92, gt=0, le=1)
+    k_pump_kw_per_kg3_s3: float = Field(5.0 / 27.0, ge=0, description="pump power = k (sum m)^3")
+    initial_supply_c: float = 70.0
+    initial_setpoint_c: float = 70.0
+
+
+class Weather(BaseModel):
+    """Forecast of a winter day: cosine outdoor temperature and a clear-sky solar bell."""
+
+    model_config = ConfigDict(extra="forbid")
+    t_out_mean_c: float = -2.0
+    t_out_amplitude_k: float = Field(4.0, ge=0)
+    t_out_coldest_hour: float = Field(3.0, ge=0, lt=24)
+    solar_peak_w_per_m2: float = Field(400.0, ge=0)
+    sunrise_hour: float = Field(8.0, ge=0, le=24)
+    sunset_hour: float = Field(16.0, ge=0, le=24)
+
+    def t_out(self, t: Array) -> Array:
+        hour = (t % 86400.0) / 3600.0
+        return self.t_out_mean_c - self.t_out_amplitude_k * np.cos(
+            2 * math.pi * (hour - self.t_out_coldest_hour) / 24.0
+        )
+
+    def solar(self, t: Array) -> Array:
+        hour = (t % 86400.0) / 3600.0
+        span = self.sunset_hour - self.sunrise_hour
+        phase = np.clip((hour - self.sunrise_hour) / span, 0.0, 1.0) if span > 0 else hour * 0
+        return self.solar_peak_w_per_m2 * np.sin(math.pi * phase) ** 2
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: str = "district_heating"
+    plant: Plant = Plant()
+    weather: Weather = Weather()
+    buildings: list[Building] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Config:
+        names = [b.name for b in self.buildings]
+        if len(set(names)) != len(names):
+            raise ValueError(f"building names must be unique, got {names}")
+        return self
+
+
+def build(config: Config) -> SubsystemModel:
+    bs = config.buildings
+    n = len(bs)
+    states = tuple(f"{b.name}.T_zone" for b in bs) + ("plant.T_supply",)
+    inputs = ("plant.T_supply_set",) + tuple(f"{b.name}.m_flow" for b in bs)
+    disturbances = ("weather.T_out", "weather.I_sol") + tuple(f"{b.name}.Q_int" for b in bs)
+    outputs = (
+        states
+        + tuple(f"{b.name}.Q_heat" for b in bs)
+        + ("plant.heat_kw", "plant.pump_kw", "plant.fuel_kw", "weather.T_out")
+    )
+    params: list[str] = []
+    nominal: list[float] = []
+    for b in bs:
+        for key, value in (
+            ("ua_kw_per_k", b.ua_kw_per_k),
+            ("c_mj_per_k", b.c_mj_per_k),
+            ("ua_hx_kw_per_k", b.ua_hx_kw_per_k),
+            ("solar_aperture_m2", b.solar_aperture_m2),
+        ):
+            params.append(f"{b.name}.{key}")
+            nominal.append(value)
+    for key, value in (
+        ("tau_s", config.plant.tau_min * 60.0),
+        ("eta_boiler", config.plant.eta_boiler),
+        ("k_pump", config.plant.k_pump_kw_per_kg3_s3),
+    ):
+        params.append(f"plant.{key}")
+        nominal.append(value)
+
+    x = ca.SX.sym("x", n + 1)
+    u = ca.SX.sym("u", n + 1)
+    d = ca.SX.sym("d", n + 2)
+    p = ca.SX.sym("p", len(params))
+    t_s, t_set = x[n], u[0]
+    t_out, i_sol = d[0], d[1]
+    tau, eta, k_pump = p[4 * n], p[4 * n + 1], p[4 * n + 2]
+    xdot, q = [], []
+    for i in range(n):
+        ua, c, ua_hx, g = p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]
+        mcp = u[1 + i] * CP_KJ_PER_KG_K
+        q_i = mcp * (t_s - x[i]) * (1 - ca.exp(-ua_hx / mcp))
+        q.append(q_i)
+        gains = q_i - ua * (x[i] - t_out) + g * i_sol / 1000.0 + d[2 + i]
+        xdot.append(gains / (c * 1000.0))
+    xdot.append((t_set - t_s) / tau)
+    heat = ca.sum1(ca.vertcat(*q))
+    pump = k_pump * ca.sum1(u[1:]) ** 3
+    y = ca.vertcat(*[x[i] for i in range(n + 1)], *q, heat, pump, heat / eta, t_out)
+    f = ca.Function("f", [x, u, d, p], [ca.vertcat(*xdot)], ["x", "u", "d", "p"], ["xdot"])
+    h = ca.Function("h", [x, u, d, p], [y], ["x", "u", "d", "p"], ["y"])
+
+    def forecast(t0: float, steps: int, dt_s: float) -> Array:
+        t = t0 + dt_s * np.arange(steps, dtype=float)
+        out = np.empty((steps, n + 2))
+        out[:, 0] = config.weather.t_out(t)
+        out[:, 1] = config.weather.solar(t)
+        for i, b in enumerate(bs):
+            out[:, 2 + i] = [b.gains_kw if active(b.occupied, tk) else 0.0 for tk in t]
+        return out
+
+    return SubsystemModel(
+        name="district_heating",
+        states=states,
+        inputs=inputs,
+        disturbances=disturbances,
+        outputs=outputs,
+        parameters=tuple(params),
+        nominal=np.array(nominal),
+        f=f,
+        h=h,
+        forecast=forecast,
+        x0=np.array([b.initial_temperature_c for b in bs] + [config.plant.initial_supply_c]),
+        u0=np.array(
+            [config.plant.initial_setpoint_c] + [b.initial_flow_kg_per_s for b in bs]
+        ),
+        state_outputs={s: s for s in states},
+    )
+
+
+class _Kind:
+    """Entry point object for ``kind = "district_heating"``."""
+
+    Config = Config
+
+    @staticmethod
+    def build(config: BaseModel) -> SubsystemModel:
+        if not isinstance(config, Config):
+            raise TypeError(f"expected a district_heating Config, got {type(config).__name__}")
+        return build(config)
+
+
+KIND = _Kind()

@@ -1,0 +1,64 @@
+"""What a test rig is to the runtime: something a plan can be tried on, and a field stand-in.
+
+Rig kinds live outside this package (``hil`` ships the built-in ones) and are
+found through the ``parallelcity.rigs`` entry point group.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from pydantic import BaseModel
+
+from .clock import Clock
+from .model import Array, SubsystemModel
+
+if TYPE_CHECKING:
+    from .scenario import Scenario
+
+
+class Rig(Protocol):
+    """A plant a plan is tried on before it may reach the field."""
+
+    name: str
+
+    def rollout(
+        self, x0: Array, inputs: Array, disturbances: Array, t0: float, dt: float
+    ) -> Array:
+        """Apply ``inputs`` (n, nu) from state ``x0``; return outputs (n + 1, ny)."""
+        ...
+
+
+@dataclass(frozen=True)
+class AppliedInput:
+    """One value the field stand-in's plant actually received on an input node."""
+
+    time: float  # simulated epoch seconds
+    name: str  # model input name
+    value: float
+
+
+class FieldStandIn(Protocol):
+    """A running plant simulator served over OPC UA on loopback."""
+
+    @property
+    def endpoint(self) -> str: ...
+
+    @property
+    def applied(self) -> list[AppliedInput]:
+        """Every value written to an input node, in order."""
+        ...
+
+
+class RigKind(Protocol):
+    """What the ``parallelcity.rigs`` entry point of a kind provides."""
+
+    Config: type[BaseModel]
+
+    def verification_rig(self, config: BaseModel, model: SubsystemModel) -> Rig: ...
+
+    def field_stand_in(
+        self, config: BaseModel, scenario: Scenario, clock: Clock
+    ) -> AbstractAsyncContextManager[FieldStandIn]: ...

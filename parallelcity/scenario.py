@@ -1,0 +1,318 @@
+"""Scenario definition files: TOML, validated by typed models with unknown keys forbidden.
+
+``load_scenario(path)`` returns a ``Scenario`` whose plug-in sections
+(``model``, ``controller``, ``fallback``, ``rig``) are validated against the
+``Config`` of the kind they name, and cross-checked against the built model
+(every point, input and spec names a real signal).  Every problem is reported
+at once, each with its key path, in one ``ScenarioError``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from . import plugins
+from .errors import PluginError, ScenarioError
+from .model import SubsystemModel
+from .schedule import Period
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Meta(_Strict):
+    name: str = Field(min_length=1)
+    description: str = ""
+    start: dt.datetime = Field(description="simulated start time; naive times are UTC")
+    cycle_s: float = Field(gt=0, description="control period, simulated seconds")
+    horizon_steps: int = Field(ge=1, le=500, description="prediction horizon, in cycles")
+    cycles: int = Field(96, ge=1, description="default number of cycles for `run`")
+    speed: float = Field(
+        1.0, gt=0, description="simulated seconds per wall second (embedded default only)"
+    )
+    deadline_s: float | None = Field(
+        None, gt=0, description="simulated seconds a cycle may take; default 0.8 * cycle_s"
+    )
+
+    @property
+    def start_epoch(self) -> float:
+        start = self.start if self.start.tzinfo else self.start.replace(tzinfo=dt.UTC)
+        return start.timestamp()
+
+    @property
+    def deadline(self) -> float:
+        return self.deadline_s if self.deadline_s is not None else 0.8 * self.cycle_s
+
+
+class Security(_Strict):
+    insecure_lab: bool = Field(
+        False,
+        description="run OPC UA and ZeroMQ without encryption or authentication (lab only)",
+    )
+
+
+class PointMap(_Strict):
+    name: str = Field(description="model output this point measures")
+    node: str = Field(description="NodeId in the field namespace, e.g. 's=dh/plant/T_supply'")
+    max_age_s: float = Field(gt=0, description="older than this (simulated s) counts as stale")
+    required: bool = Field(True, description="a stale required point stops the cycle's action")
+
+
+class InputMap(_Strict):
+    name: str = Field(description="model input this node drives")
+    node: str
+
+
+class FieldConfig(_Strict):
+    namespace: str = Field(description="OPC UA namespace URI the NodeIds live in")
+    endpoint: str | None = Field(None, description="OPC UA endpoint; none runs the embedded rig")
+    gateway: str | None = Field(None, description="field gateway ZeroMQ address")
+    sampling_interval_ms: float = Field(100.0, gt=0, description="wall milliseconds")
+    points: list[PointMap] = Field(min_length=1)
+    inputs: list[InputMap] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> FieldConfig:
+        for what, items in (("points", self.points), ("inputs", self.inputs)):
+            seen: set[str] = set()
+            for item in items:
+                if item.name in seen:
+                    raise ValueError(f"{what}: {item.name!r} is mapped twice")
+                seen.add(item.name)
+        return self
+
+
+class InputSpec(_Strict):
+    name: str
+    min: float
+    max: float
+    max_rate_per_h: float | None = Field(None, gt=0, description="largest change per hour")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> InputSpec:
+        if not self.min <= self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+
+class BandPeriod(Period):
+    low: float
+    high: float
+
+
+class BandSpec(_Strict):
+    output: str
+    low: float = Field(description="band outside every listed period")
+    high: float
+    periods: list[BandPeriod] = Field(default_factory=list, description="first match wins")
+    margin_k: float = Field(
+        1.0, ge=0, description="excursion beyond the band the verifier still approves"
+    )
+    enforce_after_s: float = Field(
+        3600.0, ge=0, description="the verifier checks the band from this far into the horizon"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BandSpec:
+        for lo, hi, where in [(self.low, self.high, "")] + [
+            (p.low, p.high, f" in period {p.start}-{p.end}") for p in self.periods
+        ]:
+            if not lo <= hi:
+                raise ValueError(f"low {lo} is above high {hi}{where}")
+        return self
+
+
+class Specs(_Strict):
+    inputs: list[InputSpec] = Field(min_length=1)
+    bands: list[BandSpec] = Field(default_factory=list)
+
+
+class PluginSection(BaseModel):
+    """``kind`` picks the plug-in; the other keys are its own ``Config``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str
+
+
+class ScenarioFile(_Strict):
+    scenario: Meta
+    security: Security = Security()
+    model: PluginSection
+    field: FieldConfig
+    controller: PluginSection
+    fallback: PluginSection
+    rig: PluginSection
+    specs: Specs
+
+
+@dataclass(frozen=True, eq=False)
+class Scenario:
+    """A validated scenario with its plug-in configurations resolved and its model built."""
+
+    path: Path
+    file: ScenarioFile
+    model: SubsystemModel
+    model_config: BaseModel
+    controller_config: BaseModel
+    fallback_config: BaseModel
+    rig_config: BaseModel
+
+    @property
+    def meta(self) -> Meta:
+        return self.file.scenario
+
+    @property
+    def field(self) -> FieldConfig:
+        return self.file.field
+
+    @property
+    def specs(self) -> Specs:
+        return self.file.specs
+
+    @property
+    def insecure_lab(self) -> bool:
+        return self.file.security.insecure_lab
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _describe(err: dict[str, Any], prefix: tuple[int | str, ...] = ()) -> str:
+    loc = prefix + tuple(err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key (not allowed here)"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif "input" in err and not isinstance(err["input"], dict | list):
+        msg = f"{msg} (got {err['input']!r})"
+    return f"{_loc(loc)}: {msg}"
+
+
+def _plugin_config(role: str, section: PluginSection, where: str, problems: list[str]) -> Any:
+    try:
+        kind = plugins.load(role, section.kind)
+    except PluginError as exc:
+        problems.append(f"{where}.kind: {exc}")
+        return None
+    data = dict(section.model_extra or {})
+    data["kind"] = section.kind
+    if "kind" not in kind.Config.model_fields:
+        data.pop("kind")
+    try:
+        return kind.Config.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(_describe(e, (where,)) for e in exc.errors())
+        return None
+
+
+def _cross_check(f: ScenarioFile, m: SubsystemModel) -> list[str]:
+    problems = []
+    outputs, inputs = set(m.outputs), set(m.inputs)
+    for i, p in enumerate(f.field.points):
+        if p.name not in outputs:
+            problems.append(
+                f"field.points[{i}].name: {p.name!r} is not an output of model "
+                f"{m.name!r} (outputs: {', '.join(m.outputs)})"
+            )
+    measured = {p.name for p in f.field.points}
+    for state, output in m.state_outputs.items():
+        if output not in measured:
+            problems.append(
+                f"field.points: state {state!r} needs a point measuring output {output!r}"
+            )
+    mapped = {i.name for i in f.field.inputs}
+    for i, im in enumerate(f.field.inputs):
+        if im.name not in inputs:
+            problems.append(f"field.inputs[{i}].name: {im.name!r} is not an input of the model")
+    for name in m.inputs:
+        if name not in mapped:
+            problems.append(f"field.inputs: model input {name!r} has no node")
+    specified = {s.name for s in f.specs.inputs}
+    for i, s in enumerate(f.specs.inputs):
+        if s.name not in inputs:
+            problems.append(f"specs.inputs[{i}].name: {s.name!r} is not an input of the model")
+    for name in m.inputs:
+        if name not in specified:
+            problems.append(f"specs.inputs: model input {name!r} has no bounds")
+    for i, b in enumerate(f.specs.bands):
+        if b.output not in outputs:
+            problems.append(f"specs.bands[{i}].output: {b.output!r} is not an output of the model")
+    return problems
+
+
+def parse_scenario(text: str, path: str | Path = "<string>") -> Scenario:
+    """Validate scenario TOML text; raise ``ScenarioError`` listing every problem."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(str(path), [f"not valid TOML: {exc}"]) from exc
+    try:
+        f = ScenarioFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ScenarioError(str(path), [_describe(e) for e in exc.errors()]) from exc
+
+    problems: list[str] = []
+    model_cfg = _plugin_config("model", f.model, "model", problems)
+    ctrl_cfg = _plugin_config("controller", f.controller, "controller", problems)
+    fb_cfg = _plugin_config("controller", f.fallback, "fallback", problems)
+    rig_cfg = _plugin_config("rig", f.rig, "rig", problems)
+    model = None
+    if model_cfg is not None:
+        try:
+            model = plugins.load("model", f.model.kind).build(model_cfg)
+        except (ValueError, TypeError) as exc:
+            problems.append(f"model: cannot build the model: {exc}")
+    if model is not None:
+        problems.extend(_cross_check(f, model))
+    if problems or model is None:
+        raise ScenarioError(str(path), problems)
+    return Scenario(path, f, model, model_cfg, ctrl_cfg, fb_cfg, rig_cfg)
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ScenarioError(str(path), [f"cannot read the file: {exc.strerror or exc}"]) from exc
+    return parse_scenario(text, path)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of scenario files, with the installed plug-in kinds spelled out."""
+    schema = ScenarioFile.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "parallelcity scenario"
+    props = schema["properties"]
+    for section, role in (
+        ("model", "model"),
+        ("controller", "controller"),
+        ("fallback", "controller"),
+        ("rig", "rig"),
+    ):
+        variants = []
+        for name, kind in sorted(plugins.available(role).items()):
+            if isinstance(kind, PluginError):
+                continue
+            sub = kind.Config.model_json_schema(ref_template="#/$defs/{model}")
+            for def_name, definition in sub.pop("$defs", {}).items():
+                schema.setdefault("$defs", {})[def_name] = definition
+            sub.setdefault("properties", {})["kind"] = {"const": name}
+            sub["required"] = sorted(set(sub.get("required", [])) | {"kind"})
+            sub["additionalProperties"] = False
+            variants.append(sub)
+        props[section] = {"oneOf": variants} if variants else props[section]
+    return schema

@@ -1,0 +1,93 @@
+"""The mirror's picture of the field at one instant: value, source time and status per point.
+
+Pure: freshness is judged against a time passed in, never read from a clock here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Quality(str, Enum):
+    GOOD = "good"
+    UNCERTAIN = "uncertain"
+    BAD = "bad"
+
+    @classmethod
+    def from_status_code(cls, code: int) -> Quality:
+        """OPC UA severity lives in the top two bits: 00 good, 01 uncertain, 1x bad."""
+        severity = (code >> 30) & 0b11
+        if severity == 0:
+            return cls.GOOD
+        if severity == 1:
+            return cls.UNCERTAIN
+        return cls.BAD
+
+
+@dataclass(frozen=True)
+class Reading:
+    value: float
+    source_time: float  # when the field measured it (simulated epoch seconds)
+    status_code: int = 0  # raw OPC UA StatusCode value
+
+    @property
+    def quality(self) -> Quality:
+        return Quality.from_status_code(self.status_code)
+
+
+@dataclass(frozen=True)
+class PointSpec:
+    name: str
+    max_age_s: float
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class PointState:
+    name: str
+    reading: Reading | None
+    age_s: float | None
+    stale: bool
+    why: str  # empty when fresh
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    taken_at: float
+    points: Mapping[str, PointState]
+
+    @property
+    def stale_required(self) -> list[str]:
+        return [p.name for p in self.points.values() if p.stale and self._required[p.name]]
+
+    _required: Mapping[str, bool]
+
+    def value(self, name: str) -> float:
+        reading = self.points[name].reading
+        if reading is None:
+            raise KeyError(f"point {name!r} has no reading")
+        return reading.value
+
+    def values(self) -> dict[str, float | None]:
+        return {n: (p.reading.value if p.reading else None) for n, p in self.points.items()}
+
+
+def assess(specs: Mapping[str, PointSpec], readings: Mapping[str, Reading], now: float) -> Snapshot:
+    """Mark each point fresh or stale at time ``now``."""
+    states: dict[str, PointState] = {}
+    for name, spec in specs.items():
+        r = readings.get(name)
+        if r is None:
+            states[name] = PointState(name, None, None, True, "no value received")
+            continue
+        age = now - r.source_time
+        if r.quality is not Quality.GOOD:
+            why = f"status {r.quality.value} (0x{r.status_code:08X})"
+        elif age > spec.max_age_s:
+            why = f"age {age:.0f} s exceeds max_age_s {spec.max_age_s:g}"
+        else:
+            why = ""
+        states[name] = PointState(name, r, age, bool(why), why)
+    return Snapshot(now, states, {n: s.required for n, s in specs.items()})
