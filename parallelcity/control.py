@@ -7,7 +7,7 @@ whose ``status`` says what happened, so the cycle can fall back explicitly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from .model import Array, SubsystemModel
 
 
-class SolveStatus(str, Enum):
+class SolveStatus(StrEnum):
     SOLVED = "solved"  # converged to the requested tolerance
     ACCEPTABLE = "acceptable"  # converged to a looser, still usable tolerance
     INFEASIBLE = "infeasible"

@@ -29,7 +29,9 @@ def available(role: str) -> dict[str, Any]:
         try:
             kinds[ep.name] = ep.load()
         except Exception as exc:  # a broken plug-in must not hide the others
-            kinds[ep.name] = PluginError(f"{group} entry point {ep.name!r} ({ep.value}) failed: {exc}")
+            kinds[ep.name] = PluginError(
+                f"{group} entry point {ep.name!r} ({ep.value}) failed to load: {exc}"
+            )
     return kinds
 
 

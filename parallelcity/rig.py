@@ -24,9 +24,7 @@ class Rig(Protocol):
 
     name: str
 
-    def rollout(
-        self, x0: Array, inputs: Array, disturbances: Array, t0: float, dt: float
-    ) -> Array:
+    def rollout(self, x0: Array, inputs: Array, disturbances: Array, t0: float, dt: float) -> Array:
         """Apply ``inputs`` (n, nu) from state ``x0``; return outputs (n + 1, ny)."""
         ...
 

@@ -188,7 +188,7 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
-def _describe(err: dict[str, Any], prefix: tuple[int | str, ...] = ()) -> str:
+def _describe(err: Any, prefix: tuple[int | str, ...] = ()) -> str:
     loc = prefix + tuple(err["loc"])
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
@@ -200,14 +200,16 @@ def _describe(err: dict[str, Any], prefix: tuple[int | str, ...] = ()) -> str:
     return f"{_loc(loc)}: {msg}"
 
 
-def _plugin_config(role: str, section: PluginSection, where: str, problems: list[str]) -> Any:
+def _plugin_config(role: str, section: Any, where: str, problems: list[str]) -> Any:
+    """Validate one plug-in table against its kind's Config; None if it does not validate."""
+    if not isinstance(section, dict) or not isinstance(section.get("kind"), str):
+        return None  # the core model reports a missing or mistyped table or kind
     try:
-        kind = plugins.load(role, section.kind)
+        kind = plugins.load(role, section["kind"])
     except PluginError as exc:
         problems.append(f"{where}.kind: {exc}")
         return None
-    data = dict(section.model_extra or {})
-    data["kind"] = section.kind
+    data = dict(section)
     if "kind" not in kind.Config.model_fields:
         data.pop("kind")
     try:
@@ -259,27 +261,48 @@ def parse_scenario(text: str, path: str | Path = "<string>") -> Scenario:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(str(path), [f"not valid TOML: {exc}"]) from exc
+    problems: list[str] = []
+    f: ScenarioFile | None = None
     try:
         f = ScenarioFile.model_validate(raw)
     except ValidationError as exc:
-        raise ScenarioError(str(path), [_describe(e) for e in exc.errors()]) from exc
-
-    problems: list[str] = []
-    model_cfg = _plugin_config("model", f.model, "model", problems)
-    ctrl_cfg = _plugin_config("controller", f.controller, "controller", problems)
-    fb_cfg = _plugin_config("controller", f.fallback, "fallback", problems)
-    rig_cfg = _plugin_config("rig", f.rig, "rig", problems)
+        problems.extend(_describe(e) for e in exc.errors())
+    # plug-in tables are checked even when the rest failed, so every problem shows at once
+    model_cfg = _plugin_config("model", raw.get("model"), "model", problems)
+    ctrl_cfg = _plugin_config("controller", raw.get("controller"), "controller", problems)
+    fb_cfg = _plugin_config("controller", raw.get("fallback"), "fallback", problems)
+    rig_cfg = _plugin_config("rig", raw.get("rig"), "rig", problems)
     model = None
     if model_cfg is not None:
         try:
-            model = plugins.load("model", f.model.kind).build(model_cfg)
+            model = plugins.load("model", model_cfg_kind(raw)).build(model_cfg)
         except (ValueError, TypeError) as exc:
             problems.append(f"model: cannot build the model: {exc}")
-    if model is not None:
+    if model is not None and f is not None:
         problems.extend(_cross_check(f, model))
-    if problems or model is None:
+    if model is not None and rig_cfg is not None:
+        problems.extend(_rig_check(raw["rig"]["kind"], rig_cfg, model))
+    if problems or f is None or model is None:
         raise ScenarioError(str(path), problems)
     return Scenario(path, f, model, model_cfg, ctrl_cfg, fb_cfg, rig_cfg)
+
+
+def model_cfg_kind(raw: dict[str, Any]) -> str:
+    return str(raw["model"]["kind"])
+
+
+def _rig_check(kind_name: str, config: BaseModel, model: SubsystemModel) -> list[str]:
+    """A rig kind may check its config against the model: ``check(config, model)`` raises
+    ``ValueError`` with a message that starts with the key path."""
+    kind = plugins.load("rig", kind_name)
+    check = getattr(kind, "check", None)
+    if check is None:
+        return []
+    try:
+        check(config, model)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
 
 
 def load_scenario(path: str | Path) -> Scenario:

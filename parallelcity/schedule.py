@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -57,7 +58,7 @@ class Period(BaseModel):
         return True
 
 
-def active(periods: tuple[Period, ...] | list[Period], t: float) -> Period | None:
+def active(periods: Sequence[Period], t: float) -> Period | None:
     """The first period containing ``t``, or None."""
     for p in periods:
         if p.contains(t):

@@ -8,14 +8,13 @@ A limit is broken when it is exceeded by more than ``TOLERANCE``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .model import Array, SubsystemModel
-from .scenario import BandSpec, Scenario
-from .schedule import active
+from .scenario import BandSpec, InputSpec, Scenario
 
 TOLERANCE = 1e-6
 
@@ -40,10 +39,10 @@ class Band:
     spec: BandSpec
 
     def limits(self, t: float) -> tuple[float, float]:
-        period = active(self.spec.periods, t)
-        if period is None:
-            return self.spec.low, self.spec.high
-        return period.low, period.high  # type: ignore[attr-defined]
+        for period in self.spec.periods:
+            if period.contains(t):
+                return period.low, period.high
+        return self.spec.low, self.spec.high
 
 
 @dataclass(frozen=True)
@@ -80,9 +79,9 @@ class SafetySpecs:
 
     @classmethod
     def build(
-        cls, model: SubsystemModel, inputs: list[object], bands: list[BandSpec]
+        cls, model: SubsystemModel, inputs: Sequence[InputSpec], bands: Sequence[BandSpec]
     ) -> SafetySpecs:
-        by_name = {s.name: s for s in inputs}  # type: ignore[attr-defined]
+        by_name = {s.name: s for s in inputs}
         limits = tuple(
             InputLimit(n, by_name[n].min, by_name[n].max, by_name[n].max_rate_per_h)
             for n in model.inputs

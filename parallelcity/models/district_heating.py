@@ -162,9 +162,7 @@ def build(config: Config) -> SubsystemModel:
         h=h,
         forecast=forecast,
         x0=np.array([b.initial_temperature_c for b in bs] + [config.plant.initial_supply_c]),
-        u0=np.array(
-            [config.plant.initial_setpoint_c] + [b.initial_flow_kg_per_s for b in bs]
-        ),
+        u0=np.array([config.plant.initial_setpoint_c] + [b.initial_flow_kg_per_s for b in bs]),
         state_outputs={s: s for s in states},
     )
 

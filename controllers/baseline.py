@@ -1,0 +1,447 @@
+"""Baseline controllers: PI loops with weather compensation, and plain hold.
+
+Both plan over the whole horizon like the NMPC does, because every plan is
+verified over the horizon: the PI plan is its own closed loop simulated on the
+model with the forecast disturbances, the hold plan is the held input.
+Plans always respect input bounds and rate limits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from parallelcity.control import ControlInput, ControlProblem, ControlResult, SolveStatus
+from parallelcity.model import Array
+
+LIMIT_TOLERANCE = 1e-6
+
+
+class _Limits:
+    """Input bounds and rate limits of a problem, applied move by move."""
+
+    def __init__(self, problem: ControlProblem) -> None:
+        nu = problem.model.nu
+        self.u_min = np.asarray(problem.u_min, dtype=float)
+        self.u_max = np.asarray(problem.u_max, dtype=float)
+        self.du_max = np.asarray(problem.du_max, dtype=float)
+        if any(a.shape != (nu,) for a in (self.u_min, self.u_max, self.du_max)):
+            raise ValueError(f"u_min, u_max and du_max must each have {nu} entries")
+
+    def start(self, u_prev: Array, fallback: Array) -> Array:
+        """The applied input, with unknown entries replaced by ``fallback`` (clipped)."""
+        u = np.asarray(u_prev, dtype=float)
+        return np.where(np.isfinite(u), u, np.clip(fallback, self.u_min, self.u_max))
+
+    def move(self, target: Array, prev: Array) -> Array:
+        """``target`` moved at most ``du_max`` from ``prev``, then put within bounds."""
+        step = np.clip(target - prev, -self.du_max, self.du_max)
+        return np.clip(prev + step, self.u_min, self.u_max)
+
+    def broken(self, u_prev: Array, plan: Array) -> str:
+        """Why ``plan`` breaks a limit (only possible when ``u_prev`` is far out of bounds)."""
+        prev = np.vstack([u_prev[None, :], plan[:-1]])
+        rate = np.abs(plan - prev) - self.du_max
+        if np.nanmax(rate) > LIMIT_TOLERANCE:
+            k, i = np.unravel_index(int(np.nanargmax(rate)), rate.shape)
+            return (
+                f"input {i} cannot reach its bounds from {u_prev[i]:.4g} without breaking "
+                f"its rate limit (step {k})"
+            )
+        return ""
+
+
+class _Simulator:
+    """One-step plant model with the controller's parameters."""
+
+    def __init__(self, problem: ControlProblem) -> None:
+        m = problem.model
+        self.step = m.step_function(problem.dt)
+        self.h = m.h
+        self.p = np.asarray(problem.p, dtype=float)
+        self.sim = self.step.mapaccum(problem.horizon)
+        self.out = m.h.map(problem.horizon + 1)
+
+    def next(self, x: Array, u: Array, d: Array) -> Array:
+        return np.asarray(self.step(x, u, d, self.p), dtype=float).ravel()
+
+    def y(self, x: Array, u: Array, d: Array) -> Array:
+        return np.asarray(self.h(x, u, d, self.p), dtype=float).ravel()
+
+    def plan(self, x0: Array, plan: Array, dist: Array) -> tuple[Array, Array]:
+        """States and outputs along ``plan``; the last output reuses the last input."""
+        n = plan.shape[0]
+        xs = np.empty((n + 1, x0.shape[0]))
+        xs[0] = x0
+        xs[1:] = np.asarray(self.sim(x0, plan.T, dist[:n].T, self.p)).T
+        u_ext = np.vstack([plan, plan[-1:]])
+        d_ext = np.vstack([dist[:n], dist[n - 1 : n]])
+        ys = np.asarray(self.out(xs.T, u_ext.T, d_ext.T, self.p)).T
+        return xs, ys
+
+
+def _check_input(problem: ControlProblem, inp: ControlInput) -> str:
+    m, n = problem.model, problem.horizon
+    x0 = np.asarray(inp.x0, dtype=float)
+    d = np.asarray(inp.disturbances, dtype=float)
+    if x0.shape != (m.nx,) or not np.all(np.isfinite(x0)):
+        return f"x0 must be {m.nx} finite values"
+    if np.shape(inp.u_prev) != (m.nu,):
+        return f"u_prev must have {m.nu} entries"
+    if d.ndim != 2 or d.shape[0] < n or d.shape[1] != m.nd or not np.all(np.isfinite(d[:n])):
+        return f"disturbances must be ({n}, {m.nd}) finite values"
+    return ""
+
+
+def _result(
+    problem: ControlProblem,
+    limits: _Limits,
+    sim: _Simulator,
+    inp: ControlInput,
+    u_start: Array,
+    plan: Array,
+    xs: Array | None,
+    t_start: float,
+) -> ControlResult:
+    trouble = limits.broken(u_start, plan)
+    if trouble:
+        return ControlResult.failure(
+            SolveStatus.INFEASIBLE, problem, trouble, time.perf_counter() - t_start
+        )
+    dist = np.asarray(inp.disturbances, dtype=float)
+    if xs is None:
+        xs, ys = sim.plan(np.asarray(inp.x0, dtype=float), plan, dist)
+    else:
+        n = plan.shape[0]
+        u_ext = np.vstack([plan, plan[-1:]])
+        d_ext = np.vstack([dist[:n], dist[n - 1 : n]])
+        ys = np.asarray(sim.out(xs.T, u_ext.T, d_ext.T, sim.p)).T
+    return ControlResult(
+        status=SolveStatus.SOLVED,
+        u_plan=plan,
+        x_pred=xs,
+        y_pred=ys,
+        cost=float("nan"),
+        iterations=0,
+        solve_time_s=time.perf_counter() - t_start,
+    )
+
+
+# ---------------------------------------------------------------------- PI
+
+
+class Loop(BaseModel):
+    """A PI loop holding a banded output at its band's low edge plus an offset."""
+
+    model_config = ConfigDict(extra="forbid")
+    output: str = Field(description="banded output the loop controls")
+    input: str = Field(description="input it moves (more input raises the output)")
+    setpoint_offset_k: float = Field(0.0, description="setpoint above the band's low edge")
+    kp: float = Field(ge=0, description="proportional gain, input units per output unit")
+    ki_per_h: float = Field(ge=0, description="integral gain, input units per output unit-hour")
+
+
+class Curve(BaseModel):
+    """An input set from a disturbance by a piecewise-linear curve (e.g. heating curve)."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: str
+    disturbance: str
+    points: list[tuple[float, float]] = Field(
+        min_length=2, description="[disturbance, input] pairs, disturbance increasing"
+    )
+
+    @field_validator("points")
+    @classmethod
+    def _increasing(cls, v: list[tuple[float, float]]) -> list[tuple[float, float]]:
+        xs = [p[0] for p in v]
+        if any(b <= a for a, b in itertools.pairwise(xs)):
+            raise ValueError(f"curve points must have strictly increasing x, got {xs}")
+        if not all(math.isfinite(c) for p in v for c in p):
+            raise ValueError("curve points must be finite")
+        return v
+
+
+class PIConfig(BaseModel):
+    """``[fallback]`` (or ``[controller]``) table for ``kind = "pi"``."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str = "pi"
+    loops: list[Loop] = Field(default_factory=list)
+    curves: list[Curve] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _LoopIx:
+    output: int  # model output index
+    band: int  # column among the banded outputs
+    input: int
+    offset: float
+    kp: float
+    ki_per_s: float
+
+
+@dataclass(frozen=True)
+class _Memory:
+    t0: float  # cycle the errors belong to
+    before: Array  # error of the cycle before it (what that step used as e_{k-1})
+    error: Array  # error at t0
+
+
+class PIController:
+    """Velocity-form PI loops plus heating curves; other inputs are held."""
+
+    def __init__(self, config: PIConfig) -> None:
+        self.config = config
+        self._problem: ControlProblem | None = None
+        self._memory: _Memory | None = None
+
+    @property
+    def previous_error(self) -> Array | None:
+        """Loop errors of the last cycle planned (in loop order), None before the first."""
+        return None if self._memory is None else self._memory.error.copy()
+
+    def setup(self, problem: ControlProblem) -> None:
+        m = problem.model
+        banded = list(problem.banded_outputs)
+        used: dict[str, str] = {}
+        loops = []
+        for i, lp in enumerate(self.config.loops):
+            if lp.output not in m.outputs:
+                raise ValueError(
+                    f"loops[{i}].output: {lp.output!r} is not an output of model {m.name!r}"
+                )
+            j = m.index("outputs", lp.output)
+            if j not in banded:
+                raise ValueError(
+                    f"loops[{i}].output: {lp.output!r} has no band to take a setpoint from"
+                )
+            if lp.input not in m.inputs:
+                raise ValueError(f"loops[{i}].input: {lp.input!r} is not an input of the model")
+            if lp.input in used:
+                raise ValueError(
+                    f"loops[{i}].input: {lp.input!r} is already set by {used[lp.input]}"
+                )
+            used[lp.input] = f"loops[{i}]"
+            loops.append(
+                _LoopIx(
+                    j,
+                    banded.index(j),
+                    m.index("inputs", lp.input),
+                    lp.setpoint_offset_k,
+                    lp.kp,
+                    lp.ki_per_h / 3600.0,
+                )
+            )
+        curves = []
+        for i, cv in enumerate(self.config.curves):
+            if cv.input not in m.inputs:
+                raise ValueError(f"curves[{i}].input: {cv.input!r} is not an input of the model")
+            if cv.disturbance not in m.disturbances:
+                raise ValueError(
+                    f"curves[{i}].disturbance: {cv.disturbance!r} is not a disturbance of the model"
+                )
+            if cv.input in used:
+                raise ValueError(
+                    f"curves[{i}].input: {cv.input!r} is already set by {used[cv.input]}"
+                )
+            used[cv.input] = f"curves[{i}]"
+            pts = np.asarray(cv.points, dtype=float)
+            curves.append(
+                (m.index("inputs", cv.input), m.index("disturbances", cv.disturbance), pts)
+            )
+        self._limits = _Limits(problem)
+        self._sim = _Simulator(problem)
+        self._loops = loops
+        self._curves = curves
+        self._problem = problem
+        self._memory = None
+
+    def step(self, inp: ControlInput) -> ControlResult:
+        t_start = time.perf_counter()
+        problem = self._problem
+        if problem is None:
+            raise RuntimeError("PIController.step called before setup")
+        try:
+            return self._step(problem, inp, t_start)
+        except Exception as exc:  # report, never raise
+            return ControlResult.failure(
+                SolveStatus.FAILED,
+                problem,
+                f"pi: {type(exc).__name__}: {exc}",
+                time.perf_counter() - t_start,
+            )
+
+    def _step(self, problem: ControlProblem, inp: ControlInput, t_start: float) -> ControlResult:
+        bad = _check_input(problem, inp)
+        n, dt = problem.horizon, float(problem.dt)
+        y_low = np.asarray(inp.y_low, dtype=float)
+        if not bad and self._loops and (y_low.ndim != 2 or y_low.shape[0] < n + 1):
+            bad = f"y_low must be ({n + 1}, {len(problem.banded_outputs)})"
+        if bad:
+            return ControlResult.failure(
+                SolveStatus.FAILED, problem, f"pi: bad input: {bad}", time.perf_counter() - t_start
+            )
+        lim, sim = self._limits, self._sim
+        dist = np.asarray(inp.disturbances, dtype=float)
+        u_start = lim.start(inp.u_prev, problem.model.u0)
+        t0 = float(inp.t0)
+
+        mem = self._memory
+        e_prev: Array | None = None
+        if mem is not None:
+            if abs(t0 - mem.t0) < 1e-6 * dt:  # the same cycle asked again
+                e_prev = mem.before
+            elif abs(t0 - mem.t0 - dt) < 0.5 * dt:  # the next cycle
+                e_prev = mem.error
+            # otherwise a gap (e.g. the fallback was not asked for a while): restart bumpless
+
+        x = np.asarray(inp.x0, dtype=float)
+        u = u_start
+        plan = np.empty((n, problem.model.nu))
+        xs = np.empty((n + 1, problem.model.nx))
+        xs[0] = x
+        first: tuple[Array, Array] | None = None
+        for k in range(n):
+            d = dist[k]
+            target = u.copy()
+            if self._loops:
+                y = sim.y(x, u, d)
+                e = np.array([y_low[k, lp.band] + lp.offset - y[lp.output] for lp in self._loops])
+                if not np.all(np.isfinite(e)):
+                    raise ValueError(f"loop error is not finite at step {k}: {e.tolist()}")
+                if e_prev is None:
+                    e_prev = e
+                for i, lp in enumerate(self._loops):
+                    target[lp.input] = (
+                        u[lp.input] + lp.kp * (e[i] - e_prev[i]) + lp.ki_per_s * dt * e[i]
+                    )
+                if first is None:
+                    first = (e_prev, e)
+                e_prev = e
+            for i_in, i_d, pts in self._curves:
+                target[i_in] = np.interp(d[i_d], pts[:, 0], pts[:, 1])
+            u = lim.move(target, u)
+            plan[k] = u
+            x = sim.next(x, u, d)
+            xs[k + 1] = x
+
+        if first is not None:
+            self._memory = _Memory(t0, first[0], first[1])
+        return _result(problem, lim, sim, inp, u_start, plan, xs, t_start)
+
+
+class _PIKind:
+    """Entry point object for ``kind = "pi"``."""
+
+    Config = PIConfig
+
+    @staticmethod
+    def create(config: BaseModel) -> PIController:
+        if not isinstance(config, PIConfig):
+            config = PIConfig.model_validate(config.model_dump())
+        return PIController(config)
+
+
+PI_KIND = _PIKind()
+
+
+# -------------------------------------------------------------------- hold
+
+
+class HoldConfig(BaseModel):
+    """``kind = "hold"``: keep the applied inputs, or drive some to fixed values."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str = "hold"
+    values: dict[str, float] = Field(
+        default_factory=dict, description="input name -> value to hold (others keep u_prev)"
+    )
+
+
+class HoldController:
+    """No control: the plan holds the inputs (moving to ``values`` within rate limits)."""
+
+    def __init__(self, config: HoldConfig) -> None:
+        self.config = config
+        self._problem: ControlProblem | None = None
+
+    def setup(self, problem: ControlProblem) -> None:
+        m = problem.model
+        unknown = sorted(set(self.config.values) - set(m.inputs))
+        if unknown:
+            raise ValueError(
+                f"values names unknown input(s) {', '.join(map(repr, unknown))} "
+                f"(inputs: {', '.join(m.inputs)})"
+            )
+        for name, v in self.config.values.items():
+            if not math.isfinite(v):
+                raise ValueError(f"values[{name!r}] must be finite, got {v}")
+        self._fixed = {m.index("inputs", k): v for k, v in self.config.values.items()}
+        self._limits = _Limits(problem)
+        self._sim = _Simulator(problem)
+        self._problem = problem
+
+    def step(self, inp: ControlInput) -> ControlResult:
+        t_start = time.perf_counter()
+        problem = self._problem
+        if problem is None:
+            raise RuntimeError("HoldController.step called before setup")
+        try:
+            bad = _check_input(problem, inp)
+            if bad:
+                return ControlResult.failure(
+                    SolveStatus.FAILED,
+                    problem,
+                    f"hold: bad input: {bad}",
+                    time.perf_counter() - t_start,
+                )
+            lim = self._limits
+            u_start = lim.start(inp.u_prev, problem.model.u0)
+            target = u_start.copy()
+            for i, v in self._fixed.items():
+                target[i] = v
+            plan = np.empty((problem.horizon, problem.model.nu))
+            u = u_start
+            for k in range(problem.horizon):
+                u = lim.move(target, u)
+                plan[k] = u
+            return _result(problem, lim, self._sim, inp, u_start, plan, None, t_start)
+        except Exception as exc:  # report, never raise
+            return ControlResult.failure(
+                SolveStatus.FAILED,
+                problem,
+                f"hold: {type(exc).__name__}: {exc}",
+                time.perf_counter() - t_start,
+            )
+
+
+class _HoldKind:
+    """Entry point object for ``kind = "hold"``."""
+
+    Config = HoldConfig
+
+    @staticmethod
+    def create(config: BaseModel) -> HoldController:
+        if not isinstance(config, HoldConfig):
+            config = HoldConfig.model_validate(config.model_dump())
+        return HoldController(config)
+
+
+HOLD_KIND = _HoldKind()
+
+__all__ = [
+    "HOLD_KIND",
+    "PI_KIND",
+    "Curve",
+    "HoldConfig",
+    "HoldController",
+    "Loop",
+    "PIConfig",
+    "PIController",
+]

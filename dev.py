@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Two commands for a fresh clone; each installs what it needs into .venv first.
+
+    python3 dev.py demo [ARGS...]   run the district-heating closed loop (args go to `run`)
+    python3 dev.py test [ARGS...]   run the test suite (pytest), then ruff and mypy
+
+Needs only Python 3.11+ with pip and venv.  Re-installs when pyproject.toml changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / "python"
+
+
+def sh(*cmd: str | Path) -> int:
+    return subprocess.call([str(c) for c in cmd], cwd=ROOT)
+
+
+def ensure_env() -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"parallelcity needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    if not PY.exists():
+        print(f"creating {VENV.relative_to(ROOT)}/ ...", file=sys.stderr, flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    stamp = VENV / f".installed-{digest}"
+    if stamp.exists():
+        return
+    print("installing parallelcity and its dependencies into .venv/ ...", file=sys.stderr)
+    steps = [
+        (PY, "-m", "pip", "install", "--quiet", "--upgrade", "pip"),
+        (PY, "-m", "pip", "install", "--quiet", "-e", ".[test]"),
+    ]
+    for step in steps:
+        if sh(*step) != 0:
+            sys.exit(f"install failed: {' '.join(map(str, step))}")
+    for old in VENV.glob(".installed-*"):
+        old.unlink()
+    stamp.touch()
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("demo", "test"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    ensure_env()
+    what, rest = argv[0], argv[1:]
+    if what == "demo":
+        return sh(BIN / "parallelcity", "run", "scenarios/district_heating.toml", *rest)
+    rc = sh(PY, "-m", "pytest", *rest)
+    if rc != 0 or rest:  # extra args select tests; lint only runs on a full run
+        return rc
+    print("ruff ...", file=sys.stderr, flush=True)
+    rc = sh(BIN / "ruff", "check", ".") or sh(BIN / "ruff", "format", "--check", ".")
+    if rc == 0:
+        print("mypy ...", file=sys.stderr, flush=True)
+        rc = sh(BIN / "mypy")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

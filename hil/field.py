@@ -1,0 +1,396 @@
+"""The embedded field stand-in: a plant simulator served by an asyncua server on 127.0.0.1.
+
+One variable per scenario point (the plant's outputs, written every tick with
+the simulated time as source and server timestamp) and one writable Double
+variable per scenario input.  Whatever a client writes to an input node is
+recorded in ``applied`` (through a server-side PostWrite callback, so no write
+is missed) and applied to the plant at once.
+
+Only ``NoSecurity`` is offered: the stand-in refuses to start unless the
+scenario says ``insecure_lab = true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import errno
+import logging
+import math
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from asyncua import ua
+from asyncua.common.callback import CallbackType, ServerItemCallback
+from asyncua.server.server import Server
+from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.status_codes import StatusCodes
+
+from parallelcity.clock import Clock
+from parallelcity.errors import FieldConnectionError, SecurityError
+from parallelcity.mirror import parse_node_id
+from parallelcity.model import Array
+from parallelcity.rig import AppliedInput
+
+from .plant import PlantSimulator
+
+if TYPE_CHECKING:
+    from parallelcity.scenario import Scenario
+
+_log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+PORT_ATTEMPTS = 8
+FOLDER_CHUNK = 256  # nodes without a '/' path are grouped this many per folder
+YIELD_EVERY = 64  # point writes between two yields to the event loop
+
+
+class _Mode:
+    LIVE = "live"
+    FROZEN = "frozen"
+    BAD = "bad"
+
+
+@dataclass(frozen=True)
+class _Var:
+    name: str  # model signal
+    node: str  # scenario NodeId string
+    nodeid: ua.NodeId
+    index: int  # position in model outputs / inputs
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port nobody listens on right now (it may be taken again before we bind it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _folder_key(nodeid: ua.NodeId, position: int) -> tuple[str, ...]:
+    ident = nodeid.Identifier
+    if isinstance(ident, str) and "/" in ident:
+        return tuple(ident.split("/")[:-1])
+    return (f"nodes_{position // FOLDER_CHUNK}",)
+
+
+def _browse_name(nodeid: ua.NodeId) -> str:
+    ident = nodeid.Identifier
+    return ident.rsplit("/", 1)[-1] if isinstance(ident, str) else str(ident)
+
+
+class EmbeddedField:
+    """A running plant behind an OPC UA server; ``async with`` starts and stops it.
+
+    ``endpoint``, ``applied`` satisfy ``parallelcity.rig.FieldStandIn``; ``trace``
+    holds the plant's true outputs each tick, ``plant`` the simulator itself.
+    """
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        clock: Clock,
+        *,
+        params: Array,
+        truth: Callable[[float], Array],
+        tick_ms: float = 50.0,
+        max_step_s: float = 60.0,
+        host: str = HOST,
+    ) -> None:
+        if not scenario.insecure_lab:
+            raise SecurityError(
+                f"scenario {scenario.meta.name!r}: secure OPC UA is not available in the embedded "
+                "stand-in yet; set [security] insecure_lab = true to run it on 127.0.0.1 without "
+                "encryption or authentication"
+            )
+        if not tick_ms > 0:
+            raise ValueError(f"tick_ms must be positive, got {tick_ms}")
+        self.scenario = scenario
+        self.model = scenario.model
+        self.clock = clock
+        self.tick_ms = float(tick_ms)
+        self.host = host
+        self._params = np.asarray(params, dtype=float)
+        self._truth = truth
+        self._max_step_s = max_step_s
+        self._plant: PlantSimulator | None = None
+        self._server: Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._endpoint = ""
+        self._points: dict[str, _Var] = {}
+        self._inputs: dict[str, _Var] = {}
+        self._inputs_by_id: dict[ua.NodeId, _Var] = {}
+        self._mode: dict[str, str] = {}
+        self.applied: list[AppliedInput] = []
+        self.trace: list[tuple[float, Array]] = []
+        self.ticks = 0
+        self.tick_error: BaseException | None = None
+
+    # -- FieldStandIn ----------------------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> str:
+        if not self._endpoint:
+            raise RuntimeError("the field stand-in is not running")
+        return self._endpoint
+
+    @property
+    def plant(self) -> PlantSimulator:
+        if self._plant is None:
+            raise RuntimeError("the field stand-in is not running")
+        return self._plant
+
+    @property
+    def server(self) -> Server:
+        if self._server is None:
+            raise RuntimeError("the field stand-in is not running")
+        return self._server
+
+    def nodeid(self, name: str) -> ua.NodeId:
+        """The server NodeId of a point or input, by model signal name."""
+        var = self._points.get(name) or self._inputs.get(name)
+        if var is None:
+            raise KeyError(f"{name!r} is neither a point nor an input of the scenario")
+        return var.nodeid
+
+    # -- fault injection for tests -------------------------------------------------------------
+
+    def freeze(self, point: str) -> None:
+        """Stop updating ``point``: it keeps its last value and source timestamp."""
+        self._mode[self._point(point).name] = _Mode.FROZEN
+
+    def set_bad(self, point: str) -> None:
+        """Report ``point`` as BadSensorFailure (fresh timestamps, no value) from now on."""
+        self._mode[self._point(point).name] = _Mode.BAD
+
+    def restore(self, point: str) -> None:
+        """Resume normal updates of ``point``."""
+        self._mode[self._point(point).name] = _Mode.LIVE
+
+    def _point(self, name: str) -> _Var:
+        try:
+            return self._points[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not a point of the scenario") from None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> EmbeddedField:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("the field stand-in is already running")
+        server = Server()
+        await server.init()
+        server.disable_clock()  # its 1 s wall-clock loop only slows down stop()
+        server.set_server_name(f"parallelcity field stand-in ({self.scenario.meta.name})")
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        self._server = server
+        try:
+            ns = await server.register_namespace(self.scenario.field.namespace)
+            self._plant = PlantSimulator(
+                self.model,
+                self._params,
+                self._truth,
+                self.model.x0,
+                self.model.u0,
+                self.clock.now(),
+                max_step_s=self._max_step_s,
+            )
+            await self._build_address_space(server, ns)
+            server.subscribe_server_callback(CallbackType.PostWrite, self._on_post_write)
+            await self._listen(server)
+            self._task = asyncio.create_task(self._run(), name=f"field-plant {self._endpoint}")
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        server, self._server = self._server, None
+        if server is not None:
+            with contextlib.suppress(Exception):
+                server.unsubscribe_server_callback(CallbackType.PostWrite, self._on_post_write)
+            try:
+                await server.stop()
+            except Exception as exc:  # a half-started server may fail to stop; nothing to keep
+                _log.debug("stopping the stand-in server raised %r", exc)
+
+    async def _listen(self, server: Server) -> None:
+        last: OSError | None = None
+        for _ in range(PORT_ATTEMPTS):
+            port = free_port(self.host)
+            endpoint = f"opc.tcp://{self.host}:{port}"
+            server.set_endpoint(endpoint)
+            try:
+                await server.start()
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise FieldConnectionError(
+                        f"the field stand-in cannot listen on {endpoint}: {exc}"
+                    ) from exc
+                last = exc  # someone took the port between our probe and the bind
+                continue
+            self._endpoint = endpoint
+            _log.info("field stand-in listening on %s (NoSecurity, lab only)", endpoint)
+            return
+        raise FieldConnectionError(
+            f"the field stand-in found no free port on {self.host} after {PORT_ATTEMPTS} tries"
+        ) from last
+
+    async def _build_address_space(self, server: Server, ns: int) -> None:
+        model = self.model
+        field = self.scenario.field
+        plant = self.plant
+        y = plant.outputs()
+        now = self._timestamp(plant.t)
+        objects = server.nodes.objects
+        folders: dict[tuple[str, ...], Any] = {}
+
+        async def folder_for(key: tuple[str, ...]) -> Any:
+            if key in folders:
+                return folders[key]
+            parent = objects if len(key) == 1 else await folder_for(key[:-1])
+            node = await parent.add_folder(
+                ua.NodeId(ua.String("folder:" + "/".join(key)), ua.Int16(ns)),
+                ua.QualifiedName(key[-1], ns),
+            )
+            folders[key] = node
+            return node
+
+        for k, p in enumerate(field.points):
+            nodeid = parse_node_id(p.node, ns)
+            var = _Var(p.name, p.node, nodeid, model.index("outputs", p.name))
+            parent = await folder_for(_folder_key(nodeid, k))
+            node = await parent.add_variable(
+                nodeid, ua.QualifiedName(_browse_name(nodeid), ns), 0.0, ua.VariantType.Double
+            )
+            await server.write_attribute_value(node.nodeid, self._good(y[var.index], now))
+            self._points[p.name] = var
+            self._mode[p.name] = _Mode.LIVE
+        u = plant.input_vector
+        for k, i in enumerate(field.inputs):
+            nodeid = parse_node_id(i.node, ns)
+            var = _Var(i.name, i.node, nodeid, model.index("inputs", i.name))
+            parent = await folder_for(_folder_key(nodeid, len(field.points) + k))
+            node = await parent.add_variable(
+                nodeid,
+                ua.QualifiedName(_browse_name(nodeid), ns),
+                float(u[var.index]),
+                ua.VariantType.Double,
+            )
+            await node.set_writable()
+            self._inputs[i.name] = var
+            self._inputs_by_id[nodeid] = var
+
+    # -- the plant loop ------------------------------------------------------------------------
+
+    @staticmethod
+    def _timestamp(t: float) -> ua.DateTime:
+        return ua.DateTime.fromtimestamp(t, dt.UTC)
+
+    @staticmethod
+    def _good(value: float, when: ua.DateTime) -> ua.DataValue:
+        return ua.DataValue(
+            Value=ua.Variant(float(value), ua.VariantType.Double),
+            StatusCode=ua.StatusCode(ua.UInt32(StatusCodes.Good)),
+            SourceTimestamp=when,
+            ServerTimestamp=when,
+        )
+
+    @staticmethod
+    def _bad(when: ua.DateTime) -> ua.DataValue:
+        return ua.DataValue(
+            Value=ua.Variant(None, ua.VariantType.Null),
+            StatusCode=ua.StatusCode(ua.UInt32(StatusCodes.BadSensorFailure)),
+            SourceTimestamp=when,
+            ServerTimestamp=when,
+        )
+
+    async def _run(self) -> None:
+        period = self.tick_ms / 1000.0
+        next_tick = time.monotonic()
+        try:
+            while True:
+                await self.tick()
+                next_tick += period
+                delay = next_tick - time.monotonic()
+                if delay < 0:  # fell behind: do not try to catch up with a burst of ticks
+                    next_tick = time.monotonic()
+                    delay = 0.0
+                await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.tick_error = exc
+            _log.exception("the field stand-in's plant loop failed; points will go stale")
+
+    async def tick(self) -> None:
+        """Apply the input nodes, advance the plant to now, publish every live point."""
+        server = self.server
+        plant = self.plant
+        for var in self._inputs.values():
+            dv = server.read_attribute_value(var.nodeid)
+            raw = dv.Value.Value if dv.Value is not None else None
+            if isinstance(raw, int | float) and math.isfinite(raw):
+                current = plant.input_vector[var.index]
+                if raw != current:
+                    plant.set_input(var.name, float(raw))
+        t = self.clock.now()
+        plant.advance(t)
+        y = plant.outputs()
+        self.trace.append((plant.t, y))
+        when = self._timestamp(plant.t)
+        for k, var in enumerate(self._points.values()):
+            mode = self._mode[var.name]
+            if mode == _Mode.LIVE:
+                await server.write_attribute_value(var.nodeid, self._good(y[var.index], when))
+            elif mode == _Mode.BAD:
+                await server.write_attribute_value(var.nodeid, self._bad(when))
+            if k % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)
+        self.ticks += 1
+
+    def _on_post_write(self, event: ServerItemCallback, dispatcher: Any) -> None:
+        """Record (and apply at once) every successful client write to an input node."""
+        request = event.request_params
+        results = event.response_params or []
+        plant = self._plant
+        if plant is None:
+            return
+        for k, wv in enumerate(request.NodesToWrite):
+            var = self._inputs_by_id.get(wv.NodeId)
+            if var is None or wv.AttributeId != AttributeIds.Value:
+                continue
+            if k < len(results) and not results[k].is_good():
+                continue
+            raw = wv.Value.Value.Value if wv.Value is not None and wv.Value.Value else None
+            if not isinstance(raw, int | float) or not math.isfinite(raw):
+                continue
+            now = self.clock.now()
+            self.applied.append(AppliedInput(now, var.name, float(raw)))
+            try:
+                plant.advance(now)  # the old input acted until now; the new one from now on
+                plant.set_input(var.name, float(raw))
+            except (ValueError, FloatingPointError) as exc:  # the tick loop will stop on it too
+                _log.error("applying %s = %r to the plant failed: %s", var.name, raw, exc)

@@ -1,0 +1,316 @@
+"""The wire protocol: round trips, precise refusals, fuzzing, and the documented examples."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from parallelcity.errors import WireFormatError
+from parallelcity.wire import (
+    COMMAND_FIELDS,
+    MAX_MESSAGE_BYTES,
+    NULL_ID,
+    Ack,
+    AckStatus,
+    Command,
+    RefusalCode,
+    decode_ack,
+    decode_command,
+    recover_id,
+)
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "wire-protocol.md"
+VERDICT = "8fae8175865026787d2687b93652945ac2d1129e79ee4b128c3baaada4c9c41b"
+ID = "913458a89c3a437caf2a60e1d9b508ba"
+
+
+def command_json(**changes: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "v": 1,
+        "type": "command",
+        "id": ID,
+        "issuer": "district-heating/cycle",
+        "seq": 7,
+        "issued_at": 1768179600.0,
+        "valid_until": 1768180500.0,
+        "setpoints": {"plant.T_supply_set": 72.5, "apartment.m_flow": 0.35},
+        "verdict": VERDICT,
+    }
+    obj.update(changes)
+    return obj
+
+
+def ack_json(**changes: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "v": 1,
+        "type": "ack",
+        "id": ID,
+        "seq": 7,
+        "status": "applied",
+        "code": "",
+        "detail": "",
+        "applied_at": 1768179611.25,
+        "insecure_lab": True,
+    }
+    obj.update(changes)
+    return obj
+
+
+def raw(obj: Any) -> bytes:
+    return json.dumps(obj).encode()
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+def test_command_round_trip_and_deterministic_encoding() -> None:
+    cmd = Command.create(
+        issuer="district-heating/cycle",
+        seq=3,
+        issued_at=1768179600,
+        valid_until=1768180500.5,
+        setpoints={"plant.T_supply_set": 72, "apartment.m_flow": 0.35},
+        verdict=VERDICT,
+    )
+    assert re.fullmatch(r"[0-9a-f]{32}", cmd.id)
+    assert isinstance(cmd.issued_at, float) and cmd.setpoints["plant.T_supply_set"] == 72.0
+    data = cmd.encode()
+    assert decode_command(data) == cmd
+    assert decode_command(data).encode() == data
+    # Sorted keys, compact separators, no whitespace.
+    assert data.startswith(b'{"id":') and b" " not in data
+    assert list(json.loads(data)) == sorted(COMMAND_FIELDS)
+
+
+@pytest.mark.parametrize(
+    "ack",
+    [
+        Ack(ID, 7, AckStatus.APPLIED, applied_at=12.5, insecure_lab=True),
+        Ack(ID, 7, AckStatus.DUPLICATE, None, "already applied", 12.5, True),
+        Ack(ID, 0, AckStatus.REFUSED, RefusalCode.RATE_LIMIT, "too fast", None, False),
+        Ack(NULL_ID, 0, AckStatus.REFUSED, RefusalCode.MALFORMED, "not JSON"),
+    ],
+)
+def test_ack_round_trip(ack: Ack) -> None:
+    data = ack.encode()
+    assert decode_ack(data) == ack
+    assert decode_ack(data).encode() == data
+    assert json.loads(data)["code"] == ("" if ack.code is None else ack.code.value)
+    assert ack.applied is (ack.status is not AckStatus.REFUSED)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"\xff\xfe{}", "not UTF-8"),
+        (b"{not json", "not JSON"),
+        (b"", "not JSON"),
+        (b"[1, 2]", "not a JSON object: got a JSON array"),
+        (b'"command"', "not a JSON object: got a JSON string"),
+        (b"[" * 100_00 + b"]" * 100_00, "nested too deeply"),
+        (b" " * (MAX_MESSAGE_BYTES + 1), "limit is 65536"),
+        (raw({k: v for k, v in command_json().items() if k != "v"}), "missing field 'v'"),
+        (raw(command_json(v=2)), "unsupported protocol version 2"),
+        (raw(command_json(v=True)), "unsupported protocol version True"),
+        (raw(command_json(v="1")), "unsupported protocol version '1'"),
+        (raw(command_json(type="ack")), "field 'type': expected 'command', got 'ack'"),
+        (raw({k: v for k, v in command_json().items() if k != "type"}), "missing field 'type'"),
+        (raw({k: v for k, v in command_json().items() if k != "verdict"}), "'verdict'"),
+        (raw(command_json(extra=1)), "unknown field(s): 'extra'"),
+        (raw(command_json(id="ABCDEF" * 5 + "00")), "field 'id'"),
+        (raw(command_json(id=ID + "\n")), "field 'id'"),
+        (raw(command_json(issuer="")), "field 'issuer': expected 1..64"),
+        (raw(command_json(issuer="x" * 65)), "field 'issuer': expected 1..64"),
+        (raw(command_json(issuer="a\nb")), "control characters"),
+        (raw(command_json(seq=-1)), "field 'seq'"),
+        (raw(command_json(seq=1.0)), "field 'seq'"),
+        (raw(command_json(seq=False)), "field 'seq'"),
+        (raw(command_json(seq=2**63)), "field 'seq'"),
+        (raw(command_json(issued_at="1768179600")), "field 'issued_at': expected a number"),
+        (raw(command_json(issued_at=None)), "field 'issued_at': expected a number"),
+        (raw(command_json(valid_until=1768179600.0)), "is not after issued_at"),
+        (raw(command_json(setpoints={})), "expected 1..256 entries"),
+        (raw(command_json(setpoints=[["a", 1.0]])), "field 'setpoints': expected an object"),
+        (raw(command_json(setpoints={f"u{i}": 1.0 for i in range(257)})), "1..256 entries"),
+        (raw(command_json(setpoints={"a": True})), "setpoints.a"),
+        (raw(command_json(setpoints={"": 1.0})), "input names"),
+        (raw(command_json(verdict=VERDICT[:-1])), "field 'verdict'"),
+        (raw(command_json(verdict=VERDICT.upper())), "field 'verdict'"),
+        (
+            raw(command_json()).replace(b"72.5", b"NaN"),
+            "NaN is not a JSON number",
+        ),
+        (
+            raw(command_json()).replace(b"72.5", b"-Infinity"),
+            "-Infinity is not a JSON number",
+        ),
+        (raw(command_json()).replace(b"72.5", b"1e400"), "expected a finite number"),
+        (raw(command_json(seq=7)).replace(b'"seq": 7', b'"seq": 7, "seq": 8'), "duplicate key"),
+        (raw(command_json(issued_at=10**400)), "out of range"),
+    ],
+)
+def test_decode_command_refuses_with_a_precise_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(WireFormatError) as info:
+        decode_command(data)
+    assert reason in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("obj", "reason"),
+    [
+        (ack_json(status="done"), "field 'status'"),
+        (ack_json(status="refused"), "needs a refusal code"),
+        (ack_json(status="refused", code="expired"), "applied_at null"),
+        (ack_json(code="expired"), "must have an empty code"),
+        (ack_json(code="late"), "field 'code'"),
+        (ack_json(applied_at=None), "needs applied_at"),
+        (ack_json(insecure_lab=1), "field 'insecure_lab'"),
+        (ack_json(detail=None), "field 'detail'"),
+        (ack_json(detail="x" * 1025), "field 'detail'"),
+        (ack_json(type="command"), "expected 'ack'"),
+        (ack_json(setpoints={}), "unknown field(s): 'setpoints'"),
+    ],
+)
+def test_decode_ack_refuses_with_a_precise_reason(obj: dict[str, Any], reason: str) -> None:
+    with pytest.raises(WireFormatError) as info:
+        decode_ack(raw(obj))
+    assert reason in str(info.value)
+
+
+def test_constructing_or_encoding_an_invalid_message_fails_early() -> None:
+    with pytest.raises(WireFormatError, match="finite"):
+        Command(ID, "cycle", 0, 0.0, 1.0, {"a": float("nan")}, VERDICT)
+    wide = "\N{GRINNING FACE}" * 100  # 4 UTF-8 bytes each
+    big = {f"{wide}{i:03d}": 1.0 for i in range(256)}
+    with pytest.raises(WireFormatError, match="limit is 65536"):
+        Command(ID, "cycle", 0, 0.0, 1.0, big, VERDICT).encode()
+    with pytest.raises(WireFormatError, match="refusal code"):
+        Ack(ID, 0, AckStatus.REFUSED)
+
+
+def test_recover_id() -> None:
+    assert recover_id(raw(command_json(verdict=None))) == (ID, 7)
+    assert recover_id(raw(command_json(seq=-3))) == (ID, 0)
+    assert recover_id(b"\xff") == (NULL_ID, 0)
+    assert recover_id(raw({"id": "nope", "seq": 1})) == (NULL_ID, 0)
+    assert recover_id(b"[]") == (NULL_ID, 0)
+
+
+# --------------------------------------------------------------------------- properties
+
+HEX = "0123456789abcdef"
+finite = st.floats(allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def commands(draw: st.DrawFn) -> Command:
+    issued = draw(st.floats(min_value=-1e12, max_value=1e12))
+    until = issued + draw(st.floats(min_value=1e-3, max_value=1e7))
+    return Command(
+        id=draw(st.text(HEX, min_size=32, max_size=32)),
+        issuer=draw(st.text(min_size=1, max_size=64).filter(str.isprintable)),
+        seq=draw(st.integers(0, 2**63 - 1)),
+        issued_at=issued,
+        valid_until=until,
+        setpoints=draw(
+            st.dictionaries(st.text(min_size=1, max_size=40), finite, min_size=1, max_size=40)
+        ),
+        verdict=draw(st.text(HEX, min_size=64, max_size=64)),
+    )
+
+
+@given(commands())
+def test_property_command_round_trip(cmd: Command) -> None:
+    data = cmd.encode()
+    back = decode_command(data)
+    assert back == cmd
+    assert back.encode() == data
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner),
+    max_leaves=20,
+)
+
+
+def _only_wire_errors(data: bytes) -> None:
+    for decode in (decode_command, decode_ack):
+        with contextlib.suppress(WireFormatError):  # anything else fails the test
+            decode(data)
+
+
+@given(st.binary(max_size=2048))
+def test_property_arbitrary_bytes_only_raise_wire_format_error(data: bytes) -> None:
+    _only_wire_errors(data)
+
+
+@given(json_values)
+def test_property_arbitrary_json_only_raises_wire_format_error(value: Any) -> None:
+    _only_wire_errors(json.dumps(value).encode())
+
+
+@settings(suppress_health_check=[HealthCheck.too_slow])
+@given(
+    base=st.sampled_from([command_json(), ack_json(), ack_json(status="duplicate")]),
+    key=st.sampled_from(sorted(COMMAND_FIELDS | {"status", "code", "detail", "extra"})),
+    action=st.sampled_from(["replace", "delete"]),
+    value=json_values,
+)
+def test_property_mutated_messages_decode_or_raise_wire_format_error(
+    base: dict[str, Any], key: str, action: str, value: Any
+) -> None:
+    obj = dict(base)
+    if action == "delete":
+        obj.pop(key, None)
+    else:
+        obj[key] = value
+    _only_wire_errors(json.dumps(obj).encode())
+
+
+# --------------------------------------------------------------------------- the documentation
+
+_BLOCK = re.compile(r"^```(json[^\n]*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
+
+
+def doc_blocks() -> list[tuple[str, str]]:
+    return [(m.group(1).strip(), m.group(2)) for m in _BLOCK.finditer(DOC.read_text("utf-8"))]
+
+
+def _decoder(text: str) -> Any:
+    is_ack = re.search(r'"type"\s*:\s*"ack"', text) is not None
+    return decode_ack if is_ack else decode_command
+
+
+def test_doc_examples_decode_or_are_refused() -> None:
+    blocks = doc_blocks()
+    valid = [t for info, t in blocks if info == "json"]
+    invalid = [t for info, t in blocks if info == "json invalid"]
+    assert len(valid) >= 4 and len(invalid) >= 4
+    assert len(valid) + len(invalid) == len(blocks), "unknown info string on a json block"
+    for text in valid:
+        msg = _decoder(text)(text.encode())
+        assert _decoder(text)(msg.encode()) == msg
+    for text in invalid:
+        with pytest.raises(WireFormatError):
+            _decoder(text)(text.encode())
+
+
+def test_doc_names_every_field_status_and_code() -> None:
+    doc = DOC.read_text("utf-8")
+    for name in sorted(COMMAND_FIELDS) + list(ack_json()):
+        assert f"| `{name}` |" in doc, name
+    for status in AckStatus:
+        assert f"`{status.value}`" in doc
+    for code in RefusalCode:
+        assert f"| `{code.value}` |" in doc
