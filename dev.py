@@ -27,8 +27,6 @@ def sh(*cmd: str | Path) -> int:
 
 
 def ensure_env() -> None:
-    if sys.version_info < (3, 11):
-        sys.exit(f"parallelcity needs Python 3.11 or newer; this is {sys.version.split()[0]}")
     if not PY.exists():
         print(f"creating {VENV.relative_to(ROOT)}/ ...", file=sys.stderr, flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)

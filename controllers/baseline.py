@@ -144,6 +144,11 @@ class Loop(BaseModel):
     setpoint_offset_k: float = Field(0.0, description="setpoint above the band's low edge")
     kp: float = Field(ge=0, description="proportional gain, input units per output unit")
     ki_per_h: float = Field(ge=0, description="integral gain, input units per output unit-hour")
+    setpoint_lead_h: float = Field(
+        0.0,
+        ge=0,
+        description="take the highest band low edge of the coming hours (preheat); 0: current",
+    )
 
 
 class Curve(BaseModel):
@@ -184,6 +189,7 @@ class _LoopIx:
     offset: float
     kp: float
     ki_per_s: float
+    lead: int  # steps of band looked ahead for the setpoint
 
 
 @dataclass(frozen=True)
@@ -236,6 +242,7 @@ class PIController:
                     lp.setpoint_offset_k,
                     lp.kp,
                     lp.ki_per_h / 3600.0,
+                    round(lp.setpoint_lead_h * 3600.0 / problem.dt),
                 )
             )
         curves = []
@@ -312,7 +319,12 @@ class PIController:
             target = u.copy()
             if self._loops:
                 y = sim.y(x, u, d)
-                e = np.array([y_low[k, lp.band] + lp.offset - y[lp.output] for lp in self._loops])
+                e = np.array(
+                    [
+                        y_low[k : k + lp.lead + 1, lp.band].max() + lp.offset - y[lp.output]
+                        for lp in self._loops
+                    ]
+                )
                 if not np.all(np.isfinite(e)):
                     raise ValueError(f"loop error is not finite at step {k}: {e.tolist()}")
                 if e_prev is None:
@@ -331,9 +343,10 @@ class PIController:
             x = sim.next(x, u, d)
             xs[k + 1] = x
 
-        if first is not None:
+        result = _result(problem, lim, sim, inp, u_start, plan, xs, t_start)
+        if first is not None and result.status.usable:  # advance by the first step only
             self._memory = _Memory(t0, first[0], first[1])
-        return _result(problem, lim, sim, inp, u_start, plan, xs, t_start)
+        return result
 
 
 class _PIKind:

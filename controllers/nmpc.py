@@ -337,7 +337,6 @@ class NmpcController:
         n, _, nu, _, nb = self._dims
         bad = self._bad_input(inp)
         if bad:
-            self._last = None
             return ControlResult.failure(
                 SolveStatus.FAILED,
                 problem,
@@ -369,49 +368,47 @@ class NmpcController:
                 ubg[self._g_slices[("band_hi", k)]] = hi[k]
         bounds = {"p": par, "lbx": self._lbx, "ubx": self._ubx, "lbg": lbg, "ubg": ubg}
 
-        start = self._warm_start(inp, x0) if self.config.warm_start else None
-        attempts = [start] if start is not None else []
-        attempts.append(self._cold_start(x0, u_prev, known, dist, lbg, ubg))
+        warm_guess = self._warm_start(inp, x0) if self.config.warm_start else None
+        kinds = ["warm", "cold"] if warm_guess is not None else ["cold"]
         total_iter = 0
-        for i, guess in enumerate(attempts):
+        failure: ControlResult | None = None  # of a warm start, retried from cold
+        for kind in kinds:
             wall: float | None = None
             if math.isfinite(deadline):
                 left = deadline - (time.perf_counter() - t_start)
                 if left <= 0:
+                    if failure is not None:
+                        return failure
                     return self._failed(
                         SolveStatus.TIMEOUT, "deadline passed before solving", total_iter, t_start
                     )
                 wall = _wall_bucket(left)
-            warm = "lam_x0" in guess
-            solver = self._solver(wall, warm)
+            if kind == "warm":
+                assert warm_guess is not None
+                guess = warm_guess
+            else:
+                guess = self._cold_start(x0, u_prev, known, dist, lbg, ubg)
+            solver = self._solver(wall, warm=kind == "warm")
             sol = solver(**bounds, **guess)
             stats = solver.stats()
             ret = str(stats.get("return_status", "unknown"))
             total_iter += int(stats.get("iter_count", 0))
             status = _STATUS.get(ret, SolveStatus.FAILED)
-            retry = i + 1 < len(attempts) and status in (SolveStatus.FAILED, SolveStatus.INFEASIBLE)
-            if not status.usable and not retry:
-                return self._failed(status, f"IPOPT {ret}", total_iter, t_start, ret)
-            if not status.usable:
-                continue  # a warm start that went wrong: try again from cold
-            w_opt = np.asarray(sol["x"], dtype=float).ravel()
-            plan = w_opt[self._slices[1]].reshape(n, nu)
-            trouble = self._check_plan(plan, u_prev, known)
-            if trouble and not retry:
-                return self._failed(
-                    SolveStatus.FAILED,
-                    f"IPOPT {ret} but the plan {trouble}",
-                    total_iter,
-                    t_start,
-                    ret,
+            plan = np.asarray(sol["x"], dtype=float).ravel()[self._slices[1]].reshape(n, nu)
+            trouble = self._check_plan(plan, u_prev, known) if status.usable else ""
+            if not status.usable or trouble:
+                why = f"IPOPT {ret} but the plan {trouble}" if trouble else f"IPOPT {ret}"
+                failure = self._failed(
+                    SolveStatus.FAILED if trouble else status, why, total_iter, t_start, ret
                 )
-            if trouble:
-                continue
+                if status is SolveStatus.TIMEOUT:
+                    return failure
+                continue  # after a warm start that went wrong: try again from cold
             plan = self._clip_tiny(plan)
             xs, ys = self._predict(x0, plan, dist)
             self._last = {
                 "t0": float(inp.t0),
-                "w": w_opt,
+                "w": np.asarray(sol["x"], dtype=float).ravel(),
                 "lam_x": np.asarray(sol["lam_x"], dtype=float).ravel(),
                 "lam_g": np.asarray(sol["lam_g"], dtype=float).ravel(),
             }
@@ -424,9 +421,14 @@ class NmpcController:
                 iterations=total_iter,
                 solve_time_s=time.perf_counter() - t_start,
                 message="" if status is SolveStatus.SOLVED else f"nmpc: IPOPT {ret}",
-                extra={"return_status": ret, "warm_start": warm, "attempts": i + 1},
+                extra={
+                    "return_status": ret,
+                    "warm_start": kind == "warm",
+                    "retried": failure is not None,
+                },
             )
-        raise AssertionError("unreachable: the last attempt always returns")
+        assert failure is not None
+        return failure
 
     # ---------------------------------------------------------------- helpers
 
@@ -434,7 +436,6 @@ class NmpcController:
         self, status: SolveStatus, why: str, iterations: int, t_start: float, ret: str = ""
     ) -> ControlResult:
         assert self._problem is not None
-        self._last = None
         base = ControlResult.failure(status, self._problem, f"nmpc: {why}")
         return ControlResult(
             status=status,

@@ -172,6 +172,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"against the {where}",
         file=sys.stderr,
     )
+    if not args.verbose and args.gateway is None:
+        # the embedded gateway's line per command would drown the progress; the journal has them
+        logging.getLogger("parallelcity.gateway").setLevel(logging.WARNING)
     result = asyncio.run(run(scenario, options, progress))
     summary, paths = write_all(result)
     print("\n".join(summary.lines()))

@@ -156,10 +156,16 @@ class Journal:
                 db.execute(
                     "INSERT INTO plan VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
-                        self.run_id, k, a.role, r.status.value,
+                        self.run_id,
+                        k,
+                        a.role,
+                        r.status.value,
                         r.cost if math.isfinite(r.cost) else None,
-                        r.iterations, r.solve_time_s, r.message,
-                        _json(r.u_plan), _json(r.y_pred),
+                        r.iterations,
+                        r.solve_time_s,
+                        r.message,
+                        _json(r.u_plan),
+                        _json(r.y_pred),
                     ),
                 )
                 if a.verdict is not None:
@@ -167,8 +173,15 @@ class Journal:
                     db.execute(
                         "INSERT INTO verdict VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
-                            self.run_id, k, a.role, int(v.approved), v.digest, v.rig,
-                            _json([vi.__dict__ for vi in v.violations]), v.note, _json(v.y_rig),
+                            self.run_id,
+                            k,
+                            a.role,
+                            int(v.approved),
+                            v.digest,
+                            v.rig,
+                            _json([vi.__dict__ for vi in v.violations]),
+                            v.note,
+                            _json(v.y_rig),
                         ),
                     )
 
@@ -178,8 +191,14 @@ class Journal:
             db.execute(
                 "INSERT INTO command VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    cmd.id, self.run_id, k, cmd.seq, cmd.issued_at, cmd.valid_until,
-                    _json(cmd.setpoints), cmd.verdict,
+                    cmd.id,
+                    self.run_id,
+                    k,
+                    cmd.seq,
+                    cmd.issued_at,
+                    cmd.valid_until,
+                    _json(cmd.setpoints),
+                    cmd.verdict,
                 ),
             )
 
@@ -188,8 +207,13 @@ class Journal:
             db.execute(
                 "INSERT INTO ack VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
-                    ack.id, self.run_id, ack.status.value, ack.code.value if ack.code else "", ack.detail,
-                    ack.applied_at, received_at,
+                    ack.id,
+                    self.run_id,
+                    ack.status.value,
+                    ack.code.value if ack.code else "",
+                    ack.detail,
+                    ack.applied_at,
+                    received_at,
                 ),
             )
 

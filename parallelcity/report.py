@@ -179,7 +179,7 @@ def write_plot(result: RunResult, path: Path) -> None:
         ax.step(times, [r.applied[name] for r in recs], where="post", label=name)
     ax.set_ylabel("flow [kg/s]")
     ax.legend(loc="upper left", fontsize=8)
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))
+    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))  # type: ignore[no-untyped-call]
     ax.set_xlabel("simulated time (UTC)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -197,8 +197,12 @@ def metrics_text(summary: Summary, scenario: str) -> str:
         ("parallelcity_fallbacks_total", "counter", "Cycles on the fallback", summary.fallbacks),
         ("parallelcity_holds_total", "counter", "Cycles that sent nothing", summary.holds),
         ("parallelcity_stale_cycles_total", "counter", "Cycles with stale data", summary.stale),
-        ("parallelcity_comfort_violation_kelvin_hours", "gauge", "Comfort violation",
-         summary.comfort_violation_kh),
+        (
+            "parallelcity_comfort_violation_kelvin_hours",
+            "gauge",
+            "Comfort violation",
+            summary.comfort_violation_kh,
+        ),
         ("parallelcity_energy_kwh", "gauge", "Energy used", summary.energy_kwh),
     ]
     out = []

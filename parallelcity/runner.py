@@ -30,7 +30,7 @@ from . import plugins
 from .clock import SimClock
 from .cycle import CycleLogic, Decision, Outcome
 from .dispatcher import Dispatcher
-from .errors import DispatchError, SecurityError
+from .errors import DispatchError, ParallelCityError, SecurityError
 from .gateway import FieldGateway, GatewayCore, OpcUaWriter
 from .journal import Journal
 from .mirror import Mirror
@@ -90,15 +90,47 @@ ProgressFn = Callable[[CycleRecord, dict[str, int]], None]
 
 
 def _counts() -> dict[str, int]:
-    keys = ("cycles", "sent", "acked", "refused", "undelivered", "fallback", "hold", "stale",
-            "deadline", "busy")
+    keys = (
+        "cycles",
+        "sent",
+        "acked",
+        "refused",
+        "undelivered",
+        "fallback",
+        "hold",
+        "stale",
+        "deadline",
+        "busy",
+    )
     return dict.fromkeys(keys, 0)
 
 
 async def run(
     scenario: Scenario, options: RunOptions, progress: ProgressFn | None = None
 ) -> RunResult:
-    """Run the scenario's closed loop; returns every cycle's record."""
+    """Run the scenario's closed loop; returns every cycle's record.
+
+    Raises the ``ParallelCityError`` that stopped the run (not the task group's
+    ``ExceptionGroup``), so callers see one error with its message.
+    """
+    try:
+        return await _run(scenario, options, progress)
+    except ExceptionGroup as group:
+        leaves = _leaves(group)
+        first = next((e for e in leaves if isinstance(e, ParallelCityError)), None)
+        if first is not None:
+            raise first from group
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
+async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | None) -> RunResult:
     meta = scenario.meta
     if not scenario.insecure_lab:
         raise SecurityError(
@@ -138,10 +170,10 @@ async def run(
     async with AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
         endpoint = options.field_endpoint
         if endpoint is None:
-            stand_in = await stack.enter_async_context(
+            field_stand_in = await stack.enter_async_context(
                 rig_kind.field_stand_in(scenario.rig_config, scenario, clock)
             )
-            endpoint = stand_in.endpoint
+            stand_in, endpoint = field_stand_in, field_stand_in.endpoint
             log.info("field stand-in serving OPC UA at %s", endpoint)
         gateway_endpoint = options.gateway_endpoint
         gateway_task = None
@@ -161,8 +193,11 @@ async def run(
             log.info("field gateway listening at %s", gateway_endpoint)
         mirror = await stack.enter_async_context(Mirror(scenario.field, clock, endpoint=endpoint))
         dispatcher = await stack.enter_async_context(
-            Dispatcher(gateway_endpoint, issuer=f"{meta.name}-{uuid.uuid4().hex[:8]}",
-                       timeout_s=max(0.5, 0.2 * meta.cycle_s / speed))
+            Dispatcher(
+                gateway_endpoint,
+                issuer=f"{meta.name}-{uuid.uuid4().hex[:8]}",
+                timeout_s=max(0.5, 0.2 * meta.cycle_s / speed),
+            )
         )
         applied_now = await mirror.read_inputs()
         u_prev = np.array([applied_now[n] for n in model.inputs], dtype=float)
@@ -171,8 +206,15 @@ async def run(
         journal.start_run(
             meta.name,
             clock.now(),
-            {"path": str(scenario.path), "speed": speed, "cycles": cycles, "embedded": embedded,
-             "field": endpoint, "gateway": gateway_endpoint, "controller": controller_kind},
+            {
+                "path": str(scenario.path),
+                "speed": speed,
+                "cycles": cycles,
+                "embedded": embedded,
+                "field": endpoint,
+                "gateway": gateway_endpoint,
+                "controller": controller_kind,
+            },
         )
         t_first = meta.start_epoch + math.ceil((clock.now() - meta.start_epoch) / meta.cycle_s) * (
             meta.cycle_s
@@ -203,21 +245,40 @@ async def run(
                 if action is not None and clock.now() > deadline_at:
                     outcome, reason = "deadline", f"decided too late: {reason}"
                     action = None
-                journal.record_cycle(k, t_k, snap, decision, time.perf_counter() - wall0,
-                                     outcome, reason)
+                journal.record_cycle(
+                    k, t_k, snap, decision, time.perf_counter() - wall0, outcome, reason
+                )
                 ack_text = ""
                 if action is not None and outcome == Outcome.DISPATCH.value:
                     verdict = decision.approved.verdict  # type: ignore[union-attr]
                     assert verdict is not None
                     ack_text, u_prev = await _dispatch(
-                        dispatcher, journal, k, model.inputs, action, u_prev,
-                        issued_at=t_k, valid_until=deadline_at, digest=verdict.digest,
+                        dispatcher,
+                        journal,
+                        k,
+                        model.inputs,
+                        action,
+                        u_prev,
+                        issued_at=t_k,
+                        valid_until=deadline_at,
+                        digest=verdict.digest,
                         counts=counts,
                     )
                     record_extra["ack"] = ack_text
                 _count(counts, outcome, decision)
-                rec = _record(k, t_k, snap, decision, outcome, reason, specs, model.inputs,
-                              u_prev, ack_text, time.perf_counter() - wall0)
+                rec = _record(
+                    k,
+                    t_k,
+                    snap,
+                    decision,
+                    outcome,
+                    reason,
+                    specs,
+                    model.inputs,
+                    u_prev,
+                    ack_text,
+                    time.perf_counter() - wall0,
+                )
                 records.append(rec)
                 if progress:
                     progress(rec, counts)
@@ -283,14 +344,29 @@ def _count(counts: dict[str, int], outcome: str, decision: Decision) -> None:
 
 
 def _record(
-    k: int, t: float, snap: Snapshot, decision: Decision, outcome: str, reason: str,
-    specs: SafetySpecs, inputs: tuple[str, ...], u_prev: Array, ack: str, wall_s: float,
+    k: int,
+    t: float,
+    snap: Snapshot,
+    decision: Decision,
+    outcome: str,
+    reason: str,
+    specs: SafetySpecs,
+    inputs: tuple[str, ...],
+    u_prev: Array,
+    ack: str,
+    wall_s: float,
 ) -> CycleRecord:
     solve = sum(a.result.solve_time_s for a in decision.attempts)
     return CycleRecord(
-        k=k, t=t, outcome=outcome, source=decision.source, reason=reason,
+        k=k,
+        t=t,
+        outcome=outcome,
+        source=decision.source,
+        reason=reason,
         values=snap.values(),
         bands={b.output: b.limits(t) for b in specs.bands},
         applied={n: float(v) for n, v in zip(inputs, u_prev, strict=True)},
-        ack=ack, solve_time_s=solve, wall_s=wall_s,
+        ack=ack,
+        solve_time_s=solve,
+        wall_s=wall_s,
     )

@@ -45,9 +45,9 @@ def independent_breaks(specs: SafetySpecs, u_prev, plan, dt) -> bool:
             v = row[i]
             if not math.isfinite(v) or v < lim.min - TOLERANCE or v > lim.max + TOLERANCE:
                 return True
-            if lim.max_rate_per_h is not None:
-                if abs(v - prev[i]) > lim.max_rate_per_h * dt / 3600 + TOLERANCE:
-                    return True
+            rate = lim.max_rate_per_h
+            if rate is not None and abs(v - prev[i]) > rate * dt / 3600 + TOLERANCE:
+                return True
         prev = row
     return False
 
@@ -88,7 +88,7 @@ def test_verifier_never_approves_a_plan_that_breaks_a_bound_or_rate(parts, data)
 
 
 def test_verifier_approves_a_gentle_plan_and_names_a_band_violation(parts) -> None:
-    dh, specs, verifier, dt = parts
+    dh, _specs, verifier, dt = parts
     n = dh.meta.horizon_steps
     t0 = dh.meta.start_epoch + 10 * 3600  # Monday 10:00, every building occupied
     d = dh.model.forecast(t0, n, dt)
@@ -110,7 +110,7 @@ def test_verifier_approves_a_gentle_plan_and_names_a_band_violation(parts) -> No
 
 
 def test_verdict_digest_changes_with_the_plan(parts) -> None:
-    dh, specs, verifier, dt = parts
+    dh, _specs, verifier, dt = parts
     n = dh.meta.horizon_steps
     d = dh.model.forecast(dh.meta.start_epoch, n, dt)
     u = np.tile(dh.model.u0, (n, 1))
@@ -178,10 +178,11 @@ def fresh_snapshot(dh, t: float, x):
 def logic_with(dh, primary, fallback):
     specs = SafetySpecs.from_scenario(dh)
     twin = Twin(dh.model, specs, dh.meta.cycle_s, dh.meta.horizon_steps)
-    logic = CycleLogic(twin, primary, fallback, Verifier(specs, ModelRig(dh.model), dh.meta.cycle_s))
+    logic = CycleLogic(
+        twin, primary, fallback, Verifier(specs, ModelRig(dh.model), dh.meta.cycle_s)
+    )
     logic.setup()
     return logic
-
 
 
 def test_gate_sends_the_verified_controller_plan(dh) -> None:
