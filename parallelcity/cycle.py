@@ -63,11 +63,16 @@ class Decision:
         return a.role if a else ""
 
     @property
-    def action(self) -> Array | None:
+    def verdict(self) -> Verdict | None:
+        """The approving verdict, if any plan passed."""
         a = self.approved
-        if a is None or a.verdict is None:
-            return None
-        return np.array(a.verdict.u_plan[0], dtype=float)
+        return a.verdict if a else None
+
+    @property
+    def action(self) -> Array | None:
+        """First row of the verified plan: the only thing that may be sent."""
+        v = self.verdict
+        return None if v is None else np.array(v.u_plan[0], dtype=float)
 
 
 def _safe_step(controller: Controller, inp: ControlInput) -> ControlResult:

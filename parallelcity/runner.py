@@ -22,7 +22,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -228,7 +227,6 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                 wall0 = time.perf_counter()
                 snap = mirror.snapshot()
                 deadline_at = t_k + meta.deadline
-                record_extra: dict[str, Any] = {}
                 if busy is not None and not busy.done():
                     decision = Decision(Outcome.HOLD, "previous cycle's solve is still running")
                     outcome, reason = "busy", decision.reason
@@ -249,9 +247,8 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                     k, t_k, snap, decision, time.perf_counter() - wall0, outcome, reason
                 )
                 ack_text = ""
-                if action is not None and outcome == Outcome.DISPATCH.value:
-                    verdict = decision.approved.verdict  # type: ignore[union-attr]
-                    assert verdict is not None
+                verdict = decision.verdict
+                if action is not None and verdict is not None and outcome == Outcome.DISPATCH:
                     ack_text, u_prev = await _dispatch(
                         dispatcher,
                         journal,
@@ -264,7 +261,6 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                         digest=verdict.digest,
                         counts=counts,
                     )
-                    record_extra["ack"] = ack_text
                 _count(counts, outcome, decision)
                 rec = _record(
                     k,
