@@ -325,8 +325,8 @@ class PIController:
                         for lp in self._loops
                     ]
                 )
-                if not np.all(np.isfinite(e)):
-                    raise ValueError(f"loop error is not finite at step {k}: {e.tolist()}")
+                # a band without a finite low edge gives no setpoint: that loop holds
+                e = np.where(np.isfinite(e), e, 0.0)
                 if e_prev is None:
                     e_prev = e
                 for i, lp in enumerate(self._loops):

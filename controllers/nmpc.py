@@ -251,8 +251,9 @@ class NmpcController:
         """The IPOPT solver for a wall-time limit (None: none) and start, built on first use.
 
         The first solver is built from the SX problem, which derives the gradient,
-        Jacobian and Hessian of the Lagrangian.  The others reuse those functions and
-        reach the problem through a thin MX wrapper, so they build in about a millisecond.
+        Jacobian and Hessian of the Lagrangian (about 0.25 s).  The others reuse those
+        functions and reach the problem through a thin MX wrapper, so they build in
+        about a millisecond.
         """
         key = (wall_s, warm)
         if key in self._solvers:
@@ -269,11 +270,14 @@ class NmpcController:
         opts: dict[str, Any] = {"print_time": False, "error_on_fail": False, "ipopt": ipopt}
         if not self._derivatives:
             solver = ca.nlpsol("nmpc", "ipopt", self._nlp, opts)
-            self._derivatives = {
-                "grad_f": solver.get_function("nlp_grad_f"),
-                "jac_g": solver.get_function("nlp_jac_g"),
-                "hess_lag": solver.get_function("nlp_hess_l"),
-            }
+            try:
+                self._derivatives = {
+                    "grad_f": solver.get_function("nlp_grad_f"),
+                    "jac_g": solver.get_function("nlp_jac_g"),
+                    "hess_lag": solver.get_function("nlp_hess_l"),
+                }
+            except RuntimeError:  # a CasADi that names them otherwise: build each from SX
+                self._derivatives = {}
         else:
             if self._wrapped is None:
                 nlp = ca.Function(

@@ -7,6 +7,9 @@ Disturbances: outdoor temperature, solar irradiance, internal gains per building
     C_i dT_i/dt = Q_i - UA_i (T_i - T_out) + g_i I_sol + Q_int_i
     Q_i         = m_i c_p (T_s - T_i) (1 - exp(-UA_hx_i / (m_i c_p)))
     dT_s/dt     = (T_s_set - T_s) / tau_s
+    fuel        = (sum_i Q_i + UA_net (T_s - T_ground)) / eta_boiler
+
+The network loss term is what makes a high supply temperature cost something.
 
 Units: temperatures in C, heat in kW, capacities in MJ/K, flows in kg/s.
 """
@@ -46,6 +49,10 @@ class Plant(BaseModel):
     tau_min: float = Field(20.0, gt=0, description="supply temperature lag")
     eta_boiler: float = Field(0.92, gt=0, le=1)
     k_pump_kw_per_kg3_s3: float = Field(5.0 / 27.0, ge=0, description="pump power = k (sum m)^3")
+    network_loss_kw_per_k: float = Field(
+        0.25, ge=0, description="distribution heat loss per kelvin of supply above ground"
+    )
+    ground_temperature_c: float = 8.0
     initial_supply_c: float = 70.0
     initial_setpoint_c: float = 70.0
 
@@ -98,7 +105,7 @@ def build(config: Config) -> SubsystemModel:
     outputs = (
         states
         + tuple(f"{b.name}.Q_heat" for b in bs)
-        + ("plant.heat_kw", "plant.pump_kw", "plant.fuel_kw", "weather.T_out")
+        + ("plant.heat_kw", "plant.loss_kw", "plant.pump_kw", "plant.fuel_kw", "weather.T_out")
     )
     params: list[str] = []
     nominal: list[float] = []
@@ -115,6 +122,8 @@ def build(config: Config) -> SubsystemModel:
         ("tau_s", config.plant.tau_min * 60.0),
         ("eta_boiler", config.plant.eta_boiler),
         ("k_pump", config.plant.k_pump_kw_per_kg3_s3),
+        ("ua_net", config.plant.network_loss_kw_per_k),
+        ("t_ground", config.plant.ground_temperature_c),
     ):
         params.append(f"plant.{key}")
         nominal.append(value)
@@ -126,6 +135,7 @@ def build(config: Config) -> SubsystemModel:
     t_s, t_set = x[n], u[0]
     t_out, i_sol = d[0], d[1]
     tau, eta, k_pump = p[4 * n], p[4 * n + 1], p[4 * n + 2]
+    ua_net, t_ground = p[4 * n + 3], p[4 * n + 4]
     xdot, q = [], []
     for i in range(n):
         ua, c, ua_hx, g = p[4 * i], p[4 * i + 1], p[4 * i + 2], p[4 * i + 3]
@@ -136,8 +146,9 @@ def build(config: Config) -> SubsystemModel:
         xdot.append(gains / (c * 1000.0))
     xdot.append((t_set - t_s) / tau)
     heat = ca.sum1(ca.vertcat(*q))
+    loss = ua_net * (t_s - t_ground)
     pump = k_pump * ca.sum1(u[1:]) ** 3
-    y = ca.vertcat(*[x[i] for i in range(n + 1)], *q, heat, pump, heat / eta, t_out)
+    y = ca.vertcat(*[x[i] for i in range(n + 1)], *q, heat, loss, pump, (heat + loss) / eta, t_out)
     f = ca.Function("f", [x, u, d, p], [ca.vertcat(*xdot)], ["x", "u", "d", "p"], ["xdot"])
     h = ca.Function("h", [x, u, d, p], [y], ["x", "u", "d", "p"], ["y"])
 
