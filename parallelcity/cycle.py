@@ -133,8 +133,16 @@ class CycleLogic:
         return Attempt(role, result, verdict)
 
     def decide(
-        self, t0: float, snapshot: Snapshot, u_prev: Array, deadline_s: float = math.inf
+        self,
+        t0: float,
+        snapshot: Snapshot,
+        u_prev: Array,
+        deadline_s: float = math.inf,
+        *,
+        fallback_reason: str | None = None,
     ) -> Decision:
+        """Decide one cycle.  ``fallback_reason`` skips the controller (e.g. the twin
+        diverges from the field) and goes straight to the verified fallback."""
         stale = snapshot.stale_required
         if stale:
             why = "; ".join(f"{n}: {snapshot.points[n].why}" for n in stale)
@@ -144,6 +152,13 @@ class CycleLogic:
         except ValueError as exc:
             return Decision(Outcome.STALE, str(exc))
         inp = self.twin.control_input(t0, x0, u_prev, deadline_s)
+        if fallback_reason is not None:
+            only = self._attempt("fallback", self.fallback, inp)
+            if only.verdict is not None and only.verdict.approved:
+                return Decision(Outcome.DISPATCH, f"fallback: {fallback_reason}", (only,), x0, inp)
+            return Decision(
+                Outcome.HOLD, f"hold: {fallback_reason}; fallback {_why(only)}", (only,), x0, inp
+            )
         first = self._attempt("controller", self.controller, inp)
         if first.verdict is not None and first.verdict.approved:
             return Decision(Outcome.DISPATCH, "controller plan approved", (first,), x0, inp)

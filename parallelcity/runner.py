@@ -122,6 +122,24 @@ async def run(
         raise
 
 
+def _check_opcua_security(scenario: Scenario) -> None:
+    """Refuse to run OPC UA without security unless the scenario asks for a lab run."""
+    if not scenario.insecure_lab:
+        raise SecurityError(
+            "secure OPC UA is not available in this release; set "
+            "[security] insecure_lab = true for a lab run on loopback"
+        )
+
+
+def _check_zmq_security(scenario: Scenario) -> None:
+    """Refuse to dispatch over ZeroMQ without CURVE unless the scenario asks for a lab run."""
+    if not scenario.insecure_lab:
+        raise SecurityError(
+            "CURVE for ZeroMQ is not available in this release; set "
+            "[security] insecure_lab = true for a lab run on loopback"
+        )
+
+
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     out: list[BaseException] = []
     for e in group.exceptions:
@@ -131,12 +149,10 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | None) -> RunResult:
     meta = scenario.meta
-    if not scenario.insecure_lab:
-        raise SecurityError(
-            "this release speaks OPC UA and ZeroMQ without security only; set "
-            "[security] insecure_lab = true for a lab run on loopback"
-        )
-    log.warning(INSECURE_BANNER)
+    _check_opcua_security(scenario)
+    _check_zmq_security(scenario)
+    if scenario.insecure_lab:
+        log.warning(INSECURE_BANNER)
     embedded = options.field_endpoint is None
     speed = (options.speed or meta.speed) if embedded else 1.0
     epoch = meta.start_epoch if embedded else time.time()
@@ -200,7 +216,9 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         )
         applied_now = await mirror.read_inputs()
         u_prev = np.array([applied_now[n] for n in model.inputs], dtype=float)
-        await _wait_for_first_values(mirror, timeout_s=10.0)
+        if not await mirror.wait_all_received(timeout_s=10.0):
+            missing = [n for n, p in mirror.snapshot().points.items() if p.reading is None]
+            log.warning("no value yet from %s; cycles needing them count as stale", missing)
 
         journal.start_run(
             meta.name,
@@ -284,16 +302,6 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                 gateway_task.cancel()
             journal.close()
     return RunResult(scenario, records, journal.path, out_dir, stand_in, counts)
-
-
-async def _wait_for_first_values(mirror: Mirror, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if all(p.reading is not None for p in mirror.snapshot().points.values()):
-            return
-        await asyncio.sleep(0.02)
-    missing = [n for n, p in mirror.snapshot().points.items() if p.reading is None]
-    log.warning("no value yet from %s; their cycles will count as stale", ", ".join(missing))
 
 
 async def _dispatch(

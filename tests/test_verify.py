@@ -238,3 +238,14 @@ def test_gate_computes_nothing_on_stale_data(dh) -> None:
     assert d.outcome is Outcome.STALE and d.action is None
     assert "apartment.T_zone: age" in d.reason
     assert primary.calls == 0 and fallback.calls == 0
+
+
+def test_gate_uses_only_the_fallback_when_told_why(dh) -> None:
+    t = dh.meta.start_epoch + 10 * 3600
+    x = np.array([21.0, 21.5, 21.0, 70.0])
+    u = np.array([70.0, 0.3, 0.12, 0.2])
+    primary = Scripted()
+    logic = logic_with(dh, primary, Scripted())
+    d = logic.decide(t, fresh_snapshot(dh, t, x), u, fallback_reason="twin diverges")
+    assert d.outcome is Outcome.DISPATCH and d.source == "fallback"
+    assert d.reason == "fallback: twin diverges" and primary.calls == 0
