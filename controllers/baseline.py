@@ -448,13 +448,150 @@ class _HoldKind:
 
 HOLD_KIND = _HoldKind()
 
+# --------------------------------------------------------------- hysteresis
+
+
+class Switch(BaseModel):
+    """An on/off loop keeping a banded output inside its band (thermostat, tank level)."""
+
+    model_config = ConfigDict(extra="forbid")
+    output: str = Field(description="banded output the loop watches")
+    input: str = Field(description="input it switches")
+    on_value: float = Field(description="input value when on")
+    off_value: float = Field(description="input value when off")
+    raises: bool = Field(True, description="on raises the output (heater, filling pump)")
+    margin: float = Field(
+        0.0, ge=0, description="switch this far inside the band edges (narrows the dead band)"
+    )
+
+
+class HysteresisConfig(BaseModel):
+    """``kind = "hysteresis"``: on/off loops with a dead band; other inputs are held."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: str = "hysteresis"
+    loops: list[Switch] = Field(default_factory=list)
+
+
+class HysteresisController:
+    """Switch on at one edge of the band, off at the other, hold in between.
+
+    The state of each loop is read from the input applied in the field (nearer
+    ``on_value`` means on), so the controller keeps no memory between cycles; the plan
+    is the switching rule simulated on the model over the horizon, moved within the
+    rate limits and bounds.
+    """
+
+    def __init__(self, config: HysteresisConfig) -> None:
+        self.config = config
+        self._problem: ControlProblem | None = None
+
+    def setup(self, problem: ControlProblem) -> None:
+        m = problem.model
+        banded = list(problem.banded_outputs)
+        loops = []
+        used: set[str] = set()
+        for i, sw in enumerate(self.config.loops):
+            if sw.output not in m.outputs or m.index("outputs", sw.output) not in banded:
+                raise ValueError(f"loops[{i}].output: {sw.output!r} is not a banded output")
+            if sw.input not in m.inputs:
+                raise ValueError(f"loops[{i}].input: {sw.input!r} is not an input of the model")
+            if sw.input in used:
+                raise ValueError(f"loops[{i}].input: {sw.input!r} is switched twice")
+            if sw.on_value == sw.off_value:
+                raise ValueError(f"loops[{i}]: on_value and off_value must differ")
+            used.add(sw.input)
+            loops.append(
+                (
+                    banded.index(m.index("outputs", sw.output)),
+                    m.index("outputs", sw.output),
+                    m.index("inputs", sw.input),
+                    sw,
+                )
+            )
+        self._loops = loops
+        self._limits = _Limits(problem)
+        self._sim = _Simulator(problem)
+        self._problem = problem
+
+    def step(self, inp: ControlInput) -> ControlResult:
+        t_start = time.perf_counter()
+        problem = self._problem
+        if problem is None:
+            raise RuntimeError("HysteresisController.step called before setup")
+        try:
+            bad = _check_input(problem, inp)
+            if bad:
+                return ControlResult.failure(
+                    SolveStatus.FAILED,
+                    problem,
+                    f"hysteresis: bad input: {bad}",
+                    time.perf_counter() - t_start,
+                )
+            lim, sim = self._limits, self._sim
+            n = problem.horizon
+            y_low = np.asarray(inp.y_low, dtype=float)
+            y_high = np.asarray(inp.y_high, dtype=float)
+            dist = np.asarray(inp.disturbances, dtype=float)
+            u_start = lim.start(inp.u_prev, problem.model.u0)
+            on = [
+                abs(u_start[i] - sw.on_value) < abs(u_start[i] - sw.off_value)
+                for _, _, i, sw in self._loops
+            ]
+            x = np.asarray(inp.x0, dtype=float)
+            u = u_start
+            plan = np.empty((n, problem.model.nu))
+            xs = np.empty((n + 1, problem.model.nx))
+            xs[0] = x
+            for k in range(n):
+                y = sim.y(x, u, dist[k])
+                target = u.copy()
+                for j, (col, out, i, sw) in enumerate(self._loops):
+                    low, high = y_low[k, col] + sw.margin, y_high[k, col] - sw.margin
+                    if y[out] < low:
+                        on[j] = sw.raises
+                    elif y[out] > high:
+                        on[j] = not sw.raises
+                    target[i] = sw.on_value if on[j] else sw.off_value
+                u = lim.move(target, u)
+                plan[k] = u
+                x = sim.next(x, u, dist[k])
+                xs[k + 1] = x
+            return _result(problem, lim, sim, inp, u_start, plan, xs, t_start)
+        except Exception as exc:  # report, never raise
+            return ControlResult.failure(
+                SolveStatus.FAILED,
+                problem,
+                f"hysteresis: {type(exc).__name__}: {exc}",
+                time.perf_counter() - t_start,
+            )
+
+
+class _HysteresisKind:
+    """Entry point object for ``kind = "hysteresis"``."""
+
+    Config = HysteresisConfig
+
+    @staticmethod
+    def create(config: BaseModel) -> HysteresisController:
+        if not isinstance(config, HysteresisConfig):
+            config = HysteresisConfig.model_validate(config.model_dump())
+        return HysteresisController(config)
+
+
+HYSTERESIS_KIND = _HysteresisKind()
+
 __all__ = [
     "HOLD_KIND",
+    "HYSTERESIS_KIND",
     "PI_KIND",
     "Curve",
     "HoldConfig",
     "HoldController",
+    "HysteresisConfig",
+    "HysteresisController",
     "Loop",
     "PIConfig",
     "PIController",
+    "Switch",
 ]

@@ -1,0 +1,278 @@
+"""The NMPC's solver paths, discretisations, time limits and statuses, with real solvers."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from pathlib import Path
+
+import casadi as ca
+import numpy as np
+import pytest
+
+from controllers import nmpc
+from parallelcity.control import ControlInput, ControlProblem, SolveStatus
+from parallelcity.model import SubsystemModel
+from parallelcity.scenario import Scenario
+from parallelcity.specs import SafetySpecs
+
+from .test_controllers import assert_plan_consistent, assert_unusable, make_input, new_nmpc
+
+SCENARIO = Path(__file__).parents[1] / "scenarios" / "district_heating.toml"
+
+
+@pytest.fixture(scope="module")
+def morning(scenario: Scenario, problem: ControlProblem, specs: SafetySpecs) -> ControlInput:
+    """06:00: every band is about to step up, so the soft bands and rate limits are active."""
+    m = scenario.model
+    t = scenario.meta.start_epoch + 6 * 3600.0
+    return make_input(problem, specs, t, m.x0, m.u0)
+
+
+@pytest.fixture(scope="module")
+def references(
+    scenario: Scenario, problem: ControlProblem, morning: ControlInput
+) -> dict[str, float]:
+    """IPOPT converged to 1e-10, cold, per discretisation: the optimum to reach."""
+    out = {}
+    for method in ("multiple_shooting", "collocation"):
+        ref = new_nmpc(
+            scenario, problem, solver="ipopt", tol=1e-10, warm_start=False, method=method
+        ).step(morning)
+        assert ref.status is SolveStatus.SOLVED, ref.message
+        out[method] = ref.cost
+    return out
+
+
+@pytest.mark.parametrize(
+    ("solver", "method"),
+    [
+        ("fatrop", "multiple_shooting"),
+        ("ipopt", "multiple_shooting"),
+        ("fatrop", "collocation"),
+        ("ipopt", "collocation"),
+    ],
+)
+def test_each_path_reaches_the_tight_reference_optimum(
+    scenario: Scenario,
+    problem: ControlProblem,
+    specs: SafetySpecs,
+    morning: ControlInput,
+    references: dict[str, float],
+    solver: str,
+    method: str,
+) -> None:
+    controller = new_nmpc(scenario, problem, solver=solver, method=method)
+    r = controller.step(morning)
+    assert r.status is SolveStatus.SOLVED, r.message
+    assert r.extra["solver"] == solver and r.extra["second_opinion"] is False
+    assert abs(r.cost - references[method]) <= 1e-6 * abs(references[method])
+    assert_plan_consistent(problem, morning, r)
+    assert specs.check_inputs(morning.u_prev, r.u_plan, problem.dt) == []
+    # and again, warm-started, one cycle on: still the optimum of that cycle
+    nxt = make_input(problem, specs, morning.t0 + problem.dt, r.x_pred[1], r.u_first)
+    warm = controller.step(nxt)
+    ref = new_nmpc(
+        scenario, problem, solver="ipopt", tol=1e-10, warm_start=False, method=method
+    ).step(nxt)
+    assert warm.status is SolveStatus.SOLVED and warm.extra["warm_start"] is True
+    assert abs(warm.cost - ref.cost) <= 1e-6 * abs(ref.cost)
+
+
+def test_sqp_path_reaches_the_tight_reference_optimum(
+    scenario: Scenario,
+    problem: ControlProblem,
+    morning: ControlInput,
+    references: dict[str, float],
+) -> None:
+    r = new_nmpc(scenario, problem, solver="sqp", qp_solver="osqp").step(morning)
+    assert r.status is SolveStatus.SOLVED, r.message
+    assert abs(r.cost - references["multiple_shooting"]) <= 1e-6 * references["multiple_shooting"]
+
+
+def test_collocation_coefficients_integrate_polynomials_exactly() -> None:
+    for scheme, exact_degree in (("radau", 2 * 3 - 2), ("legendre", 2 * 3 - 1)):
+        tau, C, D = nmpc.collocation_coefficients(3, scheme)
+        assert tau[0] == 0.0 and len(tau) == 4
+        # x(t) = t^q on [0, 1]: the derivative matrix reproduces q t^(q-1) at the points,
+        # and the end-point weights give x(1) = 1
+        for q in range(4):
+            x = np.array([t**q for t in tau])
+            slope = C.T @ x
+            want = np.array([q * t ** (q - 1) if q else 0.0 for t in tau])
+            np.testing.assert_allclose(slope, want, atol=1e-10)
+            assert D @ x == pytest.approx(1.0)
+        assert exact_degree >= 3
+
+
+def test_a_hard_state_bound_that_cannot_hold_is_infeasible(
+    scenario: Scenario, problem: ControlProblem, morning: ControlInput
+) -> None:
+    # the apartment cannot be 25 C one period from now when it is 20.5 C now
+    for solver in ("ipopt", "fatrop"):
+        r = new_nmpc(
+            scenario, problem, solver=solver, state_bounds={"apartment.T_zone": (25.0, 30.0)}
+        ).step(morning)
+        assert r.status is SolveStatus.INFEASIBLE, (solver, r.message)
+        assert_unusable(problem, r)
+        if solver == "fatrop":  # fatrop cannot tell; IPOPT's second opinion can
+            assert r.message == "nmpc: ipopt Infeasible_Problem_Detected", r.message
+
+
+def test_a_disturbance_outside_the_forecast_stays_feasible(
+    scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, morning: ControlInput
+) -> None:
+    """Soft bands: a zone already 6 K below its band is a cost, not an infeasible problem."""
+    x0 = morning.x0.copy()
+    x0[: len(problem.banded_outputs)] -= 6.0
+    inp = make_input(problem, specs, morning.t0, x0, morning.u_prev)
+    r = new_nmpc(scenario, problem).step(inp)
+    assert r.status is SolveStatus.SOLVED, r.message
+    assert specs.check_inputs(inp.u_prev, r.u_plan, problem.dt) == []
+
+
+def test_fatrop_converts_the_deadline_into_an_iteration_cap(
+    scenario: Scenario, problem: ControlProblem, morning: ControlInput, specs: SafetySpecs
+) -> None:
+    controller = new_nmpc(scenario, problem, solver="fatrop", warm_start=False)
+    first = controller.step(morning)  # measures fatrop's time per iteration
+    assert first.status is SolveStatus.SOLVED and first.iterations > 6
+    per_iter = controller._s_per_iter
+    assert per_iter > 0
+    # room for two or three iterations of a cold solve that needs many more
+    inp = make_input(
+        problem, specs, morning.t0, morning.x0, morning.u_prev, deadline_s=2.5 * per_iter
+    )
+    r = controller.step(inp)
+    assert r.status is SolveStatus.TIMEOUT, r.message
+    assert_unusable(problem, r)
+    assert r.iterations <= 3
+    tiny = controller.step(
+        make_input(problem, specs, morning.t0, morning.x0, morning.u_prev, deadline_s=1e-7)
+    )
+    assert tiny.status is SolveStatus.TIMEOUT
+    assert controller.step(morning).status is SolveStatus.SOLVED
+
+
+def test_sqp_stops_at_the_deadline(
+    scenario: Scenario, problem: ControlProblem, morning: ControlInput, specs: SafetySpecs
+) -> None:
+    controller = new_nmpc(scenario, problem, solver="sqp", qp_solver="osqp", warm_start=False)
+    inp = make_input(problem, specs, morning.t0, morning.x0, morning.u_prev, deadline_s=2e-3)
+    r = controller.step(inp)
+    assert r.status is SolveStatus.TIMEOUT, r.message
+    assert_unusable(problem, r)
+
+
+# ------------------------------------------------------------- compiled C, on a small model
+
+
+def pendulum() -> SubsystemModel:
+    """A damped pendulum driven by a torque: small enough to compile in about a second."""
+    x, u, d, p = ca.SX.sym("x", 2), ca.SX.sym("u", 1), ca.SX.sym("d", 0), ca.SX.sym("p", 1)
+    xdot = ca.vertcat(x[1], -p[0] * ca.sin(x[0]) - 0.2 * x[1] + u[0])
+    f = ca.Function("f", [x, u, d, p], [xdot], ["x", "u", "d", "p"], ["xdot"])
+    h = ca.Function("h", [x, u, d, p], [ca.vertcat(x, u[0] ** 2)], ["x", "u", "d", "p"], ["y"])
+    return SubsystemModel(
+        name="pendulum",
+        states=("angle", "rate"),
+        inputs=("torque",),
+        disturbances=(),
+        outputs=("angle", "rate", "effort"),
+        parameters=("g_over_l",),
+        nominal=np.array([9.81]),
+        f=f,
+        h=h,
+        forecast=lambda t0, n, dt: np.zeros((n, 0)),
+        x0=np.array([1.0, 0.0]),
+        u0=np.array([0.0]),
+    )
+
+
+def pendulum_problem() -> tuple[ControlProblem, ControlInput]:
+    n = 8
+    problem = ControlProblem(
+        model=pendulum(),
+        dt=0.1,
+        horizon=n,
+        u_min=np.array([-2.0]),
+        u_max=np.array([2.0]),
+        du_max=np.array([1.0]),
+        banded_outputs=(0,),
+    )
+    inp = ControlInput(
+        t0=0.0,
+        x0=np.array([1.0, 0.0]),
+        u_prev=np.array([0.0]),
+        disturbances=np.zeros((n, 0)),
+        y_low=np.full((n + 1, 1), -0.8),
+        y_high=np.full((n + 1, 1), 0.8),
+    )
+    return problem, inp
+
+
+def pendulum_config(**changes: object) -> nmpc.Config:
+    config = nmpc.Config(
+        tracking={"angle": nmpc.Tracking(target=0.0, weight=10.0, terminal_weight=50.0)},
+        output_costs={"effort": 3600.0 / 0.1},  # one unit per unit of effort per step
+        move_weights={"torque": 0.1},
+        comfort_weight=100.0,
+        comfort_weight_l1=10.0,
+        scales={"rate": 2.0},
+    )
+    return config.model_copy(update=changes)
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
+@pytest.mark.parametrize("solver", ["fatrop", "ipopt"])
+def test_compiled_nlp_gives_the_same_plan_and_is_cached_on_disk(
+    tmp_path: Path, solver: str
+) -> None:
+    problem, inp = pendulum_problem()
+    plain = nmpc.NmpcController(pendulum_config(solver=solver))
+    plain.setup(problem)
+    compiled = nmpc.NmpcController(
+        pendulum_config(solver=solver, compile=True, cache_dir=str(tmp_path))
+    )
+    compiled.setup(problem)
+    libraries = sorted(tmp_path.glob("*.so"))
+    assert len(libraries) == 1
+    r_plain, r_comp = plain.step(inp), compiled.step(inp)
+    assert r_plain.status is SolveStatus.SOLVED and r_comp.status is SolveStatus.SOLVED
+    np.testing.assert_allclose(r_comp.u_plan, r_plain.u_plan, atol=1e-8)
+    assert r_comp.cost == pytest.approx(r_plain.cost, rel=1e-9)
+    # a second controller for the same problem loads the cached library, compiles nothing
+    stamp = libraries[0].stat().st_mtime_ns
+    again = nmpc.NmpcController(
+        pendulum_config(solver=solver, compile=True, cache_dir=str(tmp_path))
+    )
+    again.setup(problem)
+    assert sorted(tmp_path.glob("*.so")) == libraries
+    assert libraries[0].stat().st_mtime_ns == stamp
+    assert again.step(inp).cost == pytest.approx(r_comp.cost, rel=1e-9)
+
+
+def test_tracking_l1_slack_and_scaling_are_what_the_cost_says(tmp_path: Path) -> None:
+    """The optimal cost is the objective of the plan, recomputed here from its definition."""
+    problem, inp = pendulum_problem()
+    config = pendulum_config(solver="ipopt", tol=1e-10)
+    controller = nmpc.NmpcController(config)
+    controller.setup(problem)
+    r = controller.step(inp)
+    assert r.status is SolveStatus.SOLVED
+    ys = r.y_pred  # the RK4 prediction is the multiple-shooting model itself
+    angle, effort = ys[:, 0], ys[:, 2]
+    n, dt = problem.horizon, problem.dt
+    slack = np.maximum(0.0, np.maximum(inp.y_low[:, 0] - angle, angle - inp.y_high[:, 0]))
+    moves = np.diff(np.concatenate([inp.u_prev, r.u_plan[:, 0]]))
+    cost = (
+        10.0 * np.sum(angle[:n] ** 2)
+        + 50.0 * angle[n] ** 2
+        + np.sum(effort[:n]) * 3600.0 / 0.1 * dt / 3600.0
+        + 0.1 * np.sum(moves**2)
+        + 100.0 * np.sum(slack**2)
+        + 10.0 * np.sum(slack)
+    )
+    assert r.cost == pytest.approx(cost, rel=1e-6, abs=1e-7)
+    assert math.isfinite(r.cost) and np.all(np.abs(moves) <= 1.0 + 1e-6)
