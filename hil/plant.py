@@ -137,14 +137,8 @@ def _is_nonnegative(name: str) -> bool:
     return any(hint.lower() in name.lower() for hint in NONNEGATIVE_HINTS)
 
 
-def forecast_truth(
-    model: SubsystemModel,
-    forecast_error: Mapping[str, float],
-    seed: int,
-    *,
-    nonnegative: Iterable[str] | None = None,
-) -> Truth:
-    """The disturbance truth: the model's forecast plus a smooth seeded error per disturbance.
+class DisturbanceError:
+    """A smooth, seeded error added to disturbance values as a function of time.
 
     Each named disturbance gets the sum of ``ERROR_COMPONENTS`` sinusoids with
     random periods of a few hours and random phases, scaled so the error's
@@ -154,47 +148,82 @@ def forecast_truth(
 
     Disturbances in ``nonnegative`` (default: names that look like irradiance
     or gains) never go below zero, and their error fades out where the
-    forecast is near zero, so there is no sun at night.
+    disturbance is near zero, so there is no sun at night.
     """
-    for name, std in forecast_error.items():
-        if name not in model.disturbances:
-            raise ValueError(
-                f"forecast_error: {name!r} is not a disturbance of model {model.name!r} "
-                f"(disturbances: {', '.join(model.disturbances)})"
+
+    def __init__(
+        self,
+        model: SubsystemModel,
+        stds: Mapping[str, float],
+        seed: int,
+        *,
+        nonnegative: Iterable[str] | None = None,
+        what: str = "forecast_error",
+    ) -> None:
+        for name, std in stds.items():
+            if name not in model.disturbances:
+                raise ValueError(
+                    f"{what}: {name!r} is not a disturbance of model {model.name!r} "
+                    f"(disturbances: {', '.join(model.disturbances)})"
+                )
+            if not (math.isfinite(std) and std >= 0):
+                raise ValueError(f"{what}: {name!r} must be a finite std >= 0, got {std}")
+        self.clip = {
+            model.index("disturbances", n)
+            for n in (
+                nonnegative
+                if nonnegative is not None
+                else [d for d in model.disturbances if _is_nonnegative(d)]
             )
-        if not (math.isfinite(std) and std >= 0):
-            raise ValueError(f"forecast_error: {name!r} must be a finite std >= 0, got {std}")
-    clip = {
-        model.index("disturbances", n)
-        for n in (
-            nonnegative
-            if nonnegative is not None
-            else [d for d in model.disturbances if _is_nonnegative(d)]
-        )
-    }
-    lo, hi = ERROR_PERIOD_RANGE_S
-    components: list[tuple[int, float, Array, Array]] = []  # (index, std, omega, phase)
-    for name, std in forecast_error.items():
-        i = model.index("disturbances", name)
-        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, i])
-        periods = rng.uniform(lo, hi, ERROR_COMPONENTS)
-        phases = rng.uniform(0.0, 2.0 * math.pi, ERROR_COMPONENTS)
-        components.append((i, float(std), 2.0 * math.pi / periods, phases))
-    amplitude = math.sqrt(2.0 / ERROR_COMPONENTS)  # unit-variance sum of equal sinusoids
+        }
+        lo, hi = ERROR_PERIOD_RANGE_S
+        self.components: list[tuple[int, float, Array, Array]] = []  # (index, std, omega, phase)
+        for name, std in stds.items():
+            i = model.index("disturbances", name)
+            rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, i])
+            periods = rng.uniform(lo, hi, ERROR_COMPONENTS)
+            phases = rng.uniform(0.0, 2.0 * math.pi, ERROR_COMPONENTS)
+            self.components.append((i, float(std), 2.0 * math.pi / periods, phases))
+        self.amplitude = math.sqrt(2.0 / ERROR_COMPONENTS)  # unit-variance sum of sinusoids
+
+    def apply(self, t: float, d: Array) -> Array:
+        """``d`` (nd,) at time ``t`` with the error added (a new array)."""
+        out = np.array(d, dtype=float)
+        for i, std, omega, phase in self.components:
+            err = std * self.amplitude * float(np.sum(np.sin(omega * t + phase)))
+            if i in self.clip:
+                # fade in over the first two std of the value, then clip
+                weight = min(1.0, max(0.0, out[i]) / (2.0 * std)) if std > 0 else 0.0
+                out[i] = max(0.0, out[i] + weight * err)
+            else:
+                out[i] += err
+        return out
+
+    def apply_rows(self, t0: float, dt: float, d: Array) -> Array:
+        """Rows ``d`` (n, nd) at ``t0 + k*dt`` with the error added."""
+        rows = np.atleast_2d(np.asarray(d, dtype=float))
+        return np.vstack([self.apply(t0 + k * dt, row) for k, row in enumerate(rows)])
+
+
+def forecast_truth(
+    model: SubsystemModel,
+    forecast_error: Mapping[str, float],
+    seed: int,
+    *,
+    nonnegative: Iterable[str] | None = None,
+) -> Truth:
+    """The disturbance truth: the model's forecast plus a ``DisturbanceError``."""
+    error = DisturbanceError(model, forecast_error, seed, nonnegative=nonnegative)
 
     def truth(t: float) -> Array:
-        d = np.array(model.forecast(float(t), 1, 1.0)[0], dtype=float)
-        for i, std, omega, phase in components:
-            err = std * amplitude * float(np.sum(np.sin(omega * t + phase)))
-            if i in clip:
-                # fade in over the first two std of forecast, then clip
-                weight = min(1.0, max(0.0, d[i]) / (2.0 * std)) if std > 0 else 0.0
-                d[i] = max(0.0, d[i] + weight * err)
-            else:
-                d[i] += err
-        return d
+        return error.apply(float(t), np.array(model.forecast(float(t), 1, 1.0)[0], dtype=float))
 
     return truth
+
+
+def sample_seed(seed: int, sample: int) -> int:
+    """The seed of uncertainty sample ``sample`` (>= 1) of a rig whose own draw is ``seed``."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(sample)]).generate_state(1)[0])
 
 
 def perturbed_params(

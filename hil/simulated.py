@@ -5,7 +5,10 @@ twin and from each other:
 
 * the verification rig (``seed``): plans are rolled out on the model with
   parameters drawn within ``parameter_spread`` of nominal, under the
-  disturbances the caller passes in;
+  disturbances the caller passes in; with ``samples`` > 1 it also holds
+  ``samples - 1`` further seeded draws (parameters, and disturbance scenarios
+  departing from the forecast by ``sample_forecast_error``), and a verdict
+  must hold on all of them;
 * the field stand-in (``field_seed``): a plant with another parameter draw,
   driven by a disturbance truth that departs from the forecast by
   ``forecast_error``, served over OPC UA on 127.0.0.1 (``hil.field``).
@@ -13,7 +16,7 @@ twin and from each other:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -22,7 +25,8 @@ from parallelcity.clock import Clock
 from parallelcity.model import Array, SubsystemModel
 
 from .field import EmbeddedField
-from .plant import forecast_truth, perturbed_params
+from .plant import DisturbanceError, forecast_truth, perturbed_params, sample_seed
+from .rig_machine import RigMachine
 
 if TYPE_CHECKING:
     from parallelcity.scenario import Scenario
@@ -46,8 +50,18 @@ class Config(BaseModel):
         description="std of the field's disturbance truth around the forecast, per disturbance",
     )
     tick_ms: float = Field(50.0, gt=0, description="wall period of the field plant's update loop")
+    samples: int = Field(
+        1, ge=1, le=4096, description="uncertainty samples a verdict must hold on (1: seed only)"
+    )
+    whole_trace: bool = Field(
+        True, description="roll plans out in one call (false: step by step, like a bench)"
+    )
+    sample_forecast_error: dict[str, float] = Field(
+        default_factory=dict,
+        description="std of the disturbance scenarios of samples 1.., per disturbance",
+    )
 
-    @field_validator("forecast_error")
+    @field_validator("forecast_error", "sample_forecast_error")
     @classmethod
     def _finite_std(cls, v: dict[str, float]) -> dict[str, float]:
         for name, std in v.items():
@@ -63,6 +77,12 @@ def check(config: Config, model: SubsystemModel) -> None:
             raise ValueError(
                 f"rig.forecast_error: {name!r} is not a disturbance of model {model.name!r} "
                 f"(disturbances: {', '.join(model.disturbances)})"
+            )
+    for name in config.sample_forecast_error:
+        if name not in model.disturbances:
+            raise ValueError(
+                f"rig.sample_forecast_error: {name!r} is not a disturbance of model "
+                f"{model.name!r} (disturbances: {', '.join(model.disturbances)})"
             )
     for suffix in config.spread_parameters:
         if not any(p.endswith(suffix) for p in model.parameters):
@@ -89,6 +109,102 @@ class SimulatedRig:
         return ys
 
 
+class SimulatedDriver:
+    """Rig driver: the model integrated step by step, one parameter and disturbance draw
+    per uncertainty sample (sample 0: ``params[0]`` under the forecast as given)."""
+
+    def __init__(
+        self,
+        model: SubsystemModel,
+        params: list[Array],
+        errors: list[DisturbanceError | None],
+        name: str = "simulated",
+    ) -> None:
+        if len(params) != len(errors) or not params:
+            raise ValueError("one parameter vector and one disturbance error per sample")
+        self.model = model
+        self.params = [np.asarray(p, dtype=float) for p in params]
+        self.errors = errors
+        self.name = name
+        self._x = np.full(model.nx, np.nan)
+        self._u = np.full(model.nu, np.nan)
+        self._d = np.full(model.nd, np.nan)
+        self._t = 0.0
+        self._t0 = 0.0
+        self._sample = 0
+        self._fns: dict[tuple[float, int], tuple[Any, Any]] = {}
+
+    @property
+    def samples(self) -> int:
+        return len(self.params)
+
+    def reset(self, x0: Array, t0: float, sample: int) -> None:
+        self._x = np.array(x0, dtype=float).reshape(self.model.nx)
+        self._t = self._t0 = float(t0)
+        self._sample = sample
+        self._u = np.full(self.model.nu, np.nan)
+        self._d = np.full(self.model.nd, np.nan)
+
+    def apply(self, u: Array, d: Array) -> None:
+        self._u = np.array(u, dtype=float).reshape(self.model.nu)
+        err = self.errors[self._sample]
+        d = np.array(d, dtype=float).reshape(self.model.nd)
+        self._d = d if err is None else err.apply(self._t, d)
+
+    def advance(self, dt: float) -> None:
+        step = self.model.step_function(dt)
+        x = step(self._x, self._u, self._d, self.params[self._sample])
+        self._x = np.asarray(x, dtype=float).reshape(-1)
+        self._t += dt
+        if not np.all(np.isfinite(self._x)):
+            raise FloatingPointError(f"rig state is no longer finite at t={self._t}: {self._x}")
+
+    def read(self) -> Array:
+        y = self.model.h(self._x, self._u, self._d, self.params[self._sample])
+        return np.asarray(y, dtype=float).reshape(-1)
+
+    def trace(self, inputs: Array, disturbances: Array, dt: float) -> Array:
+        """The whole rollout from the reset state at once: the same numbers, faster."""
+        err = self.errors[self._sample]
+        d = np.atleast_2d(np.asarray(disturbances, dtype=float))
+        d = d if err is None else err.apply_rows(self._t0, dt, d)
+        u = np.atleast_2d(np.asarray(inputs, dtype=float))
+        n, p = u.shape[0], self.params[self._sample]
+        key = (float(dt), n)
+        fns = self._fns.get(key)
+        if fns is None:  # CasADi builds these in about a millisecond: keep them
+            fns = self._fns[key] = (
+                self.model.step_function(dt).mapaccum(n),
+                self.model.h.map(n + 1),
+            )
+        accum, outputs = fns
+        xs = np.empty((n + 1, self.model.nx))
+        xs[0] = self._x
+        xs[1:] = np.asarray(accum(self._x, u.T, d[:n].T, p)).T
+        # the last output holds the last input and disturbance, as model.simulate does
+        u_ext = np.vstack([u, u[-1:]])
+        d_ext = np.vstack([d[:n], d[n - 1 : n]])
+        return np.asarray(outputs(xs.T, u_ext.T, d_ext.T, p), dtype=float).T
+
+    def close(self) -> None:
+        pass
+
+
+def simulated_driver(cfg: Config, model: SubsystemModel) -> SimulatedDriver:
+    """Sample 0 is the ``seed`` draw with the forecast as given; samples 1.. draw both."""
+    params = [perturbed_params(model, cfg.parameter_spread, cfg.spread_parameters, cfg.seed)]
+    errors: list[DisturbanceError | None] = [None]
+    for i in range(1, cfg.samples):
+        seed_i = sample_seed(cfg.seed, i)
+        params.append(perturbed_params(model, cfg.parameter_spread, cfg.spread_parameters, seed_i))
+        errors.append(
+            DisturbanceError(model, cfg.sample_forecast_error, seed_i, what="sample_forecast_error")
+            if cfg.sample_forecast_error
+            else None
+        )
+    return SimulatedDriver(model, params, errors, name=f"simulated(seed={cfg.seed})")
+
+
 def _as_config(config: BaseModel) -> Config:
     if not isinstance(config, Config):
         raise TypeError(f"expected a simulated rig Config, got {type(config).__name__}")
@@ -102,11 +218,14 @@ class _Kind:
     check = staticmethod(check)
 
     @staticmethod
-    def verification_rig(config: BaseModel, model: SubsystemModel) -> SimulatedRig:
+    def driver(config: BaseModel, model: SubsystemModel) -> SimulatedDriver:
         cfg = _as_config(config)
         check(cfg, model)
-        params = perturbed_params(model, cfg.parameter_spread, cfg.spread_parameters, cfg.seed)
-        return SimulatedRig(model, params, name=f"simulated(seed={cfg.seed})")
+        return simulated_driver(cfg, model)
+
+    @staticmethod
+    def verification_rig(config: BaseModel, model: SubsystemModel) -> RigMachine:
+        return RigMachine(_Kind.driver(config, model), use_trace=_as_config(config).whole_trace)
 
     @staticmethod
     def field_stand_in(config: BaseModel, scenario: Scenario, clock: Clock) -> EmbeddedField:

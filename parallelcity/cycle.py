@@ -1,28 +1,36 @@
 """One control cycle's decision, pure and synchronous: snapshot in, decision out.
 
-    stale required point ──────────────────────────────► STALE (nothing sent)
+    stale required point ──────────────────────────────► STALE (nothing sent; gate → fallback)
     controller plan ── usable? ── verified? ── yes ────► DISPATCH (controller)
           │ no                       │ no
-          ▼                          ▼
+          ▼                          ▼                   gate → fallback (the switch journaled)
     fallback plan ─── usable? ── verified? ── yes ─────► DISPATCH (fallback)
                           │ no       │ no
                           ▼          ▼
                          HOLD: nothing sent, the field keeps its last approved inputs
 
-Only a plan with an approving verdict can become an action, and the action is
-always the first row of the verified plan.
+The simplex gate (``gate.py``) remembers who is in control.  While the fallback
+is, its plan is made and verified first, then the controller plans and is
+verified in the shadow; the fallback's plan is the one dispatched until the
+controller has been verified on ``reverify_cycles`` consecutive cycles (if the
+fallback's own plan is rejected, an approved shadow plan is used rather than
+holding).  Only a plan with an
+approving verdict can become an action, and the action is always the first row
+of the verified plan.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
 import numpy as np
 
-from .control import ControlInput, Controller, ControlProblem, ControlResult, SolveStatus
+from .control import ControlInput, Controller, ControlResult, SolveStatus
+from .gate import Mode, SimplexGate, Switch
 from .model import Array
 from .snapshot import Snapshot
 from .twin import Twin
@@ -49,11 +57,15 @@ class Decision:
     attempts: tuple[Attempt, ...] = ()
     x0: Array | None = None
     inp: ControlInput | None = None
+    chosen: str | None = None  # role whose approved plan is the action (default: first approved)
+    switches: tuple[Switch, ...] = ()  # gate switches this cycle, in order
+    mode: Mode = Mode.CONTROLLER  # who is in control after this cycle
 
     @property
     def approved(self) -> Attempt | None:
         for a in self.attempts:
-            if a.verdict is not None and a.verdict.approved:
+            ok = a.verdict is not None and a.verdict.approved
+            if ok and (self.chosen is None or a.role == self.chosen):
                 return a
         return None
 
@@ -97,28 +109,28 @@ def _safe_step(controller: Controller, inp: ControlInput) -> ControlResult:
 
 class CycleLogic:
     def __init__(
-        self, twin: Twin, controller: Controller, fallback: Controller, verifier: Verifier
+        self,
+        twin: Twin,
+        controller: Controller,
+        fallback: Controller,
+        verifier: Verifier,
+        gate: SimplexGate | None = None,
     ) -> None:
         self.twin = twin
         self.controller = controller
         self.fallback = fallback
         self.verifier = verifier
+        self.gate = gate if gate is not None else SimplexGate()
 
     def setup(self) -> None:
         specs = self.twin.specs
-        problem = ControlProblem(
-            model=self.twin.model,
-            dt=self.twin.dt,
-            horizon=self.twin.horizon,
-            u_min=specs.u_min,
-            u_max=specs.u_max,
-            du_max=specs.du_max(self.twin.dt),
-            banded_outputs=specs.banded_outputs,
-        )
+        problem = specs.control_problem(self.twin.model, self.twin.dt, self.twin.horizon)
         self.controller.setup(problem)
         self.fallback.setup(problem)
 
-    def _attempt(self, role: str, controller: Controller, inp: ControlInput) -> Attempt:
+    def _attempt(
+        self, role: str, controller: Controller, inp: ControlInput, verify_by: float | None
+    ) -> Attempt:
         result = _safe_step(controller, inp)
         if not result.status.usable:
             return Attempt(role, result, None)
@@ -129,6 +141,7 @@ class CycleLogic:
             u_prev=inp.u_prev,
             u_plan=result.u_plan,
             disturbances=inp.disturbances,
+            deadline_s=None if verify_by is None else max(0.0, verify_by - time.monotonic()),
         )
         return Attempt(role, result, verdict)
 
@@ -140,36 +153,107 @@ class CycleLogic:
         deadline_s: float = math.inf,
         *,
         fallback_reason: str | None = None,
+        verify_by: float | None = None,
     ) -> Decision:
         """Decide one cycle.  ``fallback_reason`` skips the controller (e.g. the twin
-        diverges from the field) and goes straight to the verified fallback."""
+        diverges from the field) and goes straight to the verified fallback; it also
+        trips the gate, so the controller must be verified again before it takes over.
+        ``verify_by`` (a ``time.monotonic()`` instant) is when verification must be done."""
+        gate = self.gate
+        switches: list[Switch] = []
+
+        x0: Array | None = None
+        inp: ControlInput | None = None
+
+        def done(
+            outcome: Outcome, reason: str, *attempts: Attempt, chosen: str | None = None
+        ) -> Decision:
+            return Decision(
+                outcome,
+                reason,
+                attempts,
+                x0,
+                inp,
+                chosen=chosen,
+                switches=tuple(switches),
+                mode=gate.mode,
+            )
+
+        def trip(reason: str) -> None:
+            sw = gate.trip(t0, reason)
+            if sw is not None:
+                switches.append(sw)
+
         stale = snapshot.stale_required
         if stale:
             why = "; ".join(f"{n}: {snapshot.points[n].why}" for n in stale)
-            return Decision(Outcome.STALE, f"stale required points: {why}")
+            trip(f"stale data: {why}")
+            return done(Outcome.STALE, f"stale required points: {why}")
         try:
             x0 = self.twin.estimate(snapshot)
         except ValueError as exc:
-            return Decision(Outcome.STALE, str(exc))
+            trip(f"stale data: {exc}")
+            return done(Outcome.STALE, str(exc))
         inp = self.twin.control_input(t0, x0, u_prev, deadline_s)
         if fallback_reason is not None:
-            only = self._attempt("fallback", self.fallback, inp)
+            trip(fallback_reason)
+            only = self._attempt("fallback", self.fallback, inp, verify_by)
             if only.verdict is not None and only.verdict.approved:
-                return Decision(Outcome.DISPATCH, f"fallback: {fallback_reason}", (only,), x0, inp)
-            return Decision(
-                Outcome.HOLD, f"hold: {fallback_reason}; fallback {_why(only)}", (only,), x0, inp
-            )
-        first = self._attempt("controller", self.controller, inp)
+                return done(Outcome.DISPATCH, f"fallback: {fallback_reason}", only)
+            return done(Outcome.HOLD, f"hold: {fallback_reason}; fallback {_why(only)}", only)
+        if gate.mode is Mode.FALLBACK:
+            return self._shadow(t0, inp, verify_by, done, switches)
+        first = self._attempt("controller", self.controller, inp, verify_by)
         if first.verdict is not None and first.verdict.approved:
-            return Decision(Outcome.DISPATCH, "controller plan approved", (first,), x0, inp)
+            return done(Outcome.DISPATCH, "controller plan approved", first)
         why_first = _why(first)
-        second = self._attempt("fallback", self.fallback, inp)
-        attempts = (first, second)
+        trip(why_first)
+        second = self._attempt("fallback", self.fallback, inp, verify_by)
         if second.verdict is not None and second.verdict.approved:
-            return Decision(Outcome.DISPATCH, f"fallback: {why_first}", attempts, x0, inp)
-        return Decision(
-            Outcome.HOLD, f"hold: {why_first}; fallback {_why(second)}", attempts, x0, inp
-        )
+            return done(
+                Outcome.DISPATCH, f"fallback: {why_first}", first, second, chosen="fallback"
+            )
+        return done(Outcome.HOLD, f"hold: {why_first}; fallback {_why(second)}", first, second)
+
+    def _shadow(
+        self,
+        t0: float,
+        inp: ControlInput,
+        verify_by: float | None,
+        done: Callable[..., Decision],
+        switches: list[Switch],
+    ) -> Decision:
+        """The fallback is in control: its plan first (it is what will be sent), then the
+        controller's in the shadow, which counts towards handing control back."""
+        gate = self.gate
+        fb = self._attempt("fallback", self.fallback, inp, verify_by)
+        fb_ok = fb.verdict is not None and fb.verdict.approved
+        ctrl = self._attempt("controller", self.controller, inp, verify_by)
+        if ctrl.verdict is not None and ctrl.verdict.approved:
+            back = gate.controller_verified(t0)
+            if back is not None:
+                switches.append(back)
+                return done(
+                    Outcome.DISPATCH,
+                    f"controller back in control: {back.reason}",
+                    ctrl,
+                    fb,
+                    chosen="controller",
+                )
+            if fb_ok:
+                why = f"controller verified {gate.streak}/{gate.reverify_cycles} in the shadow"
+                return done(Outcome.DISPATCH, f"fallback: {why}", ctrl, fb, chosen="fallback")
+            return done(
+                Outcome.DISPATCH,
+                f"fallback {_why(fb)}; the controller's verified plan is used",
+                ctrl,
+                fb,
+                chosen="controller",
+            )
+        gate.controller_unverified()
+        if fb_ok:
+            return done(Outcome.DISPATCH, f"fallback: {_why(ctrl)}", ctrl, fb, chosen="fallback")
+        return done(Outcome.HOLD, f"hold: {_why(ctrl)}; fallback {_why(fb)}", ctrl, fb)
 
 
 def _why(a: Attempt) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from pydantic import BaseModel
 
@@ -27,6 +27,54 @@ class Rig(Protocol):
     def rollout(self, x0: Array, inputs: Array, disturbances: Array, t0: float, dt: float) -> Array:
         """Apply ``inputs`` (n, nu) from state ``x0``; return outputs (n + 1, ny)."""
         ...
+
+
+@runtime_checkable
+class UncertainRig(Rig, Protocol):
+    """A rig with ``samples`` seeded draws of its uncertainty (parameters, disturbances).
+
+    ``rollout`` is sample 0; a verdict must hold on every sample.
+    """
+
+    @property
+    def samples(self) -> int: ...
+
+    def rollout_sample(
+        self, sample: int, x0: Array, inputs: Array, disturbances: Array, t0: float, dt: float
+    ) -> Array: ...
+
+
+class RigDriver(Protocol):
+    """How one kind of rig does things (simulated, FMU, OPC UA bench).
+
+    What a rig can do, whatever drives it: be reset to a state at a time on one
+    uncertainty sample, take inputs (and the disturbances forecast for this
+    step), advance, and report its outputs.  The order is enforced by the rig
+    state machine (``hil.rig_machine``), never by the driver.
+    """
+
+    name: str
+
+    @property
+    def samples(self) -> int: ...
+
+    def reset(self, x0: Array, t0: float, sample: int) -> None:
+        """Put the rig in state ``x0`` at simulated time ``t0`` with sample ``sample``'s draw."""
+        ...
+
+    def apply(self, u: Array, d: Array) -> None:
+        """Hold inputs ``u`` (nu,) under forecast disturbances ``d`` (nd,) from now on."""
+        ...
+
+    def advance(self, dt: float) -> None:
+        """Let ``dt`` simulated seconds pass."""
+        ...
+
+    def read(self) -> Array:
+        """Outputs (ny,) now, in model output order (NaN for outputs the rig lacks)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)

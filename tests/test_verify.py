@@ -101,9 +101,8 @@ def test_verifier_approves_a_gentle_plan_and_names_a_band_violation(parts) -> No
     cold[:, 1:] = 0.02  # nearly shut every substation for six hours
     bad = verifier.verify(source="t", t0=t0, x0=x0, u_prev=u[0], u_plan=cold, disturbances=d)
     assert not bad.approved
-    assert {v.spec for v in bad.violations} == {"band", "rate"} or {
-        v.spec for v in bad.violations
-    } == {"band"}
+    kinds = {v.spec for v in bad.violations}
+    assert "band" in kinds and kinds <= {"band", "rate", "temporal"}
     first = next(v for v in bad.violations if v.spec == "band")
     assert first.value < first.limit
     assert "band on" in bad.summary()
