@@ -8,6 +8,12 @@ up to ``retries`` times.  Because the gateway remembers the ids it applied,
 a resend of a command whose ack was lost comes back as ``duplicate`` and is
 not written twice.  A refusal is an ``Ack`` value, not an exception;
 ``DispatchError`` means no ack at all.
+
+Heartbeats (``heartbeat``, ``heartbeat_loop``) keep the gateway's watchdog
+fed and the issuer's equipment leases renewed; the gateway's ``Status`` answer
+also tells a restarted issuer where its sequence numbers stand, so it
+continues above them.  ``curve`` (client key pair + gateway public key) is
+required unless ``insecure_lab`` is set.
 """
 
 from __future__ import annotations
@@ -15,15 +21,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
 import zmq
 import zmq.asyncio
 
-from .errors import DispatchError, WireFormatError
-from .wire import MAX_SEQ, Ack, AckStatus, Command, decode_ack
+from .errors import DispatchError, SecurityError, WireFormatError
+from .keys import KeyPair, check_z85
+from .wire import (
+    MAX_SEQ,
+    Ack,
+    AckStatus,
+    Command,
+    Heartbeat,
+    Rearm,
+    Reply,
+    Status,
+    decode_reply,
+)
 
 log = logging.getLogger("parallelcity.dispatcher")
 
@@ -40,13 +57,28 @@ class DispatcherCounters:
     """Attempts that got no ack in time."""
     failed: int = 0
     """Commands given up on (``DispatchError``)."""
+    heartbeats: int = 0
+    """Heartbeats answered by the gateway."""
+    heartbeats_lost: int = 0
+
+
+@dataclass(frozen=True)
+class ClientCurve:
+    """CURVE for a dispatcher: its own key pair and the gateway's public key."""
+
+    keys: KeyPair
+    server_public: bytes
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "server_public", check_z85(self.server_public, "gateway key"))
 
 
 class Dispatcher:
     """Sends commands to one field gateway; ``async with`` connects and closes.
 
     ``first_seq`` is the first sequence number used: an issuer that restarts
-    under the same name must continue above the last seq the gateway applied.
+    under the same name must continue above the last seq the gateway applied
+    (a ``heartbeat`` learns it from the gateway and moves ``next_seq`` up).
     """
 
     def __init__(
@@ -57,8 +89,15 @@ class Dispatcher:
         timeout_s: float = 2.0,
         retries: int = 2,
         first_seq: int = 0,
+        curve: ClientCurve | None = None,
+        insecure_lab: bool = False,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
+        if curve is None and not insecure_lab:
+            raise SecurityError(
+                "the dispatcher needs CURVE keys (its key pair and the gateway's public key, "
+                "[security.zmq]); without them it only runs with insecure_lab = true"
+            )
         if not (math.isfinite(timeout_s) and timeout_s > 0):
             raise ValueError(f"timeout_s must be a positive number, got {timeout_s}")
         if retries < 0:
@@ -73,6 +112,8 @@ class Dispatcher:
         self._next_seq = first_seq
         self._ctx = context if context is not None else zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
+        self.curve = curve
+        self.last_status: Status | None = None
         self._lock = asyncio.Lock()
         self._warned_insecure = False
 
@@ -101,6 +142,10 @@ class Dispatcher:
         sock.setsockopt(zmq.SNDTIMEO, max(1, round(self.timeout_s * 1000)))
         # Queue only on completed connections, so nothing waits for a gateway that is down.
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        if self.curve is not None:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, self.curve.server_public)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self.curve.keys.public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.keys.secret)
         try:
             sock.connect(self.endpoint)
         except zmq.ZMQError as exc:
@@ -164,34 +209,110 @@ class Dispatcher:
     async def deliver(self, cmd: Command) -> Ack:
         """Send ``cmd`` (made by ``command``), resending the same bytes until acked."""
         async with self._lock:
-            return await self._deliver(cmd)
+            self.counters.sent += 1
+            try:
+                reply = await self._exchange(cmd.id, cmd.encode(), f"seq {cmd.seq}")
+            except DispatchError:
+                self.counters.failed += 1
+                raise
+        if not isinstance(reply, Ack):
+            raise DispatchError(f"the gateway answered command {cmd.id} with a status, not an ack")
+        self._count(reply)
+        return reply
 
-    async def _deliver(self, cmd: Command) -> Ack:
-        data = cmd.encode()
+    async def heartbeat(self, *, release: bool = False, sent_at: float = 0.0) -> Status:
+        """One heartbeat; the gateway's ``Status`` (watchdog, leases, our last seq).
+
+        Raises ``DispatchError`` when no answer came or the gateway refused it.
+        """
+        hb = Heartbeat.create(self.issuer, sent_at, release=release)
+        status = await self._status_request(hb.id, hb.encode(), "heartbeat")
+        self.counters.heartbeats += 1
+        return status
+
+    async def rearm(self, reason: str) -> Status:
+        """Ask the gateway to re-arm its tripped watchdog (the key must be allowed to)."""
+        msg = Rearm.create(self.issuer, reason)
+        return await self._status_request(msg.id, msg.encode(), "re-arm")
+
+    async def _status_request(self, msg_id: str, data: bytes, what: str) -> Status:
+        async with self._lock:
+            reply = await self._exchange(msg_id, data, what)
+        if isinstance(reply, Ack):
+            code = reply.code.value if reply.code else reply.status.value
+            raise DispatchError(
+                f"the gateway at {self.endpoint} refused the {what}: {code}: {reply.detail}"
+            )
+        self._note_status(reply)
+        return reply
+
+    def _note_status(self, status: Status) -> None:
+        previous, self.last_status = self.last_status, status
+        if status.last_seq is not None and status.last_seq >= self._next_seq:
+            log.info(
+                "dispatcher: the gateway last applied seq %d of %r; continuing at %d",
+                status.last_seq,
+                self.issuer,
+                status.last_seq + 1,
+            )
+            self._next_seq = status.last_seq + 1
+        if previous is None or previous.watchdog is not status.watchdog:
+            log.log(
+                logging.ERROR if status.watchdog.value == "tripped" else logging.INFO,
+                "dispatcher: gateway watchdog is %s%s",
+                status.watchdog.value,
+                f": {status.detail}" if status.detail else "",
+            )
+        if status.insecure_lab:
+            self._warn_insecure()
+
+    async def heartbeat_loop(
+        self,
+        interval_s: float,
+        on_status: Callable[[Status], Awaitable[None] | None] | None = None,
+        *,
+        now: Callable[[], float] | None = None,
+    ) -> None:
+        """Heartbeat every ``interval_s`` wall seconds until cancelled; never raises for a
+        lost heartbeat (the gateway's watchdog is what acts on silence)."""
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            try:
+                status = await self.heartbeat(sent_at=now() if now else 0.0)
+            except DispatchError as exc:
+                self.counters.heartbeats_lost += 1
+                log.warning("dispatcher: heartbeat lost: %s", exc)
+            else:
+                if on_status is not None:
+                    result = on_status(status)
+                    if result is not None:
+                        await result
+            next_at = max(next_at + interval_s, loop.time())
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+
+    async def _exchange(self, msg_id: str, data: bytes, what: str) -> Reply:
         attempts = 1 + self.retries
-        self.counters.sent += 1
         problems: list[str] = []
         for attempt in range(1, attempts + 1):
             if self._sock is None:
                 self.connect()
             if attempt > 1:
                 self.counters.resent += 1
-                log.info("dispatcher: resending %s (attempt %d/%d)", cmd.id, attempt, attempts)
-            ack = await self._attempt(cmd, data, problems)
-            if ack is not None:
-                self._count(ack)
-                return ack
+                log.info("dispatcher: resending %s (attempt %d/%d)", msg_id, attempt, attempts)
+            reply = await self._attempt(msg_id, data, problems)
+            if reply is not None:
+                return reply
             self.counters.timeouts += 1
             # Lazy Pirate: the socket may hold a half-delivered exchange; start afresh.
             self._reconnect()
-        self.counters.failed += 1
         raise DispatchError(
-            f"command {cmd.id} (issuer {cmd.issuer!r}, seq {cmd.seq}) got no ack from "
+            f"{what} {msg_id} (issuer {self.issuer!r}) got no answer from "
             f"{self.endpoint} after {attempts} attempt(s) of {self.timeout_s:g} s: "
             + "; ".join(dict.fromkeys(problems))
         )
 
-    async def _attempt(self, cmd: Command, data: bytes, problems: list[str]) -> Ack | None:
+    async def _attempt(self, msg_id: str, data: bytes, problems: list[str]) -> Reply | None:
         sock = self._sock
         assert sock is not None
         loop = asyncio.get_running_loop()
@@ -200,34 +321,35 @@ class Dispatcher:
             async with asyncio.timeout(self.timeout_s + 0.5):  # SNDTIMEO bounds this already
                 await sock.send(data)
         except (zmq.Again, TimeoutError):
-            problems.append("could not send (no gateway connected)")
+            problems.append("could not send (no gateway connected, or the handshake failed)")
             return None
         except zmq.ZMQError as exc:
             problems.append(f"send failed: {exc}")
             return None
-        poller = zmq.asyncio.Poller()
-        poller.register(sock, zmq.POLLIN)
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
-                problems.append("no ack in time")
+                problems.append("no answer in time")
                 return None
-            ready = dict(await poller.poll(max(1, math.ceil(remaining * 1000))))
-            if not ready.get(sock, 0) & zmq.POLLIN:
+            try:
+                # recv under a timeout rather than poll-then-recv: a poll can report a
+                # message that the following awaited recv then waits on for good.
+                async with asyncio.timeout(remaining):
+                    frames = await sock.recv_multipart()
+            except TimeoutError:
                 continue
-            frames = await sock.recv_multipart()
             if len(frames) != 1:
                 log.warning("dispatcher: ignoring a reply of %d frames", len(frames))
                 continue
             try:
-                ack = decode_ack(frames[0])
+                reply = decode_reply(frames[0])
             except WireFormatError as exc:
                 log.warning("dispatcher: ignoring an unreadable reply: %s", exc)
                 continue
-            if ack.id != cmd.id:
-                log.info("dispatcher: ignoring an ack for another command (%s)", ack.id)
+            if reply.id != msg_id:
+                log.info("dispatcher: ignoring a reply to another message (%s)", reply.id)
                 continue
-            return ack
+            return reply
 
     def _count(self, ack: Ack) -> None:
         self.counters.acked += 1
@@ -240,7 +362,11 @@ class Dispatcher:
                 ack.code.value if ack.code else "?",
                 ack.detail,
             )
-        if ack.insecure_lab and not self._warned_insecure:
+        if ack.insecure_lab:
+            self._warn_insecure()
+
+    def _warn_insecure(self) -> None:
+        if not self._warned_insecure:
             self._warned_insecure = True
             log.warning(
                 "dispatcher: the field gateway at %s runs in INSECURE LAB MODE "

@@ -2,15 +2,18 @@
 
 Two halves:
 
-* ``GatewayCore`` is the pure decision: given a ``Command`` and the time, it
-  accepts, refuses (with a ``RefusalCode`` and a human reason) or recognises a
-  duplicate.  Its state (last sequence number per issuer, ids already applied,
-  last applied value per input) lives in a ``GatewayState`` value so a durable
-  store can persist and restore it later without touching the rules.
-* ``FieldGateway`` is the I/O shell: a ZeroMQ ROUTER socket that decodes
-  commands, asks the core, writes accepted setpoints through a
-  ``SetpointWriter`` (``OpcUaWriter`` in production) and answers every message
-  with an ``Ack`` - including bytes it cannot read.
+* ``GatewayCore`` is the pure decision: given a ``Command``, the client's
+  ``Grant`` and the time, it accepts, refuses (with a ``RefusalCode`` and a
+  human reason) or recognises a duplicate.  It also owns the equipment leases
+  and the heartbeat ``Watchdog``.  Its memory (last sequence number per
+  issuer, ids already applied, last applied value per input) lives in a
+  ``GatewayState`` value that ``GatewayStore`` persists.
+* ``FieldGateway`` is the I/O shell: a ZeroMQ ROUTER socket (CURVE with a ZAP
+  allow-list unless the configuration says ``insecure_lab``) that decodes
+  requests, asks the core, records applied commands durably *before* acking,
+  writes accepted setpoints through a ``SetpointWriter`` (``OpcUaWriter`` in
+  production), reverts to safe values when the watchdog trips, and answers
+  every message - including bytes it cannot read.
 
 The rules, in order, are documented in ``docs/wire-protocol.md``.
 """
@@ -18,10 +21,12 @@ The rules, in order, are documented in ``docs/wire-protocol.md``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
+import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from types import TracebackType
@@ -43,24 +48,34 @@ from .errors import (
     SecurityError,
     WireFormatError,
 )
-from .scenario import FieldConfig, Scenario
-from .specs import TOLERANCE, InputLimit, SafetySpecs
+from .gateway_store import GatewayStore
+from .keys import KeyPair
+from .opcua import ClientSecurity, connect_client
+from .scenario import FieldConfig
+from .specs import TOLERANCE, InputLimit
+from .watchdog import LeaseTable, Watchdog
 from .wire import (
     Ack,
     AckStatus,
     Command,
+    Heartbeat,
+    Rearm,
     RefusalCode,
-    decode_command,
+    Status,
+    decode_request,
     recover_id,
     truncate_detail,
 )
+from .zap import AllowList, Grant, ZapHandler
 
 log = logging.getLogger("parallelcity.gateway")
 
 MAX_REMEMBERED_IDS = 65_536
-"""Applied ids kept for duplicate detection; older ones are still refused by sequence."""
+"""Applied ids kept in memory for duplicate detection; older ones are refused by sequence."""
 TRANSPORT_MAX_MESSAGE_BYTES = 1024 * 1024
 """ZeroMQ drops peers sending more than this; smaller oversized messages get a refusal."""
+DEFAULT_LEASE_S = 60.0
+INSECURE_GRANT = Grant.everything("insecure-lab")
 
 
 # =========================================================================== decision core
@@ -109,7 +124,7 @@ class AppliedInput:
 
 @dataclass
 class GatewayState:
-    """Everything the core remembers; plain values so it can be persisted later."""
+    """Everything the core remembers about commands; plain values, persisted by the store."""
 
     last_seq: dict[str, int] = field(default_factory=dict)
     """Highest applied ``seq`` per issuer."""
@@ -122,10 +137,13 @@ class GatewayState:
 class GatewayCore:
     """The gateway's rules, with no I/O: ``decide`` then, after a good write, ``record_applied``.
 
-    ``clock_skew_s`` (simulated seconds) is how far the issuer's clock may
+    ``clock_skew_s`` (gateway clock seconds) is how far the issuer's clock may
     disagree with the gateway's: a command still counts as valid that long
     after ``valid_until``, and an ``issued_at`` further ahead than that does
-    not buy a larger rate-limit allowance.
+    not buy a larger rate-limit allowance.  ``safe`` values enable the
+    watchdog (``heartbeat_interval_s`` x ``missed_heartbeats`` of silence trips
+    it); ``lease_s`` is how long applying a command reserves its equipment for
+    the command's issuer.
     """
 
     def __init__(
@@ -135,20 +153,42 @@ class GatewayCore:
         clock_skew_s: float = 5.0,
         state: GatewayState | None = None,
         max_remembered_ids: int = MAX_REMEMBERED_IDS,
+        lease_s: float = DEFAULT_LEASE_S,
+        safe: Mapping[str, float] | None = None,
+        heartbeat_interval_s: float = 1.0,
+        missed_heartbeats: int = 3,
     ) -> None:
         if not (math.isfinite(clock_skew_s) and clock_skew_s >= 0):
             raise ValueError(f"clock_skew_s must be finite and >= 0, got {clock_skew_s}")
         if max_remembered_ids < 1:
             raise ValueError(f"max_remembered_ids must be >= 1, got {max_remembered_ids}")
         self.limits: Mapping[str, InputLimit] = dict(limits)
+        safe = dict(safe or {})
+        for name, value in safe.items():
+            lim = self.limits.get(name)
+            if lim is None:
+                raise ValueError(f"safe value for {name!r}, which this gateway does not drive")
+            if not lim.min - TOLERANCE <= value <= lim.max + TOLERANCE:
+                raise ValueError(f"safe value {name} = {value:g} is outside [{lim.min}, {lim.max}]")
         self.clock_skew_s = clock_skew_s
         self.state = state if state is not None else GatewayState()
         self._max_ids = max_remembered_ids
+        self.leases = LeaseTable(lease_s)
+        self.watchdog = Watchdog(heartbeat_interval_s, missed_heartbeats, safe)
 
-    def decide(self, cmd: Command, now: float) -> Decision:
-        """Accept, refuse, or recognise a duplicate; does not change any state."""
+    def decide(self, cmd: Command, now: float, grant: Grant | None = None) -> Decision:
+        """Accept, refuse, or recognise a duplicate; does not change any state.
+
+        ``grant`` is what the authenticated client may do (``None``: no per-client
+        restriction, as in a pure unit test).
+        """
         st = self.state
-        # 1. sequence: a repeated id is a duplicate; otherwise seq must move forward.
+        # 1. authorisation of this client for these inputs and values.
+        if grant is not None:
+            why = grant.check(cmd.setpoints)
+            if why is not None:
+                return Decision.refuse(RefusalCode.UNAUTHORISED, why)
+        # 2. sequence: a repeated id is a duplicate; otherwise seq must move forward.
         first_applied = st.applied_ids.get(cmd.id)
         if first_applied is not None:
             return Decision.duplicate(first_applied)
@@ -159,14 +199,17 @@ class GatewayCore:
                 f"seq {cmd.seq} from issuer {cmd.issuer!r} is not after the last applied "
                 f"seq {last_seq}; a restarted issuer must continue above it",
             )
-        # 2. expiry.
+        # 3. expiry.
         if now > cmd.valid_until + self.clock_skew_s:
             return Decision.refuse(
                 RefusalCode.EXPIRED,
                 f"valid until {cmd.valid_until:.3f}, gateway time is {now:.3f} "
                 f"({now - cmd.valid_until:.3f} s late, skew allowance {self.clock_skew_s:g} s)",
             )
-        # 3. every input known.
+        # 4. a tripped watchdog holds the safe values until re-armed.
+        if self.watchdog.tripped:
+            return Decision.refuse(RefusalCode.WATCHDOG_TRIPPED, self.watchdog.detail)
+        # 5. every input known.
         unknown = sorted(n for n in cmd.setpoints if n not in self.limits)
         if unknown:
             return Decision.refuse(
@@ -174,7 +217,11 @@ class GatewayCore:
                 f"unknown input(s) {', '.join(map(repr, unknown))}; this gateway drives "
                 f"{', '.join(sorted(self.limits))}",
             )
-        # 4. bounds.
+        # 6. one writer per device.
+        held = self.leases.conflicts(cmd.issuer, cmd.setpoints, now)
+        if held:
+            return Decision.refuse(RefusalCode.LEASE_HELD, "; ".join(held))
+        # 7. bounds.
         problems = []
         for name, value in cmd.setpoints.items():
             lim = self.limits[name]
@@ -182,7 +229,7 @@ class GatewayCore:
                 problems.append(f"{name} = {value:.6g} outside [{lim.min:g}, {lim.max:g}]")
         if problems:
             return Decision.refuse(RefusalCode.OUT_OF_BOUNDS, "; ".join(problems))
-        # 5. rate limits against the last applied value of each input.
+        # 8. rate limits against the last applied value of each input.
         issued_at = min(cmd.issued_at, now + self.clock_skew_s)
         for name, value in cmd.setpoints.items():
             lim = self.limits[name]
@@ -205,15 +252,48 @@ class GatewayCore:
 
     def record_applied(self, cmd: Command, applied_at: float | None = None) -> None:
         """Remember a command whose setpoints were written (``applied_at``: gateway time)."""
-        st = self.state
         when = cmd.issued_at if applied_at is None else applied_at
-        st.applied_ids[cmd.id] = when
-        st.applied_ids.move_to_end(cmd.id)
+        self._remember(cmd.id, cmd.issuer, cmd.seq, when)
+        for name, value in cmd.setpoints.items():
+            self.state.last_applied[name] = AppliedInput(value, cmd.issued_at)
+        self.leases.take(cmd.issuer, cmd.setpoints, when)
+        self.watchdog.seen(when)
+
+    def _remember(self, command_id: str, issuer: str, seq: int, when: float) -> None:
+        st = self.state
+        st.applied_ids[command_id] = when
+        st.applied_ids.move_to_end(command_id)
         while len(st.applied_ids) > self._max_ids:
             st.applied_ids.popitem(last=False)
-        st.last_seq[cmd.issuer] = max(cmd.seq, st.last_seq.get(cmd.issuer, cmd.seq))
-        for name, value in cmd.setpoints.items():
-            st.last_applied[name] = AppliedInput(value, cmd.issued_at)
+        st.last_seq[issuer] = max(seq, st.last_seq.get(issuer, seq))
+
+    def heartbeat(self, hb: Heartbeat, now: float) -> None:
+        """A heartbeat from an authorised client: feeds the watchdog, renews or ends leases."""
+        self.watchdog.seen(now)
+        if hb.release:
+            self.leases.release(hb.issuer)
+        else:
+            self.leases.renew(hb.issuer, now)
+
+    def reverted(self, now: float) -> None:
+        """The safe values were written: they are the inputs' last applied values now."""
+        for name, value in self.watchdog.safe.items():
+            self.state.last_applied[name] = AppliedInput(value, now)
+        self.watchdog.reverted = True
+
+    def status(self, request_id: str, issuer: str, now: float, insecure: bool) -> Status:
+        wd = self.watchdog
+        return Status(
+            id=request_id,
+            issuer=issuer,
+            last_seq=self.state.last_seq.get(issuer),
+            watchdog=wd.state,
+            detail=truncate_detail(wd.detail),
+            leases=self.leases.holders(now),
+            gateway_time=now,
+            heartbeat_s=wd.interval_s if wd.enabled else 0.0,
+            insecure_lab=insecure,
+        )
 
 
 # =========================================================================== writers
@@ -224,6 +304,10 @@ class SetpointWriter(Protocol):
 
     async def write(self, setpoints: Mapping[str, float]) -> None: ...
 
+    async def read(self, names: Sequence[str]) -> Mapping[str, float]:
+        """The values the field holds now (to settle a write a crash left in doubt)."""
+        ...
+
 
 class OpcUaWriter:
     """Writes setpoints to the scenario's input nodes on an OPC UA server.
@@ -231,13 +315,22 @@ class OpcUaWriter:
     ``async with`` connects, resolves the field namespace and checks that every
     input node exists and is a variable (``NodeMappingError`` naming each one
     that is not); ``write`` writes all values as Doubles in one request.
-    Security: none yet - the endpoint must be a lab endpoint (see FieldGateway).
+    Security: the session is set up by ``opcua.connect_client`` with ``security``
+    (default NoSecurity, which callers allow only for an ``insecure_lab`` scenario).
     """
 
-    def __init__(self, endpoint: str, field: FieldConfig, *, timeout_s: float = 4.0) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        field: FieldConfig,
+        *,
+        timeout_s: float = 4.0,
+        security: ClientSecurity | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.field = field
         self.timeout_s = timeout_s
+        self.security = security if security is not None else ClientSecurity.insecure()
         self._client: Client | None = None
         self._nodes: dict[str, Any] = {}
         self._node_ids: dict[str, str] = {m.name: m.node for m in field.inputs}
@@ -255,14 +348,9 @@ class OpcUaWriter:
         await self.aclose()
 
     async def connect(self) -> None:
-        client = Client(self.endpoint, timeout=self.timeout_s)
-        try:
-            async with asyncio.timeout(self.timeout_s * 2):
-                await client.connect()
-        except (OSError, TimeoutError, UaError) as exc:
-            raise FieldConnectionError(
-                f"cannot connect to OPC UA endpoint {self.endpoint}: {exc or type(exc).__name__}"
-            ) from exc
+        client = await connect_client(
+            self.endpoint, self.security, timeout_s=self.timeout_s, name="parallelcity gateway"
+        )
         self._client = client
         try:
             await self._resolve(client)
@@ -347,6 +435,27 @@ class OpcUaWriter:
         if failed:
             raise FieldConnectionError(f"{self.endpoint} refused the write of {', '.join(failed)}")
 
+    async def read(self, names: Sequence[str]) -> Mapping[str, float]:
+        """The current values of the input nodes ``names`` (one read request)."""
+        client = self._client
+        if client is None:
+            raise FieldConnectionError(f"not connected to {self.endpoint}")
+        unmapped = sorted(n for n in names if n not in self._nodes)
+        if unmapped:
+            raise NodeMappingError(f"no field node for input(s) {', '.join(map(repr, unmapped))}")
+        try:
+            values = await client.read_values([self._nodes[n] for n in names])
+        except (OSError, TimeoutError, ConnectionError, UaError) as exc:
+            raise FieldConnectionError(
+                f"reading {len(names)} input(s) from {self.endpoint} failed: "
+                f"{exc or type(exc).__name__}"
+            ) from exc
+        out: dict[str, float] = {}
+        for name, value in zip(names, values, strict=True):
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[name] = float(value)
+        return out
+
     async def aclose(self) -> None:
         client, self._client = self._client, None
         self._nodes = {}
@@ -360,12 +469,27 @@ class OpcUaWriter:
 # =========================================================================== I/O shell
 
 
+@dataclass(frozen=True)
+class ServerCurve:
+    """CURVE for a gateway: its own key pair and the clients it accepts, with their grants."""
+
+    keys: KeyPair
+    allow: AllowList
+    domain: str = "parallelcity"
+    """ZAP domain; the ZAP handler answers for exactly this string."""
+
+
 @dataclass
 class GatewayCounters:
     received: int = 0
+    """Messages that reached the command handler (after authentication)."""
     applied: int = 0
     duplicates: int = 0
     refused: Counter[RefusalCode] = field(default_factory=Counter)
+    heartbeats: int = 0
+    rearms: int = 0
+    trips: int = 0
+    reverts: int = 0
 
     @property
     def malformed(self) -> int:
@@ -379,9 +503,15 @@ class GatewayCounters:
 class FieldGateway:
     """Serves commands on a ZeroMQ ROUTER socket until cancelled.
 
-    ``async with`` (or ``start()``) binds; ``endpoint`` is then the address
-    actually bound (``zmq.LAST_ENDPOINT``, useful with port 0); ``serve()``
-    handles one message at a time, forever; ``aclose()`` closes the socket.
+    ``async with`` (or ``await start()``) restores the durable state from
+    ``store`` (settling a write a crash left in doubt), starts the ZAP handler
+    and binds; ``endpoint`` is then the address actually bound
+    (``zmq.LAST_ENDPOINT``, useful with port 0); ``serve()`` handles one
+    message at a time and runs the watchdog, forever; ``aclose()`` closes.
+
+    Without ``curve`` the gateway refuses to start unless ``insecure_lab`` is
+    true; it then logs a loud warning and every ack says ``insecure_lab``.
+    Without ``store`` its memory is in-process only (tests, benchmarks).
     """
 
     def __init__(
@@ -391,26 +521,41 @@ class FieldGateway:
         clock: Clock,
         *,
         bind: str,
-        insecure_lab: bool,
+        curve: ServerCurve | None = None,
+        insecure_lab: bool = False,
+        store: GatewayStore | None = None,
         write_timeout_s: float = 5.0,
         context: zmq.asyncio.Context | None = None,
     ) -> None:
-        if not insecure_lab:
+        if curve is None and not insecure_lab:
             raise SecurityError(
-                "CURVE is not available yet: the field gateway cannot authenticate or "
-                "encrypt its ZeroMQ traffic; set insecure_lab = true in [security] for a "
-                "lab run"
+                "the field gateway needs CURVE keys: a server key pair and an allow-list of "
+                "client public keys ([security.zmq]); without them it only runs when "
+                "insecure_lab = true in [security] (a lab on loopback)"
             )
         self.core = core
         self.writer = writer
         self.clock = clock
         self.bind = bind
-        self.insecure_lab = insecure_lab
+        self.curve = curve
+        self.insecure = insecure_lab
+        """Every ack and status says ``insecure_lab`` when the configuration does."""
+        self.store = store
         self.write_timeout_s = write_timeout_s
         self.counters = GatewayCounters()
-        self._ctx = context if context is not None else zmq.asyncio.Context.instance()
+        self._own_ctx = context is None
+        self._ctx = context
         self._sock: zmq.asyncio.Socket | None = None
+        self._zap: ZapHandler | None = None
         self._endpoint = ""
+        self._lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._leases_saved_at = -math.inf
+        self.last_revert_at: float | None = None
+        """Gateway time the safe values last landed in the field."""
+        self._grants: dict[str, Grant] = {}
+        if curve is not None:
+            self._grants = {g.name: g for g in curve.allow.by_key.values()}
 
     @property
     def endpoint(self) -> str:
@@ -419,8 +564,12 @@ class FieldGateway:
             raise RuntimeError("the gateway is not bound yet: use `async with` or start()")
         return self._endpoint
 
+    @property
+    def zap(self) -> ZapHandler | None:
+        return self._zap
+
     async def __aenter__(self) -> FieldGateway:
-        self.start()
+        await self.start()
         return self
 
     async def __aexit__(
@@ -431,53 +580,171 @@ class FieldGateway:
     ) -> None:
         await self.aclose()
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._sock is not None:
             return
-        sock = self._ctx.socket(zmq.ROUTER)
+        await self._restore()
+        if self._ctx is None:
+            self._ctx = zmq.asyncio.Context()
+        ctx = self._ctx
+        if self.curve is not None:
+            # The handler must answer before the first client can connect: without one,
+            # libzmq lets any CURVE client in.
+            self._zap = ZapHandler(ctx, self.curve.domain, self.curve.allow)
+            await self._zap.start()
+        sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, TRANSPORT_MAX_MESSAGE_BYTES)
+        if self.curve is not None:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.keys.secret)
+            sock.setsockopt(zmq.ZAP_DOMAIN, self.curve.domain.encode())
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         try:
             sock.bind(self.bind)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
+            await self._close_zap()
             raise DispatchError(f"cannot bind the field gateway to {self.bind}: {exc}") from exc
         self._sock = sock
         raw = sock.getsockopt(zmq.LAST_ENDPOINT)
         self._endpoint = raw.decode() if isinstance(raw, bytes) else str(raw)
-        log.warning(
-            "INSECURE LAB MODE: field gateway on %s accepts commands WITHOUT authentication "
-            "or encryption (no CURVE); anyone who can reach this address can move field "
-            "equipment within the safety limits. Never run this way outside a lab.",
-            self._endpoint,
-        )
+        if self.curve is None:
+            log.warning(
+                "INSECURE LAB MODE: field gateway on %s accepts commands WITHOUT authentication "
+                "or encryption (no CURVE); anyone who can reach this address can move field "
+                "equipment within the safety limits. Never run this way outside a lab.",
+                self._endpoint,
+            )
+        else:
+            log.info(
+                "field gateway on %s: CURVE, server key %s, %d client key(s) allowed",
+                self._endpoint,
+                self.curve.keys.public.decode(),
+                len(self.curve.allow),
+            )
+
+    async def _close_zap(self) -> None:
+        zap, self._zap = self._zap, None
+        if zap is not None:
+            await zap.aclose()
 
     async def aclose(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close(linger=0)
+        await self._close_zap()
+        if self._own_ctx and self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            ctx.destroy(linger=0)
+
+    # ------------------------------------------------------------------ durable state
+
+    async def _restore(self) -> None:
+        store = self.store
+        if store is None:
+            return
+        core, now = self.core, self.clock.now()
+        loaded = store.load(MAX_REMEMBERED_IDS)
+        st = core.state
+        st.applied_ids = loaded.applied_ids
+        st.last_seq = dict(loaded.last_seq)
+        st.last_applied = {n: AppliedInput(v, t) for n, (v, t) in loaded.inputs.items()}
+        core.leases.leases = dict(loaded.leases)
+        if loaded.watchdog is not None:
+            core.watchdog.restore(*loaded.watchdog, now=now)
+        for p in loaded.pending:
+            landed = await self._landed(p.setpoints)
+            if landed:
+                store.commit_applied(
+                    p.command_id, p.issuer, p.seq, p.issued_at, p.setpoints, now,
+                    core.leases.leases,
+                )  # fmt: skip
+                core._remember(p.command_id, p.issuer, p.seq, now)
+                for name, value in p.setpoints.items():
+                    st.last_applied[name] = AppliedInput(value, p.issued_at)
+                what = "its values are in the field: counted as applied"
+            else:
+                store.abandon(p.command_id)
+                what = "its values are not in the field: forgotten, a resend is applied"
+            log.warning("gateway: command %s was in doubt after a restart; %s", p.command_id, what)
+            store.record_event(now, "settled", f"{p.command_id}: {what}")
+        if loaded.applied_ids or loaded.pending:
+            log.info(
+                "gateway: restored %d applied id(s), %d issuer(s), watchdog %s",
+                len(st.applied_ids),
+                len(st.last_seq),
+                core.watchdog.state.value,
+            )
+
+    async def _landed(self, setpoints: Mapping[str, float]) -> bool:
+        try:
+            async with asyncio.timeout(self.write_timeout_s):
+                values = await self.writer.read(list(setpoints))
+        except Exception as exc:
+            # Not knowing, never apply twice: count it as applied.
+            log.error("gateway: cannot read the field back (%s); assuming the write landed", exc)
+            return True
+        return all(values.get(n) == v for n, v in setpoints.items())
+
+    # ------------------------------------------------------------------ serving
 
     async def serve(self) -> None:
-        """Answer commands until cancelled."""
-        self.start()
-        while True:
-            sock = self._sock
-            if sock is None:
-                raise RuntimeError("the gateway socket was closed")
-            frames = await sock.recv_multipart()
-            identity, body = frames[0], frames[1:]
-            try:
-                ack = await self.handle(body)
-            except Exception:  # a bug here must not stop the field gateway
-                log.exception("gateway: unexpected error handling a message; not answered")
-                continue
-            try:
-                await sock.send_multipart([identity, ack.encode()])
-            except zmq.ZMQError as exc:
-                log.warning("gateway: could not send ack %s: %s", ack.id, exc)
+        """Answer requests and run the watchdog until cancelled."""
+        await self.start()
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._watch(), name="gateway-watchdog")
+            await self._serve_messages()
 
-    async def handle(self, frames: list[bytes]) -> Ack:
-        """One received message (its frames after the routing identity) -> the ack to send."""
+    async def _serve_messages(self) -> None:
+        sock = self._sock
+        if sock is None:
+            raise RuntimeError("the gateway socket was closed")
+        # Messages already queued are taken without a trip through the event loop.
+        raw: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
+        while True:
+            if self._sock is None:
+                raise RuntimeError("the gateway socket was closed")
+            frames = await sock.recv_multipart(copy=False)
+            while True:
+                await self._answer(raw, frames)
+                try:
+                    frames = raw.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+
+    async def _answer(self, raw: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
+        identity, body = frames[0].bytes, frames[1:]
+        grant = self._grant(body[0] if body else None)
+        try:
+            reply = await self.handle([f.bytes for f in body], grant)
+        except ParallelCityError:
+            raise  # the durable store failed: stop rather than risk applying twice
+        except Exception:  # a bug here must not stop the field gateway
+            log.exception("gateway: unexpected error handling a message; not answered")
+            return
+        try:
+            # A ROUTER never blocks on send: a reply to a vanished peer is dropped.
+            raw.send_multipart([identity, reply], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            log.warning("gateway: could not send a reply: %s", exc)
+
+    def _grant(self, frame: zmq.Frame | None) -> Grant | None:
+        if self.curve is None:
+            return INSECURE_GRANT
+        if frame is None:
+            return None
+        try:
+            user = frame.get("User-Id")
+        except zmq.ZMQError:
+            return None
+        return self._grants.get(str(user))
+
+    async def handle(self, frames: list[bytes], grant: Grant | None = INSECURE_GRANT) -> bytes:
+        """One received message (its frames after the routing identity) -> the reply bytes.
+
+        ``grant`` is what the authenticated peer may do; ``None`` refuses everything.
+        """
         c = self.counters
         c.received += 1
         if len(frames) != 1:
@@ -485,79 +752,203 @@ class FieldGateway:
             return self._malformed(data, f"expected exactly one frame, got {len(frames)}")
         data = frames[0]
         try:
-            cmd = decode_command(data)
+            msg = decode_request(data)
         except WireFormatError as exc:
             return self._malformed(data, str(exc))
-        decision = self.core.decide(cmd, self.clock.now())
-        if decision.outcome is Outcome.DUPLICATE:
-            c.duplicates += 1
-            log.info("gateway: %s (seq %d) is a duplicate; not written again", cmd.id, cmd.seq)
-            return self._ack(
-                cmd, AckStatus.DUPLICATE, applied_at=decision.applied_at, detail=decision.detail
+        if grant is None:
+            return self._refuse(
+                msg.id, getattr(msg, "seq", 0), RefusalCode.UNAUTHORISED, "unknown client"
+            ).encode()
+        if isinstance(msg, Heartbeat):
+            return (await self._heartbeat(msg)).encode()
+        if isinstance(msg, Rearm):
+            return (await self._rearm(msg, grant)).encode()
+        return (await self._command(msg, grant)).encode()
+
+    async def _command(self, cmd: Command, grant: Grant) -> Ack:
+        c = self.counters
+        async with self._lock:
+            now = self.clock.now()
+            decision = self.core.decide(cmd, now, grant)
+            if decision.code is not RefusalCode.UNAUTHORISED:
+                self._seen(now)
+            if decision.outcome is Outcome.DUPLICATE:
+                c.duplicates += 1
+                log.info("gateway: %s (seq %d) is a duplicate; not written again", cmd.id, cmd.seq)
+                return self._ack(
+                    cmd, AckStatus.DUPLICATE, applied_at=decision.applied_at, detail=decision.detail
+                )
+            if decision.outcome is Outcome.REFUSE:
+                assert decision.code is not None
+                return self._refuse(cmd.id, cmd.seq, decision.code, decision.detail)
+            if self.store is not None:
+                self.store.begin(cmd)
+            failure = await self._write(cmd.setpoints)
+            if failure is not None:
+                if self.store is not None:
+                    self.store.abandon(cmd.id)
+                return self._refuse(cmd.id, cmd.seq, RefusalCode.WRITE_FAILED, failure)
+            applied_at = self.clock.now()
+            self.core.record_applied(cmd, applied_at)
+            if self.store is not None:
+                self.store.commit_applied(
+                    cmd.id, cmd.issuer, cmd.seq, cmd.issued_at, cmd.setpoints, applied_at,
+                    self.core.leases.leases,
+                )  # fmt: skip
+        c.applied += 1
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "gateway: applied %s (issuer %s, seq %d): %s",
+                cmd.id,
+                cmd.issuer,
+                cmd.seq,
+                ", ".join(f"{k}={v:.6g}" for k, v in cmd.setpoints.items()),
             )
-        if decision.outcome is Outcome.REFUSE:
-            assert decision.code is not None
-            return self._refuse(cmd.id, cmd.seq, decision.code, decision.detail)
+        return self._ack(cmd, AckStatus.APPLIED, applied_at=applied_at)
+
+    async def _write(self, setpoints: Mapping[str, float]) -> str | None:
+        """Write to the field; ``None`` when done, else why it failed."""
         try:
             async with asyncio.timeout(self.write_timeout_s):
-                await self.writer.write(cmd.setpoints)
+                await self.writer.write(setpoints)
         except TimeoutError:
-            return self._refuse(
-                cmd.id,
-                cmd.seq,
-                RefusalCode.WRITE_FAILED,
+            return (
                 f"the field write did not finish within {self.write_timeout_s:g} s "
-                "(it may have partly landed)",
+                "(it may have partly landed)"
             )
         except ParallelCityError as exc:
-            return self._refuse(cmd.id, cmd.seq, RefusalCode.WRITE_FAILED, str(exc))
+            return str(exc)
         except Exception as exc:
             log.exception("gateway: the setpoint writer raised unexpectedly")
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def _seen(self, now: float) -> None:
+        wd = self.core.watchdog
+        before = wd.state
+        wd.seen(now)
+        if wd.state is not before:
+            self._wake.set()
+            if self.store is not None:
+                self.store.save_watchdog(wd.state, wd.detail, now, event="watchdog_armed")
+
+    async def _heartbeat(self, hb: Heartbeat) -> Status:
+        self.counters.heartbeats += 1
+        async with self._lock:
+            now = self.clock.now()
+            leases = self.core.leases
+            before = {eq: lease.holder for eq, lease in leases.leases.items()}
+            self._seen(now)
+            self.core.heartbeat(hb, now)
+            after = {eq: lease.holder for eq, lease in leases.leases.items()}
+            # A renewal only moves `until`: persist it now and then, not on every beat.
+            stale = now - self._leases_saved_at >= leases.lease_s / 4
+            if self.store is not None and (after != before or (after and stale)):
+                self.store.save_leases(leases.leases)
+                self._leases_saved_at = now
+                if hb.release and after != before:
+                    self.store.record_event(now, "lease_released", hb.issuer)
+            return self.core.status(hb.id, hb.issuer, now, self.insecure)
+
+    async def _rearm(self, msg: Rearm, grant: Grant) -> Status | Ack:
+        if not grant.rearm:
             return self._refuse(
-                cmd.id, cmd.seq, RefusalCode.WRITE_FAILED, f"{type(exc).__name__}: {exc}"
+                msg.id, 0, RefusalCode.UNAUTHORISED, f"client {grant.name!r} may not re-arm"
             )
-        applied_at = self.clock.now()
-        self.core.record_applied(cmd, applied_at)
-        c.applied += 1
-        log.info(
-            "gateway: applied %s (issuer %s, seq %d): %s",
-            cmd.id,
-            cmd.issuer,
-            cmd.seq,
-            ", ".join(f"{k}={v:.6g}" for k, v in cmd.setpoints.items()),
+        async with self._lock:
+            now = self.clock.now()
+            wd = self.core.watchdog
+            if wd.tripped:
+                self.counters.rearms += 1
+                wd.rearm(now, f"{grant.name}/{msg.issuer}", msg.reason)
+                log.warning("gateway: watchdog %s", wd.detail)
+                if self.store is not None:
+                    self.store.save_watchdog(wd.state, wd.detail, now, event="watchdog_rearmed")
+                self._wake.set()
+            return self.core.status(msg.id, msg.issuer, now, self.insecure)
+
+    # ------------------------------------------------------------------ watchdog
+
+    async def _watch(self) -> None:
+        wd = self.core.watchdog
+        if not wd.enabled:
+            return
+        while True:
+            if wd.tripped and not wd.reverted:
+                await self._revert()
+                if not wd.reverted:  # the field refused: try again in a heartbeat interval
+                    await asyncio.sleep(wd.interval_s / self.clock.speed)
+                    continue
+            deadline = wd.deadline()
+            timeout = None
+            if deadline is not None:
+                timeout = max(0.0, (deadline - self.clock.now()) / self.clock.speed)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            if wd.due(self.clock.now()):
+                await self._trip()
+
+    async def _trip(self) -> None:
+        wd = self.core.watchdog
+        async with self._lock:
+            now = self.clock.now()
+            if not wd.due(now):
+                return
+            reason = wd.trip(now)
+            self.core.leases.clear()
+            self.counters.trips += 1
+            log.error("gateway: WATCHDOG %s", reason)
+            if self.store is not None:
+                self.store.save_watchdog(wd.state, reason, now, event="watchdog_tripped", leases={})
+            await self._revert_locked()
+
+    async def _revert(self) -> None:
+        async with self._lock:
+            await self._revert_locked()
+
+    async def _revert_locked(self) -> None:
+        wd = self.core.watchdog
+        if not wd.tripped or wd.reverted:
+            return
+        failure = await self._write(wd.safe)
+        now = self.clock.now()
+        if failure is not None:
+            log.error("gateway: could not write the safe values (will retry): %s", failure)
+            if self.store is not None:
+                self.store.record_event(now, "revert_failed", failure)
+            return
+        self.core.reverted(now)
+        self.counters.reverts += 1
+        self.last_revert_at = now
+        log.error(
+            "gateway: equipment reverted to safe values: %s",
+            ", ".join(f"{k}={v:g}" for k, v in wd.safe.items()),
         )
-        return self._ack(cmd, AckStatus.APPLIED, applied_at=applied_at)
+        if self.store is not None:
+            self.store.save_watchdog(
+                wd.state, wd.detail, wd.since, event="reverted", inputs=wd.safe
+            )
+
+    # ------------------------------------------------------------------ replies
 
     def _ack(
         self, cmd: Command, status: AckStatus, *, applied_at: float | None, detail: str = ""
     ) -> Ack:
-        return Ack(cmd.id, cmd.seq, status, None, detail, applied_at, self.insecure_lab)
+        return Ack(cmd.id, cmd.seq, status, None, detail, applied_at, self.insecure)
 
     def _refuse(self, msg_id: str, seq: int, code: RefusalCode, detail: str) -> Ack:
         self.counters.refused[code] += 1
         log.warning("gateway: refused %s (seq %d): %s: %s", msg_id, seq, code.value, detail)
         return Ack(
-            msg_id, seq, AckStatus.REFUSED, code, truncate_detail(detail), None, self.insecure_lab
+            msg_id, seq, AckStatus.REFUSED, code, truncate_detail(detail), None, self.insecure
         )
 
-    def _malformed(self, data: bytes, reason: str) -> Ack:
+    def _malformed(self, data: bytes, reason: str) -> bytes:
         msg_id, seq = recover_id(data)
-        return self._refuse(msg_id, seq, RefusalCode.MALFORMED, reason)
+        return self._refuse(msg_id, seq, RefusalCode.MALFORMED, reason).encode()
 
 
-async def serve_gateway(
-    scenario: Scenario, *, bind: str, opcua_endpoint: str, clock: Clock
-) -> None:
-    """Run a field gateway for ``scenario`` until cancelled.
-
-    Limits come from the scenario's safety specs (the same ones the controller
-    and verifier use); setpoints go to ``opcua_endpoint`` through the
-    scenario's input NodeIds.
-    """
-    core = GatewayCore(SafetySpecs.from_scenario(scenario).limits)
-    writer = OpcUaWriter(opcua_endpoint, scenario.field)
-    # Built first: refuses to run without security before touching the field.
-    gateway = FieldGateway(core, writer, clock, bind=bind, insecure_lab=scenario.insecure_lab)
-    async with writer, gateway:
-        log.info("gateway: serving %s on %s", scenario.meta.name, gateway.endpoint)
-        await gateway.serve()
+def new_zap_domain() -> str:
+    """A ZAP domain unique to one gateway process."""
+    return f"parallelcity-{uuid.uuid4().hex[:12]}"

@@ -53,6 +53,20 @@ class RefusalCode(StrEnum):
     MALFORMED = "malformed"
     WRITE_FAILED = "write_failed"
     STALE_SEQUENCE = "stale_sequence"
+    UNAUTHORISED = "unauthorised"
+    LEASE_HELD = "lease_held"
+    WATCHDOG_TRIPPED = "watchdog_tripped"
+
+
+class WatchdogState(StrEnum):
+    DISABLED = "disabled"
+    """The gateway has no safe values configured: no watchdog."""
+    IDLE = "idle"
+    """Armed, but no heartbeat or command seen yet since start or re-arm."""
+    ARMED = "armed"
+    """Heartbeats are arriving; missing ``missed_heartbeats`` of them trips it."""
+    TRIPPED = "tripped"
+    """Equipment reverted to safe values; commands are refused until re-armed."""
 
 
 COMMAND_FIELDS = frozenset(
@@ -61,6 +75,32 @@ COMMAND_FIELDS = frozenset(
 ACK_FIELDS = frozenset(
     {"v", "type", "id", "seq", "status", "code", "detail", "applied_at", "insecure_lab"}
 )
+HEARTBEAT_FIELDS = frozenset({"v", "type", "id", "issuer", "sent_at", "release"})
+REARM_FIELDS = frozenset({"v", "type", "id", "issuer", "reason"})
+STATUS_FIELDS = frozenset(
+    {
+        "v",
+        "type",
+        "id",
+        "issuer",
+        "last_seq",
+        "watchdog",
+        "detail",
+        "leases",
+        "gateway_time",
+        "heartbeat_s",
+        "insecure_lab",
+    }
+)
+_FIELDS: dict[str, frozenset[str]] = {
+    "command": COMMAND_FIELDS,
+    "ack": ACK_FIELDS,
+    "heartbeat": HEARTBEAT_FIELDS,
+    "rearm": REARM_FIELDS,
+    "status": STATUS_FIELDS,
+}
+MAX_REASON_CHARS = 256
+MAX_LEASES = 256
 
 
 def new_command_id() -> str:
@@ -130,9 +170,7 @@ def _check_setpoints(value: Any) -> dict[str, float]:
 
 def _check_command(cmd: Command) -> None:
     _check_id(cmd.id)
-    issuer = _check_text(cmd.issuer, "'issuer'", 1, MAX_ISSUER_CHARS)
-    if not issuer.isprintable():
-        _bad(f"field 'issuer': control characters are not allowed, got {_show(issuer)}")
+    _check_issuer(cmd.issuer)
     _check_seq(cmd.seq)
     issued = _check_float(cmd.issued_at, "'issued_at'")
     until = _check_float(cmd.valid_until, "'valid_until'")
@@ -276,6 +314,149 @@ class Ack:
         return _dumps(self.to_json())
 
 
+def _check_issuer(value: Any) -> str:
+    issuer = _check_text(value, "'issuer'", 1, MAX_ISSUER_CHARS)
+    if not issuer.isprintable():
+        _bad(f"field 'issuer': control characters are not allowed, got {_show(issuer)}")
+    return issuer
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """The runtime is alive (runtime -> gateway); answered with a ``Status``.
+
+    A heartbeat also renews the issuer's equipment leases, or gives them up
+    when ``release`` is true (a clean shutdown).
+    """
+
+    id: str
+    issuer: str
+    sent_at: float
+    release: bool = False
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        _check_issuer(self.issuer)
+        object.__setattr__(self, "sent_at", _check_float(self.sent_at, "'sent_at'"))
+        if not isinstance(self.release, bool):
+            _bad(f"field 'release': expected true or false, got {_show(self.release)}")
+
+    @classmethod
+    def create(cls, issuer: str, sent_at: float, *, release: bool = False) -> Heartbeat:
+        return cls(new_command_id(), issuer, sent_at, release)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "type": "heartbeat",
+            "id": self.id,
+            "issuer": self.issuer,
+            "sent_at": self.sent_at,
+            "release": self.release,
+        }
+
+    def encode(self) -> bytes:
+        return _dumps(self.to_json())
+
+
+@dataclass(frozen=True)
+class Rearm:
+    """Re-arm a tripped watchdog (runtime or operator -> gateway); answered with a ``Status``."""
+
+    id: str
+    issuer: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        _check_issuer(self.issuer)
+        _check_text(self.reason, "'reason'", 1, MAX_REASON_CHARS)
+
+    @classmethod
+    def create(cls, issuer: str, reason: str) -> Rearm:
+        return cls(new_command_id(), issuer, reason)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "type": "rearm",
+            "id": self.id,
+            "issuer": self.issuer,
+            "reason": self.reason,
+        }
+
+    def encode(self) -> bytes:
+        return _dumps(self.to_json())
+
+
+@dataclass(frozen=True)
+class Status:
+    """The gateway's answer to a heartbeat or a re-arm."""
+
+    id: str
+    """The id of the heartbeat or re-arm this answers."""
+    issuer: str
+    last_seq: int | None
+    """Highest ``seq`` the gateway applied for ``issuer`` (durably), or ``None``."""
+    watchdog: WatchdogState
+    detail: str = ""
+    """Why the watchdog is in its state (e.g. when and why it tripped)."""
+    leases: Mapping[str, str] = field(default_factory=dict, hash=False)
+    """Equipment -> issuer holding its lease now."""
+    gateway_time: float = 0.0
+    heartbeat_s: float = 0.0
+    """How often the gateway expects heartbeats (gateway clock seconds); 0: no watchdog."""
+    insecure_lab: bool = False
+
+    def __post_init__(self) -> None:
+        _check_id(self.id)
+        _check_issuer(self.issuer)
+        if self.last_seq is not None:
+            _check_seq(self.last_seq)
+        if not isinstance(self.watchdog, WatchdogState):
+            _bad(f"field 'watchdog': expected one of {[w.value for w in WatchdogState]}")
+        _check_text(self.detail, "'detail'", 0, MAX_DETAIL_CHARS)
+        leases = self.leases
+        if not isinstance(leases, Mapping) or len(leases) > MAX_LEASES:
+            _bad(f"field 'leases': expected an object of at most {MAX_LEASES} entries")
+        clean: dict[str, str] = {}
+        for name, holder in leases.items():
+            _check_text(name, "'leases' (equipment name)", 1, MAX_INPUT_NAME_CHARS)
+            clean[name] = _check_issuer(holder)
+        object.__setattr__(self, "leases", clean)
+        object.__setattr__(self, "gateway_time", _check_float(self.gateway_time, "'gateway_time'"))
+        beat = _check_float(self.heartbeat_s, "'heartbeat_s'")
+        if beat < 0:
+            _bad(f"field 'heartbeat_s': expected a number >= 0, got {beat!r}")
+        object.__setattr__(self, "heartbeat_s", beat)
+        if not isinstance(self.insecure_lab, bool):
+            _bad(f"field 'insecure_lab': expected true or false, got {_show(self.insecure_lab)}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "v": PROTOCOL_VERSION,
+            "type": "status",
+            "id": self.id,
+            "issuer": self.issuer,
+            "last_seq": self.last_seq,
+            "watchdog": self.watchdog.value,
+            "detail": self.detail,
+            "leases": dict(self.leases),
+            "gateway_time": self.gateway_time,
+            "heartbeat_s": self.heartbeat_s,
+            "insecure_lab": self.insecure_lab,
+        }
+
+    def encode(self) -> bytes:
+        return _dumps(self.to_json())
+
+
+Request = Command | Heartbeat | Rearm
+"""What a dispatcher sends."""
+Reply = Ack | Status
+"""What a gateway answers."""
+
+
 # --------------------------------------------------------------------------- decoding
 
 
@@ -292,8 +473,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _parse(data: bytes, kind: str) -> dict[str, Any]:
-    """Bytes -> the JSON object of one message of type ``kind``, version and fields checked."""
+def _parse(data: bytes, *kinds: str) -> dict[str, Any]:
+    """Bytes -> the JSON object of one message of a type in ``kinds``, version and fields
+    checked."""
     if not isinstance(data, bytes | bytearray | memoryview):
         _bad(f"expected bytes, got {type(data).__name__}")
     if len(data) > MAX_MESSAGE_BYTES:
@@ -321,9 +503,11 @@ def _parse(data: bytes, kind: str) -> dict[str, Any]:
         _bad(f"unsupported protocol version {_show(v)}: this end speaks v={PROTOCOL_VERSION}")
     if "type" not in obj:
         _bad("missing field 'type'")
-    if obj["type"] != kind:
-        _bad(f"field 'type': expected {kind!r}, got {_show(obj['type'])}")
-    expected = COMMAND_FIELDS if kind == "command" else ACK_FIELDS
+    kind = obj["type"]
+    if not isinstance(kind, str) or kind not in kinds:
+        wanted = " or ".join(map(repr, kinds))
+        _bad(f"field 'type': expected {wanted}, got {_show(kind)}")
+    expected = _FIELDS[kind]
     extra = sorted(set(obj) - expected)
     if extra:
         _bad(f"unknown field(s): {', '.join(map(repr, extra))}")
@@ -347,7 +531,10 @@ def _json_kind(obj: Any) -> str:
 
 def decode_command(data: bytes) -> Command:
     """One wire frame -> ``Command``; ``WireFormatError`` saying exactly what is wrong."""
-    obj = _parse(data, "command")
+    return _command(_parse(data, "command"))
+
+
+def _command(obj: dict[str, Any]) -> Command:
     return Command(  # the constructor checks every field
         id=obj["id"],
         issuer=obj["issuer"],
@@ -361,7 +548,10 @@ def decode_command(data: bytes) -> Command:
 
 def decode_ack(data: bytes) -> Ack:
     """One wire frame -> ``Ack``; ``WireFormatError`` saying exactly what is wrong."""
-    obj = _parse(data, "ack")
+    return _ack(_parse(data, "ack"))
+
+
+def _ack(obj: dict[str, Any]) -> Ack:
     status_raw = obj["status"]
     try:
         status = AckStatus(status_raw)
@@ -391,6 +581,67 @@ def decode_ack(data: bytes) -> Ack:
         applied_at=obj["applied_at"],
         insecure_lab=obj["insecure_lab"],
     )
+
+
+def _heartbeat(obj: dict[str, Any]) -> Heartbeat:
+    return Heartbeat(obj["id"], obj["issuer"], obj["sent_at"], obj["release"])
+
+
+def _rearm(obj: dict[str, Any]) -> Rearm:
+    return Rearm(obj["id"], obj["issuer"], obj["reason"])
+
+
+def _status(obj: dict[str, Any]) -> Status:
+    raw = obj["watchdog"]
+    try:
+        state = WatchdogState(raw)
+    except (ValueError, TypeError):
+        _bad(
+            f"field 'watchdog': expected one of {[w.value for w in WatchdogState]}, "
+            f"got {_show(raw)}"
+        )
+    last_seq = obj["last_seq"]
+    if last_seq is not None:
+        last_seq = _check_seq(last_seq)
+    return Status(
+        id=obj["id"],
+        issuer=obj["issuer"],
+        last_seq=last_seq,
+        watchdog=state,
+        detail=obj["detail"],
+        leases=obj["leases"],
+        gateway_time=obj["gateway_time"],
+        heartbeat_s=obj["heartbeat_s"],
+        insecure_lab=obj["insecure_lab"],
+    )
+
+
+def decode_heartbeat(data: bytes) -> Heartbeat:
+    return _heartbeat(_parse(data, "heartbeat"))
+
+
+def decode_rearm(data: bytes) -> Rearm:
+    return _rearm(_parse(data, "rearm"))
+
+
+def decode_status(data: bytes) -> Status:
+    return _status(_parse(data, "status"))
+
+
+def decode_request(data: bytes) -> Request:
+    """What a gateway receives: a command, a heartbeat or a re-arm."""
+    obj = _parse(data, "command", "heartbeat", "rearm")
+    if obj["type"] == "command":
+        return _command(obj)
+    if obj["type"] == "heartbeat":
+        return _heartbeat(obj)
+    return _rearm(obj)
+
+
+def decode_reply(data: bytes) -> Reply:
+    """What a dispatcher receives: an ack or a status."""
+    obj = _parse(data, "ack", "status")
+    return _ack(obj) if obj["type"] == "ack" else _status(obj)
 
 
 def recover_id(data: bytes) -> tuple[str, int]:

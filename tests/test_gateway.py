@@ -13,7 +13,7 @@ import logging
 import socket
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,9 @@ from parallelcity.gateway import (
     GatewayCore,
     OpcUaWriter,
     Outcome,
-    serve_gateway,
 )
+from parallelcity.gateway_config import parse_gateway_config, serve_gateway
+from parallelcity.keys import write_keypair
 from parallelcity.scenario import FieldConfig, Scenario, ScenarioFile
 from parallelcity.specs import InputLimit
 from parallelcity.wire import NULL_ID, Ack, AckStatus, Command, RefusalCode, decode_ack
@@ -151,7 +152,10 @@ def test_core_refuses_stale_sequence_numbers_per_issuer() -> None:
         d = core.decide(command(seq=seq), T0)
         assert d.code is RefusalCode.STALE_SEQUENCE and "last applied seq 5" in d.detail
     assert core.decide(command(seq=6), T0).accepted
-    assert core.decide(command(seq=0, issuer="other"), T0).accepted
+    # Another issuer has its own sequence, once the first one's lease has run out.
+    assert core.decide(command(seq=0, issuer="other"), T0).code is RefusalCode.LEASE_HELD
+    later = T0 + core.leases.lease_s + 1.0
+    assert core.decide(command(seq=0, issuer="other", issued_at=later), later).accepted
 
 
 def test_core_forgets_old_ids_but_sequence_still_blocks_them() -> None:
@@ -177,6 +181,17 @@ class FakeWriter:
         if self.fail is not None:
             raise self.fail
         self.writes.append(dict(setpoints))
+
+    async def read(self, names: Sequence[str]) -> dict[str, float]:
+        last: dict[str, float] = {}
+        for w in self.writes:
+            last.update(w)
+        return {n: last[n] for n in names if n in last}
+
+
+def lab_dispatcher(endpoint: str, issuer: str = "cycle", **kw: Any) -> Dispatcher:
+    """A dispatcher for an insecure-lab gateway."""
+    return Dispatcher(endpoint, issuer, insecure_lab=True, **kw)
 
 
 @contextlib.asynccontextmanager
@@ -224,7 +239,7 @@ def test_dispatcher_gets_applied_acks_and_the_writer_sees_the_setpoints(
         async with (
             zmq_context() as ctx,
             serving(ctx, writer, clock) as gw,
-            Dispatcher(gw.endpoint, "cycle", timeout_s=2.0, context=ctx) as disp,
+            lab_dispatcher(gw.endpoint, "cycle", timeout_s=2.0, context=ctx) as disp,
         ):
             assert gw.endpoint.startswith("tcp://127.0.0.1:") and not gw.endpoint.endswith(":0")
             ack = await disp.send(
@@ -256,7 +271,7 @@ def test_refused_acks_carry_the_code_and_nothing_is_written() -> None:
         async with (
             zmq_context() as ctx,
             serving(ctx, writer, clock) as gw,
-            Dispatcher(gw.endpoint, "cycle", context=ctx) as disp,
+            lab_dispatcher(gw.endpoint, "cycle", context=ctx) as disp,
         ):
             cases = [
                 ({"plant.T_supply_set": 120.0}, T0, RefusalCode.OUT_OF_BOUNDS),
@@ -329,7 +344,7 @@ def test_dispatcher_without_a_gateway_raises_after_bounded_retries() -> None:
     async def main() -> None:
         async with (
             zmq_context() as ctx,
-            Dispatcher(endpoint, "cycle", timeout_s=0.2, retries=2, context=ctx) as disp,
+            lab_dispatcher(endpoint, "cycle", timeout_s=0.2, retries=2, context=ctx) as disp,
         ):
             start = time.monotonic()
             with pytest.raises(DispatchError) as info:
@@ -407,7 +422,7 @@ def test_a_retried_command_is_applied_once(drop: str, status: AckStatus, resent:
             proxy = asyncio.create_task(lossy_proxy(ctx, gw.endpoint, drop, ready))
             try:
                 endpoint = await ready
-                async with Dispatcher(
+                async with lab_dispatcher(
                     endpoint, "cycle", timeout_s=0.3, retries=2, context=ctx
                 ) as disp:
                     ack = await disp.send(
@@ -466,11 +481,59 @@ async def start_field_server(field: FieldConfig, port: int) -> tuple[Server, dic
     return server, nodes
 
 
-def test_gateway_writes_to_a_real_opcua_server() -> None:
+def gateway_toml(
+    field: FieldConfig, opc: str, bind: str, *, zmq: str = "", insecure_lab: bool = True
+) -> str:
+    """A stand-alone gateway config for ``field``'s inputs, with bounds from the scenario."""
+    specs = {s.name: s for s in district_heating().specs.inputs}
+    lines = [
+        "[gateway]",
+        f'bind = "{bind}"',
+        'state = "state.sqlite"',
+        "[security]",
+        f"insecure_lab = {str(insecure_lab).lower()}",
+        zmq,
+        "[field]",
+        f'endpoint = "{opc}"',
+        f'namespace = "{field.namespace}"',
+    ]
+    for m in field.inputs:
+        spec = specs[m.name]
+        lines += [
+            "[[field.inputs]]",
+            f'name = "{m.name}"',
+            f'node = "{m.node}"',
+            f"min = {spec.min}",
+            f"max = {spec.max}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def test_gateway_writes_to_a_real_opcua_server(tmp_path: Path) -> None:
+    """The stand-alone gateway (config file, CURVE, durable state) in front of a real server."""
+    from parallelcity.dispatcher import ClientCurve
+    from parallelcity.keys import read_public_key, read_secret_key
+
     scenario = district_heating()
     field = scenario.field
     opc_port, zmq_port = free_port(), free_port()
     opc = f"opc.tcp://127.0.0.1:{opc_port}/parallelcity/"
+    endpoint = f"tcp://127.0.0.1:{zmq_port}"
+    write_keypair(tmp_path / "keys", "gateway")
+    write_keypair(tmp_path / "keys", "control-room")
+    zmq_toml = (
+        '[security.zmq]\nsecret_key = "keys/gateway.secret"\n'
+        '[[security.zmq.clients]]\nname = "control-room"\n'
+        'public_key = "keys/control-room.public"\nequipment = ["plant", "apartment", '
+        '"office", "school"]\n'
+    )
+    config_path = tmp_path / "gateway.toml"
+    config_path.write_text(gateway_toml(field, opc, endpoint, zmq=zmq_toml))
+    config = parse_gateway_config(config_path.read_text(), config_path)
+    curve = ClientCurve(
+        read_secret_key(tmp_path / "keys" / "control-room.secret"),
+        read_public_key(tmp_path / "keys" / "gateway.public"),
+    )
     setpoints = {
         "plant.T_supply_set": 72.5,
         "apartment.m_flow": 0.35,
@@ -491,19 +554,18 @@ def test_gateway_writes_to_a_real_opcua_server() -> None:
                     pass
             assert "'valve.x'" in str(info.value) and "s=dh/valve/x" in str(info.value)
 
-            # The whole gateway as `serve_gateway` builds it, fed by a dispatcher.
             clock = FakeClock(T0 + 5.0)
-            endpoint = f"tcp://127.0.0.1:{zmq_port}"
-            task = asyncio.create_task(
-                serve_gateway(scenario, bind=endpoint, opcua_endpoint=opc, clock=clock)
-            )
+            task = asyncio.create_task(serve_gateway(config, clock))
             try:
-                async with zmq_context() as ctx, Dispatcher(endpoint, "cycle", context=ctx) as d:
+                async with (
+                    zmq_context() as ctx,
+                    Dispatcher(endpoint, "cycle", curve=curve, context=ctx) as d,
+                ):
                     ack = await d.send(
                         setpoints, issued_at=T0, valid_until=T0 + 900, verdict_digest=VERDICT
                     )
                     assert ack.status is AckStatus.APPLIED, ack
-                    assert ack.insecure_lab is True
+                    assert ack.insecure_lab is True  # the OPC UA side runs without security
                     refused = await d.send(
                         {"plant.T_supply_set": 96.0},
                         issued_at=T0,
@@ -519,20 +581,24 @@ def test_gateway_writes_to_a_real_opcua_server() -> None:
                 dv = await nodes[name].read_data_value()
                 assert dv.Value.VariantType is ua.VariantType.Double
                 assert dv.Value.Value == value, name
+            assert (tmp_path / "state.sqlite").exists()
         finally:
             await server.stop()
 
     run(main, timeout_s=30.0)
 
 
-def test_serve_gateway_refuses_to_run_without_insecure_lab() -> None:
+def test_serve_gateway_refuses_to_run_without_keys(tmp_path: Path) -> None:
+    field = district_heating().field
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        gateway_toml(field, "opc.tcp://127.0.0.1:1/", "tcp://127.0.0.1:0", insecure_lab=False)
+    )
+    config = parse_gateway_config(path.read_text(), path)
+
     async def main() -> None:
-        with pytest.raises(SecurityError, match="CURVE is not available yet"):
-            await serve_gateway(
-                district_heating(insecure_lab=False),
-                bind="tcp://127.0.0.1:0",
-                opcua_endpoint="opc.tcp://127.0.0.1:1/",
-                clock=FakeClock(T0),
-            )
+        with pytest.raises(SecurityError, match=r"needs \[security.zmq\] and \[security.opcua\]"):
+            await serve_gateway(config, FakeClock(T0))
 
     run(main)
+    assert not (tmp_path / "state.sqlite").exists()  # refused before touching anything

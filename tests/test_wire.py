@@ -15,15 +15,37 @@ from hypothesis import strategies as st
 from parallelcity.errors import WireFormatError
 from parallelcity.wire import (
     COMMAND_FIELDS,
+    HEARTBEAT_FIELDS,
     MAX_MESSAGE_BYTES,
     NULL_ID,
+    REARM_FIELDS,
+    STATUS_FIELDS,
     Ack,
     AckStatus,
     Command,
+    Heartbeat,
+    Rearm,
     RefusalCode,
+    Status,
+    WatchdogState,
     decode_ack,
     decode_command,
+    decode_heartbeat,
+    decode_rearm,
+    decode_reply,
+    decode_request,
+    decode_status,
     recover_id,
+)
+
+DECODERS = (
+    decode_command,
+    decode_ack,
+    decode_heartbeat,
+    decode_rearm,
+    decode_status,
+    decode_request,
+    decode_reply,
 )
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "wire-protocol.md"
@@ -245,7 +267,7 @@ json_values = st.recursive(
 
 
 def _only_wire_errors(data: bytes) -> None:
-    for decode in (decode_command, decode_ack):
+    for decode in DECODERS:
         with contextlib.suppress(WireFormatError):  # anything else fails the test
             decode(data)
 
@@ -262,8 +284,25 @@ def test_property_arbitrary_json_only_raises_wire_format_error(value: Any) -> No
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
 @given(
-    base=st.sampled_from([command_json(), ack_json(), ack_json(status="duplicate")]),
-    key=st.sampled_from(sorted(COMMAND_FIELDS | {"status", "code", "detail", "extra"})),
+    base=st.sampled_from(
+        [
+            command_json(),
+            ack_json(),
+            ack_json(status="duplicate"),
+            Heartbeat(ID, "cycle", 12.5).to_json(),
+            Rearm(ID, "operator", "plant inspected").to_json(),
+            Status(ID, "cycle", 7, WatchdogState.ARMED, "", {"plant": "cycle"}, 1.0).to_json(),
+        ]
+    ),
+    key=st.sampled_from(
+        sorted(
+            COMMAND_FIELDS
+            | HEARTBEAT_FIELDS
+            | REARM_FIELDS
+            | STATUS_FIELDS
+            | {"status", "code", "detail", "extra"}
+        )
+    ),
     action=st.sampled_from(["replace", "delete"]),
     value=json_values,
 )
@@ -288,8 +327,8 @@ def doc_blocks() -> list[tuple[str, str]]:
 
 
 def _decoder(text: str) -> Any:
-    is_ack = re.search(r'"type"\s*:\s*"ack"', text) is not None
-    return decode_ack if is_ack else decode_command
+    is_reply = re.search(r'"type"\s*:\s*"(ack|status)"', text) is not None
+    return decode_reply if is_reply else decode_request
 
 
 def test_doc_examples_decode_or_are_refused() -> None:
@@ -308,9 +347,112 @@ def test_doc_examples_decode_or_are_refused() -> None:
 
 def test_doc_names_every_field_status_and_code() -> None:
     doc = DOC.read_text("utf-8")
-    for name in sorted(COMMAND_FIELDS) + list(ack_json()):
+    for name in sorted(COMMAND_FIELDS | HEARTBEAT_FIELDS | REARM_FIELDS | STATUS_FIELDS) + list(
+        ack_json()
+    ):
         assert f"| `{name}` |" in doc, name
+    for state in WatchdogState:
+        assert f"`{state.value}`" in doc
     for status in AckStatus:
         assert f"`{status.value}`" in doc
     for code in RefusalCode:
         assert f"| `{code.value}` |" in doc
+
+
+# --------------------------------------------------------------------------- heartbeats, status
+
+issuers = st.text(min_size=1, max_size=64).filter(str.isprintable)
+
+
+@st.composite
+def statuses(draw: st.DrawFn) -> Status:
+    return Status(
+        id=draw(st.text(HEX, min_size=32, max_size=32)),
+        issuer=draw(issuers),
+        last_seq=draw(st.none() | st.integers(0, 2**63 - 1)),
+        watchdog=draw(st.sampled_from(list(WatchdogState))),
+        detail=draw(st.text(max_size=200)),
+        leases=draw(st.dictionaries(st.text(min_size=1, max_size=20), issuers, max_size=8)),
+        gateway_time=draw(finite),
+        heartbeat_s=draw(st.floats(min_value=0, max_value=1e6)),
+        insecure_lab=draw(st.booleans()),
+    )
+
+
+@given(
+    st.one_of(
+        commands(),
+        st.builds(
+            Heartbeat, st.text(HEX, min_size=32, max_size=32), issuers, finite, st.booleans()
+        ),
+        st.builds(
+            Rearm,
+            st.text(HEX, min_size=32, max_size=32),
+            issuers,
+            st.text(min_size=1, max_size=256),
+        ),
+    )
+)
+def test_property_request_round_trip(msg: Command | Heartbeat | Rearm) -> None:
+    data = msg.encode()
+    back = decode_request(data)
+    assert back == msg and back.encode() == data
+
+
+@given(statuses())
+def test_property_status_round_trip(status: Status) -> None:
+    data = status.encode()
+    back = decode_reply(data)
+    assert back == status and decode_status(data) == status and back.encode() == data
+
+
+@pytest.mark.parametrize(
+    ("data", "decode", "reason"),
+    [
+        (raw(Heartbeat(ID, "c", 1.0).to_json() | {"release": 1}), decode_heartbeat, "release"),
+        (raw(Heartbeat(ID, "c", 1.0).to_json() | {"sent_at": "x"}), decode_heartbeat, "sent_at"),
+        (raw(Rearm(ID, "c", "r").to_json() | {"reason": ""}), decode_rearm, "'reason'"),
+        (raw(Rearm(ID, "c", "r").to_json() | {"reason": "x" * 257}), decode_rearm, "'reason'"),
+        (raw(command_json(type="status")), decode_request, "expected 'command' or 'heartbeat'"),
+        (raw(ack_json(type="heartbeat")), decode_reply, "expected 'ack' or 'status'"),
+        (
+            raw(Status(ID, "c", None, WatchdogState.IDLE).to_json() | {"watchdog": "asleep"}),
+            decode_status,
+            "field 'watchdog'",
+        ),
+        (
+            raw(Status(ID, "c", None, WatchdogState.IDLE).to_json() | {"last_seq": -1}),
+            decode_status,
+            "field 'seq'",
+        ),
+        (
+            raw(Status(ID, "c", None, WatchdogState.IDLE).to_json() | {"heartbeat_s": -1}),
+            decode_status,
+            "'heartbeat_s'",
+        ),
+        (
+            raw(Status(ID, "c", None, WatchdogState.IDLE).to_json() | {"leases": {"p": 1}}),
+            decode_status,
+            "'issuer'",
+        ),
+        (
+            raw(
+                Status(ID, "c", None, WatchdogState.IDLE).to_json()
+                | {"leases": {f"e{i}": "c" for i in range(257)}}
+            ),
+            decode_status,
+            "at most 256",
+        ),
+    ],
+)
+def test_heartbeat_rearm_status_refusals(data: bytes, decode: Any, reason: str) -> None:
+    with pytest.raises(WireFormatError) as info:
+        decode(data)
+    assert reason in str(info.value)
+
+
+@settings(max_examples=300)
+@given(st.binary(min_size=0, max_size=MAX_MESSAGE_BYTES + 10).map(lambda b: b * 3))
+def test_property_large_inputs_are_bounded(data: bytes) -> None:
+    """Oversized input is refused by size before parsing: no unbounded work or memory."""
+    _only_wire_errors(data)
