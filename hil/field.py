@@ -6,8 +6,11 @@ variable per scenario input.  Whatever a client writes to an input node is
 recorded in ``applied`` (through a server-side PostWrite callback, so no write
 is missed) and applied to the plant at once.
 
-Only ``NoSecurity`` is offered: the stand-in refuses to start unless the
-scenario says ``insecure_lab = true``.
+Security: with ``use_opcua_security(ServerSecurity)`` the server offers only
+SignAndEncrypt endpoints (Basic256Sha256, Aes256_Sha256_RsaPss) with a client
+trust list and user tokens (``parallelcity.opcua.configure_server``).  Without
+it the stand-in offers ``NoSecurity``, and starts only if the scenario says
+``insecure_lab = true``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from parallelcity.clock import Clock
 from parallelcity.errors import FieldConnectionError, SecurityError
 from parallelcity.mirror import parse_node_id
 from parallelcity.model import Array
+from parallelcity.opcua import ServerSecurity, configure_server
 from parallelcity.rig import AppliedInput
 
 from .plant import PlantSimulator
@@ -102,13 +106,8 @@ class EmbeddedField:
         tick_ms: float = 50.0,
         max_step_s: float = 60.0,
         host: str = HOST,
+        security: ServerSecurity | None = None,
     ) -> None:
-        if not scenario.insecure_lab:
-            raise SecurityError(
-                f"scenario {scenario.meta.name!r}: secure OPC UA is not available in the embedded "
-                "stand-in yet; set [security] insecure_lab = true to run it on 127.0.0.1 without "
-                "encryption or authentication"
-            )
         if not tick_ms > 0:
             raise ValueError(f"tick_ms must be positive, got {tick_ms}")
         self.scenario = scenario
@@ -131,6 +130,14 @@ class EmbeddedField:
         self.trace: list[tuple[float, Array]] = []
         self.ticks = 0
         self.tick_error: BaseException | None = None
+        self._security = security
+        self.security_description = ""
+
+    def use_opcua_security(self, security: ServerSecurity) -> None:
+        """Serve SignAndEncrypt endpoints only, with these certificates and users."""
+        if self._server is not None:
+            raise RuntimeError("set the security before starting the stand-in")
+        self._security = security
 
     # -- FieldStandIn ----------------------------------------------------------------------------
 
@@ -173,6 +180,17 @@ class EmbeddedField:
         """Resume normal updates of ``point``."""
         self._mode[self._point(point).name] = _Mode.LIVE
 
+    async def outage(self, down_s: float) -> None:
+        """Drop every OPC UA connection and stop listening for ``down_s`` wall seconds.
+
+        The plant keeps running; the same endpoint comes back afterwards, as after
+        a network outage or a restart of the server's OPC UA stack.
+        """
+        server = self.server
+        await server.stop()
+        await asyncio.sleep(down_s)
+        await server.start()
+
     def _point(self, name: str) -> _Var:
         try:
             return self._points[name]
@@ -196,13 +214,19 @@ class EmbeddedField:
     async def start(self) -> None:
         if self._server is not None:
             raise RuntimeError("the field stand-in is already running")
+        if self._security is None and not self.scenario.insecure_lab:
+            raise SecurityError(
+                f"scenario {self.scenario.meta.name!r}: the field stand-in has no OPC UA "
+                "certificates (use_opcua_security) and the scenario does not allow a lab run "
+                "without them ([security] insecure_lab = true)"
+            )
         server = Server()
         await server.init()
         server.disable_clock()  # its 1 s wall-clock loop only slows down stop()
         server.set_server_name(f"parallelcity field stand-in ({self.scenario.meta.name})")
-        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
         self._server = server
         try:
+            self.security_description = await configure_server(server, self._security)
             ns = await server.register_namespace(self.scenario.field.namespace)
             self._plant = PlantSimulator(
                 self.model,
@@ -252,7 +276,7 @@ class EmbeddedField:
                 last = exc  # someone took the port between our probe and the bind
                 continue
             self._endpoint = endpoint
-            _log.info("field stand-in listening on %s (NoSecurity, lab only)", endpoint)
+            _log.info("field stand-in listening on %s (%s)", endpoint, self.security_description)
             return
         raise FieldConnectionError(
             f"the field stand-in found no free port on {self.host} after {PORT_ATTEMPTS} tries"
@@ -394,3 +418,158 @@ class EmbeddedField:
                 plant.set_input(var.name, float(raw))
             except (ValueError, FloatingPointError) as exc:  # the tick loop will stop on it too
                 _log.error("applying %s = %r to the plant failed: %s", var.name, raw, exc)
+
+
+# =========================================================================== a bare point server
+
+POINT_NAMESPACE = "urn:parallelcity:points"
+
+
+def point_node(i: int) -> str:
+    """Scenario NodeId of point ``i`` on a ``PointServer``."""
+    return f"s=pts/p{i:05d}"
+
+
+def point_value(generation: int, tick: int) -> float:
+    """What a ``PointServer`` of ``generation`` writes at ``tick``: the generation is readable."""
+    return generation * 1_000_000.0 + float(tick % 1_000_000)
+
+
+def generation_of(value: float) -> int:
+    return int(value // 1_000_000.0)
+
+
+class PointServer:
+    """``n`` Double points in ``POINT_NAMESPACE`` rewritten every ``period_s`` (wall clock),
+    on a fixed port.  ``restart(down_s, full=True)`` replaces the server with a new
+    instance, as a PLC reboot would; ``full=False`` stops and restarts its network
+    listener only, which drops every connection (as a stack restart or a switch
+    reboot would) in a fraction of the time.  Either way ``generation`` goes up, and
+    with it every value written.  Used out of process by the reconnect tests and the
+    ingest benchmark: ``python -m hil.field --port P --points N``.
+    """
+
+    def __init__(self, port: int, n: int, period_s: float, host: str = HOST) -> None:
+        self.port, self.n, self.period_s, self.host = port, n, period_s, host
+        self.generation = 0
+        self.ticks = 0
+        self.changes = 0
+        self._server: Server | None = None
+        self._nodeids: list[ua.NodeId] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.generation += 1
+        server = Server()
+        await server.init()
+        server.disable_clock()
+        server.set_server_name(f"parallelcity point server (generation {self.generation})")
+        await configure_server(server, None)
+        ns = await server.register_namespace(POINT_NAMESPACE)
+        folder = await server.nodes.objects.add_folder(
+            ua.NodeId(ua.String("folder:pts"), ua.Int16(ns)), ua.QualifiedName("pts", ns)
+        )
+        self._nodeids = []
+        for i in range(self.n):
+            nodeid = parse_node_id(point_node(i), ns)
+            await folder.add_variable(
+                nodeid, ua.QualifiedName(f"p{i:05d}", ns), 0.0, ua.VariantType.Double
+            )
+            self._nodeids.append(nodeid)
+        server.set_endpoint(f"opc.tcp://{self.host}:{self.port}")
+        await server.start()
+        self._server = server
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop()
+
+    async def restart(self, down_s: float, *, full: bool = True) -> None:
+        if full:
+            await self.stop()
+            await asyncio.sleep(down_s)
+            await self.start()
+            return
+        server = self._server
+        assert server is not None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await server.stop()
+        await asyncio.sleep(down_s)
+        self.generation += 1
+        await server.start()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        server = self._server
+        assert server is not None
+        next_tick = time.monotonic()
+        while True:
+            self.ticks += 1
+            now = ua.DateTime.fromtimestamp(time.time(), dt.UTC)
+            value = point_value(self.generation, self.ticks)
+            for k, nodeid in enumerate(self._nodeids):
+                dv = ua.DataValue(
+                    Value=ua.Variant(value, ua.VariantType.Double),
+                    StatusCode=ua.StatusCode(ua.UInt32(StatusCodes.Good)),
+                    SourceTimestamp=now,
+                    ServerTimestamp=now,
+                )
+                await server.write_attribute_value(nodeid, dv)
+                if k % YIELD_EVERY == YIELD_EVERY - 1:
+                    await asyncio.sleep(0)
+            self.changes += len(self._nodeids)
+            next_tick += self.period_s
+            await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+            if next_tick < time.monotonic():
+                next_tick = time.monotonic()
+
+
+async def _serve_points(port: int, n: int, period_s: float) -> None:
+    """Serve points; stdin lines ``restart SECONDS``, ``stats`` and ``quit`` control it."""
+    import sys
+
+    points = PointServer(port, n, period_s)
+    await points.start()
+    print(f"up {points.generation} {port}", flush=True)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = (await reader.readline()).decode().split()
+        if not line or line[0] == "quit":
+            break
+        if line[0] == "restart":
+            down = float(line[1]) if len(line) > 1 else 0.0
+            await points.restart(down, full=len(line) < 3 or line[2] != "soft")
+            print(f"up {points.generation} {port}", flush=True)
+        elif line[0] == "stats":
+            print(f"stats {points.generation} {points.ticks} {points.changes}", flush=True)
+    await points.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m hil.field", description=PointServer.__doc__)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--points", type=int, default=100)
+    p.add_argument("--period-ms", type=float, default=100.0)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("asyncua").setLevel(logging.ERROR)
+    asyncio.run(_serve_points(args.port, args.points, args.period_ms / 1000.0))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,41 +1,64 @@
 """The mirror: a live, timestamped copy of the field's points, fed by one OPC UA subscription.
 
-``async with Mirror(field, clock) as mirror`` connects to the field's endpoint,
+``async with Mirror(field, clock, security=...) as mirror`` connects (through
+``opcua.connect_client``, so security is the same as everywhere else),
 resolves the scenario's namespace, checks that every point and input node
 exists (reporting every missing one at once), and creates a single
-subscription with one monitored item per point.  Notifications only update a
-dictionary of ``Reading``; ``snapshot()`` judges freshness against the clock.
+subscription with one monitored item per point, in batches.  Each point may
+set its own sampling interval and absolute deadband in the scenario.
+
+Notifications are applied synchronously, in the publish callback, to one slot
+per point that keeps only the latest value (by source timestamp): a burst of
+10,000 changes costs 10,000 dictionary writes, never a queue that grows.
+``snapshot()`` judges freshness against the clock.
 
 The data-change filter uses the ``StatusValueTimestamp`` trigger, so a point
 whose value does not change but whose source timestamp advances still counts
-as fresh.  There is no per-point polling; ``read_inputs()`` reads the input
-nodes once, in one request, to learn what the field currently applies.
+as fresh.  A point with a deadband reports only changes beyond it, so its age
+counts from the later of its source time and the last sign of life of the
+subscription (a keep-alive says "nothing moved beyond the deadband").
 
-Errors of asyncua and the network are translated here: ``FieldConnectionError``
-(unreachable endpoint, timeout, lost session) and ``NodeMappingError`` (a
-namespace or NodeId of the scenario is not on the server).
+Connection gaps.  The mirror watches its own link rather than trusting
+asyncua's reconnect: the session state (a closed socket shows at once) and the
+time since the last publish response (data or keep-alive; a silent link shows
+after ``keepalive_ms`` x ``SILENCE_FACTOR``) and the subscription's status
+notifications.  On a gap it records a ``LinkEvent``, marks every point as held
+from before the gap (stale, whatever its age), drops the session and
+reconnects with exponential backoff, re-resolving the namespace and
+re-creating the subscription.  After the gap a point is fresh again only once a
+reading arrives whose source time is newer than the last one before the gap:
+data from before a gap is never handed out as fresh.
+
+Errors of asyncua and the network are translated here or in ``opcua``:
+``FieldConnectionError`` (unreachable endpoint, timeout, lost session),
+``NodeMappingError`` (a namespace or NodeId of the scenario is not on the
+server), ``SecurityError`` (certificates, users).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import math
+import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from asyncua import ua
 from asyncua.client.client import Client
-from asyncua.common.node import Node
-from asyncua.common.subscription import DataChangeNotif, Subscription
+from asyncua.client.ua_client import UaClientState
+from asyncua.common.subscription import Subscription
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.uaerrors import UaError
 
 from .clock import Clock
-from .errors import FieldConnectionError, FieldError, NodeMappingError
+from .errors import FieldConnectionError, FieldError, NodeMappingError, SecurityError
+from .opcua import ClientSecurity, connect_client
 from .scenario import FieldConfig
 from .snapshot import PointSpec, Reading, Snapshot, assess
 
@@ -44,8 +67,11 @@ _log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 5.0
 BATCH_SIZE = 500  # monitored items / attribute reads per request
 KEEPALIVE_MS = 2000.0  # an idle subscription still sends a keep-alive this often
+SILENCE_FACTOR = 2.5  # no publish response for this many keep-alive periods: the link is dead
 SESSION_TIMEOUT_MS = 60000  # asyncua asks for an hour by default; servers cap it anyway
 LIFETIME_MS = 60000.0  # the server drops the subscription after this long without the client
+BACKOFF_INITIAL_S = 0.1
+BACKOFF_MAX_S = 10.0
 
 # Errors that mean "the server could not be reached or stopped answering".
 _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
@@ -102,28 +128,78 @@ class _Mapped:
     nodeid: ua.NodeId
 
 
-class _Handler:
-    """Subscription callbacks: store the latest reading per point, count notifications."""
+@dataclass(frozen=True)
+class LinkEvent:
+    """A change of the mirror's link to the field: the start or the end of a gap."""
 
-    def __init__(self, mirror: Mirror) -> None:
+    kind: Literal["lost", "restored"]
+    t: float  # clock time
+    gap: int  # gap number, from 1
+    detail: str
+    attempts: int = 0  # reconnect attempts it took ("restored" only)
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Reconnect delays: ``initial`` doubling up to ``maximum``, each with +-``jitter``."""
+
+    initial: float = BACKOFF_INITIAL_S
+    maximum: float = BACKOFF_MAX_S
+    jitter: float = 0.2
+
+    def delays(self) -> Any:
+        delay = self.initial
+        while True:
+            yield delay * (1.0 + random.uniform(-self.jitter, self.jitter))
+            delay = min(self.maximum, delay * 2.0)
+
+
+class _LatestValueSubscription(Subscription):
+    """A subscription that hands every publish response straight to the mirror.
+
+    asyncua's handler path starts one task per notification; at thousands of
+    points that costs more than the notification itself, so the mirror takes the
+    whole message synchronously instead.
+    """
+
+    def __init__(
+        self, session: Any, params: ua.CreateSubscriptionParameters, mirror: Mirror, generation: int
+    ) -> None:
+        super().__init__(session, params, handler=None, queue_maxsize=1)
         self._mirror = mirror
+        self.generation = generation
 
-    def datachange_notification(self, node: Node, val: Any, data: DataChangeNotif) -> None:
-        self._mirror._on_datachange(
-            data.monitored_item.ClientHandle, val, data.monitored_item.Value
-        )
-
-    def status_change_notification(self, status: ua.StatusChangeNotification) -> None:
-        self._mirror._on_status_change(status)
+    async def publish_callback(self, publish_result: ua.PublishResult) -> None:
+        self.last_publish_at = time.monotonic()
+        if self.generation != self._mirror._generation:
+            return  # a late message of a session the mirror has already given up
+        message = publish_result.NotificationMessage
+        self._mirror._on_publish(self.last_publish_at)
+        if message.NotificationData is None:
+            return  # a keep-alive: the subscription is alive and nothing changed
+        self.last_sequence_number = int(message.SequenceNumber)
+        for notif in message.NotificationData:
+            if isinstance(notif, ua.DataChangeNotification):
+                on_change = self._mirror._on_datachange
+                for item in notif.MonitoredItems:
+                    value = item.Value
+                    raw = value.Value.Value if value is not None and value.Value else None
+                    on_change(item.ClientHandle, raw, value)
+            elif isinstance(notif, ua.StatusChangeNotification):
+                self._mirror._on_status_change(notif)
 
 
 class Mirror:
-    """A live copy of the field's points over one OPC UA subscription.
+    """A live copy of the field's points over one OPC UA subscription, reconnecting on gaps.
 
-    ``endpoint`` overrides ``field.endpoint``; ``queue_size`` is the monitored
-    items' server-side queue (1: only the latest value per publishing interval,
-    0: the server's default); ``timeout_s`` bounds connecting and each request
-    batch; ``batch_size`` caps the items per CreateMonitoredItems / Read request.
+    ``endpoint`` overrides ``field.endpoint``; ``security`` (default NoSecurity:
+    the runtime decides whether that is allowed) is passed to
+    ``opcua.connect_client``; ``queue_size`` is the monitored items' server-side
+    queue (1: only the latest value, 0: the server's default); ``timeout_s``
+    bounds connecting and each request batch; ``batch_size`` caps the items per
+    CreateMonitoredItems / Read request; ``reconnect`` False leaves a gap open
+    (tests, ``browse``); ``keepalive_ms`` is the longest the server may stay
+    silent on a healthy subscription.
     """
 
     def __init__(
@@ -132,9 +208,13 @@ class Mirror:
         clock: Clock,
         *,
         endpoint: str | None = None,
+        security: ClientSecurity | None = None,
         queue_size: int = 1,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         batch_size: int = BATCH_SIZE,
+        reconnect: bool = True,
+        backoff: Backoff | None = None,
+        keepalive_ms: float = KEEPALIVE_MS,
     ) -> None:
         url = endpoint if endpoint is not None else field.endpoint
         if not url:
@@ -145,25 +225,44 @@ class Mirror:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        if not keepalive_ms > 0:
+            raise ValueError(f"keepalive_ms must be positive, got {keepalive_ms}")
         self.field = field
         self.clock = clock
+        self.security = security if security is not None else ClientSecurity.insecure()
         self._endpoint = url
         self.queue_size = int(queue_size)
         self.timeout_s = float(timeout_s)
         self.batch_size = max(1, int(batch_size))
+        self.reconnect = reconnect
+        self.backoff = backoff or Backoff()
+        self.keepalive_ms = float(keepalive_ms)
         self.specs: dict[str, PointSpec] = {
-            p.name: PointSpec(p.name, p.max_age_s, p.required) for p in field.points
+            p.name: PointSpec(p.name, p.max_age_s, p.required, p.deadband) for p in field.points
         }
         self._readings: dict[str, Reading] = {}
+        self._current: set[str] = set()  # points with a reading from the present session
+        self._before_gap: dict[str, float] = {}  # point -> last source time before the gap
+        self._held_why = ""
         self._server_time_fallback: set[str] = set()
         self._handles: dict[int, str] = {}
         self._points: list[_Mapped] = []
         self._inputs: list[_Mapped] = []
         self._client: Client | None = None
-        self._subscription: Subscription | None = None
+        self._subscription: _LatestValueSubscription | None = None
         self._ns_index: int | None = None
         self._all_received = asyncio.Event()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._generation = 0  # sessions opened so far; only the latest one's messages count
+        self._last_publish = 0.0  # monotonic
+        self._alive_at: float | None = None  # clock time of the last publish response
+        self._link_problem: str | None = None
+        self._gap_started: float | None = None
+        self._events: list[LinkEvent] = []
+        self.gaps = 0
+        self.reconnects = 0
         self.notifications = 0
+        self.out_of_order = 0
         self.last_status_change: int | None = None
 
     # -- public API ----------------------------------------------------------------------------
@@ -179,6 +278,11 @@ class Mirror:
         return self._ns_index
 
     @property
+    def connected(self) -> bool:
+        """True while a session with a live subscription feeds the mirror (no open gap)."""
+        return self._gap_started is None and self._subscription is not None
+
+    @property
     def readings(self) -> Mapping[str, Reading]:
         """The latest reading per point (points without one are absent)."""
         return dict(self._readings)
@@ -190,7 +294,26 @@ class Mirror:
 
     def snapshot(self) -> Snapshot:
         """Every point, fresh or stale, judged at the clock's current time."""
-        return assess(self.specs, self._readings, self.clock.now())
+        held = {n: self._held_why for n in self._readings if n not in self._current}
+        link_why = ""
+        if self._gap_started is not None:
+            link_why = f"connection gap #{self.gaps} since {self._gap_started:.0f}"
+            held = dict.fromkeys(self._readings, link_why)
+        return assess(
+            self.specs,
+            self._readings,
+            self.clock.now(),
+            held=held,
+            alive_at=self._alive_at if self.connected else None,
+            link_up=self.connected,
+            gaps=self.gaps,
+            link_why=link_why,
+        )
+
+    def take_events(self) -> list[LinkEvent]:
+        """Link events since the last call (the runner journals them every cycle)."""
+        events, self._events = self._events, []
+        return events
 
     async def wait_all_received(self, timeout_s: float | None = None) -> bool:
         """Wait until every point has at least one reading; False on timeout."""
@@ -199,6 +322,15 @@ class Mirror:
                 await self._all_received.wait()
         except TimeoutError:
             return False
+        return True
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Wait until no gap is open; False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while not self.connected:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
         return True
 
     async def read_inputs(self) -> dict[str, float]:
@@ -243,57 +375,148 @@ class Mirror:
         await self.stop()
 
     async def start(self) -> None:
-        """Connect, check the mapping and subscribe; on any failure leave nothing open."""
-        if self._client is not None:
+        """Connect, check the mapping and subscribe; on any failure leave nothing open.
+
+        The first connection must succeed (a wrong endpoint or mapping is an error
+        to report, not a gap to wait out); later losses are reconnected.
+        """
+        if self._client is not None or self._watch_task is not None:
             raise RuntimeError("the mirror is already started")
-        client = Client(self._endpoint, timeout=self.timeout_s)
-        client.session_timeout = SESSION_TIMEOUT_MS
+        await self._open()
+        self._watch_task = asyncio.create_task(self._watch(), name=f"mirror {self._endpoint}")
+
+    async def stop(self) -> None:
+        """Stop watching, delete the subscription and disconnect; errors are only logged."""
+        task, self._watch_task = self._watch_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._close(delete=True)
+
+    # -- the link ------------------------------------------------------------------------------
+
+    def _connected(self) -> Client:
+        if self._client is None or self._subscription is None or self._gap_started is not None:
+            raise FieldConnectionError(
+                f"the mirror has no session to {self._endpoint} right now"
+                + (f" (gap #{self.gaps})" if self._gap_started is not None else "")
+            )
+        return self._client
+
+    async def _open(self) -> None:
+        client = await connect_client(
+            self._endpoint,
+            self.security,
+            timeout_s=self.timeout_s,
+            session_timeout_ms=SESSION_TIMEOUT_MS,
+            name="parallelcity mirror",
+        )
         self._client = client
         try:
-            await self._connect(client)
             await self._resolve(client)
             await self._subscribe(client)
         except BaseException:
-            await self.stop()
+            await self._close(delete=False)
             raise
+        self._last_publish = time.monotonic()
+        self._link_problem = None
 
-    async def stop(self) -> None:
-        """Delete the subscription and disconnect; errors on the way out are only logged."""
+    async def _close(self, *, delete: bool) -> None:
         client, self._client = self._client, None
         sub, self._subscription = self._subscription, None
         if client is None:
             return
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                if sub is not None:
+        alive = client.uaclient.state is UaClientState.CONNECTED
+        if delete and sub is not None and alive:
+            try:
+                async with asyncio.timeout(self.timeout_s):
                     await sub.delete()
-        except _SHUTDOWN_ERRORS as exc:
-            _log.debug("deleting the subscription on %s failed: %r", self._endpoint, exc)
+            except _SHUTDOWN_ERRORS as exc:
+                _log.debug("deleting the subscription on %s failed: %r", self._endpoint, exc)
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout(self.timeout_s if alive else 0.5):
                 await client.disconnect()
         except _SHUTDOWN_ERRORS as exc:
             _log.debug("disconnecting from %s failed: %r", self._endpoint, exc)
-
-    # -- internals -----------------------------------------------------------------------------
-
-    def _connected(self) -> Client:
-        if self._client is None or self._subscription is None:
-            raise RuntimeError("the mirror is not connected (use `async with Mirror(...)`)")
-        return self._client
-
-    async def _connect(self, client: Client) -> None:
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                await client.connect()
-        except _TRANSPORT_ERRORS as exc:
-            # No session to close; drop the socket (a timeout may have cut connect short).
+        finally:
             client.disconnect_socket()
-            self._client = None
-            raise FieldConnectionError(
-                f"cannot connect to the OPC UA endpoint {self._endpoint} "
-                f"within {self.timeout_s:g} s: {exc!r}"
-            ) from exc
+
+    def _problem(self) -> str | None:
+        """Why the link is not healthy now, or None."""
+        if self._link_problem is not None:
+            return self._link_problem
+        client = self._client
+        if client is None or self._subscription is None:
+            return "no session"
+        state = client.uaclient.state
+        if state is not UaClientState.CONNECTED:
+            return f"session {state.value}"
+        silent = time.monotonic() - self._last_publish
+        if silent > SILENCE_FACTOR * self.keepalive_ms / 1000.0:
+            return f"no publish response or keep-alive for {silent:.1f} s"
+        return None
+
+    async def _watch(self) -> None:
+        period = min(0.1, self.keepalive_ms / 4000.0)
+        while True:
+            await asyncio.sleep(period)
+            problem = self._problem()
+            if problem is None:
+                continue
+            self._begin_gap(problem)
+            if not self.reconnect:
+                await self._close(delete=False)
+                return
+            attempts = await self._reconnect()
+            self._end_gap(attempts)
+
+    def _begin_gap(self, problem: str) -> None:
+        now = self.clock.now()
+        self.gaps += 1
+        self._gap_started = now
+        self._generation += 1  # whatever the old session still delivers is ignored
+        for name in self._current:
+            self._before_gap[name] = self._readings[name].source_time
+        self._current.clear()
+        self._held_why = f"held from before connection gap #{self.gaps} ({problem})"
+        self._events.append(LinkEvent("lost", now, self.gaps, problem))
+        _log.warning(
+            "mirror: lost the field at %s (%s); every point is stale until it reconnects",
+            self._endpoint,
+            problem,
+        )
+
+    def _end_gap(self, attempts: int) -> None:
+        now = self.clock.now()
+        started = self._gap_started if self._gap_started is not None else now
+        self._gap_started = None
+        self.reconnects += 1
+        detail = (
+            f"resubscribed {len(self._points)} points after {now - started:.1f} s "
+            f"(clock) and {attempts} attempt(s)"
+        )
+        self._events.append(LinkEvent("restored", now, self.gaps, detail, attempts))
+        _log.warning("mirror: field at %s is back: %s", self._endpoint, detail)
+
+    async def _reconnect(self) -> int:
+        await self._close(delete=False)
+        for attempts, delay in enumerate(self.backoff.delays(), start=1):
+            try:
+                await self._open()
+                return attempts
+            except (FieldError, SecurityError) as exc:
+                _log.info(
+                    "mirror: reconnect attempt %d to %s failed: %s; next in %.2f s",
+                    attempts,
+                    self._endpoint,
+                    exc,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the backoff never ends")
+
+    # -- connecting ----------------------------------------------------------------------------
 
     async def _resolve(self, client: Client) -> None:
         uri = self.field.namespace
@@ -359,16 +582,17 @@ class Mirror:
 
     async def _subscribe(self, client: Client) -> None:
         interval = float(self.field.sampling_interval_ms)
-        trigger = ua.DataChangeFilter(
-            Trigger=ua.DataChangeTrigger.StatusValueTimestamp,
-            DeadbandType=ua.DeadbandType.None_,
-            DeadbandValue=0.0,
-        )
+        per_point = {p.name: p for p in self.field.points}
         failed: list[str] = []
         try:
             async with asyncio.timeout(self.timeout_s):
-                sub = await client.create_subscription(self._parameters(interval), _Handler(self))
+                self._generation += 1
+                sub = _LatestValueSubscription(
+                    client.uaclient.session, self._parameters(interval), self, self._generation
+                )
+                await sub.init()
                 self._subscription = sub
+                self._handles = {}
                 for first, batch in enumerate(_batches(self._points, self.batch_size)):
                     requests = []
                     for k, m in enumerate(batch):
@@ -376,7 +600,9 @@ class Mirror:
                         # subscribes on this subscription, so they cannot collide.
                         handle = first * self.batch_size + k + 1
                         self._handles[handle] = m.name
-                        requests.append(self._request(m.nodeid, handle, interval, trigger))
+                        p = per_point[m.name]
+                        sampling = p.sampling_interval_ms or interval
+                        requests.append(self._request(m.nodeid, handle, sampling, p.deadband))
                     results = await sub.create_monitored_items(requests)
                     for m, res in zip(batch, results, strict=True):
                         if isinstance(res, ua.StatusCode):
@@ -391,10 +617,9 @@ class Mirror:
                 + "; ".join(failed)
             )
 
-    @staticmethod
-    def _parameters(interval_ms: float) -> ua.CreateSubscriptionParameters:
-        """Keep-alive about every 2 s, lifetime at least a minute (and three keep-alives)."""
-        keepalive = max(1, math.ceil(KEEPALIVE_MS / interval_ms))
+    def _parameters(self, interval_ms: float) -> ua.CreateSubscriptionParameters:
+        """Keep-alive about every ``keepalive_ms``, lifetime at least a minute."""
+        keepalive = max(1, math.ceil(self.keepalive_ms / interval_ms))
         params = ua.CreateSubscriptionParameters()
         params.RequestedPublishingInterval = interval_ms
         params.RequestedMaxKeepAliveCount = keepalive
@@ -405,11 +630,16 @@ class Mirror:
         return params
 
     def _request(
-        self, nodeid: ua.NodeId, handle: int, interval: float, flt: ua.DataChangeFilter
+        self, nodeid: ua.NodeId, handle: int, sampling_ms: float, deadband: float | None
     ) -> ua.MonitoredItemCreateRequest:
+        flt = ua.DataChangeFilter(
+            Trigger=ua.DataChangeTrigger.StatusValueTimestamp,
+            DeadbandType=ua.DeadbandType.Absolute if deadband else ua.DeadbandType.None_,
+            DeadbandValue=float(deadband or 0.0),
+        )
         params = ua.MonitoringParameters()
         params.ClientHandle = handle
-        params.SamplingInterval = interval
+        params.SamplingInterval = sampling_ms
         params.QueueSize = self.queue_size
         params.DiscardOldest = True
         params.Filter = flt
@@ -418,6 +648,12 @@ class Mirror:
         request.MonitoringMode = ua.MonitoringMode.Reporting
         request.RequestedParameters = params
         return request
+
+    # -- notifications (called synchronously from the publish callback) ---------------------
+
+    def _on_publish(self, monotonic: float) -> None:
+        self._last_publish = monotonic
+        self._alive_at = self.clock.now()
 
     def _on_datachange(self, handle: int, val: Any, dv: ua.DataValue | None) -> None:
         name = self._handles.get(handle)
@@ -439,7 +675,15 @@ class Mirror:
             # No timestamp at all: the reading's age is unknown, so it can never be fresh.
             source = -math.inf
             self._server_time_fallback.add(name)
+        old = self._readings.get(name)
+        if name in self._current and old is not None and source < old.source_time:
+            self.out_of_order += 1  # keep the latest value, not the last message
+            return
         self._readings[name] = Reading(_as_float(val), source, status)
+        before = self._before_gap.get(name)
+        if before is None or source > before:
+            self._current.add(name)
+            self._before_gap.pop(name, None)
         if not self._all_received.is_set() and len(self._readings) == len(self.specs):
             self._all_received.set()
 
@@ -447,3 +691,5 @@ class Mirror:
         code = status.Status.value if status.Status is not None else 0
         self.last_status_change = code
         _log.warning("subscription status on %s changed: 0x%08X", self._endpoint, code)
+        if (code >> 30) != 0:  # bad: the server timed out or shut the subscription down
+            self._link_problem = f"subscription status {ua.StatusCode(ua.UInt32(code)).name}"

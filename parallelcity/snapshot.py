@@ -1,6 +1,8 @@
 """The mirror's picture of the field at one instant: value, source time and status per point.
 
 Pure: freshness is judged against a time passed in, never read from a clock here.
+A reading the mirror holds from before a connection gap is stale whatever its
+age (``held``); the snapshot also says whether the link was up when it was taken.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class PointSpec:
     name: str
     max_age_s: float
     required: bool = True
+    deadband: float | None = None  # changes within it are not reported: age from last sign of life
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,9 @@ class Snapshot:
         return [p.name for p in self.points.values() if p.stale and self._required[p.name]]
 
     _required: Mapping[str, bool]
+    link_up: bool = True  # the mirror had a live session and subscription
+    gaps: int = 0  # connection gaps so far
+    link_why: str = ""  # why the link is down (empty when up)
 
     def value(self, name: str) -> float:
         reading = self.points[name].reading
@@ -74,20 +80,41 @@ class Snapshot:
         return {n: (p.reading.value if p.reading else None) for n, p in self.points.items()}
 
 
-def assess(specs: Mapping[str, PointSpec], readings: Mapping[str, Reading], now: float) -> Snapshot:
-    """Mark each point fresh or stale at time ``now``."""
+def assess(
+    specs: Mapping[str, PointSpec],
+    readings: Mapping[str, Reading],
+    now: float,
+    *,
+    held: Mapping[str, str] | None = None,
+    alive_at: float | None = None,
+    link_up: bool = True,
+    gaps: int = 0,
+    link_why: str = "",
+) -> Snapshot:
+    """Mark each point fresh or stale at time ``now``.
+
+    ``held`` maps points whose reading is from before a connection gap to why;
+    they are stale.  ``alive_at`` is when the subscription last showed life: a
+    point with a deadband is as old as the later of its source time and that.
+    """
+    held = held or {}
     states: dict[str, PointState] = {}
     for name, spec in specs.items():
         r = readings.get(name)
         if r is None:
-            states[name] = PointState(name, None, None, True, "no value received")
+            states[name] = PointState(name, None, None, True, link_why or "no value received")
             continue
-        age = now - r.source_time
-        if r.quality is not Quality.GOOD:
+        seen = r.source_time
+        if spec.deadband is not None and alive_at is not None and name not in held:
+            seen = max(seen, alive_at)
+        age = now - seen
+        if name in held:
+            why = held[name] or "held from before a connection gap"
+        elif r.status_code >> 30:  # not good (see Quality.from_status_code)
             why = f"status {r.quality.value} (0x{r.status_code:08X})"
         elif age > spec.max_age_s:
             why = f"age {age:.0f} s exceeds max_age_s {spec.max_age_s:g}"
         else:
             why = ""
         states[name] = PointState(name, r, age, bool(why), why)
-    return Snapshot(now, states, {n: s.required for n, s in specs.items()})
+    return Snapshot(now, states, {n: s.required for n, s in specs.items()}, link_up, gaps, link_why)

@@ -1,7 +1,10 @@
 """The twin: the subsystem model, its state read from the mirror, and its forecast.
 
-Issue-level scope: the state is taken directly from the points that measure it;
-estimation (EKF/MHE) slots in behind ``estimate``.
+Without an estimator the state is taken directly from the points that measure
+it.  With one (``estimate.ExtendedKalmanFilter``) each ``estimate`` call is one
+filter step: predicted under the inputs last passed to ``control_input`` (the
+ones in force since the previous cycle), corrected with the fresh points, so a
+state whose point is missing or stale comes from the model and the other points.
 """
 
 from __future__ import annotations
@@ -11,20 +14,36 @@ import math
 import numpy as np
 
 from .control import ControlInput
+from .estimate import ExtendedKalmanFilter
 from .model import Array, SubsystemModel
 from .snapshot import Snapshot
 from .specs import SafetySpecs
 
 
 class Twin:
-    def __init__(self, model: SubsystemModel, specs: SafetySpecs, dt: float, horizon: int) -> None:
+    def __init__(
+        self,
+        model: SubsystemModel,
+        specs: SafetySpecs,
+        dt: float,
+        horizon: int,
+        estimator: ExtendedKalmanFilter | None = None,
+    ) -> None:
         self.model = model
         self.specs = specs
         self.dt = dt
         self.horizon = horizon
+        self.estimator = estimator
+        self._u_applied = np.array(model.u0, dtype=float)
 
     def estimate(self, snapshot: Snapshot) -> Array:
-        """State vector from the snapshot; every state must have a fresh measuring point."""
+        """State vector from the snapshot: the estimator's, or every state read from its own
+        fresh measuring point."""
+        if self.estimator is not None:
+            x_est = self.estimator.step(snapshot.taken_at, self._u_applied, snapshot).x
+            if not all(math.isfinite(v) for v in x_est):
+                raise ValueError(f"state estimate is not finite: {x_est}")
+            return x_est
         x = np.empty(self.model.nx)
         for i, state in enumerate(self.model.states):
             output = self.model.state_outputs[state]
@@ -42,6 +61,7 @@ class Twin:
     def control_input(
         self, t0: float, x0: Array, u_prev: Array, deadline_s: float = math.inf
     ) -> ControlInput:
+        self._u_applied = np.asarray(u_prev, dtype=float)
         y_low, y_high = self.specs.band_arrays(t0, self.horizon + 1, self.dt)
         return ControlInput(
             t0=t0,

@@ -23,20 +23,22 @@ from hil.simulated import KIND, Config
 from parallelcity.clock import SimClock
 from parallelcity.errors import FieldConnectionError, NodeMappingError, SecurityError
 from parallelcity.mirror import Mirror, parse_node_id
-from parallelcity.scenario import Scenario, load_scenario, parse_scenario
+from parallelcity.scenario import Scenario, parse_scenario
 from parallelcity.snapshot import Quality
+
+from .conftest import lab_text
 
 SCENARIO_PATH = Path(__file__).parents[1] / "scenarios/district_heating.toml"
 
 
 @pytest.fixture(scope="module")
 def scenario() -> Scenario:
-    return load_scenario(SCENARIO_PATH)
+    return parse_scenario(lab_text(), SCENARIO_PATH)
 
 
 @pytest.fixture(scope="module")
 def scenario_text() -> str:
-    return SCENARIO_PATH.read_text(encoding="utf-8")
+    return lab_text()
 
 
 def run(make: Callable[[], Awaitable[Any]], timeout_s: float = 20.0) -> Any:
@@ -256,13 +258,23 @@ def test_client_write_to_input_is_recorded_and_applied(scenario: Scenario) -> No
     run(body)
 
 
-def test_stand_in_refuses_a_scenario_that_is_not_insecure_lab(scenario_text: str) -> None:
+def test_stand_in_without_certificates_refuses_a_scenario_that_is_not_insecure_lab(
+    scenario_text: str,
+) -> None:
     secure = parse_scenario(
         scenario_text.replace("insecure_lab = true", "insecure_lab = false"), "secure.toml"
     )
     clock = sim_clock(secure)
-    with pytest.raises(SecurityError, match="secure OPC UA is not available"):
-        KIND.field_stand_in(secure.rig_config, secure, clock)
+    field = stand_in(secure, clock)
+
+    async def body() -> None:
+        with pytest.raises(SecurityError, match="insecure_lab = true") as info:
+            await field.start()
+        assert "use_opcua_security" in str(info.value)
+        with pytest.raises(RuntimeError, match="not running"):
+            _ = field.endpoint
+
+    run(body)
 
 
 def test_parse_node_id() -> None:

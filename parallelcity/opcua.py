@@ -1,0 +1,526 @@
+"""Secure OPC UA sessions, shared by the mirror, the gateway's writer, ``browse`` and ``hil``.
+
+Client side: ``ClientSecurity`` says how to connect (security policy and
+certificate, the trust list the server's certificate must be in, the user
+token); ``connect_client(endpoint, security)`` returns a connected asyncua
+``Client`` or raises one of ours:
+
+* ``SecurityError`` - the server's certificate is not trusted (the message
+  says which file to copy into which trust folder), the server refused our
+  certificate (which certificate to add to which server trust list), the
+  server offers no endpoint with the required policy, or the user was refused;
+* ``FieldConnectionError`` - unreachable, timed out, dropped.
+
+Server side: ``ServerSecurity`` and ``configure_server(server, security)``
+give an asyncua ``Server`` SignAndEncrypt endpoints only (Basic256Sha256 and
+Aes256_Sha256_RsaPss), a client-certificate trust list, and user tokens
+(username/password or an X.509 user certificate; never anonymous).
+
+Policy ``None`` exists only as ``ClientSecurity.insecure()`` /
+``configure_server(server, None)``; the runtime uses it only when the scenario
+says ``insecure_lab = true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+from asyncua import ua
+from asyncua.client.client import Client
+from asyncua.common.utils import ServiceError
+from asyncua.crypto import security_policies
+from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.server.server import Server
+from asyncua.server.user_managers import UserManager
+from asyncua.ua.status_codes import StatusCodes
+from asyncua.ua.uaerrors import UaError, UaStatusCodeError
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from .certs import application_uri_of, describe, load_certificate
+from .errors import FieldConnectionError, SecurityError
+
+if TYPE_CHECKING:
+    from .scenario import Scenario
+
+_log = logging.getLogger(__name__)
+
+Policy = Literal["Basic256Sha256", "Aes256_Sha256_RsaPss"]
+POLICIES: dict[str, type[security_policies.SecurityPolicy]] = {
+    "Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256,
+    "Aes256_Sha256_RsaPss": security_policies.SecurityPolicyAes256Sha256RsaPss,
+}
+SERVER_POLICIES = (
+    ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+    ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt,
+)
+
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
+_CERT_REFUSALS = {
+    StatusCodes.BadCertificateUntrusted,
+    StatusCodes.BadCertificateInvalid,
+    StatusCodes.BadCertificateTimeInvalid,
+    StatusCodes.BadCertificateUriInvalid,
+    StatusCodes.BadCertificateUseNotAllowed,
+    StatusCodes.BadCertificateRevoked,
+    StatusCodes.BadSecurityChecksFailed,
+    StatusCodes.BadSecurityPolicyRejected,
+}
+_USER_REFUSALS = {
+    StatusCodes.BadUserAccessDenied,
+    StatusCodes.BadIdentityTokenRejected,
+    StatusCodes.BadIdentityTokenInvalid,
+}
+
+
+# =========================================================================== trust lists
+
+
+class TrustList:
+    """Certificates in a folder (DER or PEM): a peer is trusted if its certificate is one of
+    them, or is signed by one of them that is a CA.  Loaded once, at construction."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        if not folder.is_dir():
+            raise SecurityError(f"trust list folder {folder} does not exist")
+        self._certs: list[x509.Certificate] = []
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() not in (".der", ".pem", ".crt", ".cer"):
+                continue
+            try:
+                self._certs.append(load_certificate(path))
+            except ValueError as exc:
+                raise SecurityError(f"trust list {folder}: {path.name} is no certificate") from exc
+        self._ders = {c.public_bytes(Encoding.DER) for c in self._certs}
+        self.refused: x509.Certificate | None = None  # the last certificate this list refused
+
+    def __len__(self) -> int:
+        return len(self._certs)
+
+    def problem(self, cert: x509.Certificate, application_uri: str | None) -> int | None:
+        """The OPC UA status code that refuses ``cert``, or None if it is acceptable."""
+        now = dt.datetime.now(dt.UTC)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            return StatusCodes.BadCertificateTimeInvalid
+        if not self._trusted(cert):
+            return StatusCodes.BadCertificateUntrusted
+        if application_uri is not None and application_uri_of(cert) != application_uri:
+            return StatusCodes.BadCertificateUriInvalid
+        return None
+
+    def _trusted(self, cert: x509.Certificate) -> bool:
+        if cert.public_bytes(Encoding.DER) in self._ders:
+            return True
+        for ca in self._certs:
+            if ca.subject != cert.issuer or not _is_ca(ca):
+                continue
+            if _signed_by(cert, ca):
+                return True
+        return False
+
+    async def __call__(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
+        """asyncua's certificate validator hook: raise ``ServiceError`` to refuse."""
+        code = self.problem(cert, app.ApplicationUri if app is not None else None)
+        if code is not None:
+            self.refused = cert
+            _log.warning(
+                "refused certificate %s (%s); trusted certificates are in %s",
+                describe(cert),
+                ua.StatusCode(ua.UInt32(code)).name,
+                self.folder,
+            )
+            raise ServiceError(code)
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    key = ca.public_key()
+    if not isinstance(key, rsa.RSAPublicKey) or cert.signature_hash_algorithm is None:
+        return False
+    try:
+        key.verify(
+            cert.signature,
+            cert.tbs_certificate_bytes,
+            padding.PKCS1v15(),
+            cert.signature_hash_algorithm,
+        )
+    except InvalidSignature:
+        return False
+    return True
+
+
+# =========================================================================== client side
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a client authenticates the server and itself.  ``policy`` None is NoSecurity."""
+
+    policy: Policy | None
+    certificate: Path | None = None
+    private_key: Path | None = None
+    trusted: Path | None = None  # folder of trusted server (or CA) certificates
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    user_certificate: Path | None = None
+    user_private_key: Path | None = None
+
+    @classmethod
+    def insecure(cls) -> ClientSecurity:
+        return cls(policy=None)
+
+    @property
+    def secure(self) -> bool:
+        return self.policy is not None
+
+    def check(self) -> None:
+        """Every file a secure connection needs is named and present."""
+        if self.policy is None:
+            return
+        missing = [
+            f"{what} ({path})" if path is not None else what
+            for what, path in (
+                ("certificate", self.certificate),
+                ("private_key", self.private_key),
+                ("trusted", self.trusted),
+            )
+            if path is None or not path.exists()
+        ]
+        if self.user_certificate is not None and not self.user_certificate.exists():
+            missing.append(f"user_certificate ({self.user_certificate})")
+        if self.user_certificate is not None and (
+            self.user_private_key is None or not self.user_private_key.exists()
+        ):
+            missing.append(f"user_private_key ({self.user_private_key})")
+        if missing:
+            raise SecurityError(
+                "secure OPC UA needs these files, which are missing: "
+                + ", ".join(missing)
+                + " (create a set with `parallelcity certs DIR`)"
+            )
+        if self.username is None and self.user_certificate is None:
+            raise SecurityError(
+                "secure OPC UA needs a user token: a username (and password) or a user_certificate"
+            )
+        if self.username is not None and not self.password:
+            raise SecurityError(f"OPC UA user {self.username!r} has no password")
+
+    @classmethod
+    def from_scenario(cls, scenario: Scenario) -> ClientSecurity:
+        """The ``[security.opcua]`` table, paths relative to the scenario file.
+
+        The password is read from the environment variable the table names,
+        never from the file.  Without the table: NoSecurity (the caller decides
+        whether that is allowed).
+        """
+        cfg = scenario.file.security.opcua
+        if cfg is None:
+            return cls.insecure()
+        base = scenario.path.parent
+
+        def resolve(p: str | None) -> Path | None:
+            if p is None:
+                return None
+            path = Path(p).expanduser()
+            return path if path.is_absolute() else base / path
+
+        password = None
+        if cfg.password_env is not None:
+            password = os.environ.get(cfg.password_env)
+            if password is None:
+                raise SecurityError(
+                    f"security.opcua.password_env: environment variable {cfg.password_env!r} "
+                    "is not set"
+                )
+        return cls(
+            policy=cfg.policy,
+            certificate=resolve(cfg.certificate),
+            private_key=resolve(cfg.private_key),
+            trusted=resolve(cfg.trusted),
+            username=cfg.username,
+            password=password,
+            user_certificate=resolve(cfg.user_certificate),
+            user_private_key=resolve(cfg.user_private_key),
+        )
+
+
+async def connect_client(
+    endpoint: str,
+    security: ClientSecurity,
+    *,
+    timeout_s: float,
+    session_timeout_ms: int | None = None,
+    name: str = "parallelcity",
+) -> Client:
+    """A connected client for ``endpoint``; on any failure nothing is left open."""
+    client = Client(endpoint, timeout=timeout_s)
+    client.name = client.description = name
+    if session_timeout_ms is not None:
+        client.session_timeout = session_timeout_ms
+    try:
+        async with asyncio.timeout(timeout_s):
+            if security.secure:
+                await _secure(client, endpoint, security)
+            await client.connect()
+    except BaseException as exc:
+        client.disconnect_socket()
+        if isinstance(exc, SecurityError | asyncio.CancelledError):
+            raise
+        validator = client.certificate_validator
+        if isinstance(validator, TrustList) and validator.refused is not None:
+            raise _server_untrusted(endpoint, validator) from exc
+        raise _translate(exc, endpoint, security, timeout_s) from exc
+    if security.secure:
+        _log.info(
+            "OPC UA session to %s: %s SignAndEncrypt, user %s",
+            endpoint,
+            security.policy,
+            security.username or "certificate",
+        )
+    return client
+
+
+async def _secure(client: Client, endpoint: str, sec: ClientSecurity) -> None:
+    sec.check()
+    assert sec.policy and sec.certificate and sec.private_key and sec.trusted
+    own = load_certificate(sec.certificate)
+    uri = application_uri_of(own)
+    if uri is None:
+        raise SecurityError(
+            f"client certificate {sec.certificate} has no application URI in subjectAltName"
+        )
+    now = dt.datetime.now(dt.UTC)
+    if not own.not_valid_before_utc <= now <= own.not_valid_after_utc:
+        raise SecurityError(
+            f"client certificate {sec.certificate} is not valid now (valid "
+            f"{own.not_valid_before_utc:%Y-%m-%d} to {own.not_valid_after_utc:%Y-%m-%d})"
+        )
+    client.application_uri = uri  # asyncua requires it to equal the certificate's URI
+    trust_list = TrustList(sec.trusted)
+    client.certificate_validator = trust_list
+    try:
+        await client.set_security(
+            POLICIES[sec.policy],
+            str(sec.certificate),
+            str(sec.private_key),
+            mode=ua.MessageSecurityMode.SignAndEncrypt,
+        )
+    except UaError as exc:
+        if "No matching endpoints" in str(exc):
+            raise SecurityError(
+                f"the OPC UA server at {endpoint} offers no {sec.policy} SignAndEncrypt endpoint"
+            ) from exc
+        raise
+    except _TRANSPORT_ERRORS:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise SecurityError(
+            f"cannot use certificate {sec.certificate} / key {sec.private_key}: {exc}"
+        ) from exc
+    if sec.user_certificate is not None:
+        await client.load_client_certificate(str(sec.user_certificate))
+        assert sec.user_private_key is not None
+        await client.load_private_key(sec.user_private_key)
+    if sec.username is not None:
+        client.set_user(sec.username)
+        client.set_password(sec.password or "")
+
+
+def _server_untrusted(endpoint: str, trust_list: TrustList) -> SecurityError:
+    """The server's certificate is not in our trust list: keep a copy to review, say where."""
+    cert = trust_list.refused
+    assert cert is not None
+    rejected = trust_list.folder.parent / "rejected"
+    copy = rejected / f"{cert.fingerprint(hashes.SHA1()).hex()}.der"
+    try:
+        rejected.mkdir(parents=True, exist_ok=True)
+        copy.write_bytes(cert.public_bytes(Encoding.DER))
+        saved = f"a copy is in {copy}; "
+    except OSError:
+        saved = ""
+    return SecurityError(
+        f"the OPC UA server at {endpoint} presented a certificate we do not trust "
+        f"({describe(cert)}): {saved}if you trust it, copy it into {trust_list.folder}"
+    )
+
+
+def _translate(
+    exc: BaseException, endpoint: str, sec: ClientSecurity, timeout_s: float
+) -> BaseException:
+    if isinstance(exc, UaStatusCodeError) and exc.code in _CERT_REFUSALS:
+        name = ua.StatusCode(ua.UInt32(exc.code)).name
+        return SecurityError(
+            f"the OPC UA server at {endpoint} refused our certificate ({name}): add "
+            f"{sec.certificate} ({_describe_file(sec.certificate)}) to the server's trusted "
+            "client certificates"
+        )
+    if isinstance(exc, UaError) and "No matching endpoints" in str(exc):
+        wanted = f"{sec.policy} SignAndEncrypt" if sec.policy else "NoSecurity"
+        return SecurityError(f"the OPC UA server at {endpoint} offers no {wanted} endpoint")
+    if isinstance(exc, UaStatusCodeError) and exc.code in _USER_REFUSALS:
+        name = ua.StatusCode(ua.UInt32(exc.code)).name
+        who = sec.username if sec.username is not None else "the user certificate"
+        if sec.username is None and sec.user_certificate is None:
+            who = "an anonymous user"
+        return SecurityError(f"the OPC UA server at {endpoint} refused {who} ({name})")
+    if isinstance(exc, AssertionError) and sec.secure:
+        # asyncua asserts in open_secure_channel when the server closes the channel on us,
+        # which is how a server refuses a client certificate it does not trust.
+        return SecurityError(
+            f"the OPC UA server at {endpoint} closed the secure channel: it most likely does "
+            f"not trust our certificate {sec.certificate} ({_describe_file(sec.certificate)}); "
+            "add that file to the server's trusted client certificates "
+            "(for a parallelcity hil server: its trusted folder; for a PLC: its 'Trusted' store)"
+        )
+    if isinstance(exc, _TRANSPORT_ERRORS):
+        return FieldConnectionError(
+            f"cannot connect to the OPC UA endpoint {endpoint} within {timeout_s:g} s: {exc!r}"
+        )
+    if isinstance(exc, UaError):
+        return FieldConnectionError(f"OPC UA session to {endpoint} failed: {exc!r}")
+    return exc
+
+
+def _describe_file(path: Path | None) -> str:
+    if path is None:
+        return "none"
+    try:
+        return describe(load_certificate(path))
+    except (OSError, ValueError):
+        return "unreadable"
+
+
+# =========================================================================== server side
+
+
+def hash_password(password: str, *, salt: bytes | None = None) -> str:
+    """``scrypt$<salt hex>$<hash hex>``: what a server keeps instead of a password."""
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
+    return f"scrypt${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        scheme, salt_hex, digest_hex = stored.split("$")
+    except ValueError:
+        return False
+    if scheme != "scrypt":
+        return False
+    candidate = hash_password(password, salt=bytes.fromhex(salt_hex))
+    return hmac.compare_digest(candidate.split("$")[2], digest_hex)
+
+
+class _Users(UserManager):
+    """asyncua user manager: named users with scrypt password hashes, and user certificates."""
+
+    def __init__(self, users: Mapping[str, str], certificates: TrustList | None) -> None:
+        self._users = dict(users)
+        self._certificates = certificates
+
+    def get_user(
+        self,
+        iserver: Any,
+        username: str | None = None,
+        password: str | None = None,
+        certificate: Any = None,
+    ) -> User | None:
+        if username is not None:
+            stored = self._users.get(username)
+            if stored is not None and password is not None and check_password(password, stored):
+                return User(role=UserRole.User, name=username)
+            _log.warning("refused OPC UA user %r (unknown user or wrong password)", username)
+            return None
+        if certificate is not None and self._certificates is not None:
+            cert = (
+                certificate
+                if isinstance(certificate, x509.Certificate)
+                else x509.load_der_x509_certificate(bytes(certificate))
+            )
+            if self._certificates.problem(cert, None) is None:
+                return User(role=UserRole.User, name=describe(cert))
+            _log.warning("refused OPC UA user certificate %s", describe(cert))
+            return None
+        _log.warning("refused an anonymous OPC UA user")
+        return None
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    """A server's identity, its client trust list and its users."""
+
+    certificate: Path
+    private_key: Path
+    trusted: Path  # folder of trusted client (or CA) certificates
+    users: Mapping[str, str] = field(default_factory=dict)  # name -> hash_password(...)
+    trusted_users: Path | None = None  # folder of trusted user certificates
+    policies: tuple[ua.SecurityPolicyType, ...] = SERVER_POLICIES
+
+
+async def configure_server(server: Server, security: ServerSecurity | None) -> str:
+    """Set up ``server``'s endpoints before ``start()``; returns a one-line description.
+
+    ``None`` offers only NoSecurity: lab use, decided by the caller.
+    """
+    if security is None:
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        return "NoSecurity, lab only"
+    if not security.policies or ua.SecurityPolicyType.NoSecurity in security.policies:
+        raise SecurityError("a secure OPC UA server offers SignAndEncrypt policies only")
+    own = load_certificate(security.certificate)
+    uri = application_uri_of(own)
+    if uri is None:
+        raise SecurityError(f"server certificate {security.certificate} has no application URI")
+    await server.load_certificate(str(security.certificate))
+    await server.load_private_key(str(security.private_key))
+    await server.set_application_uri(uri)
+    server.set_security_policy(list(security.policies))
+    tokens: list[type] = []
+    if security.users:
+        tokens.append(ua.UserNameIdentityToken)
+    user_certs = TrustList(security.trusted_users) if security.trusted_users else None
+    if user_certs is not None:
+        tokens.append(ua.X509IdentityToken)
+    if not tokens:
+        raise SecurityError("a secure OPC UA server needs users or trusted user certificates")
+    server.set_identity_tokens(tokens)
+    server.iserver.set_user_manager(_Users(security.users, user_certs))
+    server.set_certificate_validator(TrustList(security.trusted))
+    names = ", ".join(p.name for p in security.policies)
+    return f"{names}; client trust list {security.trusted}"
+
+
+def policy_names(policies: Iterable[ua.SecurityPolicyType]) -> list[str]:
+    return [p.name for p in policies]
+
+
+@runtime_checkable
+class SecureStandIn(Protocol):
+    """A field stand-in that can serve secure OPC UA (``hil.field.EmbeddedField`` can)."""
+
+    def use_opcua_security(self, security: ServerSecurity) -> None: ...

@@ -1,0 +1,380 @@
+"""The mirror across connection gaps, against a real asyncua server in another process.
+
+The server (``python -m hil.field``) writes values that encode its generation,
+which goes up at every restart, with wall-clock source timestamps.  A consumer
+loop plays the controller: every 20 ms it takes a snapshot and, if no required
+point is stale, "computes a command" from it.  Checked:
+
+* no command uses a value of an older generation than the server's current one;
+* no command is computed while the server is known to be down (beyond the time
+  the mirror needs to notice), although every value is still far younger than
+  its ``max_age_s``: only the gap marking can keep them out;
+* every gap is journaled, as a "lost" and a "restored" event;
+* the subscription comes back after each restart: fresh values of the new
+  generation for every point.
+
+``PARALLELCITY_SLOW_SCALE`` multiplies the restart count (CI: 50; 10 gives the
+issue's 500).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hil.field import POINT_NAMESPACE, free_port, generation_of, point_node
+from parallelcity.clock import FakeClock, SimClock
+from parallelcity.cycle import Outcome
+from parallelcity.journal import Journal
+from parallelcity.mirror import SILENCE_FACTOR, Backoff, Mirror
+from parallelcity.scenario import FieldConfig, InputMap, PointMap
+
+ROOT = Path(__file__).resolve().parents[1]
+SCALE = max(1, int(os.environ.get("PARALLELCITY_SLOW_SCALE", "1")))
+N_POINTS = 20
+MAX_AGE_S = 5.0  # far longer than any outage here: age alone would not catch stale data
+KEEPALIVE_MS = 400.0
+NOTICE_S = 0.25  # a closed socket must be noticed within this
+SILENT_NOTICE_S = SILENCE_FACTOR * KEEPALIVE_MS / 1000.0 + 0.5
+
+
+def run(make: Callable[[], Awaitable[Any]], timeout_s: float) -> Any:
+    async def bounded() -> Any:
+        async with asyncio.timeout(timeout_s):
+            return await make()
+
+    return asyncio.run(bounded())
+
+
+def field_config(n: int = N_POINTS) -> FieldConfig:
+    return FieldConfig(
+        namespace=POINT_NAMESPACE,
+        sampling_interval_ms=50.0,
+        points=[PointMap(name=f"p{i}", node=point_node(i), max_age_s=MAX_AGE_S) for i in range(n)],
+        inputs=[InputMap(name="p0", node=point_node(0))],
+    )
+
+
+class ServerProcess:
+    """``python -m hil.field`` on a fixed port, driven through its stdin."""
+
+    def __init__(self, port: int, n: int = N_POINTS) -> None:
+        self.port, self.n = port, n
+        self.proc: subprocess.Popen[str] | None = None
+        self.generation = 0  # the generation the running server writes into its values
+
+    @property
+    def endpoint(self) -> str:
+        return f"opc.tcp://127.0.0.1:{self.port}"
+
+    async def spawn(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hil.field", "--port", str(self.port)]
+            + ["--points", str(self.n), "--period-ms", "50"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        await self._expect_up()
+
+    async def _expect_up(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        line = await asyncio.to_thread(self.proc.stdout.readline)
+        word, gen, _ = line.split()
+        assert word == "up", line
+        self.generation = int(gen)
+
+    async def restart(self, down_s: float, soft: bool) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(f"restart {down_s} {'soft' if soft else 'full'}\n")
+        self.proc.stdin.flush()
+        await self._expect_up()
+
+    def signal(self, sig: signal.Signals) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        await asyncio.to_thread(self.proc.wait)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Consumer:
+    """The controller stand-in: takes snapshots, computes from fresh ones only."""
+
+    mirror: Mirror
+    journal: Journal
+    server: ServerProcess
+    down_since: float | None = None  # monotonic, while the test has the server down
+    notice_s: float = NOTICE_S
+    commands: int = 0
+    stale_cycles: int = 0
+    violations: list[str] = field(default_factory=list)
+    k: int = 0
+
+    async def loop(self) -> None:
+        while True:
+            self.k += 1
+            snap = self.mirror.snapshot()
+            for ev in self.mirror.take_events():
+                self.journal.record_event(self.k, ev.t, "mirror", ev.kind, ev.detail)
+            if snap.stale_required:
+                self.stale_cycles += 1
+            else:
+                self.commands += 1
+                self.check(snap.values())
+            await asyncio.sleep(0.02)
+
+    def check(self, values: dict[str, float | None]) -> None:
+        gens = {generation_of(v) for v in values.values() if v is not None}
+        if self.down_since is not None:
+            into = time.monotonic() - self.down_since
+            if into > self.notice_s:
+                self.violations.append(
+                    f"cycle {self.k}: command computed {into:.2f} s into an outage "
+                    f"from generations {gens}"
+                )
+        elif gens != {self.server.generation}:
+            self.violations.append(
+                f"cycle {self.k}: command from generations {gens}, server is at "
+                f"{self.server.generation}"
+            )
+
+
+def restart_plan(count: int) -> list[str]:
+    """Mostly listener restarts, every tenth a new server instance, two process kills."""
+    plan = ["full" if i % 10 == 9 else "soft" for i in range(count)]
+    for i in (count // 3, (2 * count) // 3):
+        plan[i] = "kill"
+    return plan
+
+
+async def wait_fresh_generation(mirror: Mirror, generation: int, timeout_s: float) -> float:
+    """Seconds until every point is fresh with ``generation``'s values."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        snap = mirror.snapshot()
+        if not snap.stale_required and all(
+            v is not None and generation_of(v) == generation for v in snap.values().values()
+        ):
+            return time.monotonic() - started
+        await asyncio.sleep(0.02)
+    raise AssertionError(
+        f"the subscription did not come back with generation {generation} within {timeout_s} s "
+        f"(gaps {mirror.gaps}, reconnects {mirror.reconnects}, snapshot {mirror.snapshot()})"
+    )
+
+
+@pytest.mark.slow
+def test_restarts_in_another_process_never_feed_stale_data(tmp_path: Path) -> None:
+    count = 50 * SCALE
+    plan = restart_plan(count)
+    server = ServerProcess(free_port())
+    journal = Journal(tmp_path / "journal.sqlite")
+    journal.start_run("reconnect", time.time(), {"restarts": count})
+    recoveries: list[float] = []
+
+    async def body() -> None:
+        await server.spawn()
+        clock = SimClock(epoch=time.time(), speed=1.0)
+        mirror = Mirror(
+            field_config(),
+            clock,
+            endpoint=server.endpoint,
+            timeout_s=2.0,
+            keepalive_ms=KEEPALIVE_MS,
+            backoff=Backoff(initial=0.05, maximum=0.4),
+        )
+        async with mirror:
+            recoveries.append(await wait_fresh_generation(mirror, server.generation, 5.0))
+            consumer = Consumer(mirror, journal, server)
+            task = asyncio.create_task(consumer.loop())
+            try:
+                for kind in plan:
+                    await asyncio.sleep(0.15)  # some healthy cycles in between
+                    consumer.down_since = time.monotonic()
+                    if kind == "kill":
+                        await server.kill()
+                        await asyncio.sleep(0.3)
+                        await server.spawn()
+                    else:
+                        await server.restart(0.3, soft=kind == "soft")
+                    consumer.down_since = None
+                    gen = server.generation
+                    recoveries.append(await wait_fresh_generation(mirror, gen, 10.0))
+                await asyncio.sleep(0.1)
+            finally:
+                task.cancel()
+            for ev in mirror.take_events():
+                journal.record_event(consumer.k, ev.t, "mirror", ev.kind, ev.detail)
+            assert consumer.violations == []
+            assert consumer.commands > count  # it did compute between the restarts
+            assert consumer.stale_cycles > count  # and sat out every outage
+            assert mirror.gaps == count and mirror.reconnects == count
+
+    try:
+        run(body, timeout_s=60.0 + 6.0 * count)
+    finally:
+        server.close()
+    rows = journal.query("SELECT kind, COUNT(*) AS n FROM event GROUP BY kind")
+    assert {r["kind"]: r["n"] for r in rows} == {"lost": count, "restored": count}
+    journal.close()
+    print(
+        f"\n{count} restarts: recovery p50 {sorted(recoveries)[len(recoveries) // 2]:.2f} s, "
+        f"max {max(recoveries):.2f} s"
+    )
+
+
+def test_a_silent_link_is_noticed_by_keepalive_and_resubscribed(tmp_path: Path) -> None:
+    """SIGSTOP freezes the server: the socket stays open, only the silence tells."""
+    server = ServerProcess(free_port())
+    journal = Journal(tmp_path / "journal.sqlite")
+    journal.start_run("silent", time.time(), {})
+
+    async def body() -> None:
+        await server.spawn()
+        clock = SimClock(epoch=time.time(), speed=1.0)
+        mirror = Mirror(
+            field_config(),
+            clock,
+            endpoint=server.endpoint,
+            timeout_s=1.0,
+            keepalive_ms=KEEPALIVE_MS,
+            backoff=Backoff(initial=0.05, maximum=0.4),
+        )
+        async with mirror:
+            await wait_fresh_generation(mirror, 1, 5.0)
+            consumer = Consumer(mirror, journal, server, notice_s=SILENT_NOTICE_S)
+            task = asyncio.create_task(consumer.loop())
+            try:
+                await asyncio.sleep(0.3)
+                consumer.down_since = time.monotonic()
+                server.signal(signal.SIGSTOP)
+                await asyncio.sleep(SILENT_NOTICE_S + 1.0)
+                assert not mirror.connected
+                snap = mirror.snapshot()
+                assert not snap.link_up and snap.gaps == 1
+                # every value is younger than max_age_s, and still none is fresh
+                assert all(
+                    p.age_s is not None and p.age_s < MAX_AGE_S for p in snap.points.values()
+                )
+                assert set(snap.stale_required) == {f"p{i}" for i in range(N_POINTS)}
+                server.signal(signal.SIGCONT)
+                consumer.down_since = None
+                await wait_fresh_generation(mirror, 1, 10.0)
+                assert mirror.connected and mirror.reconnects == 1
+            finally:
+                task.cancel()
+            assert consumer.violations == []
+            assert consumer.stale_cycles > 0
+
+    try:
+        run(body, timeout_s=40.0)
+    finally:
+        server.close()
+    lost = journal.query("SELECT detail FROM event WHERE kind = 'lost'")
+    assert len(lost) == 1 and "no publish response or keep-alive" in lost[0]["detail"]
+    journal.close()
+
+
+def test_after_a_gap_a_value_with_an_old_source_time_stays_stale() -> None:
+    """Pure: readings from before the gap, and re-sent copies of them, are never fresh."""
+    from parallelcity.snapshot import Reading
+
+    clock = FakeClock(t=1000.0)
+    mirror = Mirror(field_config(2), clock, endpoint="opc.tcp://127.0.0.1:1")
+    mirror._handles = {1: "p0", 2: "p1"}
+    now = clock.now()
+    good = 0
+
+    def dv(t: float) -> Any:
+        import datetime as dt
+
+        from asyncua import ua
+
+        when = dt.datetime.fromtimestamp(t, dt.UTC)
+        return ua.DataValue(ua.Variant(1.0), SourceTimestamp=when)
+
+    mirror._on_datachange(1, 1.0, dv(now))
+    mirror._on_datachange(2, 2.0, dv(now))
+    assert mirror.snapshot().stale_required == []
+    mirror._begin_gap("test gap")
+    snap = mirror.snapshot()
+    assert set(snap.stale_required) == {"p0", "p1"} and not snap.link_up
+    assert "connection gap #1" in snap.points["p0"].why
+    mirror._end_gap(1)
+    # the server re-sends p0's old value (same source time) and a new p1
+    mirror._on_datachange(1, 1.0, dv(now))
+    mirror._on_datachange(2, 3.0, dv(now + 0.5))
+    snap = mirror.snapshot()
+    assert snap.stale_required == ["p0"]
+    assert "held from before connection gap #1" in snap.points["p0"].why
+    assert snap.points["p1"].reading == Reading(3.0, now + 0.5, good)
+    # an older message after a newer one: the latest value is kept
+    mirror._on_datachange(2, 9.0, dv(now + 0.1))
+    assert mirror.snapshot().points["p1"].reading == Reading(3.0, now + 0.5, good)
+    assert mirror.out_of_order == 1
+    events = mirror.take_events()
+    assert [e.kind for e in events] == ["lost", "restored"] and events[0].detail == "test gap"
+
+
+def test_runner_survives_a_field_outage(dh: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """Cycles during the outage are STALE with nothing sent; the loop resumes after it."""
+    import hil.simulated
+    from parallelcity.runner import RunOptions
+    from parallelcity.runner import run as run_loop
+
+    fields: list[Any] = []
+    original = hil.simulated._Kind.field_stand_in
+
+    def capture(config: Any, scenario: Any, clock: Any) -> Any:
+        f = original(config, scenario, clock)
+        fields.append(f)
+        return f
+
+    monkeypatch.setattr(hil.simulated._Kind, "field_stand_in", staticmethod(capture))
+    outage_at, cycles = 3, 12
+    cycle_wall = dh.meta.cycle_s / dh.meta.speed
+    tasks: list[asyncio.Task[None]] = []
+
+    def progress(rec: Any, counts: dict[str, int]) -> None:
+        if rec.k == outage_at:
+            tasks.append(asyncio.get_running_loop().create_task(fields[0].outage(2.5 * cycle_wall)))
+
+    result = asyncio.run(
+        run_loop(dh, RunOptions(cycles=cycles, out_dir=tmp_path, controller_kind="pi"), progress)
+    )
+    outcomes = [r.outcome for r in result.records]
+    stale = [r.k for r in result.records if r.outcome == Outcome.STALE]
+    assert stale, outcomes
+    assert min(stale) > outage_at and max(stale) < cycles - 2, outcomes
+    for r in result.records:
+        if r.outcome == Outcome.STALE:
+            assert r.ack == "" and "connection gap" in r.reason, (r.k, r.reason)
+    after = [r for r in result.records if r.k > max(stale)]
+    assert after and all(r.outcome != Outcome.STALE for r in after), outcomes
+    journal = Journal(result.journal_path)
+    kinds = [
+        row["kind"]
+        for row in journal.query("SELECT kind FROM event WHERE source = 'mirror' ORDER BY rowid")
+    ]
+    journal.close()
+    assert kinds == ["lost", "restored"]
