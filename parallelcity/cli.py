@@ -6,6 +6,7 @@ Exit codes:
     2  bad command line, or a scenario file that does not validate
     3  field equipment unreachable or not as the scenario describes (OPC UA, gateway)
     4  refused for security: the configuration lacks the security it needs
+    5  `verify`: a safety spec does not hold on some rig sample
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
             "dispatch only verified commands over ZeroMQ."
         ),
         epilog="Exit codes: 0 done, 1 internal error, 2 bad usage or invalid scenario, "
-        "3 field unreachable or mis-mapped, 4 refused for security.",
+        "3 field unreachable or mis-mapped, 4 refused for security, "
+        "5 verify: a spec fails on the rig.",
     )
     p.add_argument("--version", action="version", version=f"parallelcity {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
@@ -80,11 +82,76 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser(
         "gateway",
         help="run a field gateway on its own, in front of an OPC UA server",
-        description="Serve commands for SCENARIO's inputs, writing accepted ones over OPC UA.",
+        description="Serve commands as the gateway CONFIG (TOML) describes, writing accepted "
+        "ones to the PLC over OPC UA. --schema prints the JSON Schema of CONFIG files.",
     )
-    g.add_argument("scenario", type=Path)
-    g.add_argument("--bind", required=True, metavar="TCP://…", help="ZeroMQ address to bind")
-    g.add_argument("--field", required=True, metavar="OPC.TCP://…", help="PLC's OPC UA endpoint")
+    g.add_argument("config", type=Path, nargs="?", help="gateway config TOML")
+    g.add_argument("--schema", action="store_true", help="print the config JSON Schema and exit")
+
+    k = sub.add_parser(
+        "keys",
+        help="generate CURVE key pairs for the dispatcher and the gateway",
+        description="Write NAME.public and NAME.secret (mode 0600) into DIR for each NAME; "
+        "never overwrites a secret key.",
+    )
+    k.add_argument("dir", type=Path, help="folder to write the keys into")
+    k.add_argument("names", nargs="+", metavar="NAME", help="e.g. gateway control-room")
+
+    ra = sub.add_parser(
+        "rearm",
+        help="re-arm a field gateway whose watchdog tripped",
+        description="Ask the gateway at ENDPOINT to leave its safe values and accept commands "
+        "again; the key must be allowed to re-arm. Prints the gateway's status.",
+    )
+    ra.add_argument("endpoint", metavar="TCP://…", help="the gateway's ZeroMQ address")
+    ra.add_argument("--reason", required=True, help="why it is safe to resume (journaled)")
+    ra.add_argument("--key", type=Path, help="your CURVE secret key file")
+    ra.add_argument("--gateway-key", type=Path, help="the gateway's CURVE public key file")
+    ra.add_argument("--insecure-lab", action="store_true", help="no CURVE (lab gateways only)")
+    ra.add_argument("--issuer", default="operator", help="name shown in the gateway's log")
+
+    c = sub.add_parser(
+        "certs",
+        help="create OPC UA certificates: a client and a server that trust each other",
+        description="Write client/, server/ and user/ certificates (DER) and keys (PEM, 0600) "
+        "under DIR, each trust list holding its peer, and print the [security.opcua] table.",
+    )
+    c.add_argument("dir", type=Path, help="folder to create the certificates in")
+    c.add_argument("--client-uri", default="urn:parallelcity:client")
+    c.add_argument("--server-uri", default="urn:parallelcity:field")
+    c.add_argument("--host", action="append", help="host name or IP for the certificates")
+    c.add_argument("--days", type=int, default=365, help="validity (default 365)")
+
+    b = sub.add_parser(
+        "browse",
+        help="walk an OPC UA server and print a [[field.points]] table",
+        description="Browse ENDPOINT from the Objects folder and print the numeric variables "
+        "of one namespace as scenario points.",
+    )
+    b.add_argument("endpoint", metavar="OPC.TCP://…")
+    b.add_argument("--scenario", type=Path, help="take [security.opcua] from this scenario")
+    b.add_argument("--namespace", help="namespace URI (default: the first with variables)")
+    b.add_argument("--max-age", type=float, default=60.0, help="max_age_s to write")
+    b.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+    b.add_argument(
+        "--insecure-lab", action="store_true", help="allow security policy None (lab only)"
+    )
+    vr = sub.add_parser(
+        "verify",
+        help="run a controller against a test rig offline and report every spec",
+        description="A HIL campaign: the controller in closed loop with the rig KIND on each "
+        "of its uncertainty samples; prints pass/fail and robustness per spec and KPIs, and "
+        "writes a plot to --out. Exit code 5 if a spec fails on some sample.",
+    )
+    vr.add_argument("scenario", type=Path, help="scenario TOML file")
+    vr.add_argument("--rig", required=True, metavar="KIND", help="rig kind, e.g. simulated")
+    vr.add_argument(
+        "--rig-config", type=Path, metavar="FILE", help="TOML table for a kind not in [rig]"
+    )
+    vr.add_argument("--samples", type=int, help="uncertainty samples (default: the rig's)")
+    vr.add_argument("--cycles", type=int, help="cycles per sample (default: one horizon)")
+    vr.add_argument("--controller", metavar="KIND", help="controller kind (default: scenario)")
+    vr.add_argument("--out", type=Path, default=Path("runs"), help="plot folder (default runs/)")
     return p
 
 
@@ -172,10 +239,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"against the {where}",
         file=sys.stderr,
     )
+    gateway_log = logging.getLogger("parallelcity.gateway")
+    level = gateway_log.level
     if not args.verbose and args.gateway is None:
         # the embedded gateway's line per command would drown the progress; the journal has them
-        logging.getLogger("parallelcity.gateway").setLevel(logging.WARNING)
-    result = asyncio.run(run(scenario, options, progress))
+        gateway_log.setLevel(logging.WARNING)
+    try:
+        result = asyncio.run(run(scenario, options, progress))
+    finally:
+        gateway_log.setLevel(level)
     summary, paths = write_all(result)
     print("\n".join(summary.lines()))
     for what, path in paths.items():
@@ -187,16 +259,126 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     import time
 
     from .clock import SimClock
-    from .gateway import serve_gateway
-    from .scenario import load_scenario
+    from .gateway_config import gateway_json_schema, load_gateway_config, serve_gateway
 
-    scenario = load_scenario(args.scenario)
+    if args.schema:
+        sys.stdout.write(json.dumps(gateway_json_schema(), indent=2) + "\n")
+        return EXIT_OK
+    if args.config is None:
+        raise _UsageError("gateway needs a CONFIG file (or --schema)")
+    config = load_gateway_config(args.config)
     clock = SimClock(epoch=time.time(), speed=1.0)
     try:
-        asyncio.run(serve_gateway(scenario, bind=args.bind, opcua_endpoint=args.field, clock=clock))
+        asyncio.run(serve_gateway(config, clock))
     except KeyboardInterrupt:
         print("gateway stopped", file=sys.stderr)
     return EXIT_OK
+
+
+def _cmd_rearm(args: argparse.Namespace) -> int:
+    from .dispatcher import ClientCurve, Dispatcher
+    from .keys import read_public_key, read_secret_key
+
+    curve = None
+    if not args.insecure_lab:
+        if args.key is None or args.gateway_key is None:
+            raise _UsageError("rearm needs --key and --gateway-key (or --insecure-lab)")
+        curve = ClientCurve(read_secret_key(args.key), read_public_key(args.gateway_key))
+
+    async def go() -> str:
+        async with Dispatcher(
+            args.endpoint, args.issuer, curve=curve, insecure_lab=args.insecure_lab
+        ) as disp:
+            status = await disp.rearm(args.reason)
+        return f"watchdog {status.watchdog.value}: {status.detail}"
+
+    print(asyncio.run(go()))
+    return EXIT_OK
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from .keys import write_keypair
+
+    for name in args.names:
+        try:
+            public, secret = write_keypair(args.dir, name)
+        except ValueError as exc:
+            raise _UsageError(str(exc)) from exc
+        print(f"{name}: public {public}  secret {secret} (mode 0600)")
+    return EXIT_OK
+
+
+def _cmd_certs(args: argparse.Namespace) -> int:
+    from .certs import make_lab_pki
+
+    if args.days < 1:
+        raise _UsageError("--days must be at least 1")
+    pki = make_lab_pki(
+        args.dir,
+        client_uri=args.client_uri,
+        server_uri=args.server_uri,
+        hostnames=args.host,
+        days=args.days,
+    )
+    print(f"client  {pki.client.certificate}  key {pki.client.private_key}")
+    print(f"server  {pki.server.certificate}  key {pki.server.private_key}")
+    print(f"user    {pki.user.certificate}  key {pki.user.private_key}")
+    print(f"the server trusts {pki.server_trusted}; the client trusts {pki.client_trusted}")
+    print("\n[security.opcua]  # paths are relative to the scenario file")
+    print('policy = "Basic256Sha256"')
+    print(f'certificate = "{pki.client.certificate}"')
+    print(f'private_key = "{pki.client.private_key}"')
+    print(f'trusted = "{pki.client_trusted}"')
+    print('username = "operator"\npassword_env = "PARALLELCITY_OPCUA_PASSWORD"')
+    return EXIT_OK
+
+
+def _cmd_browse(args: argparse.Namespace) -> int:
+    from .browse import browse, points_toml
+    from .opcua import ClientSecurity
+    from .scenario import load_scenario
+
+    if args.scenario is not None:
+        security = ClientSecurity.from_scenario(load_scenario(args.scenario))
+    else:
+        security = ClientSecurity.insecure()
+    if not security.secure:
+        if not args.insecure_lab:
+            raise SecurityError(
+                "browsing without OPC UA security needs --insecure-lab; or give --scenario "
+                "with a [security.opcua] table"
+            )
+        log.warning("INSECURE LAB MODE: browsing %s with security policy None", args.endpoint)
+    result = asyncio.run(browse(args.endpoint, security, namespace=args.namespace))
+    text = points_toml(result, args.max_age)
+    if args.output:
+        args.output.write_text(text)
+        print(f"wrote {len(result.points)} points to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .campaign import verify_command
+    from .errors import RigError
+
+    for opt in ("samples", "cycles"):
+        if getattr(args, opt) is not None and getattr(args, opt) < 1:
+            raise _UsageError(f"--{opt} must be at least 1")
+    try:
+        return verify_command(
+            args.scenario,
+            args.rig,
+            rig_config=args.rig_config,
+            samples=args.samples,
+            cycles=args.cycles,
+            controller_kind=args.controller,
+            out_dir=args.out,
+        )
+    except RigError as exc:
+        print(f"rig error: {exc}", file=sys.stderr)
+        return EXIT_FIELD
 
 
 class _UsageError(Exception):
@@ -211,8 +393,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("asyncua", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING if args.verbose else logging.ERROR)
+    # asyncua logs tracebacks for conditions parallelcity reports itself (as FieldError,
+    # stale points or journal gaps); its own words are shown with --verbose
+    logging.getLogger("asyncua").setLevel(logging.WARNING if args.verbose else logging.CRITICAL)
+    logging.getLogger("matplotlib").setLevel(logging.WARNING if args.verbose else logging.ERROR)
     try:
         if args.command == "validate":
             return _cmd_validate(args.scenarios)
@@ -222,6 +406,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "gateway":
             return _cmd_gateway(args)
+        if args.command == "keys":
+            return _cmd_keys(args)
+        if args.command == "rearm":
+            return _cmd_rearm(args)
+        if args.command == "certs":
+            return _cmd_certs(args)
+        if args.command == "browse":
+            return _cmd_browse(args)
+        if args.command == "verify":
+            return _cmd_verify(args)
     except _UsageError as exc:
         parser.error(str(exc))
     except ScenarioError as exc:

@@ -13,7 +13,8 @@ the module that talks to them, with the original kept as ``__cause__``::
     │   └── NodeMappingError         a scenario NodeId does not exist on the server
     ├── DispatchError            a command could not be delivered or acknowledged
     ├── WireFormatError          a message on the wire does not follow the protocol
-    └── JournalError             the journal could not be written or read
+    ├── JournalError             the journal could not be written or read
+    └── RigError                 a test rig failed, or was driven out of order
 
 Solver failures, stale data and rejected plans are *not* exceptions: they are
 values (``ControlResult.status``, ``Snapshot.stale``, ``Verdict.approved``) that
@@ -70,3 +71,7 @@ class WireFormatError(ParallelCityError):
 
 class JournalError(ParallelCityError):
     """The journal could not be written or read."""
+
+
+class RigError(ParallelCityError):
+    """A test rig (simulated, FMU, OPC UA bench) failed, or was driven out of order."""

@@ -19,6 +19,7 @@ import numpy as np
 
 from .cycle import Decision
 from .errors import JournalError
+from .gate import Switch
 from .snapshot import Snapshot
 from .wire import Ack, Command
 
@@ -52,6 +53,16 @@ CREATE TABLE IF NOT EXISTS verdict (
     violations TEXT NOT NULL, note TEXT NOT NULL, y_rig TEXT NOT NULL,
     PRIMARY KEY (run_id, k, role)
 );
+CREATE TABLE IF NOT EXISTS verdict_evidence (
+    run_id INTEGER NOT NULL, k INTEGER NOT NULL, role TEXT NOT NULL,
+    digest TEXT NOT NULL, status TEXT NOT NULL, samples INTEGER NOT NULL,
+    worst_sample INTEGER NOT NULL, evidence TEXT NOT NULL,
+    PRIMARY KEY (run_id, k, role)
+);
+CREATE TABLE IF NOT EXISTS gate_switch (
+    run_id INTEGER NOT NULL, k INTEGER NOT NULL, t REAL NOT NULL,
+    from_mode TEXT NOT NULL, to_mode TEXT NOT NULL, reason TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS command (
     id TEXT PRIMARY KEY, run_id INTEGER NOT NULL, k INTEGER NOT NULL,
     seq INTEGER NOT NULL, issued_at REAL NOT NULL, valid_until REAL NOT NULL,
@@ -61,6 +72,10 @@ CREATE TABLE IF NOT EXISTS ack (
     command_id TEXT NOT NULL REFERENCES command(id), run_id INTEGER NOT NULL,
     status TEXT NOT NULL, code TEXT NOT NULL, detail TEXT NOT NULL,
     applied_at REAL, received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS event (
+    run_id INTEGER NOT NULL, k INTEGER NOT NULL, t REAL NOT NULL,
+    source TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL, data TEXT NOT NULL
 );
 """
 
@@ -184,6 +199,32 @@ class Journal:
                             _json(v.y_rig),
                         ),
                     )
+                    db.execute(
+                        "INSERT INTO verdict_evidence VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            self.run_id,
+                            k,
+                            a.role,
+                            v.digest,
+                            v.status.value,
+                            v.samples,
+                            v.worst_sample,
+                            _json(v.evidence()),
+                        ),
+                    )
+            for sw in decision.switches:
+                self._insert_switch(db, k, sw)
+
+    def _insert_switch(self, db: sqlite3.Connection, k: int, sw: Switch) -> None:
+        db.execute(
+            "INSERT INTO gate_switch VALUES (?, ?, ?, ?, ?, ?)",
+            (self.run_id, k, sw.t, sw.frm.value, sw.to.value, sw.reason),
+        )
+
+    def record_switch(self, k: int, sw: Switch) -> None:
+        """A gate switch decided outside ``CycleLogic`` (e.g. a missed deadline)."""
+        with self._tx() as db:
+            self._insert_switch(db, k, sw)
 
     def record_command(self, k: int, cmd: Command) -> None:
         """Written before the command is sent, so a crash never loses a command that left."""
@@ -215,6 +256,24 @@ class Journal:
                     ack.applied_at,
                     received_at,
                 ),
+            )
+
+    def record_event(
+        self,
+        k: int,
+        t: float,
+        source: str,
+        kind: str,
+        detail: str,
+        data: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Something that happened between cycles: a field connection gap ("mirror": "lost",
+        "restored"), a divergence alarm ("divergence": "alarm", "clear"), ...; ``k`` is the
+        cycle that noticed it."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO event VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (self.run_id, k, t, source, kind, detail, _json(dict(data or {}))),
             )
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:

@@ -15,32 +15,41 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import secrets
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from . import plugins
+from .certs import make_lab_pki
 from .clock import SimClock
 from .cycle import CycleLogic, Decision, Outcome
-from .dispatcher import Dispatcher
+from .dispatcher import ClientCurve, Dispatcher
+from .divergence import DivergenceMonitor, DivergenceSettings
 from .errors import DispatchError, ParallelCityError, SecurityError
-from .gateway import FieldGateway, GatewayCore, OpcUaWriter
+from .gate import SimplexGate
+from .gateway import FieldGateway, GatewayCore, OpcUaWriter, ServerCurve, new_zap_domain
+from .gateway_store import GatewayStore
 from .journal import Journal
+from .keys import KeyPair, read_public_key, read_secret_key
 from .mirror import Mirror
 from .model import Array
+from .opcua import ClientSecurity, SecureStandIn, ServerSecurity, hash_password
 from .rig import FieldStandIn
 from .scenario import Scenario
 from .snapshot import Snapshot
 from .specs import SafetySpecs
 from .twin import Twin
-from .verify import Verifier
-from .wire import AckStatus
+from .verify import PoolSamples, RigRecipe, Verifier
+from .wire import AckStatus, Status
+from .zap import AllowList, Grant
 
 log = logging.getLogger("parallelcity.runner")
 
@@ -122,22 +131,128 @@ async def run(
         raise
 
 
-def _check_opcua_security(scenario: Scenario) -> None:
-    """Refuse to run OPC UA without security unless the scenario asks for a lab run."""
-    if not scenario.insecure_lab:
+def _check_opcua_security(scenario: Scenario, embedded: bool = True) -> None:
+    """Refuse OPC UA without security unless the scenario asks for a lab run.
+
+    Real equipment needs ``[security.opcua]``; the embedded stand-in gets
+    certificates generated for the run (``_opcua_security``).
+    """
+    if scenario.insecure_lab or embedded:
+        return
+    if scenario.file.security.opcua is None:
         raise SecurityError(
-            "secure OPC UA is not available in this release; set "
-            "[security] insecure_lab = true for a lab run on loopback"
+            "OPC UA to field equipment needs [security.opcua] (certificate, private_key, "
+            "trusted, and a user token; `parallelcity certs DIR` creates a set), or "
+            "[security] insecure_lab = true for a lab run"
         )
 
 
-def _check_zmq_security(scenario: Scenario) -> None:
-    """Refuse to dispatch over ZeroMQ without CURVE unless the scenario asks for a lab run."""
-    if not scenario.insecure_lab:
-        raise SecurityError(
-            "CURVE for ZeroMQ is not available in this release; set "
-            "[security] insecure_lab = true for a lab run on loopback"
+def _opcua_security(
+    scenario: Scenario, embedded: bool, out_dir: Path
+) -> tuple[ClientSecurity, ServerSecurity | None]:
+    """The runtime's OPC UA client security, and the embedded stand-in's server security.
+
+    Embedded and not a lab run: a client and a server certificate that trust each
+    other and a random password, generated for this run under ``out_dir/pki``.
+    """
+    if embedded and scenario.insecure_lab:
+        return ClientSecurity.insecure(), None
+    if not embedded:
+        client = ClientSecurity.from_scenario(scenario)
+        if not client.secure and not scenario.insecure_lab:
+            raise SecurityError("OPC UA policy None needs [security] insecure_lab = true")
+        return client, None
+    pki = make_lab_pki(out_dir / "pki")
+    password = secrets.token_urlsafe(24)
+    server = ServerSecurity(
+        pki.server.certificate,
+        pki.server.private_key,
+        pki.server_trusted,
+        users={"parallelcity": hash_password(password)},
+    )
+    client = ClientSecurity(
+        "Basic256Sha256",
+        pki.client.certificate,
+        pki.client.private_key,
+        pki.client_trusted,
+        username="parallelcity",
+        password=password,
+    )
+    log.info("embedded OPC UA: Basic256Sha256 SignAndEncrypt, certificates in %s", pki.root)
+    return client, server
+
+
+def _divergence_monitor(scenario: Scenario) -> DivergenceMonitor | None:
+    cfg = scenario.file.divergence
+    if cfg is None:
+        return None
+    settings = DivergenceSettings(
+        cfg.thresholds, cfg.window_cycles, cfg.persist_cycles, cfg.clear_cycles
+    )
+    return DivergenceMonitor(scenario.model, scenario.meta.cycle_s, settings)
+
+
+def _watch_divergence(
+    monitor: DivergenceMonitor,
+    journal: Journal,
+    k: int,
+    t: float,
+    snap: Snapshot,
+    decision: Decision,
+    u_now: Array,
+) -> None:
+    """Compare the field at ``t`` with the twin's prediction; the alarm, while up, sends
+    the next cycles to the verified fallback."""
+    x = decision.x0 if snap.link_up else None
+    check = monitor.observe(t, snap, x, u_now)
+    if check.change == "alarm":
+        log.warning("cycle %d: %s; using the verified fallback", k, check.reason)
+    elif check.change == "clear":
+        log.warning("cycle %d: the twin agrees with the field again", k)
+    if check.change is not None:
+        detail = check.reason or "the twin agrees with the field again"
+        journal.record_event(
+            k, t, "divergence", check.change, detail, {"residuals": dict(check.residuals)}
         )
+
+
+def _check_zmq_security(scenario: Scenario, embedded_gateway: bool = True) -> None:
+    """Refuse to dispatch over ZeroMQ without CURVE unless the scenario asks for a lab run.
+
+    The embedded gateway gets key pairs generated for the run (``_zmq_security``);
+    a separate gateway (``--gateway``) needs ``[security.zmq]``.
+    """
+    if scenario.insecure_lab or embedded_gateway:
+        return
+    if scenario.file.security.zmq is None:
+        raise SecurityError(
+            "dispatching to a gateway needs [security.zmq] (client_secret_key, "
+            "gateway_public_key; `parallelcity keys DIR NAME` makes key pairs), or "
+            "[security] insecure_lab = true for a lab run"
+        )
+
+
+def _zmq_security(
+    scenario: Scenario, embedded_gateway: bool
+) -> tuple[ClientCurve | None, ServerCurve | None]:
+    """CURVE for the dispatcher, and for the embedded gateway (``None``: no CURVE).
+
+    Embedded and not a lab run: a server and a client key pair made in memory for
+    this run; the gateway allows exactly that client key.
+    """
+    cfg = scenario.file.security.zmq
+    if not embedded_gateway:
+        if cfg is None:
+            return None, None  # insecure_lab, checked by _check_zmq_security
+        base = scenario.path.parent
+        keys = read_secret_key(base / cfg.client_secret_key)
+        return ClientCurve(keys, read_public_key(base / cfg.gateway_public_key)), None
+    if scenario.insecure_lab:
+        return None, None
+    server, client = KeyPair.generate(), KeyPair.generate()
+    allow = AllowList.of([(client.public, Grant.everything("embedded-runtime"))])
+    log.info("embedded gateway: ZeroMQ CURVE with key pairs generated for this run")
+    return ClientCurve(client, server.public), ServerCurve(server, allow, new_zap_domain())
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
@@ -149,8 +264,8 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | None) -> RunResult:
     meta = scenario.meta
-    _check_opcua_security(scenario)
-    _check_zmq_security(scenario)
+    _check_opcua_security(scenario, options.field_endpoint is None)
+    _check_zmq_security(scenario, options.gateway_endpoint is None)
     if scenario.insecure_lab:
         log.warning(INSECURE_BANNER)
     embedded = options.field_endpoint is None
@@ -171,9 +286,18 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         scenario.fallback_config
     )
     twin = Twin(model, specs, meta.cycle_s, meta.horizon_steps)
-    verifier = Verifier(specs, rig_kind.verification_rig(scenario.rig_config, model), meta.cycle_s)
-    logic = CycleLogic(twin, controller, fallback, verifier)
+    vcfg = scenario.file.verification
+    pool = PoolSamples(RigRecipe.from_scenario(scenario), vcfg.workers) if vcfg.workers else None
+    verifier = Verifier(
+        specs,
+        rig_kind.verification_rig(scenario.rig_config, model),
+        meta.cycle_s,
+        runner=pool,
+        deadline_s=None if vcfg.deadline_s is None else vcfg.deadline_s / speed,
+    )
+    logic = CycleLogic(twin, controller, fallback, verifier, SimplexGate(vcfg.reverify_cycles))
     logic.setup()
+    monitor = _divergence_monitor(scenario)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_dir = options.out_dir / f"{meta.name}-{stamp}"
@@ -181,37 +305,55 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
     records: list[CycleRecord] = []
     counts = _counts()
     stand_in: FieldStandIn | None = None
+    opcua_client, opcua_server = _opcua_security(scenario, embedded, out_dir)
+    zmq_client, zmq_server = _zmq_security(scenario, options.gateway_endpoint is None)
 
     async with AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
         endpoint = options.field_endpoint
         if endpoint is None:
-            field_stand_in = await stack.enter_async_context(
-                rig_kind.field_stand_in(scenario.rig_config, scenario, clock)
-            )
+            stand_in_cm = rig_kind.field_stand_in(scenario.rig_config, scenario, clock)
+            if opcua_server is not None:
+                if not isinstance(stand_in_cm, SecureStandIn):
+                    raise SecurityError(
+                        f"rig kind {scenario.file.rig.kind!r} cannot serve secure OPC UA; "
+                        "set [security] insecure_lab = true for a lab run"
+                    )
+                stand_in_cm.use_opcua_security(opcua_server)
+            field_stand_in = await stack.enter_async_context(stand_in_cm)
             stand_in, endpoint = field_stand_in, field_stand_in.endpoint
             log.info("field stand-in serving OPC UA at %s", endpoint)
         gateway_endpoint = options.gateway_endpoint
         gateway_task = None
         if gateway_endpoint is None:
-            writer = await stack.enter_async_context(OpcUaWriter(endpoint, scenario.field))
+            writer = await stack.enter_async_context(
+                OpcUaWriter(endpoint, scenario.field, security=opcua_client)
+            )
+            store = GatewayStore(out_dir / "gateway.sqlite")
+            stack.callback(store.close)
             gateway = await stack.enter_async_context(
                 FieldGateway(
-                    GatewayCore(specs.limits),
+                    GatewayCore(specs.limits, lease_s=2 * meta.cycle_s),
                     writer,
                     clock,
                     bind="tcp://127.0.0.1:0",
+                    curve=zmq_server,
                     insecure_lab=scenario.insecure_lab,
+                    store=store,
                 )
             )
             gateway_endpoint = gateway.endpoint
             gateway_task = tasks.create_task(gateway.serve(), name="field-gateway")
             log.info("field gateway listening at %s", gateway_endpoint)
-        mirror = await stack.enter_async_context(Mirror(scenario.field, clock, endpoint=endpoint))
+        mirror = await stack.enter_async_context(
+            Mirror(scenario.field, clock, endpoint=endpoint, security=opcua_client)
+        )
         dispatcher = await stack.enter_async_context(
             Dispatcher(
                 gateway_endpoint,
                 issuer=f"{meta.name}-{uuid.uuid4().hex[:8]}",
                 timeout_s=max(0.5, 0.2 * meta.cycle_s / speed),
+                curve=zmq_client,
+                insecure_lab=scenario.insecure_lab,
             )
         )
         applied_now = await mirror.read_inputs()
@@ -233,6 +375,25 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                 "controller": controller_kind,
             },
         )
+        # First heartbeat: the gateway tells where this issuer's seq stands and how often
+        # it expects heartbeats; then they go on beside the cycles.
+        cycle_k = [0]
+        first = await dispatcher.heartbeat(sent_at=clock.now())
+        journal.record_event(0, clock.now(), "gateway", first.watchdog.value, first.detail)
+        beat_s = first.heartbeat_s / 2 if first.heartbeat_s > 0 else meta.cycle_s / 4
+        watchdog_seen = [first.watchdog]
+
+        def on_status(status: Status) -> None:
+            if status.watchdog is not watchdog_seen[0]:
+                watchdog_seen[0] = status.watchdog
+                journal.record_event(
+                    cycle_k[0], clock.now(), "gateway", status.watchdog.value, status.detail
+                )
+
+        heartbeats = tasks.create_task(
+            dispatcher.heartbeat_loop(max(0.02, beat_s / speed), on_status, now=clock.now),
+            name="heartbeats",
+        )
         t_first = meta.start_epoch + math.ceil((clock.now() - meta.start_epoch) / meta.cycle_s) * (
             meta.cycle_s
         )
@@ -241,16 +402,32 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         try:
             for k in range(cycles):
                 t_k = t_first + k * meta.cycle_s
+                cycle_k[0] = k
                 await clock.sleep_until(t_k)
                 wall0 = time.perf_counter()
                 snap = mirror.snapshot()
+                for event in mirror.take_events():
+                    journal.record_event(
+                        k, event.t, "mirror", event.kind, event.detail, {"gap": event.gap}
+                    )
                 deadline_at = t_k + meta.deadline
                 if busy is not None and not busy.done():
                     decision = Decision(Outcome.HOLD, "previous cycle's solve is still running")
                     outcome, reason = "busy", decision.reason
                 else:
                     budget = max(0.0, (deadline_at - clock.now()) / speed)
-                    busy = worker.submit(logic.decide, t_k, snap, u_prev, 0.8 * budget)
+                    diverged = monitor.reason if monitor is not None and monitor.alarm else None
+                    busy = worker.submit(
+                        partial(
+                            logic.decide,
+                            verify_by=time.monotonic() + budget,
+                            fallback_reason=diverged,
+                        ),
+                        t_k,
+                        snap,
+                        u_prev,
+                        0.8 * budget,
+                    )
                     try:
                         decision = await asyncio.wait_for(asyncio.wrap_future(busy), budget)
                         outcome, reason = decision.outcome.value, decision.reason
@@ -261,9 +438,20 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                 if action is not None and clock.now() > deadline_at:
                     outcome, reason = "deadline", f"decided too late: {reason}"
                     action = None
+                if action is not None and outcome == Outcome.DISPATCH:
+                    broken = specs.check_dispatch(u_prev, action, meta.cycle_s)
+                    if broken:  # the same specs, once more on what is about to leave
+                        outcome = "hold"
+                        reason = f"refused at dispatch: {broken[0].describe()}"
+                        log.error("cycle %d: %s", k, reason)
+                        action = None
                 journal.record_cycle(
                     k, t_k, snap, decision, time.perf_counter() - wall0, outcome, reason
                 )
+                if outcome in ("deadline", "busy"):
+                    switch = logic.gate.trip(t_k, f"deadline: {reason}")
+                    if switch is not None:
+                        journal.record_switch(k, switch)
                 ack_text = ""
                 verdict = decision.verdict
                 if action is not None and verdict is not None and outcome == Outcome.DISPATCH:
@@ -279,6 +467,8 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                         digest=verdict.digest,
                         counts=counts,
                     )
+                if monitor is not None:
+                    _watch_divergence(monitor, journal, k, t_k, snap, decision, u_prev)
                 _count(counts, outcome, decision)
                 rec = _record(
                     k,
@@ -296,8 +486,14 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                 records.append(rec)
                 if progress:
                     progress(rec, counts)
+            heartbeats.cancel()
+            with suppress(DispatchError):  # a clean end hands the equipment leases back
+                await dispatcher.heartbeat(release=True, sent_at=clock.now())
         finally:
             worker.shutdown(wait=False, cancel_futures=True)
+            if pool is not None:
+                pool.close()
+            heartbeats.cancel()
             if gateway_task is not None:
                 gateway_task.cancel()
             journal.close()

@@ -13,7 +13,7 @@ import datetime as dt
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -51,10 +51,53 @@ class Meta(_Strict):
         return self.deadline_s if self.deadline_s is not None else 0.8 * self.cycle_s
 
 
+class OpcUaSecurity(_Strict):
+    """``[security.opcua]``: how the runtime's OPC UA clients connect.  Paths are relative to
+    the scenario file; ``parallelcity certs DIR`` creates a matching set."""
+
+    policy: Literal["Basic256Sha256", "Aes256_Sha256_RsaPss"] = Field(
+        "Basic256Sha256", description="security policy (mode is always SignAndEncrypt)"
+    )
+    certificate: str = Field(description="this client's certificate (DER or PEM)")
+    private_key: str = Field(description="this client's private key (PEM)")
+    trusted: str = Field(description="folder of trusted server (or CA) certificates")
+    username: str | None = Field(None, description="user name token")
+    password_env: str | None = Field(
+        None, description="environment variable holding the user's password"
+    )
+    user_certificate: str | None = Field(None, description="X.509 user token certificate")
+    user_private_key: str | None = Field(None, description="private key of the user certificate")
+
+    @model_validator(mode="after")
+    def _one_user_token(self) -> OpcUaSecurity:
+        if (self.username is None) == (self.user_certificate is None):
+            raise ValueError("give exactly one user token: username or user_certificate")
+        if self.username is not None and self.password_env is None:
+            raise ValueError("username needs password_env (passwords never go in the file)")
+        if self.user_certificate is not None and self.user_private_key is None:
+            raise ValueError("user_certificate needs user_private_key")
+        return self
+
+
+class ZmqSecurity(_Strict):
+    """``[security.zmq]``: CURVE towards a separately running gateway (``run --gateway``).
+    Paths are relative to the scenario file; ``parallelcity keys DIR NAME`` makes key pairs.
+    The embedded gateway needs none: keys are generated for each run."""
+
+    client_secret_key: str = Field(description="this runtime's CURVE secret key file (0600)")
+    gateway_public_key: str = Field(description="the gateway's CURVE public key file")
+
+
 class Security(_Strict):
     insecure_lab: bool = Field(
         False,
         description="run OPC UA and ZeroMQ without encryption or authentication (lab only)",
+    )
+    opcua: OpcUaSecurity | None = Field(
+        None, description="OPC UA client security; required against real equipment"
+    )
+    zmq: ZmqSecurity | None = Field(
+        None, description="ZeroMQ CURVE keys; required to dispatch to a separate gateway"
     )
 
 
@@ -63,6 +106,12 @@ class PointMap(_Strict):
     node: str = Field(description="NodeId in the field namespace, e.g. 's=dh/plant/T_supply'")
     max_age_s: float = Field(gt=0, description="older than this (simulated s) counts as stale")
     required: bool = Field(True, description="a stale required point stops the cycle's action")
+    sampling_interval_ms: float | None = Field(
+        None, gt=0, description="server sampling of this point; default field.sampling_interval_ms"
+    )
+    deadband: float | None = Field(
+        None, ge=0, description="absolute deadband: smaller changes are not reported"
+    )
 
 
 class InputMap(_Strict):
@@ -94,6 +143,11 @@ class InputSpec(_Strict):
     min: float
     max: float
     max_rate_per_h: float | None = Field(None, gt=0, description="largest change per hour")
+    clip: bool = Field(
+        False,
+        description="the verifier may clip this input into its bounds and ramp limit "
+        "(verdict 'clipped') instead of rejecting the plan",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> InputSpec:
@@ -129,9 +183,75 @@ class BandSpec(_Strict):
         return self
 
 
+class Predicate(_Strict):
+    """A signal (model input or output) above and/or below a threshold."""
+
+    signal: str = Field(description="model input or output name")
+    above: float | None = Field(None, description="holds while the signal is at least this")
+    below: float | None = Field(None, description="holds while the signal is at most this")
+
+    @model_validator(mode="after")
+    def _some_threshold(self) -> Predicate:
+        if self.above is None and self.below is None:
+            raise ValueError("a predicate needs 'above', 'below' or both")
+        if self.above is not None and self.below is not None and self.above > self.below:
+            raise ValueError(f"above {self.above} is over below {self.below}: never holds")
+        return self
+
+
+class InterlockSpec(_Strict):
+    """If ``when`` holds then ``forbid`` must not, at every step of the horizon."""
+
+    name: str = Field(min_length=1)
+    when: Predicate
+    forbid: Predicate
+    margin: float = Field(0.0, ge=0, description="robustness the plan must keep")
+
+
+class TemporalSpec(_Strict):
+    """A temporal property of one predicate over the verified horizon.
+
+    ``always``: holds at every step from ``from_s``; ``eventually``: holds at some step
+    within ``within_s`` after ``from_s``; ``never_longer``: never fails for longer than
+    ``longer_than_s``.  Passes when its robustness is at least ``margin``.
+    """
+
+    name: str = Field(min_length=1)
+    kind: Literal["always", "eventually", "never_longer"]
+    require: Predicate
+    from_s: float = Field(0.0, ge=0, description="seconds into the horizon it applies from")
+    within_s: float | None = Field(None, ge=0, description="eventually: deadline after from_s")
+    longer_than_s: float | None = Field(None, ge=0, description="never_longer: longest lapse")
+    margin: float = Field(0.0, ge=0, description="robustness the plan must keep")
+
+    @model_validator(mode="after")
+    def _needs(self) -> TemporalSpec:
+        if self.kind == "eventually" and self.within_s is None:
+            raise ValueError("kind 'eventually' needs within_s")
+        if self.kind == "never_longer" and self.longer_than_s is None:
+            raise ValueError("kind 'never_longer' needs longer_than_s")
+        return self
+
+
 class Specs(_Strict):
     inputs: list[InputSpec] = Field(min_length=1)
     bands: list[BandSpec] = Field(default_factory=list)
+    interlocks: list[InterlockSpec] = Field(default_factory=list)
+    temporal: list[TemporalSpec] = Field(default_factory=list)
+
+
+class Verification(_Strict):
+    """How plans are verified: uncertainty samples in parallel, deadline, simplex gate."""
+
+    workers: int = Field(
+        0, ge=0, le=64, description="processes running uncertainty samples; 0 = in the cycle"
+    )
+    deadline_s: float | None = Field(
+        None, gt=0, description="simulated seconds one verification may take (default: cycle's)"
+    )
+    reverify_cycles: int = Field(
+        3, ge=1, description="consecutive verified cycles before control returns to the controller"
+    )
 
 
 class PluginSection(BaseModel):
@@ -139,6 +259,17 @@ class PluginSection(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
     kind: str
+
+
+class DivergenceConfig(_Strict):
+    """``[divergence]``: when the twin no longer agrees with the field, use the fallback."""
+
+    thresholds: dict[str, float] = Field(
+        min_length=1, description="output -> largest tolerated |measured - predicted|"
+    )
+    window_cycles: int = Field(4, ge=1, description="cycles the twin predicts ahead")
+    persist_cycles: int = Field(3, ge=1, description="cycles beyond threshold before the alarm")
+    clear_cycles: int = Field(4, ge=1, description="cycles within threshold before it clears")
 
 
 class ScenarioFile(_Strict):
@@ -150,6 +281,8 @@ class ScenarioFile(_Strict):
     fallback: PluginSection
     rig: PluginSection
     specs: Specs
+    verification: Verification = Verification()
+    divergence: DivergenceConfig | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -251,6 +384,26 @@ def _cross_check(f: ScenarioFile, m: SubsystemModel) -> list[str]:
     for i, b in enumerate(f.specs.bands):
         if b.output not in outputs:
             problems.append(f"specs.bands[{i}].output: {b.output!r} is not an output of the model")
+    for name in f.divergence.thresholds if f.divergence else {}:
+        if name not in outputs:
+            problems.append(f"divergence.thresholds: {name!r} is not an output of the model")
+    signals = outputs | inputs
+    for i, il in enumerate(f.specs.interlocks):
+        for key, pred in (("when", il.when), ("forbid", il.forbid)):
+            if pred.signal not in signals:
+                problems.append(
+                    f"specs.interlocks[{i}].{key}.signal: {pred.signal!r} is not an input "
+                    "or output of the model"
+                )
+    for i, ts in enumerate(f.specs.temporal):
+        if ts.require.signal not in signals:
+            problems.append(
+                f"specs.temporal[{i}].require.signal: {ts.require.signal!r} is not an input "
+                "or output of the model"
+            )
+    names = [il.name for il in f.specs.interlocks] + [ts.name for ts in f.specs.temporal]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"specs: spec name {dup!r} is used twice")
     return problems
 
 

@@ -46,10 +46,10 @@ def uncontrolled_comfort_kh(scenario, times: list[float], bands: list[dict]) -> 
 
 
 @pytest.fixture(scope="module")
-def day(dh, tmp_path_factory):
+def day(dh_shipped, tmp_path_factory):
+    """The shipped scenario (secure: OPC UA SignAndEncrypt, CURVE) for a simulated day."""
     out = tmp_path_factory.mktemp("runs")
-    result = asyncio.run(run(dh, RunOptions(out_dir=out)))
-    return result
+    return asyncio.run(run(dh_shipped, RunOptions(out_dir=out)))
 
 
 @pytest.mark.slow
@@ -136,8 +136,10 @@ def test_cli_run_shows_progress_and_summary(tmp_path: Path, capsys) -> None:
 
 def test_runtime_refuses_to_start_without_insecure_lab(dh_text: str, tmp_path: Path) -> None:
     sc = parse_scenario(dh_text.replace("insecure_lab = true", "insecure_lab = false"), "x.toml")
-    with pytest.raises(SecurityError, match="insecure_lab"):
-        asyncio.run(run(sc, RunOptions(out_dir=tmp_path)))
+    # A separate gateway without [security.zmq] keys (the embedded one gets keys per run).
+    options = RunOptions(out_dir=tmp_path, gateway_endpoint="tcp://127.0.0.1:9")
+    with pytest.raises(SecurityError, match=r"\[security.zmq\].*insecure_lab"):
+        asyncio.run(run(sc, options))
     assert not any(tmp_path.iterdir()), "nothing may start"
 
 
