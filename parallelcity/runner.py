@@ -34,6 +34,7 @@ from .cycle import CycleLogic, Decision, Outcome
 from .dispatcher import ClientCurve, Dispatcher
 from .divergence import DivergenceMonitor, DivergenceSettings
 from .errors import DispatchError, ParallelCityError, SecurityError
+from .estimate import ExtendedKalmanFilter
 from .gate import SimplexGate
 from .gateway import FieldGateway, GatewayCore, OpcUaWriter, ServerCurve, new_zap_domain
 from .gateway_store import GatewayStore
@@ -129,6 +130,20 @@ async def run(
         if first is not None:
             raise first from group
         raise
+
+
+def _estimator(scenario: Scenario) -> ExtendedKalmanFilter | None:
+    est = scenario.file.estimation
+    if est is None:
+        return None
+    return ExtendedKalmanFilter(
+        scenario.model,
+        scenario.meta.cycle_s,
+        biases=est.biases,
+        state_std=est.state_std,
+        bias_std=est.bias_std,
+        measurement_std=est.measurement_std,
+    )
 
 
 def _check_opcua_security(scenario: Scenario, embedded: bool = True) -> None:
@@ -285,7 +300,7 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
     fallback = plugins.load("controller", scenario.file.fallback.kind).create(
         scenario.fallback_config
     )
-    twin = Twin(model, specs, meta.cycle_s, meta.horizon_steps)
+    twin = Twin(model, specs, meta.cycle_s, meta.horizon_steps, _estimator(scenario))
     vcfg = scenario.file.verification
     pool = PoolSamples(RigRecipe.from_scenario(scenario), vcfg.workers) if vcfg.workers else None
     verifier = Verifier(

@@ -272,6 +272,23 @@ class DivergenceConfig(_Strict):
     clear_cycles: int = Field(4, ge=1, description="cycles within threshold before it clears")
 
 
+class EstimationConfig(_Strict):
+    """``[estimation]``: fuse the points with the model (extended Kalman filter) instead of
+    reading each state from its own point."""
+
+    kind: Literal["ekf"] = "ekf"
+    biases: list[str] = Field(
+        default_factory=list, description="disturbances whose slow offset is estimated"
+    )
+    state_std: float | dict[str, float] = Field(0.05, description="process noise per cycle")
+    bias_std: float | dict[str, float] = Field(0.05, description="offset random walk per cycle")
+    measurement_std: float | dict[str, float] = Field(
+        0.1,
+        description="noise of each measured output in its own unit (K, kW...): give it per "
+        "output, or a model mismatch in kW outputs drags the temperatures along",
+    )
+
+
 class ScenarioFile(_Strict):
     scenario: Meta
     security: Security = Security()
@@ -283,6 +300,7 @@ class ScenarioFile(_Strict):
     specs: Specs
     verification: Verification = Verification()
     divergence: DivergenceConfig | None = None
+    estimation: EstimationConfig | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -384,6 +402,9 @@ def _cross_check(f: ScenarioFile, m: SubsystemModel) -> list[str]:
     for i, b in enumerate(f.specs.bands):
         if b.output not in outputs:
             problems.append(f"specs.bands[{i}].output: {b.output!r} is not an output of the model")
+    for name in f.estimation.biases if f.estimation else []:
+        if name not in m.disturbances:
+            problems.append(f"estimation.biases: {name!r} is not a disturbance of the model")
     for name in f.divergence.thresholds if f.divergence else {}:
         if name not in outputs:
             problems.append(f"divergence.thresholds: {name!r} is not an output of the model")

@@ -173,3 +173,40 @@ def test_a_nodeid_missing_on_the_server_stops_the_run_before_any_cycle(
     for j in journals:
         rows = np.append(rows, sqlite3.connect(j).execute("SELECT COUNT(*) FROM cycle").fetchone())
     assert rows.sum() == 0
+
+
+def test_with_the_estimator_a_stale_optional_state_point_does_not_stop_control(
+    dh_text: str, tmp_path: Path
+) -> None:
+    """A zone point that is never fresh (max age below the publishing period) and not
+    required: read point by point the twin has no state, so nothing is sent; with the
+    EKF of [estimation] the model carries that state and control goes on."""
+    blind = dh_text.replace(
+        'node = "s=dh/office/T_zone"\nmax_age_s = 1800',
+        'node = "s=dh/office/T_zone"\nmax_age_s = 0.001\nrequired = false',
+    )
+    assert blind != dh_text
+    without = parse_scenario(blind, "blind.toml")
+    # heat meters and the plant's kW outputs differ from the model by kilowatts (the field
+    # plant's parameters are not the twin's): trust the thermometers far more
+    ekf = """
+[estimation]
+biases = ["apartment.Q_int", "office.Q_int", "school.Q_int"]
+[estimation.measurement_std]
+"apartment.T_zone" = 0.1
+"office.T_zone" = 0.1
+"school.T_zone" = 0.1
+"plant.T_supply" = 0.2
+"weather.T_out" = 0.5
+"apartment.Q_heat" = 10.0
+"office.Q_heat" = 10.0
+"school.Q_heat" = 10.0
+"plant.fuel_kw" = 30.0
+"plant.pump_kw" = 1.0
+"""
+    with_ekf = parse_scenario(blind + ekf, "ekf.toml")
+    a = asyncio.run(run(without, RunOptions(cycles=3, speed=720, out_dir=tmp_path / "a")))
+    b = asyncio.run(run(with_ekf, RunOptions(cycles=3, speed=720, out_dir=tmp_path / "b")))
+    assert a.counts["sent"] == 0 and a.counts["stale"] == 3
+    assert "office.T_zone" in a.records[0].reason
+    assert b.counts["sent"] >= 2 and b.counts["acked"] == b.counts["sent"], b.counts
