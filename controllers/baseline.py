@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from parallelcity.control import ControlInput, ControlProblem, ControlResult, SolveStatus
+from parallelcity.control import ControlInput, ControlProblem, ControlResult, KindOf, SolveStatus
 from parallelcity.model import Array
 
 LIMIT_TOLERANCE = 1e-6
@@ -349,19 +349,7 @@ class PIController:
         return result
 
 
-class _PIKind:
-    """Entry point object for ``kind = "pi"``."""
-
-    Config = PIConfig
-
-    @staticmethod
-    def create(config: BaseModel) -> PIController:
-        if not isinstance(config, PIConfig):
-            config = PIConfig.model_validate(config.model_dump())
-        return PIController(config)
-
-
-PI_KIND = _PIKind()
+PI_KIND = KindOf(PIConfig, PIController)
 
 
 # -------------------------------------------------------------------- hold
@@ -434,19 +422,7 @@ class HoldController:
             )
 
 
-class _HoldKind:
-    """Entry point object for ``kind = "hold"``."""
-
-    Config = HoldConfig
-
-    @staticmethod
-    def create(config: BaseModel) -> HoldController:
-        if not isinstance(config, HoldConfig):
-            config = HoldConfig.model_validate(config.model_dump())
-        return HoldController(config)
-
-
-HOLD_KIND = _HoldKind()
+HOLD_KIND = KindOf(HoldConfig, HoldController)
 
 # --------------------------------------------------------------- hysteresis
 
@@ -567,19 +543,7 @@ class HysteresisController:
             )
 
 
-class _HysteresisKind:
-    """Entry point object for ``kind = "hysteresis"``."""
-
-    Config = HysteresisConfig
-
-    @staticmethod
-    def create(config: BaseModel) -> HysteresisController:
-        if not isinstance(config, HysteresisConfig):
-            config = HysteresisConfig.model_validate(config.model_dump())
-        return HysteresisController(config)
-
-
-HYSTERESIS_KIND = _HysteresisKind()
+HYSTERESIS_KIND = KindOf(HysteresisConfig, HysteresisController)
 
 __all__ = [
     "HOLD_KIND",

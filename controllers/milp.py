@@ -35,7 +35,7 @@ import casadi as ca
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from parallelcity.control import ControlInput, ControlProblem, ControlResult, SolveStatus
+from parallelcity.control import ControlInput, ControlProblem, ControlResult, KindOf, SolveStatus
 from parallelcity.model import Array, SubsystemModel
 
 log = logging.getLogger(__name__)
@@ -419,18 +419,6 @@ class PumpScheduler:
         )
 
 
-class _Kind:
-    """Entry point object for ``kind = "milp_pump"``."""
-
-    Config = Config
-
-    @staticmethod
-    def create(config: BaseModel) -> PumpScheduler:
-        if not isinstance(config, Config):
-            config = Config.model_validate(config.model_dump())
-        return PumpScheduler(config)
-
-
-KIND = _Kind()
+KIND = KindOf(Config, PumpScheduler)
 
 __all__ = ["KIND", "OPTIMAL_GAP", "Config", "PumpScheduler", "tank_model"]

@@ -50,7 +50,7 @@ import casadi as ca
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from parallelcity.control import ControlInput, ControlProblem, ControlResult, SolveStatus
+from parallelcity.control import ControlInput, ControlProblem, ControlResult, KindOf, SolveStatus
 from parallelcity.model import Array
 
 log = logging.getLogger(__name__)
@@ -991,19 +991,7 @@ class NmpcController:
         return {"x0": w / self._wscale}
 
 
-class _Kind:
-    """Entry point object for ``kind = "nmpc"``."""
-
-    Config = Config
-
-    @staticmethod
-    def create(config: BaseModel) -> NmpcController:
-        if not isinstance(config, Config):
-            config = Config.model_validate(config.model_dump())
-        return NmpcController(config)
-
-
-KIND = _Kind()
+KIND = KindOf(Config, NmpcController)
 
 __all__ = [
     "KIND",

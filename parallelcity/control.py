@@ -6,9 +6,10 @@ whose ``status`` says what happened, so the cycle can fall back explicitly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel
@@ -113,3 +114,24 @@ class ControllerKind(Protocol):
     Config: type[BaseModel]
 
     def create(self, config: BaseModel) -> Controller: ...
+
+
+C = TypeVar("C", bound=BaseModel)
+K = TypeVar("K", bound=Controller)
+
+
+class KindOf(Generic[C, K]):
+    """A ready entry-point object for a controller kind: ``KindOf(Config, Controller)``.
+
+    ``create`` accepts the kind's own ``Config`` or any model with the same fields
+    (re-validated), so a caller holding a generic config gets the kind's checks.
+    """
+
+    def __init__(self, config: type[C], factory: Callable[[C], K]) -> None:
+        self.Config = config
+        self._factory = factory
+
+    def create(self, config: BaseModel) -> K:
+        if not isinstance(config, self.Config):
+            config = self.Config.model_validate(config.model_dump())
+        return self._factory(config)
