@@ -405,16 +405,12 @@ class PumpScheduler:
         iterations: int = 0,
     ) -> ControlResult:
         assert self._problem is not None
-        base = ControlResult.failure(status, self._problem, f"milp_pump: {why}")
-        return ControlResult(
-            status=status,
-            u_plan=base.u_plan,
-            x_pred=base.x_pred,
-            y_pred=base.y_pred,
-            cost=base.cost,
+        return ControlResult.failure(
+            status,
+            self._problem,
+            f"milp_pump: {why}",
+            time.perf_counter() - t_start,
             iterations=iterations,
-            solve_time_s=time.perf_counter() - t_start,
-            message=base.message,
             extra={**(extra or {}), "milp_status": milp_status},
         )
 

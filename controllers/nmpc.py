@@ -870,17 +870,13 @@ class NmpcController:
         self, status: SolveStatus, why: str, iterations: int, t_start: float, ret: str = ""
     ) -> ControlResult:
         assert self._problem is not None
-        base = ControlResult.failure(status, self._problem, f"nmpc: {why}")
-        return ControlResult(
-            status=status,
-            u_plan=base.u_plan,
-            x_pred=base.x_pred,
-            y_pred=base.y_pred,
-            cost=base.cost,
+        return ControlResult.failure(
+            status,
+            self._problem,
+            f"nmpc: {why}",
+            time.perf_counter() - t_start,
             iterations=iterations,
-            solve_time_s=time.perf_counter() - t_start,
-            message=base.message,
-            extra={"return_status": ret} if ret else {},
+            extra={"return_status": ret} if ret else None,
         )
 
     def _tightened(self, y_low: Array, y_high: Array) -> tuple[Array, Array]:

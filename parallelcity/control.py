@@ -80,7 +80,14 @@ class ControlResult:
 
     @classmethod
     def failure(
-        cls, status: SolveStatus, problem: ControlProblem, message: str, solve_time_s: float = 0.0
+        cls,
+        status: SolveStatus,
+        problem: ControlProblem,
+        message: str,
+        solve_time_s: float = 0.0,
+        *,
+        iterations: int = 0,
+        extra: dict[str, Any] | None = None,
     ) -> ControlResult:
         """A result with no usable plan (NaN-filled, so it can never be sent by accident)."""
         m, n = problem.model, problem.horizon
@@ -91,9 +98,10 @@ class ControlResult:
             x_pred=np.full((n + 1, m.nx), nan),
             y_pred=np.full((n + 1, m.ny), nan),
             cost=nan,
-            iterations=0,
+            iterations=iterations,
             solve_time_s=solve_time_s,
             message=message,
+            extra=dict(extra or {}),
         )
 
 

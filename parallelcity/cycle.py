@@ -29,7 +29,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from .control import ControlInput, Controller, ControlResult, SolveStatus
+from .control import ControlInput, Controller, ControlProblem, ControlResult, SolveStatus
 from .gate import Mode, SimplexGate, Switch
 from .model import Array
 from .snapshot import Snapshot
@@ -87,23 +87,17 @@ class Decision:
         return None if v is None else np.array(v.u_plan[0], dtype=float)
 
 
-def _safe_step(controller: Controller, inp: ControlInput) -> ControlResult:
+def _safe_step(controller: Controller, inp: ControlInput, problem: ControlProblem) -> ControlResult:
     """A controller that raises is a failed solve, not a crashed cycle."""
     started = time.perf_counter()
     try:
         return controller.step(inp)
     except Exception as exc:
-        nan = math.nan
-        n, nu = inp.disturbances.shape[0], inp.u_prev.shape[0]
-        return ControlResult(
-            status=SolveStatus.FAILED,
-            u_plan=np.full((n, nu), nan),
-            x_pred=np.full((n + 1, inp.x0.shape[0]), nan),
-            y_pred=np.empty((n + 1, 0)),
-            cost=nan,
-            iterations=0,
-            solve_time_s=time.perf_counter() - started,
-            message=f"controller raised {type(exc).__name__}: {exc}",
+        return ControlResult.failure(
+            SolveStatus.FAILED,
+            problem,
+            f"controller raised {type(exc).__name__}: {exc}",
+            time.perf_counter() - started,
         )
 
 
@@ -121,17 +115,16 @@ class CycleLogic:
         self.fallback = fallback
         self.verifier = verifier
         self.gate = gate if gate is not None else SimplexGate()
+        self.problem = twin.specs.control_problem(twin.model, twin.dt, twin.horizon)
 
     def setup(self) -> None:
-        specs = self.twin.specs
-        problem = specs.control_problem(self.twin.model, self.twin.dt, self.twin.horizon)
-        self.controller.setup(problem)
-        self.fallback.setup(problem)
+        self.controller.setup(self.problem)
+        self.fallback.setup(self.problem)
 
     def _attempt(
         self, role: str, controller: Controller, inp: ControlInput, verify_by: float | None
     ) -> Attempt:
-        result = _safe_step(controller, inp)
+        result = _safe_step(controller, inp, self.problem)
         if not result.status.usable:
             return Attempt(role, result, None)
         verdict = self.verifier.verify(
