@@ -33,7 +33,9 @@ def test_thousands_of_points_with_per_point_sampling_and_deadband() -> None:
     # p1 reports only moves beyond 10 (the server adds 1 per 100 ms tick); p2 never moves
     # beyond its deadband, yet stays fresh while the subscription is alive.
     points[1] = PointMap(name="p1", node=point_node(1), max_age_s=10.0, deadband=10.0)
-    points[2] = PointMap(name="p2", node=point_node(2), max_age_s=0.5, deadband=1e9)
+    # max_age_s leaves room for a publish delayed by a loaded machine; the source time
+    # still grows older than it while the point stays fresh.
+    points[2] = PointMap(name="p2", node=point_node(2), max_age_s=1.5, deadband=1e9)
     points[3] = PointMap(name="p3", node=point_node(3), max_age_s=10.0, sampling_interval_ms=500)
     cfg = FieldConfig(
         namespace=POINT_NAMESPACE,
@@ -52,7 +54,7 @@ def test_thousands_of_points_with_per_point_sampling_and_deadband() -> None:
                 assert await mirror.wait_all_received(30.0)
                 first = mirror.readings
                 start = mirror.notifications
-                await asyncio.sleep(2.0)
+                await asyncio.sleep(3.0)
                 later = mirror.readings
                 snap = mirror.snapshot()
                 assert snap.stale_required == [], snap.stale_required[:5]
@@ -64,8 +66,8 @@ def test_thousands_of_points_with_per_point_sampling_and_deadband() -> None:
                 assert later["p2"].value == first["p2"].value  # within its deadband
                 assert later["p2"].source_time == first["p2"].source_time
                 # its source time is older than its max_age_s, the subscription's life is not
-                assert clock.now() - later["p2"].source_time > 1.5
-                assert snap.points["p2"].age_s is not None and snap.points["p2"].age_s < 0.5
+                assert clock.now() - later["p2"].source_time > 2.5
+                assert snap.points["p2"].age_s is not None and snap.points["p2"].age_s < 1.5
                 assert later["p3"].value - first["p3"].value <= plain
         finally:
             await server.stop()
