@@ -116,6 +116,11 @@ class TrustList:
     def __len__(self) -> int:
         return len(self._certs)
 
+    def __bool__(self) -> bool:
+        # asyncua skips validation when ``if validator:`` is false: an empty list must
+        # still refuse every certificate, not let them all in.
+        return True
+
     def problem(self, cert: x509.Certificate, application_uri: str | None) -> int | None:
         """The OPC UA status code that refuses ``cert``, or None if it is acceptable."""
         now = dt.datetime.now(dt.UTC)
