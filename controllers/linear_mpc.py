@@ -17,7 +17,15 @@ and constraint bounds that change with ``x_0``.  qpOASES keeps its active set fr
 one solve to the next (hot start); DAQP and OSQP are warm-started with the shifted
 previous plan.  When the unconstrained minimiser (``-H^-1 g``, precomputed inverse)
 already satisfies every bound it is the QP's solution and no solver is called
-(``shortcut``; ``extra["qp_solver"] == "none"``).
+(``shortcut``; ``extra["qp_solver"] == "none"``).  Else, with ``shortcut``, the active
+set of the previous solution, shifted by one step, is tried first: its KKT system is
+solved directly and accepted only when the full QP's KKT conditions hold (every bound
+kept, every multiplier of the right sign), corrected by at most
+``active_set_iterations`` primal-dual active-set steps; only then is the QP solver
+called.  CasADi's DAQP interface sets DAQP up afresh on every call (no warm start of
+its working set); its qpOASES interface does hot-start, but a call costs more than
+DAQP's cold solve here.  Saturating inputs, whose active set moves by one step per
+cycle, are where the guess pays.
 """
 
 from __future__ import annotations
@@ -82,6 +90,156 @@ def lqr_gain(A: Array, B: Array, Q: Array, R: Array) -> tuple[Array, Array]:
     return K, P
 
 
+def qp_status(solver: str, stats: dict[str, Any], ret: str) -> SolveStatus:
+    """What a CasADi conic solver's statistics mean for the plan."""
+    if stats.get("success", False):
+        return SolveStatus.SOLVED
+    text = ret.lower()
+    if solver == "daqp" and ret.strip() == "-1":  # DAQP's EXIT_INFEASIBLE
+        return SolveStatus.INFEASIBLE
+    if "infeas" in text:
+        return SolveStatus.INFEASIBLE
+    if "time" in text:
+        return SolveStatus.TIMEOUT
+    return SolveStatus.FAILED
+
+
+@dataclass(frozen=True, eq=False)
+class QpSolution:
+    """The outcome of one ``DenseQp.solve``: status first; ``v`` is NaN unless usable."""
+
+    status: SolveStatus
+    v: Array
+    cost: float  # 1/2 v'Hv + g'v
+    lam_x: Array
+    lam_a: Array
+    iterations: int
+    solver: str  # the QP solver used, "none" for the shortcut
+    return_status: str
+
+
+class DenseQp:
+    """``min 1/2 v'Hv + g'v`` s.t. ``lbx <= v <= ubx``, ``lba <= A v <= uba``, with ``H`` and
+    ``A`` that may change at every solve (a time-varying condensed MPC).
+
+    The same solvers and options as ``LinearMpc``.  ``solve`` never raises for solver
+    trouble.  With ``shortcut`` the unconstrained minimiser ``-H^-1 g`` (a Cholesky
+    solve) is returned without calling the solver when it satisfies every bound; it is
+    tried only while the previous solution had no active constraint, so a problem whose
+    constraints stay active (a band held all day) does not pay for the factorisation.
+    """
+
+    def __init__(self, nv: int, na: int, solver: QpSolver = "daqp", *, shortcut: bool = True):
+        if solver not in _QP_OPTIONS or not ca.has_conic(solver):
+            raise ValueError(f"QP solver {solver!r} is not available in this CasADi build")
+        self.nv, self.na, self.solver_name, self.shortcut = nv, na, solver, shortcut
+        self._was_free = True  # the previous solution had no active constraint
+        opts = {**_QP_OPTIONS[solver], "error_on_fail": False}
+        self._qp = ca.conic(
+            "dense_qp",
+            solver,
+            {"h": ca.Sparsity.dense(nv, nv), "a": ca.Sparsity.dense(na, nv)},
+            opts,
+        )
+
+    def solve(
+        self,
+        H: Array,
+        g: Array,
+        A: Array,
+        lba: Array,
+        uba: Array,
+        lbx: Array,
+        ubx: Array,
+        guess: tuple[Array, Array, Array] | None = None,
+    ) -> QpSolution:
+        nan_v = np.full(self.nv, math.nan)
+        zx, za = np.zeros(self.nv), np.zeros(self.na)
+
+        def failure(status: SolveStatus, ret: str, iters: int = 0) -> QpSolution:
+            return QpSolution(status, nan_v, math.nan, zx, za, iters, self.solver_name, ret)
+
+        if np.any(lbx > ubx) or np.any(lba > uba):
+            return failure(SolveStatus.INFEASIBLE, "bounds cross")
+        if self.shortcut and self._was_free:
+            try:
+                v = -_cho_solve(np.asarray(np.linalg.cholesky(H), dtype=float), g)
+            except np.linalg.LinAlgError:
+                v = None
+            if v is not None:
+                rows = A @ v
+                if (
+                    np.all(lbx <= v)
+                    and np.all(v <= ubx)
+                    and np.all(lba <= rows)
+                    and np.all(rows <= uba)
+                ):
+                    cost = float(0.5 * v @ H @ v + g @ v)
+                    return QpSolution(
+                        SolveStatus.SOLVED, v, cost, zx, za, 0, "none", "no constraint active"
+                    )
+        x0, lam_x0, lam_a0 = guess if guess is not None else (zx, zx, za)
+        try:
+            sol = self._qp(
+                h=H,
+                g=g,
+                a=A,
+                lba=lba,
+                uba=uba,
+                lbx=lbx,
+                ubx=ubx,
+                x0=x0,
+                lam_x0=lam_x0,
+                lam_a0=lam_a0,
+            )
+        except RuntimeError as exc:
+            return failure(SolveStatus.FAILED, f"QP rejected: {exc}")
+        stats = self._qp.stats()
+        ret = str(stats.get("return_status", ""))
+        iters = max(0, int(stats.get("iter_count", 0) or 0))
+        status = qp_status(self.solver_name, stats, ret)
+        if not status.usable:
+            self._was_free = True
+            return failure(status, ret, iters)
+        lam_x = np.asarray(sol["lam_x"], dtype=float).ravel()
+        lam_a = np.asarray(sol["lam_a"], dtype=float).ravel()
+        self._was_free = not (np.any(lam_x != 0.0) or np.any(lam_a != 0.0))
+        return QpSolution(
+            status,
+            np.asarray(sol["x"], dtype=float).ravel(),
+            float(sol["cost"]),
+            lam_x,
+            lam_a,
+            iters,
+            self.solver_name,
+            ret,
+        )
+
+
+def _cho_solve(L: Array, b: Array) -> Array:
+    """``(L L')^-1 b`` by forward and back substitution (no LU of the triangles)."""
+    n = b.shape[0]
+    z = np.empty(n)
+    for i in range(n):
+        z[i] = (b[i] - L[i, :i] @ z[:i]) / L[i, i]
+    x = np.empty(n)
+    for i in range(n - 1, -1, -1):
+        x[i] = (z[i] - L[i + 1 :, i] @ x[i + 1 :]) / L[i, i]
+    return x
+
+
+def condense_ltv(As: Array, Bs: Array) -> Array:
+    """``Gamma`` (N nx, N nu) of the time-varying system ``dx_{k+1} = A_k dx_k + B_k du_k``
+    with ``dx_0 = 0``: row block ``k`` is ``dx_{k+1}``."""
+    N, nx, nu = Bs.shape
+    Gamma = np.zeros((N * nx, N * nu))
+    for k in range(N):  # x_{k+1} = A_k x_k + B_k u_k: the previous row block times A_k
+        if k:
+            Gamma[k * nx : (k + 1) * nx, : k * nu] = As[k] @ Gamma[(k - 1) * nx : k * nx, : k * nu]
+        Gamma[k * nx : (k + 1) * nx, k * nu : (k + 1) * nu] = Bs[k]
+    return Gamma
+
+
 @dataclass(frozen=True, eq=False)
 class LinearMpcResult:
     status: SolveStatus
@@ -138,6 +296,7 @@ class LinearMpc:
         solver: QpSolver = "daqp",
         warm_start: bool = True,
         shortcut: bool = True,
+        active_set_iterations: int = 4,
     ) -> None:
         A_ = np.atleast_2d(np.asarray(A, dtype=float))
         nx = A_.shape[0]
@@ -171,6 +330,12 @@ class LinearMpc:
         self._condense()
         self._build()
         self._last: tuple[Array, Array, Array] | None = None  # x, lam_x, lam_a
+        # the active set of the last solution: per input entry and per state-bound row
+        # (all N nx of them), -1 at the lower bound, +1 at the upper, 0 inactive
+        self._active: tuple[Array, Array] | None = None
+        if active_set_iterations < 0:
+            raise ValueError(f"active_set_iterations must be >= 0, got {active_set_iterations}")
+        self.active_set_iterations = active_set_iterations
 
     def _condense(self) -> None:
         N, nx, nu, A, B = self.N, self.nx, self.nu, self.A, self.B
@@ -257,6 +422,7 @@ class LinearMpc:
     def reset(self) -> None:
         """Forget the warm start."""
         self._last = None
+        self._active = None
 
     def predict(self, x0: Array, U: Array, e: Array | None = None) -> Array:
         """States x_0..x_N along the plan ``U`` (N, nu)."""
@@ -297,6 +463,7 @@ class LinearMpc:
                 and np.all(rows <= uba)
             ):
                 self._last = (U, self._zeros[1], self._zeros[2])
+                self._active = None
                 plan = U.reshape(N, nu)
                 return LinearMpcResult(
                     status=SolveStatus.SOLVED,
@@ -306,6 +473,20 @@ class LinearMpc:
                     iterations=0,
                     solve_time_s=time.perf_counter() - t_start,
                     extra={"return_status": "no constraint active", "qp_solver": "none"},
+                )
+            guessed = self._guess_active_set(g, lba, uba)
+            if guessed is not None:
+                U, lam_x, lam_a, rounds = guessed
+                self._last = (U, 2.0 * lam_x, 2.0 * lam_a)
+                plan = np.clip(U.reshape(N, nu), self.u_min, self.u_max)
+                return LinearMpcResult(
+                    status=SolveStatus.SOLVED,
+                    u_plan=plan,
+                    x_pred=self.predict(x0_, plan, e_),
+                    cost=float(U @ self._H @ U + 2.0 * g @ U + const),
+                    iterations=rounds,
+                    solve_time_s=time.perf_counter() - t_start,
+                    extra={"return_status": "active set of the last plan", "qp_solver": "none"},
                 )
         x_guess, lam_x_guess, lam_a_guess = self._zeros
         if self.warm_start and self._last is not None:
@@ -333,6 +514,7 @@ class LinearMpc:
         status = self._status(stats, ret)
         if not status.usable:
             self._last = None
+            self._active = None
             return self._failure(status, f"{self.solver_name}: {ret}", t_start, iters, ret)
         U = np.asarray(sol["x"], dtype=float).ravel()
         self._last = (
@@ -340,6 +522,9 @@ class LinearMpc:
             np.asarray(sol["lam_x"], dtype=float).ravel(),
             np.asarray(sol["lam_a"], dtype=float).ravel(),
         )
+        rows_active = np.zeros(N * nx)
+        rows_active[self._rows] = np.sign(self._last[2])
+        self._active = (np.sign(self._last[1]), rows_active)
         cost = float(sol["cost"]) + float(const)
         plan = np.clip(U.reshape(N, nu), self.u_min, self.u_max)
         return LinearMpcResult(
@@ -353,16 +538,88 @@ class LinearMpc:
         )
 
     def _status(self, stats: dict[str, Any], ret: str) -> SolveStatus:
-        if stats.get("success", False):
-            return SolveStatus.SOLVED
-        text = ret.lower()
-        if self.solver_name == "daqp" and ret.strip() == "-1":  # DAQP's EXIT_INFEASIBLE
-            return SolveStatus.INFEASIBLE
-        if "infeas" in text:
-            return SolveStatus.INFEASIBLE
-        if "time" in text:
-            return SolveStatus.TIMEOUT
-        return SolveStatus.FAILED
+        return qp_status(self.solver_name, stats, ret)
+
+    def _guess_active_set(
+        self, g: Array, lba: Array, uba: Array
+    ) -> tuple[Array, Array, Array, int] | None:
+        """The QP's solution from the last solution's active set, shifted by one step.
+
+        The equality-constrained QP of the guessed active set is solved directly (its
+        KKT system); a guess is accepted only if the KKT conditions of the full QP hold:
+        every bound and row within its limits and every multiplier of the right sign.
+        Otherwise violated constraints join, wrongly signed ones leave, and the system is
+        solved again (a primal-dual active-set step), at most ``active_set_iterations``
+        times; then the QP solver takes over (None).  Returns the plan, the bound and row
+        multipliers (of ``U'HU + 2 g'U``, halved) and the number of KKT solves.
+        """
+        if self._active is None or self.active_set_iterations < 1:
+            return None
+        nu, nx = self.nu, self.nx
+        bounds, rows_full = self._active
+        b_act = np.concatenate([bounds[nu:], bounds[-nu:]])
+        r_act = np.concatenate([rows_full[nx:], rows_full[-nx:]])[self._rows]
+        if not (np.any(b_act) or np.any(r_act)):
+            return None  # nothing was active: the unconstrained check has said no already
+        H, A = self._H, self._a_np
+        lbx, ubx = self._lbx, self._ubx
+        dual_tol = 1e-9 * (1.0 + float(np.max(np.abs(g))))
+        for rounds in range(1, self.active_set_iterations + 1):
+            B = np.flatnonzero(b_act)
+            F = np.flatnonzero(b_act == 0)
+            R = np.flatnonzero(r_act)
+            vB = np.where(b_act[B] < 0, lbx[B], ubx[B])
+            cR = np.where(r_act[R] < 0, lba[R], uba[R])
+            if not (np.all(np.isfinite(vB)) and np.all(np.isfinite(cR))):
+                return None
+            aR = A[R]
+            nF = F.size
+            K = np.zeros((nF + R.size, nF + R.size))
+            K[:nF, :nF] = H[np.ix_(F, F)]
+            K[nF:, :nF] = aR[:, F]
+            K[:nF, nF:] = aR[:, F].T
+            rhs = np.concatenate([-(g[F] + H[np.ix_(F, B)] @ vB), cR - aR[:, B] @ vB])
+            try:
+                sol = np.linalg.solve(K, rhs)
+            except np.linalg.LinAlgError:
+                return None
+            v = np.empty(self.N * nu)
+            v[B], v[F] = vB, sol[:nF]
+            mu = sol[nF:]
+            lam = -(H[B] @ v + g[B] + aR[:, B].T @ mu)
+            wrong_b = ((b_act[B] < 0) & (lam > dual_tol)) | ((b_act[B] > 0) & (lam < -dual_tol))
+            wrong_r = ((r_act[R] < 0) & (mu > dual_tol)) | ((r_act[R] > 0) & (mu < -dual_tol))
+            primal_tol = 1e-9 * (1.0 + float(np.max(np.abs(v))))
+            free = b_act == 0
+            low_b = free & (v < lbx - primal_tol)
+            high_b = free & (v > ubx + primal_tol)
+            r = A @ v
+            off = r_act == 0
+            low_r = off & (r < lba - primal_tol)
+            high_r = off & (r > uba + primal_tol)
+            if not (
+                wrong_b.any()
+                or wrong_r.any()
+                or low_b.any()
+                or high_b.any()
+                or low_r.any()
+                or high_r.any()
+            ):
+                lam_x = np.zeros(self.N * nu)
+                lam_x[B] = lam
+                lam_a = np.zeros(self._rows.size)
+                lam_a[R] = mu
+                rows_active = np.zeros(self.N * nx)
+                rows_active[self._rows] = r_act
+                self._active = (b_act, rows_active)
+                return v, lam_x, lam_a, rounds
+            b_act = b_act.copy()
+            r_act = r_act.copy()
+            b_act[B[wrong_b]] = 0
+            r_act[R[wrong_r]] = 0
+            b_act[low_b], b_act[high_b] = -1, 1
+            r_act[low_r], r_act[high_r] = -1, 1
+        return None
 
     def _failure(
         self,
@@ -385,4 +642,14 @@ class LinearMpc:
         )
 
 
-__all__ = ["LinearMpc", "LinearMpcResult", "QpSolver", "dare", "lqr_gain"]
+__all__ = [
+    "DenseQp",
+    "LinearMpc",
+    "LinearMpcResult",
+    "QpSolution",
+    "QpSolver",
+    "condense_ltv",
+    "dare",
+    "lqr_gain",
+    "qp_status",
+]

@@ -191,3 +191,74 @@ def test_the_shortcut_gives_the_qp_solution_whether_or_not_bounds_are_active() -
         assert a.cost == pytest.approx(b.cost, rel=1e-7, abs=1e-10)
         x, u_prev = A @ x + B @ a.u_first, a.u_first
     assert used == {"daqp", "none"}  # both paths were taken
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_dense_qp_with_changing_matrices_matches_the_kkt_solution(solver: str) -> None:
+    """``DenseQp`` (the QP layer of the ``linear_mpc`` kind): a new H and A every solve;
+    with no active bound the unconstrained minimiser is taken without the solver, and
+    with active bounds every solver finds the same point as the others."""
+    from controllers.linear_mpc import DenseQp
+
+    rng = np.random.default_rng(7)
+    nv, na = 12, 5
+    qp = DenseQp(nv, na, solver)  # type: ignore[arg-type]
+    plain = DenseQp(nv, na, "qpoases", shortcut=False)
+    used = []
+    for trial in range(6):
+        M = rng.normal(size=(nv, nv))
+        H = M @ M.T + 0.5 * np.eye(nv)
+        g = rng.normal(size=nv)
+        A = rng.normal(size=(na, nv))
+        free = -np.linalg.solve(H, g)
+        width = 10.0 if trial % 2 == 0 else 0.05  # loose: nothing active; tight: active
+        lbx, ubx = free - width * np.abs(free) - 1e-3, free + 0.5 * width * np.abs(free)
+        rows = A @ free
+        lba, uba = rows - 1.0, rows + 1.0
+        if trial % 2:
+            ubx = np.minimum(ubx, free - 0.1)  # the free minimiser breaks these bounds
+            lbx = np.minimum(lbx, ubx - 1.0)
+        r = qp.solve(H, g, A, lba, uba, lbx, ubx)
+        ref = plain.solve(H, g, A, lba, uba, lbx, ubx)
+        assert r.status is SolveStatus.SOLVED and ref.status is SolveStatus.SOLVED
+        used.append(r.solver)
+        np.testing.assert_allclose(r.v, ref.v, atol=1e-6)
+        assert r.cost == pytest.approx(ref.cost, rel=1e-7, abs=1e-9)
+        if trial % 2 == 0:
+            np.testing.assert_allclose(r.v, free, atol=1e-9)
+    assert "none" in used and solver in used
+    r = qp.solve(H, g, A, lba, uba, ubx + 1.0, ubx)  # bounds that cross
+    assert r.status is SolveStatus.INFEASIBLE and np.all(np.isnan(r.v))
+
+
+@pytest.mark.parametrize("horizon", [20, 50])
+def test_the_active_set_of_the_last_plan_gives_the_qp_solution(horizon: int) -> None:
+    """From a start that saturates the inputs, in closed loop:
+    the guess from the last plan's active set (KKT-checked) gives the QP solver's plan
+    and cost at every step, and is what solves most saturated steps."""
+    A, B = masses()
+    x_max = np.array([4.0, 10.0, 4.0, 10.0])
+    kw = dict(P=np.eye(4), Rd=1e-4 * np.eye(2), u_min=-0.5, u_max=0.5, x_min=-x_max, x_max=x_max)
+    fast = LinearMpc(A, B, np.eye(4), np.zeros((2, 2)), horizon, **kw)  # type: ignore[arg-type]
+    plain = LinearMpc(A, B, np.eye(4), np.zeros((2, 2)), horizon, shortcut=False, **kw)  # type: ignore[arg-type]
+    x0 = 6.0 * (np.random.default_rng(99).random(4) - 0.5)  # the benchmark's far start
+    x, u_prev = x0, np.zeros(2)
+    paths: dict[str, int] = {}
+    for _ in range(60):
+        a, b = fast.solve(x, u_prev), plain.solve(x, u_prev)
+        assert a.status is SolveStatus.SOLVED and b.status is SolveStatus.SOLVED
+        paths[a.extra["return_status"]] = paths.get(a.extra["return_status"], 0) + 1
+        np.testing.assert_allclose(a.u_plan, b.u_plan, atol=1e-6)
+        assert a.cost == pytest.approx(b.cost, rel=1e-8)
+        assert np.all(np.abs(a.x_pred[1:]) <= x_max + 1e-6)
+        x, u_prev = A @ x + B @ a.u_first, a.u_first
+    guessed = paths.get("active set of the last plan", 0)
+    saturated = 60 - paths.get("no constraint active", 0)
+    assert guessed >= saturated // 2, paths
+    # off, the QP solver does every constrained step
+    off = LinearMpc(A, B, np.eye(4), np.zeros((2, 2)), horizon, active_set_iterations=0, **kw)  # type: ignore[arg-type]
+    r = off.solve(x0, np.zeros(2))
+    r = off.solve(A @ x0 + B @ r.u_first, r.u_first)
+    assert r.extra["return_status"] != "active set of the last plan"
+    with pytest.raises(ValueError, match="active_set_iterations"):
+        LinearMpc(A, B, np.eye(4), np.eye(2), 5, active_set_iterations=-1)
