@@ -45,9 +45,16 @@ def references(
     return out
 
 
+# the solver of a cold start and of a warm start, per path
+COLD = {"sqp_fatrop": "fatrop"}
+WARM = {"sqp_fatrop": "sqp"}
+
+
 @pytest.mark.parametrize(
     ("solver", "method"),
     [
+        ("sqp_fatrop", "multiple_shooting"),
+        ("sqp_fatrop", "collocation"),
         ("fatrop", "multiple_shooting"),
         ("ipopt", "multiple_shooting"),
         ("fatrop", "collocation"),
@@ -66,7 +73,7 @@ def test_each_path_reaches_the_tight_reference_optimum(
     controller = new_nmpc(scenario, problem, solver=solver, method=method)
     r = controller.step(morning)
     assert r.status is SolveStatus.SOLVED, r.message
-    assert r.extra["solver"] == solver and r.extra["second_opinion"] is False
+    assert r.extra["solver"] == COLD.get(solver, solver) and r.extra["second_opinion"] is False
     assert abs(r.cost - references[method]) <= 1e-6 * abs(references[method])
     assert_plan_consistent(problem, morning, r)
     assert specs.check_inputs(morning.u_prev, r.u_plan, problem.dt) == []
@@ -77,17 +84,64 @@ def test_each_path_reaches_the_tight_reference_optimum(
         scenario, problem, solver="ipopt", tol=1e-10, warm_start=False, method=method
     ).step(nxt)
     assert warm.status is SolveStatus.SOLVED and warm.extra["warm_start"] is True
+    assert warm.extra["solver"] == WARM.get(solver, solver) and warm.extra["retried"] is False
     assert abs(warm.cost - ref.cost) <= 1e-6 * abs(ref.cost)
+    assert_plan_consistent(problem, nxt, warm)
 
 
+def test_config_default_is_the_sqp_fatrop_path() -> None:
+    config = nmpc.Config()
+    assert config.solver == "sqp_fatrop" and config.qp_solver == "qrqp"
+
+
+def test_sqp_warm_start_after_an_interior_point_starts_on_the_active_set(
+    scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, morning: ControlInput
+) -> None:
+    """fatrop's cold solution hands over to the SQP method: its multipliers of inactive
+    bounds are zeroed, so the first warm SQP takes a few iterations, not hundreds."""
+    controller = new_nmpc(scenario, problem, solver="sqp_fatrop")
+    r = controller.step(morning)
+    assert r.extra["solver"] == "fatrop"
+    last = controller._last
+    assert last is not None
+    active = np.count_nonzero(last["lam_x"]) + np.count_nonzero(last["lam_g"])
+    equalities = int(np.sum(controller._lbg == controller._ubg))
+    assert active < equalities + 0.5 * last["lam_x"].size  # many bounds are inactive
+    nxt = make_input(problem, specs, morning.t0 + problem.dt, r.x_pred[1], r.u_first)
+    warm = controller.step(nxt)
+    assert warm.status is SolveStatus.SOLVED and warm.extra["solver"] == "sqp"
+    assert warm.iterations <= 6, warm.iterations
+
+
+def test_active_only_keeps_equalities_and_active_bounds() -> None:
+    low = np.array([0.0, 0.0, 1.0, -np.inf, 2.0])
+    high = np.array([1.0, 1.0, 1.0, 5.0, 3.0])
+    value = np.array([0.0, 0.5, 1.0, 5.0, 2.5])
+    lam = np.array([-2.0, 1e-9, 0.3, 4.0, -1e-8])
+    kept = nmpc._active_only(lam, value, low, high)
+    # lower bound active, inactive, equality, upper bound active, inactive
+    np.testing.assert_array_equal(kept, [-2.0, 0.0, 0.3, 4.0, 0.0])
+    # a multiplier of the wrong sign for the bound it sits on is not kept
+    assert nmpc._active_only(np.array([1.0]), np.array([0.0]), np.zeros(1), np.ones(1))[0] == 0
+    # nor one of a row without bounds
+    free = nmpc._active_only(
+        np.array([-1e-9]), np.array([3.0]), -np.full(1, np.inf), np.ones(1) * np.inf
+    )
+    assert free[0] == 0
+
+
+# from a cold start; qrqp is for warm starts (sqp_fatrop), cold it often fails
+@pytest.mark.parametrize("qp_solver", ["osqp"])
 def test_sqp_path_reaches_the_tight_reference_optimum(
     scenario: Scenario,
     problem: ControlProblem,
     morning: ControlInput,
     references: dict[str, float],
+    qp_solver: str,
 ) -> None:
-    r = new_nmpc(scenario, problem, solver="sqp", qp_solver="osqp").step(morning)
+    r = new_nmpc(scenario, problem, solver="sqp", qp_solver=qp_solver).step(morning)
     assert r.status is SolveStatus.SOLVED, r.message
+    assert r.extra["solver"] == "sqp"
     assert abs(r.cost - references["multiple_shooting"]) <= 1e-6 * references["multiple_shooting"]
 
 
@@ -110,14 +164,48 @@ def test_a_hard_state_bound_that_cannot_hold_is_infeasible(
     scenario: Scenario, problem: ControlProblem, morning: ControlInput
 ) -> None:
     # the apartment cannot be 25 C one period from now when it is 20.5 C now
-    for solver in ("ipopt", "fatrop"):
+    for solver in ("ipopt", "fatrop", "sqp_fatrop"):
         r = new_nmpc(
             scenario, problem, solver=solver, state_bounds={"apartment.T_zone": (25.0, 30.0)}
         ).step(morning)
         assert r.status is SolveStatus.INFEASIBLE, (solver, r.message)
         assert_unusable(problem, r)
-        if solver == "fatrop":  # fatrop cannot tell; IPOPT's second opinion can
+        if solver != "ipopt":  # fatrop cannot tell; IPOPT's second opinion can
             assert r.message == "nmpc: ipopt Infeasible_Problem_Detected", r.message
+
+
+def test_a_warm_start_into_an_infeasible_state_falls_back_to_the_ipopt_verdict(
+    scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, morning: ControlInput
+) -> None:
+    """sqp_fatrop: the warm SQP fails, fatrop from cold fails, IPOPT says infeasible."""
+    zone = scenario.model.index("states", "apartment.T_zone")
+    controller = new_nmpc(
+        scenario, problem, solver="sqp_fatrop", state_bounds={"apartment.T_zone": (19.0, 30.0)}
+    )
+    r = controller.step(morning)
+    assert r.status is SolveStatus.SOLVED, r.message
+    x0 = r.x_pred[1].copy()
+    x0[zone] = 14.0  # 5 K below a hard bound that must hold one period from now
+    bad = controller.step(make_input(problem, specs, morning.t0 + problem.dt, x0, r.u_first))
+    assert bad.status is SolveStatus.INFEASIBLE, bad.message
+    assert bad.message == "nmpc: ipopt Infeasible_Problem_Detected", bad.message
+    assert_unusable(problem, bad)
+
+
+def test_sqp_fatrop_warm_step_times_out(
+    scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, morning: ControlInput
+) -> None:
+    controller = new_nmpc(scenario, problem, solver="sqp_fatrop")
+    r = controller.step(morning)
+    assert r.status is SolveStatus.SOLVED
+    x0 = r.x_pred[1].copy()
+    x0[: len(problem.banded_outputs)] -= 3.0  # a surprise: several SQP iterations
+    t1 = morning.t0 + problem.dt
+    late = controller.step(make_input(problem, specs, t1, x0, r.u_first, deadline_s=3e-4))
+    assert late.status is SolveStatus.TIMEOUT, late.message
+    assert_unusable(problem, late)
+    again = controller.step(make_input(problem, specs, t1, x0, r.u_first))
+    assert again.status is SolveStatus.SOLVED, again.message
 
 
 def test_a_disturbance_outside_the_forecast_stays_feasible(
@@ -225,7 +313,7 @@ def pendulum_config(**changes: object) -> nmpc.Config:
 
 
 @pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
-@pytest.mark.parametrize("solver", ["fatrop", "ipopt"])
+@pytest.mark.parametrize("solver", ["fatrop", "ipopt", "sqp_fatrop"])
 def test_compiled_nlp_gives_the_same_plan_and_is_cached_on_disk(
     tmp_path: Path, solver: str
 ) -> None:
@@ -237,11 +325,23 @@ def test_compiled_nlp_gives_the_same_plan_and_is_cached_on_disk(
     )
     compiled.setup(problem)
     libraries = sorted(tmp_path.glob("*.so"))
-    assert len(libraries) == 1
+    assert len(libraries) == (2 if solver == "sqp_fatrop" else 1)  # one per plugin
     r_plain, r_comp = plain.step(inp), compiled.step(inp)
     assert r_plain.status is SolveStatus.SOLVED and r_comp.status is SolveStatus.SOLVED
     np.testing.assert_allclose(r_comp.u_plan, r_plain.u_plan, atol=1e-8)
     assert r_comp.cost == pytest.approx(r_plain.cost, rel=1e-9)
+    if solver == "sqp_fatrop":  # and the warm SQP on compiled C, one period on
+        nxt = ControlInput(
+            t0=inp.t0 + problem.dt,
+            x0=r_plain.x_pred[1],
+            u_prev=r_plain.u_first,
+            disturbances=inp.disturbances,
+            y_low=inp.y_low,
+            y_high=inp.y_high,
+        )
+        w_plain, w_comp = plain.step(nxt), compiled.step(nxt)
+        assert w_plain.extra["solver"] == w_comp.extra["solver"] == "sqp"
+        np.testing.assert_allclose(w_comp.u_plan, w_plain.u_plan, atol=1e-8)
     # a second controller for the same problem loads the cached library, compiles nothing
     stamp = libraries[0].stat().st_mtime_ns
     again = nmpc.NmpcController(
@@ -251,6 +351,43 @@ def test_compiled_nlp_gives_the_same_plan_and_is_cached_on_disk(
     assert sorted(tmp_path.glob("*.so")) == libraries
     assert libraries[0].stat().st_mtime_ns == stamp
     assert again.step(inp).cost == pytest.approx(r_comp.cost, rel=1e-9)
+
+
+def test_a_problem_without_bands_solves_cold_and_warm() -> None:
+    problem, inp = pendulum_problem()
+    problem = ControlProblem(
+        model=problem.model,
+        dt=problem.dt,
+        horizon=problem.horizon,
+        u_min=problem.u_min,
+        u_max=problem.u_max,
+        du_max=problem.du_max,
+        banded_outputs=(),
+    )
+    inp = ControlInput(
+        t0=inp.t0,
+        x0=inp.x0,
+        u_prev=inp.u_prev,
+        disturbances=inp.disturbances,
+        y_low=np.zeros((problem.horizon + 1, 0)),
+        y_high=np.zeros((problem.horizon + 1, 0)),
+    )
+    controller = nmpc.NmpcController(pendulum_config())
+    controller.setup(problem)
+    first = controller.step(inp)
+    assert first.status is SolveStatus.SOLVED, first.message
+    assert_plan_consistent(problem, inp, first)
+    nxt = ControlInput(
+        t0=inp.t0 + problem.dt,
+        x0=first.x_pred[1],
+        u_prev=first.u_first,
+        disturbances=inp.disturbances,
+        y_low=inp.y_low,
+        y_high=inp.y_high,
+    )
+    warm = controller.step(nxt)
+    assert warm.status is SolveStatus.SOLVED and warm.extra["solver"] == "sqp", warm.message
+    assert_plan_consistent(problem, nxt, warm)
 
 
 def test_tracking_l1_slack_and_scaling_are_what_the_cost_says(tmp_path: Path) -> None:
