@@ -1,6 +1,7 @@
 """Command + ack round trips: parallelcity's dispatcher and gateway against raw pyzmq REQ/REP.
 
     .venv/bin/python -m benchmarks.dispatch_roundtrip [--n 5000] [--pipeline 20000]
+                                                       [--runtimes 4]
 
 Every server runs in its own process (spawned), the client in this one, all on
 127.0.0.1.  In one run:
@@ -10,25 +11,36 @@ Every server runs in its own process (spawned), the client in this one, all on
 2. parallelcity: ``Dispatcher.send`` -> ``FieldGateway`` (decode, authorise,
    every rule, write to an in-memory field, encode the ack) -> ``Ack``, without
    CURVE (insecure lab), with CURVE (ZAP allow-list), and with CURVE plus the
-   durable SQLite store (two fsync'd commits per applied command).
+   durable SQLite store (group commit: one fsync'd pending commit per batch,
+   applied marks riding in the next commit), and the same with
+   ``ack_after_applied_commit`` (the applied marks committed before the acks).
 
 For each: round-trip p50 / p99 with one command in flight, and commands per
-second (sequential, one in flight as the dispatcher works; and pipelined: a
-raw CURVE DEALER keeps ``--window`` commands in flight, what one gateway
-process can take).  The OPC UA write is not included (the field is in
-memory).  Targets from the issue: p99 <= 1 ms with CURVE, >= 10,000 commands/s.
-Absolute numbers depend on the machine and its load: compare the ratios.
+second (sequential, one in flight as the dispatcher works; pipelined: a raw
+CURVE DEALER keeps ``--window`` commands in flight, what one gateway process
+can take; and ``--runtimes`` dispatchers, each its own issuer driving its own
+equipment, one command in flight each). The gateway process reports its store
+commits per applied command (one in flight; pipelined) and its mean batch size
+when pipelined (messages per batch). The durable rows are compared with the
+no-store CURVE row of the same run. The OPC UA write is not included (the
+field is in memory). Targets from the issue: p99 <= 1 ms with CURVE, >= 10,000
+commands/s. Absolute numbers depend on the machine and its load: compare the
+ratios.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing as mp
+import os
+import signal
 import statistics
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +59,7 @@ from parallelcity.zap import AllowList, Grant
 LIMITS = {
     "plant.T_supply_set": InputLimit("plant.T_supply_set", 0.0, 1e9),
     "apartment.m_flow": InputLimit("apartment.m_flow", 0.0, 1e9),
+    **{f"site{k}.valve": InputLimit(f"site{k}.valve", 0.0, 1e9) for k in range(16)},
 }
 VERDICT = "ab" * 32
 
@@ -100,7 +113,7 @@ def _gateway_server(q: Any, mode: str, keys: tuple[bytes, bytes] | None, client_
             curve = ServerCurve(KeyPair(*keys), allow, new_zap_domain())
         store = None
         tmp = tempfile.TemporaryDirectory()
-        if mode == "durable":
+        if mode.startswith("durable"):
             store = GatewayStore(Path(tmp.name) / "state.sqlite")
         gw = FieldGateway(
             GatewayCore(LIMITS),
@@ -110,10 +123,23 @@ def _gateway_server(q: Any, mode: str, keys: tuple[bytes, bytes] | None, client_
             curve=curve,
             insecure_lab=curve is None,
             store=store,
+            ack_after_applied_commit=mode == "durable-strict",
         )
+
+        def snapshot() -> None:  # on SIGUSR1: the client computes per-phase figures
+            c = gw.counters
+            q.put((store.commits if store is not None else 0, c.applied, c.received, c.batches))
+
         async with gw:
+            task = asyncio.create_task(gw.serve())
+            loop = asyncio.get_running_loop()
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+            loop.add_signal_handler(signal.SIGUSR1, snapshot)
             q.put(gw.endpoint)
-            await gw.serve()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if store is not None:
+            store.close()
 
     import logging
 
@@ -205,6 +231,37 @@ async def _send(disp: Dispatcher) -> Any:
     )
 
 
+async def bench_runtimes(endpoint: str, n: int, runtimes: int, curve: ClientCurve | None) -> float:
+    """Commands/s from ``runtimes`` dispatchers at once, each its own issuer and equipment."""
+    ctx = zmq.asyncio.Context()
+    disps = [
+        Dispatcher(endpoint, f"site{k}", curve=curve, insecure_lab=curve is None, context=ctx)
+        for k in range(runtimes)
+    ]
+
+    async def run(k: int, count: int) -> None:
+        for _ in range(count):
+            now = time.time()
+            ack = await disps[k].send(
+                {f"site{k}.valve": 1.0 + disps[k].next_seq * 1e-6},
+                issued_at=now,
+                valid_until=now + 3600,
+                verdict_digest=VERDICT,
+            )
+            assert ack.status is AckStatus.APPLIED, ack
+
+    for d in disps:
+        await d.__aenter__()
+    await asyncio.gather(*(run(k, 50) for k in range(runtimes)))  # warm-up
+    t0 = time.perf_counter()
+    await asyncio.gather(*(run(k, n // runtimes) for k in range(runtimes)))
+    elapsed = time.perf_counter() - t0
+    for d in disps:
+        await d.__aexit__(None, None, None)
+    ctx.destroy(linger=0)
+    return runtimes * (n // runtimes) / elapsed
+
+
 def bench_pipelined(
     endpoint: str, n: int, window: int, curve: ClientCurve | None, seq0: int
 ) -> float:
@@ -236,12 +293,12 @@ def bench_pipelined(
 # --------------------------------------------------------------------------- main
 
 
-def _start(target: Any, *args: Any) -> tuple[Any, str]:
+def _start(target: Any, *args: Any) -> tuple[Any, str, Any]:
     spawn = mp.get_context("spawn")
     q = spawn.Queue()
     proc = spawn.Process(target=target, args=(q, *args), daemon=True)
     proc.start()
-    return proc, q.get(timeout=30)
+    return proc, q.get(timeout=30), q
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -249,49 +306,106 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--n", type=int, default=5000, help="round trips per configuration")
     p.add_argument("--pipeline", type=int, default=20000, help="commands in the pipelined run")
     p.add_argument("--window", type=int, default=64, help="commands in flight when pipelined")
+    p.add_argument("--runtimes", type=int, default=4, help="concurrent dispatchers (<= 16)")
     args = p.parse_args(argv)
     server, client = KeyPair.generate(), KeyPair.generate()
-    rows: list[tuple[str, dict[str, float], float | None]] = []
+    rows: list[Row] = []
 
     for label, curve in (("raw REQ/REP", None), ("raw REQ/REP + CURVE", (client, server.public))):
-        proc, ep = _start(
+        proc, ep, _ = _start(
             _rep_server, None if curve is None else (server.public, server.secret, b"")
         )
-        rows.append((label, bench_req_rep(ep, args.n, curve), None))
+        rows.append(Row(label, bench_req_rep(ep, args.n, curve)))
         proc.join(5)
 
     for label, mode, use_curve in (
         ("parallelcity, no CURVE", "memory", False),
         ("parallelcity + CURVE", "memory", True),
         ("parallelcity + CURVE + durable store", "durable", True),
+        ("  same, acks after the applied commit", "durable-strict", True),
     ):
         keys = (server.public, server.secret) if use_curve else None
-        proc, ep = _start(_gateway_server, mode, keys, client.public)
+        proc, ep, q = _start(_gateway_server, mode, keys, client.public)
         ccurve = ClientCurve(client, server.public) if use_curve else None
+        snaps = [_snapshot(proc, q)]
         stats, seq = asyncio.run(bench_dispatcher(ep, args.n, ccurve, 0))
-        n_pipe = args.pipeline if mode == "memory" else max(1000, args.pipeline // 10)
-        piped = bench_pipelined(ep, n_pipe, args.window, ccurve, seq)
-        rows.append((label, stats, piped))
+        snaps.append(_snapshot(proc, q))
+        piped = bench_pipelined(ep, args.pipeline, args.window, ccurve, seq)
+        snaps.append(_snapshot(proc, q))
+        several = asyncio.run(bench_runtimes(ep, args.n, args.runtimes, ccurve))
         proc.terminate()
         proc.join(5)
+        gateway_stats = {
+            "commits_1": _per(snaps[0], snaps[1], 0, 1),
+            "commits_pipe": _per(snaps[1], snaps[2], 0, 1),
+            "batch_pipe": _per(snaps[1], snaps[2], 2, 3),
+        }
+        rows.append(Row(label, stats, piped, several, gateway_stats))
 
-    base = rows[0][1]
-    base_curve = rows[1][1]
-    print(f"\n{args.n} round trips each, one in flight; loopback; servers in their own process\n")
-    print(f"{'configuration':<40}{'p50 ms':>9}{'p99 ms':>9}{'cmds/s':>10}{'pipelined/s':>13}"
-          f"{'p99 / REQ-REP':>15}")  # fmt: skip
-    for label, st, piped in rows:
-        ref = base_curve if "CURVE" in label else base
+    base, base_curve, no_store = rows[0].stats, rows[1].stats, rows[3]
+    print(f"\n{args.n} round trips each, one in flight; pipelined: {args.pipeline} commands, "
+          f"window {args.window}; {args.runtimes} runtimes: one in flight each; loopback; "
+          "servers in their own process\n")  # fmt: skip
+    print(f"{'configuration':<40}{'p50 ms':>8}{'p99 ms':>8}{'cmds/s':>8}{'pipelined/s':>12}"
+          f"{f'{args.runtimes} rt/s':>8}{'commits/cmd':>12}{'piped':>7}{'batch':>7}"
+          f"{'p99 / REQ-REP':>14}")  # fmt: skip
+    for row in rows:
+        st = row.stats
+        ref = base_curve if "CURVE" in row.label else base
+        srv = row.server or {}
         print(
-            f"{label:<40}{st['p50_ms']:>9.3f}{st['p99_ms']:>9.3f}{st['per_s']:>10.0f}"
-            f"{'' if piped is None else f'{piped:.0f}':>13}{st['p99_ms'] / ref['p99_ms']:>14.2f}x"
+            f"{row.label:<40}{st['p50_ms']:>8.3f}{st['p99_ms']:>8.3f}{st['per_s']:>8.0f}"
+            f"{_opt(row.piped):>12}{_opt(row.several):>8}"
+            f"{_opt(srv.get('commits_1'), '.2f'):>12}{_opt(srv.get('commits_pipe'), '.3f'):>7}"
+            f"{_opt(srv.get('batch_pipe'), '.1f'):>7}"
+            f"{st['p99_ms'] / ref['p99_ms']:>13.2f}x"
         )
-    curve_row = rows[3]
-    print(
-        f"\ntargets (parallelcity + CURVE): p99 <= 1 ms -> {curve_row[1]['p99_ms']:.3f} ms "
-        f"({'met' if curve_row[1]['p99_ms'] <= 1.0 else 'NOT met'}); >= 10,000 commands/s -> "
-        f"{curve_row[1]['per_s']:.0f} one in flight, {curve_row[2] or 0:.0f} pipelined"
-    )
+    print(f"\ndurable store against the no-store CURVE row ({no_store.label!r}), same run:")
+    for row in rows[4:]:
+        assert row.piped is not None and no_store.piped is not None
+        assert row.several is not None and no_store.several is not None
+        print(
+            f"  {row.label:<40} p50 {row.stats['p50_ms'] / no_store.stats['p50_ms']:.2f}x  "
+            f"p99 {row.stats['p99_ms'] / no_store.stats['p99_ms']:.2f}x  "
+            f"one-in-flight cmds/s {row.stats['per_s'] / no_store.stats['per_s']:.2f}x  "
+            f"pipelined {row.piped / no_store.piped:.2f}x  "
+            f"{args.runtimes} runtimes {row.several / no_store.several:.2f}x"
+        )
+    for row in (rows[3], rows[4]):
+        st = row.stats
+        print(
+            f"\ntargets ({row.label}): p99 <= 1 ms -> {st['p99_ms']:.3f} ms "
+            f"({'met' if st['p99_ms'] <= 1.0 else 'NOT met'}); >= 10,000 commands/s -> "
+            f"{row.piped or 0:.0f} pipelined "
+            f"({'met' if (row.piped or 0) >= 10_000 else 'NOT met'}), "
+            f"{st['per_s']:.0f} one in flight, {row.several or 0:.0f} from {args.runtimes} runtimes"
+        )
+
+
+@dataclass
+class Row:
+    label: str
+    stats: dict[str, float]
+    piped: float | None = None
+    several: float | None = None
+    server: dict[str, float | None] | None = None
+
+
+def _snapshot(proc: Any, q: Any) -> tuple[int, ...]:
+    """The gateway process's (store commits, applied, received, batches) now."""
+    os.kill(proc.pid, signal.SIGUSR1)
+    snap: tuple[int, ...] = q.get(timeout=30)
+    return snap
+
+
+def _per(a: tuple[int, ...], b: tuple[int, ...], num: int, den: int) -> float | None:
+    """Change of field ``num`` per change of field ``den`` between two snapshots."""
+    d = b[den] - a[den]
+    return (b[num] - a[num]) / d if d else None
+
+
+def _opt(x: float | None, fmt: str = ".0f") -> str:
+    return "" if x is None else format(x, fmt)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ the module that talks to them, with the original kept as ``__cause__``::
     ├── SecurityError            a transport would run without the security it needs
     ├── FieldError               talking to field equipment failed
     │   ├── FieldConnectionError     cannot reach or lost an OPC UA endpoint
+    │   │   └── FieldUnavailableError    the session is down, reconnecting: nothing written
     │   └── NodeMappingError         a scenario NodeId does not exist on the server
     ├── DispatchError            a command could not be delivered or acknowledged
     ├── WireFormatError          a message on the wire does not follow the protocol
@@ -55,6 +56,10 @@ class FieldError(ParallelCityError):
 
 class FieldConnectionError(FieldError):
     """An OPC UA endpoint cannot be reached, or the session was lost."""
+
+
+class FieldUnavailableError(FieldConnectionError):
+    """The OPC UA session is down and being re-established: nothing was sent, nothing queued."""
 
 
 class NodeMappingError(FieldError):

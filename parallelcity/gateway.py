@@ -10,7 +10,8 @@ Two halves:
   ``GatewayState`` value that ``GatewayStore`` persists.
 * ``FieldGateway`` is the I/O shell: a ZeroMQ ROUTER socket (CURVE with a ZAP
   allow-list unless the configuration says ``insecure_lab``) that decodes
-  requests, asks the core, records applied commands durably *before* acking,
+  requests, asks the core, records accepted commands durably *before* they
+  are written or acked (a batch of waiting messages at a time: group commit),
   writes accepted setpoints through a ``SetpointWriter`` (``OpcUaWriter`` in
   production), reverts to safe values when the watchdog trips, and answers
   every message - including bytes it cannot read.
@@ -24,36 +25,30 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 import uuid
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from types import TracebackType
-from typing import Any, Protocol
 
 import zmq
 import zmq.asyncio
-from asyncua import ua
-from asyncua.client.client import Client
-from asyncua.ua.attribute_ids import AttributeIds
-from asyncua.ua.uaerrors import UaError
 
 from .clock import Clock
 from .errors import (
     DispatchError,
-    FieldConnectionError,
-    NodeMappingError,
     ParallelCityError,
     SecurityError,
     WireFormatError,
 )
-from .gateway_store import GatewayStore
+from .field_writer import OpcUaWriter as OpcUaWriter  # re-exported: the old import path
+from .field_writer import SetpointWriter
+from .gateway_store import AppliedMark, GatewayStore, landed
 from .keys import KeyPair
-from .opcua import ClientSecurity, connect_client
-from .scenario import FieldConfig
 from .specs import TOLERANCE, InputLimit
-from .watchdog import LeaseTable, Watchdog
+from .watchdog import Lease, LeaseTable, Watchdog
 from .wire import (
     Ack,
     AckStatus,
@@ -75,6 +70,10 @@ MAX_REMEMBERED_IDS = 65_536
 TRANSPORT_MAX_MESSAGE_BYTES = 1024 * 1024
 """ZeroMQ drops peers sending more than this; smaller oversized messages get a refusal."""
 DEFAULT_LEASE_S = 60.0
+DEFAULT_MAX_BATCH = 64
+"""Messages taken from the socket as one batch (one pending commit, one reply burst)."""
+DEFAULT_APPLIED_FLUSH_DELAY_S = 0.002
+"""With nothing waiting, deferred applied marks are committed after this (wall seconds)."""
 INSECURE_GRANT = Grant.everything("insecure-lab")
 
 
@@ -134,6 +133,19 @@ class GatewayState:
     """Per input."""
 
 
+@dataclass
+class Checkpoint:
+    """A point ``GatewayCore.rollback`` returns to (tentative ``record_applied`` calls undone)."""
+
+    last_seq: dict[str, int]
+    last_applied: dict[str, AppliedInput]
+    leases: dict[str, Lease]
+    added: list[str] = field(default_factory=list)
+    """Ids remembered since, new to ``applied_ids``."""
+    evicted: list[tuple[str, float]] = field(default_factory=list)
+    """Ids pushed out of ``applied_ids`` since, oldest first."""
+
+
 class GatewayCore:
     """The gateway's rules, with no I/O: ``decide`` then, after a good write, ``record_applied``.
 
@@ -175,6 +187,7 @@ class GatewayCore:
         self._max_ids = max_remembered_ids
         self.leases = LeaseTable(lease_s)
         self.watchdog = Watchdog(heartbeat_interval_s, missed_heartbeats, safe)
+        self._checkpoint: Checkpoint | None = None
 
     def decide(self, cmd: Command, now: float, grant: Grant | None = None) -> Decision:
         """Accept, refuse, or recognise a duplicate; does not change any state.
@@ -260,12 +273,68 @@ class GatewayCore:
         self.watchdog.seen(when)
 
     def _remember(self, command_id: str, issuer: str, seq: int, when: float) -> None:
-        st = self.state
+        st, cp = self.state, self._checkpoint
+        if cp is not None and command_id not in st.applied_ids:
+            cp.added.append(command_id)
         st.applied_ids[command_id] = when
         st.applied_ids.move_to_end(command_id)
         while len(st.applied_ids) > self._max_ids:
-            st.applied_ids.popitem(last=False)
+            gone = st.applied_ids.popitem(last=False)
+            if cp is not None:
+                cp.evicted.append(gone)
         st.last_seq[issuer] = max(seq, st.last_seq.get(issuer, seq))
+
+    def confirm(self, cmds: Sequence[Command], applied_at: float) -> None:
+        """Commands recorded (``record_applied``) when decided were written at ``applied_at``.
+
+        The same as recording them again at ``applied_at``, in order, but cheaper.
+        """
+        ids = self.state.applied_ids
+        issuer, names = "", set[str]()
+        for cmd in cmds:
+            if cmd.id in ids:
+                ids[cmd.id] = applied_at
+            if cmd.issuer != issuer and names:  # leases in order: one take per run of an issuer
+                self.leases.take(issuer, names, applied_at)
+                names = set()
+            issuer = cmd.issuer
+            names.update(cmd.setpoints)
+        if names:
+            self.leases.take(issuer, names, applied_at)
+        if cmds:
+            self.watchdog.seen(applied_at)
+
+    def checkpoint(self) -> Checkpoint:
+        """Start a batch: ``record_applied`` calls from here on can be undone by ``rollback``.
+
+        The gateway records each accepted command of a batch at once, so that
+        later commands of the same batch are decided against its effect
+        (sequence, duplicates, leases, ramps), and rolls back what a failed
+        field write did not apply.  ``release`` ends the batch.
+        """
+        st = self.state
+        cp = Checkpoint(dict(st.last_seq), dict(st.last_applied), dict(self.leases.leases))
+        self._checkpoint = cp
+        return cp
+
+    def rollback(self, cp: Checkpoint) -> None:
+        """Back to the state at ``checkpoint`` (the watchdog's sign of life is kept)."""
+        st = self.state
+        added = set(cp.added)
+        for command_id in cp.added:
+            st.applied_ids.pop(command_id, None)
+        for command_id, when in reversed(cp.evicted):
+            if command_id not in added:
+                st.applied_ids[command_id] = when
+                st.applied_ids.move_to_end(command_id, last=False)
+        st.last_seq = dict(cp.last_seq)
+        st.last_applied = dict(cp.last_applied)
+        self.leases.leases = dict(cp.leases)
+        cp.added, cp.evicted = [], []
+
+    def release(self, cp: Checkpoint) -> None:
+        if self._checkpoint is cp:
+            self._checkpoint = None
 
     def heartbeat(self, hb: Heartbeat, now: float) -> None:
         """A heartbeat from an authorised client: feeds the watchdog, renews or ends leases."""
@@ -298,172 +367,7 @@ class GatewayCore:
 
 # =========================================================================== writers
 
-
-class SetpointWriter(Protocol):
-    """Where accepted setpoints go. Raise a ``FieldError`` when they could not be written."""
-
-    async def write(self, setpoints: Mapping[str, float]) -> None: ...
-
-    async def read(self, names: Sequence[str]) -> Mapping[str, float]:
-        """The values the field holds now (to settle a write a crash left in doubt)."""
-        ...
-
-
-class OpcUaWriter:
-    """Writes setpoints to the scenario's input nodes on an OPC UA server.
-
-    ``async with`` connects, resolves the field namespace and checks that every
-    input node exists and is a variable (``NodeMappingError`` naming each one
-    that is not); ``write`` writes all values as Doubles in one request.
-    Security: the session is set up by ``opcua.connect_client`` with ``security``
-    (default NoSecurity, which callers allow only for an ``insecure_lab`` scenario).
-    """
-
-    def __init__(
-        self,
-        endpoint: str,
-        field: FieldConfig,
-        *,
-        timeout_s: float = 4.0,
-        security: ClientSecurity | None = None,
-    ) -> None:
-        self.endpoint = endpoint
-        self.field = field
-        self.timeout_s = timeout_s
-        self.security = security if security is not None else ClientSecurity.insecure()
-        self._client: Client | None = None
-        self._nodes: dict[str, Any] = {}
-        self._node_ids: dict[str, str] = {m.name: m.node for m in field.inputs}
-
-    async def __aenter__(self) -> OpcUaWriter:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def connect(self) -> None:
-        client = await connect_client(
-            self.endpoint, self.security, timeout_s=self.timeout_s, name="parallelcity gateway"
-        )
-        self._client = client
-        try:
-            await self._resolve(client)
-        except BaseException:
-            await self.aclose()
-            raise
-
-    async def _resolve(self, client: Client) -> None:
-        uri = self.field.namespace
-        try:
-            namespaces = await client.get_namespace_array()
-        except (OSError, TimeoutError, UaError) as exc:
-            raise FieldConnectionError(
-                f"cannot read the namespace array of {self.endpoint}: {exc}"
-            ) from exc
-        if uri not in namespaces:
-            raise NodeMappingError(
-                f"namespace {uri!r} is not on the OPC UA server at {self.endpoint} "
-                f"(it has: {', '.join(namespaces)})"
-            )
-        ns = namespaces.index(uri)
-        nodes: dict[str, Any] = {}
-        problems: list[str] = []
-        for name, text in self._node_ids.items():
-            try:
-                parsed = ua.NodeId.from_string(text)
-            except UaError as exc:
-                problems.append(f"input {name!r}: NodeId {text!r} does not parse ({exc})")
-                continue
-            nodes[name] = client.get_node(
-                ua.NodeId(parsed.Identifier, ua.Int16(ns), parsed.NodeIdType)
-            )
-        if nodes:
-            try:
-                results = await client.read_attributes(list(nodes.values()), AttributeIds.NodeClass)
-            except (OSError, TimeoutError, UaError) as exc:
-                raise FieldConnectionError(
-                    f"cannot read the input nodes on {self.endpoint}: {exc}"
-                ) from exc
-            for (name, _node), dv in zip(nodes.items(), results, strict=True):
-                text = self._node_ids[name]
-                status = dv.StatusCode
-                if status is not None and not status.is_good():
-                    problems.append(
-                        f"input {name!r}: NodeId {text!r} in namespace {uri!r} (ns={ns}) "
-                        f"does not exist ({status.name})"
-                    )
-                elif dv.Value is None or dv.Value.Value != ua.NodeClass.Variable:
-                    problems.append(
-                        f"input {name!r}: NodeId {text!r} in namespace {uri!r} is not a variable"
-                    )
-        if problems:
-            raise NodeMappingError(
-                f"{self.endpoint}: {len(problems)} input node(s) cannot be used:\n"
-                + "\n".join(f"  - {p}" for p in problems)
-            )
-        self._nodes = nodes
-
-    async def write(self, setpoints: Mapping[str, float]) -> None:
-        client = self._client
-        if client is None:
-            raise FieldConnectionError(f"not connected to {self.endpoint}")
-        unmapped = sorted(n for n in setpoints if n not in self._nodes)
-        if unmapped:
-            raise NodeMappingError(f"no field node for input(s) {', '.join(map(repr, unmapped))}")
-        names = list(setpoints)
-        values = [
-            ua.DataValue(ua.Variant(float(setpoints[n]), ua.VariantType.Double)) for n in names
-        ]
-        try:
-            statuses = await client.write_values(
-                [self._nodes[n] for n in names], values, raise_on_partial_error=False
-            )
-        except (OSError, TimeoutError, ConnectionError, UaError) as exc:
-            raise FieldConnectionError(
-                f"writing {len(names)} setpoint(s) to {self.endpoint} failed: "
-                f"{exc or type(exc).__name__}"
-            ) from exc
-        failed = [
-            f"{n} ({s.name})" for n, s in zip(names, statuses, strict=True) if not s.is_good()
-        ]
-        if failed:
-            raise FieldConnectionError(f"{self.endpoint} refused the write of {', '.join(failed)}")
-
-    async def read(self, names: Sequence[str]) -> Mapping[str, float]:
-        """The current values of the input nodes ``names`` (one read request)."""
-        client = self._client
-        if client is None:
-            raise FieldConnectionError(f"not connected to {self.endpoint}")
-        unmapped = sorted(n for n in names if n not in self._nodes)
-        if unmapped:
-            raise NodeMappingError(f"no field node for input(s) {', '.join(map(repr, unmapped))}")
-        try:
-            values = await client.read_values([self._nodes[n] for n in names])
-        except (OSError, TimeoutError, ConnectionError, UaError) as exc:
-            raise FieldConnectionError(
-                f"reading {len(names)} input(s) from {self.endpoint} failed: "
-                f"{exc or type(exc).__name__}"
-            ) from exc
-        out: dict[str, float] = {}
-        for name, value in zip(names, values, strict=True):
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                out[name] = float(value)
-        return out
-
-    async def aclose(self) -> None:
-        client, self._client = self._client, None
-        self._nodes = {}
-        if client is not None:
-            try:
-                await client.disconnect()
-            except Exception as exc:  # closing must not mask the reason we are closing
-                log.debug("OPC UA disconnect from %s failed: %s", self.endpoint, exc)
+# ``SetpointWriter`` and ``OpcUaWriter`` live in field_writer.py (imported above).
 
 
 # =========================================================================== I/O shell
@@ -490,6 +394,9 @@ class GatewayCounters:
     rearms: int = 0
     trips: int = 0
     reverts: int = 0
+    batches: int = 0
+    """Batches of messages handled (``handle_batch`` calls)."""
+    largest_batch: int = 0
 
     @property
     def malformed(self) -> int:
@@ -506,8 +413,18 @@ class FieldGateway:
     ``async with`` (or ``await start()``) restores the durable state from
     ``store`` (settling a write a crash left in doubt), starts the ZAP handler
     and binds; ``endpoint`` is then the address actually bound
-    (``zmq.LAST_ENDPOINT``, useful with port 0); ``serve()`` handles one
-    message at a time and runs the watchdog, forever; ``aclose()`` closes.
+    (``zmq.LAST_ENDPOINT``, useful with port 0); ``serve()`` answers messages
+    and runs the watchdog, forever; ``aclose()`` closes.
+
+    Group commit: ``serve`` takes everything waiting on the socket (up to
+    ``max_batch`` messages) as one batch, decides each command in order (a
+    later command sees the earlier ones' effect), records the accepted ones
+    pending in one commit, writes them (commands on disjoint inputs share a
+    write call), marks them applied and then sends every reply, in the order
+    the messages came.  The applied marks ride in the next commit unless
+    ``ack_after_applied_commit``; with nothing waiting they are committed
+    after ``applied_flush_delay_s`` (wall seconds).  Why that keeps exactly
+    once: ``gateway_store``'s docstring.
 
     Without ``curve`` the gateway refuses to start unless ``insecure_lab`` is
     true; it then logs a loud warning and every ack says ``insecure_lab``.
@@ -526,7 +443,14 @@ class FieldGateway:
         store: GatewayStore | None = None,
         write_timeout_s: float = 5.0,
         context: zmq.asyncio.Context | None = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        ack_after_applied_commit: bool = False,
+        applied_flush_delay_s: float = DEFAULT_APPLIED_FLUSH_DELAY_S,
     ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if not (math.isfinite(applied_flush_delay_s) and applied_flush_delay_s >= 0):
+            raise ValueError(f"applied_flush_delay_s must be >= 0, got {applied_flush_delay_s}")
         if curve is None and not insecure_lab:
             raise SecurityError(
                 "the field gateway needs CURVE keys: a server key pair and an allow-list of "
@@ -542,6 +466,9 @@ class FieldGateway:
         """Every ack and status says ``insecure_lab`` when the configuration does."""
         self.store = store
         self.write_timeout_s = write_timeout_s
+        self.max_batch = max_batch
+        self.ack_after_applied_commit = ack_after_applied_commit
+        self.applied_flush_delay_s = applied_flush_delay_s
         self.counters = GatewayCounters()
         self._own_ctx = context is None
         self._ctx = context
@@ -550,6 +477,7 @@ class FieldGateway:
         self._endpoint = ""
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._marks_deferred = asyncio.Event()
         self._leases_saved_at = -math.inf
         self.last_revert_at: float | None = None
         """Gateway time the safe values last landed in the field."""
@@ -653,22 +581,31 @@ class FieldGateway:
         core.leases.leases = dict(loaded.leases)
         if loaded.watchdog is not None:
             core.watchdog.restore(*loaded.watchdog, now=now)
-        for p in loaded.pending:
-            landed = await self._landed(p.setpoints)
-            if landed:
-                store.commit_applied(
-                    p.command_id, p.issuer, p.seq, p.issued_at, p.setpoints, now,
-                    core.leases.leases,
-                )  # fmt: skip
-                core._remember(p.command_id, p.issuer, p.seq, now)
-                for name, value in p.setpoints.items():
-                    st.last_applied[name] = AppliedInput(value, p.issued_at)
-                what = "its values are in the field: counted as applied"
-            else:
-                store.abandon(p.command_id)
-                what = "its values are not in the field: forgotten, a resend is applied"
-            log.warning("gateway: command %s was in doubt after a restart; %s", p.command_id, what)
-            store.record_event(now, "settled", f"{p.command_id}: {what}")
+        for batch in loaded.pending_batches():
+            names = sorted({n for p in batch for n in p.setpoints})
+            values = await self._read_back(names)
+            if values is None:
+                # Not knowing, never apply twice: count the batch as applied.
+                log.error("gateway: cannot read the field back; assuming the writes landed")
+            marks: list[AppliedMark] = []
+            abandoned: list[str] = []
+            events: list[tuple[float, str, str]] = []
+            for p, ok in zip(batch, landed(batch, values), strict=True):
+                if ok:
+                    core._remember(p.command_id, p.issuer, p.seq, now)
+                    for name, value in p.setpoints.items():
+                        st.last_applied[name] = AppliedInput(value, p.issued_at)
+                    marks.append(
+                        AppliedMark(p.command_id, p.issuer, p.seq, p.issued_at, p.setpoints, now)
+                    )
+                    what = "its values are in the field: counted as applied"
+                else:
+                    abandoned.append(p.command_id)
+                    what = "its values are not in the field: forgotten, a resend is applied"
+                log.warning("gateway: command %s was in doubt after a restart; %s", p.command_id,
+                            what)  # fmt: skip
+                events.append((now, "settled", f"{p.command_id}: {what}"))
+            store.settle(marks, abandoned, core.leases.leases, events=events)
         if loaded.applied_ids or loaded.pending:
             log.info(
                 "gateway: restored %d applied id(s), %d issuer(s), watchdog %s",
@@ -677,15 +614,15 @@ class FieldGateway:
                 core.watchdog.state.value,
             )
 
-    async def _landed(self, setpoints: Mapping[str, float]) -> bool:
+    async def _read_back(self, names: Sequence[str]) -> Mapping[str, float] | None:
+        """The field's values of ``names``; ``None`` when they cannot be read."""
         try:
             async with asyncio.timeout(self.write_timeout_s):
-                values = await self.writer.read(list(setpoints))
+                return await self.writer.read(list(names))
         except Exception as exc:
-            # Not knowing, never apply twice: count it as applied.
-            log.error("gateway: cannot read the field back (%s); assuming the write landed", exc)
-            return True
-        return all(values.get(n) == v for n, v in setpoints.items())
+            log.error("gateway: reading %d input(s) back from the field failed: %s",
+                      len(names), exc)  # fmt: skip
+            return None
 
     # ------------------------------------------------------------------ serving
 
@@ -694,7 +631,23 @@ class FieldGateway:
         await self.start()
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._watch(), name="gateway-watchdog")
+            if self.store is not None:
+                tasks.create_task(self._flush_marks(self.store), name="gateway-applied-marks")
             await self._serve_messages()
+
+    async def _flush_marks(self, store: GatewayStore) -> None:
+        """Commit deferred applied marks that no batch took along within the flush delay."""
+        delay = self.applied_flush_delay_s
+        while True:
+            await self._marks_deferred.wait()
+            self._marks_deferred.clear()
+            while store.deferred:
+                left = delay - (time.monotonic() - store.deferred_since)
+                if left > 0:
+                    await asyncio.sleep(left)
+                    continue
+                async with self._lock:
+                    store.flush()
 
     async def _serve_messages(self) -> None:
         sock = self._sock
@@ -705,29 +658,29 @@ class FieldGateway:
         while True:
             if self._sock is None:
                 raise RuntimeError("the gateway socket was closed")
-            frames = await sock.recv_multipart(copy=False)
-            while True:
-                await self._answer(raw, frames)
+            batch = [await sock.recv_multipart(copy=False)]
+            while len(batch) < self.max_batch:
                 try:
-                    frames = raw.recv_multipart(zmq.NOBLOCK, copy=False)
+                    batch.append(raw.recv_multipart(zmq.NOBLOCK, copy=False))
                 except zmq.Again:
                     break
+            await self._answer(raw, batch)
 
-    async def _answer(self, raw: zmq.Socket[bytes], frames: list[zmq.Frame]) -> None:
-        identity, body = frames[0].bytes, frames[1:]
-        grant = self._grant(body[0] if body else None)
-        try:
-            reply = await self.handle([f.bytes for f in body], grant)
-        except ParallelCityError:
-            raise  # the durable store failed: stop rather than risk applying twice
-        except Exception:  # a bug here must not stop the field gateway
-            log.exception("gateway: unexpected error handling a message; not answered")
-            return
-        try:
-            # A ROUTER never blocks on send: a reply to a vanished peer is dropped.
-            raw.send_multipart([identity, reply], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:
-            log.warning("gateway: could not send a reply: %s", exc)
+    async def _answer(self, raw: zmq.Socket[bytes], batch: list[list[zmq.Frame]]) -> None:
+        """Handle a batch of received messages (routing identity first) and send the replies."""
+        messages = [
+            ([f.bytes for f in frames[1:]], self._grant(frames[1] if len(frames) > 1 else None))
+            for frames in batch
+        ]
+        replies = await self.handle_batch(messages)
+        for frames, reply in zip(batch, replies, strict=True):
+            if reply is None:
+                continue
+            try:
+                # A ROUTER never blocks on send: a reply to a vanished peer is dropped.
+                raw.send_multipart([frames[0].bytes, reply], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                log.warning("gateway: could not send a reply: %s", exc)
 
     def _grant(self, frame: zmq.Frame | None) -> Grant | None:
         if self.curve is None:
@@ -745,8 +698,63 @@ class FieldGateway:
 
         ``grant`` is what the authenticated peer may do; ``None`` refuses everything.
         """
-        c = self.counters
-        c.received += 1
+        reply = (await self.handle_batch([(frames, grant)]))[0]
+        if reply is None:
+            raise RuntimeError("the gateway could not handle the message (see its log)")
+        return reply
+
+    async def handle_batch(
+        self, messages: Sequence[tuple[list[bytes], Grant | None]]
+    ) -> list[bytes | None]:
+        """Several received messages, in arrival order -> their replies, in the same order.
+
+        Consecutive commands are applied as one group commit (``_apply``); a
+        heartbeat or re-arm between them is handled after the commands before
+        it.  ``None``: not answered (an unexpected error, logged).  Raises
+        ``ParallelCityError`` when the durable store fails: the gateway must
+        stop rather than risk applying twice.
+        """
+        replies: list[bytes | None] = [None] * len(messages)
+        run: list[_Item] = []
+        self.counters.batches += 1
+        self.counters.largest_batch = max(self.counters.largest_batch, len(messages))
+        for k, (frames, grant) in enumerate(messages):
+            try:
+                parsed = self._parse(frames, grant)
+                if isinstance(parsed, bytes):
+                    replies[k] = parsed
+                    continue
+                msg, granted = parsed
+                if isinstance(msg, Command):
+                    run.append(_Item(k, msg, granted))
+                    continue
+                commands, run = run, []
+                await self._apply(commands, replies)
+                if isinstance(msg, Heartbeat):
+                    replies[k] = (await self._heartbeat(msg)).encode()
+                else:
+                    replies[k] = (await self._rearm(msg, granted)).encode()
+            except ParallelCityError:
+                raise
+            except Exception:  # a bug here must not stop the field gateway
+                log.exception("gateway: unexpected error handling a message; not answered")
+        try:
+            commands, run = run, []
+            await self._apply(commands, replies)
+            if self.ack_after_applied_commit and self.store is not None and self.store.deferred:
+                async with self._lock:
+                    self.store.flush()
+        except ParallelCityError:
+            raise
+        except Exception:
+            log.exception("gateway: unexpected error applying commands; not answered")
+        return replies
+
+    def _parse(
+        self, frames: list[bytes], grant: Grant | None
+    ) -> bytes | tuple[Command | Heartbeat | Rearm, Grant]:
+        """Decode and authenticate one message: the request, or the refusal to send."""
+        self.counters.received += 1
         if len(frames) != 1:
             data = frames[-1] if frames else b""
             return self._malformed(data, f"expected exactly one frame, got {len(frames)}")
@@ -759,52 +767,119 @@ class FieldGateway:
             return self._refuse(
                 msg.id, getattr(msg, "seq", 0), RefusalCode.UNAUTHORISED, "unknown client"
             ).encode()
-        if isinstance(msg, Heartbeat):
-            return (await self._heartbeat(msg)).encode()
-        if isinstance(msg, Rearm):
-            return (await self._rearm(msg, grant)).encode()
-        return (await self._command(msg, grant)).encode()
+        return msg, grant
 
-    async def _command(self, cmd: Command, grant: Grant) -> Ack:
-        c = self.counters
+    async def _apply(self, items: list[_Item], replies: list[bytes | None]) -> None:
+        """Decide, record, write and mark applied a run of commands; fill in their replies."""
+        if not items:
+            return
         async with self._lock:
-            now = self.clock.now()
-            decision = self.core.decide(cmd, now, grant)
-            if decision.code is not RefusalCode.UNAUTHORISED:
-                self._seen(now)
-            if decision.outcome is Outcome.DUPLICATE:
-                c.duplicates += 1
-                log.info("gateway: %s (seq %d) is a duplicate; not written again", cmd.id, cmd.seq)
-                return self._ack(
-                    cmd, AckStatus.DUPLICATE, applied_at=decision.applied_at, detail=decision.detail
-                )
-            if decision.outcome is Outcome.REFUSE:
-                assert decision.code is not None
-                return self._refuse(cmd.id, cmd.seq, decision.code, decision.detail)
-            if self.store is not None:
-                self.store.begin(cmd)
-            failure = await self._write(cmd.setpoints)
-            if failure is not None:
-                if self.store is not None:
-                    self.store.abandon(cmd.id)
-                return self._refuse(cmd.id, cmd.seq, RefusalCode.WRITE_FAILED, failure)
+            while items:
+                items = await self._apply_once(items, replies)
+
+    async def _apply_once(self, items: list[_Item], replies: list[bytes | None]) -> list[_Item]:
+        """One group commit; returns the commands to decide again after a failed write."""
+        core, store = self.core, self.store
+        cp = core.checkpoint()
+        for it in items:
+            it.landed, it.decision = False, None
+        began = False
+        try:
+            accepted: list[_Item] = []
+            for it in items:
+                now = self.clock.now()
+                it.decision = d = core.decide(it.cmd, now, it.grant)
+                if d.code is not RefusalCode.UNAUTHORISED:
+                    self._seen(now)
+                if d.accepted:
+                    core.record_applied(it.cmd, now)  # later commands see it; undone if not written
+                    accepted.append(it)
+            groups = _write_groups(accepted)
+            if accepted and store is not None:
+                store.begin_batch([it.cmd for it in accepted], [it.group for it in accepted])
+            began = bool(accepted)
+            failed: list[_Item] = []
+            failure = ""
+            for group in groups:
+                merged: dict[str, float] = {}
+                for it in group:
+                    merged.update(it.cmd.setpoints)
+                why = await self._write(merged)
+                if why is None:
+                    for it in group:
+                        it.landed = True
+                    continue
+                failure = why
+                if len(group) > 1:  # which commands of the group reached the field?
+                    values = await self._read_back(sorted(merged))
+                    for it in group:
+                        it.landed = values is not None and all(
+                            values.get(n) == v for n, v in it.cmd.setpoints.items()
+                        )
+                failed = [it for it in group if not it.landed]
+                break
             applied_at = self.clock.now()
-            self.core.record_applied(cmd, applied_at)
-            if self.store is not None:
-                self.store.commit_applied(
-                    cmd.id, cmd.issuer, cmd.seq, cmd.issued_at, cmd.setpoints, applied_at,
-                    self.core.leases.leases,
-                )  # fmt: skip
-        c.applied += 1
-        if log.isEnabledFor(logging.INFO):
-            log.info(
-                "gateway: applied %s (issuer %s, seq %d): %s",
-                cmd.id,
-                cmd.issuer,
-                cmd.seq,
-                ", ".join(f"{k}={v:.6g}" for k, v in cmd.setpoints.items()),
-            )
-        return self._ack(cmd, AckStatus.APPLIED, applied_at=applied_at)
+            undone = [it for it in accepted if not it.landed]
+            landed_items = [it for it in accepted if it.landed]
+            if undone:  # back to the true state: what landed, in order
+                core.rollback(cp)
+                for it in landed_items:
+                    core.record_applied(it.cmd, applied_at)
+            else:
+                core.confirm([it.cmd for it in landed_items], applied_at)
+        except BaseException:
+            # Once the batch is pending, writes may have landed: keep counting it as
+            # applied (never twice); a store settles it against the field at the next start.
+            if not began:
+                core.rollback(cp)
+            raise
+        finally:
+            core.release(cp)
+        if store is not None and accepted:
+            marks = [
+                AppliedMark(it.cmd.id, it.cmd.issuer, it.cmd.seq, it.cmd.issued_at,
+                            it.cmd.setpoints, applied_at)
+                for it in landed_items
+            ]  # fmt: skip
+            if undone:
+                store.settle(marks, [it.cmd.id for it in undone], core.leases.leases)
+            else:
+                # Rides in the next commit, or _flush_marks commits it (gateway_store docstring).
+                store.mark_applied(marks, core.leases.leases, durable=False)
+                self._marks_deferred.set()
+        # Decisions made after the first command that was not applied saw its effect: redo them.
+        cut = min((it.index for it in undone), default=math.inf)
+        again = [it for it in items if it.index >= cut and not it.landed and it not in failed]
+        redo = {id(it) for it in again}
+        for it in items:
+            if id(it) in redo:
+                continue
+            replies[it.index] = self._reply(it, applied_at, failure).encode()
+        return again
+
+    def _reply(self, it: _Item, applied_at: float, failure: str) -> Ack:
+        cmd, d, c = it.cmd, it.decision, self.counters
+        assert d is not None
+        if it.landed:
+            c.applied += 1
+            if log.isEnabledFor(logging.INFO):
+                log.info(
+                    "gateway: applied %s (issuer %s, seq %d): %s",
+                    cmd.id,
+                    cmd.issuer,
+                    cmd.seq,
+                    ", ".join(f"{k}={v:.6g}" for k, v in cmd.setpoints.items()),
+                )
+            return self._ack(cmd, AckStatus.APPLIED, applied_at=applied_at)
+        if d.accepted:
+            return self._refuse(cmd.id, cmd.seq, RefusalCode.WRITE_FAILED, failure)
+        if d.outcome is Outcome.DUPLICATE:
+            c.duplicates += 1
+            log.info("gateway: %s (seq %d) is a duplicate; not written again", cmd.id, cmd.seq)
+            first = self.core.state.applied_ids.get(cmd.id, d.applied_at)
+            return self._ack(cmd, AckStatus.DUPLICATE, applied_at=first, detail=d.detail)
+        assert d.code is not None
+        return self._refuse(cmd.id, cmd.seq, d.code, d.detail)
 
     async def _write(self, setpoints: Mapping[str, float]) -> str | None:
         """Write to the field; ``None`` when done, else why it failed."""
@@ -911,6 +986,8 @@ class FieldGateway:
         wd = self.core.watchdog
         if not wd.tripped or wd.reverted:
             return
+        if self.store is not None:
+            self.store.flush()  # the pending batch's writes must stay the last (gateway_store)
         failure = await self._write(wd.safe)
         now = self.clock.now()
         if failure is not None:
@@ -947,6 +1024,35 @@ class FieldGateway:
     def _malformed(self, data: bytes, reason: str) -> bytes:
         msg_id, seq = recover_id(data)
         return self._refuse(msg_id, seq, RefusalCode.MALFORMED, reason).encode()
+
+
+@dataclass(eq=False)
+class _Item:
+    """A command of a batch on its way through ``FieldGateway._apply``."""
+
+    index: int
+    """Its place in the batch (its reply's place)."""
+    cmd: Command
+    grant: Grant
+    decision: Decision | None = None
+    group: int = 0
+    """Its write group: commands on disjoint inputs share one write call."""
+    landed: bool = False
+
+
+def _write_groups(accepted: Sequence[_Item]) -> list[list[_Item]]:
+    """Consecutive commands, cut where an input would be written twice in one call."""
+    groups: list[list[_Item]] = []
+    touched: set[str] = set()
+    for it in accepted:
+        names = it.cmd.setpoints.keys()
+        if not groups or not touched.isdisjoint(names):
+            groups.append([])
+            touched = set()
+        it.group = len(groups) - 1
+        groups[-1].append(it)
+        touched.update(names)
+    return groups
 
 
 def new_zap_domain() -> str:

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .clock import Clock
 from .errors import ScenarioError, SecurityError
-from .gateway import FieldGateway, GatewayCore, OpcUaWriter, ServerCurve
+from .field_writer import OpcUaWriter
+from .gateway import FieldGateway, GatewayCore, ServerCurve
 from .gateway_store import GatewayStore
 from .keys import check_z85, read_public_key, read_secret_key
 from .opcua import ClientSecurity
@@ -267,7 +268,11 @@ async def serve_gateway(config: GatewayConfig, clock: Clock) -> None:
     """Run the gateway ``config`` describes until cancelled.
 
     Refuses (``SecurityError``) to start without ``[security.zmq]`` unless
-    ``insecure_lab`` is true, before touching the network or the field.
+    ``insecure_lab`` is true, before touching the network or the field.  The
+    first OPC UA connection must succeed (an untrusted PLC certificate is a
+    ``SecurityError`` naming the folder to trust it in); later losses are
+    reconnected by the writer, journaled in the state file as ``field_lost`` /
+    ``field_restored``, and commands are refused meanwhile.
     """
     sec = config.file.security
     curve = config.curve()
@@ -291,7 +296,12 @@ async def serve_gateway(config: GatewayConfig, clock: Clock) -> None:
         )
     core = config.core()
     store = GatewayStore(config.resolve(config.file.gateway.state))
-    writer = OpcUaWriter(config.file.field.endpoint, config.field_config(), security=opcua)
+    writer = OpcUaWriter(
+        config.file.field.endpoint,
+        config.field_config(),
+        security=opcua,
+        on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),
+    )
     gateway = FieldGateway(
         core,
         writer,

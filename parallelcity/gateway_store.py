@@ -8,21 +8,76 @@ never applied twice and a restarted dispatcher can continue:
 * the last applied value of each input and the cycle time it was for (ramps);
 * equipment leases; the watchdog's state; an event log (trips, re-arms, leases).
 
-Applying a command is two commits around the field write: ``begin`` records
-the command as *pending* before anything is written; ``commit_applied`` marks
-it applied (with seq, input values and leases) before the ack is sent.  A
-crash between the two leaves one pending command whose write may or may not
-have landed; at the next start the gateway reads the field back and settles
-it (``settle_pending``): the values are there -> applied, else -> forgotten,
-so a resend is applied once.
+Group commit
+------------
+The gateway applies commands in **batches** (everything that was waiting on
+its socket, bounded).  A batch's accepted commands are recorded *pending* in
+one commit (``begin_batch``, fsync) before anything is written; then their
+setpoints go to the field in **write groups** (consecutive commands whose
+inputs do not overlap share one write call; a command touching an input
+already in the group starts the next group), in order, stopping at the first
+failure.  After the writes the commands are *applied* (``mark_applied``).
+After a failed write the gateway settles the batch at once (``settle``: one
+commit marking what landed applied and forgetting the rest) before it
+decides or writes anything else.
+
+The applied mark need not cost an fsync of its own: by default it is
+*deferred* and rides in the next transaction the store commits, whatever it
+is - normally the next batch's ``begin_batch``.  The gateway bounds how long
+a mark may wait: it commits the marks after a short idle delay (2 ms) and
+before any field write of its own that is not a batch; ``close`` commits them
+too.
+
+Why exactly once still holds after ``kill -9`` at any point
+------------------------------------------------------------
+Invariant: *at most one batch is pending at any time, and its writes are the
+last writes this gateway made to those inputs.*  A batch is written only
+after its pending commit, and that commit also carries the applied marks of
+the batch before it (or they were flushed earlier); the watchdog's revert,
+the only other gateway write, flushes the marks first.
+
+Where the kill can fall, for the batch B being handled:
+
+1. Before B's pending commit is durable: B left no trace and nothing of B
+   was written (writes come after that commit); no ack was sent.  A resend is
+   decided afresh and applied once.  The batch before B, whose applied marks
+   were to ride in that commit, is still pending: it is settled as in 2 (its
+   writes are still the last ones, since B wrote nothing).
+2. After the pending commit, during or after the writes, before or after the
+   acks, before B's applied marks are durable: B is pending at the restart.
+   The gateway reads the field back *before it binds* and settles B with
+   ``landed``: what landed is a prefix of B's write groups and perhaps part of
+   the next group (writes are in order and stop at the first failure), and
+   because of the invariant nothing else of this gateway wrote those inputs
+   since.  The largest prefix consistent with the values read is taken as
+   applied (a larger one only when values coincide - then the field holds
+   them anyway); within the partly written group each command counts as
+   applied when all its values are there.  Applied commands become
+   duplicates for every resend or replay; the rest are forgotten, so their
+   resends are applied once.  An ack is only ever sent after B's writes
+   succeeded, so every acked command is in the landed prefix: its replay is a
+   ``duplicate``.  If the field cannot be read, the whole batch counts as
+   applied: never twice.
+3. After B's applied marks are durable: B is plain history.
+
+So the record that makes the replay of an acked command a duplicate - the
+pending row, settled against the field - is durable before the ack is sent;
+the applied mark only saves the read-back.  What the read-back cannot see is
+a third party (a PLC program, an operator) changing the same inputs between
+the write and the restart; that window existed before group commit (between
+write and applied commit); deferring the mark lengthens it by at most the
+idle flush delay (milliseconds) or one batch.  A gateway built with
+``ack_after_applied_commit=True`` commits the marks before every ack and
+closes that extra window, at one more fsync per batch.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +107,8 @@ CREATE TABLE IF NOT EXISTS watchdog (k INTEGER PRIMARY KEY CHECK (k = 0), state 
 CREATE TABLE IF NOT EXISTS event (n INTEGER PRIMARY KEY AUTOINCREMENT, t REAL NOT NULL,
                                   kind TEXT NOT NULL, detail TEXT NOT NULL);
 """
+# Added with group commit; a store written before gets the columns on open.
+BATCH_COLUMNS = (("batch", "INTEGER"), ("grp", "INTEGER NOT NULL DEFAULT 0"))
 
 
 @dataclass(frozen=True)
@@ -63,6 +120,22 @@ class Pending:
     seq: int
     issued_at: float
     setpoints: dict[str, float]
+    batch: int | None = None
+    """The batch it was recorded with (``None``: recorded alone, before group commit)."""
+    group: int = 0
+    """Its write group within the batch (groups are written in order)."""
+
+
+@dataclass(frozen=True)
+class AppliedMark:
+    """A command whose setpoints landed: what ``mark_applied`` records about it."""
+
+    command_id: str
+    issuer: str
+    seq: int
+    issued_at: float
+    setpoints: Mapping[str, float]
+    applied_at: float
 
 
 @dataclass
@@ -74,12 +147,67 @@ class Loaded:
     watchdog: tuple[WatchdogState, str, float] | None
     pending: list[Pending]
 
+    def pending_batches(self) -> list[list[Pending]]:
+        """The pending commands by batch, in the order they were recorded."""
+        out: dict[object, list[Pending]] = {}
+        for k, p in enumerate(self.pending):
+            out.setdefault(("alone", k) if p.batch is None else p.batch, []).append(p)
+        return list(out.values())
+
+
+def landed(batch: Sequence[Pending], field: Mapping[str, float] | None) -> list[bool]:
+    """Which commands of a pending batch reached the field, judged from ``field`` read back.
+
+    Pure.  The groups of a batch were written in order, stopping at the first
+    failure: what landed is a prefix of whole groups, then perhaps part of the
+    next group.  The largest prefix that agrees with ``field`` is taken (an
+    input of the prefix must show its last value in the prefix, or the value
+    the next group writes to it); in the next group, a command counts when all
+    its values are there.  ``field`` ``None`` (could not be read): all count,
+    so that nothing is ever applied twice.
+    """
+    if field is None:
+        return [True] * len(batch)
+    order = sorted({p.group for p in batch})
+    groups = [[p for p in batch if p.group == g] for g in order]
+    merged = [{n: v for p in grp for n, v in p.setpoints.items()} for grp in groups]
+    for full in range(len(groups), -1, -1):
+        expected: dict[str, float] = {}
+        for values in merged[:full]:
+            expected.update(values)
+        nxt = merged[full] if full < len(groups) else {}
+        if all(
+            n in field and (field[n] == v or nxt.get(n) == field[n]) for n, v in expected.items()
+        ):
+            break
+    out: dict[str, bool] = {}
+    for g, grp in enumerate(groups):
+        for p in grp:
+            if g < full:
+                out[p.command_id] = True
+            elif g == full:
+                out[p.command_id] = all(field.get(n) == v for n, v in p.setpoints.items())
+            else:
+                out[p.command_id] = False
+    return [out[p.command_id] for p in batch]
+
 
 class GatewayStore:
-    """One SQLite file; every method is one transaction, committed with fsync."""
+    """One SQLite file; every method is one transaction, committed with fsync.
+
+    Applied marks given to ``mark_applied(..., durable=False)`` wait in memory
+    and are written first in the next transaction (see the module docstring);
+    ``flush`` commits them on their own, ``close`` flushes.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self._deferred: list[AppliedMark] = []
+        self._deferred_leases: dict[str, Lease] | None = None
+        self.deferred_since = 0.0
+        """``time.monotonic()`` when the oldest deferred mark was given."""
+        self.commits = 0
+        """Transactions committed (each one fsync'd) by this object."""
         try:
             if str(path) != ":memory:":
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,6 +215,14 @@ class GatewayStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            have = {str(r[1]) for r in self._db.execute("PRAGMA table_info(applied)")}
+            for name, decl in BATCH_COLUMNS:
+                if name not in have:
+                    self._db.execute(f"ALTER TABLE applied ADD COLUMN {name} {decl}")
+            row = self._db.execute(
+                "SELECT max(batch) FROM applied WHERE state = 'pending'"
+            ).fetchone()
+            self._next_batch = 1 + int(row[0] or 0)
         except (OSError, sqlite3.Error) as exc:
             raise JournalError(f"cannot open the gateway store {self.path}: {exc}") from exc
 
@@ -94,12 +230,17 @@ class GatewayStore:
     def _tx(self) -> Iterator[sqlite3.Connection]:
         try:
             self._db.execute("BEGIN IMMEDIATE")
+            if self._deferred or self._deferred_leases is not None:
+                _write_marks(self._db, self._deferred, self._deferred_leases)
             yield self._db
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise JournalError(f"gateway store write failed ({self.path}): {exc}") from exc
+        self._deferred = []
+        self._deferred_leases = None
+        self.commits += 1
 
     def load(self, max_ids: int) -> Loaded:
         db = self._db
@@ -123,9 +264,17 @@ class GatewayStore:
             }
             wd_row = db.execute("SELECT state, detail, since FROM watchdog WHERE k = 0").fetchone()
             pending = [
-                Pending(str(i), str(iss), int(seq), float(ia), _floats(sp))
-                for i, iss, seq, ia, sp in db.execute(
-                    "SELECT id, issuer, seq, issued_at, setpoints FROM applied "
+                Pending(
+                    str(i),
+                    str(iss),
+                    int(seq),
+                    float(ia),
+                    _floats(sp),
+                    None if b is None else int(b),
+                    int(g),
+                )
+                for i, iss, seq, ia, sp, b, g in db.execute(
+                    "SELECT id, issuer, seq, issued_at, setpoints, batch, grp FROM applied "
                     "WHERE state = 'pending' ORDER BY rowid"
                 )
             ]
@@ -136,14 +285,76 @@ class GatewayStore:
             wd = (WatchdogState(wd_row[0]), str(wd_row[1]), float(wd_row[2]))
         return Loaded(ids, last_seq, inputs, leases, wd, pending)
 
+    # ------------------------------------------------------------------ commands
+
     def begin(self, cmd: Command) -> None:
-        """Record ``cmd`` as pending: called before its setpoints are written."""
+        """Record ``cmd`` as pending, alone: called before its setpoints are written."""
+        self.begin_batch([cmd], [0])
+
+    def begin_batch(self, cmds: Sequence[Command], groups: Sequence[int]) -> int:
+        """Record a batch as pending in one commit, before any of it is written.
+
+        ``groups[k]`` is the write group of ``cmds[k]``.  Deferred applied
+        marks of the previous batch are committed in the same transaction.
+        Returns the batch number.
+        """
+        if len(groups) != len(cmds):
+            raise ValueError("one write group per command")
+        batch, self._next_batch = self._next_batch, self._next_batch + 1
         with self._tx() as db:
-            db.execute(
+            db.executemany(
                 "INSERT OR REPLACE INTO applied (id, issuer, seq, state, issued_at, applied_at, "
-                "setpoints) VALUES (?, ?, ?, 'pending', ?, NULL, ?)",
-                (cmd.id, cmd.issuer, cmd.seq, cmd.issued_at, json.dumps(dict(cmd.setpoints))),
+                "setpoints, batch, grp) VALUES (?, ?, ?, 'pending', ?, NULL, ?, ?, ?)",
+                [
+                    (c.id, c.issuer, c.seq, c.issued_at, json.dumps(dict(c.setpoints)), batch, g)
+                    for c, g in zip(cmds, groups, strict=True)
+                ],
             )
+        return batch
+
+    def mark_applied(
+        self, marks: Sequence[AppliedMark], leases: Mapping[str, Lease], *, durable: bool = True
+    ) -> None:
+        """Mark commands applied, with what follows (seqs, inputs, ``leases`` now in force).
+
+        ``durable=False`` defers the commit to the next transaction (group
+        commit; see the module docstring for why that is safe).
+        """
+        if not self._deferred:
+            self.deferred_since = time.monotonic()
+        self._deferred.extend(marks)
+        self._deferred_leases = dict(leases)
+        if durable:
+            self.flush()
+
+    def settle(
+        self,
+        marks: Sequence[AppliedMark],
+        abandoned: Sequence[str],
+        leases: Mapping[str, Lease],
+        *,
+        events: Sequence[tuple[float, str, str]] = (),
+    ) -> None:
+        """One commit: ``marks`` applied, the pending ``abandoned`` ids forgotten, ``events``."""
+        self._deferred.extend(marks)
+        self._deferred_leases = dict(leases)
+        with self._tx() as db:
+            db.executemany(
+                "DELETE FROM applied WHERE id = ? AND state = 'pending'",
+                [(i,) for i in abandoned],
+            )
+            db.executemany("INSERT INTO event (t, kind, detail) VALUES (?, ?, ?)", list(events))
+
+    @property
+    def deferred(self) -> int:
+        """Applied marks waiting for the next commit."""
+        return len(self._deferred)
+
+    def flush(self) -> None:
+        """Commit the deferred applied marks now (nothing when there are none)."""
+        if self._deferred or self._deferred_leases is not None:
+            with self._tx():
+                pass
 
     def abandon(self, command_id: str) -> None:
         """The write failed for sure: forget the pending command (a resend is decided afresh)."""
@@ -160,22 +371,11 @@ class GatewayStore:
         applied_at: float,
         leases: Mapping[str, Lease],
     ) -> None:
-        """Mark a command applied, with everything that follows from it, in one commit."""
-        with self._tx() as db:
-            db.execute(
-                "UPDATE applied SET state = 'applied', applied_at = ? WHERE id = ?",
-                (applied_at, command_id),
-            )
-            db.execute(
-                "INSERT INTO issuer (issuer, last_seq) VALUES (?, ?) ON CONFLICT(issuer) "
-                "DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
-                (issuer, seq),
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO input (name, value, issued_at) VALUES (?, ?, ?)",
-                [(n, float(v), issued_at) for n, v in setpoints.items()],
-            )
-            _write_leases(db, leases)
+        """Mark one command applied, with everything that follows from it, in one commit."""
+        mark = AppliedMark(command_id, issuer, seq, issued_at, setpoints, applied_at)
+        self.mark_applied([mark], leases)
+
+    # ------------------------------------------------------------------ the rest
 
     def save_leases(self, leases: Mapping[str, Lease]) -> None:
         with self._tx() as db:
@@ -217,7 +417,36 @@ class GatewayStore:
         return [(float(t), str(k), str(d)) for t, k, d in rows]
 
     def close(self) -> None:
-        self._db.close()
+        try:
+            self.flush()
+        finally:
+            self._db.close()
+
+
+def _write_marks(
+    db: sqlite3.Connection, marks: Sequence[AppliedMark], leases: Mapping[str, Lease] | None
+) -> None:
+    db.executemany(
+        "UPDATE applied SET state = 'applied', applied_at = ? WHERE id = ?",
+        [(m.applied_at, m.command_id) for m in marks],
+    )
+    last_seq: dict[str, int] = {}
+    inputs: dict[str, tuple[float, float]] = {}
+    for m in marks:
+        last_seq[m.issuer] = max(m.seq, last_seq.get(m.issuer, m.seq))
+        for n, v in m.setpoints.items():
+            inputs[n] = (float(v), m.issued_at)
+    db.executemany(
+        "INSERT INTO issuer (issuer, last_seq) VALUES (?, ?) ON CONFLICT(issuer) "
+        "DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
+        list(last_seq.items()),
+    )
+    db.executemany(
+        "INSERT OR REPLACE INTO input (name, value, issued_at) VALUES (?, ?, ?)",
+        [(n, v, t) for n, (v, t) in inputs.items()],
+    )
+    if leases is not None:
+        _write_leases(db, leases)
 
 
 def _write_leases(db: sqlite3.Connection, leases: Mapping[str, Lease]) -> None:
