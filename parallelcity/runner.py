@@ -35,8 +35,9 @@ from .dispatcher import ClientCurve, Dispatcher
 from .divergence import DivergenceMonitor, DivergenceSettings
 from .errors import DispatchError, ParallelCityError, SecurityError
 from .estimate import ExtendedKalmanFilter
+from .field_writer import OpcUaWriter
 from .gate import SimplexGate
-from .gateway import FieldGateway, GatewayCore, OpcUaWriter, ServerCurve, new_zap_domain
+from .gateway import FieldGateway, GatewayCore, ServerCurve, new_zap_domain
 from .gateway_store import GatewayStore
 from .journal import Journal
 from .keys import KeyPair, read_public_key, read_secret_key
@@ -54,6 +55,8 @@ from .zap import AllowList, Grant
 
 log = logging.getLogger("parallelcity.runner")
 
+MIN_WATCHDOG_WALL_S = 0.5
+"""An embedded watchdog window shorter than this in wall time gets a warning."""
 INSECURE_BANNER = (
     "INSECURE LAB MODE: OPC UA without encryption and ZeroMQ without CURVE "
     "([security] insecure_lab = true). Never point this at real equipment."
@@ -270,6 +273,34 @@ def _zmq_security(
     return ClientCurve(client, server.public), ServerCurve(server, allow, new_zap_domain())
 
 
+def _embedded_core(scenario: Scenario, specs: SafetySpecs, speed: float) -> GatewayCore:
+    """The embedded gateway's rules: the specs' limits, and the scenario's watchdog if any."""
+    wd = scenario.field.watchdog
+    if wd is None:
+        return GatewayCore(specs.limits, lease_s=2 * scenario.meta.cycle_s)
+    safe = {i.name: i.safe for i in scenario.field.inputs if i.safe is not None}
+    window_s = wd.heartbeat_interval_s * wd.missed_heartbeats
+    log.info(
+        "embedded gateway watchdog: %g s (simulated) of silence reverts to %s",
+        window_s,
+        ", ".join(f"{k}={v:g}" for k, v in safe.items()),
+    )
+    if window_s / speed < MIN_WATCHDOG_WALL_S:
+        log.warning(
+            "the embedded gateway's watchdog window is %.2f s of wall time at speed %g: "
+            "a busy machine may trip it (raise [field.watchdog] heartbeat_interval_s)",
+            window_s / speed,
+            speed,
+        )
+    return GatewayCore(
+        specs.limits,
+        lease_s=2 * scenario.meta.cycle_s,
+        safe=safe,
+        heartbeat_interval_s=wd.heartbeat_interval_s,
+        missed_heartbeats=wd.missed_heartbeats,
+    )
+
+
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     out: list[BaseException] = []
     for e in group.exceptions:
@@ -340,14 +371,19 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         gateway_endpoint = options.gateway_endpoint
         gateway_task = None
         if gateway_endpoint is None:
-            writer = await stack.enter_async_context(
-                OpcUaWriter(endpoint, scenario.field, security=opcua_client)
-            )
             store = GatewayStore(out_dir / "gateway.sqlite")
             stack.callback(store.close)
+            writer = await stack.enter_async_context(
+                OpcUaWriter(
+                    endpoint,
+                    scenario.field,
+                    security=opcua_client,
+                    on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),
+                )
+            )
             gateway = await stack.enter_async_context(
                 FieldGateway(
-                    GatewayCore(specs.limits, lease_s=2 * meta.cycle_s),
+                    _embedded_core(scenario, specs, speed),
                     writer,
                     clock,
                     bind="tcp://127.0.0.1:0",

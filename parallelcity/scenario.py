@@ -117,6 +117,22 @@ class PointMap(_Strict):
 class InputMap(_Strict):
     name: str = Field(description="model input this node drives")
     node: str
+    safe: float | None = Field(
+        None,
+        description="the embedded gateway's watchdog reverts this input to this value "
+        "(within its specs.inputs bounds); needs [field.watchdog]",
+    )
+
+
+class FieldWatchdog(_Strict):
+    """The embedded gateway's heartbeat watchdog (a separate gateway has its own config)."""
+
+    heartbeat_interval_s: float = Field(
+        gt=0, description="expected heartbeat period (simulated s); the runtime beats twice as fast"
+    )
+    missed_heartbeats: int = Field(
+        3, ge=1, description="this many intervals of silence revert the inputs to their safe values"
+    )
 
 
 class FieldConfig(_Strict):
@@ -126,6 +142,9 @@ class FieldConfig(_Strict):
     sampling_interval_ms: float = Field(100.0, gt=0, description="wall milliseconds")
     points: list[PointMap] = Field(min_length=1)
     inputs: list[InputMap] = Field(min_length=1)
+    watchdog: FieldWatchdog | None = Field(
+        None, description="heartbeat watchdog of the embedded gateway (safe values per input)"
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> FieldConfig:
@@ -392,6 +411,7 @@ def _cross_check(f: ScenarioFile, m: SubsystemModel) -> list[str]:
     for name in m.inputs:
         if name not in mapped:
             problems.append(f"field.inputs: model input {name!r} has no node")
+    problems.extend(_check_safe_values(f))
     specified = {s.name for s in f.specs.inputs}
     for i, s in enumerate(f.specs.inputs):
         if s.name not in inputs:
@@ -425,6 +445,31 @@ def _cross_check(f: ScenarioFile, m: SubsystemModel) -> list[str]:
     names = [il.name for il in f.specs.interlocks] + [ts.name for ts in f.specs.temporal]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"specs: spec name {dup!r} is used twice")
+    return problems
+
+
+def _check_safe_values(f: ScenarioFile) -> list[str]:
+    """Safe values lie within their input's bounds and come with a [field.watchdog]."""
+    problems = []
+    bounds = {s.name: s for s in f.specs.inputs}
+    safe = [(i, im.name, im.safe) for i, im in enumerate(f.field.inputs) if im.safe is not None]
+    for i, name, value in safe:
+        spec = bounds.get(name)
+        if spec is not None and not spec.min <= value <= spec.max:
+            problems.append(
+                f"field.inputs[{i}].safe: {value!r} is outside the bounds of "
+                f"specs.inputs {name!r} [{spec.min:g}, {spec.max:g}]"
+            )
+    if safe and f.field.watchdog is None:
+        problems.append(
+            "field.watchdog: inputs have safe values but there is no [field.watchdog] table "
+            "(heartbeat_interval_s, missed_heartbeats) saying when to revert to them"
+        )
+    if f.field.watchdog is not None and not safe:
+        problems.append(
+            "field.watchdog: no [[field.inputs]] entry has a safe value: the watchdog would "
+            "have nothing to revert to"
+        )
     return problems
 
 

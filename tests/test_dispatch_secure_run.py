@@ -32,7 +32,8 @@ def test_a_secure_copy_of_the_scenario_dispatches_over_curve(
         acks = db.execute("SELECT status, code FROM ack").fetchall()
         events = db.execute("SELECT source, kind FROM event WHERE source = 'gateway'").fetchall()
     assert acks and all(status == "applied" and code == "" for status, code in acks)
-    assert events == [("gateway", "disabled")]  # the embedded gateway has no safe values
+    # The scenario's safe values arm the embedded gateway's watchdog at the first heartbeat.
+    assert events == [("gateway", "armed")]
     # The embedded gateway's durable state sits beside the journal.
     state = result.out_dir / "gateway.sqlite"
     with sqlite3.connect(state) as db:
