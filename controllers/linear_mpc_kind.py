@@ -25,8 +25,8 @@ comfort_weight_l1 * S`` (soft bands: ``low <= y + S``, ``y - S <= high``, tighte
 ``band_tightening_k``).  Tracking terms are squared linearised outputs (Gauss-Newton);
 the prices add the exact Hessian of the priced outputs in ``(x, u)`` at the stages
 where it is convex, only their slope elsewhere.  Input bounds and rate limits are
-hard.  A small
-``regularisation`` on every move and slack keeps the Hessian positive definite.
+hard.  A small ``regularisation`` on every move and slack keeps the Hessian positive
+definite.
 
 The plan returned is the QP's; its predicted states and outputs are the nonlinear
 model's simulation of it, and ``cost`` the objective evaluated on that simulation.
