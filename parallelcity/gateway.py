@@ -39,14 +39,16 @@ import zmq.asyncio
 from .clock import Clock
 from .errors import (
     DispatchError,
+    FieldUnavailableError,
     ParallelCityError,
     SecurityError,
     WireFormatError,
 )
 from .field_writer import OpcUaWriter as OpcUaWriter  # re-exported: the old import path
 from .field_writer import SetpointWriter
-from .gateway_store import AppliedMark, GatewayStore, landed
+from .gateway_store import AppliedMark, GatewayStore, Pending, landed
 from .keys import KeyPair
+from .mirror import Backoff
 from .specs import TOLERANCE, InputLimit
 from .watchdog import Lease, LeaseTable, Watchdog
 from .wire import (
@@ -75,6 +77,10 @@ DEFAULT_MAX_BATCH = 64
 DEFAULT_APPLIED_FLUSH_DELAY_S = 0.002
 """With nothing waiting, deferred applied marks are committed after this (wall seconds)."""
 INSECURE_GRANT = Grant.everything("insecure-lab")
+IN_DOUBT_BACKOFF = Backoff(initial=0.05, maximum=1.0)
+"""Wall-second waits between read-backs of a write whose outcome is unknown."""
+LINK_POLL_S = 0.05
+"""While in doubt, how often the writer's link is looked at (a read-back follows its return)."""
 
 
 # =========================================================================== decision core
@@ -397,6 +403,8 @@ class GatewayCounters:
     batches: int = 0
     """Batches of messages handled (``handle_batch`` calls)."""
     largest_batch: int = 0
+    in_doubt: int = 0
+    """Times a field write's outcome could not be settled at once (the gateway went in doubt)."""
 
     @property
     def malformed(self) -> int:
@@ -426,6 +434,16 @@ class FieldGateway:
     after ``applied_flush_delay_s`` (wall seconds).  Why that keeps exactly
     once: ``gateway_store``'s docstring.
 
+    A field write whose outcome is unknown (it timed out, the session dropped
+    mid-request, the writer raised unexpectedly - anything but
+    ``FieldUnavailableError``, which means nothing was sent) is settled by
+    reading the field back.  When that read fails too, the gateway is *in
+    doubt* (``in_doubt``): the write group stays pending in the store, every
+    command it would otherwise write is refused ``write_failed`` with a detail
+    that says so, and the read-back is retried with ``in_doubt_backoff`` (wall
+    seconds; at once when the writer's ``available`` comes back) until the
+    group is settled, exactly as a pending batch is at start.
+
     Without ``curve`` the gateway refuses to start unless ``insecure_lab`` is
     true; it then logs a loud warning and every ack says ``insecure_lab``.
     Without ``store`` its memory is in-process only (tests, benchmarks).
@@ -446,6 +464,7 @@ class FieldGateway:
         max_batch: int = DEFAULT_MAX_BATCH,
         ack_after_applied_commit: bool = False,
         applied_flush_delay_s: float = DEFAULT_APPLIED_FLUSH_DELAY_S,
+        in_doubt_backoff: Backoff = IN_DOUBT_BACKOFF,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -481,6 +500,9 @@ class FieldGateway:
         self._leases_saved_at = -math.inf
         self.last_revert_at: float | None = None
         """Gateway time the safe values last landed in the field."""
+        self.in_doubt_backoff = in_doubt_backoff
+        self._in_doubt: _InDoubt | None = None
+        self._settler: asyncio.Task[None] | None = None
         self._grants: dict[str, Grant] = {}
         if curve is not None:
             self._grants = {g.name: g for g in curve.allow.by_key.values()}
@@ -495,6 +517,12 @@ class FieldGateway:
     @property
     def zap(self) -> ZapHandler | None:
         return self._zap
+
+    @property
+    def in_doubt(self) -> str | None:
+        """Why the gateway is in doubt (refusing commands until a write is settled), or None."""
+        doubt = self._in_doubt
+        return None if doubt is None else doubt.detail
 
     async def __aenter__(self) -> FieldGateway:
         await self.start()
@@ -558,6 +586,11 @@ class FieldGateway:
             await zap.aclose()
 
     async def aclose(self) -> None:
+        settler, self._settler = self._settler, None
+        if settler is not None:
+            settler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await settler
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close(linger=0)
@@ -587,25 +620,7 @@ class FieldGateway:
             if values is None:
                 # Not knowing, never apply twice: count the batch as applied.
                 log.error("gateway: cannot read the field back; assuming the writes landed")
-            marks: list[AppliedMark] = []
-            abandoned: list[str] = []
-            events: list[tuple[float, str, str]] = []
-            for p, ok in zip(batch, landed(batch, values), strict=True):
-                if ok:
-                    core._remember(p.command_id, p.issuer, p.seq, now)
-                    for name, value in p.setpoints.items():
-                        st.last_applied[name] = AppliedInput(value, p.issued_at)
-                    marks.append(
-                        AppliedMark(p.command_id, p.issuer, p.seq, p.issued_at, p.setpoints, now)
-                    )
-                    what = "its values are in the field: counted as applied"
-                else:
-                    abandoned.append(p.command_id)
-                    what = "its values are not in the field: forgotten, a resend is applied"
-                log.warning("gateway: command %s was in doubt after a restart; %s", p.command_id,
-                            what)  # fmt: skip
-                events.append((now, "settled", f"{p.command_id}: {what}"))
-            store.settle(marks, abandoned, core.leases.leases, events=events)
+            self._settle_batch(batch, values, now, "after a restart")
         if loaded.applied_ids or loaded.pending:
             log.info(
                 "gateway: restored %d applied id(s), %d issuer(s), watchdog %s",
@@ -613,6 +628,43 @@ class FieldGateway:
                 len(st.last_seq),
                 core.watchdog.state.value,
             )
+
+    def _settle_batch(
+        self,
+        batch: Sequence[Pending],
+        values: Mapping[str, float] | None,
+        now: float,
+        when: str,
+        events: Sequence[tuple[float, str, str]] = (),
+    ) -> None:
+        """Settle a pending batch against ``values`` read back (``None``: count it all applied).
+
+        The commands that landed (``gateway_store.landed``) are remembered as
+        applied and become the inputs' last applied values; the others are
+        forgotten (a resend is decided afresh).  One store commit, ``events`` too.
+        """
+        core, st = self.core, self.core.state
+        marks: list[AppliedMark] = []
+        abandoned: list[str] = []
+        settled: list[tuple[float, str, str]] = []
+        for p, ok in zip(batch, landed(batch, values), strict=True):
+            if ok:
+                core._remember(p.command_id, p.issuer, p.seq, now)
+                for name, value in p.setpoints.items():
+                    st.last_applied[name] = AppliedInput(value, p.issued_at)
+                marks.append(
+                    AppliedMark(p.command_id, p.issuer, p.seq, p.issued_at, p.setpoints, now)
+                )
+                what = "its values are in the field: counted as applied"
+                if values is None:
+                    what = "the field could not be read: counted as applied (never twice)"
+            else:
+                abandoned.append(p.command_id)
+                what = "its values are not in the field: forgotten, a resend is applied"
+            log.warning("gateway: command %s was in doubt %s; %s", p.command_id, when, what)
+            settled.append((now, "settled", f"{p.command_id}: {what}"))
+        if self.store is not None:
+            self.store.settle(marks, abandoned, core.leases.leases, events=[*settled, *events])
 
     async def _read_back(self, names: Sequence[str]) -> Mapping[str, float] | None:
         """The field's values of ``names``; ``None`` when they cannot be read."""
@@ -791,31 +843,41 @@ class FieldGateway:
                 it.decision = d = core.decide(it.cmd, now, it.grant)
                 if d.code is not RefusalCode.UNAUTHORISED:
                     self._seen(now)
+                if d.accepted and self._in_doubt is not None:
+                    it.decision = d = Decision.refuse(
+                        RefusalCode.WRITE_FAILED, self._in_doubt.refusal()
+                    )
                 if d.accepted:
                     core.record_applied(it.cmd, now)  # later commands see it; undone if not written
                     accepted.append(it)
             groups = _write_groups(accepted)
+            batch_no: int | None = None
             if accepted and store is not None:
-                store.begin_batch([it.cmd for it in accepted], [it.group for it in accepted])
+                batch_no = store.begin_batch(
+                    [it.cmd for it in accepted], [it.group for it in accepted]
+                )
             began = bool(accepted)
             failed: list[_Item] = []
             failure = ""
+            doubt: list[_Item] = []
             for group in groups:
                 merged: dict[str, float] = {}
                 for it in group:
                     merged.update(it.cmd.setpoints)
-                why = await self._write(merged)
-                if why is None:
+                bad = await self._write(merged)
+                if bad is None:
                     for it in group:
                         it.landed = True
                     continue
-                failure = why
-                if len(group) > 1:  # which commands of the group reached the field?
+                failure = bad.why
+                if not bad.nothing_sent:  # the outcome is unknown: ask the field what landed
                     values = await self._read_back(sorted(merged))
-                    for it in group:
-                        it.landed = values is not None and all(
-                            values.get(n) == v for n, v in it.cmd.setpoints.items()
-                        )
+                    if values is None:
+                        doubt = group
+                        failure = _in_doubt_failure(bad.why)
+                    else:
+                        for it in group:
+                            it.landed = all(values.get(n) == v for n, v in it.cmd.setpoints.items())
                 failed = [it for it in group if not it.landed]
                 break
             applied_at = self.clock.now()
@@ -835,6 +897,8 @@ class FieldGateway:
             raise
         finally:
             core.release(cp)
+        if doubt:
+            self._enter_doubt(doubt, batch_no, failure, applied_at)
         if store is not None and accepted:
             marks = [
                 AppliedMark(it.cmd.id, it.cmd.issuer, it.cmd.seq, it.cmd.issued_at,
@@ -842,7 +906,14 @@ class FieldGateway:
                 for it in landed_items
             ]  # fmt: skip
             if undone:
-                store.settle(marks, [it.cmd.id for it in undone], core.leases.leases)
+                # The group in doubt stays pending (settled by _settle_in_doubt); the
+                # groups after it were never written.
+                store.settle(
+                    marks,
+                    [it.cmd.id for it in undone if it not in doubt],
+                    core.leases.leases,
+                    events=[(applied_at, "in_doubt", failure)] if doubt else (),
+                )
             else:
                 # Rides in the next commit, or _flush_marks commits it (gateway_store docstring).
                 store.mark_applied(marks, core.leases.leases, durable=False)
@@ -881,22 +952,114 @@ class FieldGateway:
         assert d.code is not None
         return self._refuse(cmd.id, cmd.seq, d.code, d.detail)
 
-    async def _write(self, setpoints: Mapping[str, float]) -> str | None:
-        """Write to the field; ``None`` when done, else why it failed."""
+    async def _write(self, setpoints: Mapping[str, float]) -> _WriteFailure | None:
+        """Write to the field; ``None`` when done, else why it failed and whether for sure."""
         try:
             async with asyncio.timeout(self.write_timeout_s):
                 await self.writer.write(setpoints)
         except TimeoutError:
-            return (
+            return _WriteFailure(
                 f"the field write did not finish within {self.write_timeout_s:g} s "
                 "(it may have partly landed)"
             )
+        except FieldUnavailableError as exc:
+            return _WriteFailure(str(exc), nothing_sent=True)
         except ParallelCityError as exc:
-            return str(exc)
+            return _WriteFailure(str(exc))
         except Exception as exc:
             log.exception("gateway: the setpoint writer raised unexpectedly")
-            return f"{type(exc).__name__}: {exc}"
+            return _WriteFailure(f"{type(exc).__name__}: {exc}")
         return None
+
+    # ------------------------------------------------------------------ in doubt
+
+    def _enter_doubt(
+        self, group: Sequence[_Item], batch_no: int | None, why: str, now: float
+    ) -> None:
+        """A write group's outcome is unknown and the field cannot be read: hold it pending."""
+        batch = [
+            Pending(it.cmd.id, it.cmd.issuer, it.cmd.seq, it.cmd.issued_at,
+                    dict(it.cmd.setpoints), batch_no, it.group)
+            for it in group
+        ]  # fmt: skip
+        self._in_doubt = _InDoubt(batch, now, why)
+        self.counters.in_doubt += 1
+        log.error(
+            "gateway: IN DOUBT since %.3f: %s; refusing commands until the field is read back",
+            now,
+            why,
+        )
+        if self._settler is None or self._settler.done():
+            self._settler = asyncio.create_task(self._settle_when_readable(), name="gateway-doubt")
+
+    async def settle_in_doubt(self) -> bool:
+        """Read the field back once to settle a write in doubt; True when no longer in doubt."""
+        doubt = self._in_doubt
+        if doubt is None:
+            return True
+        # Read without the lock, so that a silent link does not hold up heartbeats and the
+        # watchdog: nothing writes while in doubt but a revert, which settles the doubt first.
+        values = await self._read_doubt(doubt)
+        async with self._lock:
+            if self._in_doubt is not doubt:
+                return self._in_doubt is None
+            if values is None:
+                return False
+            self._leave_doubt(doubt, values)
+            return True
+
+    async def _settle_before_revert(self, doubt: _InDoubt) -> None:
+        """Under the lock: settle ``doubt`` now, by the field or else as applied."""
+        values = await self._read_doubt(doubt)
+        if self._in_doubt is doubt:
+            self._leave_doubt(doubt, values)
+
+    async def _read_doubt(self, doubt: _InDoubt) -> Mapping[str, float] | None:
+        doubt.attempts += 1
+        return await self._read_back(sorted({n for p in doubt.batch for n in p.setpoints}))
+
+    def _leave_doubt(self, doubt: _InDoubt, values: Mapping[str, float] | None) -> None:
+        self._in_doubt = None
+        now = self.clock.now()
+        if values is None:
+            how = (
+                "the watchdog reverts to safe values and the field still cannot be read: "
+                "the write in doubt is counted as applied (never twice)"
+            )
+        else:
+            how = f"the field was read back ({doubt.attempts} attempt(s))"
+        detail = f"{', '.join(p.command_id for p in doubt.batch)} settled: {how}"
+        log.warning("gateway: no longer in doubt (%.3f s): %s", now - doubt.since, detail)
+        self._settle_batch(
+            doubt.batch, values, now, "after a write of unknown outcome",
+            events=[(now, "in_doubt_settled", detail)],
+        )  # fmt: skip
+
+    async def _settle_when_readable(self) -> None:
+        """Retry the read-back with backoff (at once when the writer's link comes back)."""
+        for delay in self.in_doubt_backoff.delays():
+            if self._in_doubt is None:
+                return
+            await self._link_or_sleep(delay)
+            try:
+                if await self.settle_in_doubt():
+                    return
+            except Exception:  # the store failed, or a bug: stay in doubt, keep trying
+                log.exception("gateway: settling the write in doubt failed; still in doubt")
+
+    async def _link_or_sleep(self, delay: float) -> None:
+        """Sleep ``delay`` wall seconds, or less when the writer's link has just come back."""
+        was = getattr(self.writer, "available", None)
+        if not isinstance(was, bool):
+            await asyncio.sleep(delay)
+            return
+        end = time.monotonic() + delay
+        while (left := end - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, LINK_POLL_S))
+            up = bool(getattr(self.writer, "available", False))
+            if up and not was:
+                return
+            was = up
 
     def _seen(self, now: float) -> None:
         wd = self.core.watchdog
@@ -988,12 +1151,16 @@ class FieldGateway:
             return
         if self.store is not None:
             self.store.flush()  # the pending batch's writes must stay the last (gateway_store)
-        failure = await self._write(wd.safe)
+        doubt = self._in_doubt
+        if doubt is not None and any(n in wd.safe for p in doubt.batch for n in p.setpoints):
+            # The safe values would hide what the write in doubt left: settle it first.
+            await self._settle_before_revert(doubt)
+        bad = await self._write(wd.safe)
         now = self.clock.now()
-        if failure is not None:
-            log.error("gateway: could not write the safe values (will retry): %s", failure)
+        if bad is not None:
+            log.error("gateway: could not write the safe values (will retry): %s", bad.why)
             if self.store is not None:
-                self.store.record_event(now, "revert_failed", failure)
+                self.store.record_event(now, "revert_failed", bad.why)
             return
         self.core.reverted(now)
         self.counters.reverts += 1
@@ -1024,6 +1191,41 @@ class FieldGateway:
     def _malformed(self, data: bytes, reason: str) -> bytes:
         msg_id, seq = recover_id(data)
         return self._refuse(msg_id, seq, RefusalCode.MALFORMED, reason).encode()
+
+
+@dataclass(frozen=True)
+class _WriteFailure:
+    why: str
+    nothing_sent: bool = False
+    """True only when the writer said so (``FieldUnavailableError``): certainly not written."""
+
+
+@dataclass
+class _InDoubt:
+    """A write group whose outcome is unknown; pending in the store until settled."""
+
+    batch: list[Pending]
+    since: float
+    """Gateway time it went in doubt."""
+    detail: str
+    attempts: int = 0
+    """Read-backs tried since."""
+
+    def refusal(self) -> str:
+        ids = ", ".join(p.command_id for p in self.batch)
+        return (
+            f"in doubt: the outcome of an earlier field write ({ids}) is unknown and is being "
+            f"settled against the field (since {self.since:.3f}); nothing was written, "
+            "commands are refused until the field can be read back"
+        )
+
+
+def _in_doubt_failure(why: str) -> str:
+    return (
+        f"{why}; the outcome is unknown and the field cannot be read back: the gateway is in "
+        "doubt until it can read it (a resend is then a duplicate if it landed, or applied "
+        "once if it did not)"
+    )
 
 
 @dataclass(eq=False)
