@@ -21,8 +21,14 @@ CURVE DEALER keeps ``--window`` commands in flight, what one gateway process
 can take; and ``--runtimes`` dispatchers, each its own issuer driving its own
 equipment, one command in flight each). The gateway process reports its store
 commits per applied command (one in flight; pipelined) and its mean batch size
-when pipelined (messages per batch). The durable rows are compared with the
-no-store CURVE row of the same run. The OPC UA write is not included (the
+when pipelined (messages per batch), and where a round trip's time goes with one
+in flight: ``handle_batch`` (decode, decide, store commit, write, encode) and,
+of that, the store's pending commit (``begin_batch``: p50 / p99 / p99.9; the
+p99.9 is SQLite's automatic WAL checkpoint, which runs inside a COMMIT every
+1000 WAL pages); the rest is sockets, CURVE, event loops and the client. These
+are timed by wrapping those two calls in the benchmark's gateway process
+only. The durable rows are compared with the no-store CURVE row of the same
+run. The OPC UA write is not included (the
 field is in memory). Targets from the issue: p99 <= 1 ms with CURVE, >= 10,000
 commands/s. Absolute numbers depend on the machine and its load: compare the
 ratios.
@@ -126,9 +132,20 @@ def _gateway_server(q: Any, mode: str, keys: tuple[bytes, bytes] | None, client_
             ack_after_applied_commit=mode == "durable-strict",
         )
 
+        # Where a round trip's time goes, measured in this process (public calls only):
+        # handle_batch = decode, decide, store commit, field write, encode the replies.
+        phases: dict[str, list[int]] = {"handle": [], "commit": []}
+        _timed(gw, "handle_batch", phases["handle"])
+        if store is not None:
+            _timed(store, "begin_batch", phases["commit"])
+
         def snapshot() -> None:  # on SIGUSR1: the client computes per-phase figures
             c = gw.counters
-            q.put((store.commits if store is not None else 0, c.applied, c.received, c.batches))
+            summary = {k: _quantiles(v) for k, v in phases.items()}
+            for v in phases.values():
+                v.clear()
+            q.put((store.commits if store is not None else 0, c.applied, c.received, c.batches,
+                   summary))  # fmt: skip
 
         async with gw:
             task = asyncio.create_task(gw.serve())
@@ -340,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "commits_pipe": _per(snaps[1], snaps[2], 0, 1),
             "batch_pipe": _per(snaps[1], snaps[2], 2, 3),
         }
-        rows.append(Row(label, stats, piped, several, gateway_stats))
+        rows.append(Row(label, stats, piped, several, gateway_stats, snaps[1][4]))
 
     base, base_curve, no_store = rows[0].stats, rows[1].stats, rows[3]
     print(f"\n{args.n} round trips each, one in flight; pipelined: {args.pipeline} commands, "
@@ -371,6 +388,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"pipelined {row.piped / no_store.piped:.2f}x  "
             f"{args.runtimes} runtimes {row.several / no_store.several:.2f}x"
         )
+    print(
+        "\nin the gateway process, one in flight (ms; handle = decode, decide, store commit, "
+        "write, encode;\nthe rest of the round trip: sockets, CURVE, event loops, the client):"
+    )
+    for row in rows[2:]:
+        ph = row.phases or {}
+        hd, cm = ph.get("handle", {}), ph.get("commit", {})
+        line = f"  {row.label:<40} handle p50 {_opt(hd.get('p50'), '.3f')}"
+        line += f" p99 {_opt(hd.get('p99'), '.3f')}"
+        if cm:
+            line += (f"; store commit p50 {cm['p50']:.3f} p99 {cm['p99']:.3f} "
+                     f"p99.9 {cm['p99.9']:.3f}")  # fmt: skip
+        if hd:
+            line += f"; round trip - handle, p50 {row.stats['p50_ms'] - hd['p50']:.3f}"
+        print(line)
     for row in (rows[3], rows[4]):
         st = row.stats
         print(
@@ -389,16 +421,50 @@ class Row:
     piped: float | None = None
     several: float | None = None
     server: dict[str, float | None] | None = None
+    phases: dict[str, dict[str, float]] | None = None
 
 
-def _snapshot(proc: Any, q: Any) -> tuple[int, ...]:
-    """The gateway process's (store commits, applied, received, batches) now."""
+def _snapshot(proc: Any, q: Any) -> tuple[Any, ...]:
+    """The gateway process's (store commits, applied, received, batches, phase times) now."""
     os.kill(proc.pid, signal.SIGUSR1)
-    snap: tuple[int, ...] = q.get(timeout=30)
+    snap: tuple[Any, ...] = q.get(timeout=30)
     return snap
 
 
-def _per(a: tuple[int, ...], b: tuple[int, ...], num: int, den: int) -> float | None:
+def _timed(obj: Any, name: str, out: list[int]) -> None:
+    """Record the wall time (ns) of every call of ``obj.name`` (sync or async) in ``out``."""
+    fn = getattr(obj, name)
+    if asyncio.iscoroutinefunction(fn):
+
+        async def timed_async(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter_ns()
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                out.append(time.perf_counter_ns() - t)
+
+        setattr(obj, name, timed_async)
+    else:
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                out.append(time.perf_counter_ns() - t)
+
+        setattr(obj, name, timed)
+
+
+def _quantiles(ns: list[int]) -> dict[str, float]:
+    """p50 / p99 / p99.9 in ms."""
+    if not ns:
+        return {}
+    xs = sorted(ns)
+    return {f"p{q * 100:g}": xs[int(q * (len(xs) - 1))] / 1e6 for q in (0.5, 0.99, 0.999)}
+
+
+def _per(a: tuple[Any, ...], b: tuple[Any, ...], num: int, den: int) -> float | None:
     """Change of field ``num`` per change of field ``den`` between two snapshots."""
     d = b[den] - a[den]
     return (b[num] - a[num]) / d if d else None

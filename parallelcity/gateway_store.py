@@ -21,6 +21,26 @@ After a failed write the gateway settles the batch at once (``settle``: one
 commit marking what landed applied and forgetting the rest) before it
 decides or writes anything else.
 
+Writes in doubt
+---------------
+A write that failed for sure (``FieldUnavailableError``: nothing was sent)
+landed nowhere.  Any other failure (timeout, a session dropped mid-request,
+an unexpected error) has an unknown outcome: the gateway reads the group's
+inputs back and settles by ``landed`` as below.  When that read fails too,
+``settle`` marks the groups before it applied, forgets the groups after it
+(never written) and leaves *that group pending* - the state a crash leaves -
+with an ``in_doubt`` event.  The gateway then writes no command until it has
+read the field back and settled the group exactly as at a restart (one
+``settle`` commit with ``settled`` events and ``in_doubt_settled``), so the
+invariant below holds while it runs in doubt.  The one write it does not hold
+back is the watchdog's revert to safe values: when the safe values touch an
+input of the group in doubt they would hide what the group left, so the
+gateway settles the group *first* - by a last read-back, or, if the field
+still cannot be read, by counting it applied (never twice; the rate-limit
+base of those inputs becomes the safe values anyway) - and commits that
+before it writes the safe values.  A revert on other inputs leaves the group
+pending: it does not disturb its read-back.
+
 The applied mark need not cost an fsync of its own: by default it is
 *deferred* and rides in the next transaction the store commits, whatever it
 is - normally the next batch's ``begin_batch``.  The gateway bounds how long
@@ -34,7 +54,8 @@ Invariant: *at most one batch is pending at any time, and its writes are the
 last writes this gateway made to those inputs.*  A batch is written only
 after its pending commit, and that commit also carries the applied marks of
 the batch before it (or they were flushed earlier); the watchdog's revert,
-the only other gateway write, flushes the marks first.
+the only other gateway write, flushes the marks first (and settles a group in
+doubt on the same inputs first, above).
 
 Where the kill can fall, for the batch B being handled:
 
@@ -56,8 +77,9 @@ Where the kill can fall, for the batch B being handled:
    duplicates for every resend or replay; the rest are forgotten, so their
    resends are applied once.  An ack is only ever sent after B's writes
    succeeded, so every acked command is in the landed prefix: its replay is a
-   ``duplicate``.  If the field cannot be read, the whole batch counts as
-   applied: never twice.
+   ``duplicate``.  If the field cannot be read at the restart, the whole batch
+   counts as applied: never twice.  (A running gateway stays in doubt instead,
+   above; a kill while in doubt is case 2.)
 3. After B's applied marks are durable: B is plain history.
 
 So the record that makes the replay of an acked command a duplicate - the
@@ -441,8 +463,11 @@ def _write_marks(
         "DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
         list(last_seq.items()),
     )
+    # Upserts update rows in place: only the table's page is written, not its key index
+    # (INSERT OR REPLACE and DELETE + INSERT write both), fewer WAL frames per commit.
     db.executemany(
-        "INSERT OR REPLACE INTO input (name, value, issued_at) VALUES (?, ?, ?)",
+        "INSERT INTO input (name, value, issued_at) VALUES (?, ?, ?) ON CONFLICT(name) "
+        "DO UPDATE SET value = excluded.value, issued_at = excluded.issued_at",
         [(n, v, t) for n, (v, t) in inputs.items()],
     )
     if leases is not None:
@@ -450,9 +475,13 @@ def _write_marks(
 
 
 def _write_leases(db: sqlite3.Connection, leases: Mapping[str, Lease]) -> None:
-    db.execute("DELETE FROM lease")
+    # Only leases that ended are deleted (reading writes no page); the others are updated
+    # in place.
+    gone = [(str(eq),) for (eq,) in db.execute("SELECT equipment FROM lease") if eq not in leases]
+    db.executemany("DELETE FROM lease WHERE equipment = ?", gone)
     db.executemany(
-        "INSERT INTO lease (equipment, holder, until) VALUES (?, ?, ?)",
+        "INSERT INTO lease (equipment, holder, until) VALUES (?, ?, ?) ON CONFLICT(equipment) "
+        "DO UPDATE SET holder = excluded.holder, until = excluded.until",
         [(eq, lease.holder, lease.until) for eq, lease in leases.items()],
     )
 
