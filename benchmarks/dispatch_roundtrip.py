@@ -55,7 +55,8 @@ import zmq.asyncio
 
 from parallelcity.clock import SimClock
 from parallelcity.dispatcher import ClientCurve, Dispatcher
-from parallelcity.gateway import FieldGateway, GatewayCore, ServerCurve, new_zap_domain
+from parallelcity.gateway import FieldGateway, ServerCurve, new_zap_domain
+from parallelcity.gateway_core import GatewayCore
 from parallelcity.gateway_store import GatewayStore
 from parallelcity.keys import KeyPair
 from parallelcity.specs import InputLimit

@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .clock import Clock
 from .errors import ScenarioError, SecurityError
 from .field_writer import OpcUaWriter
-from .gateway import FieldGateway, GatewayCore, ServerCurve
+from .gateway import FieldGateway, ServerCurve
+from .gateway_core import GatewayCore
 from .gateway_store import GatewayStore
 from .keys import check_z85, read_public_key, read_secret_key
 from .opcua import ClientSecurity

@@ -37,7 +37,8 @@ from .errors import DispatchError, ParallelCityError, SecurityError
 from .estimate import ExtendedKalmanFilter
 from .field_writer import OpcUaWriter
 from .gate import SimplexGate
-from .gateway import FieldGateway, GatewayCore, ServerCurve, new_zap_domain
+from .gateway import FieldGateway, ServerCurve, new_zap_domain
+from .gateway_core import GatewayCore
 from .gateway_store import GatewayStore
 from .journal import Journal
 from .keys import KeyPair, read_public_key, read_secret_key

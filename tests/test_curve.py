@@ -23,7 +23,8 @@ from parallelcity.cli import main as cli_main
 from parallelcity.clock import FakeClock
 from parallelcity.dispatcher import ClientCurve, Dispatcher
 from parallelcity.errors import DispatchError, SecurityError
-from parallelcity.gateway import FieldGateway, GatewayCore, ServerCurve, new_zap_domain
+from parallelcity.gateway import FieldGateway, ServerCurve, new_zap_domain
+from parallelcity.gateway_core import GatewayCore
 from parallelcity.keys import KeyPair, read_public_key, read_secret_key, write_keypair
 from parallelcity.wire import AckStatus, Command, RefusalCode, decode_ack
 from parallelcity.zap import AllowList, Grant, ZapHandler

@@ -36,8 +36,8 @@ from parallelcity import plugins
 from parallelcity.control import ControlResult, SolveStatus
 from parallelcity.cycle import CycleLogic, Outcome
 from parallelcity.gate import Mode, SimplexGate
-from parallelcity.gateway import GatewayCore
-from parallelcity.gateway import Outcome as GatewayOutcome
+from parallelcity.gateway_core import GatewayCore
+from parallelcity.gateway_core import Outcome as GatewayOutcome
 from parallelcity.scenario import parse_scenario
 from parallelcity.snapshot import PointSpec, Reading, assess
 from parallelcity.specs import TOLERANCE, SafetySpecs

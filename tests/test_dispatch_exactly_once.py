@@ -29,7 +29,8 @@ from asyncua.common.callback import CallbackType, ServerItemCallback
 from parallelcity.clock import FakeClock
 from parallelcity.dispatcher import ClientCurve, Dispatcher
 from parallelcity.errors import DispatchError
-from parallelcity.gateway import FieldGateway, GatewayCore
+from parallelcity.gateway import FieldGateway
+from parallelcity.gateway_core import GatewayCore
 from parallelcity.gateway_store import GatewayStore
 from parallelcity.keys import read_public_key, read_secret_key, write_keypair
 from parallelcity.wire import AckStatus, Command, RefusalCode

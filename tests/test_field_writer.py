@@ -42,8 +42,8 @@ from parallelcity.clock import SimClock
 from parallelcity.dispatcher import ClientCurve, Dispatcher
 from parallelcity.errors import FieldUnavailableError
 from parallelcity.field_writer import OpcUaWriter
-from parallelcity.gateway import FieldGateway, GatewayCore, ServerCurve, new_zap_domain
-from parallelcity.gateway import OpcUaWriter as OldPathWriter
+from parallelcity.gateway import FieldGateway, ServerCurve, new_zap_domain
+from parallelcity.gateway_core import GatewayCore
 from parallelcity.gateway_store import GatewayStore
 from parallelcity.keys import KeyPair
 from parallelcity.mirror import Backoff
@@ -286,10 +286,6 @@ async def outage_round(
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> LabPki:
     return make_lab_pki(tmp_path_factory.mktemp("pki"))
-
-
-def test_the_old_import_path_still_names_the_writer() -> None:
-    assert OldPathWriter is OpcUaWriter
 
 
 def test_gateway_refuses_while_the_plc_is_killed_and_applies_after_it_restarts(

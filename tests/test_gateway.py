@@ -31,13 +31,10 @@ from parallelcity.errors import (
     NodeMappingError,
     SecurityError,
 )
-from parallelcity.gateway import (
-    FieldGateway,
-    GatewayCore,
-    OpcUaWriter,
-    Outcome,
-)
+from parallelcity.field_writer import OpcUaWriter
+from parallelcity.gateway import FieldGateway
 from parallelcity.gateway_config import parse_gateway_config, serve_gateway
+from parallelcity.gateway_core import GatewayCore, Outcome
 from parallelcity.keys import write_keypair
 from parallelcity.scenario import FieldConfig, Scenario, ScenarioFile
 from parallelcity.specs import InputLimit

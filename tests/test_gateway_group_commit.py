@@ -26,7 +26,8 @@ import zmq.asyncio
 from parallelcity.clock import FakeClock
 from parallelcity.dispatcher import Dispatcher
 from parallelcity.errors import FieldConnectionError
-from parallelcity.gateway import FieldGateway, GatewayCore
+from parallelcity.gateway import FieldGateway
+from parallelcity.gateway_core import GatewayCore
 from parallelcity.gateway_store import GatewayStore, Pending, landed
 from parallelcity.keys import read_public_key, read_secret_key
 from parallelcity.wire import (

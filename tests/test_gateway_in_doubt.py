@@ -28,7 +28,8 @@ from parallelcity.certs import LabPki, make_lab_pki
 from parallelcity.clock import FakeClock, SimClock
 from parallelcity.errors import FieldConnectionError, FieldUnavailableError
 from parallelcity.field_writer import OpcUaWriter
-from parallelcity.gateway import FieldGateway, GatewayCore
+from parallelcity.gateway import FieldGateway
+from parallelcity.gateway_core import GatewayCore
 from parallelcity.gateway_store import GatewayStore
 from parallelcity.mirror import Backoff
 from parallelcity.wire import Ack, AckStatus, Command, RefusalCode, decode_ack

@@ -23,7 +23,7 @@ from hil.simulated import KIND
 from parallelcity.certs import LabPki, make_certificate, make_lab_pki, trust
 from parallelcity.clock import SimClock
 from parallelcity.errors import FieldConnectionError, SecurityError
-from parallelcity.gateway import OpcUaWriter
+from parallelcity.field_writer import OpcUaWriter
 from parallelcity.mirror import Mirror
 from parallelcity.opcua import (
     ClientSecurity,

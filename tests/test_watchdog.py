@@ -20,7 +20,8 @@ import pytest
 from parallelcity.clock import FakeClock, SimClock
 from parallelcity.dispatcher import ClientCurve, Dispatcher
 from parallelcity.errors import DispatchError
-from parallelcity.gateway import FieldGateway, GatewayCore, ServerCurve, new_zap_domain
+from parallelcity.gateway import FieldGateway, ServerCurve, new_zap_domain
+from parallelcity.gateway_core import GatewayCore
 from parallelcity.gateway_store import GatewayStore
 from parallelcity.keys import KeyPair
 from parallelcity.watchdog import LeaseTable, Watchdog, equipment_of

@@ -1,0 +1,312 @@
+"""The field gateway's pure decision: accept, refuse or recognise a duplicate.
+
+``GatewayCore`` is given a ``Command``, the client's ``Grant`` and the time; it
+answers with a ``Decision`` (a ``RefusalCode`` and a human reason when it
+refuses) and owns the equipment leases and the heartbeat ``Watchdog``.  Its
+memory (last sequence number per issuer, ids already applied, last applied
+value per input) is a ``GatewayState`` value that ``GatewayStore`` persists.
+No I/O: ``gateway.FieldGateway`` is the shell around it.  The rules, in order,
+are documented in ``docs/wire-protocol.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .specs import TOLERANCE, InputLimit
+from .watchdog import Lease, LeaseTable, Watchdog
+from .wire import Command, Heartbeat, RefusalCode, Status, truncate_detail
+from .zap import Grant
+
+MAX_REMEMBERED_IDS = 65_536
+"""Applied ids kept in memory for duplicate detection; older ones are refused by sequence."""
+DEFAULT_LEASE_S = 60.0
+
+
+class Outcome(Enum):
+    ACCEPT = "accept"
+    REFUSE = "refuse"
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the gateway does with one command."""
+
+    outcome: Outcome
+    code: RefusalCode | None = None
+    detail: str = ""
+    applied_at: float | None = None
+    """For a duplicate: when the id was first applied."""
+
+    @property
+    def accepted(self) -> bool:
+        return self.outcome is Outcome.ACCEPT
+
+    @classmethod
+    def accept(cls) -> Decision:
+        return cls(Outcome.ACCEPT)
+
+    @classmethod
+    def refuse(cls, code: RefusalCode, detail: str) -> Decision:
+        return cls(Outcome.REFUSE, code, detail)
+
+    @classmethod
+    def duplicate(cls, applied_at: float) -> Decision:
+        return cls(Outcome.DUPLICATE, None, "already applied; not written again", applied_at)
+
+
+@dataclass(frozen=True)
+class AppliedInput:
+    """The last value written to one input, and the cycle time it was computed for."""
+
+    value: float
+    issued_at: float
+
+
+@dataclass
+class GatewayState:
+    """Everything the core remembers about commands; plain values, persisted by the store."""
+
+    last_seq: dict[str, int] = field(default_factory=dict)
+    """Highest applied ``seq`` per issuer."""
+    applied_ids: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    """Applied command id -> gateway time it was applied, oldest first."""
+    last_applied: dict[str, AppliedInput] = field(default_factory=dict)
+    """Per input."""
+
+
+@dataclass
+class Checkpoint:
+    """A point ``GatewayCore.rollback`` returns to (tentative ``record_applied`` calls undone)."""
+
+    last_seq: dict[str, int]
+    last_applied: dict[str, AppliedInput]
+    leases: dict[str, Lease]
+    added: list[str] = field(default_factory=list)
+    """Ids remembered since, new to ``applied_ids``."""
+    evicted: list[tuple[str, float]] = field(default_factory=list)
+    """Ids pushed out of ``applied_ids`` since, oldest first."""
+
+
+class GatewayCore:
+    """The gateway's rules, with no I/O: ``decide`` then, after a good write, ``record_applied``.
+
+    ``clock_skew_s`` (gateway clock seconds) is how far the issuer's clock may
+    disagree with the gateway's: a command still counts as valid that long
+    after ``valid_until``, and an ``issued_at`` further ahead than that does
+    not buy a larger rate-limit allowance.  ``safe`` values enable the
+    watchdog (``heartbeat_interval_s`` x ``missed_heartbeats`` of silence trips
+    it); ``lease_s`` is how long applying a command reserves its equipment for
+    the command's issuer.
+    """
+
+    def __init__(
+        self,
+        limits: Mapping[str, InputLimit],
+        *,
+        clock_skew_s: float = 5.0,
+        state: GatewayState | None = None,
+        max_remembered_ids: int = MAX_REMEMBERED_IDS,
+        lease_s: float = DEFAULT_LEASE_S,
+        safe: Mapping[str, float] | None = None,
+        heartbeat_interval_s: float = 1.0,
+        missed_heartbeats: int = 3,
+    ) -> None:
+        if not (math.isfinite(clock_skew_s) and clock_skew_s >= 0):
+            raise ValueError(f"clock_skew_s must be finite and >= 0, got {clock_skew_s}")
+        if max_remembered_ids < 1:
+            raise ValueError(f"max_remembered_ids must be >= 1, got {max_remembered_ids}")
+        self.limits: Mapping[str, InputLimit] = dict(limits)
+        safe = dict(safe or {})
+        for name, value in safe.items():
+            lim = self.limits.get(name)
+            if lim is None:
+                raise ValueError(f"safe value for {name!r}, which this gateway does not drive")
+            if not lim.min - TOLERANCE <= value <= lim.max + TOLERANCE:
+                raise ValueError(f"safe value {name} = {value:g} is outside [{lim.min}, {lim.max}]")
+        self.clock_skew_s = clock_skew_s
+        self.state = state if state is not None else GatewayState()
+        self._max_ids = max_remembered_ids
+        self.leases = LeaseTable(lease_s)
+        self.watchdog = Watchdog(heartbeat_interval_s, missed_heartbeats, safe)
+        self._checkpoint: Checkpoint | None = None
+
+    def decide(self, cmd: Command, now: float, grant: Grant | None = None) -> Decision:
+        """Accept, refuse, or recognise a duplicate; does not change any state.
+
+        ``grant`` is what the authenticated client may do (``None``: no per-client
+        restriction, as in a pure unit test).
+        """
+        st = self.state
+        # 1. authorisation of this client for these inputs and values.
+        if grant is not None:
+            why = grant.check(cmd.setpoints)
+            if why is not None:
+                return Decision.refuse(RefusalCode.UNAUTHORISED, why)
+        # 2. sequence: a repeated id is a duplicate; otherwise seq must move forward.
+        first_applied = st.applied_ids.get(cmd.id)
+        if first_applied is not None:
+            return Decision.duplicate(first_applied)
+        last_seq = st.last_seq.get(cmd.issuer)
+        if last_seq is not None and cmd.seq <= last_seq:
+            return Decision.refuse(
+                RefusalCode.STALE_SEQUENCE,
+                f"seq {cmd.seq} from issuer {cmd.issuer!r} is not after the last applied "
+                f"seq {last_seq}; a restarted issuer must continue above it",
+            )
+        # 3. expiry.
+        if now > cmd.valid_until + self.clock_skew_s:
+            return Decision.refuse(
+                RefusalCode.EXPIRED,
+                f"valid until {cmd.valid_until:.3f}, gateway time is {now:.3f} "
+                f"({now - cmd.valid_until:.3f} s late, skew allowance {self.clock_skew_s:g} s)",
+            )
+        # 4. a tripped watchdog holds the safe values until re-armed.
+        if self.watchdog.tripped:
+            return Decision.refuse(RefusalCode.WATCHDOG_TRIPPED, self.watchdog.detail)
+        # 5. every input known.
+        unknown = sorted(n for n in cmd.setpoints if n not in self.limits)
+        if unknown:
+            return Decision.refuse(
+                RefusalCode.UNKNOWN_INPUT,
+                f"unknown input(s) {', '.join(map(repr, unknown))}; this gateway drives "
+                f"{', '.join(sorted(self.limits))}",
+            )
+        # 6. one writer per device.
+        held = self.leases.conflicts(cmd.issuer, cmd.setpoints, now)
+        if held:
+            return Decision.refuse(RefusalCode.LEASE_HELD, "; ".join(held))
+        # 7. bounds.
+        problems = []
+        for name, value in cmd.setpoints.items():
+            lim = self.limits[name]
+            if value < lim.min - TOLERANCE or value > lim.max + TOLERANCE:
+                problems.append(f"{name} = {value:.6g} outside [{lim.min:g}, {lim.max:g}]")
+        if problems:
+            return Decision.refuse(RefusalCode.OUT_OF_BOUNDS, "; ".join(problems))
+        # 8. rate limits against the last applied value of each input.
+        issued_at = min(cmd.issued_at, now + self.clock_skew_s)
+        for name, value in cmd.setpoints.items():
+            lim = self.limits[name]
+            prev = st.last_applied.get(name)
+            if prev is None:
+                continue
+            elapsed = max(0.0, issued_at - prev.issued_at)
+            allowed = lim.max_step(elapsed)
+            if not math.isfinite(allowed):
+                continue
+            move = value - prev.value
+            if abs(move) > allowed + TOLERANCE:
+                problems.append(
+                    f"{name} moves {move:+.6g} from {prev.value:.6g} in {elapsed:g} s; "
+                    f"at most {allowed:.6g} allowed ({lim.max_rate_per_h:g}/h)"
+                )
+        if problems:
+            return Decision.refuse(RefusalCode.RATE_LIMIT, "; ".join(problems))
+        return Decision.accept()
+
+    def record_applied(self, cmd: Command, applied_at: float | None = None) -> None:
+        """Remember a command whose setpoints were written (``applied_at``: gateway time)."""
+        when = cmd.issued_at if applied_at is None else applied_at
+        self._remember(cmd.id, cmd.issuer, cmd.seq, when)
+        for name, value in cmd.setpoints.items():
+            self.state.last_applied[name] = AppliedInput(value, cmd.issued_at)
+        self.leases.take(cmd.issuer, cmd.setpoints, when)
+        self.watchdog.seen(when)
+
+    def _remember(self, command_id: str, issuer: str, seq: int, when: float) -> None:
+        st, cp = self.state, self._checkpoint
+        if cp is not None and command_id not in st.applied_ids:
+            cp.added.append(command_id)
+        st.applied_ids[command_id] = when
+        st.applied_ids.move_to_end(command_id)
+        while len(st.applied_ids) > self._max_ids:
+            gone = st.applied_ids.popitem(last=False)
+            if cp is not None:
+                cp.evicted.append(gone)
+        st.last_seq[issuer] = max(seq, st.last_seq.get(issuer, seq))
+
+    def confirm(self, cmds: Sequence[Command], applied_at: float) -> None:
+        """Commands recorded (``record_applied``) when decided were written at ``applied_at``.
+
+        The same as recording them again at ``applied_at``, in order, but cheaper.
+        """
+        ids = self.state.applied_ids
+        issuer, names = "", set[str]()
+        for cmd in cmds:
+            if cmd.id in ids:
+                ids[cmd.id] = applied_at
+            if cmd.issuer != issuer and names:  # leases in order: one take per run of an issuer
+                self.leases.take(issuer, names, applied_at)
+                names = set()
+            issuer = cmd.issuer
+            names.update(cmd.setpoints)
+        if names:
+            self.leases.take(issuer, names, applied_at)
+        if cmds:
+            self.watchdog.seen(applied_at)
+
+    def checkpoint(self) -> Checkpoint:
+        """Start a batch: ``record_applied`` calls from here on can be undone by ``rollback``.
+
+        The gateway records each accepted command of a batch at once, so that
+        later commands of the same batch are decided against its effect
+        (sequence, duplicates, leases, ramps), and rolls back what a failed
+        field write did not apply.  ``release`` ends the batch.
+        """
+        st = self.state
+        cp = Checkpoint(dict(st.last_seq), dict(st.last_applied), dict(self.leases.leases))
+        self._checkpoint = cp
+        return cp
+
+    def rollback(self, cp: Checkpoint) -> None:
+        """Back to the state at ``checkpoint`` (the watchdog's sign of life is kept)."""
+        st = self.state
+        added = set(cp.added)
+        for command_id in cp.added:
+            st.applied_ids.pop(command_id, None)
+        for command_id, when in reversed(cp.evicted):
+            if command_id not in added:
+                st.applied_ids[command_id] = when
+                st.applied_ids.move_to_end(command_id, last=False)
+        st.last_seq = dict(cp.last_seq)
+        st.last_applied = dict(cp.last_applied)
+        self.leases.leases = dict(cp.leases)
+        cp.added, cp.evicted = [], []
+
+    def release(self, cp: Checkpoint) -> None:
+        if self._checkpoint is cp:
+            self._checkpoint = None
+
+    def heartbeat(self, hb: Heartbeat, now: float) -> None:
+        """A heartbeat from an authorised client: feeds the watchdog, renews or ends leases."""
+        self.watchdog.seen(now)
+        if hb.release:
+            self.leases.release(hb.issuer)
+        else:
+            self.leases.renew(hb.issuer, now)
+
+    def reverted(self, now: float) -> None:
+        """The safe values were written: they are the inputs' last applied values now."""
+        for name, value in self.watchdog.safe.items():
+            self.state.last_applied[name] = AppliedInput(value, now)
+        self.watchdog.reverted = True
+
+    def status(self, request_id: str, issuer: str, now: float, insecure: bool) -> Status:
+        wd = self.watchdog
+        return Status(
+            id=request_id,
+            issuer=issuer,
+            last_seq=self.state.last_seq.get(issuer),
+            watchdog=wd.state,
+            detail=truncate_detail(wd.detail),
+            leases=self.leases.holders(now),
+            gateway_time=now,
+            heartbeat_s=wd.interval_s if wd.enabled else 0.0,
+            insecure_lab=insecure,
+        )
