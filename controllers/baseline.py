@@ -16,7 +16,14 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from parallelcity.control import ControlInput, ControlProblem, ControlResult, KindOf, SolveStatus
+from parallelcity.control import (
+    ControlInput,
+    ControlProblem,
+    ControlResult,
+    KindOf,
+    SolveStatus,
+    input_problem,
+)
 from parallelcity.model import Array
 
 LIMIT_TOLERANCE = 1e-6
@@ -83,19 +90,6 @@ class _Simulator:
         d_ext = np.vstack([dist[:n], dist[n - 1 : n]])
         ys = np.asarray(self.out(xs.T, u_ext.T, d_ext.T, self.p)).T
         return xs, ys
-
-
-def _check_input(problem: ControlProblem, inp: ControlInput) -> str:
-    m, n = problem.model, problem.horizon
-    x0 = np.asarray(inp.x0, dtype=float)
-    d = np.asarray(inp.disturbances, dtype=float)
-    if x0.shape != (m.nx,) or not np.all(np.isfinite(x0)):
-        return f"x0 must be {m.nx} finite values"
-    if np.shape(inp.u_prev) != (m.nu,):
-        return f"u_prev must have {m.nu} entries"
-    if d.ndim != 2 or d.shape[0] < n or d.shape[1] != m.nd or not np.all(np.isfinite(d[:n])):
-        return f"disturbances must be ({n}, {m.nd}) finite values"
-    return ""
 
 
 def _result(
@@ -285,7 +279,7 @@ class PIController:
             )
 
     def _step(self, problem: ControlProblem, inp: ControlInput, t_start: float) -> ControlResult:
-        bad = _check_input(problem, inp)
+        bad = input_problem(problem, inp, bands=False)
         n, dt = problem.horizon, float(problem.dt)
         y_low = np.asarray(inp.y_low, dtype=float)
         if not bad and self._loops and (y_low.ndim != 2 or y_low.shape[0] < n + 1):
@@ -394,7 +388,7 @@ class HoldController:
         if problem is None:
             raise RuntimeError("HoldController.step called before setup")
         try:
-            bad = _check_input(problem, inp)
+            bad = input_problem(problem, inp, bands=False)
             if bad:
                 return ControlResult.failure(
                     SolveStatus.FAILED,
@@ -496,7 +490,7 @@ class HysteresisController:
         if problem is None:
             raise RuntimeError("HysteresisController.step called before setup")
         try:
-            bad = _check_input(problem, inp)
+            bad = input_problem(problem, inp, bands=False)
             if bad:
                 return ControlResult.failure(
                     SolveStatus.FAILED,

@@ -60,7 +60,14 @@ import casadi as ca
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from parallelcity.control import ControlInput, ControlProblem, ControlResult, KindOf, SolveStatus
+from parallelcity.control import (
+    ControlInput,
+    ControlProblem,
+    ControlResult,
+    KindOf,
+    SolveStatus,
+    input_problem,
+)
 from parallelcity.model import Array
 
 log = logging.getLogger(__name__)
@@ -761,29 +768,9 @@ class NmpcController:
                 time.perf_counter() - t_start,
             )
 
-    def _bad_input(self, inp: ControlInput) -> str:
-        n, nx, nu, nd, nb = self._dims
-        x0 = np.asarray(inp.x0, dtype=float)
-        dist = np.asarray(inp.disturbances, dtype=float)
-        if x0.shape != (nx,) or not np.all(np.isfinite(x0)):
-            return f"x0 must be {nx} finite values"
-        if np.shape(inp.u_prev) != (nu,):
-            return f"u_prev must have {nu} entries, got shape {np.shape(inp.u_prev)}"
-        if dist.ndim != 2 or dist.shape[0] < n or dist.shape[1] != nd:
-            return f"disturbances must be ({n}, {nd}), got {dist.shape}"
-        if not np.all(np.isfinite(dist[:n])):
-            return "the disturbance forecast has non-finite values"
-        for what, band in (("y_low", inp.y_low), ("y_high", inp.y_high)):
-            shape = np.shape(band)
-            if nb and (len(shape) != 2 or shape[0] < n + 1 or shape[1] != nb):
-                return f"{what} must be ({n + 1}, {nb}), got {shape}"
-            if nb and np.any(np.isnan(np.asarray(band, dtype=float)[: n + 1])):
-                return f"{what} has NaN entries"
-        return ""
-
     def _step(self, problem: ControlProblem, inp: ControlInput, t_start: float) -> ControlResult:
         n, _, _, _, nb = self._dims
-        bad = self._bad_input(inp)
+        bad = input_problem(problem, inp)
         if bad:
             return ControlResult.failure(
                 SolveStatus.FAILED,

@@ -60,6 +60,33 @@ class ControlInput:
     deadline_s: float = float("inf")  # wall-clock seconds the solve may take
 
 
+def input_problem(problem: ControlProblem, inp: ControlInput, *, bands: bool = True) -> str:
+    """Why ``inp`` does not fit ``problem`` (shapes, finite values); ``""`` when it does.
+
+    ``bands=False`` skips the band arrays, for controllers that do not read them.
+    """
+    m, n, nb = problem.model, problem.horizon, len(problem.banded_outputs)
+    x0 = np.asarray(inp.x0, dtype=float)
+    dist = np.asarray(inp.disturbances, dtype=float)
+    if x0.shape != (m.nx,) or not np.all(np.isfinite(x0)):
+        return f"x0 must be {m.nx} finite values"
+    if np.shape(inp.u_prev) != (m.nu,):
+        return f"u_prev must have {m.nu} entries, got shape {np.shape(inp.u_prev)}"
+    if dist.ndim != 2 or dist.shape[0] < n or dist.shape[1] != m.nd:
+        return f"disturbances must be ({n}, {m.nd}), got {dist.shape}"
+    if not np.all(np.isfinite(dist[:n])):
+        return "the disturbance forecast has non-finite values"
+    if not (bands and nb):
+        return ""
+    for what, band in (("y_low", inp.y_low), ("y_high", inp.y_high)):
+        shape = np.shape(band)
+        if len(shape) != 2 or shape[0] < n + 1 or shape[1] != nb:
+            return f"{what} must be ({n + 1}, {nb}), got {shape}"
+        if np.any(np.isnan(np.asarray(band, dtype=float)[: n + 1])):
+            return f"{what} has NaN entries"
+    return ""
+
+
 @dataclass(frozen=True, eq=False)
 class ControlResult:
     """A controller's answer: status first, then the plan it stands behind."""
