@@ -28,7 +28,17 @@ MAX_SETPOINTS = 256
 MAX_ISSUER_CHARS = 64
 MAX_INPUT_NAME_CHARS = 128
 MAX_DETAIL_CHARS = 1024
-MAX_SEQ = 2**63 - 1
+MAX_SEQ = 2**53 - 1
+"""The largest ``seq`` (and integer anywhere on the wire): every common JSON parser reads it
+exactly."""
+MAX_TIME = 1e11
+"""Times (``issued_at``, ``valid_until``, ``sent_at``, ``applied_at``, ``gateway_time``) are
+seconds since the Unix epoch in ``0..MAX_TIME`` (about the year 5138)."""
+MAX_VALIDITY_S = 86_400.0
+"""``valid_until - issued_at`` is at most this: a command is valid for a day at the most."""
+OTHER_ISSUER = "*"
+"""In a status's ``leases``: equipment leased to an issuer other than the one asking.
+Never an issuer's name."""
 NULL_ID = "0" * 32
 """The id of a refusal whose command id could not be recovered from the bytes received."""
 
@@ -56,6 +66,11 @@ class RefusalCode(StrEnum):
     UNAUTHORISED = "unauthorised"
     LEASE_HELD = "lease_held"
     WATCHDOG_TRIPPED = "watchdog_tripped"
+    BAD_TIME = "bad_time"
+    """``issued_at`` is further ahead of the gateway's clock than the skew allows, or older
+    than the gateway's maximum command age."""
+    ID_CONFLICT = "id_conflict"
+    """The id was applied before with a different payload."""
 
 
 class WatchdogState(StrEnum):
@@ -128,7 +143,7 @@ def _check_id(value: Any, name: str = "id") -> str:
 
 def _check_seq(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
-        _bad(f"field 'seq': expected an integer in 0..2**63-1, got {_show(value)}")
+        _bad(f"field 'seq': expected an integer in 0..2**53-1, got {_show(value)}")
     return value
 
 
@@ -144,9 +159,27 @@ def _check_float(value: Any, name: str) -> float:
     return out
 
 
+def _check_time(value: Any, name: str) -> float:
+    out = _check_float(value, name)
+    if not 0.0 <= out <= MAX_TIME:
+        _bad(f"field {name}: expected seconds since the epoch in 0..{MAX_TIME:g}, got {out!r}")
+    return out
+
+
+def _check_scalars(value: str, name: str) -> None:
+    """Unicode scalar values only: a lone surrogate (JSON ``"\\ud800"``) is not text."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            _bad(f"field {name}: lone surrogate U+{ord(value[exc.start]):04X} at character "
+                 f"{exc.start} (not a Unicode scalar value)")  # fmt: skip
+
+
 def _check_text(value: Any, name: str, lo: int, hi: int) -> str:
     if not isinstance(value, str):
         _bad(f"field {name}: expected a string, got {type(value).__name__}")
+    _check_scalars(value, name)
     if not lo <= len(value) <= hi:
         _bad(f"field {name}: expected {lo}..{hi} characters, got {len(value)}")
     return value
@@ -164,6 +197,7 @@ def _check_setpoints(value: Any) -> dict[str, float]:
                 f"field 'setpoints': input names must be strings of 1..{MAX_INPUT_NAME_CHARS} "
                 f"characters, got {_show(name)}"
             )
+        _check_scalars(name, "'setpoints' (input name)")
         out[name] = _check_float(v, f"'setpoints.{name}'")
     return out
 
@@ -172,10 +206,15 @@ def _check_command(cmd: Command) -> None:
     _check_id(cmd.id)
     _check_issuer(cmd.issuer)
     _check_seq(cmd.seq)
-    issued = _check_float(cmd.issued_at, "'issued_at'")
-    until = _check_float(cmd.valid_until, "'valid_until'")
+    issued = _check_time(cmd.issued_at, "'issued_at'")
+    until = _check_time(cmd.valid_until, "'valid_until'")
     if not until > issued:
         _bad(f"field 'valid_until': {until!r} is not after issued_at {issued!r}")
+    if until - issued > MAX_VALIDITY_S:
+        _bad(
+            f"field 'valid_until': {until - issued:.6g} s after issued_at; a command is valid "
+            f"for at most {MAX_VALIDITY_S:g} s"
+        )
     if not isinstance(cmd.verdict, str) or not _DIGEST.fullmatch(cmd.verdict):
         _bad(f"field 'verdict': expected 64 lowercase hex characters, got {_show(cmd.verdict)}")
 
@@ -189,7 +228,7 @@ def _check_ack(ack: Ack) -> None:
         _bad(f"field 'code': expected one of {[c.value for c in RefusalCode]} or ''")
     _check_text(ack.detail, "'detail'", 0, MAX_DETAIL_CHARS)
     if ack.applied_at is not None:
-        _check_float(ack.applied_at, "'applied_at'")
+        _check_time(ack.applied_at, "'applied_at'")
     if not isinstance(ack.insecure_lab, bool):
         _bad(f"field 'insecure_lab': expected true or false, got {_show(ack.insecure_lab)}")
     if ack.status is AckStatus.REFUSED:
@@ -208,9 +247,12 @@ def _check_ack(ack: Ack) -> None:
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
-    data = json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    try:
+        data = json.dumps(
+            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode("utf-8")
+    except UnicodeEncodeError as exc:  # constructors check text; a subclass could still
+        raise WireFormatError(f"message has text that is not UTF-8: {exc.reason}") from exc
     if len(data) > MAX_MESSAGE_BYTES:
         _bad(f"message is {len(data)} bytes, the limit is {MAX_MESSAGE_BYTES}")
     return data
@@ -318,6 +360,8 @@ def _check_issuer(value: Any) -> str:
     issuer = _check_text(value, "'issuer'", 1, MAX_ISSUER_CHARS)
     if not issuer.isprintable():
         _bad(f"field 'issuer': control characters are not allowed, got {_show(issuer)}")
+    if issuer == OTHER_ISSUER:
+        _bad(f"field 'issuer': {OTHER_ISSUER!r} is reserved (a lease held by another issuer)")
     return issuer
 
 
@@ -337,7 +381,7 @@ class Heartbeat:
     def __post_init__(self) -> None:
         _check_id(self.id)
         _check_issuer(self.issuer)
-        object.__setattr__(self, "sent_at", _check_float(self.sent_at, "'sent_at'"))
+        object.__setattr__(self, "sent_at", _check_time(self.sent_at, "'sent_at'"))
         if not isinstance(self.release, bool):
             _bad(f"field 'release': expected true or false, got {_show(self.release)}")
 
@@ -402,7 +446,7 @@ class Status:
     detail: str = ""
     """Why the watchdog is in its state (e.g. when and why it tripped)."""
     leases: Mapping[str, str] = field(default_factory=dict, hash=False)
-    """Equipment -> issuer holding its lease now."""
+    """Equipment -> holder of its lease now: the asking issuer's name, or ``OTHER_ISSUER``."""
     gateway_time: float = 0.0
     heartbeat_s: float = 0.0
     """How often the gateway expects heartbeats (gateway clock seconds); 0: no watchdog."""
@@ -422,12 +466,12 @@ class Status:
         clean: dict[str, str] = {}
         for name, holder in leases.items():
             _check_text(name, "'leases' (equipment name)", 1, MAX_INPUT_NAME_CHARS)
-            clean[name] = _check_issuer(holder)
+            clean[name] = OTHER_ISSUER if holder == OTHER_ISSUER else _check_issuer(holder)
         object.__setattr__(self, "leases", clean)
-        object.__setattr__(self, "gateway_time", _check_float(self.gateway_time, "'gateway_time'"))
+        object.__setattr__(self, "gateway_time", _check_time(self.gateway_time, "'gateway_time'"))
         beat = _check_float(self.heartbeat_s, "'heartbeat_s'")
-        if beat < 0:
-            _bad(f"field 'heartbeat_s': expected a number >= 0, got {beat!r}")
+        if not 0 <= beat <= MAX_TIME:
+            _bad(f"field 'heartbeat_s': expected a number in 0..{MAX_TIME:g}, got {beat!r}")
         object.__setattr__(self, "heartbeat_s", beat)
         if not isinstance(self.insecure_lab, bool):
             _bad(f"field 'insecure_lab': expected true or false, got {_show(self.insecure_lab)}")
@@ -668,7 +712,9 @@ def recover_id(data: bytes) -> tuple[str, int]:
 
 
 def truncate_detail(text: str) -> str:
-    """``text`` cut to fit an ack's ``detail`` field."""
+    """``text`` cut to fit an ack's ``detail`` field (a lone surrogate shown escaped)."""
+    if not text.isascii():
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     if len(text) <= MAX_DETAIL_CHARS:
         return text
     return text[: MAX_DETAIL_CHARS - 3] + "..."

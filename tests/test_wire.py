@@ -17,7 +17,11 @@ from parallelcity.wire import (
     COMMAND_FIELDS,
     HEARTBEAT_FIELDS,
     MAX_MESSAGE_BYTES,
+    MAX_SEQ,
+    MAX_TIME,
+    MAX_VALIDITY_S,
     NULL_ID,
+    OTHER_ISSUER,
     REARM_FIELDS,
     STATUS_FIELDS,
     Ack,
@@ -158,6 +162,13 @@ def test_ack_round_trip(ack: Ack) -> None:
         (raw(command_json(seq=1.0)), "field 'seq'"),
         (raw(command_json(seq=False)), "field 'seq'"),
         (raw(command_json(seq=2**63)), "field 'seq'"),
+        (raw(command_json(seq=MAX_SEQ + 1)), "expected an integer in 0..2**53-1"),
+        (raw(command_json(issuer="*")), "reserved"),
+        (raw(command_json(issuer="a\ud800b")), "field 'issuer': lone surrogate U+D800"),
+        (raw(command_json(setpoints={"x\udfff": 1.0})), "input name): lone surrogate U+DFFF"),
+        (raw(command_json(valid_until=1e300)), "'valid_until': expected seconds since the epoch"),
+        (raw(command_json(issued_at=-1.0)), "'issued_at': expected seconds since the epoch"),
+        (raw(command_json(issued_at=0.0)), "a command is valid for at most 86400 s"),
         (raw(command_json(issued_at="1768179600")), "field 'issued_at': expected a number"),
         (raw(command_json(issued_at=None)), "field 'issued_at': expected a number"),
         (raw(command_json(valid_until=1768179600.0)), "is not after issued_at"),
@@ -236,12 +247,14 @@ finite = st.floats(allow_nan=False, allow_infinity=False)
 
 @st.composite
 def commands(draw: st.DrawFn) -> Command:
-    issued = draw(st.floats(min_value=-1e12, max_value=1e12))
-    until = issued + draw(st.floats(min_value=1e-3, max_value=1e7))
+    issued = draw(st.floats(min_value=0.0, max_value=MAX_TIME - MAX_VALIDITY_S))
+    until = issued + draw(st.floats(min_value=1e-3, max_value=MAX_VALIDITY_S))
     return Command(
         id=draw(st.text(HEX, min_size=32, max_size=32)),
-        issuer=draw(st.text(min_size=1, max_size=64).filter(str.isprintable)),
-        seq=draw(st.integers(0, 2**63 - 1)),
+        issuer=draw(
+            st.text(min_size=1, max_size=64).filter(lambda s: s.isprintable() and s != "*")
+        ),
+        seq=draw(st.integers(0, MAX_SEQ)),
         issued_at=issued,
         valid_until=until,
         setpoints=draw(
@@ -361,7 +374,8 @@ def test_doc_names_every_field_status_and_code() -> None:
 
 # --------------------------------------------------------------------------- heartbeats, status
 
-issuers = st.text(min_size=1, max_size=64).filter(str.isprintable)
+issuers = st.text(min_size=1, max_size=64).filter(lambda s: s.isprintable() and s != "*")
+times = st.floats(min_value=0.0, max_value=MAX_TIME)
 
 
 @st.composite
@@ -369,11 +383,15 @@ def statuses(draw: st.DrawFn) -> Status:
     return Status(
         id=draw(st.text(HEX, min_size=32, max_size=32)),
         issuer=draw(issuers),
-        last_seq=draw(st.none() | st.integers(0, 2**63 - 1)),
+        last_seq=draw(st.none() | st.integers(0, MAX_SEQ)),
         watchdog=draw(st.sampled_from(list(WatchdogState))),
         detail=draw(st.text(max_size=200)),
-        leases=draw(st.dictionaries(st.text(min_size=1, max_size=20), issuers, max_size=8)),
-        gateway_time=draw(finite),
+        leases=draw(
+            st.dictionaries(
+                st.text(min_size=1, max_size=20), issuers | st.just(OTHER_ISSUER), max_size=8
+            )
+        ),
+        gateway_time=draw(times),
         heartbeat_s=draw(st.floats(min_value=0, max_value=1e6)),
         insecure_lab=draw(st.booleans()),
     )
@@ -382,9 +400,7 @@ def statuses(draw: st.DrawFn) -> Status:
 @given(
     st.one_of(
         commands(),
-        st.builds(
-            Heartbeat, st.text(HEX, min_size=32, max_size=32), issuers, finite, st.booleans()
-        ),
+        st.builds(Heartbeat, st.text(HEX, min_size=32, max_size=32), issuers, times, st.booleans()),
         st.builds(
             Rearm,
             st.text(HEX, min_size=32, max_size=32),
@@ -412,6 +428,21 @@ def test_property_status_round_trip(status: Status) -> None:
         (raw(Heartbeat(ID, "c", 1.0).to_json() | {"release": 1}), decode_heartbeat, "release"),
         (raw(Heartbeat(ID, "c", 1.0).to_json() | {"sent_at": "x"}), decode_heartbeat, "sent_at"),
         (raw(Rearm(ID, "c", "r").to_json() | {"reason": ""}), decode_rearm, "'reason'"),
+        (
+            raw(Rearm(ID, "c", "r").to_json() | {"reason": "ok \ud800"}),
+            decode_rearm,
+            "field 'reason': lone surrogate U+D800 at character 3",
+        ),
+        (
+            raw(Heartbeat(ID, "c", 1.0).to_json() | {"sent_at": 1e300}),
+            decode_heartbeat,
+            "'sent_at': expected seconds since the epoch",
+        ),
+        (
+            raw(ack_json(status="refused", code="malformed", applied_at=None, detail="\udc00")),
+            decode_ack,
+            "field 'detail': lone surrogate",
+        ),
         (raw(Rearm(ID, "c", "r").to_json() | {"reason": "x" * 257}), decode_rearm, "'reason'"),
         (raw(command_json(type="status")), decode_request, "expected 'command' or 'heartbeat'"),
         (raw(ack_json(type="heartbeat")), decode_reply, "expected 'ack' or 'status'"),
