@@ -103,7 +103,7 @@ class Dispatcher:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
         if not 0 <= first_seq <= MAX_SEQ:
-            raise ValueError(f"first_seq must be in 0..2**63-1, got {first_seq}")
+            raise ValueError(f"first_seq must be in 0..{MAX_SEQ}, got {first_seq}")
         self.endpoint = endpoint
         self.issuer = issuer
         self.timeout_s = timeout_s
@@ -175,8 +175,11 @@ class Dispatcher:
         """Make the next command of this issuer (fresh id, next seq) without sending it.
 
         Lets the caller journal the command before it leaves.  Raises
-        ``WireFormatError`` if the command would not be valid.
+        ``WireFormatError`` if the command would not be valid, ``DispatchError``
+        when the issuer has no sequence number left.
         """
+        if self._next_seq > MAX_SEQ:
+            raise DispatchError(self._exhausted())
         cmd = Command.create(
             issuer=self.issuer,
             seq=self._next_seq,
@@ -246,9 +249,19 @@ class Dispatcher:
         self._note_status(reply)
         return reply
 
+    def _exhausted(self) -> str:
+        return (
+            f"issuer {self.issuer!r} has used every sequence number (the gateway at "
+            f"{self.endpoint} applied seq {MAX_SEQ}, the maximum): no further command can be "
+            "sent under this issuer; bind the key to a new issuer name in the gateway config"
+        )
+
     def _note_status(self, status: Status) -> None:
         previous, self.last_status = self.last_status, status
-        if status.last_seq is not None and status.last_seq >= self._next_seq:
+        if status.last_seq is not None and status.last_seq >= MAX_SEQ:
+            self._next_seq = MAX_SEQ + 1
+            log.error("dispatcher: %s", self._exhausted())
+        elif status.last_seq is not None and status.last_seq >= self._next_seq:
             log.info(
                 "dispatcher: the gateway last applied seq %d of %r; continuing at %d",
                 status.last_seq,

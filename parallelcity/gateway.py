@@ -43,6 +43,7 @@ from .gateway_core import (
     Decision,
     GatewayCore,
     Outcome,
+    payload_digest,
 )
 from .gateway_store import AppliedMark, GatewayStore, Pending, landed
 from .keys import KeyPair
@@ -69,7 +70,8 @@ DEFAULT_MAX_BATCH = 64
 """Messages taken from the socket as one batch (one pending commit, one reply burst)."""
 DEFAULT_APPLIED_FLUSH_DELAY_S = 0.002
 """With nothing waiting, deferred applied marks are committed after this (wall seconds)."""
-INSECURE_GRANT = Grant.everything("insecure-lab")
+INSECURE_GRANT = Grant.everything("insecure-lab", issuers=None)
+"""Without CURVE there is no key to bind an issuer to: any issuer name is taken as given."""
 IN_DOUBT_BACKOFF = Backoff(initial=0.05, maximum=1.0)
 """Wall-second waits between read-backs of a write whose outcome is unknown."""
 LINK_POLL_S = 0.05
@@ -309,8 +311,9 @@ class FieldGateway:
         loaded = store.load(MAX_REMEMBERED_IDS)
         st = core.state
         st.applied_ids = loaded.applied_ids
+        st.digests = dict(loaded.digests)
         st.last_seq = dict(loaded.last_seq)
-        st.last_applied = {n: AppliedInput(v, t) for n, (v, t) in loaded.inputs.items()}
+        core.restore_inputs(loaded.inputs, now)
         core.leases.leases = dict(loaded.leases)
         if loaded.watchdog is not None:
             core.watchdog.restore(*loaded.watchdog, now=now)
@@ -349,9 +352,9 @@ class FieldGateway:
         settled: list[tuple[float, str, str]] = []
         for p, ok in zip(batch, landed(batch, values), strict=True):
             if ok:
-                core._remember(p.command_id, p.issuer, p.seq, now)
+                core._remember(p.command_id, p.issuer, p.seq, now, p.digest)
                 for name, value in p.setpoints.items():
-                    st.last_applied[name] = AppliedInput(value, p.issued_at)
+                    st.last_applied[name] = AppliedInput(value, now)
                 marks.append(
                     AppliedMark(p.command_id, p.issuer, p.seq, p.issued_at, p.setpoints, now)
                 )
@@ -481,7 +484,7 @@ class FieldGateway:
                     run.append(_Item(k, msg, granted))
                     continue
                 commands, run = run, []
-                await self._apply(commands, replies)
+                await self._apply_run(commands, replies)
                 if isinstance(msg, Heartbeat):
                     replies[k] = (await self._heartbeat(msg)).encode()
                 else:
@@ -492,7 +495,7 @@ class FieldGateway:
                 log.exception("gateway: unexpected error handling a message; not answered")
         try:
             commands, run = run, []
-            await self._apply(commands, replies)
+            await self._apply_run(commands, replies)
             if self.ack_after_applied_commit and self.store is not None and self.store.deferred:
                 async with self._lock:
                     self.store.flush()
@@ -519,7 +522,22 @@ class FieldGateway:
             return self._refuse(
                 msg.id, getattr(msg, "seq", 0), RefusalCode.UNAUTHORISED, "unknown client"
             ).encode()
+        wrong = grant.check_issuer(msg.issuer)
+        if wrong is not None:
+            return self._refuse(
+                msg.id, getattr(msg, "seq", 0), RefusalCode.UNAUTHORISED, wrong
+            ).encode()
         return msg, grant
+
+    async def _apply_run(self, items: list[_Item], replies: list[bytes | None]) -> None:
+        """``_apply``, where a bug costs only these commands' replies, not the batch's others."""
+        try:
+            await self._apply(items, replies)
+        except ParallelCityError:
+            raise
+        except Exception:
+            log.exception("gateway: unexpected error applying %d command(s); not answered",
+                          len(items))  # fmt: skip
 
     async def _apply(self, items: list[_Item], replies: list[bytes | None]) -> None:
         """Decide, record, write and mark applied a run of commands; fill in their replies."""
@@ -554,7 +572,9 @@ class FieldGateway:
             batch_no: int | None = None
             if accepted and store is not None:
                 batch_no = store.begin_batch(
-                    [it.cmd for it in accepted], [it.group for it in accepted]
+                    [it.cmd for it in accepted],
+                    [it.group for it in accepted],
+                    [core.state.digests.get(it.cmd.id) for it in accepted],
                 )
             began = bool(accepted)
             failed: list[_Item] = []
@@ -679,7 +699,7 @@ class FieldGateway:
         """A write group's outcome is unknown and the field cannot be read: hold it pending."""
         batch = [
             Pending(it.cmd.id, it.cmd.issuer, it.cmd.seq, it.cmd.issued_at,
-                    dict(it.cmd.setpoints), batch_no, it.group)
+                    dict(it.cmd.setpoints), batch_no, it.group, payload_digest(it.cmd))
             for it in group
         ]  # fmt: skip
         self._in_doubt = _InDoubt(batch, now, why)
@@ -799,7 +819,7 @@ class FieldGateway:
             if wd.tripped:
                 self.counters.rearms += 1
                 wd.rearm(now, f"{grant.name}/{msg.issuer}", msg.reason)
-                log.warning("gateway: watchdog %s", wd.detail)
+                log.warning("gateway: watchdog %s (by %s)", wd.detail, grant.name)
                 if self.store is not None:
                     self.store.save_watchdog(wd.state, wd.detail, now, event="watchdog_rearmed")
                 self._wake.set()

@@ -24,12 +24,13 @@ from .clock import Clock
 from .errors import ScenarioError, SecurityError
 from .field_writer import OpcUaWriter
 from .gateway import FieldGateway, ServerCurve
-from .gateway_core import GatewayCore
+from .gateway_core import DEFAULT_MAX_COMMAND_AGE_S, DEFAULT_RAMP_SLACK_S, GatewayCore
 from .gateway_store import GatewayStore
 from .keys import check_z85, read_public_key, read_secret_key
 from .opcua import ClientSecurity
 from .scenario import FieldConfig, InputMap, OpcUaSecurity
 from .specs import InputLimit
+from .wire import OTHER_ISSUER
 from .zap import AllowList, Grant
 
 log = logging.getLogger("parallelcity.gateway")
@@ -46,6 +47,16 @@ class GatewaySection(_Strict):
         "gateway-state.sqlite", description="SQLite file of applied ids, seqs, leases, events"
     )
     clock_skew_s: float = Field(5.0, ge=0, description="allowed disagreement of clocks")
+    ramp_slack_s: float = Field(
+        DEFAULT_RAMP_SLACK_S,
+        ge=0,
+        description="seconds of unused ramp an input may carry over (arrival jitter)",
+    )
+    max_command_age_s: float = Field(
+        DEFAULT_MAX_COMMAND_AGE_S,
+        gt=0,
+        description="a command whose issued_at is older than this (plus the skew) is refused",
+    )
     write_timeout_s: float = Field(5.0, gt=0, description="an OPC UA write slower than this fails")
     lease_s: float = Field(
         60.0, gt=0, description="how long applying a command reserves its equipment"
@@ -56,6 +67,12 @@ class ClientEntry(_Strict):
     """One allowed client key and what it may do."""
 
     name: str = Field(min_length=1, max_length=64, description="unique; logged with its acts")
+    issuer: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="the issuer name this key speaks for (default: name); unique",
+    )
     public_key: str = Field(description="40-character Z85 key, or a file holding one")
     equipment: list[str] = Field(
         default_factory=list,
@@ -67,8 +84,15 @@ class ClientEntry(_Strict):
     )
     rearm: bool = Field(False, description="may re-arm a tripped watchdog")
 
+    @property
+    def bound_issuer(self) -> str:
+        return self.name if self.issuer is None else self.issuer
+
     @model_validator(mode="after")
     def _ordered(self) -> ClientEntry:
+        issuer = self.bound_issuer
+        if not issuer.isprintable() or issuer == OTHER_ISSUER:
+            raise ValueError(f"issuer {issuer!r}: printable characters, and not {OTHER_ISSUER!r}")
         for name, (lo, hi) in self.ranges.items():
             if not lo <= hi:
                 raise ValueError(f"ranges.{name}: {lo} is above {hi}")
@@ -185,6 +209,7 @@ class GatewayConfig:
                 None if everything else frozenset(c.inputs),
                 dict(c.ranges),
                 c.rearm,
+                frozenset({c.bound_issuer}),
             )
             entries.append((public, grant))
         return ServerCurve(keys, AllowList.of(entries), z.zap_domain)
@@ -224,6 +249,8 @@ class GatewayConfig:
         return GatewayCore(
             self.limits,
             clock_skew_s=g.clock_skew_s,
+            max_age_s=g.max_command_age_s,
+            ramp_slack_s=g.ramp_slack_s,
             lease_s=g.lease_s,
             safe=self.safe,
             heartbeat_interval_s=w.heartbeat_interval_s,

@@ -11,6 +11,7 @@ are documented in ``docs/wire-protocol.md``.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -19,12 +20,25 @@ from enum import Enum
 
 from .specs import TOLERANCE, InputLimit
 from .watchdog import Lease, LeaseTable, Watchdog
-from .wire import Command, Heartbeat, RefusalCode, Status, truncate_detail
+from .wire import OTHER_ISSUER, Command, Heartbeat, RefusalCode, Status, truncate_detail
 from .zap import Grant
 
 MAX_REMEMBERED_IDS = 65_536
 """Applied ids kept in memory for duplicate detection; older ones are refused by sequence."""
 DEFAULT_LEASE_S = 60.0
+DEFAULT_RAMP_SLACK_S = 60.0
+"""Seconds of ramp allowance an input may carry over (see ``GatewayCore``)."""
+DEFAULT_MAX_COMMAND_AGE_S = 3600.0
+"""A command whose ``issued_at`` is older than this (gateway clock, plus the skew) is refused."""
+
+
+def payload_digest(cmd: Command) -> str:
+    """What identifies a command's payload: the sha256 of its canonical encoding.
+
+    A resend carries the same payload (same digest); a reused id with another
+    issuer, seq, times, setpoints or verdict does not.
+    """
+    return hashlib.sha256(cmd.encode()).hexdigest()
 
 
 class Outcome(Enum):
@@ -62,10 +76,17 @@ class Decision:
 
 @dataclass(frozen=True)
 class AppliedInput:
-    """The last value written to one input, and the cycle time it was computed for."""
+    """The last value written to one input, and the gateway time it was written.
+
+    ``at`` is the base of the next rate-limit check: the gateway's own clock,
+    never a time a client stamped.
+    """
 
     value: float
-    issued_at: float
+    at: float
+    credit: float = 0.0
+    """Ramp allowance left unused at the last write, at most the input's ``max_step`` over
+    ``ramp_slack_s``: absorbs jitter in when commands arrive without ever accumulating."""
 
 
 @dataclass
@@ -76,6 +97,8 @@ class GatewayState:
     """Highest applied ``seq`` per issuer."""
     applied_ids: OrderedDict[str, float] = field(default_factory=OrderedDict)
     """Applied command id -> gateway time it was applied, oldest first."""
+    digests: dict[str, str] = field(default_factory=dict)
+    """Applied command id -> ``payload_digest`` (ids remembered without one: unknown)."""
     last_applied: dict[str, AppliedInput] = field(default_factory=dict)
     """Per input."""
 
@@ -89,8 +112,8 @@ class Checkpoint:
     leases: dict[str, Lease]
     added: list[str] = field(default_factory=list)
     """Ids remembered since, new to ``applied_ids``."""
-    evicted: list[tuple[str, float]] = field(default_factory=list)
-    """Ids pushed out of ``applied_ids`` since, oldest first."""
+    evicted: list[tuple[str, float, str | None]] = field(default_factory=list)
+    """Ids pushed out of ``applied_ids`` since (with their digests), oldest first."""
 
 
 class GatewayCore:
@@ -98,8 +121,13 @@ class GatewayCore:
 
     ``clock_skew_s`` (gateway clock seconds) is how far the issuer's clock may
     disagree with the gateway's: a command still counts as valid that long
-    after ``valid_until``, and an ``issued_at`` further ahead than that does
-    not buy a larger rate-limit allowance.  ``safe`` values enable the
+    after ``valid_until``, and an ``issued_at`` further ahead than that, or
+    older than ``max_age_s`` plus that, is refused (``bad_time``).  Rate
+    limits are judged on the gateway's clock alone: the time since the input's
+    last write (a command or a watchdog revert), plus the allowance left
+    unused at that write, capped at ``ramp_slack_s`` worth of ramp, so that
+    over any interval T an input moves at most its rate x (T + ramp_slack_s).
+    ``safe`` values enable the
     watchdog (``heartbeat_interval_s`` x ``missed_heartbeats`` of silence trips
     it); ``lease_s`` is how long applying a command reserves its equipment for
     the command's issuer.
@@ -110,6 +138,8 @@ class GatewayCore:
         limits: Mapping[str, InputLimit],
         *,
         clock_skew_s: float = 5.0,
+        max_age_s: float = DEFAULT_MAX_COMMAND_AGE_S,
+        ramp_slack_s: float = DEFAULT_RAMP_SLACK_S,
         state: GatewayState | None = None,
         max_remembered_ids: int = MAX_REMEMBERED_IDS,
         lease_s: float = DEFAULT_LEASE_S,
@@ -119,6 +149,10 @@ class GatewayCore:
     ) -> None:
         if not (math.isfinite(clock_skew_s) and clock_skew_s >= 0):
             raise ValueError(f"clock_skew_s must be finite and >= 0, got {clock_skew_s}")
+        if not (math.isfinite(ramp_slack_s) and ramp_slack_s >= 0):
+            raise ValueError(f"ramp_slack_s must be finite and >= 0, got {ramp_slack_s}")
+        if not (math.isfinite(max_age_s) and max_age_s > 0):
+            raise ValueError(f"max_age_s must be finite and > 0, got {max_age_s}")
         if max_remembered_ids < 1:
             raise ValueError(f"max_remembered_ids must be >= 1, got {max_remembered_ids}")
         self.limits: Mapping[str, InputLimit] = dict(limits)
@@ -130,6 +164,8 @@ class GatewayCore:
             if not lim.min - TOLERANCE <= value <= lim.max + TOLERANCE:
                 raise ValueError(f"safe value {name} = {value:g} is outside [{lim.min}, {lim.max}]")
         self.clock_skew_s = clock_skew_s
+        self.max_age_s = max_age_s
+        self.ramp_slack_s = ramp_slack_s
         self.state = state if state is not None else GatewayState()
         self._max_ids = max_remembered_ids
         self.leases = LeaseTable(lease_s)
@@ -143,14 +179,22 @@ class GatewayCore:
         restriction, as in a pure unit test).
         """
         st = self.state
-        # 1. authorisation of this client for these inputs and values.
+        # 1. authorisation of this client: its own issuer, these inputs and values.
         if grant is not None:
-            why = grant.check(cmd.setpoints)
+            why = grant.check_issuer(cmd.issuer) or grant.check(cmd.setpoints)
             if why is not None:
                 return Decision.refuse(RefusalCode.UNAUTHORISED, why)
-        # 2. sequence: a repeated id is a duplicate; otherwise seq must move forward.
+        # 2. sequence: a repeated id is a duplicate (or a conflict when its payload differs);
+        # otherwise seq must move forward.
         first_applied = st.applied_ids.get(cmd.id)
         if first_applied is not None:
+            known = st.digests.get(cmd.id)
+            if known is not None and known != payload_digest(cmd):
+                return Decision.refuse(
+                    RefusalCode.ID_CONFLICT,
+                    f"id {cmd.id} was applied at {first_applied:.3f} with a different payload; "
+                    "a new command needs a new id",
+                )
             return Decision.duplicate(first_applied)
         last_seq = st.last_seq.get(cmd.issuer)
         if last_seq is not None and cmd.seq <= last_seq:
@@ -166,10 +210,23 @@ class GatewayCore:
                 f"valid until {cmd.valid_until:.3f}, gateway time is {now:.3f} "
                 f"({now - cmd.valid_until:.3f} s late, skew allowance {self.clock_skew_s:g} s)",
             )
-        # 4. a tripped watchdog holds the safe values until re-armed.
+        # 4. issued_at near the gateway's clock: neither ahead of it nor too old.
+        if cmd.issued_at > now + self.clock_skew_s:
+            return Decision.refuse(
+                RefusalCode.BAD_TIME,
+                f"issued_at {cmd.issued_at:.3f} is {cmd.issued_at - now:.3f} s ahead of gateway "
+                f"time {now:.3f} (skew allowance {self.clock_skew_s:g} s)",
+            )
+        if cmd.issued_at < now - self.clock_skew_s - self.max_age_s:
+            return Decision.refuse(
+                RefusalCode.BAD_TIME,
+                f"issued_at {cmd.issued_at:.3f} is {now - cmd.issued_at:.3f} s before gateway "
+                f"time {now:.3f}; at most {self.max_age_s:g} s (+ {self.clock_skew_s:g} s skew)",
+            )
+        # 5. a tripped watchdog holds the safe values until re-armed.
         if self.watchdog.tripped:
             return Decision.refuse(RefusalCode.WATCHDOG_TRIPPED, self.watchdog.detail)
-        # 5. every input known.
+        # 6. every input known.
         unknown = sorted(n for n in cmd.setpoints if n not in self.limits)
         if unknown:
             return Decision.refuse(
@@ -177,11 +234,11 @@ class GatewayCore:
                 f"unknown input(s) {', '.join(map(repr, unknown))}; this gateway drives "
                 f"{', '.join(sorted(self.limits))}",
             )
-        # 6. one writer per device.
+        # 7. one writer per device.
         held = self.leases.conflicts(cmd.issuer, cmd.setpoints, now)
         if held:
             return Decision.refuse(RefusalCode.LEASE_HELD, "; ".join(held))
-        # 7. bounds.
+        # 8. bounds.
         problems = []
         for name, value in cmd.setpoints.items():
             lim = self.limits[name]
@@ -189,46 +246,63 @@ class GatewayCore:
                 problems.append(f"{name} = {value:.6g} outside [{lim.min:g}, {lim.max:g}]")
         if problems:
             return Decision.refuse(RefusalCode.OUT_OF_BOUNDS, "; ".join(problems))
-        # 8. rate limits against the last applied value of each input.
-        issued_at = min(cmd.issued_at, now + self.clock_skew_s)
+        # 9. rate limits against the last applied value of each input, on the gateway's clock.
         for name, value in cmd.setpoints.items():
-            lim = self.limits[name]
             prev = st.last_applied.get(name)
             if prev is None:
                 continue
-            elapsed = max(0.0, issued_at - prev.issued_at)
-            allowed = lim.max_step(elapsed)
+            allowed = self._allowed(name, prev, now)
             if not math.isfinite(allowed):
                 continue
             move = value - prev.value
             if abs(move) > allowed + TOLERANCE:
                 problems.append(
-                    f"{name} moves {move:+.6g} from {prev.value:.6g} in {elapsed:g} s; "
-                    f"at most {allowed:.6g} allowed ({lim.max_rate_per_h:g}/h)"
+                    f"{name} moves {move:+.6g} from {prev.value:.6g} in {now - prev.at:.6g} s "
+                    f"since its last write; at most {allowed:.6g} allowed "
+                    f"({self.limits[name].max_rate_per_h:g}/h)"
                 )
         if problems:
             return Decision.refuse(RefusalCode.RATE_LIMIT, "; ".join(problems))
         return Decision.accept()
 
+    def _allowed(self, name: str, prev: AppliedInput, now: float) -> float:
+        """How far input ``name`` may move from ``prev`` at gateway time ``now``."""
+        return self.limits[name].max_step(max(0.0, now - prev.at)) + prev.credit
+
+    def _written(self, name: str, value: float, now: float) -> AppliedInput:
+        """The input's record after ``value`` was written at ``now`` (credit carried over)."""
+        lim = self.limits.get(name)
+        cap = 0.0 if lim is None else lim.max_step(self.ramp_slack_s)
+        if not math.isfinite(cap):
+            return AppliedInput(value, now)
+        prev = self.state.last_applied.get(name)
+        left = cap if prev is None else self._allowed(name, prev, now) - abs(value - prev.value)
+        return AppliedInput(value, now, min(cap, max(0.0, left)))
+
     def record_applied(self, cmd: Command, applied_at: float | None = None) -> None:
         """Remember a command whose setpoints were written (``applied_at``: gateway time)."""
         when = cmd.issued_at if applied_at is None else applied_at
-        self._remember(cmd.id, cmd.issuer, cmd.seq, when)
+        self._remember(cmd.id, cmd.issuer, cmd.seq, when, payload_digest(cmd))
         for name, value in cmd.setpoints.items():
-            self.state.last_applied[name] = AppliedInput(value, cmd.issued_at)
+            self.state.last_applied[name] = self._written(name, value, when)
         self.leases.take(cmd.issuer, cmd.setpoints, when)
         self.watchdog.seen(when)
 
-    def _remember(self, command_id: str, issuer: str, seq: int, when: float) -> None:
+    def _remember(
+        self, command_id: str, issuer: str, seq: int, when: float, digest: str | None = None
+    ) -> None:
         st, cp = self.state, self._checkpoint
         if cp is not None and command_id not in st.applied_ids:
             cp.added.append(command_id)
         st.applied_ids[command_id] = when
         st.applied_ids.move_to_end(command_id)
+        if digest is not None:
+            st.digests[command_id] = digest
         while len(st.applied_ids) > self._max_ids:
-            gone = st.applied_ids.popitem(last=False)
+            gone, at = st.applied_ids.popitem(last=False)
+            old = st.digests.pop(gone, None)
             if cp is not None:
-                cp.evicted.append(gone)
+                cp.evicted.append((gone, at, old))
         st.last_seq[issuer] = max(seq, st.last_seq.get(issuer, seq))
 
     def confirm(self, cmds: Sequence[Command], applied_at: float) -> None:
@@ -236,11 +310,16 @@ class GatewayCore:
 
         The same as recording them again at ``applied_at``, in order, but cheaper.
         """
-        ids = self.state.applied_ids
+        st = self.state
+        ids = st.applied_ids
         issuer, names = "", set[str]()
         for cmd in cmds:
             if cmd.id in ids:
                 ids[cmd.id] = applied_at
+            for name in cmd.setpoints:
+                prev = st.last_applied.get(name)
+                if prev is not None and prev.at < applied_at:
+                    st.last_applied[name] = AppliedInput(prev.value, applied_at, prev.credit)
             if cmd.issuer != issuer and names:  # leases in order: one take per run of an issuer
                 self.leases.take(issuer, names, applied_at)
                 names = set()
@@ -270,10 +349,13 @@ class GatewayCore:
         added = set(cp.added)
         for command_id in cp.added:
             st.applied_ids.pop(command_id, None)
-        for command_id, when in reversed(cp.evicted):
+            st.digests.pop(command_id, None)
+        for command_id, when, digest in reversed(cp.evicted):
             if command_id not in added:
                 st.applied_ids[command_id] = when
                 st.applied_ids.move_to_end(command_id, last=False)
+                if digest is not None:
+                    st.digests[command_id] = digest
         st.last_seq = dict(cp.last_seq)
         st.last_applied = dict(cp.last_applied)
         self.leases.leases = dict(cp.leases)
@@ -284,7 +366,10 @@ class GatewayCore:
             self._checkpoint = None
 
     def heartbeat(self, hb: Heartbeat, now: float) -> None:
-        """A heartbeat from an authorised client: feeds the watchdog, renews or ends leases."""
+        """A heartbeat from an authorised client: feeds the watchdog, renews or ends leases.
+
+        Only ``hb.issuer``'s own leases: the shell has checked the key speaks for it.
+        """
         self.watchdog.seen(now)
         if hb.release:
             self.leases.release(hb.issuer)
@@ -294,10 +379,18 @@ class GatewayCore:
     def reverted(self, now: float) -> None:
         """The safe values were written: they are the inputs' last applied values now."""
         for name, value in self.watchdog.safe.items():
-            self.state.last_applied[name] = AppliedInput(value, now)
+            self.state.last_applied.pop(name, None)  # a revert is not ramp-limited
+            self.state.last_applied[name] = self._written(name, value, now)
         self.watchdog.reverted = True
 
+    def restore_inputs(self, inputs: Mapping[str, tuple[float, float]], now: float) -> None:
+        """Last applied values from the store; a write time ahead of ``now`` counts as ``now``
+        (a clock that stepped back, or a store from before rate limits used the gateway clock).
+        No ramp credit survives a restart."""
+        self.state.last_applied = {n: AppliedInput(v, min(t, now)) for n, (v, t) in inputs.items()}
+
     def status(self, request_id: str, issuer: str, now: float, insecure: bool) -> Status:
+        """The answer to ``issuer``: other issuers' leases show as ``OTHER_ISSUER``."""
         wd = self.watchdog
         return Status(
             id=request_id,
@@ -305,7 +398,10 @@ class GatewayCore:
             last_seq=self.state.last_seq.get(issuer),
             watchdog=wd.state,
             detail=truncate_detail(wd.detail),
-            leases=self.leases.holders(now),
+            leases={
+                eq: holder if holder == issuer else OTHER_ISSUER
+                for eq, holder in self.leases.holders(now).items()
+            },
             gateway_time=now,
             heartbeat_s=wd.interval_s if wd.enabled else 0.0,
             insecure_lab=insecure,

@@ -5,7 +5,7 @@ never applied twice and a restarted dispatcher can continue:
 
 * every applied command id with its issuer, seq and time (duplicates);
 * the highest applied seq per issuer (stale sequences; told to dispatchers);
-* the last applied value of each input and the cycle time it was for (ramps);
+* the last applied value of each input and the gateway time it was written (ramps);
 * equipment leases; the watchdog's state; an event log (trips, re-arms, leases).
 
 Group commit
@@ -101,7 +101,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +130,9 @@ CREATE TABLE IF NOT EXISTS event (n INTEGER PRIMARY KEY AUTOINCREMENT, t REAL NO
                                   kind TEXT NOT NULL, detail TEXT NOT NULL);
 """
 # Added with group commit; a store written before gets the columns on open.
-BATCH_COLUMNS = (("batch", "INTEGER"), ("grp", "INTEGER NOT NULL DEFAULT 0"))
+BATCH_COLUMNS = (("batch", "INTEGER"), ("grp", "INTEGER NOT NULL DEFAULT 0"), ("digest", "TEXT"))
+"""``digest``: the command's payload digest (``gateway_core.payload_digest``); NULL in rows
+written before it existed (such an id's resend counts as a duplicate whatever its payload)."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,8 @@ class Pending:
     """The batch it was recorded with (``None``: recorded alone, before group commit)."""
     group: int = 0
     """Its write group within the batch (groups are written in order)."""
+    digest: str | None = None
+    """Its payload digest, when recorded."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,8 @@ class Loaded:
     leases: dict[str, Lease]
     watchdog: tuple[WatchdogState, str, float] | None
     pending: list[Pending]
+    digests: dict[str, str] = field(default_factory=dict)
+    """Applied id -> payload digest, for the ids in ``applied_ids`` that have one."""
 
     def pending_batches(self) -> list[list[Pending]]:
         """The pending commands by batch, in the order they were recorded."""
@@ -256,10 +262,14 @@ class GatewayStore:
                 _write_marks(self._db, self._deferred, self._deferred_leases)
             yield self._db
             self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: e.g. text SQLite cannot encode
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise JournalError(f"gateway store write failed ({self.path}): {exc}") from exc
+        except BaseException:  # never leave the transaction open for the next write
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
         self._deferred = []
         self._deferred_leases = None
         self.commits += 1
@@ -268,11 +278,12 @@ class GatewayStore:
         db = self._db
         try:
             rows = db.execute(
-                "SELECT id, applied_at FROM applied WHERE state = 'applied' "
+                "SELECT id, applied_at, digest FROM applied WHERE state = 'applied' "
                 "ORDER BY rowid DESC LIMIT ?",
                 (max_ids,),
             ).fetchall()
-            ids: OrderedDict[str, float] = OrderedDict((i, float(t)) for i, t in reversed(rows))
+            ids: OrderedDict[str, float] = OrderedDict((i, float(t)) for i, t, _ in reversed(rows))
+            digests = {str(i): str(d) for i, _, d in rows if d is not None}
             last_seq = {
                 str(i): int(s) for i, s in db.execute("SELECT issuer, last_seq FROM issuer")
             }
@@ -294,9 +305,10 @@ class GatewayStore:
                     _floats(sp),
                     None if b is None else int(b),
                     int(g),
+                    None if d is None else str(d),
                 )
-                for i, iss, seq, ia, sp, b, g in db.execute(
-                    "SELECT id, issuer, seq, issued_at, setpoints, batch, grp FROM applied "
+                for i, iss, seq, ia, sp, b, g, d in db.execute(
+                    "SELECT id, issuer, seq, issued_at, setpoints, batch, grp, digest FROM applied "
                     "WHERE state = 'pending' ORDER BY rowid"
                 )
             ]
@@ -305,7 +317,7 @@ class GatewayStore:
         wd = None
         if wd_row is not None:
             wd = (WatchdogState(wd_row[0]), str(wd_row[1]), float(wd_row[2]))
-        return Loaded(ids, last_seq, inputs, leases, wd, pending)
+        return Loaded(ids, last_seq, inputs, leases, wd, pending, digests)
 
     # ------------------------------------------------------------------ commands
 
@@ -313,7 +325,12 @@ class GatewayStore:
         """Record ``cmd`` as pending, alone: called before its setpoints are written."""
         self.begin_batch([cmd], [0])
 
-    def begin_batch(self, cmds: Sequence[Command], groups: Sequence[int]) -> int:
+    def begin_batch(
+        self,
+        cmds: Sequence[Command],
+        groups: Sequence[int],
+        digests: Sequence[str | None] | None = None,
+    ) -> int:
         """Record a batch as pending in one commit, before any of it is written.
 
         ``groups[k]`` is the write group of ``cmds[k]``.  Deferred applied
@@ -322,14 +339,15 @@ class GatewayStore:
         """
         if len(groups) != len(cmds):
             raise ValueError("one write group per command")
+        digs = [None] * len(cmds) if digests is None else list(digests)
         batch, self._next_batch = self._next_batch, self._next_batch + 1
         with self._tx() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO applied (id, issuer, seq, state, issued_at, applied_at, "
-                "setpoints, batch, grp) VALUES (?, ?, ?, 'pending', ?, NULL, ?, ?, ?)",
+                "setpoints, batch, grp, digest) VALUES (?, ?, ?, 'pending', ?, NULL, ?, ?, ?, ?)",
                 [
-                    (c.id, c.issuer, c.seq, c.issued_at, json.dumps(dict(c.setpoints)), batch, g)
-                    for c, g in zip(cmds, groups, strict=True)
+                    (c.id, c.issuer, c.seq, c.issued_at, json.dumps(dict(c.setpoints)), batch, g, d)
+                    for c, g, d in zip(cmds, groups, digs, strict=True)
                 ],
             )
         return batch
@@ -457,7 +475,7 @@ def _write_marks(
     for m in marks:
         last_seq[m.issuer] = max(m.seq, last_seq.get(m.issuer, m.seq))
         for n, v in m.setpoints.items():
-            inputs[n] = (float(v), m.issued_at)
+            inputs[n] = (float(v), m.applied_at)  # the rate-limit base: the gateway's clock
     db.executemany(
         "INSERT INTO issuer (issuer, last_seq) VALUES (?, ?) ON CONFLICT(issuer) "
         "DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",

@@ -38,7 +38,7 @@ from .estimate import ExtendedKalmanFilter
 from .field_writer import OpcUaWriter
 from .gate import SimplexGate
 from .gateway import FieldGateway, ServerCurve, new_zap_domain
-from .gateway_core import GatewayCore
+from .gateway_core import DEFAULT_MAX_COMMAND_AGE_S, GatewayCore
 from .gateway_store import GatewayStore
 from .journal import Journal
 from .keys import KeyPair, read_public_key, read_secret_key
@@ -251,13 +251,26 @@ def _check_zmq_security(scenario: Scenario, embedded_gateway: bool = True) -> No
         )
 
 
+def _issuer(scenario: Scenario, embedded_gateway: bool) -> str:
+    """The issuer name this run's commands carry.
+
+    A separate gateway binds each client key to one issuer: with CURVE the run
+    speaks as ``[security.zmq] issuer`` (default: the scenario's name).
+    Otherwise a name of its own for this run (the embedded gateway binds it).
+    """
+    cfg = scenario.file.security.zmq
+    if not embedded_gateway and cfg is not None:
+        return cfg.issuer or scenario.meta.name
+    return f"{scenario.meta.name}-{uuid.uuid4().hex[:8]}"
+
+
 def _zmq_security(
-    scenario: Scenario, embedded_gateway: bool
+    scenario: Scenario, embedded_gateway: bool, issuer: str
 ) -> tuple[ClientCurve | None, ServerCurve | None]:
     """CURVE for the dispatcher, and for the embedded gateway (``None``: no CURVE).
 
     Embedded and not a lab run: a server and a client key pair made in memory for
-    this run; the gateway allows exactly that client key.
+    this run; the gateway allows exactly that client key, bound to ``issuer``.
     """
     cfg = scenario.file.security.zmq
     if not embedded_gateway:
@@ -269,16 +282,30 @@ def _zmq_security(
     if scenario.insecure_lab:
         return None, None
     server, client = KeyPair.generate(), KeyPair.generate()
-    allow = AllowList.of([(client.public, Grant.everything("embedded-runtime"))])
+    allow = AllowList.of(
+        [(client.public, Grant.everything("embedded-runtime", frozenset({issuer})))]
+    )
     log.info("embedded gateway: ZeroMQ CURVE with key pairs generated for this run")
     return ClientCurve(client, server.public), ServerCurve(server, allow, new_zap_domain())
 
 
 def _embedded_core(scenario: Scenario, specs: SafetySpecs, speed: float) -> GatewayCore:
-    """The embedded gateway's rules: the specs' limits, and the scenario's watchdog if any."""
+    """The embedded gateway's rules: the specs' limits, and the scenario's watchdog if any.
+
+    A command reaches the gateway up to its deadline after its cycle time, so the
+    ramp carries up to a cycle of unused allowance (arrival jitter, gateway clock).
+    """
+    meta = scenario.meta
+    core = partial(
+        GatewayCore,
+        specs.limits,
+        lease_s=2 * meta.cycle_s,
+        ramp_slack_s=max(meta.cycle_s, meta.deadline),
+        max_age_s=max(DEFAULT_MAX_COMMAND_AGE_S, 2 * meta.deadline),
+    )
     wd = scenario.field.watchdog
     if wd is None:
-        return GatewayCore(specs.limits, lease_s=2 * scenario.meta.cycle_s)
+        return core()
     safe = {i.name: i.safe for i in scenario.field.inputs if i.safe is not None}
     window_s = wd.heartbeat_interval_s * wd.missed_heartbeats
     log.info(
@@ -293,9 +320,7 @@ def _embedded_core(scenario: Scenario, specs: SafetySpecs, speed: float) -> Gate
             window_s / speed,
             speed,
         )
-    return GatewayCore(
-        specs.limits,
-        lease_s=2 * scenario.meta.cycle_s,
+    return core(
         safe=safe,
         heartbeat_interval_s=wd.heartbeat_interval_s,
         missed_heartbeats=wd.missed_heartbeats,
@@ -353,7 +378,8 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
     counts = _counts()
     stand_in: FieldStandIn | None = None
     opcua_client, opcua_server = _opcua_security(scenario, embedded, out_dir)
-    zmq_client, zmq_server = _zmq_security(scenario, options.gateway_endpoint is None)
+    issuer = _issuer(scenario, options.gateway_endpoint is None)
+    zmq_client, zmq_server = _zmq_security(scenario, options.gateway_endpoint is None, issuer)
 
     async with AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
         endpoint = options.field_endpoint
@@ -402,7 +428,7 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         dispatcher = await stack.enter_async_context(
             Dispatcher(
                 gateway_endpoint,
-                issuer=f"{meta.name}-{uuid.uuid4().hex[:8]}",
+                issuer=issuer,
                 timeout_s=max(0.5, 0.2 * meta.cycle_s / speed),
                 curve=zmq_client,
                 insecure_lab=scenario.insecure_lab,

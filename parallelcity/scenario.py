@@ -86,6 +86,12 @@ class ZmqSecurity(_Strict):
 
     client_secret_key: str = Field(description="this runtime's CURVE secret key file (0600)")
     gateway_public_key: str = Field(description="the gateway's CURVE public key file")
+    issuer: str | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="the issuer the gateway binds to this key (default: the scenario's name)",
+    )
 
 
 class Security(_Strict):

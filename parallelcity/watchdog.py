@@ -102,7 +102,10 @@ class Watchdog:
         return self.detail
 
     def rearm(self, now: float, by: str, reason: str) -> None:
-        """Back to ``idle``: the next heartbeat or command arms it again."""
+        """Back to ``idle``: the next heartbeat or command arms it again.
+
+        ``by`` is for the caller's log: ``detail`` goes to every issuer, so it names no one.
+        """
         if self.state is WatchdogState.DISABLED:
             return
         self.state, self.since, self.last_seen, self.reverted = (
@@ -111,7 +114,7 @@ class Watchdog:
             None,
             False,
         )
-        self.detail = f"re-armed at {now:.3f} by {by}: {reason}"
+        self.detail = f"re-armed at {now:.3f}: {reason}"
 
     def restore(self, state: WatchdogState, detail: str, since: float, now: float) -> None:
         """Take over the persisted state of a previous gateway process.
@@ -150,9 +153,9 @@ class LeaseTable:
         for eq in sorted({equipment_of(n) for n in inputs}):
             lease = self.leases.get(eq)
             if lease is not None and lease.holder != issuer and lease.until >= now:
-                out.append(
-                    f"{eq} is leased to {lease.holder!r} for another {lease.until - now:.3f} s"
-                )
+                # Never the holder's name: issuers do not learn each other's names.
+                left = lease.until - now
+                out.append(f"{eq} is leased to another issuer for another {left:.3f} s")
         return out
 
     def take(self, issuer: str, inputs: Iterable[str], now: float) -> None:

@@ -46,6 +46,11 @@ class Grant:
     listed or its equipment is.  ``None`` for both means every input the
     gateway drives.  ``ranges`` narrows an input's values further than the
     gateway's own bounds.
+
+    ``issuers`` binds the key to the issuer names it speaks for: a command,
+    heartbeat or re-arm naming any other issuer is refused.  Empty (the
+    default) means the grant's own name; ``None`` means any issuer, which only
+    makes sense without CURVE (insecure lab), where there is no key to bind.
     """
 
     name: str
@@ -53,10 +58,22 @@ class Grant:
     inputs: frozenset[str] | None = None
     ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict, hash=False)
     rearm: bool = False
+    issuers: frozenset[str] | None = frozenset()
+
+    def __post_init__(self) -> None:
+        if self.issuers is not None and not self.issuers:
+            object.__setattr__(self, "issuers", frozenset({self.name}))
 
     @classmethod
-    def everything(cls, name: str) -> Grant:
-        return cls(name, None, None, {}, rearm=True)
+    def everything(cls, name: str, issuers: frozenset[str] | None = frozenset()) -> Grant:
+        return cls(name, None, None, {}, rearm=True, issuers=issuers)
+
+    def check_issuer(self, issuer: str) -> str | None:
+        """``None`` if this key speaks for ``issuer``; otherwise why not (naming only its own)."""
+        if self.issuers is None or issuer in self.issuers:
+            return None
+        own = ", ".join(repr(i) for i in sorted(self.issuers))
+        return f"client {self.name!r} is bound to issuer {own}; it may not speak for another"
 
     def allows_input(self, name: str) -> bool:
         if self.equipment is None and self.inputs is None:
@@ -83,7 +100,8 @@ class Grant:
 
 @dataclass(frozen=True)
 class AllowList:
-    """Client public key (Z85) -> grant.  Grant names are unique: they are the User-Id."""
+    """Client public key (Z85) -> grant.  Grant names are unique: they are the User-Id.
+    An issuer is bound to one key at most."""
 
     by_key: Mapping[bytes, Grant]
 
@@ -91,12 +109,19 @@ class AllowList:
     def of(cls, entries: Iterable[tuple[bytes | str, Grant]]) -> AllowList:
         by_key: dict[bytes, Grant] = {}
         names: set[str] = set()
+        issuers: dict[str, str] = {}
         for key, grant in entries:
             k = check_z85(key, f"public key of client {grant.name!r}")
             if k in by_key:
                 raise SecurityError(f"client {grant.name!r}: its public key is listed twice")
             if grant.name in names:
                 raise SecurityError(f"client name {grant.name!r} is used twice")
+            for issuer in sorted(grant.issuers or ()):
+                other = issuers.setdefault(issuer, grant.name)
+                if other != grant.name:
+                    raise SecurityError(
+                        f"issuer {issuer!r} is bound to both client {other!r} and {grant.name!r}"
+                    )
             by_key[k] = grant
             names.add(grant.name)
         return cls(by_key)

@@ -133,7 +133,7 @@ def test_only_allowed_curve_clients_reach_the_command_handler() -> None:
                 assert writer.writes == []
                 # The gateway was listening all along: the allowed key gets through.
                 curve = ClientCurve(keys.admin, keys.server.public)
-                async with Dispatcher(gw.endpoint, "cycle", curve=curve, context=ctx) as disp:
+                async with Dispatcher(gw.endpoint, "admin", curve=curve, context=ctx) as disp:
                     ack = await disp.send(
                         GOOD, issued_at=T0, valid_until=T0 + 900, verdict_digest=VERDICT
                     )

@@ -112,7 +112,7 @@ def test_core_refuses_out_of_bounds_beyond_tolerance() -> None:
 
 
 def test_core_rate_limit_refuses_a_jump_and_accepts_a_move_within_the_ramp() -> None:
-    core = GatewayCore(LIMITS)
+    core = GatewayCore(LIMITS, ramp_slack_s=0.0)
     first = command({"plant.T_supply_set": 70.0, "apartment.m_flow": 0.3}, seq=0)
     core.record_applied(first, T0)
     later = T0 + 900.0  # 10 K/h over 15 min: at most 2.5 K
@@ -124,9 +124,10 @@ def test_core_rate_limit_refuses_a_jump_and_accepts_a_move_within_the_ramp() -> 
     core.record_applied(ramp, later)
     down = command({"plant.T_supply_set": 70.0}, seq=2, issued_at=later + 900.0)
     assert core.decide(down, later + 900.0).accepted
-    # An issued_at far ahead of the gateway's clock does not buy a bigger step.
+    # An issued_at ahead of the gateway's clock is refused; it never buys a bigger step.
     ahead = command({"plant.T_supply_set": 95.0}, seq=2, issued_at=later + 36_000.0)
-    assert core.decide(ahead, later + 900.0).code is RefusalCode.RATE_LIMIT
+    d = core.decide(ahead, later + 900.0)
+    assert d.code is RefusalCode.BAD_TIME and "ahead of gateway time" in d.detail
 
 
 def test_core_refuses_unknown_inputs() -> None:
@@ -556,7 +557,7 @@ def test_gateway_writes_to_a_real_opcua_server(tmp_path: Path) -> None:
             try:
                 async with (
                     zmq_context() as ctx,
-                    Dispatcher(endpoint, "cycle", curve=curve, context=ctx) as d,
+                    Dispatcher(endpoint, "control-room", curve=curve, context=ctx) as d,
                 ):
                     ack = await d.send(
                         setpoints, issued_at=T0, valid_until=T0 + 900, verdict_digest=VERDICT

@@ -48,8 +48,8 @@ from .test_gateway import GOOD, LIMITS, T0, VERDICT, FakeWriter, command, free_p
 
 SCALE = float(os.environ.get("PARALLELCITY_SLOW_SCALE", "1"))
 T1 = T0 + 900.0
-OPS = Grant.everything("ops")
-APARTMENT_ONLY = Grant("apartment-only", equipment=frozenset({"apartment"}))
+OPS = Grant.everything("ops", issuers=None)  # several issuers: batching, not binding
+APARTMENT_ONLY = Grant("apartment-only", equipment=frozenset({"apartment"}), issuers=None)
 
 
 def pending(command_id: str, group: int, **setpoints: float) -> Pending:
@@ -478,14 +478,15 @@ def test_a_mixed_batch_from_two_curve_clients_gets_every_ack_right() -> None:
             async with gw:
                 admin = curve_socket(ctx, gw.endpoint, keys.admin, keys.server.public)
                 limited = curve_socket(ctx, gw.endpoint, keys.limited, keys.server.public)
-                good = command({"plant.T_supply_set": 71.0}, seq=1, issued_at=T1)
-                later = command({"office.m_flow": 0.4}, seq=3, issued_at=T1)
+                good = command({"plant.T_supply_set": 71.0}, seq=1, issued_at=T1, issuer="admin")
+                later = command({"office.m_flow": 0.4}, seq=3, issued_at=T1, issuer="admin")
                 plan: list[tuple[zmq.asyncio.Socket, bytes, AckStatus, RefusalCode | None]] = [
                     (admin, good.encode(), AckStatus.APPLIED, None),
                     (admin, good.encode(), AckStatus.DUPLICATE, None),
-                    (admin, command(seq=2, issued_at=T0 - 2000.0).encode(),
+                    (admin, command(seq=2, issued_at=T0 - 2000.0, issuer="admin").encode(),
                      AckStatus.REFUSED, RefusalCode.EXPIRED),
-                    (admin, command({"office.m_flow": 0.3}, seq=1, issued_at=T1).encode(),
+                    (admin, command({"office.m_flow": 0.3}, seq=1, issued_at=T1,
+                                    issuer="admin").encode(),
                      AckStatus.REFUSED, RefusalCode.STALE_SEQUENCE),
                     (limited, command({"office.m_flow": 0.3}, seq=0, issued_at=T1,
                                       issuer="limited").encode(),

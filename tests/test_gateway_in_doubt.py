@@ -40,7 +40,7 @@ from .test_field_writer import FIELD, InputServer, client_security
 from .test_field_writer import LIMITS as WRITER_LIMITS
 from .test_gateway import LIMITS, T0, command, run
 
-OPS = Grant.everything("ops")
+OPS = Grant.everything("ops", issuers=None)  # several issuers: batching, not binding
 T1 = T0 + 900.0
 SAFE = {"plant.T_supply_set": 65.0, "apartment.m_flow": 0.1}
 WRITE_TIMEOUT_S = 0.3
@@ -107,6 +107,10 @@ def gateway(field: Field, clock: FakeClock, store: GatewayStore, *, watchdog: bo
 
 
 async def send(gw: FieldGateway, *cmds: Command) -> list[Ack]:
+    """The commands arrive at the time they were issued (rate limits use the gateway clock)."""
+    clock = gw.clock
+    if isinstance(clock, FakeClock):
+        clock.t = max(clock.t, *(c.issued_at for c in cmds))
     replies = await gw.handle_batch([([c.encode()], OPS) for c in cmds])
     out = []
     for r in replies:
@@ -142,7 +146,7 @@ async def assert_ramps_from_72(gw: FieldGateway, clock: FakeClock) -> None:
 def test_a_write_that_lands_and_times_out_counts_once_and_is_the_next_ramp_base(
     tmp_path: Path,
 ) -> None:
-    field, clock = Field(), FakeClock(T1)
+    field, clock = Field(), FakeClock(T0)
     path = tmp_path / "state.sqlite"
 
     async def main() -> None:
@@ -169,7 +173,7 @@ def test_a_write_that_lands_and_times_out_counts_once_and_is_the_next_ramp_base(
 def test_a_write_that_times_out_without_landing_is_refused_and_its_resend_applied_once(
     tmp_path: Path,
 ) -> None:
-    field, clock = Field(), FakeClock(T1)
+    field, clock = Field(), FakeClock(T0)
 
     async def main() -> None:
         store = GatewayStore(tmp_path / "state.sqlite")
@@ -193,7 +197,7 @@ def test_a_write_that_times_out_without_landing_is_refused_and_its_resend_applie
 
 def test_a_write_refused_as_unavailable_is_not_read_back(tmp_path: Path) -> None:
     """``FieldUnavailableError``: certainly not written, no read-back, no doubt."""
-    field, clock = Field(), FakeClock(T1)
+    field, clock = Field(), FakeClock(T0)
 
     async def main() -> None:
         store = GatewayStore(tmp_path / "state.sqlite")
@@ -213,7 +217,7 @@ def test_a_write_refused_as_unavailable_is_not_read_back(tmp_path: Path) -> None
 def test_an_unreadable_field_puts_the_gateway_in_doubt_until_it_settles(
     tmp_path: Path, lands: bool
 ) -> None:
-    field, clock = Field(), FakeClock(T1)
+    field, clock = Field(), FakeClock(T0)
     path = tmp_path / "state.sqlite"
     other = command({"apartment.m_flow": 0.5}, seq=4, issued_at=T1)
 
@@ -263,7 +267,7 @@ def test_an_unreadable_field_puts_the_gateway_in_doubt_until_it_settles(
 
 
 def test_a_crash_while_in_doubt_is_settled_at_the_restart(tmp_path: Path) -> None:
-    field, clock = Field(), FakeClock(T1)
+    field, clock = Field(), FakeClock(T0)
     path = tmp_path / "state.sqlite"
 
     async def main() -> None:
@@ -286,7 +290,7 @@ def test_a_crash_while_in_doubt_is_settled_at_the_restart(tmp_path: Path) -> Non
 
 
 def test_a_write_group_of_several_commands_goes_in_doubt_too(tmp_path: Path) -> None:
-    field, clock = Field(), FakeClock(T1)
+    field, clock = Field(), FakeClock(T0)
     a = command({"plant.T_supply_set": 71.0}, seq=2, issued_at=T1)
     b = command({"apartment.m_flow": 0.7}, seq=3, issued_at=T1)
     c = command({"apartment.m_flow": 0.8}, seq=4, issued_at=T1)  # next group: never written
@@ -322,7 +326,7 @@ def test_a_watchdog_revert_while_in_doubt_settles_the_write_first(
     """The revert would hide what the write in doubt left in the field, so the write is
     settled before the safe values go out: by the field if it can be read now, else
     counted as applied (never twice).  The settle is durable before the revert."""
-    field, clock = Field(), FakeClock(T1)
+    field, clock = Field(), FakeClock(T0)
     path = tmp_path / "state.sqlite"
 
     async def main() -> None:

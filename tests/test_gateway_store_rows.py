@@ -15,7 +15,7 @@ def _cmd(seq: int, setpoints: Mapping[str, float]) -> Command:
         issuer="ops",
         seq=seq,
         issued_at=100.0 + seq,
-        valid_until=1e12,
+        valid_until=200.0 + seq,
         setpoints=setpoints,
         verdict="ab" * 32,
     )

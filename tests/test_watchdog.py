@@ -74,7 +74,7 @@ def test_leases_give_one_writer_per_equipment() -> None:
     table = LeaseTable(10.0)
     table.take("a", ["plant.T_supply_set", "apartment.m_flow"], 0.0)
     assert table.conflicts("a", ["plant.T_supply_set"], 5.0) == []
-    assert "plant is leased to 'a'" in table.conflicts("b", ["plant.T_supply_set"], 5.0)[0]
+    assert "plant is leased to another issuer" in table.conflicts("b", ["plant.x"], 5.0)[0]
     assert table.conflicts("b", ["office.m_flow"], 5.0) == []
     assert table.renew("a", 8.0) and table.conflicts("b", ["plant.x"], 17.0)
     assert table.conflicts("b", ["plant.x"], 18.5) == []  # ran out
@@ -178,7 +178,9 @@ def test_silence_trips_the_watchdog_reverts_reports_journals_and_needs_a_rearm(
                 {"apartment.m_flow": 0.3}, issued_at=now, valid_until=now + 900,
                 verdict_digest=VERDICT,
             )  # fmt: skip
-            assert other.code is RefusalCode.LEASE_HELD and "'runtime'" in other.detail
+            assert other.code is RefusalCode.LEASE_HELD and "another issuer" in other.detail
+            assert "runtime" not in other.detail  # issuers do not learn each other's names
+            assert (await op.heartbeat()).leases == {"plant": "*", "apartment": "*"}
             # Silence: the safe values land, leases end, commands are refused.
             writer.landed.clear()
             await asyncio.wait_for(writer.landed.wait(), 2.0)
