@@ -101,6 +101,7 @@ def test_replays_after_a_restart_are_duplicates_and_the_issuer_continues(tmp_pat
                 assert disp.next_seq == 0
                 status = await disp.heartbeat()
                 assert status.last_seq == 4 and disp.next_seq == 5
+                clock.advance(10.0)  # issued_at must not run ahead of the gateway's clock
                 ack = await disp.send(
                     {"apartment.m_flow": 0.9},
                     issued_at=T0 + 10,

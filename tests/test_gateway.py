@@ -38,7 +38,7 @@ from parallelcity.gateway_core import GatewayCore, Outcome
 from parallelcity.keys import write_keypair
 from parallelcity.scenario import FieldConfig, Scenario, ScenarioFile
 from parallelcity.specs import InputLimit
-from parallelcity.wire import NULL_ID, Ack, AckStatus, Command, RefusalCode, decode_ack
+from parallelcity.wire import MAX_SEQ, NULL_ID, Ack, AckStatus, Command, RefusalCode, decode_ack
 
 SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "district_heating.toml"
 T0 = 1768179600.0  # 2026-01-12 01:00 UTC
@@ -154,6 +154,83 @@ def test_core_refuses_stale_sequence_numbers_per_issuer() -> None:
     assert core.decide(command(seq=0, issuer="other"), T0).code is RefusalCode.LEASE_HELD
     later = T0 + core.leases.lease_s + 1.0
     assert core.decide(command(seq=0, issuer="other", issued_at=later), later).accepted
+
+
+def test_core_judges_ramps_on_its_own_clock_with_bounded_slack() -> None:
+    """The base is the gateway time of the last write; unused allowance never accumulates."""
+    core = GatewayCore(LIMITS, ramp_slack_s=90.0)  # 10 K/h: 0.25 K of slack
+    core.record_applied(command({"plant.T_supply_set": 70.0}, seq=0), T0)
+    # issued_at stamps buy nothing: 60 s of gateway time allow 1/6 K + 0.25 K.
+    early = command({"plant.T_supply_set": 70.5}, seq=1, issued_at=T0 - 3000.0, valid_for=3600)
+    assert core.decide(early, T0 + 60.0).code is RefusalCode.RATE_LIMIT
+    ok = command({"plant.T_supply_set": 70.4}, seq=1, issued_at=T0 + 60.0)
+    assert core.decide(ok, T0 + 60.0).accepted
+    core.record_applied(ok, T0 + 60.0)
+    # Small steps in quick succession cannot add slack upon slack.
+    t, value = T0 + 60.0, 70.4
+    for seq in range(2, 50):
+        t += 1.0
+        step = command({"plant.T_supply_set": value + 0.01}, seq=seq, issued_at=t)
+        if core.decide(step, t).accepted:
+            core.record_applied(step, t)
+            value += 0.01
+    assert value - 70.0 <= 10.0 * (t - T0) / 3600.0 + 0.25 + 1e-9
+    # A watchdog revert is a write too: the next ramp starts from it, at its time.
+    core.watchdog.safe = {"plant.T_supply_set": 65.0}
+    core.reverted(t + 1.0)
+    assert core.state.last_applied["plant.T_supply_set"].at == t + 1.0
+    back = command({"plant.T_supply_set": 70.0}, seq=60, issued_at=t + 2.0)
+    assert core.decide(back, t + 2.0).code is RefusalCode.RATE_LIMIT
+
+
+def test_core_refuses_issued_at_ahead_of_its_clock_or_too_old() -> None:
+    core = GatewayCore(LIMITS, clock_skew_s=5.0, max_age_s=600.0)
+    assert core.decide(command(issued_at=T0 + 5.0), T0).accepted
+    ahead = core.decide(command(issued_at=T0 + 5.5), T0)
+    assert ahead.code is RefusalCode.BAD_TIME and "ahead of gateway time" in ahead.detail
+    old = core.decide(command(issued_at=T0 - 606.0, valid_for=1200.0), T0)
+    assert old.code is RefusalCode.BAD_TIME and "at most 600 s" in old.detail
+
+
+def test_core_refuses_another_issuer_and_a_reused_id_with_another_payload() -> None:
+    from parallelcity.zap import Grant
+
+    core = GatewayCore(LIMITS)
+    grant = Grant.everything("cycle")
+    d = core.decide(command(issuer="other"), T0, grant)
+    assert d.code is RefusalCode.UNAUTHORISED and "bound to issuer 'cycle'" in d.detail
+    first = command(seq=1)
+    core.record_applied(first, T0)
+    assert core.decide(first, T0, grant).outcome is Outcome.DUPLICATE
+    for changed in (
+        Command(first.id, "cycle", 2, first.issued_at, first.valid_until, GOOD, VERDICT),
+        Command(first.id, "cycle", 1, first.issued_at, first.valid_until + 1, GOOD, VERDICT),
+        Command(first.id, "cycle", 1, first.issued_at, first.valid_until, GOOD, "cd" * 32),
+        Command(first.id, "cycle", 1, first.issued_at, first.valid_until, {"a.b": 1}, VERDICT),
+    ):
+        d = core.decide(changed, T0, grant)
+        assert d.code is RefusalCode.ID_CONFLICT and "different payload" in d.detail
+    # Leases held by others are shown without their holder's name.
+    core.leases.take("other", ["office.m_flow"], T0)
+    assert core.status(NULL_ID, "cycle", T0, False).leases == {
+        "plant": "cycle", "apartment": "cycle", "office": "*"
+    }  # fmt: skip
+
+
+def test_a_dispatcher_whose_issuer_is_at_the_maximum_seq_stops_with_a_clear_error() -> None:
+    writer, clock = FakeWriter(), FakeClock(T0)
+
+    async def main() -> None:
+        async with zmq_context() as ctx, serving(ctx, writer, clock) as gw:
+            gw.core.state.last_seq["cycle"] = MAX_SEQ
+            async with lab_dispatcher(gw.endpoint, "cycle", context=ctx) as disp:
+                status = await disp.heartbeat()
+                assert status.last_seq == MAX_SEQ
+                with pytest.raises(DispatchError, match="used every sequence number"):
+                    await disp.send(GOOD, issued_at=T0, valid_until=T0 + 60, verdict_digest=VERDICT)
+        assert writer.writes == []
+
+    run(main)
 
 
 def test_core_forgets_old_ids_but_sequence_still_blocks_them() -> None:
@@ -600,3 +677,20 @@ def test_serve_gateway_refuses_to_run_without_keys(tmp_path: Path) -> None:
 
     run(main)
     assert not (tmp_path / "state.sqlite").exists()  # refused before touching anything
+
+
+def test_an_issuer_is_bound_to_one_key_at_most() -> None:
+    from parallelcity.keys import KeyPair
+    from parallelcity.zap import AllowList, Grant
+
+    a, b = KeyPair.generate(), KeyPair.generate()
+    ok = AllowList.of([(a.public, Grant.everything("a")), (b.public, Grant.everything("b"))])
+    grant = ok.by_name("a")
+    assert grant is not None and grant.issuers == frozenset({"a"})
+    with pytest.raises(SecurityError, match="issuer 'site' is bound to both"):
+        AllowList.of(
+            [
+                (a.public, Grant.everything("a", frozenset({"site"}))),
+                (b.public, Grant.everything("b", frozenset({"site"}))),
+            ]
+        )
