@@ -82,6 +82,7 @@ class OpcUaSecurity(_Strict):
 class ZmqSecurity(_Strict):
     """``[security.zmq]``: CURVE towards a separately running gateway (``run --gateway``).
     Paths are relative to the scenario file; ``parallelcity keys DIR NAME`` makes key pairs.
+    ``issuer`` must be the issuer the gateway's config binds to this key.
     The embedded gateway needs none: keys are generated for each run."""
 
     client_secret_key: str = Field(description="this runtime's CURVE secret key file (0600)")
