@@ -108,7 +108,11 @@ def _parser() -> argparse.ArgumentParser:
     ra.add_argument("--key", type=Path, help="your CURVE secret key file")
     ra.add_argument("--gateway-key", type=Path, help="the gateway's CURVE public key file")
     ra.add_argument("--insecure-lab", action="store_true", help="no CURVE (lab gateways only)")
-    ra.add_argument("--issuer", default="operator", help="name shown in the gateway's log")
+    ra.add_argument(
+        "--issuer",
+        default="operator",
+        help="the issuer the gateway binds to your key (its client name unless set)",
+    )
 
     c = sub.add_parser(
         "certs",
