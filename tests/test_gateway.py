@@ -694,3 +694,31 @@ def test_an_issuer_is_bound_to_one_key_at_most() -> None:
                 (b.public, Grant.everything("b", frozenset({"site"}))),
             ]
         )
+
+
+def test_a_store_from_before_payload_digests_opens_and_keeps_its_ids(tmp_path: Path) -> None:
+    import sqlite3
+
+    from parallelcity.gateway_store import GatewayStore
+
+    path = tmp_path / "old.sqlite"
+    old = command(seq=3)
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE applied (id TEXT PRIMARY KEY, issuer TEXT NOT NULL, seq INTEGER NOT NULL,"
+        " state TEXT NOT NULL, issued_at REAL NOT NULL, applied_at REAL, setpoints TEXT NOT NULL);"
+    )
+    db.execute(
+        "INSERT INTO applied VALUES (?, 'cycle', 3, 'applied', ?, ?, '{}')", (old.id, T0, T0)
+    )
+    db.commit()
+    db.close()
+    store = GatewayStore(path)
+    try:
+        loaded = store.load(10)
+        assert list(loaded.applied_ids) == [old.id] and loaded.digests == {}
+        new = command(seq=4)
+        store.begin_batch([new], [0], ["ab" * 32])
+        assert [p.digest for p in store.load(10).pending] == ["ab" * 32]
+    finally:
+        store.close()
