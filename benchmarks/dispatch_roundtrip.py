@@ -116,7 +116,8 @@ def _gateway_server(q: Any, mode: str, keys: tuple[bytes, bytes] | None, client_
     async def main() -> None:
         curve = None
         if keys is not None:
-            allow = AllowList.of([(client_pub, Grant.everything("bench"))])
+            issuers = frozenset({"bench", *(f"site{k}" for k in range(16))})
+            allow = AllowList.of([(client_pub, Grant.everything("bench", issuers))])
             curve = ServerCurve(KeyPair(*keys), allow, new_zap_domain())
         store = None
         tmp = tempfile.TemporaryDirectory()
