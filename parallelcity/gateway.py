@@ -43,7 +43,6 @@ from .gateway_core import (
     Decision,
     GatewayCore,
     Outcome,
-    payload_digest,
 )
 from .gateway_store import AppliedMark, GatewayStore, Pending, landed
 from .keys import KeyPair
@@ -572,9 +571,7 @@ class FieldGateway:
             batch_no: int | None = None
             if accepted and store is not None:
                 batch_no = store.begin_batch(
-                    [it.cmd for it in accepted],
-                    [it.group for it in accepted],
-                    [core.state.digests.get(it.cmd.id) for it in accepted],
+                    [it.cmd for it in accepted], [it.group for it in accepted]
                 )
             began = bool(accepted)
             failed: list[_Item] = []
@@ -699,7 +696,7 @@ class FieldGateway:
         """A write group's outcome is unknown and the field cannot be read: hold it pending."""
         batch = [
             Pending(it.cmd.id, it.cmd.issuer, it.cmd.seq, it.cmd.issued_at,
-                    dict(it.cmd.setpoints), batch_no, it.group, payload_digest(it.cmd))
+                    dict(it.cmd.setpoints), batch_no, it.group, it.cmd.digest)
             for it in group
         ]  # fmt: skip
         self._in_doubt = _InDoubt(batch, now, why)

@@ -11,7 +11,6 @@ are documented in ``docs/wire-protocol.md``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -30,15 +29,6 @@ DEFAULT_RAMP_SLACK_S = 60.0
 """Seconds of ramp allowance an input may carry over (see ``GatewayCore``)."""
 DEFAULT_MAX_COMMAND_AGE_S = 3600.0
 """A command whose ``issued_at`` is older than this (gateway clock, plus the skew) is refused."""
-
-
-def payload_digest(cmd: Command) -> str:
-    """What identifies a command's payload: the sha256 of its canonical encoding.
-
-    A resend carries the same payload (same digest); a reused id with another
-    issuer, seq, times, setpoints or verdict does not.
-    """
-    return hashlib.sha256(cmd.encode()).hexdigest()
 
 
 class Outcome(Enum):
@@ -98,7 +88,7 @@ class GatewayState:
     applied_ids: OrderedDict[str, float] = field(default_factory=OrderedDict)
     """Applied command id -> gateway time it was applied, oldest first."""
     digests: dict[str, str] = field(default_factory=dict)
-    """Applied command id -> ``payload_digest`` (ids remembered without one: unknown)."""
+    """Applied command id -> ``Command.digest`` (ids remembered without one: unknown)."""
     last_applied: dict[str, AppliedInput] = field(default_factory=dict)
     """Per input."""
 
@@ -127,10 +117,10 @@ class GatewayCore:
     last write (a command or a watchdog revert), plus the allowance left
     unused at that write, capped at ``ramp_slack_s`` worth of ramp, so that
     over any interval T an input moves at most its rate x (T + ramp_slack_s).
-    ``safe`` values enable the
-    watchdog (``heartbeat_interval_s`` x ``missed_heartbeats`` of silence trips
-    it); ``lease_s`` is how long applying a command reserves its equipment for
-    the command's issuer.
+
+    ``safe`` values enable the watchdog (``heartbeat_interval_s`` x
+    ``missed_heartbeats`` of silence trips it); ``lease_s`` is how long applying
+    a command reserves its equipment for the command's issuer.
     """
 
     def __init__(
@@ -189,7 +179,7 @@ class GatewayCore:
         first_applied = st.applied_ids.get(cmd.id)
         if first_applied is not None:
             known = st.digests.get(cmd.id)
-            if known is not None and known != payload_digest(cmd):
+            if known is not None and known != cmd.digest:
                 return Decision.refuse(
                     RefusalCode.ID_CONFLICT,
                     f"id {cmd.id} was applied at {first_applied:.3f} with a different payload; "
@@ -282,7 +272,7 @@ class GatewayCore:
     def record_applied(self, cmd: Command, applied_at: float | None = None) -> None:
         """Remember a command whose setpoints were written (``applied_at``: gateway time)."""
         when = cmd.issued_at if applied_at is None else applied_at
-        self._remember(cmd.id, cmd.issuer, cmd.seq, when, payload_digest(cmd))
+        self._remember(cmd.id, cmd.issuer, cmd.seq, when, cmd.digest)
         for name, value in cmd.setpoints.items():
             self.state.last_applied[name] = self._written(name, value, when)
         self.leases.take(cmd.issuer, cmd.setpoints, when)

@@ -131,7 +131,7 @@ CREATE TABLE IF NOT EXISTS event (n INTEGER PRIMARY KEY AUTOINCREMENT, t REAL NO
 """
 # Added with group commit; a store written before gets the columns on open.
 BATCH_COLUMNS = (("batch", "INTEGER"), ("grp", "INTEGER NOT NULL DEFAULT 0"), ("digest", "TEXT"))
-"""``digest``: the command's payload digest (``gateway_core.payload_digest``); NULL in rows
+"""``digest``: the command's payload digest (``Command.digest``); NULL in rows
 written before it existed (such an id's resend counts as a duplicate whatever its payload)."""
 
 
@@ -325,12 +325,7 @@ class GatewayStore:
         """Record ``cmd`` as pending, alone: called before its setpoints are written."""
         self.begin_batch([cmd], [0])
 
-    def begin_batch(
-        self,
-        cmds: Sequence[Command],
-        groups: Sequence[int],
-        digests: Sequence[str | None] | None = None,
-    ) -> int:
+    def begin_batch(self, cmds: Sequence[Command], groups: Sequence[int]) -> int:
         """Record a batch as pending in one commit, before any of it is written.
 
         ``groups[k]`` is the write group of ``cmds[k]``.  Deferred applied
@@ -339,15 +334,23 @@ class GatewayStore:
         """
         if len(groups) != len(cmds):
             raise ValueError("one write group per command")
-        digs = [None] * len(cmds) if digests is None else list(digests)
         batch, self._next_batch = self._next_batch, self._next_batch + 1
         with self._tx() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO applied (id, issuer, seq, state, issued_at, applied_at, "
                 "setpoints, batch, grp, digest) VALUES (?, ?, ?, 'pending', ?, NULL, ?, ?, ?, ?)",
                 [
-                    (c.id, c.issuer, c.seq, c.issued_at, json.dumps(dict(c.setpoints)), batch, g, d)
-                    for c, g, d in zip(cmds, groups, digs, strict=True)
+                    (
+                        c.id,
+                        c.issuer,
+                        c.seq,
+                        c.issued_at,
+                        json.dumps(dict(c.setpoints)),
+                        batch,
+                        g,
+                        c.digest,
+                    )
+                    for c, g in zip(cmds, groups, strict=True)
                 ],
             )
         return batch

@@ -11,6 +11,7 @@ check, is ``docs/wire-protocol.md``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -18,6 +19,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 from typing import Any, NoReturn
 
 from .errors import WireFormatError
@@ -312,6 +314,15 @@ class Command:
 
     def encode(self) -> bytes:
         return _dumps(self.to_json())
+
+    @cached_property
+    def digest(self) -> str:
+        """sha256 hex of the canonical encoding: what identifies this command's payload.
+
+        A resend has the same digest; a reused id with another issuer, seq,
+        times, setpoints or verdict does not.
+        """
+        return hashlib.sha256(self.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

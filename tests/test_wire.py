@@ -487,3 +487,11 @@ def test_heartbeat_rearm_status_refusals(data: bytes, decode: Any, reason: str) 
 def test_property_large_inputs_are_bounded(data: bytes) -> None:
     """Oversized input is refused by size before parsing: no unbounded work or memory."""
     _only_wire_errors(data)
+
+
+def test_a_command_digest_is_its_payload_whatever_its_bytes() -> None:
+    cmd = decode_command(raw(command_json()))
+    spaced = json.dumps(command_json(), indent=2).encode()  # other bytes, the same payload
+    assert decode_command(spaced).digest == cmd.digest and len(cmd.digest) == 64
+    for change in ({"seq": 8}, {"verdict": "00" * 32}, {"valid_until": 1768180501.0}):
+        assert decode_command(raw(command_json(**change))).digest != cmd.digest
