@@ -196,7 +196,8 @@ class FieldGateway:
     A field write whose outcome is unknown (it timed out, the session dropped
     mid-request, the writer raised unexpectedly - anything but
     ``FieldUnavailableError``, which means nothing was sent) is settled by
-    reading the field back.  When that read fails too, the gateway is *in
+    reading the field back (retried for up to ``write_timeout_s`` while the
+    link comes back).  When that read fails too, the gateway is *in
     doubt* (``in_doubt``): the write group stays pending in the store, every
     command it would otherwise write is refused ``write_failed`` with a detail
     that says so, and the read-back is retried with ``in_doubt_backoff`` (wall
@@ -443,6 +444,22 @@ class FieldGateway:
             log.error("gateway: reading %d input(s) back from the field failed: %s",
                       len(names), exc)  # fmt: skip
             return None
+
+    async def _read_back_patiently(self, names: Sequence[str]) -> Mapping[str, float] | None:
+        """``_read_back``, retried while the link comes back, for up to ``write_timeout_s``.
+
+        A write that timed out often did so because the field stalled, and the
+        session may have been dropped meanwhile: a read a moment later tells what
+        landed, so the command is answered by what the field holds, not ``write_failed``.
+        """
+        end = time.monotonic() + self.write_timeout_s
+        for delay in self.in_doubt_backoff.delays():
+            values = await self._read_back(names)
+            left = end - time.monotonic()
+            if values is not None or left <= 0:
+                return values
+            await self._link_or_sleep(min(delay, left))
+        return None
 
     # ------------------------------------------------------------------ serving
 
@@ -724,7 +741,7 @@ class FieldGateway:
                     continue
                 failure = bad.why
                 if not bad.nothing_sent:  # the outcome is unknown: ask the field what landed
-                    values = await self._read_back(sorted(merged))
+                    values = await self._read_back_patiently(sorted(merged))
                     if values is None:
                         doubt = group
                         failure = _in_doubt_failure(bad.why)

@@ -315,6 +315,7 @@ async def serve_gateway(config: GatewayConfig, clock: Clock) -> None:
     writer = OpcUaWriter(
         config.file.field.endpoint,
         config.field_config(),
+        timeout_s=g.write_timeout_s,
         security=opcua,
         on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),
     )

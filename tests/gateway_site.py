@@ -37,8 +37,12 @@ VERDICT = "cd" * 32
 class TimedServer:
     """An asyncua server with one writable Double input; every write is timed."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, write_delay_s: float = 0.0) -> None:
         self.endpoint = f"opc.tcp://127.0.0.1:{port}/site/"
+        self.write_delay_s = write_delay_s
+        """A write lands at once, then the server stalls this long before answering."""
+        self.echo = False
+        """Print ``write VALUE`` for every value written (in a process of its own)."""
         self.writes: list[tuple[float, float]] = []
         """(time.monotonic(), value) of every value written."""
         self.server = Server()
@@ -61,10 +65,16 @@ class TimedServer:
 
     def _on_write(self, event: ServerItemCallback, _dispatcher: Any) -> None:
         results = event.response_params or []
+        ours = False
         for k, wv in enumerate(event.request_params.NodesToWrite):
             if wv.NodeId != self._node_id or (k < len(results) and not results[k].is_good()):
                 continue
+            ours = True
             self.writes.append((time.monotonic(), float(wv.Value.Value.Value)))
+            if self.echo:
+                print(f"write {wv.Value.Value.Value!r}", flush=True)
+        if ours and self.write_delay_s:
+            time.sleep(self.write_delay_s)  # blocks the whole server, as a busy PLC would
 
     def first_write_of(self, value: float, after: float) -> float | None:
         return next((t for t, v in self.writes if v == value and t >= after), None)
@@ -109,6 +119,7 @@ def make_site(
     *,
     heartbeat_s: float = 0.5,
     missed: int = 3,
+    write_timeout_s: float = 2.0,
     gateway_extra: str = "",
 ) -> Site:
     for name in ("gateway", "runtime", "operator", "flooder"):
@@ -119,7 +130,7 @@ def make_site(
 [gateway]
 bind = "tcp://127.0.0.1:{port}"
 state = "state.sqlite"
-write_timeout_s = 2.0
+write_timeout_s = {write_timeout_s}
 lease_s = 3600
 {gateway_extra}
 
@@ -297,3 +308,16 @@ async def flood_trial(
             flooder.kill()
             flooder.wait()
         gw.stop()
+
+
+async def _serve_field(port: int, write_delay_s: float) -> None:
+    field = TimedServer(port, write_delay_s)
+    field.echo = True
+    await field.start()
+    print("up", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    # python -m tests.gateway_site PORT WRITE_DELAY_S: the field server in a process of its own
+    asyncio.run(_serve_field(int(sys.argv[1]), float(sys.argv[2])))
