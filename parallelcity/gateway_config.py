@@ -53,12 +53,12 @@ class GatewaySection(_Strict):
         60.0, gt=0, description="how long applying a command reserves its equipment"
     )
     max_messages_per_s: float = Field(
-        200.0,
+        500.0,
         gt=0,
         description="per client key: messages over this average rate are dropped unanswered",
     )
     max_burst_messages: int = Field(
-        400, ge=1, description="per client key: messages it may send at once above the rate"
+        1000, ge=1, description="per client key: messages it may send at once above the rate"
     )
 
 
