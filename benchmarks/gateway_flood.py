@@ -7,8 +7,9 @@ Every trial starts a fresh ``python -m parallelcity gateway CONFIG`` process
 (CURVE on) in front of an in-process OPC UA server, and a runtime in this
 process sends commands one at a time (each written to the server) for
 ``--seconds``, then falls silent until the watchdog writes the safe value.
-Trials: no flood (baseline); a flooder process sending non-JSON bytes and
-refused commands at full speed with the default quota (500 messages/s per
+Trials: no flood (baseline); a flooder process with the operator's key (may
+drive nothing) sending non-JSON bytes, refused commands and heartbeats at full
+speed with the default quota (500 messages/s per
 key); the same with the quota off (fair service alone).  Printed per trial:
 the runtime's p50 / p99 / max round trip and unanswered commands, a new
 client's first round trip (its handshake needs the ZAP handler), the time from

@@ -944,10 +944,13 @@ class FieldGateway:
         self.counters.heartbeats += 1
         async with self._lock:
             now = self.clock.now()
+            if not self._drives_something(grant):
+                # It holds no lease, and an operator's console must not keep the field on the
+                # control loop's setpoints: its heartbeat only asks for the status.
+                return self.core.status(hb.id, hb.issuer, now, self.insecure)
             leases = self.core.leases
             before = {eq: lease.holder for eq, lease in leases.leases.items()}
-            if self._drives_something(grant):  # an operator key cannot keep the field driven
-                self._seen(now)
+            self._seen(now)
             self.core.heartbeat(hb, now)
             after = {eq: lease.holder for eq, lease in leases.leases.items()}
             # A renewal only moves `until`: persist it now and then, not on every beat.

@@ -1,9 +1,10 @@
 """An allowed client key turned hostile, in its own process: floods a gateway at full speed.
 
-``python -m tests.gateway_flooder ENDPOINT SECRET GATEWAY_PUBLIC --mode M --seconds S``
+``python -m tests.gateway_flooder ENDPOINT SECRET GATEWAY_PUBLIC --issuer NAME --mode M
+--seconds S``
 
-* ``refused``: alternately bytes that are not JSON and well-formed commands
-  the gateway refuses (a value far above the input's bound);
+* ``refused``: in turn bytes that are not JSON, well-formed commands the
+  gateway refuses (a value far above the input's bound) and heartbeats;
 * ``multipart``: messages of ``--frames`` frames of ``--frame-bytes`` bytes.
 
 It sends as fast as ZeroMQ takes the messages (blocking sends, 1 s send
@@ -19,7 +20,7 @@ from pathlib import Path
 import zmq
 
 from parallelcity.keys import read_public_key, read_secret_key
-from parallelcity.wire import Command
+from parallelcity.wire import Command, Heartbeat
 
 
 def main() -> None:
@@ -27,6 +28,7 @@ def main() -> None:
     p.add_argument("endpoint")
     p.add_argument("secret", type=Path)
     p.add_argument("server_public", type=Path)
+    p.add_argument("--issuer", default="flooder")
     p.add_argument("--mode", choices=["refused", "multipart"], default="refused")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--frames", type=int, default=1000)
@@ -44,14 +46,15 @@ def main() -> None:
     if args.mode == "refused":
         now = time.time()
         bad = Command.create(
-            issuer="flooder",
+            issuer=args.issuer,
             seq=1,
             issued_at=now,
             valid_until=now + 3600,
             setpoints={"apartment.m_flow": 5000.0},
             verdict="ab" * 32,
         ).encode()
-        messages = [[b"{not json"], [bad]]
+        beat = Heartbeat.create(args.issuer, now).encode()
+        messages = [[b"{not json"], [bad], [beat]]
     else:
         frame = b"x" * args.frame_bytes
         messages = [[frame] * args.frames]

@@ -2,8 +2,8 @@
 
 For the attack tests (``test_gateway_flood``, ``test_gateway_shutdown``) and
 ``benchmarks/gateway_flood.py``: CURVE keys for a ``runtime`` that drives
-``apartment.m_flow``, an ``operator`` that may drive nothing but re-arm, and a
-``flooder`` that may drive ``apartment`` (an allowed key turned hostile); a
+``apartment.m_flow``, an ``operator`` that may drive nothing but re-arm, and
+``other``, which may drive ``apartment`` too (either can be turned hostile); a
 watchdog with a safe value; the gateway's log in a file.  The OPC UA server
 records the monotonic time of every value written to the input.
 """
@@ -101,12 +101,14 @@ class Site:
             read_public_key(self.folder / "keys" / "gateway.public"),
         )
 
-    def flooder(self, mode: str, seconds: float, *extra: str) -> subprocess.Popen[str]:
-        """``python -m tests.gateway_flooder`` with the flooder's key (its own process)."""
+    def flooder(
+        self, mode: str, seconds: float, *extra: str, key: str = "other"
+    ) -> subprocess.Popen[str]:
+        """``python -m tests.gateway_flooder`` with ``key`` (its own process)."""
         keys = self.folder / "keys"
         return subprocess.Popen(
             [sys.executable, "-m", "tests.gateway_flooder", self.endpoint,
-             str(keys / "flooder.secret"), str(keys / "gateway.public"),
+             str(keys / f"{key}.secret"), str(keys / "gateway.public"), "--issuer", key,
              "--mode", mode, "--seconds", str(seconds), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
         )  # fmt: skip
@@ -122,7 +124,7 @@ def make_site(
     write_timeout_s: float = 2.0,
     gateway_extra: str = "",
 ) -> Site:
-    for name in ("gateway", "runtime", "operator", "flooder"):
+    for name in ("gateway", "runtime", "operator", "other"):
         write_keypair(folder / "keys", name)
     config = folder / "gateway.toml"
     config.write_text(
@@ -148,8 +150,8 @@ name = "operator"
 public_key = "keys/operator.public"
 rearm = true
 [[security.zmq.clients]]
-name = "flooder"
-public_key = "keys/flooder.public"
+name = "other"
+public_key = "keys/other.public"
 equipment = ["apartment"]
 
 [field]
@@ -241,8 +243,9 @@ async def flood_trial(
 ) -> FloodTrial:
     """Commands one at a time for ``command_s``, then silence until the watchdog reverts.
 
-    With ``flood`` the flooder runs from before the first command until after the
-    revert is due.  The runtime's dispatcher has a 2 s timeout and no retries.
+    With ``flood`` the operator's key (which may drive nothing) floods from before the
+    first command until after the revert is due.  The runtime's dispatcher has a 2 s
+    timeout and no retries.
     """
     from parallelcity.dispatcher import Dispatcher
     from parallelcity.errors import DispatchError
@@ -259,13 +262,14 @@ async def flood_trial(
         ) as rt:
             await rt.heartbeat()
             if flood:
-                flooder = site.flooder("refused", 1.0 + command_s + site.window_s + margin_s + 3)
+                seconds = 1.0 + command_s + site.window_s + margin_s + 3
+                flooder = site.flooder("refused", seconds, key="operator")
                 await asyncio.sleep(1.0)  # the flood is under way
             # A new connection needs the ZAP handler to answer its handshake.
             t0 = time.monotonic()
             new_client_s: float | None = None
             async with Dispatcher(
-                site.endpoint, "operator", curve=site.curve("operator"), timeout_s=2.0, retries=0
+                site.endpoint, "other", curve=site.curve("other"), timeout_s=2.0, retries=0
             ) as op:
                 with contextlib.suppress(DispatchError):
                     await op.heartbeat()

@@ -2,9 +2,9 @@
 
 The gateway is ``python -m parallelcity gateway CONFIG`` (CURVE on, default
 quotas) in front of an in-test OPC UA server; the flooder is another process
-holding an allowed key, sending at full speed bytes that are not JSON and
-commands the gateway refuses.  Meanwhile the runtime sends commands one at a
-time, then falls silent.
+holding the operator's key (allowed, may drive nothing), sending at full speed
+bytes that are not JSON, commands the gateway refuses and heartbeats.
+Meanwhile the runtime sends commands one at a time, then falls silent.
 
 Bounds, from what the gateway promises:
 
@@ -18,7 +18,8 @@ Bounds, from what the gateway promises:
   was *sent* (the gateway saw it after that) and no later than the window plus
   one heartbeat interval after its reply *arrived* (the gateway saw it before
   that): refused and malformed traffic is no sign of life, and the event loop
-  runs the watchdog between batches.
+  runs the watchdog between batches, and heartbeats from a key that may
+  drive nothing do not keep the field driven.
 """
 
 from __future__ import annotations
