@@ -28,7 +28,7 @@ from types import TracebackType
 import zmq
 import zmq.asyncio
 
-from .errors import DispatchError, SecurityError, WireFormatError
+from .errors import DispatchError, SecurityError, UnauthorisedError, WireFormatError
 from .keys import KeyPair, check_z85
 from .wire import (
     MAX_SEQ,
@@ -37,6 +37,7 @@ from .wire import (
     Command,
     Heartbeat,
     Rearm,
+    RefusalCode,
     Reply,
     Status,
     decode_reply,
@@ -243,7 +244,9 @@ class Dispatcher:
             reply = await self._exchange(msg_id, data, what)
         if isinstance(reply, Ack):
             code = reply.code.value if reply.code else reply.status.value
-            raise DispatchError(
+            # A key that may not re-arm is refused for security (CLI exit code 4).
+            unauthorised = what == "re-arm" and reply.code is RefusalCode.UNAUTHORISED
+            raise (UnauthorisedError if unauthorised else DispatchError)(
                 f"the gateway at {self.endpoint} refused the {what}: {code}: {reply.detail}"
             )
         self._note_status(reply)

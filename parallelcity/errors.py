@@ -70,6 +70,10 @@ class DispatchError(ParallelCityError):
     """A command could not be delivered to the field gateway or was not acknowledged."""
 
 
+class UnauthorisedError(SecurityError, DispatchError):
+    """The gateway refused a request because the client's key may not make it."""
+
+
 class WireFormatError(ParallelCityError):
     """A message does not follow the documented wire protocol."""
 

@@ -264,6 +264,22 @@ class OpcUaWriter:
         )
         self._emit("field_lost", f"{self.endpoint}: {problem}")
 
+    def _timed_out_or_lost(self, exc: BaseException, what: str) -> None:
+        """After a failed request: mark the session lost, unless it merely timed out.
+
+        A slow answer is no lost link (the session watch finds a dead one): marking it
+        lost would refuse the read-back that settles the timed-out write.
+        """
+        if isinstance(exc, TimeoutError) and self._problem() is None:
+            log.warning(
+                "field writer: a %s to %s got no answer within %g s; the session stays up",
+                what,
+                self.endpoint,
+                self.timeout_s,
+            )
+            return
+        self._lost(f"a {what} failed: {exc or type(exc).__name__}")
+
     def _emit(self, kind: str, detail: str) -> None:
         if self.on_link is None:
             return
@@ -339,7 +355,7 @@ class OpcUaWriter:
             )
         except _REQUEST_ERRORS as exc:
             why = f"{exc or type(exc).__name__}"
-            self._lost(f"a write failed: {why}")
+            self._timed_out_or_lost(exc, "write")
             raise FieldConnectionError(
                 f"writing {len(names)} setpoint(s) to {self.endpoint} failed: {why} "
                 "(the session is being re-established)"
@@ -360,7 +376,7 @@ class OpcUaWriter:
             values = await client.read_values([nodes[n] for n in names])
         except _REQUEST_ERRORS as exc:
             why = f"{exc or type(exc).__name__}"
-            self._lost(f"a read failed: {why}")
+            self._timed_out_or_lost(exc, "read")
             raise FieldConnectionError(
                 f"reading {len(names)} input(s) from {self.endpoint} failed: {why}"
             ) from exc

@@ -46,8 +46,10 @@ from .gateway_core import (
 )
 from .gateway_store import AppliedMark, GatewayStore, Pending, landed
 from .keys import KeyPair
+from .loglimit import LogLimiter
 from .mirror import Backoff
 from .wire import (
+    MAX_MESSAGE_BYTES,
     Ack,
     AckStatus,
     Command,
@@ -63,10 +65,14 @@ from .zap import AllowList, Grant, ZapHandler
 
 log = logging.getLogger("parallelcity.gateway")
 
-TRANSPORT_MAX_MESSAGE_BYTES = 1024 * 1024
-"""ZeroMQ drops peers sending more than this; smaller oversized messages get a refusal."""
+TRANSPORT_MAX_FRAME_BYTES = 2 * MAX_MESSAGE_BYTES
+"""ZeroMQ disconnects a peer sending a frame over this (before buffering it); a frame over
+``MAX_MESSAGE_BYTES`` but under this gets a ``malformed`` refusal."""
+TRANSPORT_RCVHWM = 256
+"""Complete messages ZeroMQ queues per peer before it stops reading that peer's socket."""
 DEFAULT_MAX_BATCH = 64
-"""Messages taken from the socket as one batch (one pending commit, one reply burst)."""
+"""Messages taken from the socket as one batch (one pending commit, one reply burst); the
+event loop runs (watchdog, ZAP, flusher) between two batches."""
 DEFAULT_APPLIED_FLUSH_DELAY_S = 0.002
 """With nothing waiting, deferred applied marks are committed after this (wall seconds)."""
 INSECURE_GRANT = Grant.everything("insecure-lab", issuers=None)
@@ -78,6 +84,55 @@ LINK_POLL_S = 0.05
 
 
 # =========================================================================== I/O shell
+
+
+@dataclass(frozen=True)
+class KeyQuota:
+    """Messages one client key may send: ``rate_per_s`` on average, ``burst`` at once.
+
+    A message over its key's quota is dropped unread and unanswered (counted,
+    logged in aggregate): a flooding key costs the gateway one receive per
+    message and never a decode, a decision, a log line or a reply.
+    """
+
+    rate_per_s: float
+    burst: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.rate_per_s) and self.rate_per_s > 0):
+            raise ValueError(f"rate_per_s must be > 0, got {self.rate_per_s}")
+        if not (math.isfinite(self.burst) and self.burst >= 1):
+            raise ValueError(f"burst must be >= 1, got {self.burst}")
+
+
+class _Buckets:
+    """Token buckets per client key (monotonic seconds); pure apart from the clock read."""
+
+    MAX_KEYS = 10_000
+
+    def __init__(self, quota: KeyQuota) -> None:
+        self.quota = quota
+        self._tokens: dict[bytes | str, tuple[float, float]] = {}
+
+    def take(self, key: bytes | str, now: float) -> bool:
+        q = self.quota
+        tokens, at = self._tokens.get(key, (q.burst, now))
+        tokens = min(q.burst, tokens + (now - at) * q.rate_per_s)
+        if tokens < 1.0:
+            self._tokens[key] = (tokens, now)
+            return False
+        if key not in self._tokens and len(self._tokens) >= self.MAX_KEYS:
+            self._prune(now)
+        self._tokens[key] = (tokens - 1.0, now)
+        return True
+
+    def _prune(self, now: float) -> None:
+        q = self.quota
+        full = [
+            k for k, (t, at) in self._tokens.items() if t + (now - at) * q.rate_per_s >= q.burst
+        ]
+        for k in full:
+            del self._tokens[k]
 
 
 @dataclass(frozen=True)
@@ -97,6 +152,10 @@ class GatewayCounters:
     applied: int = 0
     duplicates: int = 0
     refused: Counter[RefusalCode] = field(default_factory=Counter)
+    over_quota: Counter[str] = field(default_factory=Counter)
+    """Client name -> messages dropped unanswered because the key was over its quota."""
+    oversized: int = 0
+    """Messages of more than one frame (their frames after the first dropped uncopied)."""
     heartbeats: int = 0
     rearms: int = 0
     trips: int = 0
@@ -138,7 +197,8 @@ class FieldGateway:
     A field write whose outcome is unknown (it timed out, the session dropped
     mid-request, the writer raised unexpectedly - anything but
     ``FieldUnavailableError``, which means nothing was sent) is settled by
-    reading the field back.  When that read fails too, the gateway is *in
+    reading the field back (retried for up to ``write_timeout_s`` while the
+    link comes back).  When that read fails too, the gateway is *in
     doubt* (``in_doubt``): the write group stays pending in the store, every
     command it would otherwise write is refused ``write_failed`` with a detail
     that says so, and the read-back is retried with ``in_doubt_backoff`` (wall
@@ -166,6 +226,7 @@ class FieldGateway:
         ack_after_applied_commit: bool = False,
         applied_flush_delay_s: float = DEFAULT_APPLIED_FLUSH_DELAY_S,
         in_doubt_backoff: Backoff = IN_DOUBT_BACKOFF,
+        quota: KeyQuota | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -207,6 +268,13 @@ class FieldGateway:
         self._grants: dict[str, Grant] = {}
         if curve is not None:
             self._grants = {g.name: g for g in curve.allow.by_key.values()}
+        self.quota = quota
+        """Per client key (per connection without CURVE); ``None``: unlimited."""
+        self._buckets = _Buckets(quota) if quota is not None else None
+        self._stopping: str | None = None
+        self._recv_wait: asyncio.Future[zmq.Frame] | None = None
+        self.refusals_log = LogLimiter(log, "gateway: refused messages")
+        self.drops_log = LogLimiter(log, "gateway: dropped messages", burst=3)
 
     @property
     def endpoint(self) -> str:
@@ -251,7 +319,8 @@ class FieldGateway:
             await self._zap.start()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, TRANSPORT_MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.MAXMSGSIZE, TRANSPORT_MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.RCVHWM, TRANSPORT_RCVHWM)
         if self.curve is not None:
             sock.setsockopt(zmq.CURVE_SERVER, 1)
             sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.keys.secret)
@@ -378,16 +447,57 @@ class FieldGateway:
                       len(names), exc)  # fmt: skip
             return None
 
+    async def _read_back_patiently(self, names: Sequence[str]) -> Mapping[str, float] | None:
+        """``_read_back``, retried while the link comes back, for up to ``write_timeout_s``.
+
+        A write that timed out often did so because the field stalled, and the
+        session may have been dropped meanwhile: a read a moment later tells what
+        landed, so the command is answered by what the field holds, not ``write_failed``.
+        """
+        end = time.monotonic() + self.write_timeout_s
+        for delay in self.in_doubt_backoff.delays():
+            values = await self._read_back(names)
+            left = end - time.monotonic()
+            if values is not None or left <= 0:
+                return values
+            await self._link_or_sleep(min(delay, left))
+        return None
+
     # ------------------------------------------------------------------ serving
 
     async def serve(self) -> None:
-        """Answer requests and run the watchdog until cancelled."""
+        """Answer requests and run the watchdog until cancelled or ``request_stop``.
+
+        After ``request_stop`` it takes no new message, finishes the batch in
+        hand, lets a revert in progress finish, commits the deferred applied
+        marks and returns.
+        """
         await self.start()
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._watch(), name="gateway-watchdog")
+            helpers = [tasks.create_task(self._watch(), name="gateway-watchdog")]
             if self.store is not None:
-                tasks.create_task(self._flush_marks(self.store), name="gateway-applied-marks")
+                helpers.append(
+                    tasks.create_task(self._flush_marks(self.store), name="gateway-applied-marks")
+                )
             await self._serve_messages()
+            async with self._lock:  # nothing holds it: no revert or flush is half done
+                for task in helpers:
+                    task.cancel()
+        async with self._lock:
+            if self.store is not None:
+                self.store.flush()
+        self.refusals_log.summarise()
+        self.drops_log.summarise()
+        log.warning("gateway: stopped (%s): batch finished, store committed", self._stopping)
+
+    def request_stop(self, why: str = "stop requested") -> None:
+        """Make ``serve`` stop taking messages and return cleanly (e.g. on SIGTERM)."""
+        if self._stopping is None:
+            self._stopping = why
+            log.warning("gateway: %s: stopping after the batch in hand", why)
+        wait = self._recv_wait
+        if wait is not None and not wait.done():
+            wait.cancel()
 
     async def _flush_marks(self, store: GatewayStore) -> None:
         """Commit deferred applied marks that no batch took along within the flush delay."""
@@ -407,32 +517,92 @@ class FieldGateway:
         sock = self._sock
         if sock is None:
             raise RuntimeError("the gateway socket was closed")
-        # Messages already queued are taken without a trip through the event loop.
+        # Messages already queued are taken without a trip through the event loop ...
         raw: zmq.Socket[bytes] = zmq.Socket.shadow(sock.underlying)
-        while True:
+        while self._stopping is None:
             if self._sock is None:
                 raise RuntimeError("the gateway socket was closed")
-            batch = [await sock.recv_multipart(copy=False)]
-            while len(batch) < self.max_batch:
+            ident = await self._next_identity(sock)
+            if ident is None:
+                break
+            batch: list[_Received] = []
+            taken = 0
+            while True:
+                taken += 1
+                msg = self._take(raw, ident)
+                if msg is not None:
+                    batch.append(msg)
+                if taken >= self.max_batch:
+                    break
                 try:
-                    batch.append(raw.recv_multipart(zmq.NOBLOCK, copy=False))
+                    ident = raw.recv(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
-            await self._answer(raw, batch)
+            if batch:
+                await self._answer(raw, batch)
+            # ... but between batches the event loop runs: a ready receive future does not
+            # yield, and the watchdog, the ZAP handler and the flusher must not starve.
+            await asyncio.sleep(0)
 
-    async def _answer(self, raw: zmq.Socket[bytes], batch: list[list[zmq.Frame]]) -> None:
-        """Handle a batch of received messages (routing identity first) and send the replies."""
-        messages = [
-            ([f.bytes for f in frames[1:]], self._grant(frames[1] if len(frames) > 1 else None))
-            for frames in batch
-        ]
-        replies = await self.handle_batch(messages)
-        for frames, reply in zip(batch, replies, strict=True):
-            if reply is None:
+    async def _next_identity(self, sock: zmq.asyncio.Socket) -> zmq.Frame | None:
+        """The first frame (routing identity) of the next message; ``None`` when stopping."""
+        wait = asyncio.ensure_future(sock.recv(copy=False))
+        self._recv_wait = wait
+        try:
+            return await wait
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._stopping is not None and task is not None and not task.cancelling():
+                return None
+            raise
+        finally:
+            self._recv_wait = None
+
+    def _take(self, raw: zmq.Socket[bytes], ident: zmq.Frame) -> _Received | None:
+        """The rest of a message whose identity frame is in hand; ``None``: dropped.
+
+        ZeroMQ hands over only complete messages, so its frames are all there.  Only
+        the first is copied; the others are released unread.  Over quota: dropped.
+        """
+        first: zmq.Frame | None = None
+        frames = 0
+        more = ident.more
+        while more:
+            f = raw.recv(zmq.NOBLOCK, copy=False)
+            more = f.more
+            frames += 1
+            if first is None:
+                first = f
+        grant = self._grant(first)
+        if self._buckets is not None:
+            key: bytes | str = grant.name if grant is not None and self.curve else ident.bytes
+            if not self._buckets.take(key, time.monotonic()):
+                who = grant.name if grant is not None else "unknown"
+                self.counters.over_quota[who] += 1
+                self.drops_log.log(
+                    who, "gateway: client %r is over its quota; dropping its messages", who
+                )
+                return None
+        if frames != 1:
+            self.counters.oversized += frames > 1
+            data = first.bytes[:MAX_MESSAGE_BYTES] if first is not None else b""
+            reason = f"expected exactly one frame, got {frames}"
+            return _Received(ident.bytes, [], grant, self._malformed(data, reason))
+        assert first is not None
+        return _Received(ident.bytes, [first.bytes], grant)
+
+    async def _answer(self, raw: zmq.Socket[bytes], batch: list[_Received]) -> None:
+        """Handle a batch of received messages and send the replies."""
+        todo = [m for m in batch if m.reply is None]
+        replies = await self.handle_batch([(m.frames, m.grant) for m in todo])
+        for m, reply in zip(todo, replies, strict=True):
+            m.reply = reply
+        for m in batch:
+            if m.reply is None:
                 continue
             try:
                 # A ROUTER never blocks on send: a reply to a vanished peer is dropped.
-                raw.send_multipart([frames[0].bytes, reply], zmq.NOBLOCK)
+                raw.send_multipart([m.ident, m.reply], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 log.warning("gateway: could not send a reply: %s", exc)
 
@@ -485,7 +655,7 @@ class FieldGateway:
                 commands, run = run, []
                 await self._apply_run(commands, replies)
                 if isinstance(msg, Heartbeat):
-                    replies[k] = (await self._heartbeat(msg)).encode()
+                    replies[k] = (await self._heartbeat(msg, granted)).encode()
                 else:
                     replies[k] = (await self._rearm(msg, granted)).encode()
             except ParallelCityError:
@@ -558,7 +728,7 @@ class FieldGateway:
             for it in items:
                 now = self.clock.now()
                 it.decision = d = core.decide(it.cmd, now, it.grant)
-                if d.code is not RefusalCode.UNAUTHORISED:
+                if d.accepted:  # refused traffic is no sign of a healthy control loop
                     self._seen(now)
                 if d.accepted and self._in_doubt is not None:
                     it.decision = d = Decision.refuse(
@@ -588,7 +758,7 @@ class FieldGateway:
                     continue
                 failure = bad.why
                 if not bad.nothing_sent:  # the outcome is unknown: ask the field what landed
-                    values = await self._read_back(sorted(merged))
+                    values = await self._read_back_patiently(sorted(merged))
                     if values is None:
                         doubt = group
                         failure = _in_doubt_failure(bad.why)
@@ -787,10 +957,14 @@ class FieldGateway:
             if self.store is not None:
                 self.store.save_watchdog(wd.state, wd.detail, now, event="watchdog_armed")
 
-    async def _heartbeat(self, hb: Heartbeat) -> Status:
+    async def _heartbeat(self, hb: Heartbeat, grant: Grant) -> Status:
         self.counters.heartbeats += 1
         async with self._lock:
             now = self.clock.now()
+            if not self._drives_something(grant):
+                # It holds no lease, and an operator's console must not keep the field on the
+                # control loop's setpoints: its heartbeat only asks for the status.
+                return self.core.status(hb.id, hb.issuer, now, self.insecure)
             leases = self.core.leases
             before = {eq: lease.holder for eq, lease in leases.leases.items()}
             self._seen(now)
@@ -804,6 +978,9 @@ class FieldGateway:
                 if hb.release and after != before:
                     self.store.record_event(now, "lease_released", hb.issuer)
             return self.core.status(hb.id, hb.issuer, now, self.insecure)
+
+    def _drives_something(self, grant: Grant) -> bool:
+        return any(grant.allows_input(name) for name in self.core.limits)
 
     async def _rearm(self, msg: Rearm, grant: Grant) -> Status | Ack:
         if not grant.rearm:
@@ -900,7 +1077,9 @@ class FieldGateway:
 
     def _refuse(self, msg_id: str, seq: int, code: RefusalCode, detail: str) -> Ack:
         self.counters.refused[code] += 1
-        log.warning("gateway: refused %s (seq %d): %s: %s", msg_id, seq, code.value, detail)
+        self.refusals_log.log(
+            code.value, "gateway: refused %s (seq %d): %s: %s", msg_id, seq, code.value, detail
+        )
         return Ack(
             msg_id, seq, AckStatus.REFUSED, code, truncate_detail(detail), None, self.insecure
         )
@@ -908,6 +1087,16 @@ class FieldGateway:
     def _malformed(self, data: bytes, reason: str) -> bytes:
         msg_id, seq = recover_id(data)
         return self._refuse(msg_id, seq, RefusalCode.MALFORMED, reason).encode()
+
+
+@dataclass
+class _Received:
+    """One message taken from the socket: who sent it, its frame, or the reply already due."""
+
+    ident: bytes
+    frames: list[bytes]
+    grant: Grant | None
+    reply: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,10 @@ commented example.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .clock import Clock
 from .errors import ScenarioError, SecurityError
 from .field_writer import OpcUaWriter
-from .gateway import FieldGateway, ServerCurve
+from .gateway import FieldGateway, KeyQuota, ServerCurve
 from .gateway_core import DEFAULT_MAX_COMMAND_AGE_S, DEFAULT_RAMP_SLACK_S, GatewayCore
 from .gateway_store import GatewayStore
 from .keys import check_z85, read_public_key, read_secret_key
@@ -60,6 +62,14 @@ class GatewaySection(_Strict):
     write_timeout_s: float = Field(5.0, gt=0, description="an OPC UA write slower than this fails")
     lease_s: float = Field(
         60.0, gt=0, description="how long applying a command reserves its equipment"
+    )
+    max_messages_per_s: float = Field(
+        500.0,
+        gt=0,
+        description="per client key: messages over this average rate are dropped unanswered",
+    )
+    max_burst_messages: int = Field(
+        1000, ge=1, description="per client key: messages it may send at once above the rate"
     )
 
 
@@ -301,6 +311,10 @@ async def serve_gateway(config: GatewayConfig, clock: Clock) -> None:
     ``SecurityError`` naming the folder to trust it in); later losses are
     reconnected by the writer, journaled in the state file as ``field_lost`` /
     ``field_restored``, and commands are refused meanwhile.
+
+    SIGTERM and SIGINT stop it cleanly: no new message is taken, the batch in
+    hand is finished and committed, the OPC UA session is closed, and the
+    call returns.
     """
     sec = config.file.security
     curve = config.curve()
@@ -323,10 +337,12 @@ async def serve_gateway(config: GatewayConfig, clock: Clock) -> None:
             " and ".join(missing),
         )
     core = config.core()
+    g = config.file.gateway
     store = GatewayStore(config.resolve(config.file.gateway.state))
     writer = OpcUaWriter(
         config.file.field.endpoint,
         config.field_config(),
+        timeout_s=g.write_timeout_s,
         security=opcua,
         on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),
     )
@@ -339,10 +355,18 @@ async def serve_gateway(config: GatewayConfig, clock: Clock) -> None:
         insecure_lab=sec.insecure_lab,
         store=store,
         write_timeout_s=config.file.gateway.write_timeout_s,
+        quota=KeyQuota(g.max_messages_per_s, g.max_burst_messages),
     )
+    loop = asyncio.get_running_loop()
+    signals = [signal.SIGTERM, signal.SIGINT]
+    for sig in signals:
+        loop.add_signal_handler(sig, gateway.request_stop, sig.name)
     try:
         async with writer, gateway:
-            log.info("gateway %s serving on %s", config.file.gateway.name, gateway.endpoint)
+            log.info("gateway %s serving on %s", g.name, gateway.endpoint)
             await gateway.serve()
+        log.warning("gateway %s: stopped cleanly; the OPC UA session is closed", g.name)
     finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
         store.close()

@@ -30,6 +30,7 @@ from zmq.utils import z85
 
 from .errors import SecurityError
 from .keys import check_z85
+from .loglimit import LogLimiter
 from .watchdog import equipment_of
 
 log = logging.getLogger("parallelcity.zap")
@@ -156,6 +157,8 @@ class ZapHandler:
         """Reason -> handshakes refused."""
         self._sock: zmq.asyncio.Socket | None = None
         self._task: asyncio.Task[None] | None = None
+        self.denials_log = LogLimiter(log, "zap: refused handshakes")
+        """Refused handshakes: the first few per period logged, then a summary by reason."""
 
     async def __aenter__(self) -> ZapHandler:
         await self.start()
@@ -181,6 +184,7 @@ class ZapHandler:
         self._task = asyncio.create_task(self._serve(sock), name="zap-handler")
 
     async def aclose(self) -> None:
+        self.denials_log.summarise()
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -204,18 +208,20 @@ class ZapHandler:
         key = z85.encode(credentials[0])
         grant = self.allow.by_key.get(key)
         if grant is None:
-            log.warning(
-                "zap: refused CURVE client %s from %s: key not on the allow-list",
-                key.decode(),
-                address.decode("ascii", "replace"),
-            )
-            return self._deny("unknown client key")
+            where = address.decode("ascii", "replace")
+            return self._deny("unknown client key", key.decode(), f"{key.decode()} from {where}")
         self.accepted[grant.name] += 1
         log.debug("zap: accepted client %r from %s", grant.name, address.decode("ascii", "replace"))
         return b"200", b"OK", grant.name.encode("utf-8")
 
-    def _deny(self, reason: str) -> tuple[bytes, bytes, bytes]:
+    def _deny(self, reason: str, key: str = "", who: str = "") -> tuple[bytes, bytes, bytes]:
         self.denied[reason] += 1
+        self.denials_log.log(
+            f"{reason} {key}".strip(),
+            "zap: refused a handshake: %s%s",
+            reason,
+            f" ({who})" * bool(who),
+        )
         return b"400", reason.encode("utf-8")[:255], b""
 
     async def _serve(self, sock: zmq.asyncio.Socket) -> None:

@@ -287,11 +287,17 @@ def test_rearm_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     from parallelcity.cli import main as cli_main
     from parallelcity.keys import read_secret_key, write_keypair
 
-    for name in ("gateway", "operator"):
+    for name in ("gateway", "operator", "runtime"):
         write_keypair(tmp_path, name)
     server = read_secret_key(tmp_path / "gateway.secret")
     operator = read_secret_key(tmp_path / "operator.secret")
-    allow = AllowList.of([(operator.public, Grant("operator", frozenset(), frozenset(), {}, True))])
+    runtime = read_secret_key(tmp_path / "runtime.secret")
+    allow = AllowList.of(
+        [
+            (operator.public, Grant("operator", frozenset(), frozenset(), {}, True)),
+            (runtime.public, Grant.everything("runtime")),
+        ]
+    )
     writer = TimedWriter()
 
     async def main() -> None:
@@ -306,9 +312,10 @@ def test_rearm_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         async with gw:
             task = asyncio.create_task(gw.serve())
             try:
-                curve = ClientCurve(operator, server.public)
-                async with Dispatcher(gw.endpoint, "operator", curve=curve) as op:
-                    await op.heartbeat()
+                # Only a key that may drive something arms the watchdog.
+                curve = ClientCurve(runtime, server.public)
+                async with Dispatcher(gw.endpoint, "runtime", curve=curve) as rt:
+                    await rt.heartbeat()
                 await asyncio.wait_for(writer.landed.wait(), 2.0)
                 argv = ["rearm", gw.endpoint, "--reason", "valve checked", "--key",
                         str(tmp_path / "operator.secret"), "--gateway-key",
