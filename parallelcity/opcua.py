@@ -21,7 +21,8 @@ session, a password, a read or a write) is refused and the connection closed.
 
 Policy ``None`` exists only as ``ClientSecurity.insecure()`` /
 ``configure_server(server, None)``; the runtime uses it only when the scenario
-says ``insecure_lab = true``.
+says ``insecure_lab = true``.  Private keys that the group or others may read
+are refused (``keys.check_owner_only``).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from .certs import application_uri_of, describe, load_certificate
 from .errors import FieldConnectionError, SecurityError
+from .keys import check_owner_only
 
 if TYPE_CHECKING:
     from .scenario import Scenario
@@ -236,6 +238,10 @@ class ClientSecurity:
                 + ", ".join(missing)
                 + " (create a set with `parallelcity certs DIR`)"
             )
+        assert self.private_key is not None  # checked just above
+        check_owner_only(self.private_key, "OPC UA private key")
+        if self.user_private_key is not None:
+            check_owner_only(self.user_private_key, "OPC UA user private key")
         if self.username is None and self.user_certificate is None:
             raise SecurityError(
                 "secure OPC UA needs a user token: a username (and password) or a user_certificate"
@@ -520,6 +526,7 @@ async def configure_server(server: Server, security: ServerSecurity | None) -> s
         return "NoSecurity, lab only"
     if not security.policies or ua.SecurityPolicyType.NoSecurity in security.policies:
         raise SecurityError("a secure OPC UA server offers SignAndEncrypt policies only")
+    check_owner_only(security.private_key, "OPC UA server private key")
     _install_channel_guard()
     _SECURE_ONLY.add(server.iserver)
     own = load_certificate(security.certificate)
