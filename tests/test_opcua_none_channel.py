@@ -19,6 +19,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -26,16 +27,17 @@ from typing import Any
 import pytest
 from asyncua import Client, ua
 from asyncua.crypto import security_policies
+from asyncua.ua.object_ids import ObjectIds
 
 from hil.field import free_port
 from parallelcity.certs import LabPki, make_lab_pki
-from parallelcity.opcua import configure_server
+from parallelcity.opcua import channel_problem, configure_server
 
 from .opcua_input_server import INPUTS, NAMESPACE, PASSWORD_ENV, USER
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_TIMEOUT_S = 5.0
-NONE_URI = security_policies.SecurityPolicyNone.URI
+REFUSAL_LOG_EVERY_S = 10.0  # parallelcity.opcua._REFUSAL_LOG_EVERY_S
 
 
 def run(make: Callable[[], Awaitable[Any]], timeout_s: float = 60.0) -> Any:
@@ -49,8 +51,10 @@ def run(make: Callable[[], Awaitable[Any]], timeout_s: float = 60.0) -> Any:
 class InputServer:
     """The secure input server as a subprocess; ``writes`` is what it reports as written."""
 
-    def __init__(self, pki: Path, password: str) -> None:
+    def __init__(self, pki: Path, password: str, stderr: Path) -> None:
         self.port = free_port("127.0.0.1")
+        self.stderr = stderr
+        self._err = stderr.open("w")
         self.writes: list[str] = []
         self._up: queue.Queue[str] = queue.Queue()
         env = dict(os.environ, **{PASSWORD_ENV: password})
@@ -58,6 +62,7 @@ class InputServer:
             [sys.executable, "-m", "tests.opcua_input_server"]
             + ["--port", str(self.port), "--pki", str(pki)],
             stdout=subprocess.PIPE,
+            stderr=self._err,
             text=True,
             cwd=ROOT,
             env=env,
@@ -84,6 +89,9 @@ class InputServer:
             self.proc.kill()
         self.proc.wait(10.0)
         self._reader.join(10.0)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._err.close()
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +105,8 @@ def password() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(pki: LabPki, password: str) -> Any:
-    srv = InputServer(pki.root, password)
+def server(pki: LabPki, password: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    srv = InputServer(pki.root, password, tmp_path_factory.mktemp("log") / "stderr.txt")
     try:
         yield srv
     finally:
@@ -166,6 +174,8 @@ def test_a_client_without_certificate_cannot_use_a_none_channel(
         try:
             endpoints = await client.get_endpoints()
             outcome["get_endpoints"] = "done"
+            await client.find_servers()
+            outcome["find_servers"] = "done"
             assert {e.SecurityMode for e in endpoints} == {ua.MessageSecurityMode.SignAndEncrypt}
             outcome["session"] = await _attempt(
                 lambda: _session_with_plaintext_password(client, password)
@@ -200,11 +210,16 @@ def test_a_client_without_certificate_cannot_use_a_none_channel(
             client.disconnect_socket()
         return outcome
 
+    started = time.monotonic()
     outcome = run(body)
+    elapsed = time.monotonic() - started
     refused = {k: v for k, v in outcome.items() if v != "done"}
-    assert outcome["get_endpoints"] == "done"
-    assert set(refused) == set(outcome) - {"get_endpoints"}, outcome
+    assert outcome["get_endpoints"] == outcome["find_servers"] == "done"
+    assert set(refused) == set(outcome) - {"get_endpoints", "find_servers"}, outcome
     assert server.writes == [], server.writes
+    # the server said so, in at most one line per REFUSAL_LOG_EVERY_S (refusals are aggregated)
+    lines = [x for x in server.stderr.read_text().splitlines() if "refused OPC UA request" in x]
+    assert 1 <= len(lines) <= 1 + elapsed // REFUSAL_LOG_EVERY_S, lines
 
 
 def test_the_same_server_accepts_a_trusted_client_over_sign_and_encrypt(
@@ -265,3 +280,27 @@ def test_an_insecure_lab_server_still_serves_policy_none_and_says_so(
     with caplog.at_level(logging.WARNING, logger="parallelcity"):
         assert run(body) == 5.0
     assert any("INSECURE LAB MODE" in r.getMessage() for r in caplog.records)
+
+
+def test_only_discovery_is_served_on_a_channel_without_sign_and_encrypt() -> None:
+    def req(name: str) -> ua.NodeId:
+        return ua.NodeId(ua.Int32(getattr(ObjectIds, f"{name}Request_Encoding_DefaultBinary")))
+
+    discovery = [req("GetEndpoints"), req("FindServers"), req("CloseSecureChannel")]
+    services = [req(n) for n in ("CreateSession", "ActivateSession", "Read", "Write", "Call")]
+    services += [req("RegisterServer"), req("RegisterServer2"), req("Browse")]
+    enc, sign, none = (
+        ua.MessageSecurityMode.SignAndEncrypt,
+        ua.MessageSecurityMode.Sign,
+        ua.MessageSecurityMode.None_,
+    )
+    for typeid in discovery + services:
+        assert channel_problem(True, enc, typeid) is None
+        assert channel_problem(False, enc, typeid) is not None  # never opened
+        assert channel_problem(False, none, typeid) is not None
+    for typeid in discovery:
+        assert channel_problem(True, none, typeid) is None
+        assert channel_problem(True, sign, typeid) is None
+    for typeid in services:
+        assert channel_problem(True, none, typeid) is not None
+        assert channel_problem(True, sign, typeid) is not None
