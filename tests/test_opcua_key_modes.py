@@ -41,6 +41,7 @@ def test_the_lab_pki_writes_every_private_key_owner_only(pki: LabPki) -> None:
         assert identity.private_key.stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.slow  # a process start: about 5 s on a loaded 2-core machine
 def test_the_gateway_refuses_a_client_key_others_may_read(
     tmp_path: Path, scenario: Scenario
 ) -> None:
@@ -68,6 +69,7 @@ def test_the_gateway_refuses_a_client_key_others_may_read(
     assert "OPC UA session to" not in log, log
 
 
+@pytest.mark.slow  # a process start: about 5 s on a loaded 2-core machine
 def test_a_secure_server_refuses_a_server_key_others_may_read(pki: LabPki) -> None:
     key = pki.server.private_key
     key.chmod(0o640)

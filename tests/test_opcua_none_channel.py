@@ -216,6 +216,12 @@ def test_a_client_without_certificate_cannot_use_a_none_channel(
     refused = {k: v for k, v in outcome.items() if v != "done"}
     assert outcome["get_endpoints"] == outcome["find_servers"] == "done"
     assert set(refused) == set(outcome) - {"get_endpoints", "find_servers"}, outcome
+    # refused by the server, not lost to a slow machine: the first request on each
+    # connection gets the fault, and the server has closed the connection after it
+    for first in ("session", "read", "write_no_session", "register_server", "session_unopened"):
+        assert outcome[first] == "refused: BadSecurityModeInsufficient", outcome
+    closed = {"refused: ConnectionError", "refused: BadSecurityModeInsufficient"}
+    assert {outcome["write"], outcome["write_unopened"]} <= closed, outcome
     assert server.writes == [], server.writes
     # the server said so, in at most one line per REFUSAL_LOG_EVERY_S (refusals are aggregated)
     lines = [x for x in server.stderr.read_text().splitlines() if "refused OPC UA request" in x]
