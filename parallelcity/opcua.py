@@ -50,7 +50,7 @@ from asyncua.server.internal_server import InternalServer
 from asyncua.server.server import Server
 from asyncua.server.uaprocessor import UaProcessor
 from asyncua.server.user_managers import UserManager
-from asyncua.ua.object_ids import ObjectIds
+from asyncua.ua.object_ids import ObjectIdNames, ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from cryptography import x509
@@ -602,8 +602,19 @@ def channel_problem(
     if not channel_open:
         return "on a channel that was never opened"
     if mode != ua.MessageSecurityMode.SignAndEncrypt and typeid not in _DISCOVERY:
-        return f"on a {mode.name} channel (only discovery is served without SignAndEncrypt)"
+        return (
+            f"on a channel with security mode {mode.name.rstrip('_')} "
+            "(only discovery is served without SignAndEncrypt)"
+        )
     return None
+
+
+def _request_name(typeid: ua.NodeId) -> str:
+    ident = typeid.Identifier
+    name = (
+        ObjectIdNames.get(ident) if isinstance(ident, int) and typeid.NamespaceIndex == 0 else None
+    )
+    return name.removesuffix("_Encoding_DefaultBinary") if name is not None else str(typeid)
 
 
 def _install_channel_guard() -> None:
@@ -624,7 +635,7 @@ def _install_channel_guard() -> None:
             channel = self._connection
             problem = channel_problem(channel.is_open(), channel.security_policy.Mode, typeid)
             if problem is not None:
-                _refusals.warn(f"refused OPC UA request {typeid} from {self.name} {problem}")
+                _refusals.warn(f"refused OPC UA {_request_name(typeid)} from {self.name} {problem}")
                 fault = ua.ServiceFault()
                 fault.ResponseHeader.ServiceResult = ua.StatusCode(
                     ua.UInt32(StatusCodes.BadSecurityModeInsufficient)

@@ -224,8 +224,9 @@ def test_a_client_without_certificate_cannot_use_a_none_channel(
     assert {outcome["write"], outcome["write_unopened"]} <= closed, outcome
     assert server.writes == [], server.writes
     # the server said so, in at most one line per REFUSAL_LOG_EVERY_S (refusals are aggregated)
-    lines = [x for x in server.stderr.read_text().splitlines() if "refused OPC UA request" in x]
+    lines = [x for x in server.stderr.read_text().splitlines() if "refused OPC UA " in x]
     assert 1 <= len(lines) <= 1 + elapsed // REFUSAL_LOG_EVERY_S, lines
+    assert "refused OPC UA CreateSessionRequest from" in lines[0], lines
 
 
 def test_the_same_server_accepts_a_trusted_client_over_sign_and_encrypt(
