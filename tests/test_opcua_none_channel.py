@@ -31,7 +31,7 @@ from asyncua.ua.object_ids import ObjectIds
 
 from hil.field import free_port
 from parallelcity.certs import LabPki, make_lab_pki
-from parallelcity.opcua import channel_problem, configure_server
+from parallelcity.opcua import _install_channel_guard, channel_problem, configure_server
 
 from .opcua_input_server import INPUTS, NAMESPACE, PASSWORD_ENV, USER
 
@@ -261,6 +261,8 @@ def test_an_insecure_lab_server_still_serves_policy_none_and_says_so(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     from asyncua import Server
+
+    _install_channel_guard()  # as if a secure server ran in this process too
 
     async def body() -> float:
         srv = Server()
