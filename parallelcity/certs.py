@@ -5,11 +5,14 @@ subjectAltName carries the application URI (and the host names), with the key
 usages OPC UA asks for (digital signature, non-repudiation, key and data
 encipherment) and the extended key usage of its role (clientAuth or
 serverAuth).  ``make_certificate`` writes one as DER next to its private key
-(PEM, PKCS#8, unencrypted: protect the folder with file permissions).
+(PEM, PKCS#8, unencrypted, always mode 0600: a key is written to a new file that
+replaces any old one, so an old file's wider mode is never kept).
 
 ``make_lab_pki(folder)`` creates everything a secure lab needs in one go: a
 client and a server certificate, each trusting the other, plus a user
 certificate; the ``parallelcity certs`` command and the embedded default use it.
+``lab_pki_files(folder)`` lists the files it writes (the command refuses to
+replace existing ones without ``--force``).
 
 Pure file work on top of ``cryptography``; nothing here opens a socket.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import secrets
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,11 +130,29 @@ def make_certificate(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    # The key is written owner-only from the start (no window with wider permissions).
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
+    write_private_key(key_path, pem)
     return Identity(cert_path, key_path, application_uri)
+
+
+def write_private_key(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with mode 0600, replacing any file there.
+
+    The key goes into a new file, owner-only from its creation, that is then renamed
+    over ``path``: opening an existing file would keep its mode (say 0644), and
+    writing through it would follow a symlink.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)  # the umask can only narrow it; be explicit anyway
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def trust(certificate: Path, trust_dir: Path) -> Path:
@@ -194,6 +216,19 @@ class LabPki:
     @property
     def server_trusted_users(self) -> Path:
         return self.root / "server" / "trusted-users"
+
+
+def lab_pki_files(root: Path) -> list[Path]:
+    """Every file ``make_lab_pki(root)`` writes, private keys first."""
+    own = [(root / role / "own", role) for role in ("client", "server", "user")]
+    keys = [folder / f"{name}.key.pem" for folder, name in own]
+    certs = [folder / f"{name}.der" for folder, name in own]
+    copies = [
+        root / "client" / "trusted" / "server.der",
+        root / "server" / "trusted" / "client.der",
+        root / "server" / "trusted-users" / "user.der",
+    ]
+    return keys + certs + copies
 
 
 CLIENT_URI = "urn:parallelcity:client"

@@ -118,13 +118,17 @@ def _parser() -> argparse.ArgumentParser:
         "certs",
         help="create OPC UA certificates: a client and a server that trust each other",
         description="Write client/, server/ and user/ certificates (DER) and keys (PEM, 0600) "
-        "under DIR, each trust list holding its peer, and print the [security.opcua] table.",
+        "under DIR, each trust list holding its peer, and print the [security.opcua] table. "
+        "Refuses to replace existing certificates or keys without --force.",
     )
     c.add_argument("dir", type=Path, help="folder to create the certificates in")
     c.add_argument("--client-uri", default="urn:parallelcity:client")
     c.add_argument("--server-uri", default="urn:parallelcity:field")
     c.add_argument("--host", action="append", help="host name or IP for the certificates")
     c.add_argument("--days", type=int, default=365, help="validity (default 365)")
+    c.add_argument(
+        "--force", action="store_true", help="replace certificates and keys that exist in DIR"
+    )
 
     b = sub.add_parser(
         "browse",
@@ -313,10 +317,17 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from .certs import make_lab_pki
+    from .certs import lab_pki_files, make_lab_pki
 
     if args.days < 1:
         raise _UsageError("--days must be at least 1")
+    existing = [str(p) for p in lab_pki_files(args.dir) if p.exists() or p.is_symlink()]
+    if existing and not args.force:
+        raise _UsageError(
+            f"{args.dir} already holds certificates or keys: {', '.join(existing)}; "
+            "not replacing them (a replaced private key is gone for good): "
+            "choose another folder or add --force"
+        )
     pki = make_lab_pki(
         args.dir,
         client_uri=args.client_uri,

@@ -112,17 +112,23 @@ def read_public_key(path: Path) -> bytes:
     return check_z85(text, f"public key file {path}")
 
 
-def read_secret_key(path: Path) -> KeyPair:
-    """The key pair from the secret file ``path``; refuses a file others may read."""
+def check_owner_only(path: Path, what: str = "secret key") -> None:
+    """``SecurityError`` if the key file ``path`` is missing or the group or others may
+    access it (the message says which chmod fixes it).  Used for every private key."""
     try:
         st = path.stat()
     except OSError as exc:
-        raise SecurityError(f"cannot read secret key {path}: {exc.strerror or exc}") from exc
+        raise SecurityError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise SecurityError(
-            f"secret key {path} is accessible by group or others "
+            f"{what} {path} is accessible by group or others "
             f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}"
         )
+
+
+def read_secret_key(path: Path) -> KeyPair:
+    """The key pair from the secret file ``path``; refuses a file others may read."""
+    check_owner_only(path)
     try:
         text = path.read_bytes()
     except OSError as exc:

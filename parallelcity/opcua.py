@@ -14,11 +14,15 @@ token); ``connect_client(endpoint, security)`` returns a connected asyncua
 Server side: ``ServerSecurity`` and ``configure_server(server, security)``
 give an asyncua ``Server`` SignAndEncrypt endpoints only (Basic256Sha256 and
 Aes256_Sha256_RsaPss), a client-certificate trust list, and user tokens
-(username/password or an X.509 user certificate; never anonymous).
+(username/password or an X.509 user certificate; never anonymous).  Such a
+server answers only discovery (GetEndpoints, FindServers) on a channel that is
+not SignAndEncrypt, as the specification asks; every other request on it (a
+session, a password, a read or a write) is refused and the connection closed.
 
 Policy ``None`` exists only as ``ClientSecurity.insecure()`` /
 ``configure_server(server, None)``; the runtime uses it only when the scenario
-says ``insecure_lab = true``.
+says ``insecure_lab = true``.  Private keys that the group or others may read
+are refused (``keys.check_owner_only``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ import hmac
 import logging
 import os
 import secrets
+import time
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +46,11 @@ from asyncua.client.client import Client
 from asyncua.common.utils import ServiceError
 from asyncua.crypto import security_policies
 from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.server.internal_server import InternalServer
 from asyncua.server.server import Server
+from asyncua.server.uaprocessor import UaProcessor
 from asyncua.server.user_managers import UserManager
+from asyncua.ua.object_ids import ObjectIdNames, ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 from cryptography import x509
@@ -52,6 +61,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from .certs import application_uri_of, describe, load_certificate
 from .errors import FieldConnectionError, SecurityError
+from .keys import check_owner_only
 
 if TYPE_CHECKING:
     from .scenario import Scenario
@@ -228,6 +238,10 @@ class ClientSecurity:
                 + ", ".join(missing)
                 + " (create a set with `parallelcity certs DIR`)"
             )
+        assert self.private_key is not None  # checked just above
+        check_owner_only(self.private_key, "OPC UA private key")
+        if self.user_private_key is not None:
+            check_owner_only(self.user_private_key, "OPC UA user private key")
         if self.username is None and self.user_certificate is None:
             raise SecurityError(
                 "secure OPC UA needs a user token: a username (and password) or a user_certificate"
@@ -387,6 +401,15 @@ def _translate(
     if isinstance(exc, UaError) and "No matching endpoints" in str(exc):
         wanted = f"{sec.policy} SignAndEncrypt" if sec.policy else "NoSecurity"
         return SecurityError(f"the OPC UA server at {endpoint} offers no {wanted} endpoint")
+    if (
+        isinstance(exc, UaStatusCodeError)
+        and exc.code == StatusCodes.BadSecurityModeInsufficient
+        and not sec.secure
+    ):
+        return SecurityError(
+            f"the OPC UA server at {endpoint} offers no NoSecurity endpoint "
+            "(it refused a session on an unencrypted channel)"
+        )
     if isinstance(exc, UaStatusCodeError) and exc.code in _USER_REFUSALS:
         name = ua.StatusCode(ua.UInt32(exc.code)).name
         who = sec.username if sec.username is not None else "the user certificate"
@@ -490,13 +513,22 @@ class ServerSecurity:
 async def configure_server(server: Server, security: ServerSecurity | None) -> str:
     """Set up ``server``'s endpoints before ``start()``; returns a one-line description.
 
-    ``None`` offers only NoSecurity: lab use, decided by the caller.
+    ``None`` offers only NoSecurity: lab use, decided by the caller.  Otherwise the
+    server refuses every request but discovery on a channel that is not SignAndEncrypt.
     """
     if security is None:
+        _log.warning(
+            "INSECURE LAB MODE: OPC UA server with security policy None: no encryption, "
+            "no authentication; never outside a lab"
+        )
+        _SECURE_ONLY.discard(server.iserver)
         server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
         return "NoSecurity, lab only"
     if not security.policies or ua.SecurityPolicyType.NoSecurity in security.policies:
         raise SecurityError("a secure OPC UA server offers SignAndEncrypt policies only")
+    check_owner_only(security.private_key, "OPC UA server private key")
+    _install_channel_guard()
+    _SECURE_ONLY.add(server.iserver)
     own = load_certificate(security.certificate)
     uri = application_uri_of(own)
     if uri is None:
@@ -518,6 +550,102 @@ async def configure_server(server: Server, security: ServerSecurity | None) -> s
     server.set_certificate_validator(TrustList(security.trusted))
     names = ", ".join(p.name for p in security.policies)
     return f"{names}; client trust list {security.trusted}"
+
+
+# -- the channel guard ---------------------------------------------------------------------
+#
+# asyncua serves a None channel even when no None endpoint is offered (a SecurityPolicy None
+# OpenSecureChannel falls back to the connection's initial None policy), and it processes
+# messages on a channel that was never opened (channel and token id 0).  A client without a
+# certificate could then activate a session with the password in plaintext and write.  The
+# guard sits where asyncua dispatches every service request of a connection.
+
+_SECURE_ONLY: weakref.WeakSet[InternalServer] = weakref.WeakSet()
+# Discovery is what a client may ask over a None channel (OPC UA Part 4, 5.4): it needs the
+# server's certificate and endpoints before it can open a secure channel.
+_DISCOVERY = frozenset(
+    ua.NodeId(ua.Int32(i))
+    for i in (
+        ObjectIds.GetEndpointsRequest_Encoding_DefaultBinary,
+        ObjectIds.FindServersRequest_Encoding_DefaultBinary,
+        ObjectIds.CloseSecureChannelRequest_Encoding_DefaultBinary,
+    )
+)
+_REFUSAL_LOG_EVERY_S = 10.0
+
+
+class _RefusalLog:
+    """One warning line per ``every_s`` at most; the lines in between are counted."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self._next_at = 0.0
+        self._suppressed = 0
+
+    def warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now < self._next_at:
+            self._suppressed += 1
+            return
+        more = f" (and {self._suppressed} more since the last line)" if self._suppressed else ""
+        self._next_at, self._suppressed = now + self.every_s, 0
+        _log.warning("%s%s", message, more)
+
+
+_refusals = _RefusalLog(_REFUSAL_LOG_EVERY_S)
+
+
+def channel_problem(
+    channel_open: bool, mode: ua.MessageSecurityMode, typeid: ua.NodeId
+) -> str | None:
+    """Why a secure-only server refuses request ``typeid`` on its channel, or None."""
+    if not channel_open:
+        return "on a channel that was never opened"
+    if mode != ua.MessageSecurityMode.SignAndEncrypt and typeid not in _DISCOVERY:
+        return (
+            f"on a channel with security mode {mode.name.rstrip('_')} "
+            "(only discovery is served without SignAndEncrypt)"
+        )
+    return None
+
+
+def _request_name(typeid: ua.NodeId) -> str:
+    ident = typeid.Identifier
+    name = (
+        ObjectIdNames.get(ident) if isinstance(ident, int) and typeid.NamespaceIndex == 0 else None
+    )
+    return name.removesuffix("_Encoding_DefaultBinary") if name is not None else str(typeid)
+
+
+def _install_channel_guard() -> None:
+    original = getattr(UaProcessor, "_process_message", None)
+    if getattr(original, "parallelcity_guard", False):
+        return
+    if original is None or not asyncio.iscoroutinefunction(original):
+        # Fail closed: without the guard a secure server would serve None channels.
+        raise SecurityError(
+            "this asyncua version has no UaProcessor._process_message to guard: a secure "
+            "OPC UA server cannot refuse SecurityPolicy None channels with it"
+        )
+
+    async def guarded(
+        self: UaProcessor, typeid: ua.NodeId, requesthdr: Any, seqhdr: Any, body: Any
+    ) -> Any:
+        if self.iserver in _SECURE_ONLY:
+            channel = self._connection
+            problem = channel_problem(channel.is_open(), channel.security_policy.Mode, typeid)
+            if problem is not None:
+                _refusals.warn(f"refused OPC UA {_request_name(typeid)} from {self.name} {problem}")
+                fault = ua.ServiceFault()
+                fault.ResponseHeader.ServiceResult = ua.StatusCode(
+                    ua.UInt32(StatusCodes.BadSecurityModeInsufficient)
+                )
+                self.send_response(requesthdr.RequestHandle, seqhdr, fault)  # type: ignore[no-untyped-call]
+                return False  # asyncua closes the connection
+        return await original(self, typeid, requesthdr, seqhdr, body)
+
+    guarded.parallelcity_guard = True  # type: ignore[attr-defined]
+    setattr(UaProcessor, "_process_message", guarded)  # noqa: B010
 
 
 def policy_names(policies: Iterable[ua.SecurityPolicyType]) -> list[str]:
