@@ -50,6 +50,11 @@ class GatewaySection(_Strict):
     lease_s: float = Field(
         60.0, gt=0, description="how long applying a command reserves its equipment"
     )
+    ack_after_applied_commit: bool = Field(
+        False,
+        description="commit the applied marks before the acks (one more fsync per batch): "
+        "an acked command is then never pending after a crash (docs/wire-protocol.md)",
+    )
 
 
 class ClientEntry(_Strict):
@@ -312,6 +317,7 @@ async def serve_gateway(config: GatewayConfig, clock: Clock) -> None:
         insecure_lab=sec.insecure_lab,
         store=store,
         write_timeout_s=config.file.gateway.write_timeout_s,
+        ack_after_applied_commit=config.file.gateway.ack_after_applied_commit,
     )
     try:
         async with writer, gateway:

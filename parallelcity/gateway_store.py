@@ -73,24 +73,33 @@ Where the kill can fall, for the batch B being handled:
    since.  The largest prefix consistent with the values read is taken as
    applied (a larger one only when values coincide - then the field holds
    them anyway); within the partly written group each command counts as
-   applied when all its values are there.  Applied commands become
-   duplicates for every resend or replay; the rest are forgotten, so their
-   resends are applied once.  An ack is only ever sent after B's writes
-   succeeded, so every acked command is in the landed prefix: its replay is a
-   ``duplicate``.  If the field cannot be read at the restart, the whole batch
-   counts as applied: never twice.  (A running gateway stays in doubt instead,
-   above; a kill while in doubt is case 2.)
+   applied when all its values are there.  A command outside it whose
+   inputs all still hold values this gateway wrote there (the value before the
+   batch, or one an earlier group wrote) did not land: it is forgotten, so its
+   resend is applied once.  A command outside it with an input holding
+   anything else (``judge``) either never landed or was overwritten by a third
+   party (a PLC program, an operator) since; the field cannot tell which, so it
+   counts as applied - at most once, never overwriting the third party - with
+   a ``conflict`` event naming the command, the input, our value and the
+   field's.  Applied commands become duplicates for every resend or replay.
+   An ack is only ever sent after B's writes succeeded, so every acked command
+   counts as applied: its replay is a ``duplicate``.  If the field cannot be
+   read at the restart, the whole batch counts as applied: never twice.  (A
+   running gateway stays in doubt instead, above; a kill while in doubt is
+   case 2.)
 3. After B's applied marks are durable: B is plain history.
 
 So the record that makes the replay of an acked command a duplicate - the
 pending row, settled against the field - is durable before the ack is sent;
-the applied mark only saves the read-back.  What the read-back cannot see is
-a third party (a PLC program, an operator) changing the same inputs between
-the write and the restart; that window existed before group commit (between
-write and applied commit); deferring the mark lengthens it by at most the
-idle flush delay (milliseconds) or one batch.  A gateway built with
-``ack_after_applied_commit=True`` commits the marks before every ack and
-closes that extra window, at one more fsync per batch.
+the applied mark only saves the read-back.  A third party changing one of B's
+inputs between the write and the restart turns a would-be exactly-once into
+at-most-once with a journaled ``conflict``: the restart never writes over it.
+That window lasts from the write to the applied commit: by default the marks
+ride in the next commit (at most the idle flush delay, milliseconds, or one
+batch later); a gateway built with ``ack_after_applied_commit=True`` (config
+key of the same name) commits the marks before every ack, so an acked command
+is never pending, at one more fsync per batch.
+
 """
 
 from __future__ import annotations
@@ -175,6 +184,79 @@ class Loaded:
         for k, p in enumerate(self.pending):
             out.setdefault(("alone", k) if p.batch is None else p.batch, []).append(p)
         return list(out.values())
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """An input of a pending command that holds a value this gateway did not write there."""
+
+    command_id: str
+    name: str
+    ours: float
+    field: float | None
+    """What the field holds (``None``: the input could not be read)."""
+
+    def describe(self) -> str:
+        seen = "could not be read" if self.field is None else f"holds {self.field!r}"
+        return (
+            f"{self.command_id}: input {self.name}: ours {self.ours!r}, the field {seen}; "
+            "it never landed or a third party changed it since: counted as applied, "
+            "not written again"
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a pending command is settled against the field (``judge``)."""
+
+    applied: bool
+    """True: remembered as applied (a resend is a duplicate); False: forgotten."""
+    conflicts: tuple[Conflict, ...] = ()
+    """Non-empty: counted as applied although the field does not hold its values."""
+
+
+def judge(
+    batch: Sequence[Pending],
+    field: Mapping[str, float] | None,
+    before: Mapping[str, float],
+) -> list[Verdict]:
+    """Settle a pending batch against ``field`` read back; ``before``: inputs' last values
+    this gateway applied before the batch.  Pure.
+
+    A command counts as applied when ``landed`` says so or all its values are in the
+    field.  Otherwise it is forgotten (a resend writes it) only when every input
+    still holds a value this gateway wrote there - its value before the batch, one
+    an earlier write group of the batch wrote, or the command's own: then nothing
+    it would overwrite came from anyone else.  An input holding anything else (or
+    unreadable, or never written by this gateway) means the write never landed or
+    a third party changed it since, which the field cannot tell apart: the command
+    counts as applied (at most once, never overwriting the third party), with a
+    ``Conflict`` per such input.  ``field`` ``None``: all count as applied.
+    """
+    if field is None:
+        return [Verdict(True)] * len(batch)
+    ours: dict[str, set[float]] = {}
+    earlier: dict[int, dict[str, set[float]]] = {}
+    for g in sorted({p.group for p in batch}):
+        earlier[g] = {n: set(vs) for n, vs in ours.items()}
+        for p in batch:
+            if p.group == g:
+                for n, v in p.setpoints.items():
+                    ours.setdefault(n, set()).add(v)
+    out: list[Verdict] = []
+    for p, ok in zip(batch, landed(batch, field), strict=True):
+        if ok or all(field.get(n) == v for n, v in p.setpoints.items()):
+            out.append(Verdict(True))
+            continue
+        conflicts = []
+        for n, v in p.setpoints.items():
+            mine = earlier[p.group].get(n, set()) | {v}
+            if n in before:
+                mine.add(before[n])
+            if field.get(n) not in mine:
+                conflicts.append(Conflict(p.command_id, n, v, field.get(n)))
+        out.append(Verdict(bool(conflicts), tuple(conflicts)))
+    return out
 
 
 def landed(batch: Sequence[Pending], field: Mapping[str, float] | None) -> list[bool]:
