@@ -100,12 +100,25 @@ batch later); a gateway built with ``ack_after_applied_commit=True`` (config
 key of the same name) commits the marks before every ack, so an acked command
 is never pending, at one more fsync per batch.
 
+Checkpoints
+-----------
+The writer connection never checkpoints the WAL (``wal_autocheckpoint=0``);
+``_Checkpointer`` does, from its own thread and connection (PASSIVE while
+commits come, TRUNCATE after a burst when idle), so no COMMIT waits for one.
+Durability does not depend on it: with ``synchronous=FULL`` every COMMIT
+fsyncs its WAL frames before it returns, and a checkpoint only copies committed
+frames into the database file and syncs that file before the WAL may be
+reused; a crash at any point of a checkpoint leaves the frames in the WAL, and
+the next open replays them.  So the pending commit before a write and the
+marks before an ack are as durable as with SQLite's automatic checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -117,6 +130,8 @@ from typing import Any
 from .errors import JournalError
 from .watchdog import Lease
 from .wire import Command, WatchdogState
+
+log = logging.getLogger("parallelcity.gateway")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS applied (
@@ -138,6 +153,14 @@ CREATE TABLE IF NOT EXISTS watchdog (k INTEGER PRIMARY KEY CHECK (k = 0), state 
 CREATE TABLE IF NOT EXISTS event (n INTEGER PRIMARY KEY AUTOINCREMENT, t REAL NOT NULL,
                                   kind TEXT NOT NULL, detail TEXT NOT NULL);
 """
+CHECKPOINT_EVERY_COMMITS = 16
+"""The checkpoint thread is woken after this many commits (and every ``CHECKPOINT_POLL_S``)."""
+CHECKPOINT_POLL_S = 0.25
+WAL_LIMIT_BYTES = 4 * 1024 * 1024
+"""An idle store whose WAL file is larger is checkpointed with TRUNCATE."""
+WAL_HARD_LIMIT_BYTES = 64 * 1024 * 1024
+"""Beyond this (commits back to back, the thread never caught up) the writer checkpoints
+what is left itself before its next transaction: a bounded stall instead of a WAL that grows."""
 # Added with group commit; a store written before gets the columns on open.
 BATCH_COLUMNS = (("batch", "INTEGER"), ("grp", "INTEGER NOT NULL DEFAULT 0"))
 
@@ -318,6 +341,9 @@ class GatewayStore:
             self._db = sqlite3.connect(str(path), isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            # Checkpoints run in their own thread (_Checkpointer), never inside a COMMIT.
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
             self._db.executescript(SCHEMA)
             have = {str(r[1]) for r in self._db.execute("PRAGMA table_info(applied)")}
             for name, decl in BATCH_COLUMNS:
@@ -329,9 +355,13 @@ class GatewayStore:
             self._next_batch = 1 + int(row[0] or 0)
         except (OSError, sqlite3.Error) as exc:
             raise JournalError(f"cannot open the gateway store {self.path}: {exc}") from exc
+        self.checkpointer = None if str(path) == ":memory:" else _Checkpointer(self.path)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        ck = self.checkpointer
+        if ck is not None and ck.over_hard_limit(self.commits):
+            ck.inline(self._db)
         try:
             self._db.execute("BEGIN IMMEDIATE")
             if self._deferred or self._deferred_leases is not None:
@@ -345,6 +375,8 @@ class GatewayStore:
         self._deferred = []
         self._deferred_leases = None
         self.commits += 1
+        if self.checkpointer is not None:
+            self.checkpointer.committed()
 
     def load(self, max_ids: int) -> Loaded:
         db = self._db
@@ -524,7 +556,111 @@ class GatewayStore:
         try:
             self.flush()
         finally:
+            if self.checkpointer is not None:
+                self.checkpointer.stop()
             self._db.close()
+
+
+class _Checkpointer:
+    """Copies the WAL into the database file from a thread of its own, on its own connection.
+
+    The writer connection never checkpoints (``wal_autocheckpoint=0``), so no
+    COMMIT of the hot path waits for one.  Here: PASSIVE checkpoints after
+    every ``CHECKPOINT_EVERY_COMMITS`` commits and every ``CHECKPOINT_POLL_S``
+    with new commits, repeated while commits come in meanwhile (PASSIVE copies
+    what it can without blocking the writer; once it has caught up, the writer
+    starts the WAL over from its beginning), and a TRUNCATE when the store was
+    idle for a poll and the WAL file grew beyond ``WAL_LIMIT_BYTES``.  If
+    commits come back to back so that the thread never catches up and the WAL
+    passes ``WAL_HARD_LIMIT_BYTES``, the writer checkpoints the rest itself
+    (``inline``, counted).  A failed checkpoint is logged and retried; it costs
+    disk space, never durability (see the module docstring).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._wal = path.parent / (path.name + "-wal")
+        self._commits = 0
+        self._kick = threading.Event()
+        self._stopping = threading.Event()
+        self.passive = 0
+        """PASSIVE checkpoints run by the thread."""
+        self.truncated = 0
+        """TRUNCATE checkpoints run (after a burst, when idle)."""
+        self.inline_runs = 0
+        """Checkpoints the writer ran itself (the WAL passed the hard limit)."""
+        self.failures = 0
+        self.behind: int | None = None
+        """WAL frames the last PASSIVE checkpoint could not copy (0: it caught up)."""
+        self.covered = 0
+        """Commits (of ``committed``) the last PASSIVE checkpoint started after."""
+        self._thread = threading.Thread(
+            target=self._run, name="gateway-store-checkpoint", daemon=True
+        )
+        self._thread.start()
+
+    def committed(self) -> None:
+        """The writer committed (called on its thread; cheap)."""
+        self._commits += 1
+        if self._commits % CHECKPOINT_EVERY_COMMITS == 0:
+            self._kick.set()
+
+    def over_hard_limit(self, commits: int) -> bool:
+        """Looked at every ``CHECKPOINT_EVERY_COMMITS`` commits: is the WAL past the hard limit?"""
+        return commits % CHECKPOINT_EVERY_COMMITS == 0 and self.wal_bytes() > WAL_HARD_LIMIT_BYTES
+
+    def inline(self, db: sqlite3.Connection) -> None:
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self.inline_runs += 1
+        except sqlite3.Error as exc:
+            self._failed(exc)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._kick.set()
+        self._thread.join(timeout=10.0)
+
+    def wal_bytes(self) -> int:
+        try:
+            return self._wal.stat().st_size
+        except OSError:
+            return 0
+
+    def _failed(self, exc: sqlite3.Error) -> None:
+        self.failures += 1
+        if self.failures == 1 or self.failures % 100 == 0:
+            log.warning("gateway store: checkpoint failed (%d): %s", self.failures, exc)
+
+    def _run(self) -> None:
+        try:
+            db = sqlite3.connect(str(self._path), isolation_level=None, timeout=1.0)
+            db.execute("PRAGMA synchronous=FULL")  # the database file is synced before reuse
+        except sqlite3.Error as exc:
+            log.error("gateway store: no checkpoint thread (%s); the WAL file grows", exc)
+            return
+        done = 0
+        try:
+            while not self._stopping.is_set():
+                self._kick.wait(CHECKPOINT_POLL_S)
+                self._kick.clear()
+                try:
+                    if self._commits != done:
+                        for _ in range(8):  # again while commits came in meanwhile
+                            done = self._commits
+                            # All rows fetched: the statement ends and holds no read lock.
+                            (row,) = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                            self.passive += 1
+                            self.behind, self.covered = int(row[1]) - int(row[2]), done
+                            if self._commits == done or self.behind == 0:
+                                break
+                    elif self.wal_bytes() > WAL_LIMIT_BYTES:
+                        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                        self.truncated += 1
+                except sqlite3.Error as exc:
+                    self._failed(exc)
+        finally:
+            db.close()
 
 
 def _write_marks(

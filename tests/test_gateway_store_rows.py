@@ -1,10 +1,14 @@
-"""The rows ``GatewayStore`` keeps for applied marks and leases, as a restart reads them."""
+"""The rows ``GatewayStore`` keeps, as a restart reads them, and its WAL checkpoints."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import pytest
+
+from parallelcity import gateway_store
 from parallelcity.gateway_store import AppliedMark, GatewayStore
 from parallelcity.watchdog import Lease
 from parallelcity.wire import Command
@@ -69,3 +73,58 @@ def test_inputs_and_issuer_rows_follow_the_marks(tmp_path: Path) -> None:
     assert loaded.inputs == {"plant.T": (71.5, 107.0), "apartment.m": (0.4, 106.0)}
     assert list(loaded.applied_ids) == [first.id, later.id, older.id]
     assert loaded.pending == []
+
+
+def _wait(cond: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def test_commits_never_checkpoint_the_checkpoint_thread_does(tmp_path: Path) -> None:
+    store = GatewayStore(tmp_path / "gw.sqlite")
+    try:
+        (auto,) = store._db.execute("PRAGMA wal_autocheckpoint").fetchone()
+        assert auto == 0  # no COMMIT of the writer runs a checkpoint
+        ck = store.checkpointer
+        assert ck is not None
+        for k in range(3 * gateway_store.CHECKPOINT_EVERY_COMMITS):
+            _apply(store, _cmd(k, {"plant.T": 70.0 + k}), {}, durable=False)
+        # The thread catches up once the commits stop; then the writer reuses the WAL.
+        n = store.commits
+        assert _wait(lambda: ck.covered == n and ck.behind == 0), (ck.covered, n, ck.behind)
+        size = ck.wal_bytes()
+        for k in range(100, 110):
+            _apply(store, _cmd(k, {"plant.T": 70.0}), {}, durable=False)
+        assert ck.wal_bytes() <= size
+        assert ck.inline_runs == 0 and ck.failures == 0
+    finally:
+        store.close()
+    again = GatewayStore(tmp_path / "gw.sqlite")
+    try:
+        assert len(again.load(1000).applied_ids) == 3 * gateway_store.CHECKPOINT_EVERY_COMMITS + 10
+    finally:
+        again.close()
+
+
+def test_an_idle_store_truncates_a_grown_wal_and_the_writer_bounds_it_under_a_flood(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway_store, "WAL_LIMIT_BYTES", 1)
+    store = GatewayStore(tmp_path / "gw.sqlite")
+    try:
+        ck = store.checkpointer
+        assert ck is not None
+        for k in range(20):
+            _apply(store, _cmd(k, {"plant.T": 70.0 + k}), {})
+        assert _wait(lambda: ck.truncated >= 1 and ck.wal_bytes() == 0)
+        # Commits back to back past the hard limit: the writer checkpoints what is left.
+        monkeypatch.setattr(gateway_store, "WAL_HARD_LIMIT_BYTES", 1)
+        for k in range(20, 20 + 2 * gateway_store.CHECKPOINT_EVERY_COMMITS):
+            _apply(store, _cmd(k, {"plant.T": 70.0}), {})
+        assert ck.inline_runs >= 1
+    finally:
+        store.close()
