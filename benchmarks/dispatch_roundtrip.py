@@ -63,7 +63,7 @@ from parallelcity.clock import SimClock
 from parallelcity.dispatcher import ClientCurve, Dispatcher
 from parallelcity.gateway import FieldGateway, ServerCurve, new_zap_domain
 from parallelcity.gateway_core import GatewayCore
-from parallelcity.gateway_store import GatewayStore
+from parallelcity.gateway_store import AppliedMark, GatewayStore
 from parallelcity.keys import KeyPair
 from parallelcity.specs import InputLimit
 from parallelcity.wire import AckStatus, Command, decode_ack
@@ -173,6 +173,32 @@ def _gateway_server(
 
     logging.basicConfig(level=logging.ERROR)
     asyncio.run(main())
+
+
+def bench_checkpoints(folder: str, n: int) -> dict[str, dict[str, float]]:
+    """Store commits one at a time (pending commit of one command, its mark deferred to the
+    next), interleaved on two stores: WAL checkpoints in the store's thread, and SQLite's
+    automatic checkpoint inside a COMMIT (``checkpoint_thread=False``)."""
+    samples: dict[str, list[float]] = {"thread": [], "inside COMMIT": []}
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        stores = {
+            "thread": GatewayStore(Path(tmp) / "thread.sqlite"),
+            "inside COMMIT": GatewayStore(Path(tmp) / "auto.sqlite", checkpoint_thread=False),
+        }
+        t0 = time.perf_counter()
+        for i in range(n):
+            cmd = _command(i)
+            mark = AppliedMark(cmd.id, cmd.issuer, cmd.seq, cmd.issued_at, cmd.setpoints, 1.0)
+            for name, store in stores.items():
+                t = time.perf_counter()
+                store.begin_batch([cmd], [0])
+                samples[name].append(time.perf_counter() - t)
+                store.mark_applied([mark], {}, durable=False)
+            time.sleep(0.0005)  # a round trip's worth of idle, as with one command in flight
+        elapsed = time.perf_counter() - t0
+        for store in stores.values():
+            store.close()
+    return {name: _stats(xs, elapsed) for name, xs in samples.items()}
 
 
 # --------------------------------------------------------------------------- clients
@@ -379,6 +405,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows.append(Row(label, bench_req_rep(ep, args.n, curve)))
         proc.join(5)
     fsync = bench_fsync(args.dir, min(args.n, 2000))
+    checkpoints = bench_checkpoints(args.dir, min(args.n, 3000))
 
     for label, mode, use_curve in (
         ("parallelcity, no CURVE", "memory", False),
@@ -462,6 +489,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(
             f"  {row.label:<40} WAL checkpoints: {passive} in the checkpoint thread, "
             f"{truncated} truncations when idle, {inline} by the writer (hard limit)"
+        )
+    print(f"\nstore commits alone, one at a time, {min(args.n, 3000)} each, interleaved (ms):")
+    for name, st in checkpoints.items():
+        print(
+            f"  WAL checkpoint {name:<16} p50 {st['p50_ms']:.3f}  p99 {st['p99_ms']:.3f}  "
+            f"p99.9 {st['p99.9_ms']:.3f}  max {st['max_ms']:.3f}"
         )
     _print_targets(rows[1].stats, fsync, rows[4:])
 
