@@ -111,7 +111,8 @@ def test_a_restart_never_rewrites_an_input_a_third_party_changed_after_an_acked_
                     cmd = command(disp, ours)
                     ack = await rig.deliver(disp, cmd)
                     rig.proc.kill()  # right after the ack: the applied mark may be pending
-                    assert ack.status is AckStatus.APPLIED, ack
+                    # DUPLICATE: an earlier attempt landed, its reply was lost (slow start).
+                    assert ack.status in (AckStatus.APPLIED, AckStatus.DUPLICATE), ack
                     state, _ = store_rows(rig.state, cmd.id)
                     pending = state == "pending"
                     pending_seen += pending
@@ -159,7 +160,8 @@ def test_with_ack_after_applied_commit_every_ack_is_durably_applied_before_it_le
                     cmd = command(disp, 1.0 + k)
                     ack = await rig.deliver(disp, cmd)
                     rig.proc.kill()
-                    assert ack.status is AckStatus.APPLIED, ack
+                    # DUPLICATE: an earlier attempt landed, its reply was lost (slow start).
+                    assert ack.status in (AckStatus.APPLIED, AckStatus.DUPLICATE), ack
                     state, events = store_rows(rig.state, cmd.id)
                     assert state == "applied", f"try {k}: {state}"
                     assert not any(kind == "settled" for kind, _ in events)
