@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -128,3 +129,17 @@ def test_an_idle_store_truncates_a_grown_wal_and_the_writer_bounds_it_under_a_fl
         assert ck.inline_runs >= 1
     finally:
         store.close()
+
+
+def test_pending_setpoints_are_read_back_exactly(tmp_path: Path) -> None:
+    values = {"plant.T": 70.000001, "a.small": 1e-06, "apartment.m": -0.0, "x.big": 1e300}
+    store = GatewayStore(tmp_path / "gw.sqlite")
+    try:
+        store.begin_batch([_cmd(1, values)], [0])
+        (pending,) = store.load(10).pending
+    finally:
+        store.close()
+    assert pending.setpoints == values
+    assert [repr(v) for v in pending.setpoints.values()] == [repr(v) for v in values.values()]
+    odd = {'odd "name"\\': 0.1, "plant.T": 3.0}
+    assert json.loads(gateway_store._setpoints_json(odd)) == odd
