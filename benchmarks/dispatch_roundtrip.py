@@ -154,7 +154,9 @@ def _gateway_server(
             for v in phases.values():
                 v.clear()
             ck = store.checkpointer if store is not None else None
-            checkpoints = (0, 0, 0) if ck is None else (ck.passive, ck.truncated, ck.inline_runs)
+            checkpoints = (0, 0, 0, 0, 0)
+            if ck is not None:
+                checkpoints = (ck.passive, ck.tails, ck.truncated, ck.inline_runs, ck.wal_bytes())
             q.put((store.commits if store is not None else 0, c.applied, c.received, c.batches,
                    summary, checkpoints))  # fmt: skip
 
@@ -485,10 +487,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             line += f"; round trip - handle, p50 {row.stats['p50_ms'] - hd['p50']:.3f}"
         print(line)
     for row in rows[4:]:
-        passive, truncated, inline = row.checkpoints
+        passive, tails, truncated, inline, wal = row.checkpoints
         print(
-            f"  {row.label:<40} WAL checkpoints: {passive} in the checkpoint thread, "
-            f"{truncated} truncations when idle, {inline} by the writer (hard limit)"
+            f"  {row.label:<40} WAL checkpoints: {passive} in the checkpoint thread "
+            f"({tails} holding the writer for the last frames), "
+            f"{truncated} truncations when idle, {inline} by the writer (hard limit); "
+            f"WAL file {wal / 2**20:.1f} MiB at the end"
         )
     print(f"\nstore commits alone, one at a time, {min(args.n, 3000)} each, interleaved (ms):")
     for name, st in checkpoints.items():
@@ -520,7 +524,7 @@ def _print_targets(raw_curve: dict[str, float], fsync: dict[str, float], rows: l
                 stall_bound,
                 True,
             ),
-            ("no checkpoint inside a commit", float(row.checkpoints[2]), 0.0, True),
+            ("no checkpoint inside a commit", float(row.checkpoints[3]), 0.0, True),
         ]
         for k, (what, got, bound, upper) in enumerate(checks):
             ok = got <= bound if upper else got >= bound
@@ -537,8 +541,9 @@ class Row:
     several: float | None = None
     server: dict[str, float | None] | None = None
     phases: dict[str, dict[str, float]] | None = None
-    checkpoints: tuple[int, ...] = (0, 0, 0)
-    """WAL checkpoints by the store's thread, idle truncations, by the writer itself."""
+    checkpoints: tuple[int, ...] = (0, 0, 0, 0, 0)
+    """Checkpoints: by the thread, of those holding the writer, idle TRUNCATEs, by the
+    writer; WAL bytes."""
 
 
 def _snapshot(proc: Any, q: Any) -> tuple[Any, ...]:

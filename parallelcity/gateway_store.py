@@ -103,8 +103,10 @@ is never pending, at one more fsync per batch.
 Checkpoints
 -----------
 The writer connection never checkpoints the WAL (``wal_autocheckpoint=0``);
-``_Checkpointer`` does, from its own thread and connection (PASSIVE while
-commits come, TRUNCATE after a burst when idle), so no COMMIT waits for one.
+``_Checkpointer`` does, from its own thread and connection (PASSIVE beside the
+writer while commits come; the last few frames holding the writer back, every
+``RESTART_FRAMES``, so that the WAL is rewritten in place; TRUNCATE after a
+burst when idle), so no COMMIT copies the WAL.
 Durability does not depend on it: with ``synchronous=FULL`` every COMMIT
 fsyncs its WAL frames before it returns, and a checkpoint only copies committed
 frames into the database file and syncs that file before the WAL may be
@@ -158,7 +160,10 @@ CREATE TABLE IF NOT EXISTS event (n INTEGER PRIMARY KEY AUTOINCREMENT, t REAL NO
 CHECKPOINT_EVERY_COMMITS = 16
 """The checkpoint thread is woken after this many commits (and every ``CHECKPOINT_POLL_S``)."""
 CHECKPOINT_POLL_S = 0.25
-WAL_LIMIT_BYTES = 4 * 1024 * 1024
+RESTART_FRAMES = 4096
+"""WAL frames (pages) after which the checkpoint thread copies the last few while holding
+the writer back, so that the writer starts the WAL over (rewriting the file in place)."""
+WAL_LIMIT_BYTES = 32 * 1024 * 1024
 """An idle store whose WAL file is larger is checkpointed with TRUNCATE."""
 WAL_HARD_LIMIT_BYTES = 64 * 1024 * 1024
 """Beyond this (commits back to back, the thread never caught up) the writer checkpoints
@@ -360,25 +365,28 @@ class GatewayStore:
             self._next_batch = 1 + int(row[0] or 0)
         except (OSError, sqlite3.Error) as exc:
             raise JournalError(f"cannot open the gateway store {self.path}: {exc}") from exc
+        self._writing = threading.Lock()
+        """Held by every transaction; the checkpoint thread holds it for a WAL's last frames."""
         self.checkpointer = None
         if checkpoint_thread and str(path) != ":memory:":
-            self.checkpointer = _Checkpointer(self.path)
+            self.checkpointer = _Checkpointer(self.path, self._writing)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
         ck = self.checkpointer
-        if ck is not None and ck.over_hard_limit(self.commits):
-            ck.inline(self._db)
-        try:
-            self._db.execute("BEGIN IMMEDIATE")
-            if self._deferred or self._deferred_leases is not None:
-                _write_marks(self._db, self._deferred, self._deferred_leases)
-            yield self._db
-            self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise JournalError(f"gateway store write failed ({self.path}): {exc}") from exc
+        with self._writing:
+            if ck is not None and ck.over_hard_limit(self.commits):
+                ck.inline(self._db)
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                if self._deferred or self._deferred_leases is not None:
+                    _write_marks(self._db, self._deferred, self._deferred_leases)
+                yield self._db
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise JournalError(f"gateway store write failed ({self.path}): {exc}") from exc
         self._deferred = []
         self._deferred_leases = None
         self.commits += 1
@@ -572,26 +580,33 @@ class _Checkpointer:
     """Copies the WAL into the database file from a thread of its own, on its own connection.
 
     The writer connection never checkpoints (``wal_autocheckpoint=0``), so no
-    COMMIT of the hot path waits for one.  Here: PASSIVE checkpoints after
-    every ``CHECKPOINT_EVERY_COMMITS`` commits and every ``CHECKPOINT_POLL_S``
-    with new commits, repeated while commits come in meanwhile (PASSIVE copies
-    what it can without blocking the writer; once it has caught up, the writer
-    starts the WAL over from its beginning), and a TRUNCATE when the store was
-    idle for a poll and the WAL file grew beyond ``WAL_LIMIT_BYTES``.  If
-    commits come back to back so that the thread never catches up and the WAL
-    passes ``WAL_HARD_LIMIT_BYTES``, the writer checkpoints the rest itself
-    (``inline``, counted).  A failed checkpoint is logged and retried; it costs
-    disk space, never durability (see the module docstring).
+    COMMIT copies the WAL.  Here: a PASSIVE checkpoint after every
+    ``CHECKPOINT_EVERY_COMMITS`` commits and every ``CHECKPOINT_POLL_S`` with
+    new commits, beside the writer.  The writer starts the WAL over from its
+    beginning (rewriting the file in place, cheaper to sync than appending) only
+    when a checkpoint copied every frame before its transaction began, which a
+    checkpoint beside a busy writer rarely does; so once the WAL holds
+    ``RESTART_FRAMES`` frames, the thread copies the few frames committed since
+    its last pass while it holds the writer's lock (a commit arriving then
+    waits for that short copy, not for the whole WAL as inside SQLite's own
+    checkpoint).  When idle it catches up, and TRUNCATEs a WAL file grown beyond
+    ``WAL_LIMIT_BYTES``.  If the WAL still passes ``WAL_HARD_LIMIT_BYTES`` the
+    writer checkpoints itself (``inline``, counted).  A failed checkpoint is
+    logged and retried; it costs disk space, never durability (module
+    docstring).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, writing: threading.Lock) -> None:
         self._path = path
         self._wal = path.parent / (path.name + "-wal")
+        self._writing = writing
         self._commits = 0
         self._kick = threading.Event()
         self._stopping = threading.Event()
         self.passive = 0
         """PASSIVE checkpoints run by the thread."""
+        self.tails = 0
+        """Of those, run holding the writer's lock (the last frames before a WAL restart)."""
         self.truncated = 0
         """TRUNCATE checkpoints run (after a burst, when idle)."""
         self.inline_runs = 0
@@ -607,7 +622,7 @@ class _Checkpointer:
         self._thread.start()
 
     def committed(self) -> None:
-        """The writer committed (called on its thread; cheap)."""
+        """The writer committed (called on its thread, holding nothing; cheap)."""
         self._commits += 1
         if self._commits % CHECKPOINT_EVERY_COMMITS == 0:
             self._kick.set()
@@ -639,6 +654,15 @@ class _Checkpointer:
         if self.failures == 1 or self.failures % 100 == 0:
             log.warning("gateway store: checkpoint failed (%d): %s", self.failures, exc)
 
+    def _passive(self, db: sqlite3.Connection) -> int:
+        """One PASSIVE checkpoint; the WAL's frames."""
+        covered = self._commits
+        # All rows fetched: the statement ends and holds no read lock.
+        (row,) = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        self.passive += 1
+        self.behind, self.covered = int(row[1]) - int(row[2]), covered
+        return int(row[1])
+
     def _run(self) -> None:
         try:
             db = sqlite3.connect(str(self._path), isolation_level=None, timeout=1.0)
@@ -646,23 +670,21 @@ class _Checkpointer:
         except sqlite3.Error as exc:
             log.error("gateway store: no checkpoint thread (%s); the WAL file grows", exc)
             return
-        done = 0
         try:
             while not self._stopping.is_set():
                 self._kick.wait(CHECKPOINT_POLL_S)
                 self._kick.clear()
                 try:
-                    if self._commits != done:
-                        for _ in range(8):  # again while commits came in meanwhile
-                            done = self._commits
-                            # All rows fetched: the statement ends and holds no read lock.
-                            (row,) = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                            self.passive += 1
-                            self.behind, self.covered = int(row[1]) - int(row[2]), done
-                            if self._commits == done or self.behind == 0:
-                                break
+                    if self._commits != self.covered:
+                        if self._passive(db) >= RESTART_FRAMES:  # the bulk, beside the writer
+                            with self._writing:  # the last frames: the writer then restarts
+                                self._passive(db)
+                                self.tails += 1
+                    elif self.behind:
+                        self._passive(db)  # idle: catch up, the next commit restarts the WAL
                     elif self.wal_bytes() > WAL_LIMIT_BYTES:
-                        db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                        with self._writing:
+                            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
                         self.truncated += 1
                 except sqlite3.Error as exc:
                     self._failed(exc)

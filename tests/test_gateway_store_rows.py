@@ -143,3 +143,24 @@ def test_pending_setpoints_are_read_back_exactly(tmp_path: Path) -> None:
     assert [repr(v) for v in pending.setpoints.values()] == [repr(v) for v in values.values()]
     odd = {'odd "name"\\': 0.1, "plant.T": 3.0}
     assert json.loads(gateway_store._setpoints_json(odd)) == odd
+
+
+def test_under_commits_back_to_back_the_wal_is_restarted_and_rewritten_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway_store, "RESTART_FRAMES", 16)
+    store = GatewayStore(tmp_path / "gw.sqlite")
+    try:
+        ck = store.checkpointer
+        assert ck is not None
+        sizes = []
+        for k in range(40 * gateway_store.CHECKPOINT_EVERY_COMMITS):
+            _apply(store, _cmd(k, {"plant.T": 70.0 + k * 1e-3}), {}, durable=False)
+            sizes.append(ck.wal_bytes())
+            if ck.tails >= 3 and k % gateway_store.CHECKPOINT_EVERY_COMMITS == 0:
+                break
+        assert ck.tails >= 1 and ck.inline_runs == 0, (ck.tails, ck.passive)
+        # Restarted: later commits rewrite the file instead of growing it without end.
+        assert sizes[-1] < 40 * gateway_store.CHECKPOINT_EVERY_COMMITS * 4096
+    finally:
+        store.close()
