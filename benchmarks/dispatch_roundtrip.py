@@ -418,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         keys = (server.public, server.secret) if use_curve else None
         proc, ep, q = _start(_gateway_server, mode, keys, client.public, args.dir)
         ccurve = ClientCurve(client, server.public) if use_curve else None
+        # The disk of a shared machine changes by the minute: its fsync right before the row.
+        row_fsync = bench_fsync(args.dir, min(args.n, 1000)) if mode != "memory" else None
         snaps = [_snapshot(proc, q)]
         stats, seq = asyncio.run(bench_dispatcher(ep, args.n, ccurve, 0))
         snaps.append(_snapshot(proc, q))
@@ -434,6 +436,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         }
         row = Row(label, stats, piped, several, gateway_stats, snaps[1][4])
         row.checkpoints = tuple(int(x) for x in snaps[-1][5])
+        row.fsync = row_fsync
         rows.append(row)
 
     base, base_curve, no_store = rows[0].stats, rows[1].stats, rows[3]
@@ -504,19 +507,28 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _print_targets(raw_curve: dict[str, float], fsync: dict[str, float], rows: list[Row]) -> None:
-    """The issue's targets for the CURVE + durable store rows: met, or the gap."""
-    p50_bound = 3 * (raw_curve["p50_ms"] + fsync["p50_ms"])
+    """The issue's targets for the CURVE + durable store rows: met, or the gap.
+
+    The fsync of each row is the one measured right before it (``fsync`` if none).
+    """
     print(
-        f"\ntargets (CURVE + durable store, one run; p50 bound = 3 x (raw CURVE REQ/REP p50 "
-        f"{raw_curve['p50_ms']:.3f} + fsync p50 {fsync['p50_ms']:.3f}) = {p50_bound:.3f} ms):"
+        "\ntargets (CURVE + durable store; p50 bound = 3 x (raw CURVE REQ/REP p50 "
+        f"{raw_curve['p50_ms']:.3f} ms + fsync p50 measured right before the row)):"
     )
     print(f"  {'configuration':<40}{'target':<54}{'measured':>12}  verdict")
     for row in rows:
         st, cm = row.stats, (row.phases or {}).get("commit", {})
-        stall_bound = 2 * fsync["p99.9_ms"]
+        fs = row.fsync or fsync
+        p50_bound = 3 * (raw_curve["p50_ms"] + fs["p50_ms"])
+        stall_bound = 2 * fs["p99.9_ms"]
         checks = [
             ("one in flight p99 <= 2 ms", st["p99_ms"], 2.0, True),
-            (f"one in flight p50 <= {p50_bound:.3f} ms", st["p50_ms"], p50_bound, True),
+            (
+                f"one in flight p50 <= {p50_bound:.3f} ms (fsync p50 {fs['p50_ms']:.3f})",
+                st["p50_ms"],
+                p50_bound,
+                True,
+            ),
             ("pipelined >= 10,000 commands/s", row.piped or 0.0, 10_000.0, False),
             (
                 f"store commit p99.9 <= 2 x fsync p99.9 ({stall_bound:.3f} ms)",
@@ -542,6 +554,8 @@ class Row:
     server: dict[str, float | None] | None = None
     phases: dict[str, dict[str, float]] | None = None
     checkpoints: tuple[int, ...] = (0, 0, 0, 0, 0)
+    fsync: dict[str, float] | None = None
+    """One fsync on the store's file system, measured right before the row."""
     """Checkpoints: by the thread, of those holding the writer, idle TRUNCATEs, by the
     writer; WAL bytes."""
 
