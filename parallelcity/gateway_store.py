@@ -117,10 +117,8 @@ marks before an ack are as durable as with SQLite's automatic checkpoint.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import math
 import sqlite3
 import threading
 import time
@@ -457,7 +455,7 @@ class GatewayStore:
                 "INSERT OR REPLACE INTO applied (id, issuer, seq, state, issued_at, applied_at, "
                 "setpoints, batch, grp) VALUES (?, ?, ?, 'pending', ?, NULL, ?, ?, ?)",
                 [
-                    (c.id, c.issuer, c.seq, c.issued_at, _setpoints_json(c.setpoints), batch, g)
+                    (c.id, c.issuer, c.seq, c.issued_at, json.dumps(dict(c.setpoints)), batch, g)
                     for c, g in zip(cmds, groups, strict=True)
                 ],
             )
@@ -731,22 +729,6 @@ def _write_leases(db: sqlite3.Connection, leases: Mapping[str, Lease]) -> None:
         "DO UPDATE SET holder = excluded.holder, until = excluded.until",
         [(eq, lease.holder, lease.until) for eq, lease in leases.items()],
     )
-
-
-@functools.lru_cache(maxsize=4096)
-def _json_key(name: str) -> str:
-    return json.dumps(name)
-
-
-def _setpoints_json(setpoints: Mapping[str, float]) -> str:
-    """``json.dumps(setpoints)`` for finite values (what the wire admits), a few times faster."""
-    parts = []
-    for name, value in setpoints.items():
-        v = float(value)
-        if not math.isfinite(v):
-            return json.dumps(dict(setpoints))
-        parts.append(f"{_json_key(name)}:{v!r}")
-    return "{" + ",".join(parts) + "}"
 
 
 def _floats(text: Any) -> dict[str, float]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -141,8 +140,6 @@ def test_pending_setpoints_are_read_back_exactly(tmp_path: Path) -> None:
         store.close()
     assert pending.setpoints == values
     assert [repr(v) for v in pending.setpoints.values()] == [repr(v) for v in values.values()]
-    odd = {'odd "name"\\': 0.1, "plant.T": 3.0}
-    assert json.loads(gateway_store._setpoints_json(odd)) == odd
 
 
 def test_under_commits_back_to_back_the_wal_is_restarted_and_rewritten_in_place(
