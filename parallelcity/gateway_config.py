@@ -47,13 +47,13 @@ class GatewaySection(_Strict):
     )
     clock_skew_s: float = Field(5.0, ge=0, description="allowed disagreement of clocks")
     write_timeout_s: float = Field(5.0, gt=0, description="an OPC UA write slower than this fails")
-    lease_s: float = Field(
-        60.0, gt=0, description="how long applying a command reserves its equipment"
-    )
     ack_after_applied_commit: bool = Field(
         False,
         description="commit the applied marks before the acks (one more fsync per batch): "
         "an acked command is then never pending after a crash (docs/wire-protocol.md)",
+    )
+    lease_s: float = Field(
+        60.0, gt=0, description="how long applying a command reserves its equipment"
     )
 
 
@@ -315,9 +315,9 @@ async def serve_gateway(config: GatewayConfig, clock: Clock) -> None:
         bind=config.file.gateway.bind,
         curve=curve,
         insecure_lab=sec.insecure_lab,
+        ack_after_applied_commit=config.file.gateway.ack_after_applied_commit,
         store=store,
         write_timeout_s=config.file.gateway.write_timeout_s,
-        ack_after_applied_commit=config.file.gateway.ack_after_applied_commit,
     )
     try:
         async with writer, gateway:

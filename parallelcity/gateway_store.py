@@ -371,20 +371,26 @@ class GatewayStore:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        ck = self.checkpointer
+        # The checkpoint thread holds _writing while it copies a WAL's last frames.
         with self._writing:
+            ck = self.checkpointer
             if ck is not None and ck.over_hard_limit(self.commits):
                 ck.inline(self._db)
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                if self._deferred or self._deferred_leases is not None:
-                    _write_marks(self._db, self._deferred, self._deferred_leases)
-                yield self._db
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise JournalError(f"gateway store write failed ({self.path}): {exc}") from exc
+            with self._commit() as db:
+                yield db
+
+    @contextmanager
+    def _commit(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            if self._deferred or self._deferred_leases is not None:
+                _write_marks(self._db, self._deferred, self._deferred_leases)
+            yield self._db
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise JournalError(f"gateway store write failed ({self.path}): {exc}") from exc
         self._deferred = []
         self._deferred_leases = None
         self.commits += 1
