@@ -443,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\n{args.n} round trips each, one in flight; pipelined: {args.pipeline} commands, "
           f"window {args.window}; {args.runtimes} runtimes: one in flight each; loopback; "
           "servers in their own process\n")  # fmt: skip
-    print(f"{'configuration':<40}{'p50 ms':>8}{'p99 ms':>8}{'p99.9':>8}{'max ms':>8}{'cmds/s':>8}"
+    print(f"{'configuration':<40}{'p50 ms':>8}{'p99 ms':>8}{'p99.9':>8}{'max ms':>9}{'cmds/s':>8}"
           f"{'pipelined/s':>12}{f'{args.runtimes} rt/s':>8}{'commits/cmd':>12}{'piped':>7}"
           f"{'batch':>7}{'p99 / REQ-REP':>14}")  # fmt: skip
     for row in rows:
@@ -452,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         srv = row.server or {}
         print(
             f"{row.label:<40}{st['p50_ms']:>8.3f}{st['p99_ms']:>8.3f}{st['p99.9_ms']:>8.3f}"
-            f"{st['max_ms']:>8.3f}{st['per_s']:>8.0f}"
+            f"{st['max_ms']:>9.3f}{st['per_s']:>8.0f}"
             f"{_opt(row.piped):>12}{_opt(row.several):>8}"
             f"{_opt(srv.get('commits_1'), '.2f'):>12}{_opt(srv.get('commits_pipe'), '.3f'):>7}"
             f"{_opt(srv.get('batch_pipe'), '.1f'):>7}"
@@ -460,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     print(
         f"{'fsync: 16 KiB in place + fdatasync':<40}{fsync['p50_ms']:>8.3f}{fsync['p99_ms']:>8.3f}"
-        f"{fsync['p99.9_ms']:>8.3f}{fsync['max_ms']:>8.3f}{fsync['per_s']:>8.0f}"
+        f"{fsync['p99.9_ms']:>8.3f}{fsync['max_ms']:>9.3f}{fsync['per_s']:>8.0f}"
         f"   (in {args.dir})"
     )
     print(f"\ndurable store against the no-store CURVE row ({no_store.label!r}), same run:")
