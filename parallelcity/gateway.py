@@ -44,7 +44,7 @@ from .gateway_core import (
     GatewayCore,
     Outcome,
 )
-from .gateway_store import AppliedMark, GatewayStore, Pending, landed
+from .gateway_store import AppliedMark, GatewayStore, Pending, judge
 from .keys import KeyPair
 from .loglimit import LogLimiter
 from .mirror import Backoff
@@ -410,16 +410,21 @@ class FieldGateway:
     ) -> None:
         """Settle a pending batch against ``values`` read back (``None``: count it all applied).
 
-        The commands that landed (``gateway_store.landed``) are remembered as
-        applied and become the inputs' last applied values; the others are
-        forgotten (a resend is decided afresh).  One store commit, ``events`` too.
+        ``gateway_store.judge`` decides: the commands counted as applied are
+        remembered and become the inputs' last applied values; the others are
+        forgotten (a resend is decided afresh).  A command counted as applied
+        although an input holds a value this gateway did not write there is a
+        ``conflict`` (event and warning): never written again.  One store
+        commit, ``events`` too.
         """
         core, st = self.core, self.core.state
+        names = {n for p in batch for n in p.setpoints}
+        before = {n: st.last_applied[n].value for n in names if n in st.last_applied}
         marks: list[AppliedMark] = []
         abandoned: list[str] = []
         settled: list[tuple[float, str, str]] = []
-        for p, ok in zip(batch, landed(batch, values), strict=True):
-            if ok:
+        for p, verdict in zip(batch, judge(batch, values, before), strict=True):
+            if verdict.applied:
                 core._remember(p.command_id, p.issuer, p.seq, now, p.digest)
                 for name, value in p.setpoints.items():
                     st.last_applied[name] = AppliedInput(value, now)
@@ -429,9 +434,17 @@ class FieldGateway:
                 what = "its values are in the field: counted as applied"
                 if values is None:
                     what = "the field could not be read: counted as applied (never twice)"
+                elif verdict.conflicts:
+                    what = "the field holds another value: counted as applied, a conflict"
             else:
                 abandoned.append(p.command_id)
-                what = "its values are not in the field: forgotten, a resend is applied"
+                what = (
+                    "its inputs still hold this gateway's earlier values: it did not land, "
+                    "forgotten, a resend is applied"
+                )
+            for conflict in verdict.conflicts:
+                log.warning("gateway: CONFLICT %s: %s", when, conflict.describe())
+                settled.append((now, "conflict", conflict.describe()))
             log.warning("gateway: command %s was in doubt %s; %s", p.command_id, when, what)
             settled.append((now, "settled", f"{p.command_id}: {what}"))
         if self.store is not None:

@@ -60,6 +60,11 @@ class GatewaySection(_Strict):
         description="a command whose issued_at is older than this (plus the skew) is refused",
     )
     write_timeout_s: float = Field(5.0, gt=0, description="an OPC UA write slower than this fails")
+    ack_after_applied_commit: bool = Field(
+        False,
+        description="commit the applied marks before the acks (one more fsync per batch): "
+        "an acked command is then never pending after a crash (docs/wire-protocol.md)",
+    )
     lease_s: float = Field(
         60.0, gt=0, description="how long applying a command reserves its equipment"
     )
@@ -353,6 +358,7 @@ async def serve_gateway(config: GatewayConfig, clock: Clock) -> None:
         bind=config.file.gateway.bind,
         curve=curve,
         insecure_lab=sec.insecure_lab,
+        ack_after_applied_commit=config.file.gateway.ack_after_applied_commit,
         store=store,
         write_timeout_s=config.file.gateway.write_timeout_s,
         quota=KeyQuota(g.max_messages_per_s, g.max_burst_messages),

@@ -73,30 +73,54 @@ Where the kill can fall, for the batch B being handled:
    since.  The largest prefix consistent with the values read is taken as
    applied (a larger one only when values coincide - then the field holds
    them anyway); within the partly written group each command counts as
-   applied when all its values are there.  Applied commands become
-   duplicates for every resend or replay; the rest are forgotten, so their
-   resends are applied once.  An ack is only ever sent after B's writes
-   succeeded, so every acked command is in the landed prefix: its replay is a
-   ``duplicate``.  If the field cannot be read at the restart, the whole batch
-   counts as applied: never twice.  (A running gateway stays in doubt instead,
-   above; a kill while in doubt is case 2.)
+   applied when all its values are there.  A command outside it whose
+   inputs all still hold values this gateway wrote there (the value before the
+   batch, or one an earlier group wrote) did not land: it is forgotten, so its
+   resend is applied once.  A command outside it with an input holding
+   anything else (``judge``) either never landed or was overwritten by a third
+   party (a PLC program, an operator) since; the field cannot tell which, so it
+   counts as applied - at most once, never overwriting the third party - with
+   a ``conflict`` event naming the command, the input, our value and the
+   field's.  Applied commands become duplicates for every resend or replay.
+   An ack is only ever sent after B's writes succeeded, so every acked command
+   counts as applied: its replay is a ``duplicate``.  If the field cannot be
+   read at the restart, the whole batch counts as applied: never twice.  (A
+   running gateway stays in doubt instead, above; a kill while in doubt is
+   case 2.)
 3. After B's applied marks are durable: B is plain history.
 
 So the record that makes the replay of an acked command a duplicate - the
 pending row, settled against the field - is durable before the ack is sent;
-the applied mark only saves the read-back.  What the read-back cannot see is
-a third party (a PLC program, an operator) changing the same inputs between
-the write and the restart; that window existed before group commit (between
-write and applied commit); deferring the mark lengthens it by at most the
-idle flush delay (milliseconds) or one batch.  A gateway built with
-``ack_after_applied_commit=True`` commits the marks before every ack and
-closes that extra window, at one more fsync per batch.
+the applied mark only saves the read-back.  A third party changing one of B's
+inputs between the write and the restart turns a would-be exactly-once into
+at-most-once with a journaled ``conflict``: the restart never writes over it.
+That window lasts from the write to the applied commit: by default the marks
+ride in the next commit (at most the idle flush delay, milliseconds, or one
+batch later); a gateway built with ``ack_after_applied_commit=True`` (config
+key of the same name) commits the marks before every ack, so an acked command
+is never pending, at one more fsync per batch.
+
+Checkpoints
+-----------
+The writer connection never checkpoints the WAL (``wal_autocheckpoint=0``);
+``_Checkpointer`` does, from its own thread and connection (PASSIVE beside the
+writer while commits come; the last few frames holding the writer back, every
+``RESTART_FRAMES``, so that the WAL is rewritten in place; TRUNCATE after a
+burst when idle), so no COMMIT copies the WAL.
+Durability does not depend on it: with ``synchronous=FULL`` every COMMIT
+fsyncs its WAL frames before it returns, and a checkpoint only copies committed
+frames into the database file and syncs that file before the WAL may be
+reused; a crash at any point of a checkpoint leaves the frames in the WAL, and
+the next open replays them.  So the pending commit before a write and the
+marks before an ack are as durable as with SQLite's automatic checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
@@ -108,6 +132,8 @@ from typing import Any
 from .errors import JournalError
 from .watchdog import Lease
 from .wire import Command, WatchdogState
+
+log = logging.getLogger("parallelcity.gateway")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS applied (
@@ -129,6 +155,17 @@ CREATE TABLE IF NOT EXISTS watchdog (k INTEGER PRIMARY KEY CHECK (k = 0), state 
 CREATE TABLE IF NOT EXISTS event (n INTEGER PRIMARY KEY AUTOINCREMENT, t REAL NOT NULL,
                                   kind TEXT NOT NULL, detail TEXT NOT NULL);
 """
+CHECKPOINT_EVERY_COMMITS = 16
+"""The checkpoint thread is woken after this many commits (and every ``CHECKPOINT_POLL_S``)."""
+CHECKPOINT_POLL_S = 0.25
+RESTART_FRAMES = 4096
+"""WAL frames (pages) after which the checkpoint thread copies the last few while holding
+the writer back, so that the writer starts the WAL over (rewriting the file in place)."""
+WAL_LIMIT_BYTES = 32 * 1024 * 1024
+"""An idle store whose WAL file is larger is checkpointed with TRUNCATE."""
+WAL_HARD_LIMIT_BYTES = 64 * 1024 * 1024
+"""Beyond this (commits back to back, the thread never caught up) the writer checkpoints
+what is left itself before its next transaction: a bounded stall instead of a WAL that grows."""
 # Added with group commit; a store written before gets the columns on open.
 BATCH_COLUMNS = (("batch", "INTEGER"), ("grp", "INTEGER NOT NULL DEFAULT 0"), ("digest", "TEXT"))
 """``digest``: the command's payload digest (``Command.digest``); NULL in rows
@@ -183,6 +220,79 @@ class Loaded:
         return list(out.values())
 
 
+@dataclass(frozen=True)
+class Conflict:
+    """An input of a pending command that holds a value this gateway did not write there."""
+
+    command_id: str
+    name: str
+    ours: float
+    field: float | None
+    """What the field holds (``None``: the input could not be read)."""
+
+    def describe(self) -> str:
+        seen = "could not be read" if self.field is None else f"holds {self.field!r}"
+        return (
+            f"{self.command_id}: input {self.name}: ours {self.ours!r}, the field {seen}; "
+            "it never landed or a third party changed it since: counted as applied, "
+            "not written again"
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a pending command is settled against the field (``judge``)."""
+
+    applied: bool
+    """True: remembered as applied (a resend is a duplicate); False: forgotten."""
+    conflicts: tuple[Conflict, ...] = ()
+    """Non-empty: counted as applied although the field does not hold its values."""
+
+
+def judge(
+    batch: Sequence[Pending],
+    field: Mapping[str, float] | None,
+    before: Mapping[str, float],
+) -> list[Verdict]:
+    """Settle a pending batch against ``field`` read back; ``before``: inputs' last values
+    this gateway applied before the batch.  Pure.
+
+    A command counts as applied when ``landed`` says so or all its values are in the
+    field.  Otherwise it is forgotten (a resend writes it) only when every input
+    still holds a value this gateway wrote there - its value before the batch, one
+    an earlier write group of the batch wrote, or the command's own: then nothing
+    it would overwrite came from anyone else.  An input holding anything else (or
+    unreadable, or never written by this gateway) means the write never landed or
+    a third party changed it since, which the field cannot tell apart: the command
+    counts as applied (at most once, never overwriting the third party), with a
+    ``Conflict`` per such input.  ``field`` ``None``: all count as applied.
+    """
+    if field is None:
+        return [Verdict(True)] * len(batch)
+    ours: dict[str, set[float]] = {}
+    earlier: dict[int, dict[str, set[float]]] = {}
+    for g in sorted({p.group for p in batch}):
+        earlier[g] = {n: set(vs) for n, vs in ours.items()}
+        for p in batch:
+            if p.group == g:
+                for n, v in p.setpoints.items():
+                    ours.setdefault(n, set()).add(v)
+    out: list[Verdict] = []
+    for p, ok in zip(batch, landed(batch, field), strict=True):
+        if ok or all(field.get(n) == v for n, v in p.setpoints.items()):
+            out.append(Verdict(True))
+            continue
+        conflicts = []
+        for n, v in p.setpoints.items():
+            mine = earlier[p.group].get(n, set()) | {v}
+            if n in before:
+                mine.add(before[n])
+            if field.get(n) not in mine:
+                conflicts.append(Conflict(p.command_id, n, v, field.get(n)))
+        out.append(Verdict(bool(conflicts), tuple(conflicts)))
+    return out
+
+
 def landed(batch: Sequence[Pending], field: Mapping[str, float] | None) -> list[bool]:
     """Which commands of a pending batch reached the field, judged from ``field`` read back.
 
@@ -228,7 +338,9 @@ class GatewayStore:
     ``flush`` commits them on their own, ``close`` flushes.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, checkpoint_thread: bool = True) -> None:
+        """``checkpoint_thread`` False: SQLite's automatic checkpoint inside the COMMIT that
+        crosses 1000 WAL pages, as before the thread (the benchmark compares the two)."""
         self.path = Path(path)
         self._deferred: list[AppliedMark] = []
         self._deferred_leases: dict[str, Lease] | None = None
@@ -242,6 +354,10 @@ class GatewayStore:
             self._db = sqlite3.connect(str(path), isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            # Checkpoints run in their own thread (_Checkpointer), never inside a COMMIT.
+            if checkpoint_thread:
+                self._db.execute("PRAGMA wal_autocheckpoint=0")
+            self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
             self._db.executescript(SCHEMA)
             have = {str(r[1]) for r in self._db.execute("PRAGMA table_info(applied)")}
             for name, decl in BATCH_COLUMNS:
@@ -253,9 +369,24 @@ class GatewayStore:
             self._next_batch = 1 + int(row[0] or 0)
         except (OSError, sqlite3.Error) as exc:
             raise JournalError(f"cannot open the gateway store {self.path}: {exc}") from exc
+        self._writing = threading.Lock()
+        """Held by every transaction; the checkpoint thread holds it for a WAL's last frames."""
+        self.checkpointer = None
+        if checkpoint_thread and str(path) != ":memory:":
+            self.checkpointer = _Checkpointer(self.path, self._writing)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        # The checkpoint thread holds _writing while it copies a WAL's last frames.
+        with self._writing:
+            ck = self.checkpointer
+            if ck is not None and ck.over_hard_limit(self.commits):
+                ck.inline(self._db)
+            with self._commit() as db:
+                yield db
+
+    @contextmanager
+    def _commit(self) -> Iterator[sqlite3.Connection]:
         try:
             self._db.execute("BEGIN IMMEDIATE")
             if self._deferred or self._deferred_leases is not None:
@@ -273,6 +404,8 @@ class GatewayStore:
         self._deferred = []
         self._deferred_leases = None
         self.commits += 1
+        if self.checkpointer is not None:
+            self.checkpointer.committed()
 
     def load(self, max_ids: int) -> Loaded:
         db = self._db
@@ -463,7 +596,125 @@ class GatewayStore:
         try:
             self.flush()
         finally:
+            if self.checkpointer is not None:
+                self.checkpointer.stop()
             self._db.close()
+
+
+class _Checkpointer:
+    """Copies the WAL into the database file from a thread of its own, on its own connection.
+
+    The writer connection never checkpoints (``wal_autocheckpoint=0``), so no
+    COMMIT copies the WAL.  Here: a PASSIVE checkpoint after every
+    ``CHECKPOINT_EVERY_COMMITS`` commits and every ``CHECKPOINT_POLL_S`` with
+    new commits, beside the writer.  The writer starts the WAL over from its
+    beginning (rewriting the file in place, cheaper to sync than appending) only
+    when a checkpoint copied every frame before its transaction began, which a
+    checkpoint beside a busy writer rarely does; so once the WAL holds
+    ``RESTART_FRAMES`` frames, the thread copies the few frames committed since
+    its last pass while it holds the writer's lock (a commit arriving then
+    waits for that short copy, not for the whole WAL as inside SQLite's own
+    checkpoint).  When idle it catches up, and TRUNCATEs a WAL file grown beyond
+    ``WAL_LIMIT_BYTES``.  If the WAL still passes ``WAL_HARD_LIMIT_BYTES`` the
+    writer checkpoints itself (``inline``, counted).  A failed checkpoint is
+    logged and retried; it costs disk space, never durability (module
+    docstring).
+    """
+
+    def __init__(self, path: Path, writing: threading.Lock) -> None:
+        self._path = path
+        self._wal = path.parent / (path.name + "-wal")
+        self._writing = writing
+        self._commits = 0
+        self._kick = threading.Event()
+        self._stopping = threading.Event()
+        self.passive = 0
+        """PASSIVE checkpoints run by the thread."""
+        self.tails = 0
+        """Of those, run holding the writer's lock (the last frames before a WAL restart)."""
+        self.truncated = 0
+        """TRUNCATE checkpoints run (after a burst, when idle)."""
+        self.inline_runs = 0
+        """Checkpoints the writer ran itself (the WAL passed the hard limit)."""
+        self.failures = 0
+        self.behind: int | None = None
+        """WAL frames the last PASSIVE checkpoint could not copy (0: it caught up)."""
+        self.covered = 0
+        """Commits (of ``committed``) the last PASSIVE checkpoint started after."""
+        self._thread = threading.Thread(
+            target=self._run, name="gateway-store-checkpoint", daemon=True
+        )
+        self._thread.start()
+
+    def committed(self) -> None:
+        """The writer committed (called on its thread, holding nothing; cheap)."""
+        self._commits += 1
+        if self._commits % CHECKPOINT_EVERY_COMMITS == 0:
+            self._kick.set()
+
+    def over_hard_limit(self, commits: int) -> bool:
+        """Looked at every ``CHECKPOINT_EVERY_COMMITS`` commits: is the WAL past the hard limit?"""
+        return commits % CHECKPOINT_EVERY_COMMITS == 0 and self.wal_bytes() > WAL_HARD_LIMIT_BYTES
+
+    def inline(self, db: sqlite3.Connection) -> None:
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            self.inline_runs += 1
+        except sqlite3.Error as exc:
+            self._failed(exc)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._kick.set()
+        self._thread.join(timeout=10.0)
+
+    def wal_bytes(self) -> int:
+        try:
+            return self._wal.stat().st_size
+        except OSError:
+            return 0
+
+    def _failed(self, exc: sqlite3.Error) -> None:
+        self.failures += 1
+        if self.failures == 1 or self.failures % 100 == 0:
+            log.warning("gateway store: checkpoint failed (%d): %s", self.failures, exc)
+
+    def _passive(self, db: sqlite3.Connection) -> int:
+        """One PASSIVE checkpoint; the WAL's frames."""
+        covered = self._commits
+        # All rows fetched: the statement ends and holds no read lock.
+        (row,) = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        self.passive += 1
+        self.behind, self.covered = int(row[1]) - int(row[2]), covered
+        return int(row[1])
+
+    def _run(self) -> None:
+        try:
+            db = sqlite3.connect(str(self._path), isolation_level=None, timeout=1.0)
+            db.execute("PRAGMA synchronous=FULL")  # the database file is synced before reuse
+        except sqlite3.Error as exc:
+            log.error("gateway store: no checkpoint thread (%s); the WAL file grows", exc)
+            return
+        try:
+            while not self._stopping.is_set():
+                self._kick.wait(CHECKPOINT_POLL_S)
+                self._kick.clear()
+                try:
+                    if self._commits != self.covered:
+                        if self._passive(db) >= RESTART_FRAMES:  # the bulk, beside the writer
+                            with self._writing:  # the last frames: the writer then restarts
+                                self._passive(db)
+                                self.tails += 1
+                    elif self.behind:
+                        self._passive(db)  # idle: catch up, the next commit restarts the WAL
+                    elif self.wal_bytes() > WAL_LIMIT_BYTES:
+                        with self._writing:
+                            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+                        self.truncated += 1
+                except sqlite3.Error as exc:
+                    self._failed(exc)
+        finally:
+            db.close()
 
 
 def _write_marks(

@@ -125,18 +125,31 @@ def test_replays_after_a_restart_are_duplicates_and_the_issuer_continues(tmp_pat
     run(main)
 
 
-@pytest.mark.parametrize("landed", [True, False])
+@pytest.mark.parametrize("field", ["landed", "not-landed", "third-party", "first-write"])
 def test_a_write_left_in_doubt_by_a_crash_is_settled_by_reading_the_field_back(
-    tmp_path: Path, landed: bool
+    tmp_path: Path, field: str
 ) -> None:
-    """Crash after ``begin`` (pending recorded) and before ``commit_applied``."""
+    """Crash after ``begin`` (pending recorded) and before ``commit_applied``.
+
+    Landed: a duplicate.  Not landed (the input still holds our earlier value):
+    applied once.  A third party's value there, or an input never written by
+    this gateway: counted as applied (never written over), a ``conflict``.
+    """
     writer, clock = FakeWriter(), FakeClock(T0)
+    earlier = command({"apartment.m_flow": 0.5}, seq=2)
     cmd = command({"apartment.m_flow": 0.77}, seq=3)
     store = GatewayStore(tmp_path / "state.sqlite")
+    if field != "first-write":
+        store.begin(earlier)
+        store.commit_applied(earlier.id, "cycle", 2, T0, earlier.setpoints, T0, {})
+        writer.writes.append(dict(earlier.setpoints))
     store.begin(cmd)
-    if landed:
+    if field in ("landed", "third-party"):
         writer.writes.append(dict(cmd.setpoints))  # the write reached the field, then: crash
+    if field == "third-party":
+        writer.writes.append({"apartment.m_flow": 1.25})  # someone else, before the restart
     store.close()
+    before = list(writer.writes)
 
     async def main() -> None:
         st = GatewayStore(tmp_path / "state.sqlite")
@@ -145,10 +158,16 @@ def test_a_write_left_in_doubt_by_a_crash_is_settled_by_reading_the_field_back(
         try:
             async with Dispatcher(gw.endpoint, "cycle", insecure_lab=True) as disp:
                 ack = await disp.deliver(cmd)
-            expected = AckStatus.DUPLICATE if landed else AckStatus.APPLIED
-            assert ack.status is expected
-            assert writer.writes == [dict(cmd.setpoints)]  # exactly one execution either way
-            assert any(kind == "settled" for _, kind, _ in st.events())
+            kinds = [kind for _, kind, _ in st.events()]
+            assert "settled" in kinds
+            if field == "not-landed":
+                assert ack.status is AckStatus.APPLIED
+                assert writer.writes == [*before, dict(cmd.setpoints)]  # written once
+                assert "conflict" not in kinds
+            else:
+                assert ack.status is AckStatus.DUPLICATE
+                assert writer.writes == before  # nothing written again
+                assert ("conflict" in kinds) == (field in ("third-party", "first-write"))
         finally:
             await stop(gw, task)
             st.close()

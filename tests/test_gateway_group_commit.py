@@ -28,7 +28,7 @@ from parallelcity.dispatcher import Dispatcher
 from parallelcity.errors import FieldConnectionError
 from parallelcity.gateway import FieldGateway
 from parallelcity.gateway_core import GatewayCore
-from parallelcity.gateway_store import GatewayStore, Pending, landed
+from parallelcity.gateway_store import GatewayStore, Pending, judge, landed
 from parallelcity.keys import read_public_key, read_secret_key
 from parallelcity.wire import (
     Ack,
@@ -103,6 +103,35 @@ def test_landed_takes_the_longest_prefix_of_write_groups_the_field_agrees_with()
     assert landed(batch, {"y": 2.0}) == [no, no, no, no]  # x could not be read
     # The field cannot be read at all: never apply twice, count everything.
     assert landed(batch, None) == [yes, yes, yes, yes]
+
+
+def test_judge_tells_not_landed_from_a_third_party_by_the_values_we_wrote_before() -> None:
+    # Group 0 writes x and y (two commands), group 1 x again; before the batch x=0, y=0.
+    batch = [pending("a", 0, x=1.0), pending("b", 0, y=1.0), pending("c", 1, x=2.0)]
+    before = {"x": 0.0, "y": 0.0}
+
+    def verdicts(field: dict[str, float] | None, before: dict[str, float] = before) -> list[str]:
+        out = []
+        for v in judge(batch, field, before):
+            if v.conflicts:
+                assert v.applied
+                out.append(";".join(f"{c.name}={c.field}" for c in v.conflicts))
+            else:
+                out.append("applied" if v.applied else "forgotten")
+        return out
+
+    assert verdicts({"x": 2.0, "y": 1.0}) == ["applied"] * 3
+    assert verdicts({"x": 0.0, "y": 0.0}) == ["forgotten"] * 3  # nothing landed
+    # y holds a stranger's value: b counts as applied with a conflict; c never ran (x=1 is
+    # a's, ours) and is forgotten.
+    assert verdicts({"x": 1.0, "y": 5.0}) == ["applied", "y=5.0", "forgotten"]
+    assert verdicts({"x": 7.0, "y": 1.0}) == ["x=7.0", "applied", "x=7.0"]
+    assert verdicts({"y": 1.0}) == ["x=None", "applied", "x=None"]  # x unreadable
+    # Inputs this gateway never wrote: no value of ours to tell "not landed" by.
+    assert verdicts({"x": 0.0, "y": 0.0}, {}) == ["x=0.0", "y=0.0", "x=0.0"]
+    assert verdicts(None) == ["applied"] * 3
+    conflict = judge(batch, {"x": 7.0, "y": 1.0}, before)[0].conflicts[0]
+    assert "ours 1.0" in conflict.describe() and "holds 7.0" in conflict.describe()
 
 
 def test_core_rollback_undoes_tentative_records_including_evicted_ids() -> None:
@@ -338,7 +367,10 @@ def test_a_crash_anywhere_in_a_batch_is_settled_so_each_command_is_written_once(
         store = GatewayStore(path)
         gw = gateway(writer, clock, store)
         async with gw:
-            first = command({"plant.T_supply_set": 70.0}, seq=0, issued_at=T1)
+            # It also gives the input a value of ours to tell "did not land" by (judge).
+            first = command(
+                {"plant.T_supply_set": 70.0, "apartment.m_flow": 0.05}, seq=0, issued_at=T1
+            )
             assert acks(await gw.handle_batch([([first.encode()], OPS)]))[0].applied
             task = asyncio.create_task(gw.handle_batch([([c.encode()], OPS) for c in cmds]))
             if stuck_at is None:
@@ -351,7 +383,7 @@ def test_a_crash_anywhere_in_a_batch_is_settled_so_each_command_is_written_once(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         kill_store(store)
-        written_before = [w for w in writer.writes if "apartment.m_flow" in w]
+        written_before = [w for w in writer.writes if "apartment.m_flow" in w][1:]
 
         # The restarted gateway settles the batch from the field, then every resend
         # is answered and nothing is written twice.
@@ -368,7 +400,7 @@ def test_a_crash_anywhere_in_a_batch_is_settled_so_each_command_is_written_once(
             [AckStatus.DUPLICATE] * n_before + [AckStatus.APPLIED] * (len(cmds) - n_before)
         )
         m_flow = [w["apartment.m_flow"] for w in writer.writes if "apartment.m_flow" in w]
-        assert m_flow == values  # each command written exactly once, in order
+        assert m_flow == [0.05, *values]  # each command written exactly once, in order
         expected_before = len(cmds) if stuck_at is None else min(stuck_at - 2, len(cmds))
         assert n_before == max(0, expected_before)
 

@@ -1,10 +1,14 @@
-"""The rows ``GatewayStore`` keeps for applied marks and leases, as a restart reads them."""
+"""The rows ``GatewayStore`` keeps, as a restart reads them, and its WAL checkpoints."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import pytest
+
+from parallelcity import gateway_store
 from parallelcity.gateway_store import AppliedMark, GatewayStore
 from parallelcity.watchdog import Lease
 from parallelcity.wire import Command
@@ -69,3 +73,91 @@ def test_inputs_and_issuer_rows_follow_the_marks(tmp_path: Path) -> None:
     assert loaded.inputs == {"plant.T": (71.5, 107.0), "apartment.m": (0.4, 106.0)}
     assert list(loaded.applied_ids) == [first.id, later.id, older.id]
     assert loaded.pending == []
+
+
+def _wait(cond: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def test_commits_never_checkpoint_the_checkpoint_thread_does(tmp_path: Path) -> None:
+    store = GatewayStore(tmp_path / "gw.sqlite")
+    try:
+        (auto,) = store._db.execute("PRAGMA wal_autocheckpoint").fetchone()
+        assert auto == 0  # no COMMIT of the writer runs a checkpoint
+        ck = store.checkpointer
+        assert ck is not None
+        for k in range(3 * gateway_store.CHECKPOINT_EVERY_COMMITS):
+            _apply(store, _cmd(k, {"plant.T": 70.0 + k}), {}, durable=False)
+        # The thread catches up once the commits stop; then the writer reuses the WAL.
+        n = store.commits
+        assert _wait(lambda: ck.covered == n and ck.behind == 0), (ck.covered, n, ck.behind)
+        size = ck.wal_bytes()
+        for k in range(100, 110):
+            _apply(store, _cmd(k, {"plant.T": 70.0}), {}, durable=False)
+        assert ck.wal_bytes() <= size
+        assert ck.inline_runs == 0 and ck.failures == 0
+    finally:
+        store.close()
+    again = GatewayStore(tmp_path / "gw.sqlite")
+    try:
+        assert len(again.load(1000).applied_ids) == 3 * gateway_store.CHECKPOINT_EVERY_COMMITS + 10
+    finally:
+        again.close()
+
+
+def test_an_idle_store_truncates_a_grown_wal_and_the_writer_bounds_it_under_a_flood(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway_store, "WAL_LIMIT_BYTES", 1)
+    store = GatewayStore(tmp_path / "gw.sqlite")
+    try:
+        ck = store.checkpointer
+        assert ck is not None
+        for k in range(20):
+            _apply(store, _cmd(k, {"plant.T": 70.0 + k}), {})
+        assert _wait(lambda: ck.truncated >= 1 and ck.wal_bytes() == 0)
+        # Commits back to back past the hard limit: the writer checkpoints what is left.
+        monkeypatch.setattr(gateway_store, "WAL_HARD_LIMIT_BYTES", 1)
+        for k in range(20, 20 + 2 * gateway_store.CHECKPOINT_EVERY_COMMITS):
+            _apply(store, _cmd(k, {"plant.T": 70.0}), {})
+        assert ck.inline_runs >= 1
+    finally:
+        store.close()
+
+
+def test_pending_setpoints_are_read_back_exactly(tmp_path: Path) -> None:
+    values = {"plant.T": 70.000001, "a.small": 1e-06, "apartment.m": -0.0, "x.big": 1e300}
+    store = GatewayStore(tmp_path / "gw.sqlite")
+    try:
+        store.begin_batch([_cmd(1, values)], [0])
+        (pending,) = store.load(10).pending
+    finally:
+        store.close()
+    assert pending.setpoints == values
+    assert [repr(v) for v in pending.setpoints.values()] == [repr(v) for v in values.values()]
+
+
+def test_under_commits_back_to_back_the_wal_is_restarted_and_rewritten_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway_store, "RESTART_FRAMES", 16)
+    store = GatewayStore(tmp_path / "gw.sqlite")
+    try:
+        ck = store.checkpointer
+        assert ck is not None
+        sizes = []
+        for k in range(40 * gateway_store.CHECKPOINT_EVERY_COMMITS):
+            _apply(store, _cmd(k, {"plant.T": 70.0 + k * 1e-3}), {}, durable=False)
+            sizes.append(ck.wal_bytes())
+            if ck.tails >= 3 and k % gateway_store.CHECKPOINT_EVERY_COMMITS == 0:
+                break
+        assert ck.tails >= 1 and ck.inline_runs == 0, (ck.tails, ck.passive)
+        # Restarted: later commits rewrite the file instead of growing it without end.
+        assert sizes[-1] < 40 * gateway_store.CHECKPOINT_EVERY_COMMITS * 4096
+    finally:
+        store.close()
