@@ -16,10 +16,11 @@ The same holds for a point held from before a connection gap: it is current agai
 once a reading newer than its last one before the gap arrives, or after
 ``CLOCK_STEP_CONFIRM`` advancing readings on a new timebase.
 
-Refusals and timebase changes become ``PointEvent``s, at most one per point per
-``event_interval_s`` of clock time (plus the "accepted" that ends a journaled
-refusal); a stuck bad value makes one event, not one per sample, and the events
-left out are counted in the next one.
+Refusals and timebase changes become ``PointEvent``s: one per run of refusals
+(a stuck bad value makes one event, not one per sample), and per point at most
+``EVENT_BURST`` at once, then one per ``EVENT_INTERVAL_S`` of clock time (plus the
+"accepted" that ends a journaled refusal); the events left out are counted in the
+next one.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ PointType = Literal["float", "int", "bool"]
 EventKind = Literal["refused", "accepted", "clock_step"]
 DEFAULT_MAX_CLOCK_SKEW_S = 5.0  # clock seconds a source time may lie ahead of the mirror's
 CLOCK_STEP_CONFIRM = 3  # advancing readings older than the latest: accept the new timebase
-EVENT_INTERVAL_S = 600.0  # clock seconds between two events of one point
+EVENT_BURST = 8  # events one point may make at once ...
+EVENT_INTERVAL_S = 60.0  # ... and then one per this many clock seconds
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ def _show(raw: object) -> str:
 
 @dataclass
 class _Limiter:
+    tokens: float = EVENT_BURST
     last: float = -math.inf
     suppressed: int = 0
     open: bool = False  # a journaled refusal awaits its "accepted"
@@ -95,6 +98,7 @@ class PointTable:
     rules: Mapping[str, PointRule]
     confirm: int = CLOCK_STEP_CONFIRM
     event_interval_s: float = EVENT_INTERVAL_S
+    event_burst: int = EVENT_BURST
     readings: dict[str, Reading] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # point -> why its latest was refused
     out_of_order: int = 0
@@ -177,19 +181,25 @@ class PointTable:
         """The point is stale until a reading is accepted; one event per run of refusals."""
         self.refusals += 1
         if self._refusing.get(name) != kind:
-            self._limits.setdefault(name, _Limiter()).open = self._emit("refused", name, now, why)
+            opened = self._emit("refused", name, now, why)
+            self._limits[name].open = opened
         self._refusing[name] = kind
         self.refused[name] = why
 
     def _emit(self, kind: EventKind, name: str, now: float, detail: str) -> bool:
         """Record an event unless this point had one within ``event_interval_s``."""
-        limit = self._limits.setdefault(name, _Limiter())
-        if now - limit.last < self.event_interval_s:
+        limit = self._limits.setdefault(name, _Limiter(float(self.event_burst)))
+        if limit.last > -math.inf:
+            refill = (now - limit.last) / self.event_interval_s
+            limit.tokens = min(float(self.event_burst), limit.tokens + max(0.0, refill))
+        limit.last = now
+        if limit.tokens < 1.0:
             limit.suppressed += 1
             return False
+        limit.tokens -= 1.0
         if limit.suppressed:
             detail += f" ({limit.suppressed} earlier event(s) of this point not journaled)"
-        limit.last, limit.suppressed = now, 0
+            limit.suppressed = 0
         self._events.append(PointEvent(kind, name, now, f"{name}: {detail}"))
         return True
 
