@@ -454,6 +454,7 @@ class PointServer:
         self.generation = 0
         self.ticks = 0
         self.changes = 0
+        self.down_at = 0.0  # time.monotonic() when the last restart had closed every connection
         self._server: Server | None = None
         self._nodeids: list[ua.NodeId] = []
         self._task: asyncio.Task[None] | None = None
@@ -494,6 +495,7 @@ class PointServer:
     async def restart(self, down_s: float, *, full: bool = True) -> None:
         if full:
             await self.stop()
+            self.down_at = time.monotonic()
             await asyncio.sleep(down_s)
             await self.start()
             return
@@ -505,6 +507,7 @@ class PointServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await server.stop()
+        self.down_at = time.monotonic()
         await asyncio.sleep(down_s)
         self.generation += 1
         await server.start()
@@ -536,7 +539,11 @@ class PointServer:
 
 
 async def _serve_points(port: int, n: int, period_s: float) -> None:
-    """Serve points; stdin lines ``restart SECONDS``, ``stats`` and ``quit`` control it."""
+    """Serve points; stdin lines ``restart SECONDS``, ``stats`` and ``quit`` control it.
+
+    A restart answers ``down T`` (``time.monotonic()`` once every connection was
+    closed; the same clock as any process on this host) and then ``up GENERATION PORT``.
+    """
     import sys
 
     points = PointServer(port, n, period_s)
@@ -552,6 +559,7 @@ async def _serve_points(port: int, n: int, period_s: float) -> None:
         if line[0] == "restart":
             down = float(line[1]) if len(line) > 1 else 0.0
             await points.restart(down, full=len(line) < 3 or line[2] != "soft")
+            print(f"down {points.down_at:.6f}", flush=True)
             print(f"up {points.generation} {port}", flush=True)
         elif line[0] == "stats":
             print(f"stats {points.generation} {points.ticks} {points.changes}", flush=True)
