@@ -267,6 +267,7 @@ class Mirror:
         self._subscription: _LatestValueSubscription | None = None
         self._ns_index: int | None = None
         self._all_received = asyncio.Event()
+        self._received: set[str] = set()
         self._watch_task: asyncio.Task[None] | None = None
         self._generation = 0  # sessions opened so far; only the latest one's messages count
         self._last_publish = 0.0  # monotonic
@@ -709,12 +710,11 @@ class Mirror:
             # No timestamp at all: the reading's age is unknown, so it can never be fresh.
             source = -math.inf
             self._server_time_fallback.add(name)
-        table = self._table
-        table.offer(name, val, source, status, self.clock.now())
-        if not self._all_received.is_set() and len(
-            table.readings.keys() | table.refused.keys()
-        ) == len(self.specs):
-            self._all_received.set()
+        self._table.offer(name, val, source, status, self.clock.now())
+        if not self._all_received.is_set():
+            self._received.add(name)  # a refused reading counts: the point did answer
+            if len(self._received) == len(self.specs):
+                self._all_received.set()
 
     def _on_status_change(self, status: ua.StatusChangeNotification) -> None:
         code = status.Status.value if status.Status is not None else 0
