@@ -80,13 +80,15 @@ class ServerProcess:
         self.port, self.n = port, n
         self.proc: subprocess.Popen[str] | None = None
         self.generation = 0  # the generation the running server writes into its values
-        self.late_closed = 0  # connections the server had to close after it began stopping
+        self.late_closed = 0  # connections accepted while a server stopped, over every process
+        self._late_seen = 0  # the running process's own count
 
     @property
     def endpoint(self) -> str:
         return f"opc.tcp://127.0.0.1:{self.port}"
 
     async def spawn(self) -> None:
+        self._late_seen = 0
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hil.field", "--port", str(self.port)]
             + ["--points", str(self.n), "--period-ms", "50"],
@@ -112,7 +114,8 @@ class ServerProcess:
         line = await asyncio.to_thread(self.proc.stdout.readline)
         word, down_at, late = line.split()
         assert word == "down", line
-        self.late_closed = int(late)
+        self.late_closed += int(late) - self._late_seen
+        self._late_seen = int(late)
         await self._expect_up()
         return float(down_at)
 
@@ -229,6 +232,9 @@ def test_restarts_in_another_process_never_feed_stale_data(tmp_path: Path) -> No
     outages: list[Outage] = []
     noticed: list[float] = []  # mirror's "lost" event minus the server's down time
     asked: list[float] = []  # the server's down time minus when the test asked for it
+    requests: list[float] = []  # when the test asked for each outage (monotonic)
+    gaps: list[int] = []
+    early: list[int] = []  # commands from a still-serving server >= 0.25 s after the request
 
     async def body() -> None:
         await server.spawn()
@@ -260,6 +266,7 @@ def test_restarts_in_another_process_never_feed_stale_data(tmp_path: Path) -> No
                     same = server.generation == gone  # a successor may count from 1 again
                     outages.append(Outage(down_at, up_at, None if same else gone))
                     asked.append(down_at - request)
+                    requests.append(request)
                     gen = server.generation
                     recoveries.append(await wait_fresh_generation(mirror, gen, 10.0))
                 await asyncio.sleep(0.1)
@@ -268,32 +275,40 @@ def test_restarts_in_another_process_never_feed_stale_data(tmp_path: Path) -> No
             for ev in mirror.take_events():
                 journal.record_event(consumer.k, ev.t, "mirror", ev.kind, ev.detail)
             found, latest = violations(consumer.commands, outages, DETECT_S)
-            offset = clock.now() - time.monotonic()  # the clock runs at speed 1
-            noticed.extend(
-                t - offset - o.down_at for t, o in zip(consumer.lost_at, outages, strict=False)
+            early.extend(
+                sum(1 for t, _ in consumer.commands if r + 0.25 < t <= o.down_at)
+                for r, o in zip(requests, outages, strict=True)
             )
+            offset = clock.now() - time.monotonic()  # the clock runs at speed 1
+            lost = [t - offset for t in consumer.lost_at]
+            for r, o in zip(requests, outages, strict=True):  # the first gap after each request
+                noticed.append(min((t for t in lost if t >= r), default=math.inf) - o.down_at)
             assert found == []
             print(f"\nlatest command after a server closed its connections: {latest:.3f} s")
             assert len(consumer.commands) > count  # it did compute between the restarts
             assert consumer.stale_cycles > count  # and sat out every outage
-            assert mirror.gaps == count and mirror.reconnects == count
+            # A restart may make two gaps: on a loaded machine the mirror can reconnect to the
+            # server while it is still stopping, and lose that session too.
+            assert mirror.gaps >= count and mirror.reconnects == mirror.gaps
+            gaps.append(mirror.gaps)
 
     try:
         run(body, timeout_s=60.0 + 6.0 * count)
     finally:
         server.close()
     rows = journal.query("SELECT kind, COUNT(*) AS n FROM event GROUP BY kind")
-    assert {r["kind"]: r["n"] for r in rows} == {"lost": count, "restored": count}
+    assert {r["kind"]: r["n"] for r in rows} == {"lost": gaps[0], "restored": gaps[0]}
     journal.close()
     p50 = sorted(recoveries)[len(recoveries) // 2]
     print(
-        f"{count} restarts: recovery p50 {p50:.2f} s, max {max(recoveries):.2f} s; "
+        f"{count} restarts, {gaps[0]} gaps: recovery p50 {p50:.2f} s, max {max(recoveries):.2f} s; "
         f"connections accepted while the server stopped: {server.late_closed}"
     )
     print(
         f"server down after the request: max {max(asked):.2f} s; mirror's gap opened after "
         f"the server's close: p50 {sorted(noticed)[len(noticed) // 2]:.3f} s, "
-        f"max {max(noticed):.3f} s"
+        f"max {max(noticed):.3f} s; commands from current data 0.25 s or more after the "
+        f"request, before the server closed: {sum(early)}"
     )
 
 
