@@ -77,6 +77,26 @@ def free_port(host: str = HOST) -> int:
         return port
 
 
+async def stop_server(server: Server) -> int:
+    """``server.stop()``, also closing connections accepted while it stops; how many it closed.
+
+    asyncua closes the connections open when ``stop()`` begins and then waits for every
+    connection to end, so a client reconnecting in between (a mirror's backoff on a
+    loaded machine) would keep ``stop()`` waiting for as long as its session lives.
+    """
+    stopping = asyncio.ensure_future(server.stop())
+    late = 0
+    while not stopping.done():
+        await asyncio.wait({stopping}, timeout=0.1)
+        if not stopping.done():
+            for transport in list(server.iserver.asyncio_transports):
+                if not transport.is_closing():
+                    transport.close()
+                    late += 1
+    await stopping
+    return late
+
+
 def _folder_key(nodeid: ua.NodeId, position: int) -> tuple[str, ...]:
     ident = nodeid.Identifier
     if isinstance(ident, str) and "/" in ident:
@@ -187,7 +207,7 @@ class EmbeddedField:
         a network outage or a restart of the server's OPC UA stack.
         """
         server = self.server
-        await server.stop()
+        await stop_server(server)
         await asyncio.sleep(down_s)
         await server.start()
 
@@ -256,7 +276,7 @@ class EmbeddedField:
             with contextlib.suppress(Exception):
                 server.unsubscribe_server_callback(CallbackType.PostWrite, self._on_post_write)
             try:
-                await server.stop()
+                await stop_server(server)
             except Exception as exc:  # a half-started server may fail to stop; nothing to keep
                 _log.debug("stopping the stand-in server raised %r", exc)
 
@@ -454,6 +474,8 @@ class PointServer:
         self.generation = 0
         self.ticks = 0
         self.changes = 0
+        self.down_at = 0.0  # time.monotonic() when the last restart had closed every connection
+        self.late_closed = 0  # connections accepted while stopping, closed by stop_server
         self._server: Server | None = None
         self._nodeids: list[ua.NodeId] = []
         self._task: asyncio.Task[None] | None = None
@@ -489,11 +511,12 @@ class PointServer:
                 await task
         server, self._server = self._server, None
         if server is not None:
-            await server.stop()
+            self.late_closed += await stop_server(server)
 
     async def restart(self, down_s: float, *, full: bool = True) -> None:
         if full:
             await self.stop()
+            self.down_at = time.monotonic()
             await asyncio.sleep(down_s)
             await self.start()
             return
@@ -504,7 +527,8 @@ class PointServer:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await server.stop()
+        self.late_closed += await stop_server(server)
+        self.down_at = time.monotonic()
         await asyncio.sleep(down_s)
         self.generation += 1
         await server.start()
@@ -536,7 +560,12 @@ class PointServer:
 
 
 async def _serve_points(port: int, n: int, period_s: float) -> None:
-    """Serve points; stdin lines ``restart SECONDS``, ``stats`` and ``quit`` control it."""
+    """Serve points; stdin lines ``restart SECONDS``, ``stats`` and ``quit`` control it.
+
+    A restart answers ``down T LATE`` (``time.monotonic()`` once every connection was
+    closed, the same clock as any process on this host; connections closed late so far,
+    see ``stop_server``) and then ``up GENERATION PORT``.
+    """
     import sys
 
     points = PointServer(port, n, period_s)
@@ -552,6 +581,7 @@ async def _serve_points(port: int, n: int, period_s: float) -> None:
         if line[0] == "restart":
             down = float(line[1]) if len(line) > 1 else 0.0
             await points.restart(down, full=len(line) < 3 or line[2] != "soft")
+            print(f"down {points.down_at:.6f} {points.late_closed}", flush=True)
             print(f"up {points.generation} {port}", flush=True)
         elif line[0] == "stats":
             print(f"stats {points.generation} {points.ticks} {points.changes}", flush=True)

@@ -268,8 +268,9 @@ class Journal:
         data: Mapping[str, Any] | None = None,
     ) -> None:
         """Something that happened between cycles: a field connection gap ("mirror": "lost",
-        "restored"), a divergence alarm ("divergence": "alarm", "clear"), ...; ``k`` is the
-        cycle that noticed it."""
+        "restored"), a reading refused or a source clock stepping back ("mirror": "refused",
+        "accepted", "clock_step"), a divergence alarm ("divergence": "alarm", "clear"), ...;
+        ``k`` is the cycle that noticed it."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO event VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -10,7 +10,11 @@ set its own sampling interval and absolute deadband in the scenario.
 Notifications are applied synchronously, in the publish callback, to one slot
 per point that keeps only the latest value (by source timestamp): a burst of
 10,000 changes costs 10,000 dictionary writes, never a queue that grows.
-``snapshot()`` judges freshness against the clock.
+``snapshot()`` judges freshness against the clock.  What a reading must be to
+be believed (declared type, plausible range, a source time not beyond the
+clock skew, order per point with recovery from a source clock stepping back)
+is decided by the pure ``point_table``; a refused reading makes its point stale
+and is journaled through ``take_events``.
 
 The data-change filter uses the ``StatusValueTimestamp`` trigger, so a point
 whose value does not change but whose source timestamp advances still counts
@@ -25,9 +29,12 @@ after ``keepalive_ms`` x ``SILENCE_FACTOR``) and the subscription's status
 notifications.  On a gap it records a ``LinkEvent``, marks every point as held
 from before the gap (stale, whatever its age), drops the session and
 reconnects with exponential backoff, re-resolving the namespace and
-re-creating the subscription.  After the gap a point is fresh again only once a
-reading arrives whose source time is newer than the last one before the gap:
-data from before a gap is never handed out as fresh.
+re-creating the subscription.  ``snapshot()`` also checks the session state and
+the silence itself, so a closed socket or a silent link shows in the very next
+snapshot, however late the watcher task runs on a loaded machine.  After the gap
+a point is fresh again only once a reading arrives whose source time is newer
+than the last one before the gap (or its source clock is seen to have stepped
+back, see ``point_table``): data from before a gap is never handed out as fresh.
 
 Errors of asyncua and the network are translated here or in ``opcua``:
 ``FieldConnectionError`` (unreachable endpoint, timeout, lost session),
@@ -59,6 +66,7 @@ from asyncua.ua.uaerrors import UaError
 from .clock import Clock
 from .errors import FieldConnectionError, FieldError, NodeMappingError, SecurityError
 from .opcua import ClientSecurity, connect_client
+from .point_table import PointEvent, PointRule, PointTable
 from .scenario import FieldConfig
 from .snapshot import PointSpec, Reading, Snapshot, assess
 
@@ -130,11 +138,12 @@ class _Mapped:
 
 @dataclass(frozen=True)
 class LinkEvent:
-    """A change of the mirror's link to the field: the start or the end of a gap."""
+    """A change of the mirror's link to the field (the start or the end of a gap), or of
+    what it believes of a point ("refused", "accepted", "clock_step"; see ``point_table``)."""
 
-    kind: Literal["lost", "restored"]
+    kind: Literal["lost", "restored", "refused", "accepted", "clock_step"]
     t: float  # clock time
-    gap: int  # gap number, from 1
+    gap: int  # gap number, from 1 (for point events: gaps so far)
     detail: str
     attempts: int = 0  # reconnect attempts it took ("restored" only)
 
@@ -240,9 +249,15 @@ class Mirror:
         self.specs: dict[str, PointSpec] = {
             p.name: PointSpec(p.name, p.max_age_s, p.required, p.deadband) for p in field.points
         }
-        self._readings: dict[str, Reading] = {}
-        self._current: set[str] = set()  # points with a reading from the present session
-        self._before_gap: dict[str, float] = {}  # point -> last source time before the gap
+        skew = field.max_clock_skew_s
+        self._table = PointTable(
+            {
+                p.name: PointRule(
+                    p.type, p.min, p.max, skew if p.max_clock_skew_s is None else p.max_clock_skew_s
+                )
+                for p in field.points
+            }
+        )
         self._held_why = ""
         self._server_time_fallback: set[str] = set()
         self._handles: dict[int, str] = {}
@@ -252,6 +267,7 @@ class Mirror:
         self._subscription: _LatestValueSubscription | None = None
         self._ns_index: int | None = None
         self._all_received = asyncio.Event()
+        self._received: set[str] = set()
         self._watch_task: asyncio.Task[None] | None = None
         self._generation = 0  # sessions opened so far; only the latest one's messages count
         self._last_publish = 0.0  # monotonic
@@ -262,7 +278,6 @@ class Mirror:
         self.gaps = 0
         self.reconnects = 0
         self.notifications = 0
-        self.out_of_order = 0
         self.last_status_change: int | None = None
 
     # -- public API ----------------------------------------------------------------------------
@@ -285,7 +300,17 @@ class Mirror:
     @property
     def readings(self) -> Mapping[str, Reading]:
         """The latest reading per point (points without one are absent)."""
-        return dict(self._readings)
+        return dict(self._table.readings)
+
+    @property
+    def out_of_order(self) -> int:
+        """Readings dropped as older than their point's latest."""
+        return self._table.out_of_order
+
+    @property
+    def refusals(self) -> int:
+        """Readings refused (implausible value or type, source time beyond the skew)."""
+        return self._table.refusals
 
     @property
     def server_time_fallback(self) -> frozenset[str]:
@@ -294,26 +319,38 @@ class Mirror:
 
     def snapshot(self) -> Snapshot:
         """Every point, fresh or stale, judged at the clock's current time."""
-        held = {n: self._held_why for n in self._readings if n not in self._current}
+        readings = self._table.readings
+        held = dict.fromkeys(self._table.held(), self._held_why)
         link_why = ""
         if self._gap_started is not None:
             link_why = f"connection gap #{self.gaps} since {self._gap_started:.0f}"
-            held = dict.fromkeys(self._readings, link_why)
+        elif self._watch_task is not None and (problem := self._problem()) is not None:
+            # the watcher has not run yet; the snapshot must not wait for it
+            link_why = f"link lost ({problem}), gap not yet opened"
+        up = self.connected and not link_why
+        if link_why:
+            held = dict.fromkeys(readings, link_why)
         return assess(
             self.specs,
-            self._readings,
+            readings,
             self.clock.now(),
             held=held,
-            alive_at=self._alive_at if self.connected else None,
-            link_up=self.connected,
+            refused=self._table.refused,
+            alive_at=self._alive_at if up else None,
+            link_up=up,
             gaps=self.gaps,
             link_why=link_why,
         )
 
     def take_events(self) -> list[LinkEvent]:
-        """Link events since the last call (the runner journals them every cycle)."""
+        """Link and point events since the last call (the runner journals them every cycle)."""
         events, self._events = self._events, []
+        events.extend(self._point_event(e) for e in self._table.take_events())
+        events.sort(key=lambda e: e.t)
         return events
+
+    def _point_event(self, event: PointEvent) -> LinkEvent:
+        return LinkEvent(event.kind, event.t, self.gaps, event.detail)
 
     async def wait_all_received(self, timeout_s: float | None = None) -> bool:
         """Wait until every point has at least one reading; False on timeout."""
@@ -476,9 +513,7 @@ class Mirror:
         self.gaps += 1
         self._gap_started = now
         self._generation += 1  # whatever the old session still delivers is ignored
-        for name in self._current:
-            self._before_gap[name] = self._readings[name].source_time
-        self._current.clear()
+        self._table.hold()
         self._held_why = f"held from before connection gap #{self.gaps} ({problem})"
         self._events.append(LinkEvent("lost", now, self.gaps, problem))
         _log.warning(
@@ -675,17 +710,11 @@ class Mirror:
             # No timestamp at all: the reading's age is unknown, so it can never be fresh.
             source = -math.inf
             self._server_time_fallback.add(name)
-        old = self._readings.get(name)
-        if name in self._current and old is not None and source < old.source_time:
-            self.out_of_order += 1  # keep the latest value, not the last message
-            return
-        self._readings[name] = Reading(_as_float(val), source, status)
-        before = self._before_gap.get(name)
-        if before is None or source > before:
-            self._current.add(name)
-            self._before_gap.pop(name, None)
-        if not self._all_received.is_set() and len(self._readings) == len(self.specs):
-            self._all_received.set()
+        self._table.offer(name, val, source, status, self.clock.now())
+        if not self._all_received.is_set():
+            self._received.add(name)  # a refused reading counts: the point did answer
+            if len(self._received) == len(self.specs):
+                self._all_received.set()
 
     def _on_status_change(self, status: ua.StatusChangeNotification) -> None:
         code = status.Status.value if status.Status is not None else 0

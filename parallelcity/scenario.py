@@ -10,6 +10,7 @@ at once, each with its key path, in one ``ScenarioError``.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from . import plugins
 from .errors import PluginError, ScenarioError
 from .model import SubsystemModel
+from .point_table import DEFAULT_MAX_CLOCK_SKEW_S, PointType
 from .schedule import Period
 
 
@@ -119,6 +121,32 @@ class PointMap(_Strict):
     deadband: float | None = Field(
         None, ge=0, description="absolute deadband: smaller changes are not reported"
     )
+    type: PointType = Field(
+        "float",
+        description="value type the node must carry: float (Float, Double), int (any "
+        "integer type) or bool (Boolean, read as 0/1); other types are refused",
+    )
+    min: float | None = Field(
+        None, description="plausible minimum: a lower value is refused and the point is stale"
+    )
+    max: float | None = Field(
+        None, description="plausible maximum: a higher value is refused and the point is stale"
+    )
+    max_clock_skew_s: float | None = Field(
+        None,
+        ge=0,
+        description="a source time further ahead of the clock (s) is refused; "
+        "default field.max_clock_skew_s",
+    )
+
+    @model_validator(mode="after")
+    def _range(self) -> PointMap:
+        for key, bound in (("min", self.min), ("max", self.max)):
+            if bound is not None and not math.isfinite(bound):
+                raise ValueError(f"{key} must be finite, got {bound!r}")
+        if self.min is not None and self.max is not None and not self.min <= self.max:
+            raise ValueError(f"min {self.min:g} is above max {self.max:g}")
+        return self
 
 
 class InputMap(_Strict):
@@ -147,6 +175,12 @@ class FieldConfig(_Strict):
     endpoint: str | None = Field(None, description="OPC UA endpoint; none runs the embedded rig")
     gateway: str | None = Field(None, description="field gateway ZeroMQ address")
     sampling_interval_ms: float = Field(100.0, gt=0, description="wall milliseconds")
+    max_clock_skew_s: float = Field(
+        DEFAULT_MAX_CLOCK_SKEW_S,
+        ge=0,
+        description="clock seconds a point's source time may lie ahead of the runtime's "
+        "clock; a reading stamped further ahead is refused (per point: max_clock_skew_s)",
+    )
     points: list[PointMap] = Field(min_length=1)
     inputs: list[InputMap] = Field(min_length=1)
     watchdog: FieldWatchdog | None = Field(

@@ -2,7 +2,10 @@
 
 Pure: freshness is judged against a time passed in, never read from a clock here.
 A reading the mirror holds from before a connection gap is stale whatever its
-age (``held``); the snapshot also says whether the link was up when it was taken.
+age (``held``), and so is a point whose latest reading was refused as implausible
+(``refused``, see ``point_table``); the snapshot also says whether the link was
+up when it was taken.  A source time ahead of ``now`` (within the allowed clock
+skew; beyond it the reading is refused) counts as age 0.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ def assess(
     now: float,
     *,
     held: Mapping[str, str] | None = None,
+    refused: Mapping[str, str] | None = None,
     alive_at: float | None = None,
     link_up: bool = True,
     gaps: int = 0,
@@ -94,22 +98,32 @@ def assess(
     """Mark each point fresh or stale at time ``now``.
 
     ``held`` maps points whose reading is from before a connection gap to why;
-    they are stale.  ``alive_at`` is when the subscription last showed life: a
-    point with a deadband is as old as the later of its source time and that.
+    they are stale; ``refused`` maps points whose latest reading was refused to why:
+    they are stale too, with the last accepted reading shown.  ``alive_at`` is when the
+    subscription last showed life: a point with a deadband is as old as the later of its
+    source time and that.
     """
     held = held or {}
+    refused = refused or {}
     states: dict[str, PointState] = {}
     for name, spec in specs.items():
         r = readings.get(name)
         if r is None:
-            states[name] = PointState(name, None, None, True, link_why or "no value received")
+            why = link_why or (
+                f"latest reading refused: {refused[name]}"
+                if name in refused
+                else "no value received"
+            )
+            states[name] = PointState(name, None, None, True, why)
             continue
         seen = r.source_time
         if spec.deadband is not None and alive_at is not None and name not in held:
             seen = max(seen, alive_at)
-        age = now - seen
+        age = max(0.0, now - seen)
         if name in held:
             why = held[name] or "held from before a connection gap"
+        elif name in refused:
+            why = f"latest reading refused: {refused[name]}"
         elif r.status_code >> 30:  # not good (see Quality.from_status_code)
             why = f"status {r.quality.value} (0x{r.status_code:08X})"
         elif age > spec.max_age_s:

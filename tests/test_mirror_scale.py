@@ -58,7 +58,15 @@ def test_thousands_of_points_with_per_point_sampling_and_deadband() -> None:
                 later = mirror.readings
                 snap = mirror.snapshot()
                 assert snap.stale_required == [], snap.stale_required[:5]
-                assert mirror.notifications - start > 3 * n  # thousands of changes ingested
+                # thousands of changes ingested: every point without a deadband moved on (how
+                # many times depends on how much CPU the server got, not on the mirror)
+                advanced = [
+                    i
+                    for i in range(n)
+                    if i not in (1, 2) and later[f"p{i}"].source_time > first[f"p{i}"].source_time
+                ]
+                assert len(advanced) == n - 2
+                assert mirror.notifications - start >= n - 2
                 plain = later["p0"].value - first["p0"].value
                 assert plain >= 2
                 moved = later["p1"].value - first["p1"].value

@@ -62,7 +62,8 @@ def test_wrong_type_in_a_list_item_names_its_index(dh_text: str) -> None:
 
 def test_missing_point_for_a_state_is_reported(dh_text: str) -> None:
     text = dh_text.replace(
-        '[[field.points]]\nname = "school.T_zone"\nnode = "s=dh/school/T_zone"\nmax_age_s = 1800\n',
+        '[[field.points]]\nname = "school.T_zone"\nnode = "s=dh/school/T_zone"\nmax_age_s = 1800\n'
+        "min = -20.0\nmax = 50.0\n",
         "",
     )
     assert problems_of(text) == [
@@ -74,6 +75,38 @@ def test_point_naming_no_model_output(dh_text: str) -> None:
     text = dh_text.replace('name = "weather.T_out"', 'name = "weather.wind"')
     (problem,) = problems_of(text)
     assert problem.startswith("field.points[9].name: 'weather.wind' is not an output of model")
+
+
+def test_the_shipped_scenario_declares_a_plausible_range_for_every_point(dh) -> None:
+    for p in dh.field.points:
+        assert p.type == "float" and p.min is not None and p.max is not None, p.name
+        assert p.min < p.max
+    assert dh.field.max_clock_skew_s == 5.0
+
+
+def test_point_type_range_and_skew_are_checked_with_key_paths(dh_text: str) -> None:
+    first = 'node = "s=dh/apartment/T_zone"\nmax_age_s = 1800\nmin = -20.0\nmax = 50.0\n'
+    supply = 'node = "s=dh/plant/T_supply"\nmax_age_s = 1800\nmin = 0.0\nmax = 130.0\n'
+    assert first in dh_text and supply in dh_text
+    text = (
+        dh_text.replace(
+            first, first.replace("max_age_s = 1800", 'max_age_s = 1800\ntype = "double"')
+        )
+        .replace(supply, supply.replace("min = 0.0", "min = 140.0"))
+        .replace("max_clock_skew_s = 5.0", "max_clock_skew_s = -1.0")
+        .replace('name = "weather.T_out"', 'name = "weather.T_out"\nmax_clock_skew_s = "soon"')
+        .replace("min = 0.0\nmax = 200.0", "min = 0.0\nmax = inf")
+    )
+    problems = problems_of(text)
+    assert len(problems) == 5, problems
+    assert problems[0].startswith("field.max_clock_skew_s: Input should be greater than or equal")
+    assert problems[1].startswith("field.points[0].type: Input should be 'float', 'int' or 'bool'")
+    assert "field.points[3]: Value error, min 140 is above max 130" in problems
+    assert any(
+        p.startswith("field.points[9].max_clock_skew_s: Input should be a valid number")
+        for p in problems
+    )
+    assert any(p.startswith("field.points[8]: Value error, max must be finite") for p in problems)
 
 
 def test_missing_required_key(dh_text: str) -> None:
@@ -139,6 +172,14 @@ def test_schema_validates_the_shipped_scenario_and_rejects_a_bad_one(dh_text: st
     data = tomllib.loads(dh_text)
     jsonschema.validate(json.loads(json.dumps(data, default=str)), schema)
     data["controller"]["comfort_wieght"] = 3
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(json.loads(json.dumps(data, default=str)), schema)
+    point = schema["$defs"]["PointMap"]["properties"]
+    assert point["type"]["enum"] == ["float", "int", "bool"] and point["type"]["default"] == "float"
+    assert {"min", "max", "max_clock_skew_s"} <= point.keys()
+    assert "max_clock_skew_s" in schema["$defs"]["FieldConfig"]["properties"]
+    data = tomllib.loads(dh_text)
+    data["field"]["points"][0]["type"] = "double"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(json.loads(json.dumps(data, default=str)), schema)
 
