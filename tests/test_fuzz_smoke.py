@@ -2,16 +2,20 @@
 
 The long coverage-guided runs are ``python -m fuzz -n 1000000 TARGET`` (README, testing);
 here every target's seeds must pass its body, and a few hundred random and mutated
-inputs per target may raise only the decoder's declared errors.
+inputs per target may raise only the decoder's declared errors.  The last tests pin
+what the fuzzer found.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fuzz.targets import Target, bytes_of, frames_of, run_one, targets
+from parallelcity.errors import ScenarioError
 
 TARGETS = targets()
 SEEDS = {name: t.seeds() for name, t in TARGETS.items()}
@@ -66,3 +70,27 @@ def _drive(target: Target) -> None:
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_random_and_mutated_inputs_raise_only_declared_errors(name: str) -> None:
     _drive(TARGETS[name])
+
+
+# --------------------------------------------------------------------------- findings
+
+
+@pytest.mark.parametrize("name", ["gateway_config", "scenario"])
+def test_a_file_that_is_not_utf8_is_an_invalid_file_not_a_crash(name: str, tmp_path: Path) -> None:
+    """Found by the fuzzer: the loaders let ``UnicodeDecodeError`` escape (exit 1)."""
+    from parallelcity.gateway_config import load_gateway_config
+    from parallelcity.scenario import load_scenario
+
+    path = tmp_path / "bad.toml"
+    path.write_bytes(SEEDS[name][0][:100] + b"\xf6" + SEEDS[name][0][100:])
+    load = load_gateway_config if name == "gateway_config" else load_scenario
+    with pytest.raises(ScenarioError, match=r"not UTF-8: invalid start byte at byte 100"):
+        load(path)
+
+
+def test_validate_exits_2_on_a_scenario_that_is_not_utf8(tmp_path: Path) -> None:
+    from parallelcity.cli import main as cli_main
+
+    path = tmp_path / "bad.toml"
+    path.write_bytes(b"\xff\xfe" + SEEDS["scenario"][0])
+    assert cli_main(["validate", str(path)]) == 2
