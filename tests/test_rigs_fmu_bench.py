@@ -184,6 +184,7 @@ def bench_rig(endpoint: str, insecure: bool = True) -> str:
     )
 
 
+@pytest.mark.slow
 def test_bench_in_another_process_judges_plans_like_the_local_rig(dh_text: str, bench) -> None:
     local_sc, endpoint = bench
     sc = parse_scenario(with_rig(dh_text, bench_rig(endpoint)), "bench-client.toml")

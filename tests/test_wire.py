@@ -399,6 +399,7 @@ def test_property_request_round_trip(msg: Command | Heartbeat | Rearm) -> None:
     assert back == msg and back.encode() == data
 
 
+@pytest.mark.slow
 @given(statuses())
 def test_property_status_round_trip(status: Status) -> None:
     data = status.encode()
