@@ -245,6 +245,7 @@ def test_nmpc_reports_an_infeasible_problem(
     assert_unusable(problem, r)
 
 
+@pytest.mark.slow
 def test_nmpc_times_out_on_a_tiny_deadline(
     scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, first_input: ControlInput
 ) -> None:
@@ -330,6 +331,7 @@ def with_lead(config: object, lead_h: float) -> baseline.PIConfig:
     return config.model_copy(update={"loops": loops})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lead_h", [0.0, 1.0])
 def test_pi_keeps_a_perturbed_plant_in_band_over_a_day(
     scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, lead_h: float

@@ -50,6 +50,7 @@ COLD = {"sqp_fatrop": "fatrop"}
 WARM = {"sqp_fatrop": "sqp"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("solver", "method"),
     [
@@ -94,6 +95,7 @@ def test_config_default_is_the_sqp_fatrop_path() -> None:
     assert config.solver == "sqp_fatrop" and config.qp_solver == "qrqp"
 
 
+@pytest.mark.slow
 def test_sqp_warm_start_after_an_interior_point_starts_on_the_active_set(
     scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, morning: ControlInput
 ) -> None:
@@ -249,6 +251,7 @@ def test_fatrop_converts_the_deadline_into_an_iteration_cap(
     assert controller.step(morning).status is SolveStatus.SOLVED
 
 
+@pytest.mark.slow
 def test_sqp_stops_at_the_deadline(
     scenario: Scenario, problem: ControlProblem, morning: ControlInput, specs: SafetySpecs
 ) -> None:

@@ -251,6 +251,7 @@ def commands(draw: st.DrawFn) -> Command:
     )
 
 
+@pytest.mark.slow
 @given(commands())
 def test_property_command_round_trip(cmd: Command) -> None:
     data = cmd.encode()
@@ -277,11 +278,13 @@ def test_property_arbitrary_bytes_only_raise_wire_format_error(data: bytes) -> N
     _only_wire_errors(data)
 
 
+@pytest.mark.slow
 @given(json_values)
 def test_property_arbitrary_json_only_raises_wire_format_error(value: Any) -> None:
     _only_wire_errors(json.dumps(value).encode())
 
 
+@pytest.mark.slow
 @settings(suppress_health_check=[HealthCheck.too_slow])
 @given(
     base=st.sampled_from(
