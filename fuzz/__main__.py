@@ -1,6 +1,6 @@
 """Run N executions of each fuzz target and print what they found.
 
-    python -m fuzz [-n N] [--max-len BYTES] [TARGET...]     (default: every target)
+    python -m fuzz [-n N] [--max-seconds S] [--max-len BYTES] [TARGET...]   (default: all)
     python -m fuzz --list
 
 Each target's corpus lives in ``fuzz/corpus/TARGET/`` (seeded from the documented
@@ -33,7 +33,9 @@ def seed_corpus(name: str, corpus: Path) -> int:
     return len(seeds)
 
 
-def run(name: str, n: int, max_len: int | None) -> tuple[int, float, int, list[str]]:
+def run(
+    name: str, n: int, max_len: int | None, max_seconds: int
+) -> tuple[int, float, int, list[str]]:
     corpus, findings = HERE / "corpus" / name, HERE / "findings"
     seed_corpus(name, corpus)
     before = set(findings.glob(f"{name}-*.txt"))
@@ -41,7 +43,7 @@ def run(name: str, n: int, max_len: int | None) -> tuple[int, float, int, list[s
         sys.executable, "-m", "fuzz.worker", name, str(findings),
         f"-runs={n}", f"-max_len={max_len or MAX_LEN[name]}", "-print_final_stats=1",
         "-rss_limit_mb=2048", "-timeout=60", "-print_pcs=0",
-        f"-artifact_prefix={findings}/{name}-", str(corpus),
+        f"-artifact_prefix={findings}/{name}-", f"-max_total_time={max_seconds}", str(corpus),
     ]  # fmt: skip
     findings.mkdir(parents=True, exist_ok=True)
     log_path = findings / f"{name}.log"  # libFuzzer's progress lines, readable while it runs
@@ -51,7 +53,8 @@ def run(name: str, n: int, max_len: int | None) -> tuple[int, float, int, list[s
     wall = time.monotonic() - started
     log = log_path.read_text(errors="replace")
     m = re.search(r"stat::number_of_executed_units:\s*(\d+)", log)
-    execs = int(m.group(1)) if m else 0
+    progress = re.findall(r"^#(\d+)\s", log, re.M)  # what an interrupted run got through
+    execs = int(m.group(1)) if m else int(progress[-1]) if progress else 0
     new = sorted(set(findings.glob(f"{name}-*.txt")) - before)
     problems = [p.read_text().splitlines()[0] for p in new]
     if proc.returncode != 0 or not m:
@@ -63,6 +66,9 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m fuzz", description=__doc__.split("\n")[0])
     ap.add_argument("-n", type=int, default=100_000, help="executions per target")
     ap.add_argument("--max-len", type=int, default=None, help="longest input, bytes")
+    ap.add_argument(
+        "--max-seconds", type=int, default=0, help="stop a target after this long (0: never)"
+    )
     ap.add_argument("--list", action="store_true", help="list the targets")
     ap.add_argument("target", nargs="*", help="default: every target")
     args = ap.parse_args(argv)
@@ -76,7 +82,7 @@ def main(argv: list[str]) -> int:
     bad = 0
     print(f"{'target':<16}{'executions':>12}{'exec/s':>9}{'corpus':>8}  findings", flush=True)
     for name in args.target or names:
-        execs, wall, corpus, problems = run(name, args.n, args.max_len)
+        execs, wall, corpus, problems = run(name, args.n, args.max_len, args.max_seconds)
         rate = execs / wall if wall > 0 else 0.0
         print(f"{name:<16}{execs:>12,}{rate:>9,.0f}{corpus:>8}  {len(problems)}", flush=True)
         for p in problems:
