@@ -3,6 +3,9 @@
 
     python3 dev.py demo [ARGS...]   run the district-heating closed loop (args go to `run`)
     python3 dev.py test [ARGS...]   run the test suite (pytest), then ruff and mypy
+    python3 dev.py test --burn N [ARGS...]
+                                    the same beside N CPU-burning processes (load test)
+    python3 dev.py test -m "not slow"   the fast lane for everyday work
 
 Needs only Python 3.11+ with pip and venv.  Re-installs when pyproject.toml changes.
 """
@@ -47,14 +50,33 @@ def ensure_env() -> None:
     stamp.touch()
 
 
-def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("demo", "test"):
-        print(__doc__, file=sys.stderr)
-        return 2
-    ensure_env()
-    what, rest = argv[0], argv[1:]
-    if what == "demo":
-        return sh(BIN / "parallelcity", "run", "scenarios/district_heating.toml", *rest)
+# Spins until its parent (this script) is gone, so a killed run leaves no burner behind.
+BURNER = """
+import os
+parent = os.getppid()
+while os.getppid() == parent:
+    for _ in range(1_000_000):
+        pass
+"""
+
+
+def burners(n: int) -> list[subprocess.Popen[bytes]]:
+    if n:
+        print(f"burning {n} CPU(s) for the run ...", file=sys.stderr, flush=True)
+    return [subprocess.Popen([sys.executable, "-c", BURNER]) for _ in range(n)]
+
+
+def take_burn(args: list[str]) -> tuple[int, list[str]]:
+    """``--burn N`` out of the arguments (anywhere): (N, the rest)."""
+    if "--burn" not in args:
+        return 0, args
+    i = args.index("--burn")
+    if i + 1 >= len(args) or not args[i + 1].isdigit():
+        sys.exit("--burn needs a number of processes, e.g. --burn 2")
+    return int(args[i + 1]), args[:i] + args[i + 2 :]
+
+
+def test(rest: list[str]) -> int:
     rc = sh(PY, "-m", "pytest", *rest)
     if rc != 0 or rest:  # extra args select tests; lint only runs on a full run
         return rc
@@ -64,6 +86,24 @@ def main(argv: list[str]) -> int:
         print("mypy ...", file=sys.stderr, flush=True)
         rc = sh(BIN / "mypy")
     return rc
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("demo", "test"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    ensure_env()
+    what, rest = argv[0], argv[1:]
+    if what == "demo":
+        return sh(BIN / "parallelcity", "run", "scenarios/district_heating.toml", *rest)
+    burn, rest = take_burn(rest)
+    procs = burners(burn)
+    try:
+        return test(rest)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
 
 
 if __name__ == "__main__":

@@ -297,6 +297,8 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ScenarioError(str(path), [f"cannot read the file: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(str(path), [f"not UTF-8: {exc.reason} at byte {exc.start}"]) from exc
     return parse_gateway_config(text, path)
 
 

@@ -118,6 +118,7 @@ def test_the_run_leaves_csv_plot_summary_and_metrics(day) -> None:
     assert any("comfort violation" in line for line in summary.lines())
 
 
+@pytest.mark.slow
 def test_cli_run_shows_progress_and_summary(tmp_path: Path, capsys) -> None:
     rc = main(["run", str(DH), "--cycles", "3", "--speed", "2880", "--out", str(tmp_path)])
     out = capsys.readouterr()
@@ -143,6 +144,7 @@ def test_runtime_refuses_to_start_without_insecure_lab(dh_text: str, tmp_path: P
     assert not any(tmp_path.iterdir()), "nothing may start"
 
 
+@pytest.mark.slow
 def test_a_nodeid_missing_on_the_server_stops_the_run_before_any_cycle(
     dh, dh_text: str, tmp_path: Path
 ) -> None:
@@ -175,6 +177,7 @@ def test_a_nodeid_missing_on_the_server_stops_the_run_before_any_cycle(
     assert rows.sum() == 0
 
 
+@pytest.mark.slow
 def test_with_the_estimator_a_stale_optional_state_point_does_not_stop_control(
     dh_text: str, tmp_path: Path
 ) -> None:

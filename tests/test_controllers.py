@@ -155,6 +155,7 @@ def test_baseline_setup_rejects_bad_wiring(problem: ControlProblem) -> None:
 # ------------------------------------------------------------------------------------ NMPC
 
 
+@pytest.mark.slow
 def test_nmpc_plans_within_limits_and_bands(
     scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, first_input: ControlInput
 ) -> None:
@@ -173,6 +174,7 @@ def test_nmpc_plans_within_limits_and_bands(
     assert np.all(r.y_pred[late, zones] <= first_input.y_high[late] + 0.05)
 
 
+@pytest.mark.slow
 def test_nmpc_default_tolerance_matches_a_tight_reference(
     scenario: Scenario, problem: ControlProblem, first_input: ControlInput
 ) -> None:
@@ -185,6 +187,7 @@ def test_nmpc_default_tolerance_matches_a_tight_reference(
     assert np.max(np.abs(default.u_plan - reference.u_plan)) < 5e-3
 
 
+@pytest.mark.slow
 def test_nmpc_warm_start_needs_fewer_iterations(
     scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, first_input: ControlInput
 ) -> None:
@@ -201,6 +204,7 @@ def test_nmpc_warm_start_needs_fewer_iterations(
     assert specs.check_inputs(nxt.u_prev, r_warm.u_plan, problem.dt) == []
 
 
+@pytest.mark.slow
 def test_nmpc_closed_loop_is_fast_and_keeps_limits(
     scenario: Scenario, problem: ControlProblem, specs: SafetySpecs
 ) -> None:
@@ -225,6 +229,7 @@ def test_nmpc_closed_loop_is_fast_and_keeps_limits(
     assert np.median(iterations) < 15, iterations
 
 
+@pytest.mark.slow
 def test_nmpc_reports_an_infeasible_problem(
     scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, first_input: ControlInput
 ) -> None:
@@ -240,6 +245,7 @@ def test_nmpc_reports_an_infeasible_problem(
     assert_unusable(problem, r)
 
 
+@pytest.mark.slow
 def test_nmpc_times_out_on_a_tiny_deadline(
     scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, first_input: ControlInput
 ) -> None:
@@ -271,6 +277,7 @@ def test_nmpc_wall_time_rounds_down() -> None:
         assert seconds / 2 ** (1 / 8) - 1e-15 < limit <= seconds
 
 
+@pytest.mark.slow
 def test_nmpc_reports_bad_input_instead_of_raising(
     scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, first_input: ControlInput
 ) -> None:
@@ -294,6 +301,7 @@ def test_nmpc_reports_bad_input_instead_of_raising(
         assert_unusable(problem, r)
 
 
+@pytest.mark.slow
 def test_nmpc_band_tightening_falls_back_to_the_middle(
     scenario: Scenario, problem: ControlProblem
 ) -> None:
@@ -323,6 +331,7 @@ def with_lead(config: object, lead_h: float) -> baseline.PIConfig:
     return config.model_copy(update={"loops": loops})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lead_h", [0.0, 1.0])
 def test_pi_keeps_a_perturbed_plant_in_band_over_a_day(
     scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, lead_h: float

@@ -193,6 +193,7 @@ def test_the_condensed_prediction_is_the_nonlinear_rollout_to_first_order(
         assert 50.0 < big / small < 200.0, errors
 
 
+@pytest.mark.slow
 def test_relinearising_reaches_the_nmpc_optimum(
     scenario: Scenario, lin_scenario: Scenario, problem: ControlProblem, specs: SafetySpecs
 ) -> None:

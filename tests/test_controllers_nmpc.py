@@ -50,6 +50,7 @@ COLD = {"sqp_fatrop": "fatrop"}
 WARM = {"sqp_fatrop": "sqp"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("solver", "method"),
     [
@@ -94,6 +95,7 @@ def test_config_default_is_the_sqp_fatrop_path() -> None:
     assert config.solver == "sqp_fatrop" and config.qp_solver == "qrqp"
 
 
+@pytest.mark.slow
 def test_sqp_warm_start_after_an_interior_point_starts_on_the_active_set(
     scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, morning: ControlInput
 ) -> None:
@@ -131,6 +133,7 @@ def test_active_only_keeps_equalities_and_active_bounds() -> None:
 
 
 # from a cold start; qrqp is for warm starts (sqp_fatrop), cold it often fails
+@pytest.mark.slow
 @pytest.mark.parametrize("qp_solver", ["osqp"])
 def test_sqp_path_reaches_the_tight_reference_optimum(
     scenario: Scenario,
@@ -160,6 +163,7 @@ def test_collocation_coefficients_integrate_polynomials_exactly() -> None:
         assert exact_degree >= 3
 
 
+@pytest.mark.slow
 def test_a_hard_state_bound_that_cannot_hold_is_infeasible(
     scenario: Scenario, problem: ControlProblem, morning: ControlInput
 ) -> None:
@@ -174,6 +178,7 @@ def test_a_hard_state_bound_that_cannot_hold_is_infeasible(
             assert r.message == "nmpc: ipopt Infeasible_Problem_Detected", r.message
 
 
+@pytest.mark.slow
 def test_a_warm_start_into_an_infeasible_state_falls_back_to_the_ipopt_verdict(
     scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, morning: ControlInput
 ) -> None:
@@ -192,6 +197,7 @@ def test_a_warm_start_into_an_infeasible_state_falls_back_to_the_ipopt_verdict(
     assert_unusable(problem, bad)
 
 
+@pytest.mark.slow
 def test_sqp_fatrop_warm_step_times_out(
     scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, morning: ControlInput
 ) -> None:
@@ -208,6 +214,7 @@ def test_sqp_fatrop_warm_step_times_out(
     assert again.status is SolveStatus.SOLVED, again.message
 
 
+@pytest.mark.slow
 def test_a_disturbance_outside_the_forecast_stays_feasible(
     scenario: Scenario, problem: ControlProblem, specs: SafetySpecs, morning: ControlInput
 ) -> None:
@@ -220,6 +227,7 @@ def test_a_disturbance_outside_the_forecast_stays_feasible(
     assert specs.check_inputs(inp.u_prev, r.u_plan, problem.dt) == []
 
 
+@pytest.mark.slow
 def test_fatrop_converts_the_deadline_into_an_iteration_cap(
     scenario: Scenario, problem: ControlProblem, morning: ControlInput, specs: SafetySpecs
 ) -> None:
@@ -243,6 +251,7 @@ def test_fatrop_converts_the_deadline_into_an_iteration_cap(
     assert controller.step(morning).status is SolveStatus.SOLVED
 
 
+@pytest.mark.slow
 def test_sqp_stops_at_the_deadline(
     scenario: Scenario, problem: ControlProblem, morning: ControlInput, specs: SafetySpecs
 ) -> None:
@@ -312,6 +321,7 @@ def pendulum_config(**changes: object) -> nmpc.Config:
     return config.model_copy(update=changes)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
 @pytest.mark.parametrize("solver", ["fatrop", "ipopt", "sqp_fatrop"])
 def test_compiled_nlp_gives_the_same_plan_and_is_cached_on_disk(

@@ -167,6 +167,7 @@ def random_unauthorised(rng: random.Random, seq: int) -> Command:
     return command(setpoints, seq=seq, issuer=rng.choice(["cycle", "limited", "admin"]))
 
 
+@pytest.mark.slow
 def test_authenticated_but_unauthorised_commands_are_never_executed() -> None:
     """10,000 random commands outside the client's grant: 0 executed, each refused."""
     total = 10_000

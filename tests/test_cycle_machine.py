@@ -21,6 +21,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -270,6 +271,7 @@ class SafetyChain(RuleBasedStateMachine):
             assert SPECS.check_inputs(u_before, verdict.u_plan, DT) == []
 
 
+@pytest.mark.slow
 def test_safety_chain() -> None:
     start = dict(EXECUTED)
     rounds = 0

@@ -13,6 +13,7 @@ from parallelcity.runner import RunOptions, run
 from parallelcity.scenario import parse_scenario
 
 
+@pytest.mark.slow
 def test_a_secure_copy_of_the_scenario_dispatches_over_curve(
     dh_text: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -53,6 +53,7 @@ def run_monitored(sim: Sim, cycles: int, on_cycle: object = None) -> list[Check]
     return checks
 
 
+@pytest.mark.slow
 def test_no_alarm_on_a_clean_simulated_week(dh: Scenario) -> None:
     checks = run_monitored(Sim(dh, seed=21), 7 * DAY)
     alarms = [c for c in checks if c.change == "alarm"]

@@ -117,6 +117,7 @@ def test_safe_values_need_a_watchdog_table_and_a_watchdog_needs_safe_values(dh_t
 # -- a run whose runtime goes quiet -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_quiet_runtime_makes_the_embedded_gateway_revert_the_plant_to_its_safe_values(
     dh_text: str, tmp_path: Path
 ) -> None:

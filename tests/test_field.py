@@ -72,6 +72,7 @@ PLAUSIBLE = {
 }
 
 
+@pytest.mark.slow
 def test_mirror_sees_every_point_fresh_plausible_and_on_sim_time(scenario: Scenario) -> None:
     async def body() -> None:
         clock = sim_clock(scenario)
@@ -122,6 +123,7 @@ def test_mirror_sees_every_point_fresh_plausible_and_on_sim_time(scenario: Scena
     run(body)
 
 
+@pytest.mark.slow
 def test_frozen_point_goes_stale_after_max_age_and_bad_status_is_stale(
     scenario: Scenario,
 ) -> None:
@@ -170,6 +172,7 @@ def test_frozen_point_goes_stale_after_max_age_and_bad_status_is_stale(
     run(body)
 
 
+@pytest.mark.slow
 def test_missing_nodes_and_namespace_are_named(scenario: Scenario, scenario_text: str) -> None:
     broken = parse_scenario(
         scenario_text.replace('"s=dh/office/T_zone"', '"s=dh/office/T_room"').replace(
@@ -223,6 +226,7 @@ def test_unreachable_endpoint_fails_fast(scenario: Scenario) -> None:
     run(body, timeout_s=10.0)
 
 
+@pytest.mark.slow
 def test_client_write_to_input_is_recorded_and_applied(scenario: Scenario) -> None:
     async def body() -> None:
         clock = sim_clock(scenario)

@@ -288,6 +288,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> LabPki:
     return make_lab_pki(tmp_path_factory.mktemp("pki"))
 
 
+@pytest.mark.slow
 def test_gateway_refuses_while_the_plc_is_killed_and_applies_after_it_restarts(
     tmp_path: Path, pki: LabPki
 ) -> None:
@@ -301,6 +302,7 @@ def test_gateway_refuses_while_the_plc_is_killed_and_applies_after_it_restarts(
     run(lambda: outage_round(tmp_path, pki, cut, mend, notice_s=3.0), timeout_s=120.0)
 
 
+@pytest.mark.slow
 def test_gateway_refuses_on_a_silent_link_and_applies_after_it_answers_again(
     tmp_path: Path, pki: LabPki
 ) -> None:

@@ -584,6 +584,7 @@ def gateway_toml(
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow
 def test_gateway_writes_to_a_real_opcua_server(tmp_path: Path) -> None:
     """The stand-alone gateway (config file, CURVE, durable state) in front of a real server."""
     from parallelcity.dispatcher import ClientCurve

@@ -362,6 +362,7 @@ def test_a_watchdog_revert_while_in_doubt_settles_the_write_first(
 # =========================================================================== a real PLC side
 
 
+@pytest.mark.slow
 def test_a_write_to_a_frozen_plc_goes_in_doubt_and_is_settled_once_it_answers(
     tmp_path: Path, pki: LabPki
 ) -> None:

@@ -182,6 +182,7 @@ def setup_site(tmp_path: Path, scenario: Scenario) -> tuple[LabPki, str, Embedde
     return pki, password, field
 
 
+@pytest.mark.slow
 def test_standalone_gateway_drives_a_sign_and_encrypt_server_over_curve(
     tmp_path: Path, scenario: Scenario
 ) -> None:
@@ -251,6 +252,7 @@ def test_standalone_gateway_drives_a_sign_and_encrypt_server_over_curve(
     run(body, timeout_s=150.0)
 
 
+@pytest.mark.slow
 def test_standalone_gateway_refuses_to_start_when_the_server_certificate_is_not_trusted(
     tmp_path: Path, scenario: Scenario
 ) -> None:

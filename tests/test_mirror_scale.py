@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from hil.field import POINT_NAMESPACE, PointServer, free_port, point_node
 from hil.simulated import KIND
 from parallelcity.browse import browse, points_toml
@@ -27,6 +29,7 @@ def run(make: Callable[[], Awaitable[Any]], timeout_s: float = 60.0) -> Any:
     return asyncio.run(bounded())
 
 
+@pytest.mark.slow
 def test_thousands_of_points_with_per_point_sampling_and_deadband() -> None:
     n = 2500
     points = [PointMap(name=f"p{i}", node=point_node(i), max_age_s=10.0) for i in range(n)]
@@ -83,6 +86,7 @@ def test_thousands_of_points_with_per_point_sampling_and_deadband() -> None:
     run(body, timeout_s=90.0)
 
 
+@pytest.mark.slow
 def test_browse_writes_a_points_table_the_scenario_can_use(dh: Scenario, tmp_path: Path) -> None:
     async def body() -> Any:
         clock = SimClock(epoch=dh.meta.start_epoch, speed=dh.meta.speed)

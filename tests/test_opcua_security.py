@@ -118,6 +118,7 @@ async def raw_client(
 # -- endpoints -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_secure_stand_in_offers_only_sign_and_encrypt_and_no_anonymous(
     secure_scenario: Scenario, pki: LabPki
 ) -> None:
@@ -135,6 +136,7 @@ def test_secure_stand_in_offers_only_sign_and_encrypt_and_no_anonymous(
     run(body)
 
 
+@pytest.mark.slow
 def test_policy_none_is_offered_only_in_an_insecure_lab(dh: Scenario) -> None:
     assert dh.insecure_lab
 
@@ -150,6 +152,7 @@ def test_policy_none_is_offered_only_in_an_insecure_lab(dh: Scenario) -> None:
 # -- accepted ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["Basic256Sha256", "Aes256_Sha256_RsaPss"])
 def test_mirror_and_gateway_writer_work_over_sign_and_encrypt(
     secure_scenario: Scenario, pki: LabPki, policy: str
@@ -171,6 +174,7 @@ def test_mirror_and_gateway_writer_work_over_sign_and_encrypt(
     run(body)
 
 
+@pytest.mark.slow
 def test_a_trusted_user_certificate_is_a_user_token(secure_scenario: Scenario, pki: LabPki) -> None:
     async def body() -> None:
         field, clock = secure_field(secure_scenario, pki)
@@ -193,6 +197,7 @@ def test_a_trusted_user_certificate_is_a_user_token(secure_scenario: Scenario, p
 # -- refused -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_refusals_name_the_certificate_and_where_to_trust_it(
     secure_scenario: Scenario, pki: LabPki, tmp_path: Path
 ) -> None:

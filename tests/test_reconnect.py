@@ -312,6 +312,7 @@ def test_restarts_in_another_process_never_feed_stale_data(tmp_path: Path) -> No
     )
 
 
+@pytest.mark.slow
 def test_a_silent_link_is_noticed_by_keepalive_and_resubscribed(tmp_path: Path) -> None:
     """SIGSTOP freezes the server: the socket stays open, only the silence tells."""
     server = ServerProcess(free_port())
@@ -408,6 +409,7 @@ def test_after_a_gap_a_value_with_an_old_source_time_stays_stale() -> None:
     assert [e.kind for e in events] == ["lost", "restored"] and events[0].detail == "test gap"
 
 
+@pytest.mark.slow
 def test_runner_survives_a_field_outage(dh: Any, tmp_path: Path, monkeypatch: Any) -> None:
     """Cycles during the outage are STALE with nothing sent; the loop resumes after it."""
     import hil.simulated

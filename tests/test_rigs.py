@@ -228,6 +228,7 @@ def test_a_verification_past_its_deadline_is_a_rejection(dh) -> None:
     assert Verifier(specs, rig, DT, deadline_s=30.0).verify(**kw).approved
 
 
+@pytest.mark.slow
 def test_the_process_pool_gives_the_serial_verdicts(uncertain) -> None:
     sc, text = uncertain
     m = sc.model

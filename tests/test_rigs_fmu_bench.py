@@ -184,6 +184,7 @@ def bench_rig(endpoint: str, insecure: bool = True) -> str:
     )
 
 
+@pytest.mark.slow
 def test_bench_in_another_process_judges_plans_like_the_local_rig(dh_text: str, bench) -> None:
     local_sc, endpoint = bench
     sc = parse_scenario(with_rig(dh_text, bench_rig(endpoint)), "bench-client.toml")
@@ -205,6 +206,7 @@ def test_bench_in_another_process_judges_plans_like_the_local_rig(dh_text: str, 
         rig.close()
 
 
+@pytest.mark.slow
 def test_the_bench_advances_only_on_the_expected_step(dh_text: str, bench) -> None:
     from asyncua import ua
 
@@ -232,6 +234,7 @@ def test_the_bench_advances_only_on_the_expected_step(dh_text: str, bench) -> No
         drv.close()
 
 
+@pytest.mark.slow
 def test_bench_refuses_without_insecure_lab(dh_text: str, bench) -> None:
     from parallelcity.errors import SecurityError
 

@@ -149,6 +149,7 @@ def test_cli_validate_prints_problems_and_exits_2(tmp_path: Path, dh_text: str, 
     assert "scenario.cycle_seconds: unknown key" in out.err
 
 
+@pytest.mark.slow
 def test_run_with_an_invalid_file_starts_nothing(tmp_path: Path, dh_text: str) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(dh_text.replace("speed = 1440", 'speed = "fast"'))

@@ -94,6 +94,7 @@ def runs_of_failure_longer_than(r: np.ndarray, steps_allowed: float) -> bool:
     return False
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(
     r=st.lists(st.floats(-5, 5).filter(lambda v: v != 0), min_size=1, max_size=30),

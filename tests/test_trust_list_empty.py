@@ -32,6 +32,7 @@ def test_an_empty_trust_list_is_still_a_validator(tmp_path: Path) -> None:
     assert len(empty) == 0 and bool(empty)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("side", ["client", "server"])
 def test_an_empty_trust_list_refuses_the_peer(tmp_path: Path, side: str) -> None:
     pki = make_lab_pki(tmp_path / "pki")

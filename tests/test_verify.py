@@ -70,6 +70,7 @@ def plans(horizon: int, specs: SafetySpecs):
     return frac.map(lambda f: lo + f * span)
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
 def test_verifier_never_approves_a_plan_that_breaks_a_bound_or_rate(parts, data) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from parallelcity.cli import main
 
 from .conftest import DH
@@ -17,6 +19,7 @@ within_s = 3600
 """
 
 
+@pytest.mark.slow
 def test_verify_prints_each_spec_and_kpis_and_writes_a_plot(tmp_path: Path, capsys) -> None:
     rc = main(
         ["verify", str(DH), "--rig", "simulated", "--samples", "2", "--cycles", "4",
@@ -37,6 +40,7 @@ def test_verify_prints_each_spec_and_kpis_and_writes_a_plot(tmp_path: Path, caps
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_verify_fails_with_the_spec_that_does_not_hold(tmp_path: Path, capsys) -> None:
     scenario = tmp_path / "hot.toml"
     scenario.write_text(DH.read_text() + IMPOSSIBLE)

@@ -264,6 +264,7 @@ def commands(draw: st.DrawFn) -> Command:
     )
 
 
+@pytest.mark.slow
 @given(commands())
 def test_property_command_round_trip(cmd: Command) -> None:
     data = cmd.encode()
@@ -290,11 +291,13 @@ def test_property_arbitrary_bytes_only_raise_wire_format_error(data: bytes) -> N
     _only_wire_errors(data)
 
 
+@pytest.mark.slow
 @given(json_values)
 def test_property_arbitrary_json_only_raises_wire_format_error(value: Any) -> None:
     _only_wire_errors(json.dumps(value).encode())
 
 
+@pytest.mark.slow
 @settings(suppress_health_check=[HealthCheck.too_slow])
 @given(
     base=st.sampled_from(
@@ -415,6 +418,7 @@ def test_property_request_round_trip(msg: Command | Heartbeat | Rearm) -> None:
     assert back == msg and back.encode() == data
 
 
+@pytest.mark.slow
 @given(statuses())
 def test_property_status_round_trip(status: Status) -> None:
     data = status.encode()
