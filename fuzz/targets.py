@@ -239,7 +239,10 @@ def _gateway_config(data: bytes) -> None:
 
     path = _scratch("gateway")
     path.write_bytes(data)
-    cfg = load_gateway_config(path)
+    try:
+        cfg = load_gateway_config(path)
+    finally:
+        path.unlink()
     cfg.core()  # a config that validates must build the gateway's decision core
 
 
@@ -252,7 +255,10 @@ def _scenario(data: bytes) -> None:
 
     path = _scratch("scenario")
     path.write_bytes(data)
-    load_scenario(path)
+    try:
+        load_scenario(path)
+    finally:
+        path.unlink()
 
 
 def _scenario_seeds() -> list[bytes]:
