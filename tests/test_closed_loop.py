@@ -120,7 +120,10 @@ def test_the_run_leaves_csv_plot_summary_and_metrics(day) -> None:
 
 @pytest.mark.slow
 def test_cli_run_shows_progress_and_summary(tmp_path: Path, capsys) -> None:
-    rc = main(["run", str(DH), "--cycles", "3", "--speed", "2880", "--out", str(tmp_path)])
+    # What is checked is the command line's output, not how fast a loaded machine keeps up:
+    # at 720x a 15-minute cycle has 1.25 s of wall time (at 2880x a busy CI machine missed
+    # deadlines, and a missed deadline rightly sends nothing).
+    rc = main(["run", str(DH), "--cycles", "3", "--speed", "720", "--out", str(tmp_path)])
     out = capsys.readouterr()
     assert rc == 0
     assert "cycle    3/3" in out.err
