@@ -73,6 +73,11 @@ CREATE TABLE IF NOT EXISTS ack (
     status TEXT NOT NULL, code TEXT NOT NULL, detail TEXT NOT NULL,
     applied_at REAL, received_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS cycle_result (
+    run_id INTEGER NOT NULL, k INTEGER NOT NULL, ack TEXT NOT NULL, applied TEXT NOT NULL,
+    bands TEXT NOT NULL, solve_time_s REAL NOT NULL, wall_s REAL NOT NULL,
+    PRIMARY KEY (run_id, k)
+);
 CREATE TABLE IF NOT EXISTS event (
     run_id INTEGER NOT NULL, k INTEGER NOT NULL, t REAL NOT NULL,
     source TEXT NOT NULL, kind TEXT NOT NULL, detail TEXT NOT NULL, data TEXT NOT NULL
@@ -255,6 +260,33 @@ class Journal:
                     ack.detail,
                     ack.applied_at,
                     received_at,
+                ),
+            )
+
+    def record_result(
+        self,
+        k: int,
+        *,
+        ack: str,
+        applied: Mapping[str, float],
+        bands: Mapping[str, tuple[float, float]],
+        solve_time_s: float,
+        wall_s: float,
+    ) -> None:
+        """How cycle ``k`` ended, once its command is acknowledged: what ``report`` needs to
+        rebuild the run's records exactly (journals without this table are rebuilt from the
+        cycle, plan, command and ack rows)."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO cycle_result VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.run_id,
+                    k,
+                    ack,
+                    _json(dict(applied)),
+                    _json({n: list(b) for n, b in bands.items()}),
+                    solve_time_s,
+                    wall_s,
                 ),
             )
 

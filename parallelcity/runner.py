@@ -47,6 +47,7 @@ from .model import Array
 from .opcua import ClientSecurity, SecureStandIn, ServerSecurity, hash_password
 from .rig import FieldStandIn
 from .scenario import Scenario
+from .scenario_text import scenario_toml
 from .snapshot import Snapshot
 from .specs import SafetySpecs
 from .twin import Twin
@@ -97,6 +98,7 @@ class RunResult:
     out_dir: Path
     stand_in: FieldStandIn | None
     counts: dict[str, int] = field(default_factory=dict)
+    controller_kind: str = ""  # the kind that ran (``--controller`` may override the scenario's)
 
 
 ProgressFn = Callable[[CycleRecord, dict[str, int]], None]
@@ -451,6 +453,7 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                 "field": endpoint,
                 "gateway": gateway_endpoint,
                 "controller": controller_kind,
+                "scenario_toml": scenario_toml(scenario),
             },
         )
         # First heartbeat: the gateway tells where this issuer's seq stands and how often
@@ -561,6 +564,14 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                     ack_text,
                     time.perf_counter() - wall0,
                 )
+                journal.record_result(
+                    k,
+                    ack=rec.ack,
+                    applied=rec.applied,
+                    bands=rec.bands,
+                    solve_time_s=rec.solve_time_s,
+                    wall_s=rec.wall_s,
+                )
                 records.append(rec)
                 if progress:
                     progress(rec, counts)
@@ -575,7 +586,7 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
             if gateway_task is not None:
                 gateway_task.cancel()
             journal.close()
-    return RunResult(scenario, records, journal.path, out_dir, stand_in, counts)
+    return RunResult(scenario, records, journal.path, out_dir, stand_in, counts, controller_kind)
 
 
 async def _dispatch(
