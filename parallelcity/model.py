@@ -22,6 +22,25 @@ Array = NDArray[np.float64]
 Forecast = Callable[[float, int, float], Array]
 
 
+@dataclass(frozen=True)
+class Panel:
+    """One plot panel of a run: signals sharing a unit.  An input is drawn as applied, a
+    measured output as measured, a disturbance that is not measured from the forecast."""
+
+    title: str
+    signals: tuple[str, ...]
+    unit: str = ""
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    """What a model kind's runs report and plot besides the comfort-banded outputs."""
+
+    banded_label: str = "banded output"  # y label of the banded outputs' panels
+    energy_point: str | None = None  # an output in kW whose integral is the run's energy
+    panels: tuple[Panel, ...] = ()  # empty: one panel of the inputs as applied
+
+
 @dataclass(frozen=True, eq=False)
 class SubsystemModel:
     """A plant model with named signals and nominal parameters."""
@@ -40,6 +59,7 @@ class SubsystemModel:
     u0: Array
     # which output measures each state; the twin reads its state from these
     state_outputs: Mapping[str, str] = field(default_factory=dict)
+    report: ReportSpec = ReportSpec()
 
     def __post_init__(self) -> None:
         sizes = {
@@ -50,6 +70,13 @@ class SubsystemModel:
         for what, (got, want) in sizes.items():
             if got != want:
                 raise ValueError(f"model {self.name}: {what} has {got} entries, expected {want}")
+        known = set(self.inputs) | set(self.outputs) | set(self.disturbances)
+        for panel in self.report.panels:
+            unknown = [n for n in panel.signals if n not in known]
+            if unknown:
+                raise ValueError(f"model {self.name}: panel {panel.title!r} names {unknown}")
+        if self.report.energy_point not in (None, *self.outputs):
+            raise ValueError(f"model {self.name}: energy point is not an output")
         for s, y in self.state_outputs.items():
             if s not in self.states or y not in self.outputs:
                 raise ValueError(f"model {self.name}: state_outputs maps unknown {s!r} -> {y!r}")

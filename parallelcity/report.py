@@ -13,10 +13,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .model import Panel
 from .runner import CycleRecord, RunResult
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,9 @@ def _pct(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000.0 if values else math.nan
 
 
-def summarize(result: RunResult, energy_point: str | None = "plant.fuel_kw") -> Summary:
+def summarize(result: RunResult, energy_point: str | None = None) -> Summary:
+    """``energy_point``: the output integrated as energy (default: the model kind's)."""
+    energy_point = energy_point or result.scenario.model.report.energy_point
     recs = result.records
     dt_s = result.scenario.meta.cycle_s
     by = comfort_kh(recs, dt_s)
@@ -141,49 +148,134 @@ def write_csv(records: Sequence[CycleRecord], path: Path) -> None:
             )
 
 
-def write_plot(result: RunResult, path: Path) -> None:
-    """Zone temperatures with their bands, supply temperature and flows."""
-    import matplotlib
+MARKERS: tuple[tuple[str, str, str], ...] = (
+    ("fallback", "v", "tab:purple"),
+    ("hold", "s", "tab:orange"),
+    ("stale", "x", "tab:gray"),
+    ("deadline", "D", "tab:brown"),
+    ("refused", "X", "tab:red"),
+    ("undelivered", "o", "black"),
+)
+"""The event strip's rows: (what, marker, colour)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.dates as mdates
-    import matplotlib.pyplot as plt
+
+def cycle_events(rec: CycleRecord) -> set[str]:
+    """Which of the event strip's rows cycle ``rec`` belongs to."""
+    out = set()
+    if rec.source == "fallback":
+        out.add("fallback")
+    if rec.outcome in ("hold", "stale"):
+        out.add(rec.outcome)
+    if rec.outcome in ("deadline", "busy"):
+        out.add("deadline")
+    if rec.ack.startswith("refused"):
+        out.add("refused")
+    if rec.ack == "undelivered":
+        out.add("undelivered")
+    return out
+
+
+def _zone(result: RunResult) -> dt.tzinfo:
+    name = getattr(result.scenario.meta, "time_zone", None)
+    if name:
+        from zoneinfo import ZoneInfo
+
+        return ZoneInfo(str(name))
+    return dt.UTC
+
+
+def plot_title(result: RunResult) -> str:
+    """Scenario, simulated start (in the scenario's time zone), controller kind, run folder."""
+    tz = _zone(result)
+    t0 = result.records[0].t if result.records else result.scenario.meta.start_epoch
+    when = dt.datetime.fromtimestamp(t0, tz).strftime("%a %Y-%m-%d %H:%M %Z")
+    kind = result.controller_kind or result.scenario.file.controller.kind
+    return (
+        f"{result.scenario.meta.name} · {when} · controller {kind} · "
+        f"run {result.journal_path.parent.name}"
+    )
+
+
+def _values(recs: Sequence[CycleRecord], name: str) -> list[float]:
+    return [math.nan if (v := r.values.get(name)) is None else v for r in recs]
+
+
+def _series(result: RunResult, name: str) -> tuple[list[float], str] | None:
+    """A panel signal's values per cycle and how it was obtained, or None if unknown."""
+    recs = result.records
+    model = result.scenario.model
+    if recs and name in recs[0].values:
+        return _values(recs, name), ""
+    if name in model.inputs:
+        return [r.applied.get(name, math.nan) for r in recs], " (applied)"
+    if name in model.disturbances and recs:
+        i = model.disturbances.index(name)
+        dt_s = result.scenario.meta.cycle_s
+        return [float(model.forecast(r.t, 1, dt_s)[0, i]) for r in recs], " (forecast)"
+    return None
+
+
+def plot_figure(result: RunResult) -> Figure:
+    """The run's story: each banded output in its own panel with its band, the model kind's
+    panels (``SubsystemModel.report``), and a strip marking fallback, hold, stale, deadline,
+    refused and undelivered cycles."""
+    from matplotlib.figure import Figure
 
     recs = result.records
-    times = [dt.datetime.fromtimestamp(r.t, dt.UTC) for r in recs]
-    bands = list(recs[0].bands) if recs else []
-    inputs = list(recs[0].applied) if recs else []
-    fig, axes = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
-    ax = axes[0]
-    for i, name in enumerate(bands):
-        colour = f"C{i}"
-        vals = [np.nan if r.values.get(name) is None else r.values[name] for r in recs]
-        ax.plot(times, vals, color=colour, label=name)
+    model = result.scenario.model
+    spec = model.report
+    tz = _zone(result)
+    times = [dt.datetime.fromtimestamp(r.t, tz) for r in recs]
+    banded = list(recs[0].bands) if recs else []
+    panels = list(spec.panels) or [Panel("inputs", model.inputs)]
+    panels = [p for p in panels if any(_series(result, n) for n in p.signals)]
+    heights = [1.6] * len(banded) + [1.8] * len(panels) + [1.1]
+    fig = Figure(figsize=(11, sum(heights) + 1.0))
+    axes = fig.subplots(len(heights), 1, sharex=True, height_ratios=heights, squeeze=False)[:, 0]
+    for i, name in enumerate(banded):
+        ax, colour = axes[i], f"C{i}"
+        vals = _values(recs, name)
         lo = [r.bands[name][0] for r in recs]
         hi = [r.bands[name][1] for r in recs]
-        ax.fill_between(times, lo, hi, color=colour, alpha=0.12, step="post")
-    ax.set_ylabel("zone temperature [°C]")
-    ax.legend(loc="upper left", fontsize=8)
-    ax.set_title(f"{result.scenario.meta.name}: zones and comfort bands")
-    ax = axes[1]
-    supply_like = [n for n in inputs if "T_" in n]
-    for name in supply_like:
-        ax.step(times, [r.applied[name] for r in recs], where="post", label=f"{name} (applied)")
-    for name in (n for n in recs[0].values if n.endswith("T_supply")) if recs else ():
-        vals = [np.nan if r.values.get(name) is None else r.values[name] for r in recs]
-        ax.plot(times, vals, label=f"{name} (measured)")
-    ax.set_ylabel("supply temperature [°C]")
-    ax.legend(loc="upper left", fontsize=8)
-    ax = axes[2]
-    for name in (n for n in inputs if n not in supply_like):
-        ax.step(times, [r.applied[name] for r in recs], where="post", label=name)
-    ax.set_ylabel("flow [kg/s]")
-    ax.legend(loc="upper left", fontsize=8)
-    ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M"))  # type: ignore[no-untyped-call]
-    ax.set_xlabel("simulated time (UTC)")
+        ax.fill_between(times, lo, hi, color=colour, alpha=0.18, step="post", label="comfort band")
+        ax.plot(times, vals, color=colour, marker=".", label=name)
+        ax.set_ylabel(spec.banded_label, fontsize=8)
+        ax.legend(loc="upper left", fontsize=8)
+    for j, panel in enumerate(panels):
+        ax = axes[len(banded) + j]
+        for name in panel.signals:
+            got = _series(result, name)
+            if got is None:
+                continue
+            vals, how = got
+            if how == " (applied)":
+                ax.step(times, vals, where="post", label=name + how)
+            else:
+                ax.plot(times, vals, label=name + how)
+        unit = f" [{panel.unit}]" if panel.unit else ""
+        ax.set_ylabel(f"{panel.title}{unit}", fontsize=8)
+        ax.legend(loc="upper left", fontsize=8)
+    ax = axes[-1]
+    for row, (what, marker, colour) in enumerate(MARKERS):
+        at = [tm for tm, r in zip(times, recs, strict=True) if what in cycle_events(r)]
+        ax.scatter(
+            at, [row] * len(at), marker=marker, color=colour, s=25, label=f"{what} ({len(at)})"
+        )
+    ax.set_yticks(range(len(MARKERS)), [m[0] for m in MARKERS], fontsize=7)
+    ax.set_ylim(-0.7, len(MARKERS) - 0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
+    from matplotlib.dates import DateFormatter
+
+    ax.xaxis.set_major_formatter(DateFormatter("%H:%M", tz=tz))  # type: ignore[no-untyped-call]
+    ax.set_xlabel(f"simulated time ({getattr(tz, 'key', 'UTC')})")
+    fig.suptitle(plot_title(result), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
+
+
+def write_plot(result: RunResult, path: Path) -> None:
+    """Draw ``plot_figure`` into ``path`` (PNG)."""
+    plot_figure(result).savefig(path, dpi=110)
 
 
 def metrics_text(summary: Summary, scenario: str) -> str:

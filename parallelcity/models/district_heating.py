@@ -22,7 +22,7 @@ import casadi as ca
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..model import Array, SubsystemModel
+from ..model import Array, Panel, ReportSpec, SubsystemModel
 from ..schedule import Period, active
 
 CP_KJ_PER_KG_K = 4.186
@@ -175,6 +175,16 @@ def build(config: Config) -> SubsystemModel:
         x0=np.array([b.initial_temperature_c for b in bs] + [config.plant.initial_supply_c]),
         u0=np.array([config.plant.initial_setpoint_c] + [b.initial_flow_kg_per_s for b in bs]),
         state_outputs={s: s for s in states},
+        report=ReportSpec(
+            banded_label="zone temperature [°C]",
+            energy_point="plant.fuel_kw",
+            panels=(
+                Panel("supply temperature", ("plant.T_supply_set", "plant.T_supply"), "°C"),
+                Panel("outdoor temperature", ("weather.T_out",), "°C"),
+                Panel("power", ("plant.fuel_kw", "plant.heat_kw", "plant.pump_kw"), "kW"),
+                Panel("flow", tuple(f"{b.name}.m_flow" for b in bs), "kg/s"),
+            ),
+        ),
     )
 
 
