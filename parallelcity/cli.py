@@ -160,6 +160,21 @@ def _parser() -> argparse.ArgumentParser:
     vr.add_argument("--cycles", type=int, help="cycles per sample (default: one horizon)")
     vr.add_argument("--controller", metavar="KIND", help="controller kind (default: scenario)")
     vr.add_argument("--out", type=Path, default=Path("runs"), help="plot folder (default runs/)")
+
+    rp = sub.add_parser(
+        "report",
+        help="rebuild a run's summary, CSV, plot and metrics from its journal",
+        description="Read JOURNAL (the journal.sqlite of a finished, interrupted or crashed "
+        "run; never written to) and write summary.json, timeseries.csv, plot.png and "
+        "metrics.prom beside it or into --out. Says how the run ended.",
+    )
+    rp.add_argument("journal", type=Path, metavar="JOURNAL", help="a run's journal.sqlite")
+    rp.add_argument("--out", type=Path, help="output folder (default: the journal's)")
+    rp.add_argument(
+        "--scenario",
+        type=Path,
+        help="scenario file, for journals that hold no copy of theirs (older runs)",
+    )
     return p
 
 
@@ -257,6 +272,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
     finally:
         gateway_log.setLevel(level)
     summary, paths = write_all(result)
+    print("\n".join(summary.lines()))
+    for what, path in paths.items():
+        print(f"{what:<17} {path}")
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .journal_read import read_journal, run_result, scenario_of
+    from .report import write_all
+
+    try:
+        journal = read_journal(args.journal)
+    except JournalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    scenario = scenario_of(journal, args.scenario)
+    out = args.out if args.out is not None else args.journal.parent
+    try:
+        result = run_result(journal, scenario, out)
+    except JournalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        summary, paths = write_all(result)
+    except OSError as exc:
+        print(f"error: cannot write the report into {out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"{journal.scenario_name}: {journal.describe_end()}")
     print("\n".join(summary.lines()))
     for what, path in paths.items():
         print(f"{what:<17} {path}")
@@ -431,6 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_browse(args)
         if args.command == "verify":
             return _cmd_verify(args)
+        if args.command == "report":
+            return _cmd_report(args)
     except _UsageError as exc:
         parser.error(str(exc))
     except ScenarioError as exc:
