@@ -280,13 +280,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from .journal_read import read_journal, run_result, scenario_of
-    from .report import write_all
 
     try:
         journal = read_journal(args.journal)
     except JournalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    from .report import write_all
+
     scenario = scenario_of(journal, args.scenario)
     out = args.out if args.out is not None else args.journal.parent
     try:

@@ -13,13 +13,14 @@ import math
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from .errors import JournalError, ScenarioError
-from .runner import CycleRecord, RunResult, _counts
-from .scenario import Scenario, load_scenario, parse_scenario
-from .specs import SafetySpecs
+
+if TYPE_CHECKING:  # imported where used: a file that is no journal is refused at once
+    from .runner import CycleRecord, RunResult
+    from .scenario import Scenario
 
 LOCK_TIMEOUT_S = 2.0
 """How long opening waits for a journal another process holds locked."""
@@ -162,6 +163,8 @@ def read_journal(path: Path) -> JournalRun:
 def scenario_of(run: JournalRun, override: Path | None = None) -> Scenario:
     """The scenario the run used: ``override`` if given, else the copy the journal holds,
     else the file the journal names (older journals)."""
+    from .scenario import load_scenario, parse_scenario
+
     if override is not None:
         return load_scenario(override)
     origin = str(run.info.get("path") or "<journal>")
@@ -190,6 +193,9 @@ def _num(v: Any) -> float:
 
 def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dict[str, int]]:
     """Each cycle's record and the run's counters, as the runner had them."""
+    from .runner import CycleRecord, _counts
+    from .specs import SafetySpecs
+
     inputs = scenario.model.inputs
     bands = SafetySpecs.from_scenario(scenario).bands
     counts = _counts()
@@ -244,6 +250,8 @@ def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dic
 
 def run_result(run: JournalRun, scenario: Scenario, out_dir: Path) -> RunResult:
     """The run as ``runner.run`` returned it, to write its outputs into ``out_dir``."""
+    from .runner import RunResult
+
     try:
         recs, counts = records(run, scenario)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:

@@ -1,0 +1,159 @@
+"""`parallelcity report JOURNAL` as a user runs it: a real run's outputs rebuilt from its
+journal alone, older and interrupted journals, and files that are not journals."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import math
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from parallelcity.journal import Journal
+from parallelcity.journal_read import NO_END
+from parallelcity.report import write_all
+from parallelcity.runner import RunOptions, run
+from parallelcity.scenario import parse_scenario
+from parallelcity.scenario_text import scenario_toml
+
+OUTPUTS = ("summary.json", "timeseries.csv", "plot.png", "metrics.prom")
+CLI_TIMEOUT_S = 60
+
+
+def _report(*args: str | Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "parallelcity", "report", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(p: subprocess.Popen[str]) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=CLI_TIMEOUT_S)
+    assert "Traceback" not in err, err
+    return p.returncode, out, err
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_scenario_text_round_trips(dh) -> None:
+    """The copy a journal holds parses back to the scenario the run used (here a lab copy
+    that differs from the file at its path)."""
+    again = parse_scenario(scenario_toml(dh), dh.path)
+    assert again.file == dh.file and again.model_config == dh.model_config
+    assert again.insecure_lab and again.model.outputs == dh.model.outputs
+
+
+@pytest.mark.slow
+def test_report_rebuilds_a_runs_outputs_from_its_journal(dh, tmp_path) -> None:
+    result = asyncio.run(run(dh, RunOptions(cycles=5, speed=3600, out_dir=tmp_path / "runs")))
+    _, paths = write_all(result)
+    folder = result.journal_path.parent
+    original = {name: (folder / name).read_bytes() for name in OUTPUTS}
+    for name in OUTPUTS:
+        (folder / name).unlink()
+
+    # an interrupted copy (the run-end event as a run ending on SIGINT journals it)
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(result.journal_path, cut / "journal.sqlite")
+    j = Journal(cut / "journal.sqlite")
+    j.run_id = 1
+    j.record_event(3, 0.0, "run", "interrupted", "SIGINT", {"cause": "interrupted"})
+    j.record_event(
+        3, 0.0, "run", "end", "SIGINT", {"cause": "interrupted", "signal": "SIGINT", "cycles": 4}
+    )
+    j.close()
+    # an older journal: no per-cycle results, no scenario copy (its file is named instead)
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(result.journal_path, old / "journal.sqlite")
+    db = sqlite3.connect(old / "journal.sqlite")
+    info = json.loads(db.execute("SELECT info FROM run").fetchone()[0])
+    del info["scenario_toml"]
+    db.execute("UPDATE run SET info = ?", (json.dumps(info),))
+    db.execute("DROP TABLE cycle_result")
+    db.commit()
+    db.close()
+
+    procs = [
+        _report(result.journal_path),
+        _report(cut / "journal.sqlite"),
+        _report(old / "journal.sqlite", "--out", old / "report"),
+    ]
+    (code, out, _), (cut_code, cut_out, _), (old_code, _, old_err) = map(_finish, procs)
+
+    assert code == 0 and cut_code == 0 and old_code == 0, old_err
+    assert out.splitlines()[0] in (
+        f"{dh.meta.name}: completed after 5 cycles",
+        f"{dh.meta.name}: {NO_END}",
+    )
+    assert "interrupted by SIGINT at cycle 3 (4 cycles run)" in cut_out.splitlines()[0]
+    assert str(paths["summary"]) in out and str(paths["plot"]) in out
+    rebuilt = json.loads((folder / "summary.json").read_text())
+    assert _same(rebuilt, json.loads(original["summary.json"])), (rebuilt, original)
+    assert (folder / "timeseries.csv").read_bytes() == original["timeseries.csv"]
+    assert (folder / "metrics.prom").read_bytes() == original["metrics.prom"]
+    assert (folder / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the older journal gives the same cycles; only what it never held differs (the
+    # cycle's wall time then ends before dispatch, and the applied inputs come from acks)
+    new_rows = _rows(folder / "timeseries.csv")
+    old_rows = _rows(old / "report" / "timeseries.csv")
+    assert len(old_rows) == len(new_rows) == 5
+    for a, b in zip(old_rows, new_rows, strict=True):
+        for key in a:
+            if key != "cycle_wall_s" and not (key.endswith(".applied") and b["ack"] == ""):
+                assert a[key] == b[key], (key, a, b)
+    assert json.loads((old / "report" / "summary.json").read_text())["sent"] == rebuilt["sent"]
+
+
+def test_report_refuses_what_is_not_a_readable_journal(tmp_path) -> None:
+    text = tmp_path / "notes.sqlite"
+    text.write_text("not a database at all\n" * 100)
+    other = tmp_path / "other.sqlite"
+    sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
+    no_run = tmp_path / "no_run" / "journal.sqlite"
+    Journal(no_run).close()
+    locked = tmp_path / "locked" / "journal.sqlite"
+    j = Journal(locked)
+    j.start_run("x", 0.0, {})
+    j.close()
+    holder = sqlite3.connect(locked, isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("INSERT INTO event VALUES (1, 0, 0, 'test', 'lock', '', '{}')")
+    cases = {
+        tmp_path / "missing.sqlite": "no such file",
+        tmp_path: "not a file",
+        text: "not a journal",
+        other: "not a parallelcity journal",
+        no_run: "holds no run",
+        locked: "locked",
+    }
+    try:
+        procs = {path: _report(path) for path in cases}
+        results = {path: _finish(p) for path, p in procs.items()}
+    finally:
+        holder.close()
+    for path, why in cases.items():
+        code, _, err = results[path]
+        assert code == 2 and why in err, (path, code, err)
