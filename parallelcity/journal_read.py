@@ -105,6 +105,8 @@ def _run_end(db: sqlite3.Connection, run_id: int) -> RunEnd | None:
     if not rows:
         return None
     data = json.loads(rows[0]["data"] or "{}")
+    if not isinstance(data, dict):
+        raise ValueError(f"run-end event data is not an object: {data!r}")
     cycles = data.get("cycles")
     return RunEnd(
         cause=str(data.get("cause") or "completed"),
@@ -124,6 +126,9 @@ def read_journal(path: Path) -> JournalRun:
             raise JournalError(f"{path}: the journal holds no run (it ended before its start)")
         run = runs[0]
         rid = int(run["id"])
+        info = json.loads(run["info"] or "{}")
+        if not isinstance(info, dict):
+            raise ValueError(f"run info is not an object: {info!r}")
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         results: dict[int, sqlite3.Row] = {}
         if "cycle_result" in tables:
@@ -139,7 +144,7 @@ def read_journal(path: Path) -> JournalRun:
             run_id=rid,
             scenario_name=str(run["scenario"]),
             started_at=float(run["started_at"]),
-            info=json.loads(run["info"] or "{}"),
+            info=info,
             cycles=list(db.execute("SELECT * FROM cycle WHERE run_id = ? ORDER BY k", (rid,))),
             solve_s=solve,
             commands=list(
@@ -154,7 +159,7 @@ def read_journal(path: Path) -> JournalRun:
         )
     except sqlite3.Error as exc:
         raise JournalError(f"{path}: cannot read the journal: {exc}") from exc
-    except (ValueError, TypeError) as exc:  # JSON or numbers that the runtime never writes
+    except (ValueError, TypeError, AttributeError) as exc:  # rows the runtime never writes
         raise JournalError(f"{path}: the journal holds a malformed row: {exc}") from exc
     finally:
         db.close()
@@ -169,10 +174,18 @@ def scenario_of(run: JournalRun, override: Path | None = None) -> Scenario:
         return load_scenario(override)
     origin = str(run.info.get("path") or "<journal>")
     text = run.info.get("scenario_toml")
-    if isinstance(text, str):
-        return parse_scenario(text, origin)
-    if run.info.get("path"):
-        return load_scenario(origin)
+    try:
+        if isinstance(text, str):
+            return parse_scenario(text, origin)
+        if run.info.get("path"):
+            return load_scenario(origin)
+    except ScenarioError as exc:
+        where = "the copy in the journal" if isinstance(text, str) else origin
+        raise ScenarioError(
+            str(run.path),
+            [f"the scenario the run used ({where}) does not load; give one with --scenario FILE"]
+            + exc.problems,
+        ) from exc
     raise ScenarioError(
         str(run.path), ["the journal names no scenario file: give it with --scenario FILE"]
     )

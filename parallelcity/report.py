@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -22,6 +23,8 @@ from .runner import CycleRecord, RunResult
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+log = logging.getLogger("parallelcity.report")
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,7 @@ MARKERS: tuple[tuple[str, str, str], ...] = (
     ("fallback", "v", "tab:purple"),
     ("hold", "s", "tab:orange"),
     ("stale", "x", "tab:gray"),
-    ("deadline", "D", "tab:brown"),
+    ("deadline/busy", "D", "tab:brown"),
     ("refused", "X", "tab:red"),
     ("undelivered", "o", "black"),
 )
@@ -167,7 +170,7 @@ def cycle_events(rec: CycleRecord) -> set[str]:
     if rec.outcome in ("hold", "stale"):
         out.add(rec.outcome)
     if rec.outcome in ("deadline", "busy"):
-        out.add("deadline")
+        out.add("deadline/busy")
     if rec.ack.startswith("refused"):
         out.add("refused")
     if rec.ack == "undelivered":
@@ -176,11 +179,17 @@ def cycle_events(rec: CycleRecord) -> set[str]:
 
 
 def _zone(result: RunResult) -> dt.tzinfo:
-    name = getattr(result.scenario.meta, "time_zone", None)
-    if name:
-        from zoneinfo import ZoneInfo
+    """The scenario's time zone if it names one (the scenario validates it), else UTC."""
+    zone = getattr(result.scenario.meta, "time_zone", None)
+    if isinstance(zone, dt.tzinfo):
+        return zone
+    if zone:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-        return ZoneInfo(str(name))
+        try:
+            return ZoneInfo(str(zone))
+        except (ZoneInfoNotFoundError, ValueError):
+            log.warning("plot: unknown time zone %r, showing UTC", zone)
     return dt.UTC
 
 

@@ -100,7 +100,7 @@ def test_plot_tells_the_runs_story(result: RunResult, tmp_path: Path) -> None:
         "fallback (2)",
         "hold (1)",
         "stale (1)",
-        "deadline (1)",
+        "deadline/busy (1)",
         "refused (1)",
         "undelivered (1)",
     ):
@@ -139,3 +139,14 @@ def test_another_model_kind_plots_its_own_panels(result: RunResult) -> None:
 def test_an_empty_run_still_plots(result: RunResult, tmp_path: Path) -> None:
     write_plot(dataclasses.replace(result, records=[]), tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_the_title_and_time_axis_use_the_scenarios_time_zone(result: RunResult) -> None:
+    """With a time zone the simulated start is local time (Berlin is UTC+1 in January)."""
+    sc = result.scenario
+    meta = sc.meta.model_copy(update={"time_zone": "Europe/Berlin"})
+    file = sc.file.model_copy(update={"scenario": meta})
+    local = dataclasses.replace(result, scenario=dataclasses.replace(sc, file=file))
+    fig = plot_figure(local)
+    assert "Mon 2026-01-12 01:00 CET" in fig.get_suptitle()
+    assert fig.axes[-1].get_xlabel() == "simulated time (Europe/Berlin)"
