@@ -9,7 +9,8 @@ import pytest
 from matplotlib.colors import to_rgba
 
 from parallelcity.model import Panel, ReportSpec
-from parallelcity.report import plot_figure, write_plot
+from parallelcity.plot import plot_figure
+from parallelcity.report import write_plot
 from parallelcity.runner import CycleRecord, RunResult
 
 ZONES = ("apartment.T_zone", "office.T_zone", "school.T_zone")
