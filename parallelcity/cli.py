@@ -168,7 +168,9 @@ def _parser() -> argparse.ArgumentParser:
         "run; never written to) and write summary.json, timeseries.csv, plot.png and "
         "metrics.prom beside it or into --out. Says how the run ended.",
     )
-    rp.add_argument("journal", type=Path, metavar="JOURNAL", help="a run's journal.sqlite")
+    rp.add_argument(
+        "journal", type=Path, metavar="JOURNAL", help="a run's journal.sqlite, or its folder"
+    )
     rp.add_argument("--out", type=Path, help="output folder (default: the journal's)")
     rp.add_argument(
         "--scenario",
@@ -289,7 +291,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from .report import write_all
 
     scenario = scenario_of(journal, args.scenario)
-    out = args.out if args.out is not None else args.journal.parent
+    out = args.out if args.out is not None else journal.path.parent
     try:
         result = run_result(journal, scenario, out)
     except JournalError as exc:

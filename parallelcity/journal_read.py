@@ -68,11 +68,18 @@ class JournalRun:
         return self.end.describe() if self.end else NO_END
 
 
+def journal_path(path: Path) -> Path:
+    """``path``, or the journal in it when it is a run's folder."""
+    if path.is_dir() and (path / "journal.sqlite").is_file():
+        return path / "journal.sqlite"
+    return path
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     if not path.exists():
         raise JournalError(f"{path}: no such file")
     if not path.is_file():
-        raise JournalError(f"{path}: not a file (give the journal.sqlite of a run)")
+        raise JournalError(f"{path}: not a file, nor a run folder holding a journal.sqlite")
     uri = f"file:{quote(str(path.resolve()))}?mode=ro"
     try:
         db = sqlite3.connect(uri, uri=True, timeout=LOCK_TIMEOUT_S)
@@ -118,7 +125,9 @@ def _run_end(db: sqlite3.Connection, run_id: int) -> RunEnd | None:
 
 
 def read_journal(path: Path) -> JournalRun:
-    """The last run in the journal at ``path``; ``JournalError`` if it is not one."""
+    """The last run in the journal at ``path`` (or in the run folder ``path``);
+    ``JournalError`` if it is not one."""
+    path = journal_path(path)
     db = _connect(path)
     try:
         runs = list(db.execute("SELECT * FROM run ORDER BY id DESC LIMIT 1"))

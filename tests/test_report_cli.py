@@ -87,7 +87,7 @@ def test_report_rebuilds_a_runs_outputs_from_its_journal(dh, tmp_path) -> None:
     db.commit()
     db.close()
 
-    code, out, _ = _finish(_report(result.journal_path))
+    code, out, _ = _finish(_report(folder))  # a run's folder names its journal
     assert code == 0
     assert out.splitlines()[0] in (
         f"{dh.meta.name}: completed after 5 cycles",
@@ -147,7 +147,7 @@ def test_report_refuses_what_is_not_a_readable_journal(tmp_path) -> None:
     j.close()
     cases = {
         tmp_path / "missing.sqlite": "no such file",
-        tmp_path: "not a file",
+        tmp_path: "not a file, nor a run folder",
         text: "not a journal",
         other: "not a parallelcity journal",
         no_run: "holds no run",
