@@ -130,9 +130,13 @@ def read_journal(path: Path) -> JournalRun:
     path = journal_path(path)
     db = _connect(path)
     try:
+        db.execute("BEGIN")  # one snapshot of a journal that a running run still writes
         runs = list(db.execute("SELECT * FROM run ORDER BY id DESC LIMIT 1"))
         if not runs:
-            raise JournalError(f"{path}: the journal holds no run (it ended before its start)")
+            raise JournalError(
+                f"{path}: the journal holds no run (stopped or still starting before its "
+                "first cycle)"
+            )
         run = runs[0]
         rid = int(run["id"])
         info = json.loads(run["info"] or "{}")
