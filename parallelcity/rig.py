@@ -98,6 +98,19 @@ class FieldStandIn(Protocol):
         ...
 
 
+@runtime_checkable
+class ServedStandIn(Protocol):
+    """A field stand-in that can be served on its own (``parallelcity field``)."""
+
+    def listen_on(self, host: str, port: int) -> None:
+        """Serve on ``host:port`` instead of a free loopback port."""
+        ...
+
+    def allow_insecure_lab(self) -> None:
+        """Serve without OPC UA security (``--insecure-lab``) whatever the scenario says."""
+        ...
+
+
 class RigKind(Protocol):
     """What the ``parallelcity.rigs`` entry point of a kind provides."""
 
