@@ -22,6 +22,7 @@ from . import plugins
 from .errors import PluginError, ScenarioError
 from .model import SubsystemModel
 from .point_table import DEFAULT_MAX_CLOCK_SKEW_S, PointType
+from .rig import BASE_DIR
 from .schedule import Period, zone_context, zone_of
 
 
@@ -552,7 +553,7 @@ def parse_scenario(text: str, path: str | Path = "<string>") -> Scenario:
     model_cfg = _plugin_config("model", raw.get("model"), "model", problems, zone)
     ctrl_cfg = _plugin_config("controller", raw.get("controller"), "controller", problems)
     fb_cfg = _plugin_config("controller", raw.get("fallback"), "fallback", problems)
-    rig_cfg = _plugin_config("rig", raw.get("rig"), "rig", problems)
+    rig_cfg = _plugin_config("rig", raw.get("rig"), "rig", problems, {BASE_DIR: path.parent})
     model = None
     if model_cfg is not None:
         try:
