@@ -50,7 +50,9 @@ class Config(BaseModel):
     states: dict[str, str] = Field(
         default_factory=dict, description="model state -> FMU variable set to it on reset"
     )
-    samples: int = Field(1, ge=1, le=4096, description="uncertainty samples (0: FMU as built)")
+    samples: int = Field(
+        1, ge=1, le=4096, description="uncertainty samples; sample 0 is the FMU as built"
+    )
     seed: int = Field(0, description="draw of the parameter samples")
     parameter_ranges: dict[str, tuple[float, float]] = Field(
         default_factory=dict, description="FMU parameter -> [low, high] drawn for samples 1.."
