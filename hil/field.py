@@ -9,8 +9,11 @@ is missed) and applied to the plant at once.
 Security: with ``use_opcua_security(ServerSecurity)`` the server offers only
 SignAndEncrypt endpoints (Basic256Sha256, Aes256_Sha256_RsaPss) with a client
 trust list and user tokens (``parallelcity.opcua.configure_server``).  Without
-it the stand-in offers ``NoSecurity``, and starts only if the scenario says
-``insecure_lab = true``.
+it the stand-in offers ``NoSecurity`` (and logs ``INSECURE LAB MODE``), and starts only
+if the scenario says ``insecure_lab = true`` or ``allow_insecure_lab()`` was called.
+
+``python -m hil.field SCENARIO [--port P] ...`` serves it on its own: the same as
+``parallelcity field`` (``parallelcity.field_serve``).
 """
 
 from __future__ import annotations
