@@ -23,9 +23,8 @@ OFFICE_BAND = (
 def berlin(text: str, zone: str = "Europe/Berlin") -> str:
     assert OFFICE_BAND in text
     text = text.replace(OFFICE_BAND, OFFICE_BAND.replace('"19:00"', '"18:00"'))
-    return text.replace(
-        'name = "district-heating"\n', f'name = "district-heating"\ntime_zone = "{zone}"\n'
-    )
+    assert 'time_zone = "UTC"' in text
+    return text.replace('time_zone = "UTC"', f'time_zone = "{zone}"')
 
 
 def utc(text: str) -> float:
