@@ -9,8 +9,11 @@ is missed) and applied to the plant at once.
 Security: with ``use_opcua_security(ServerSecurity)`` the server offers only
 SignAndEncrypt endpoints (Basic256Sha256, Aes256_Sha256_RsaPss) with a client
 trust list and user tokens (``parallelcity.opcua.configure_server``).  Without
-it the stand-in offers ``NoSecurity``, and starts only if the scenario says
-``insecure_lab = true``.
+it the stand-in offers ``NoSecurity`` (and logs ``INSECURE LAB MODE``), and starts only
+if the scenario says ``insecure_lab = true`` or ``allow_insecure_lab()`` was called.
+
+``python -m hil.field SCENARIO [--port P] ...`` serves it on its own: the same as
+``parallelcity field`` (``parallelcity.field_serve``).
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ class EmbeddedField:
         tick_ms: float = 50.0,
         max_step_s: float = 60.0,
         host: str = HOST,
+        port: int = 0,
         security: ServerSecurity | None = None,
     ) -> None:
         if not tick_ms > 0:
@@ -135,6 +139,8 @@ class EmbeddedField:
         self.clock = clock
         self.tick_ms = float(tick_ms)
         self.host = host
+        self.port = port  # 0: a free port
+        self._insecure_lab = scenario.insecure_lab
         self._params = np.asarray(params, dtype=float)
         self._truth = truth
         self._max_step_s = max_step_s
@@ -158,6 +164,18 @@ class EmbeddedField:
         if self._server is not None:
             raise RuntimeError("set the security before starting the stand-in")
         self._security = security
+
+    def listen_on(self, host: str, port: int) -> None:
+        """Serve on ``host:port`` (port 0: a free one) instead of a free loopback port."""
+        if self._server is not None:
+            raise RuntimeError("set the address before starting the stand-in")
+        self.host, self.port = host, port
+
+    def allow_insecure_lab(self) -> None:
+        """Serve without security although the scenario does not say ``insecure_lab``."""
+        if self._server is not None:
+            raise RuntimeError("choose the security before starting the stand-in")
+        self._insecure_lab = True
 
     # -- FieldStandIn ----------------------------------------------------------------------------
 
@@ -234,11 +252,17 @@ class EmbeddedField:
     async def start(self) -> None:
         if self._server is not None:
             raise RuntimeError("the field stand-in is already running")
-        if self._security is None and not self.scenario.insecure_lab:
+        if self._security is None and not self._insecure_lab:
             raise SecurityError(
                 f"scenario {self.scenario.meta.name!r}: the field stand-in has no OPC UA "
                 "certificates (use_opcua_security) and the scenario does not allow a lab run "
                 "without them ([security] insecure_lab = true)"
+            )
+        if self._security is None:
+            _log.warning(
+                "INSECURE LAB MODE: the field stand-in of %r serves OPC UA without encryption "
+                "or authentication: anyone who reaches the port can write its inputs",
+                self.scenario.meta.name,
             )
         server = Server()
         await server.init()
@@ -282,14 +306,14 @@ class EmbeddedField:
 
     async def _listen(self, server: Server) -> None:
         last: OSError | None = None
-        for _ in range(PORT_ATTEMPTS):
-            port = free_port(self.host)
+        for _ in range(PORT_ATTEMPTS if self.port == 0 else 1):
+            port = self.port or free_port(self.host)
             endpoint = f"opc.tcp://{self.host}:{port}"
             server.set_endpoint(endpoint)
             try:
                 await server.start()
             except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
+                if exc.errno != errno.EADDRINUSE or self.port:
                     raise FieldConnectionError(
                         f"the field stand-in cannot listen on {endpoint}: {exc}"
                     ) from exc
@@ -589,8 +613,16 @@ async def _serve_points(port: int, n: int, period_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m hil.field SCENARIO [options]`` serves a scenario's stand-in, as
+    ``parallelcity field`` does; ``python -m hil.field --port P`` a bare point server."""
     import argparse
+    import sys
 
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in and not args_in[0].startswith("-"):
+        from parallelcity.cli import main as cli_main
+
+        sys.exit(cli_main(["field", *args_in]))
     p = argparse.ArgumentParser(prog="python -m hil.field", description=PointServer.__doc__)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--points", type=int, default=100)

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from parallelcity.model import Array, SubsystemModel
+from parallelcity.rig import resolve_path
 
 from .rig_machine import RigMachine
 
@@ -33,7 +34,10 @@ class Config(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: str = "fmu"
-    path: str = Field(description="the .fmu file (FMI 2.0, co-simulation)")
+    path: str = Field(
+        description="the .fmu file (FMI 2.0, co-simulation); a relative path is relative to "
+        "the file it is written in (the scenario, or the --rig-config file)"
+    )
     inputs: dict[str, str] = Field(
         default_factory=dict, description="model input -> FMU input variable"
     )
@@ -46,7 +50,9 @@ class Config(BaseModel):
     states: dict[str, str] = Field(
         default_factory=dict, description="model state -> FMU variable set to it on reset"
     )
-    samples: int = Field(1, ge=1, le=4096, description="uncertainty samples (0: FMU as built)")
+    samples: int = Field(
+        1, ge=1, le=4096, description="uncertainty samples; sample 0 is the FMU as built"
+    )
     seed: int = Field(0, description="draw of the parameter samples")
     parameter_ranges: dict[str, tuple[float, float]] = Field(
         default_factory=dict, description="FMU parameter -> [low, high] drawn for samples 1.."
@@ -54,6 +60,11 @@ class Config(BaseModel):
     max_step_s: float | None = Field(
         None, gt=0, description="longest single doStep; a longer advance is split"
     )
+
+    @field_validator("path")
+    @classmethod
+    def _relative_to_its_file(cls, v: str, info: ValidationInfo) -> str:
+        return resolve_path(v, info)
 
     @model_validator(mode="after")
     def _ranges(self) -> Config:

@@ -260,6 +260,7 @@ def rig_config_for(
 
     from . import plugins
     from .errors import ScenarioError
+    from .rig import BASE_DIR
 
     rig_kind = plugins.load("rig", kind)
     where = str(config_file or scenario.path)
@@ -267,11 +268,12 @@ def rig_config_for(
         if config_file is not None:
             data = tomllib.loads(config_file.read_text(encoding="utf-8"))
             data.setdefault("kind", kind)
-            cfg = rig_kind.Config.model_validate(data)
+            cfg = rig_kind.Config.model_validate(data, context={BASE_DIR: config_file.parent})
         elif kind == scenario.file.rig.kind:
             cfg = scenario.rig_config
         else:
-            cfg = rig_kind.Config.model_validate({"kind": kind})
+            base = {BASE_DIR: scenario.path.parent}
+            cfg = rig_kind.Config.model_validate({"kind": kind}, context=base)
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ScenarioError(where, [f"cannot read the rig config: {exc}"]) from exc
     except ValidationError as exc:

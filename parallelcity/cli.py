@@ -144,6 +144,26 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--insecure-lab", action="store_true", help="allow security policy None (lab only)"
     )
+    f = sub.add_parser(
+        "field",
+        help="serve a scenario's field stand-in (its plant simulator) over OPC UA on a port",
+        description="Serve the plant simulator of SCENARIO's rig behind an OPC UA server on "
+        "HOST:PORT, on the wall clock, until Ctrl-C or SIGTERM (exit 0). Secure by default: "
+        "SignAndEncrypt with the server certificate of a `parallelcity certs` folder (--pki; "
+        "default: the folder of the scenario's [security.opcua] certificate, else field-pki/; "
+        "made when it does not exist), trusting that folder's client and user certificates. "
+        "Prints the endpoint, the point table and what to run next.",
+    )
+    f.add_argument("scenario", type=Path, help="scenario TOML file")
+    f.add_argument("--port", type=int, default=4840, help="TCP port (default 4840; 0: a free one)")
+    f.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    f.add_argument("--pki", type=Path, metavar="DIR", help="a `parallelcity certs` folder")
+    f.add_argument(
+        "--insecure-lab",
+        action="store_true",
+        help="serve without encryption or authentication (lab only; it says so loudly)",
+    )
+
     vr = sub.add_parser(
         "verify",
         help="run a controller against a test rig offline and report every spec",
@@ -420,6 +440,23 @@ def _cmd_browse(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_field(args: argparse.Namespace) -> int:
+    from .field_serve import FieldOptions, serve_field
+    from .scenario import load_scenario
+
+    if not 0 <= args.port <= 65535:
+        raise _UsageError("--port must be between 0 and 65535")
+    scenario = load_scenario(args.scenario)
+    options = FieldOptions(args.host, args.port, args.pki, args.insecure_lab)
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    asyncio.run(serve_field(scenario, options, say))
+    print("field stand-in stopped", flush=True)
+    return EXIT_OK
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .campaign import verify_command
     from .errors import RigError
@@ -479,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_verify(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "field":
+            return _cmd_field(args)
     except _UsageError as exc:
         parser.error(str(exc))
     except ScenarioError as exc:

@@ -6,17 +6,34 @@ found through the ``parallelcity.rigs`` entry point group.
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationInfo
 
 from .clock import Clock
 from .model import Array, SubsystemModel
 
 if TYPE_CHECKING:
     from .scenario import Scenario
+
+
+BASE_DIR = "base_dir"
+"""Validation context key of a rig config: the folder its relative paths are relative to
+(the scenario file's folder for ``[rig]``, the file's own for ``verify --rig-config``)."""
+
+
+def resolve_path(value: str, info: ValidationInfo) -> str:
+    """``value`` (``~`` expanded) made absolute against the context's ``BASE_DIR``; a path
+    validated without that context is left relative to the current directory."""
+    path = Path(value).expanduser()
+    base = (info.context or {}).get(BASE_DIR)
+    if path.is_absolute() or base is None:
+        return str(path)
+    return os.path.abspath(Path(base) / path)
 
 
 class Rig(Protocol):
@@ -95,6 +112,19 @@ class FieldStandIn(Protocol):
     @property
     def applied(self) -> list[AppliedInput]:
         """Every value written to an input node, in order."""
+        ...
+
+
+@runtime_checkable
+class ServedStandIn(Protocol):
+    """A field stand-in that can be served on its own (``parallelcity field``)."""
+
+    def listen_on(self, host: str, port: int) -> None:
+        """Serve on ``host:port`` instead of a free loopback port."""
+        ...
+
+    def allow_insecure_lab(self) -> None:
+        """Serve without OPC UA security (``--insecure-lab``) whatever the scenario says."""
         ...
 
 

@@ -16,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import plugins
 from .errors import PluginError, ScenarioError
 from .model import SubsystemModel
 from .point_table import DEFAULT_MAX_CLOCK_SKEW_S, PointType
-from .schedule import Period
+from .rig import BASE_DIR
+from .schedule import Period, zone_context, zone_of
 
 
 class _Strict(BaseModel):
@@ -32,7 +33,14 @@ class _Strict(BaseModel):
 class Meta(_Strict):
     name: str = Field(min_length=1)
     description: str = ""
-    start: dt.datetime = Field(description="simulated start time; naive times are UTC")
+    start: dt.datetime = Field(
+        description="simulated start time; without an offset it is read in time_zone"
+    )
+    time_zone: str = Field(
+        "UTC",
+        description="IANA time zone (e.g. 'Europe/Berlin') of the periods' times of day and "
+        "weekdays, daylight saving included",
+    )
     cycle_s: float = Field(gt=0, description="control period, simulated seconds")
     horizon_steps: int = Field(ge=1, le=500, description="prediction horizon, in cycles")
     cycles: int = Field(96, ge=1, description="default number of cycles for `run`")
@@ -43,9 +51,19 @@ class Meta(_Strict):
         None, gt=0, description="simulated seconds a cycle may take; default 0.8 * cycle_s"
     )
 
+    @field_validator("time_zone")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        zone_of(v)
+        return v
+
+    @property
+    def zone(self) -> dt.tzinfo:
+        return zone_of(self.time_zone)
+
     @property
     def start_epoch(self) -> float:
-        start = self.start if self.start.tzinfo else self.start.replace(tzinfo=dt.UTC)
+        start = self.start if self.start.tzinfo else self.start.replace(tzinfo=self.zone)
         return start.timestamp()
 
     @property
@@ -411,7 +429,9 @@ def _describe(err: Any, prefix: tuple[int | str, ...] = ()) -> str:
     return f"{_loc(loc)}: {msg}"
 
 
-def _plugin_config(role: str, section: Any, where: str, problems: list[str]) -> Any:
+def _plugin_config(
+    role: str, section: Any, where: str, problems: list[str], context: dict[str, Any] | None = None
+) -> Any:
     """Validate one plug-in table against its kind's Config; None if it does not validate."""
     if not isinstance(section, dict) or not isinstance(section.get("kind"), str):
         return None  # the core model reports a missing or mistyped table or kind
@@ -424,7 +444,7 @@ def _plugin_config(role: str, section: Any, where: str, problems: list[str]) -> 
     if "kind" not in kind.Config.model_fields:
         data.pop("kind")
     try:
-        return kind.Config.model_validate(data)
+        return kind.Config.model_validate(data, context=context)
     except ValidationError as exc:
         problems.extend(_describe(e, (where,)) for e in exc.errors())
         return None
@@ -523,15 +543,17 @@ def parse_scenario(text: str, path: str | Path = "<string>") -> Scenario:
         raise ScenarioError(str(path), [f"not valid TOML: {exc}"]) from exc
     problems: list[str] = []
     f: ScenarioFile | None = None
+    meta = raw.get("scenario")
+    zone = zone_context(meta.get("time_zone", "UTC") if isinstance(meta, dict) else "UTC")
     try:
-        f = ScenarioFile.model_validate(raw)
+        f = ScenarioFile.model_validate(raw, context=zone)
     except ValidationError as exc:
         problems.extend(_describe(e) for e in exc.errors())
     # plug-in tables are checked even when the rest failed, so every problem shows at once
-    model_cfg = _plugin_config("model", raw.get("model"), "model", problems)
+    model_cfg = _plugin_config("model", raw.get("model"), "model", problems, zone)
     ctrl_cfg = _plugin_config("controller", raw.get("controller"), "controller", problems)
     fb_cfg = _plugin_config("controller", raw.get("fallback"), "fallback", problems)
-    rig_cfg = _plugin_config("rig", raw.get("rig"), "rig", problems)
+    rig_cfg = _plugin_config("rig", raw.get("rig"), "rig", problems, {BASE_DIR: path.parent})
     model = None
     if model_cfg is not None:
         try:
