@@ -1,0 +1,103 @@
+"""Heartbeats go on while a command is resent.
+
+* In process, real CURVE sockets: a command's reply is lost, so the
+  dispatcher resends it only after longer than the watchdog's window; the heartbeats,
+  on their own socket, still reach the gateway at least every ``heartbeat_s``
+  and the watchdog stays armed (before, they queued behind the resends and the
+  watchdog tripped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import Sequence
+
+from parallelcity.dispatcher import Dispatcher
+from parallelcity.errors import WireFormatError
+from parallelcity.gateway import FieldGateway
+from parallelcity.wire import AckStatus, Command, Heartbeat, Status, WatchdogState, decode_request
+from parallelcity.zap import Grant
+
+from .test_gateway import GOOD, VERDICT, run
+from .test_watchdog import TimedWriter, watched_gateway
+
+# =========================================================================== on sockets
+
+
+def test_heartbeats_keep_the_watchdog_armed_while_a_lost_reply_is_resent() -> None:
+    heartbeat_s, missed = 1.0, 3
+    writer = TimedWriter()
+    beats: list[float] = []
+    lost_replies = [1]
+
+    async def main() -> None:
+        async with watched_gateway(writer, heartbeat_s, missed) as (gw, _admin, runtime):
+            _lose_command_replies(gw, lost_replies)
+            _time_heartbeats(gw, beats)
+            # The resend leaves after 3.5 s, more than the watchdog's 3 s window.
+            async with Dispatcher(
+                gw.endpoint, "runtime", curve=runtime, timeout_s=3.5, retries=2
+            ) as disp:
+                await disp.heartbeat()
+                # As the runner does: a heartbeat every heartbeat_s / 2.
+                loop = asyncio.create_task(disp.heartbeat_loop(heartbeat_s / 2))
+                try:
+                    await asyncio.sleep(0.5)
+                    t0 = time.monotonic()
+                    now = gw.clock.now()
+                    ack = await disp.send(
+                        GOOD, issued_at=now, valid_until=now + 900, verdict_digest=VERDICT
+                    )
+                    t1 = time.monotonic()
+                    await asyncio.sleep(0.5)
+                finally:
+                    loop.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await loop
+            assert ack.status is AckStatus.DUPLICATE, ack  # applied once; its reply was lost
+            assert disp.counters.resent == 1 and lost_replies == [0]
+            assert t1 - t0 > missed * heartbeat_s, "the resends outlasted the window"
+            during = [t for t in beats if t0 - heartbeat_s <= t <= t1 + heartbeat_s]
+            gaps = [b - a for a, b in itertools.pairwise(during)]
+            # The doc's promise: one at least every heartbeat_s (sent every heartbeat_s / 2).
+            assert gaps and max(gaps) <= heartbeat_s, gaps
+            assert gw.counters.trips == 0 and not writer.writes[1:], writer.writes
+            assert gw.core.watchdog.state is WatchdogState.ARMED
+
+    run(main)
+
+
+def _lose_command_replies(gw: FieldGateway, left: list[int]) -> None:
+    """The gateway handles commands as usual but sends no reply to the next ``left[0]``."""
+    handle = gw.handle_batch
+
+    async def lossy(messages: Sequence[tuple[list[bytes], Grant | None]]) -> list[bytes | None]:
+        replies = await handle(messages)
+        for k, (frames, _) in enumerate(messages):
+            if left[0] > 0 and isinstance(_decoded(frames), Command):
+                left[0] -= 1
+                replies[k] = None
+        return replies
+
+    gw.handle_batch = lossy  # type: ignore[method-assign]
+
+
+def _decoded(frames: list[bytes]) -> object:
+    try:
+        return decode_request(frames[0])
+    except (WireFormatError, IndexError):
+        return None
+
+
+def _time_heartbeats(gw: FieldGateway, beats: list[float]) -> None:
+    """Record when each heartbeat reached the gateway (``time.monotonic``)."""
+    beat = gw._heartbeat
+
+    async def timed(hb: Heartbeat, grant: Grant) -> Status:
+        beats.append(time.monotonic())
+        return await beat(hb, grant)
+
+    gw._heartbeat = timed  # type: ignore[method-assign]
