@@ -1,5 +1,8 @@
-"""Heartbeats go on while a command is resent.
+"""A clean goodbye leaves the watchdog idle; heartbeats go on while a command is resent.
 
+* Pure: a heartbeat with ``release`` from the last issuer heard from within
+  the window puts an armed watchdog back to idle; another live issuer keeps it
+  armed; a tripped one stays tripped.
 * In process, real CURVE sockets: a command's reply is lost, so the
   dispatcher resends it only after longer than the watchdog's window; the heartbeats,
   on their own socket, still reach the gateway at least every ``heartbeat_s``
@@ -18,11 +21,36 @@ from collections.abc import Sequence
 from parallelcity.dispatcher import Dispatcher
 from parallelcity.errors import WireFormatError
 from parallelcity.gateway import FieldGateway
+from parallelcity.watchdog import Watchdog
 from parallelcity.wire import AckStatus, Command, Heartbeat, Status, WatchdogState, decode_request
 from parallelcity.zap import Grant
 
 from .test_gateway import GOOD, VERDICT, run
-from .test_watchdog import TimedWriter, watched_gateway
+from .test_watchdog import SAFE, TimedWriter, watched_gateway
+
+# =========================================================================== pure
+
+
+def test_the_last_live_issuers_goodbye_leaves_the_watchdog_idle() -> None:
+    wd = Watchdog(1.0, 3, SAFE)
+    assert not wd.goodbye("a", 0.0)  # idle: nothing to do
+    wd.seen(10.0, "a")
+    wd.seen(10.5, "b")
+    assert not wd.goodbye("a", 11.0), "b is still live"
+    assert wd.state is WatchdogState.ARMED and wd.deadline() == 13.5
+    assert wd.goodbye("b", 11.2)
+    assert wd.state is WatchdogState.IDLE and wd.deadline() is None and not wd.due(100.0)
+    assert "goodbye" in wd.detail
+    wd.seen(200.0, "a")  # the next run arms it again, no re-arm needed
+    assert wd.state is WatchdogState.ARMED
+    # An issuer silent for longer than the window is gone: it keeps nothing armed.
+    wd.seen(205.0, "c")
+    assert wd.goodbye("a", 208.5)
+    # A goodbye does not undo a trip.
+    wd.seen(300.0, "a")
+    wd.trip(304.0)
+    assert not wd.goodbye("a", 304.1) and wd.tripped
+
 
 # =========================================================================== on sockets
 
