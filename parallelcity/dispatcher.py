@@ -33,6 +33,7 @@ import zmq.asyncio
 
 from .errors import DispatchError, SecurityError, UnauthorisedError, WireFormatError
 from .keys import KeyPair, check_z85
+from .watchdog import readable_times
 from .wire import (
     MAX_SEQ,
     Ack,
@@ -310,7 +311,7 @@ class Dispatcher:
                 logging.ERROR if status.watchdog.value == "tripped" else logging.INFO,
                 "dispatcher: gateway watchdog is %s%s",
                 status.watchdog.value,
-                f": {status.detail}" if status.detail else "",
+                f": {readable_times(status.detail, status.gateway_time)}" if status.detail else "",
             )
         if status.insecure_lab:
             self._warn_insecure()

@@ -48,6 +48,7 @@ from .gateway_store import AppliedMark, GatewayStore, Pending, judge
 from .keys import KeyPair
 from .loglimit import LogLimiter
 from .mirror import Backoff
+from .watchdog import readable_times
 from .wire import (
     MAX_MESSAGE_BYTES,
     Ack,
@@ -985,7 +986,7 @@ class FieldGateway:
             after = {eq: lease.holder for eq, lease in leases.leases.items()}
             if idle:
                 wd = self.core.watchdog
-                log.info("gateway: watchdog %s", wd.detail)
+                log.info("gateway: watchdog %s", readable_times(wd.detail, now))
                 self._wake.set()
                 if self.store is not None:
                     self.store.save_watchdog(wd.state, wd.detail, now, event="watchdog_idle")
@@ -1012,7 +1013,9 @@ class FieldGateway:
             if wd.tripped:
                 self.counters.rearms += 1
                 wd.rearm(now, f"{grant.name}/{msg.issuer}", msg.reason)
-                log.warning("gateway: watchdog %s (by %s)", wd.detail, grant.name)
+                log.warning(
+                    "gateway: watchdog %s (by %s)", readable_times(wd.detail, now), grant.name
+                )
                 if self.store is not None:
                     self.store.save_watchdog(wd.state, wd.detail, now, event="watchdog_rearmed")
                 self._wake.set()
@@ -1049,7 +1052,7 @@ class FieldGateway:
             reason = wd.trip(now)
             self.core.leases.clear()
             self.counters.trips += 1
-            log.error("gateway: WATCHDOG %s", reason)
+            log.error("gateway: WATCHDOG %s", readable_times(reason, now))
             if self.store is not None:
                 self.store.save_watchdog(wd.state, reason, now, event="watchdog_tripped", leases={})
             await self._revert_locked()

@@ -8,6 +8,10 @@
   on their own socket, still reach the gateway at least every ``heartbeat_s``
   and the watchdog stays armed (before, they queued behind the resends and the
   watchdog tripped).
+* Stand-alone gateway process: a dispatcher's goodbye leaves the watchdog
+  idle past its window (no trip, no revert), ``parallelcity rearm`` shows it
+  with ISO 8601 times, the next dispatcher's commands are applied without a
+  re-arm, and silence still trips it.
 """
 
 from __future__ import annotations
@@ -15,24 +19,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
 
 from parallelcity.dispatcher import Dispatcher
 from parallelcity.errors import WireFormatError
 from parallelcity.gateway import FieldGateway
 from parallelcity.watchdog import Watchdog
-from parallelcity.wire import AckStatus, Command, Heartbeat, Status, WatchdogState, decode_request
+from parallelcity.wire import (
+    Ack,
+    AckStatus,
+    Command,
+    Heartbeat,
+    Status,
+    WatchdogState,
+    decode_request,
+)
 from parallelcity.zap import Grant
 
-from .test_gateway import GOOD, VERDICT, run
-from .test_watchdog import SAFE, TimedWriter, watched_gateway
+from .gateway_site import INPUT, ROOT, SAFE, GatewayProcess, TimedServer, make_site
+from .gateway_site import VERDICT as SITE_VERDICT
+from .test_gateway import GOOD, VERDICT, free_port, run
+from .test_watchdog import SAFE as WD_SAFE
+from .test_watchdog import TimedWriter, watched_gateway
 
 # =========================================================================== pure
 
 
 def test_the_last_live_issuers_goodbye_leaves_the_watchdog_idle() -> None:
-    wd = Watchdog(1.0, 3, SAFE)
+    wd = Watchdog(1.0, 3, WD_SAFE)
     assert not wd.goodbye("a", 0.0)  # idle: nothing to do
     wd.seen(10.0, "a")
     wd.seen(10.5, "b")
@@ -129,3 +149,93 @@ def _time_heartbeats(gw: FieldGateway, beats: list[float]) -> None:
         return await beat(hb, grant)
 
     gw._heartbeat = timed  # type: ignore[method-assign]
+
+
+# =========================================================================== stand-alone
+
+
+@pytest.mark.slow
+def test_standalone_gateway_goodbye_leaves_it_idle_and_silence_still_trips(
+    tmp_path: Path,
+) -> None:
+    """``parallelcity gateway CONFIG`` and ``parallelcity rearm`` as processes, as a user runs
+    them; a bad config through the CLI on the side."""
+    field = TimedServer(free_port())
+    site = make_site(tmp_path, field.endpoint, free_port(), heartbeat_s=0.5, missed=3)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(site.config.read_text().replace("min = 0.0", 'min = "low"'))
+    outputs: dict[str, tuple[int, str]] = {}
+
+    async def rearm(label: str) -> None:
+        keys = site.folder / "keys"
+        outputs[label] = await _cli(
+            "rearm", site.endpoint, "--reason", "valve checked", "--issuer", "operator",
+            "--key", str(keys / "operator.secret"), "--gateway-key", str(keys / "gateway.public"),
+        )  # fmt: skip
+
+    async def main() -> None:
+        await field.start()
+        gw = GatewayProcess(site.config, tmp_path / "gateway.log")
+        try:
+            await gw.wait_for("serving on", 30.0)
+            async with Dispatcher(site.endpoint, "runtime", curve=site.curve("runtime")) as rt:
+                await rt.heartbeat()
+                assert (await _send(rt, 1.0)).status is AckStatus.APPLIED
+                bye = await rt.heartbeat(release=True)  # the end of a run
+            assert bye.watchdog is WatchdogState.IDLE and bye.leases == {}, bye
+            after_bye = time.monotonic()
+            # Longer than the window, with nobody talking (the config check meanwhile).
+            outputs["bad"] = await _cli("gateway", str(bad))
+            await asyncio.sleep(max(0.0, after_bye + site.window_s + 1.0 - time.monotonic()))
+            await rearm("idle")  # the operator's key arms nothing: it only asks
+            assert field.first_write_of(SAFE, after=0.0) is None, "a goodbye reverts nothing"
+            # The next run needs no re-arm.
+            async with Dispatcher(site.endpoint, "runtime", curve=site.curve("runtime")) as rt:
+                assert (await rt.heartbeat()).watchdog is WatchdogState.ARMED
+                assert (await _send(rt, 1.5)).status is AckStatus.APPLIED
+                silent_from = time.monotonic()
+            # Silence (no goodbye) still trips it: the safe value lands.
+            deadline = silent_from + site.window_s + 10.0
+            while field.first_write_of(SAFE, after=silent_from) is None:
+                assert time.monotonic() < deadline, gw.text()
+                await asyncio.sleep(0.05)
+            await rearm("tripped")
+        finally:
+            gw.stop()
+            await field.stop()
+        log = gw.text()
+        assert log.count("WATCHDOG tripped") == 1, log
+        assert "the last issuer said goodbye" in log
+
+    run(main, timeout_s=90.0)
+    code, out = outputs["bad"]
+    assert code == 2 and "invalid gateway config" in out and "Traceback" not in out, out
+    assert "field.inputs[0].min: Input should be a valid number" in out, out
+    for label, state in (("idle", "idle since"), ("tripped", "re-armed at")):
+        code, out = outputs[label]
+        assert code == 0 and f"watchdog idle: {state} 20" in out, out
+        assert re.search(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z \(\d+\.\d s ago\)", out), out
+        assert not re.search(r"\d{10}\.\d", out), f"raw epoch seconds: {out}"
+
+
+async def _send(rt: Dispatcher, value: float) -> Ack:
+    now = time.time()
+    return await rt.send(
+        {INPUT: value}, issued_at=now, valid_until=now + 600, verdict_digest=SITE_VERDICT
+    )
+
+
+async def _cli(*argv: str) -> tuple[int, str]:
+    """``python -m parallelcity ARGV``: exit code and output (stdout and stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "parallelcity", *argv,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(30.0):
+            out, _ = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return proc.returncode if proc.returncode is not None else -1, out.decode(errors="replace")
