@@ -12,6 +12,8 @@
   idle past its window (no trip, no revert), ``parallelcity rearm`` shows it
   with ISO 8601 times, the next dispatcher's commands are applied without a
   re-arm, and silence still trips it.
+* A run against a tripped gateway logs so at start with the ``rearm`` line
+  to use, journals it, and its result shows no command acked.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import re
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -27,9 +31,14 @@ from pathlib import Path
 
 import pytest
 
+from parallelcity.clock import SimClock
 from parallelcity.dispatcher import Dispatcher
 from parallelcity.errors import WireFormatError
 from parallelcity.gateway import FieldGateway
+from parallelcity.gateway_core import GatewayCore
+from parallelcity.runner import RunResult
+from parallelcity.scenario import Scenario
+from parallelcity.specs import SafetySpecs
 from parallelcity.watchdog import Watchdog
 from parallelcity.wire import (
     Ack,
@@ -44,7 +53,7 @@ from parallelcity.zap import Grant
 
 from .gateway_site import INPUT, ROOT, SAFE, GatewayProcess, TimedServer, make_site
 from .gateway_site import VERDICT as SITE_VERDICT
-from .test_gateway import GOOD, VERDICT, free_port, run
+from .test_gateway import GOOD, VERDICT, FakeWriter, free_port, run
 from .test_watchdog import SAFE as WD_SAFE
 from .test_watchdog import TimedWriter, watched_gateway
 
@@ -239,3 +248,60 @@ async def _cli(*argv: str) -> tuple[int, str]:
             proc.kill()
             await proc.wait()
     return proc.returncode if proc.returncode is not None else -1, out.decode(errors="replace")
+
+
+# =========================================================================== a run
+
+
+@pytest.mark.slow
+def test_a_run_against_a_tripped_gateway_says_so_at_start_and_is_not_a_success(
+    dh: Scenario, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from parallelcity.runner import RunOptions
+    from parallelcity.runner import run as run_scenario
+
+    limits = {i.name: i for i in SafetySpecs.from_scenario(dh).inputs}
+    safe = {name: lim.min for name, lim in limits.items()}
+    # A huge clock allowance: the run's simulated times pass, the trip is what refuses.
+    core = GatewayCore(limits, safe=safe, clock_skew_s=1e10, heartbeat_interval_s=60.0)
+    core.watchdog.seen(1768179400.0, "earlier-run")
+    core.watchdog.trip(1768179704.512)
+
+    async def main() -> RunResult:
+        gw = FieldGateway(
+            core, FakeWriter(), SimClock(epoch=time.time()), bind="tcp://127.0.0.1:0",
+            insecure_lab=True,
+        )  # fmt: skip
+        async with gw:
+            serving = asyncio.create_task(gw.serve())
+            try:
+                options = RunOptions(
+                    out_dir=tmp_path, cycles=1, speed=720, gateway_endpoint=gw.endpoint
+                )
+                return await run_scenario(dh, options)
+            finally:
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+
+    with caplog.at_level(logging.ERROR, logger="parallelcity"):
+        result = asyncio.run(asyncio.wait_for(main(), 120.0))
+    assert result.gateway_tripped_at_start
+    assert result.counts["acked"] == 0, result.counts  # what makes `run` exit 6
+    assert all(r.ack in ("", "refused:watchdog_tripped") for r in result.records), result.records
+    said = [r.getMessage() for r in caplog.records if "TRIPPED" in r.getMessage()]
+    assert said and f"parallelcity rearm {gw_endpoint(said[0])} --reason" in said[0], said
+    assert "--insecure-lab" in said[0] and "tripped at 2026-01-12T01:01:44.512Z" in said[0], said
+    db = sqlite3.connect(result.journal_path)
+    try:
+        events = db.execute("SELECT kind, detail FROM event WHERE kind = 'tripped_at_start'")
+        (_, detail), *_ = events.fetchall()
+    finally:
+        db.close()
+    assert "parallelcity rearm" in detail
+
+
+def gw_endpoint(message: str) -> str:
+    match = re.search(r"tcp://127\.0\.0\.1:\d+", message)
+    assert match, message
+    return match.group(0)
