@@ -10,10 +10,11 @@ not written twice.  A refusal is an ``Ack`` value, not an exception;
 ``DispatchError`` means no ack at all.
 
 Heartbeats (``heartbeat``, ``heartbeat_loop``) keep the gateway's watchdog
-fed and the issuer's equipment leases renewed.  They (and re-arms) go over a
-DEALER socket of their own, so a command being resent never holds them up: a
-heartbeat leaves every interval whatever the commands are doing, and one
-that gets no answer is not resent (the next one is due).  The gateway's ``Status`` answer
+fed and the issuer's equipment leases renewed.  They go over DEALER sockets
+other than the commands' (``heartbeat_loop`` has one of its own), so a
+command being resent never holds them up: a heartbeat leaves every interval
+whatever the commands are doing, and one that gets no answer is not resent
+(the next one is due).  The gateway's ``Status`` answer
 also tells a restarted issuer where its sequence numbers stand, so it
 continues above them.  ``curve`` (client key pair + gateway public key) is
 required unless ``insecure_lab`` is set.
@@ -246,19 +247,15 @@ class Dispatcher:
         self._count(reply)
         return reply
 
-    async def heartbeat(
-        self, *, release: bool = False, sent_at: float = 0.0, timeout_s: float | None = None
-    ) -> Status:
+    async def heartbeat(self, *, release: bool = False, sent_at: float = 0.0) -> Status:
         """One heartbeat; the gateway's ``Status`` (watchdog, leases, our last seq).
 
         ``release`` is the clean goodbye: it ends the issuer's leases and, when no
-        other issuer is live, leaves the gateway's watchdog idle.  With
-        ``timeout_s`` it is tried once for that long (``heartbeat_loop``);
-        otherwise like a command.  Raises ``DispatchError`` when no answer came or
-        the gateway refused it.
+        other issuer is live, leaves the gateway's watchdog idle.  Raises
+        ``DispatchError`` when no answer came or the gateway refused it.
         """
         hb = Heartbeat.create(self.issuer, sent_at, release=release)
-        status = await self._status_request(hb.id, hb.encode(), "heartbeat", timeout_s)
+        status = await self._status_request(hb.id, hb.encode(), "heartbeat")
         self.counters.heartbeats += 1
         return status
 
@@ -267,15 +264,9 @@ class Dispatcher:
         msg = Rearm.create(self.issuer, reason)
         return await self._status_request(msg.id, msg.encode(), "re-arm")
 
-    async def _status_request(
-        self, msg_id: str, data: bytes, what: str, timeout_s: float | None = None
-    ) -> Status:
-        link = self._beats
-        async with link.lock:
-            if timeout_s is None:
-                reply = await self._exchange(link, msg_id, data, what, 1 + self.retries)
-            else:
-                reply = await self._exchange(link, msg_id, data, what, 1, timeout_s)
+    async def _status_request(self, msg_id: str, data: bytes, what: str) -> Status:
+        async with self._beats.lock:
+            reply = await self._exchange(self._beats, msg_id, data, what, 1 + self.retries)
         if isinstance(reply, Ack):
             code = reply.code.value if reply.code else reply.status.value
             # A key that may not re-arm is refused for security (CLI exit code 4).
@@ -326,26 +317,65 @@ class Dispatcher:
         """Heartbeat every ``interval_s`` wall seconds until cancelled; never raises for a
         lost heartbeat (the gateway's watchdog is what acts on silence).
 
-        Each heartbeat waits for its status at most ``interval_s`` (or ``timeout_s``
-        if shorter) and is not resent, so one leaves every ``interval_s`` even
-        while the gateway is slow to answer or a command is being resent.
+        On a DEALER socket of the loop's own, heartbeats leave on schedule
+        whatever the commands are doing and however late their statuses come
+        back: statuses are taken as they arrive, and a heartbeat without one
+        within ``timeout_s`` (at least ``interval_s``) counts as lost.  None is
+        resent; ZeroMQ reconnects to a restarted gateway by itself.
         """
+        link = _Link()
+        sock = self._connect(link)
         loop = asyncio.get_running_loop()
+        lost_after = max(self.timeout_s, interval_s)
+        waiting: dict[str, float] = {}  # heartbeat id -> loop time it left
         next_at = loop.time()
-        wait_s = min(self.timeout_s, interval_s)
-        while True:
-            try:
-                status = await self.heartbeat(sent_at=now() if now else 0.0, timeout_s=wait_s)
-            except DispatchError as exc:
-                self.counters.heartbeats_lost += 1
-                log.warning("dispatcher: heartbeat lost: %s", exc)
-            else:
-                if on_status is not None:
-                    result = on_status(status)
-                    if result is not None:
-                        await result
-            next_at = max(next_at + interval_s, loop.time())
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
+        try:
+            while True:
+                hb = Heartbeat.create(self.issuer, now() if now else 0.0)
+                try:
+                    await sock.send(hb.encode(), zmq.NOBLOCK)
+                    waiting[hb.id] = loop.time()
+                except zmq.ZMQError as exc:  # Again: no gateway connected (yet)
+                    self._beat_lost(f"could not send: {exc}")
+                next_at = max(next_at + interval_s, loop.time())
+                while (left := next_at - loop.time()) > 0:
+                    try:
+                        async with asyncio.timeout(left):
+                            frames = await sock.recv_multipart()
+                    except TimeoutError:
+                        break
+                    status = self._beat_answer(frames, waiting)
+                    if status is not None and on_status is not None:
+                        result = on_status(status)
+                        if result is not None:
+                            await result
+                for beat_id, sent in list(waiting.items()):
+                    if loop.time() - sent > lost_after:
+                        del waiting[beat_id]
+                        self._beat_lost(f"no status within {lost_after:g} s")
+        finally:
+            link.close()
+
+    def _beat_answer(self, frames: list[bytes], waiting: dict[str, float]) -> Status | None:
+        """A reply on the heartbeat loop's socket: the status to pass on, if it is one."""
+        try:
+            reply = decode_reply(frames[-1])
+        except WireFormatError as exc:
+            log.warning("dispatcher: ignoring an unreadable reply: %s", exc)
+            return None
+        if waiting.pop(reply.id, None) is None:
+            return None  # given up on already
+        if isinstance(reply, Ack):
+            code = reply.code.value if reply.code else reply.status.value
+            self._beat_lost(f"refused: {code}: {reply.detail}")
+            return None
+        self.counters.heartbeats += 1
+        self._note_status(reply)
+        return reply
+
+    def _beat_lost(self, why: str) -> None:
+        self.counters.heartbeats_lost += 1
+        log.warning("dispatcher: heartbeat to %s lost: %s", self.endpoint, why)
 
     async def _exchange(
         self,

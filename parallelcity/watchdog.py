@@ -47,7 +47,8 @@ def readable_times(detail: str, now: float) -> str:
     def one(m: re.Match[str]) -> str:
         t = float(m.group(1))
         age = now - t
-        when = f"{age:.1f} s ago" if age >= 0 else f"in {-age:.1f} s"
+        # Details carry milliseconds: a time that rounded up is not in the future.
+        when = f"{max(age, 0.0):.1f} s ago" if age > -0.001 else f"in {-age:.1f} s"
         return f"{iso_utc(t)} ({when})"
 
     return _EPOCH.sub(one, detail)
