@@ -10,9 +10,9 @@ not written twice.  A refusal is an ``Ack`` value, not an exception;
 ``DispatchError`` means no ack at all.
 
 Heartbeats (``heartbeat``, ``heartbeat_loop``) keep the gateway's watchdog
-fed and the issuer's equipment leases renewed.  They go over DEALER sockets
-other than the commands' (``heartbeat_loop`` has one of its own), so a
-command being resent never holds them up: a heartbeat leaves every interval
+fed and the issuer's equipment leases renewed.  They (and re-arms) go over
+a DEALER socket other than the commands', so a command being resent never
+holds them up: a heartbeat leaves every interval
 whatever the commands are doing, and one that gets no answer is not resent
 (the next one is due).  The gateway's ``Status`` answer
 also tells a restarted issuer where its sequence numbers stand, so it
@@ -317,20 +317,25 @@ class Dispatcher:
         """Heartbeat every ``interval_s`` wall seconds until cancelled; never raises for a
         lost heartbeat (the gateway's watchdog is what acts on silence).
 
-        On a DEALER socket of the loop's own, heartbeats leave on schedule
-        whatever the commands are doing and however late their statuses come
-        back: statuses are taken as they arrive, and a heartbeat without one
-        within ``timeout_s`` (at least ``interval_s``) counts as lost.  None is
-        resent; ZeroMQ reconnects to a restarted gateway by itself.
+        On the heartbeat socket (never the commands'), heartbeats leave on
+        schedule whatever the commands are doing and however late their
+        statuses come back: statuses are taken as they arrive, and a heartbeat
+        without one within ``timeout_s`` (at least ``interval_s``) counts as
+        lost.  None is resent; ZeroMQ reconnects to a restarted gateway by
+        itself.  A ``heartbeat`` call (the ``release`` at the end of a run)
+        takes the socket between two beats: one connection keeps the
+        gateway's view in order, so no beat of the loop lands after the
+        goodbye.
         """
-        link = _Link()
-        sock = self._connect(link)
+        link = self._beats
         loop = asyncio.get_running_loop()
         lost_after = max(self.timeout_s, interval_s)
         waiting: dict[str, float] = {}  # heartbeat id -> loop time it left
         next_at = loop.time()
-        try:
-            while True:
+        while True:
+            statuses: list[Status] = []
+            async with link.lock:
+                sock = self._connect(link)
                 hb = Heartbeat.create(self.issuer, now() if now else 0.0)
                 try:
                     await sock.send(hb.encode(), zmq.NOBLOCK)
@@ -345,19 +350,20 @@ class Dispatcher:
                     except TimeoutError:
                         break
                     status = self._beat_answer(frames, waiting)
-                    if status is not None and on_status is not None:
-                        result = on_status(status)
-                        if result is not None:
-                            await result
-                for beat_id, sent in list(waiting.items()):
-                    if loop.time() - sent > lost_after:
-                        del waiting[beat_id]
-                        self._beat_lost(f"no status within {lost_after:g} s")
-        finally:
-            link.close()
+                    if status is not None:
+                        statuses.append(status)
+            for beat_id, sent in list(waiting.items()):
+                if loop.time() - sent > lost_after:
+                    del waiting[beat_id]
+                    self._beat_lost(f"no status within {lost_after:g} s")
+            if on_status is not None:
+                for status in statuses:
+                    result = on_status(status)
+                    if result is not None:
+                        await result
 
     def _beat_answer(self, frames: list[bytes], waiting: dict[str, float]) -> Status | None:
-        """A reply on the heartbeat loop's socket: the status to pass on, if it is one."""
+        """A reply on the heartbeat socket: the status to pass on, if it is one."""
         try:
             reply = decode_reply(frames[-1])
         except WireFormatError as exc:

@@ -189,8 +189,14 @@ def test_standalone_gateway_goodbye_leaves_it_idle_and_silence_still_trips(
             await gw.wait_for("serving on", 30.0)
             async with Dispatcher(site.endpoint, "runtime", curve=site.curve("runtime")) as rt:
                 await rt.heartbeat()
+                # As a run ends: beats in flight (every 20 ms), then the goodbye.
+                beats = asyncio.create_task(rt.heartbeat_loop(0.02))
                 assert (await _send(rt, 1.0)).status is AckStatus.APPLIED
-                bye = await rt.heartbeat(release=True)  # the end of a run
+                await asyncio.sleep(0.3)
+                beats.cancel()
+                bye = await rt.heartbeat(release=True)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beats
             assert bye.watchdog is WatchdogState.IDLE and bye.leases == {}, bye
             after_bye = time.monotonic()
             # Longer than the window, with nobody talking (the config check meanwhile).
