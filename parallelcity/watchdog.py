@@ -32,6 +32,10 @@ def equipment_of(input_name: str) -> str:
     return input_name.split(".", 1)[0]
 
 
+MAX_LIVE_ISSUERS = 256
+"""Past this many, issuers not heard from within the window are forgotten (a lab gateway
+takes any issuer name)."""
+
 _EPOCH = re.compile(r"(?<![\d.])(\d{9,11}\.\d{1,6})(?![\d.])")
 
 
@@ -108,6 +112,8 @@ class Watchdog:
         self.last_seen = now if self.last_seen is None else max(self.last_seen, now)
         if issuer:
             self.live[issuer] = max(now, self.live.get(issuer, now))
+            if len(self.live) > MAX_LIVE_ISSUERS:  # issuers gone silent count for nothing
+                self.live = {i: t for i, t in self.live.items() if now - t <= self.window_s}
         if self.state is WatchdogState.IDLE:
             self.state, self.since, self.detail = WatchdogState.ARMED, now, ""
 

@@ -39,7 +39,7 @@ from parallelcity.gateway_core import GatewayCore
 from parallelcity.runner import RunResult
 from parallelcity.scenario import Scenario
 from parallelcity.specs import SafetySpecs
-from parallelcity.watchdog import Watchdog
+from parallelcity.watchdog import MAX_LIVE_ISSUERS, Watchdog
 from parallelcity.wire import (
     Ack,
     AckStatus,
@@ -75,6 +75,11 @@ def test_the_last_live_issuers_goodbye_leaves_the_watchdog_idle() -> None:
     # An issuer silent for longer than the window is gone: it keeps nothing armed.
     wd.seen(205.0, "c")
     assert wd.goodbye("a", 208.5)
+    # Many issuer names (a lab gateway takes any): the silent ones are forgotten.
+    for k in range(MAX_LIVE_ISSUERS + 1):
+        wd.seen(210.0 + 0.01 * k, f"name-{k}")
+    wd.seen(240.0, "last")
+    assert set(wd.live) == {"last"}
     # A goodbye does not undo a trip.
     wd.seen(300.0, "a")
     wd.trip(304.0)
