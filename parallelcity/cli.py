@@ -352,6 +352,7 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 def _cmd_rearm(args: argparse.Namespace) -> int:
     from .dispatcher import ClientCurve, Dispatcher
     from .keys import read_public_key, read_secret_key
+    from .watchdog import iso_utc, readable_times
 
     curve = None
     if not args.insecure_lab:
@@ -364,7 +365,11 @@ def _cmd_rearm(args: argparse.Namespace) -> int:
             args.endpoint, args.issuer, curve=curve, insecure_lab=args.insecure_lab
         ) as disp:
             status = await disp.rearm(args.reason)
-        return f"watchdog {status.watchdog.value}: {status.detail}"
+        detail = readable_times(status.detail, status.gateway_time)
+        return (
+            f"watchdog {status.watchdog.value}: {detail or '-'}\n"
+            f"gateway time {iso_utc(status.gateway_time)}"
+        )
 
     print(asyncio.run(go()))
     return EXIT_OK

@@ -10,7 +10,11 @@ not written twice.  A refusal is an ``Ack`` value, not an exception;
 ``DispatchError`` means no ack at all.
 
 Heartbeats (``heartbeat``, ``heartbeat_loop``) keep the gateway's watchdog
-fed and the issuer's equipment leases renewed; the gateway's ``Status`` answer
+fed and the issuer's equipment leases renewed.  They (and re-arms) go over
+a DEALER socket other than the commands', so a command being resent never
+holds them up: a heartbeat leaves every interval
+whatever the commands are doing, and one that gets no answer is not resent
+(the next one is due).  The gateway's ``Status`` answer
 also tells a restarted issuer where its sequence numbers stand, so it
 continues above them.  ``curve`` (client key pair + gateway public key) is
 required unless ``insecure_lab`` is set.
@@ -30,6 +34,7 @@ import zmq.asyncio
 
 from .errors import DispatchError, SecurityError, UnauthorisedError, WireFormatError
 from .keys import KeyPair, check_z85
+from .watchdog import readable_times
 from .wire import (
     MAX_SEQ,
     Ack,
@@ -61,6 +66,19 @@ class DispatcherCounters:
     heartbeats: int = 0
     """Heartbeats answered by the gateway."""
     heartbeats_lost: int = 0
+
+
+class _Link:
+    """One DEALER socket to the gateway and the lock that keeps its exchanges one at a time."""
+
+    def __init__(self) -> None:
+        self.sock: zmq.asyncio.Socket | None = None
+        self.lock = asyncio.Lock()
+
+    def close(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close(linger=0)
 
 
 @dataclass(frozen=True)
@@ -112,10 +130,11 @@ class Dispatcher:
         self.counters = DispatcherCounters()
         self._next_seq = first_seq
         self._ctx = context if context is not None else zmq.asyncio.Context.instance()
-        self._sock: zmq.asyncio.Socket | None = None
+        self._commands = _Link()
+        self._beats = _Link()
+        """Heartbeats and re-arms: never queued behind a command's resends."""
         self.curve = curve
         self.last_status: Status | None = None
-        self._lock = asyncio.Lock()
         self._warned_insecure = False
 
     @property
@@ -135,8 +154,11 @@ class Dispatcher:
         await self.aclose()
 
     def connect(self) -> None:
-        if self._sock is not None:
-            return
+        self._connect(self._commands)
+
+    def _connect(self, link: _Link) -> zmq.asyncio.Socket:
+        if link.sock is not None:
+            return link.sock
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         # Without a connected peer a DEALER send blocks; bound it.
@@ -152,17 +174,16 @@ class Dispatcher:
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise DispatchError(f"cannot connect to the gateway at {self.endpoint}: {exc}") from exc
-        self._sock = sock
+        link.sock = sock
+        return sock
 
     async def aclose(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close(linger=0)
+        self._commands.close()
+        self._beats.close()
 
     def _reconnect(self) -> None:
-        sock, self._sock = self._sock, None
-        if sock is not None:
-            sock.close(linger=0)
+        """A fresh command connection (a resend then comes from a new peer)."""
+        self._commands.close()
         self.connect()
 
     def command(
@@ -212,10 +233,12 @@ class Dispatcher:
 
     async def deliver(self, cmd: Command) -> Ack:
         """Send ``cmd`` (made by ``command``), resending the same bytes until acked."""
-        async with self._lock:
+        async with self._commands.lock:
             self.counters.sent += 1
             try:
-                reply = await self._exchange(cmd.id, cmd.encode(), f"seq {cmd.seq}")
+                reply = await self._exchange(
+                    self._commands, cmd.id, cmd.encode(), f"seq {cmd.seq}", 1 + self.retries
+                )
             except DispatchError:
                 self.counters.failed += 1
                 raise
@@ -227,7 +250,9 @@ class Dispatcher:
     async def heartbeat(self, *, release: bool = False, sent_at: float = 0.0) -> Status:
         """One heartbeat; the gateway's ``Status`` (watchdog, leases, our last seq).
 
-        Raises ``DispatchError`` when no answer came or the gateway refused it.
+        ``release`` is the clean goodbye: it ends the issuer's leases and, when no
+        other issuer is live, leaves the gateway's watchdog idle.  Raises
+        ``DispatchError`` when no answer came or the gateway refused it.
         """
         hb = Heartbeat.create(self.issuer, sent_at, release=release)
         status = await self._status_request(hb.id, hb.encode(), "heartbeat")
@@ -240,8 +265,8 @@ class Dispatcher:
         return await self._status_request(msg.id, msg.encode(), "re-arm")
 
     async def _status_request(self, msg_id: str, data: bytes, what: str) -> Status:
-        async with self._lock:
-            reply = await self._exchange(msg_id, data, what)
+        async with self._beats.lock:
+            reply = await self._exchange(self._beats, msg_id, data, what, 1 + self.retries)
         if isinstance(reply, Ack):
             code = reply.code.value if reply.code else reply.status.value
             # A key that may not re-arm is refused for security (CLI exit code 4).
@@ -277,7 +302,7 @@ class Dispatcher:
                 logging.ERROR if status.watchdog.value == "tripped" else logging.INFO,
                 "dispatcher: gateway watchdog is %s%s",
                 status.watchdog.value,
-                f": {status.detail}" if status.detail else "",
+                f": {readable_times(status.detail, status.gateway_time)}" if status.detail else "",
             )
         if status.insecure_lab:
             self._warn_insecure()
@@ -290,51 +315,114 @@ class Dispatcher:
         now: Callable[[], float] | None = None,
     ) -> None:
         """Heartbeat every ``interval_s`` wall seconds until cancelled; never raises for a
-        lost heartbeat (the gateway's watchdog is what acts on silence)."""
+        lost heartbeat (the gateway's watchdog is what acts on silence).
+
+        On the heartbeat socket (never the commands'), heartbeats leave on
+        schedule whatever the commands are doing and however late their
+        statuses come back: statuses are taken as they arrive, and a heartbeat
+        without one within ``timeout_s`` (at least ``interval_s``) counts as
+        lost.  None is resent; ZeroMQ reconnects to a restarted gateway by
+        itself.  A ``heartbeat`` call (the ``release`` at the end of a run)
+        takes the socket between two beats: one connection keeps the
+        gateway's view in order, so no beat of the loop lands after the
+        goodbye.
+        """
+        link = self._beats
         loop = asyncio.get_running_loop()
+        lost_after = max(self.timeout_s, interval_s)
+        waiting: dict[str, float] = {}  # heartbeat id -> loop time it left
         next_at = loop.time()
         while True:
-            try:
-                status = await self.heartbeat(sent_at=now() if now else 0.0)
-            except DispatchError as exc:
-                self.counters.heartbeats_lost += 1
-                log.warning("dispatcher: heartbeat lost: %s", exc)
-            else:
-                if on_status is not None:
+            statuses: list[Status] = []
+            async with link.lock:
+                sock = self._connect(link)
+                hb = Heartbeat.create(self.issuer, now() if now else 0.0)
+                try:
+                    await sock.send(hb.encode(), zmq.NOBLOCK)
+                    waiting[hb.id] = loop.time()
+                except zmq.ZMQError as exc:  # Again: no gateway connected (yet)
+                    self._beat_lost(f"could not send: {exc}")
+                next_at = max(next_at + interval_s, loop.time())
+                while (left := next_at - loop.time()) > 0:
+                    try:
+                        async with asyncio.timeout(left):
+                            frames = await sock.recv_multipart()
+                    except TimeoutError:
+                        break
+                    status = self._beat_answer(frames, waiting)
+                    if status is not None:
+                        statuses.append(status)
+            for beat_id, sent in list(waiting.items()):
+                if loop.time() - sent > lost_after:
+                    del waiting[beat_id]
+                    self._beat_lost(f"no status within {lost_after:g} s")
+            if on_status is not None:
+                for status in statuses:
                     result = on_status(status)
                     if result is not None:
                         await result
-            next_at = max(next_at + interval_s, loop.time())
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
 
-    async def _exchange(self, msg_id: str, data: bytes, what: str) -> Reply:
-        attempts = 1 + self.retries
+    def _beat_answer(self, frames: list[bytes], waiting: dict[str, float]) -> Status | None:
+        """A reply on the heartbeat socket: the status to pass on, if it is one."""
+        try:
+            reply = decode_reply(frames[-1])
+        except WireFormatError as exc:
+            log.warning("dispatcher: ignoring an unreadable reply: %s", exc)
+            return None
+        if waiting.pop(reply.id, None) is None:
+            return None  # given up on already
+        if isinstance(reply, Ack):
+            code = reply.code.value if reply.code else reply.status.value
+            self._beat_lost(f"refused: {code}: {reply.detail}")
+            return None
+        self.counters.heartbeats += 1
+        self._note_status(reply)
+        return reply
+
+    def _beat_lost(self, why: str) -> None:
+        self.counters.heartbeats_lost += 1
+        log.warning("dispatcher: heartbeat to %s lost: %s", self.endpoint, why)
+
+    async def _exchange(
+        self,
+        link: _Link,
+        msg_id: str,
+        data: bytes,
+        what: str,
+        attempts: int,
+        timeout_s: float | None = None,
+    ) -> Reply:
+        wait_s = self.timeout_s if timeout_s is None else timeout_s
         problems: list[str] = []
         for attempt in range(1, attempts + 1):
-            if self._sock is None:
-                self.connect()
+            sock = self._connect(link)
             if attempt > 1:
                 self.counters.resent += 1
                 log.info("dispatcher: resending %s (attempt %d/%d)", msg_id, attempt, attempts)
-            reply = await self._attempt(msg_id, data, problems)
+            reply = await self._attempt(sock, wait_s, msg_id, data, problems)
             if reply is not None:
                 return reply
             self.counters.timeouts += 1
             # Lazy Pirate: the socket may hold a half-delivered exchange; start afresh.
-            self._reconnect()
+            link.close()
         raise DispatchError(
             f"{what} {msg_id} (issuer {self.issuer!r}) got no answer from "
-            f"{self.endpoint} after {attempts} attempt(s) of {self.timeout_s:g} s: "
+            f"{self.endpoint} after {attempts} attempt(s) of {wait_s:g} s: "
             + "; ".join(dict.fromkeys(problems))
         )
 
-    async def _attempt(self, msg_id: str, data: bytes, problems: list[str]) -> Reply | None:
-        sock = self._sock
-        assert sock is not None
+    async def _attempt(
+        self,
+        sock: zmq.asyncio.Socket,
+        wait_s: float,
+        msg_id: str,
+        data: bytes,
+        problems: list[str],
+    ) -> Reply | None:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
+        deadline = loop.time() + wait_s
         try:
-            async with asyncio.timeout(self.timeout_s + 0.5):  # SNDTIMEO bounds this already
+            async with asyncio.timeout(wait_s + 0.5):  # SNDTIMEO bounds this too
                 await sock.send(data)
         except (zmq.Again, TimeoutError):
             problems.append("could not send (no gateway connected, or the handshake failed)")

@@ -6,6 +6,7 @@ the module that talks to them, with the original kept as ``__cause__``::
 
     ParallelCityError
     ├── ScenarioError            a scenario file is missing, unreadable or invalid
+    │   └── GatewayConfigError       the same for a stand-alone gateway's config file
     ├── PluginError              a controller / rig / model kind is unknown or broken
     ├── SecurityError            a transport would run without the security it needs
     ├── FieldError               talking to field equipment failed
@@ -35,11 +36,19 @@ class ScenarioError(ParallelCityError):
     ``problems`` lists one line per problem, each naming the key path.
     """
 
+    what = "scenario"
+
     def __init__(self, path: str, problems: list[str]) -> None:
         self.path = path
         self.problems = list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{path}: invalid scenario\n{lines}")
+        super().__init__(f"{path}: invalid {self.what}\n{lines}")
+
+
+class GatewayConfigError(ScenarioError):
+    """A stand-alone gateway's config file is missing, unreadable or does not validate."""
+
+    what = "gateway config"
 
 
 class PluginError(ParallelCityError):

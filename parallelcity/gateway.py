@@ -48,6 +48,7 @@ from .gateway_store import AppliedMark, GatewayStore, Pending, judge
 from .keys import KeyPair
 from .loglimit import LogLimiter
 from .mirror import Backoff
+from .watchdog import readable_times
 from .wire import (
     MAX_MESSAGE_BYTES,
     Ack,
@@ -742,7 +743,7 @@ class FieldGateway:
                 now = self.clock.now()
                 it.decision = d = core.decide(it.cmd, now, it.grant)
                 if d.accepted:  # refused traffic is no sign of a healthy control loop
-                    self._seen(now)
+                    self._seen(now, it.cmd.issuer)
                 if d.accepted and self._in_doubt is not None:
                     it.decision = d = Decision.refuse(
                         RefusalCode.WRITE_FAILED, self._in_doubt.refusal()
@@ -961,10 +962,10 @@ class FieldGateway:
                 return
             was = up
 
-    def _seen(self, now: float) -> None:
+    def _seen(self, now: float, issuer: str) -> None:
         wd = self.core.watchdog
         before = wd.state
-        wd.seen(now)
+        wd.seen(now, issuer)
         if wd.state is not before:
             self._wake.set()
             if self.store is not None:
@@ -980,9 +981,15 @@ class FieldGateway:
                 return self.core.status(hb.id, hb.issuer, now, self.insecure)
             leases = self.core.leases
             before = {eq: lease.holder for eq, lease in leases.leases.items()}
-            self._seen(now)
-            self.core.heartbeat(hb, now)
+            self._seen(now, hb.issuer)
+            idle = self.core.heartbeat(hb, now)
             after = {eq: lease.holder for eq, lease in leases.leases.items()}
+            if idle:
+                wd = self.core.watchdog
+                log.info("gateway: watchdog %s", readable_times(wd.detail, now))
+                self._wake.set()
+                if self.store is not None:
+                    self.store.save_watchdog(wd.state, wd.detail, now, event="watchdog_idle")
             # A renewal only moves `until`: persist it now and then, not on every beat.
             stale = now - self._leases_saved_at >= leases.lease_s / 4
             if self.store is not None and (after != before or (after and stale)):
@@ -1006,7 +1013,9 @@ class FieldGateway:
             if wd.tripped:
                 self.counters.rearms += 1
                 wd.rearm(now, f"{grant.name}/{msg.issuer}", msg.reason)
-                log.warning("gateway: watchdog %s (by %s)", wd.detail, grant.name)
+                log.warning(
+                    "gateway: watchdog %s (by %s)", readable_times(wd.detail, now), grant.name
+                )
                 if self.store is not None:
                     self.store.save_watchdog(wd.state, wd.detail, now, event="watchdog_rearmed")
                 self._wake.set()
@@ -1043,7 +1052,7 @@ class FieldGateway:
             reason = wd.trip(now)
             self.core.leases.clear()
             self.counters.trips += 1
-            log.error("gateway: WATCHDOG %s", reason)
+            log.error("gateway: WATCHDOG %s", readable_times(reason, now))
             if self.store is not None:
                 self.store.save_watchdog(wd.state, reason, now, event="watchdog_tripped", leases={})
             await self._revert_locked()

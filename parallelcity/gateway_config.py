@@ -23,14 +23,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .clock import Clock
-from .errors import ScenarioError, SecurityError
+from .errors import GatewayConfigError, SecurityError
 from .field_writer import OpcUaWriter
 from .gateway import FieldGateway, KeyQuota, ServerCurve
 from .gateway_core import DEFAULT_MAX_COMMAND_AGE_S, DEFAULT_RAMP_SLACK_S, GatewayCore
 from .gateway_store import GatewayStore
 from .keys import check_z85, read_public_key, read_secret_key
 from .opcua import ClientSecurity
-from .scenario import FieldConfig, InputMap, OpcUaSecurity
+from .scenario import FieldConfig, InputMap, OpcUaSecurity, _describe
 from .specs import InputLimit
 from .wire import OTHER_ISSUER
 from .zap import AllowList, Grant
@@ -278,16 +278,12 @@ def parse_gateway_config(text: str, path: str | Path = "<string>") -> GatewayCon
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(str(path), [f"not valid TOML: {exc}"]) from exc
+        raise GatewayConfigError(str(path), [f"not valid TOML: {exc}"]) from exc
     try:
         file = GatewayFile.model_validate(raw)
     except ValidationError as exc:
-        problems = []
-        for e in exc.errors():
-            loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-            msg = "unknown key (not allowed here)" if e["type"] == "extra_forbidden" else e["msg"]
-            problems.append(f"{loc}: {msg}")
-        raise ScenarioError(str(path), problems) from exc
+        # The scenario's wording and key paths (field.inputs[0].min), one function for both.
+        raise GatewayConfigError(str(path), [_describe(e) for e in exc.errors()]) from exc
     return GatewayConfig(path, file)
 
 
@@ -296,9 +292,13 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ScenarioError(str(path), [f"cannot read the file: {exc.strerror or exc}"]) from exc
+        raise GatewayConfigError(
+            str(path), [f"cannot read the file: {exc.strerror or exc}"]
+        ) from exc
     except UnicodeDecodeError as exc:
-        raise ScenarioError(str(path), [f"not UTF-8: {exc.reason} at byte {exc.start}"]) from exc
+        raise GatewayConfigError(
+            str(path), [f"not UTF-8: {exc.reason} at byte {exc.start}"]
+        ) from exc
     return parse_gateway_config(text, path)
 
 

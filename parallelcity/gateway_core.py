@@ -276,7 +276,7 @@ class GatewayCore:
         for name, value in cmd.setpoints.items():
             self.state.last_applied[name] = self._written(name, value, when)
         self.leases.take(cmd.issuer, cmd.setpoints, when)
-        self.watchdog.seen(when)
+        self.watchdog.seen(when, cmd.issuer)
 
     def _remember(
         self, command_id: str, issuer: str, seq: int, when: float, digest: str | None = None
@@ -317,8 +317,8 @@ class GatewayCore:
             names.update(cmd.setpoints)
         if names:
             self.leases.take(issuer, names, applied_at)
-        if cmds:
-            self.watchdog.seen(applied_at)
+        for who in dict.fromkeys(cmd.issuer for cmd in cmds):
+            self.watchdog.seen(applied_at, who)
 
     def checkpoint(self) -> Checkpoint:
         """Start a batch: ``record_applied`` calls from here on can be undone by ``rollback``.
@@ -355,16 +355,19 @@ class GatewayCore:
         if self._checkpoint is cp:
             self._checkpoint = None
 
-    def heartbeat(self, hb: Heartbeat, now: float) -> None:
+    def heartbeat(self, hb: Heartbeat, now: float) -> bool:
         """A heartbeat from an authorised client: feeds the watchdog, renews or ends leases.
 
         Only ``hb.issuer``'s own leases: the shell has checked the key speaks for it.
+        With ``release`` it is the issuer's clean goodbye; True when that left the
+        watchdog idle (no other issuer live).
         """
-        self.watchdog.seen(now)
+        self.watchdog.seen(now, hb.issuer)
         if hb.release:
             self.leases.release(hb.issuer)
-        else:
-            self.leases.renew(hb.issuer, now)
+            return self.watchdog.goodbye(hb.issuer, now)
+        self.leases.renew(hb.issuer, now)
+        return False
 
     def reverted(self, now: float) -> None:
         """The safe values were written: they are the inputs' last applied values now."""

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import math
 import secrets
+import shlex
 import time
 import uuid
 from collections.abc import Callable
@@ -52,7 +53,8 @@ from .snapshot import Snapshot
 from .specs import SafetySpecs
 from .twin import Twin
 from .verify import PoolSamples, RigRecipe, Verifier
-from .wire import AckStatus, Status
+from .watchdog import readable_times
+from .wire import AckStatus, Status, WatchdogState
 from .zap import AllowList, Grant
 
 log = logging.getLogger("parallelcity.runner")
@@ -99,6 +101,9 @@ class RunResult:
     stand_in: FieldStandIn | None
     counts: dict[str, int] = field(default_factory=dict)
     controller_kind: str = ""  # the kind that ran (``--controller`` may override the scenario's)
+    gateway_tripped_at_start: bool = False
+    """The gateway's watchdog was tripped when the run began: its commands were refused
+    until someone re-armed it (``counts["refused"]``); not a successful run."""
 
 
 ProgressFn = Callable[[CycleRecord, dict[str, int]], None]
@@ -461,6 +466,9 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         cycle_k = [0]
         first = await dispatcher.heartbeat(sent_at=clock.now())
         journal.record_event(0, clock.now(), "gateway", first.watchdog.value, first.detail)
+        tripped_at_start = first.watchdog is WatchdogState.TRIPPED
+        if tripped_at_start:
+            _report_tripped(scenario, gateway_endpoint, issuer, first, journal, clock.now())
         beat_s = first.heartbeat_s / 2 if first.heartbeat_s > 0 else meta.cycle_s / 4
         watchdog_seen = [first.watchdog]
 
@@ -586,7 +594,49 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
             if gateway_task is not None:
                 gateway_task.cancel()
             journal.close()
-    return RunResult(scenario, records, journal.path, out_dir, stand_in, counts, controller_kind)
+    return RunResult(
+        scenario,
+        records,
+        journal.path,
+        out_dir,
+        stand_in,
+        counts,
+        controller_kind,
+        gateway_tripped_at_start=tripped_at_start,
+    )
+
+
+def rearm_command(scenario: Scenario, endpoint: str, issuer: str) -> str:
+    """The ``parallelcity rearm`` line that re-arms the run's gateway with the run's keys."""
+    cfg = scenario.file.security.zmq
+    if cfg is None:
+        keys = "--insecure-lab"
+    else:
+        base = scenario.path.parent
+        keys = (
+            f"--key {shlex.quote(str(base / cfg.client_secret_key))} "
+            f"--gateway-key {shlex.quote(str(base / cfg.gateway_public_key))}"
+        )
+    return (
+        f"parallelcity rearm {shlex.quote(endpoint)} --reason 'field checked' {keys} "
+        f"--issuer {shlex.quote(issuer)}"
+    )
+
+
+def _report_tripped(
+    scenario: Scenario, endpoint: str, issuer: str, status: Status, journal: Journal, now: float
+) -> None:
+    """Say at once, and in the journal, that this run's commands will be refused."""
+    line = rearm_command(scenario, endpoint, issuer)
+    log.error(
+        "the field gateway at %s has TRIPPED its watchdog: it holds its safe values and will "
+        "refuse every command of this run until re-armed (%s). Once the field is checked, "
+        "re-arm it with a key allowed to: %s",
+        endpoint,
+        readable_times(status.detail, status.gateway_time),
+        line,
+    )
+    journal.record_event(0, now, "gateway", "tripped_at_start", f"{status.detail}; {line}")
 
 
 async def _dispatch(

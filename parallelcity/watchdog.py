@@ -3,7 +3,9 @@
 * ``Watchdog``: the runtime proves it is alive with heartbeats (and commands).
   Once it has been heard from, missing ``missed`` heartbeat intervals in a row
   trips the watchdog: the gateway reverts its equipment to safe values and
-  refuses commands until someone with the right explicitly re-arms it.
+  refuses commands until someone with the right explicitly re-arms it.  A
+  clean goodbye (a heartbeat with ``release``) from the last issuer still
+  heard from puts it back to idle instead: nobody is driving, nothing to guard.
 * ``LeaseTable``: one writer per device.  Applying a command leases each piece
   of equipment it touches to the command's issuer for ``lease_s``; while the
   lease runs, commands from any other issuer for that equipment are refused.
@@ -17,7 +19,9 @@ equipment.  Times are gateway clock seconds.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -28,6 +32,32 @@ def equipment_of(input_name: str) -> str:
     return input_name.split(".", 1)[0]
 
 
+MAX_LIVE_ISSUERS = 256
+"""Past this many, issuers not heard from within the window are forgotten (a lab gateway
+takes any issuer name)."""
+
+_EPOCH = re.compile(r"(?<![\d.])(\d{9,11}\.\d{1,6})(?![\d.])")
+
+
+def iso_utc(t: float) -> str:
+    """Epoch seconds as ISO 8601 UTC to the millisecond: ``2026-01-12T01:15:00.000Z``."""
+    return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def readable_times(detail: str, now: float) -> str:
+    """``detail`` with each epoch time in it (``tripped at 1768179704.512``) written as ISO
+    8601 UTC and its age at ``now``, for people; the wire keeps the numbers."""
+
+    def one(m: re.Match[str]) -> str:
+        t = float(m.group(1))
+        age = now - t
+        # Details carry milliseconds: a time that rounded up is not in the future.
+        when = f"{max(age, 0.0):.1f} s ago" if age > -0.001 else f"in {-age:.1f} s"
+        return f"{iso_utc(t)} ({when})"
+
+    return _EPOCH.sub(one, detail)
+
+
 def _positive(value: float, name: str) -> None:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive number, got {value}")
@@ -35,7 +65,8 @@ def _positive(value: float, name: str) -> None:
 
 @dataclass
 class Watchdog:
-    """Heartbeat watchdog state machine: idle -> armed -> tripped -> (re-arm) idle.
+    """Heartbeat watchdog state machine: idle -> armed -> tripped -> (re-arm) idle,
+    and armed -> (goodbye of the last live issuer) idle.
 
     ``safe`` empty means no watchdog (state ``disabled``): nothing to revert to.
     """
@@ -51,6 +82,8 @@ class Watchdog:
     """When the current state began."""
     reverted: bool = False
     """While tripped: the safe values have been written."""
+    live: dict[str, float] = field(default_factory=dict)
+    """While armed: issuer -> gateway time it was last heard from."""
 
     def __post_init__(self) -> None:
         _positive(self.interval_s, "heartbeat interval")
@@ -72,13 +105,37 @@ class Watchdog:
     def tripped(self) -> bool:
         return self.state is WatchdogState.TRIPPED
 
-    def seen(self, now: float) -> None:
-        """A heartbeat or an authorised command arrived."""
+    def seen(self, now: float, issuer: str = "") -> None:
+        """A heartbeat or an authorised command (from ``issuer``) arrived."""
         if self.state in (WatchdogState.DISABLED, WatchdogState.TRIPPED):
             return
         self.last_seen = now if self.last_seen is None else max(self.last_seen, now)
+        if issuer:
+            self.live[issuer] = max(now, self.live.get(issuer, now))
+            if len(self.live) > MAX_LIVE_ISSUERS:  # issuers gone silent count for nothing
+                self.live = {i: t for i, t in self.live.items() if now - t <= self.window_s}
         if self.state is WatchdogState.IDLE:
             self.state, self.since, self.detail = WatchdogState.ARMED, now, ""
+
+    def goodbye(self, issuer: str, now: float) -> bool:
+        """``issuer`` ended cleanly (a heartbeat with ``release``); True if now idle.
+
+        Idle when no other issuer has been heard from within the window: an
+        issuer silent that long is gone (had it been the only one, the watchdog
+        would have tripped), so it does not keep the watchdog armed.
+        """
+        if self.state is not WatchdogState.ARMED:
+            return False
+        self.live.pop(issuer, None)
+        self.live = {i: t for i, t in self.live.items() if now - t <= self.window_s}
+        if self.live:
+            return False
+        self.state, self.since, self.last_seen = WatchdogState.IDLE, now, None
+        self.detail = (
+            f"idle since {now:.3f}: the last issuer said goodbye (release); "
+            "the inputs keep their last applied values"
+        )
+        return True
 
     def deadline(self) -> float | None:
         """Gateway time at which silence trips the watchdog; ``None`` when it cannot trip."""
@@ -94,6 +151,7 @@ class Watchdog:
         """Enter ``tripped``; returns the reason (also kept in ``detail``)."""
         last = self.last_seen if self.last_seen is not None else now
         self.state, self.since, self.reverted = WatchdogState.TRIPPED, now, False
+        self.live = {}
         self.detail = (
             f"tripped at {now:.3f}: no heartbeat for {now - last:.3f} s "
             f"(> {self.missed} x {self.interval_s:g} s); equipment reverted to safe values; "
@@ -114,6 +172,7 @@ class Watchdog:
             None,
             False,
         )
+        self.live = {}
         self.detail = f"re-armed at {now:.3f}: {reason}"
 
     def restore(self, state: WatchdogState, detail: str, since: float, now: float) -> None:

@@ -62,7 +62,8 @@ def test_grants_come_from_the_key_files(tmp_path: Path) -> None:
         (("[watchdog]", "[watchdog]\nperiod = 3"), "watchdog.period: unknown key"),
         (("safe = 70.0", "safe = 99.0"), "safe 99.0 is outside [50.0, 95.0]"),
         (("missed_heartbeats = 3", "missed_heartbeats = 0"), "watchdog.missed_heartbeats"),
-        (('bind = "tcp://0.0.0.0:5555"', ""), "gateway.bind: Field required"),
+        (('bind = "tcp://0.0.0.0:5555"', ""), "gateway.bind: required key is missing"),
+        (("min = 50.0", 'min = "low"'), "field.inputs[0].min: Input should be a valid number"),
     ],
 )
 def test_bad_configs_are_reported_with_their_key_path(
