@@ -373,11 +373,11 @@ def _es_exponent_form(r: str) -> str:
     return sign + digits[0] + "." + digits[1:] + exp_text
 
 
-def show_number(x: float) -> str:
+def show_number(x: float | None) -> str:
     """``x`` for a person (a refusal's detail): the shortest digits that read back as ``x``,
     written as on the wire (``2.000002``, ``2``, ``1e-7``)."""
     try:
-        return format_number(x)
+        return format_number(x)  # type: ignore[arg-type]  # None and the like: repr below
     except WireFormatError:
         return repr(x)
 

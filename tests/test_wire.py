@@ -268,9 +268,7 @@ def commands(draw: st.DrawFn) -> Command:
         seq=draw(st.integers(0, MAX_SEQ)),
         issued_at=issued,
         valid_until=until,
-        setpoints=draw(
-            st.dictionaries(names(128), finite, min_size=1, max_size=40)
-        ),
+        setpoints=draw(st.dictionaries(names(128), finite, min_size=1, max_size=40)),
         verdict=draw(st.text(HEX, min_size=64, max_size=64)),
     )
 
@@ -399,11 +397,7 @@ def statuses(draw: st.DrawFn) -> Status:
         last_seq=draw(st.none() | st.integers(0, MAX_SEQ)),
         watchdog=draw(st.sampled_from(list(WatchdogState))),
         detail=draw(st.text(max_size=200)),
-        leases=draw(
-            st.dictionaries(
-                names(40), issuers | st.just(OTHER_ISSUER), max_size=8
-            )
-        ),
+        leases=draw(st.dictionaries(names(40), issuers | st.just(OTHER_ISSUER), max_size=8)),
         gateway_time=draw(times),
         heartbeat_s=draw(st.floats(min_value=0, max_value=1e6)),
         insecure_lab=draw(st.booleans()),
