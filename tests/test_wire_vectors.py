@@ -32,6 +32,7 @@ from parallelcity.gateway_core import GatewayCore
 from parallelcity.scenario import ZmqSecurity
 from parallelcity.specs import InputLimit
 from parallelcity.wire import (
+    MAX_DETAIL_BYTES,
     MAX_SEQ,
     Command,
     RefusalCode,
@@ -41,6 +42,7 @@ from parallelcity.wire import (
     decode_reply,
     decode_request,
     format_number,
+    truncate_detail,
 )
 from parallelcity.zap import Grant
 
@@ -308,7 +310,7 @@ def as_doubles(value: Any) -> Any:
     return {k: as_doubles(v) for k, v in value.items()}
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(json_values)
 def test_property_wire_encoder_equals_the_independent_one_and_round_trips(value: Any) -> None:
     data = canonical_json(value)
@@ -432,3 +434,10 @@ def test_a_digest_stored_before_the_canonical_encoding_still_marks_a_resend_dupl
     assert core.decide(c, T0 + 1).outcome.value == "duplicate"
     other = Command(c.id, "cycle", 1, T0, T0 + 900, {"plant.T_supply_set": 73.0}, VERDICT)
     assert core.decide(other, T0 + 1).code is RefusalCode.ID_CONFLICT
+
+
+def test_a_long_detail_is_cut_in_utf8_bytes_at_a_character_boundary() -> None:
+    cut = truncate_detail("é" * 1000)  # 2000 bytes
+    data = cut.encode("utf-8")
+    assert len(data) <= MAX_DETAIL_BYTES and cut.endswith("...") and cut.startswith("é")
+    assert truncate_detail("x" * 1024) == "x" * 1024
