@@ -315,9 +315,6 @@ def _check_ack(ack: Ack) -> None:
             _bad(f"an ack with status {ack.status.value!r} needs applied_at")
 
 
-# --------------------------------------------------------------------------- messages
-
-
 # --------------------------------------------------------------------------- canonical JSON
 
 _escape = json.encoder.encode_basestring  # JCS escaping: only '"', '\\' and U+0000..U+001F
@@ -353,12 +350,10 @@ def _es_exponent_form(r: str) -> str:
     sign = ""
     if r[0] == "-":
         sign, r = "-", r[1:]
-    mantissa, _, exp = r.partition("e")
+    mantissa, _, exp = r.partition("e")  # Python writes d[.ddd]e±XX, d not 0
     whole, _, frac = mantissa.partition(".")
-    digits = (whole + frac).lstrip("0")
-    # x = 0.digits * 10**n (n: the ES exponent), from Python's d.ddd e+XX form
-    n = len(whole) + int(exp or 0) - (len(whole + frac) - len((whole + frac).lstrip("0")))
-    digits = digits.rstrip("0") or "0"
+    digits = (whole + frac).rstrip("0")
+    n = len(whole) + int(exp)  # x = 0.digits * 10**n
     k = len(digits)
     if k <= n <= 21:
         return sign + digits + "0" * (n - k)
@@ -418,7 +413,7 @@ def _encode_value(value: Any, out: list[str]) -> None:
 def _encode_object(value: Mapping[Any, Any], out: list[str]) -> None:
     keys = list(value)
     for key in keys:
-        if type(key) is not str and not isinstance(key, str):
+        if not isinstance(key, str):
             _bad(f"object keys must be strings, got {type(key).__name__}")
     if all(k.isascii() for k in keys):
         keys.sort()
@@ -448,6 +443,9 @@ def canonical_json(value: Any) -> bytes:
         return "".join(out).encode("utf-8")
     except UnicodeEncodeError as exc:
         raise WireFormatError(f"text that is not UTF-8: {exc.reason}") from exc
+
+
+# --------------------------------------------------------------------------- messages
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
