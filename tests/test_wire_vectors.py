@@ -213,6 +213,7 @@ def test_every_doc_example_message_is_a_vector_and_its_bytes_and_digest_agree() 
     for m in messages:
         canonical = m["canonical"].encode("utf-8")
         assert _decode(m["input"]).encode() == canonical
+        assert _decode(m["canonical"]).encode() == canonical  # integers where floats go, too
         assert ref_canonical(json.loads(m["input"])).encode("utf-8") == canonical
         assert hashlib.sha256(canonical).hexdigest() == m["sha256"]
         if '"command"' in m["input"]:
