@@ -166,7 +166,10 @@ def _check_float(value: Any, name: str) -> float:
 def _check_time(value: Any, name: str) -> float:
     out = _check_float(value, name)
     if not 0.0 <= out <= MAX_TIME:
-        _bad(f"field {name}: expected seconds since the epoch in 0..{MAX_TIME:g}, got {out!r}")
+        _bad(
+            f"field {name}: expected seconds since the epoch in 0..{MAX_TIME:g}, got "
+            f"{show_number(out)}"
+        )
     return out
 
 
@@ -281,11 +284,14 @@ def _check_command(cmd: Command) -> None:
     issued = _check_time(cmd.issued_at, "'issued_at'")
     until = _check_time(cmd.valid_until, "'valid_until'")
     if not until > issued:
-        _bad(f"field 'valid_until': {until!r} is not after issued_at {issued!r}")
+        _bad(
+            f"field 'valid_until': {show_number(until)} is not after issued_at "
+            f"{show_number(issued)}"
+        )
     if until - issued > MAX_VALIDITY_S:
         _bad(
-            f"field 'valid_until': {until - issued:.6g} s after issued_at; a command is valid "
-            f"for at most {MAX_VALIDITY_S:g} s"
+            f"field 'valid_until': {show_number(until - issued)} s after issued_at; a command "
+            f"is valid for at most {MAX_VALIDITY_S:g} s"
         )
     if not isinstance(cmd.verdict, str) or not _DIGEST.fullmatch(cmd.verdict):
         _bad(f"field 'verdict': expected 64 lowercase hex characters, got {_show(cmd.verdict)}")
@@ -682,7 +688,10 @@ class Status:
         object.__setattr__(self, "gateway_time", _check_time(self.gateway_time, "'gateway_time'"))
         beat = _check_float(self.heartbeat_s, "'heartbeat_s'")
         if not 0 <= beat <= MAX_TIME:
-            _bad(f"field 'heartbeat_s': expected a number in 0..{MAX_TIME:g}, got {beat!r}")
+            _bad(
+                f"field 'heartbeat_s': expected a number in 0..{MAX_TIME:g}, got "
+                f"{show_number(beat)}"
+            )
         object.__setattr__(self, "heartbeat_s", beat)
         if not isinstance(self.insecure_lab, bool):
             _bad(f"field 'insecure_lab': expected true or false, got {_show(self.insecure_lab)}")

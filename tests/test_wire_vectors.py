@@ -442,3 +442,14 @@ def test_a_long_detail_is_cut_in_utf8_bytes_at_a_character_boundary() -> None:
     data = cut.encode("utf-8")
     assert len(data) <= MAX_DETAIL_BYTES and cut.endswith("...") and cut.startswith("é")
     assert truncate_detail("x" * 1024) == "x" * 1024
+
+
+def test_decode_refusals_print_the_digits_that_show_why() -> None:
+    too_long = json.dumps(
+        {"v": 1, "type": "command", "id": "0" * 32, "issuer": "c", "seq": 1, "issued_at": 0.5,
+         "valid_until": 86400.5000001, "setpoints": {"a.b": 1}, "verdict": VERDICT}
+    )  # fmt: skip
+    with pytest.raises(
+        WireFormatError, match=r"86400.0000001 s after issued_at; .* at most 86400 s"
+    ):
+        decode_command(too_long.encode())
