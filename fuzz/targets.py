@@ -59,6 +59,7 @@ def _wire(data: bytes) -> None:
         except WireFormatError:
             continue  # re-encoding may only be refused for size (floats print longer)
         assert decode(again) == msg, "a decoded message does not survive encode/decode"
+        assert decode(again).encode() == again, "the canonical encoding is not stable"
     msg_id, seq = recover_id(data)  # documented: never raises
     assert (msg_id == NULL_ID or re.fullmatch(r"[0-9a-f]{32}", msg_id)) and 0 <= seq <= MAX_SEQ
 
@@ -90,8 +91,17 @@ def _wire_seeds() -> list[bytes]:
         setpoints={"plant.T_supply_set": 70.5, "apartment.m_flow": 0.25},
         verdict="ab" * 32,
     )
+    exotic = Command.create(  # exponent forms, -0, raw UTF-8 names sorted by UTF-16 units
+        issuer="Zürich Süd 😀",
+        seq=2**53 - 1,
+        issued_at=0.0,
+        valid_until=1e-7,
+        setpoints={"\uffe0.x": 1e21, "😀.y": -0.0, "é.z": 5e-324, "a.b": 1.7976931348623157e308},
+        verdict="cd" * 32,
+    )
     seeds += [
         cmd.encode(),
+        exotic.encode(),
         Heartbeat.create("district-heating/cycle", 1768179600.0, release=True).encode(),
         Rearm.create("operator", "valve checked").encode(),
     ]

@@ -576,10 +576,13 @@ class FieldGateway:
         """The rest of a message whose identity frame is in hand; ``None``: dropped.
 
         ZeroMQ hands over only complete messages, so its frames are all there.  Only
-        the first is copied; the others are released unread.  Over quota: dropped.
+        one is copied (the first, or the second after an empty delimiter frame: a REQ
+        peer's envelope, answered the same way); the others are released unread.  Over
+        quota: dropped.
         """
         first: zmq.Frame | None = None
         frames = 0
+        envelope = False
         more = ident.more
         while more:
             f = raw.recv(zmq.NOBLOCK, copy=False)
@@ -587,6 +590,8 @@ class FieldGateway:
             frames += 1
             if first is None:
                 first = f
+            elif frames == 2 and len(first) == 0:
+                envelope, first = True, f
         grant = self._grant(first)
         if self._buckets is not None:
             key: bytes | str = grant.name if grant is not None and self.curve else ident.bytes
@@ -597,13 +602,16 @@ class FieldGateway:
                     who, "gateway: client %r is over its quota; dropping its messages", who
                 )
                 return None
-        if frames != 1:
+        if frames - envelope != 1:
             self.counters.oversized += frames > 1
             data = first.bytes[:MAX_MESSAGE_BYTES] if first is not None else b""
             reason = f"expected exactly one frame, got {frames}"
-            return _Received(ident.bytes, [], grant, self._malformed(data, reason))
+            if envelope:
+                reason += " (an empty delimiter frame, as a REQ socket sends, then one more)"
+            reply = self._malformed(data, reason)
+            return _Received(ident.bytes, [], grant, reply, envelope)
         assert first is not None
-        return _Received(ident.bytes, [first.bytes], grant)
+        return _Received(ident.bytes, [first.bytes], grant, None, envelope)
 
     async def _answer(self, raw: zmq.Socket[bytes], batch: list[_Received]) -> None:
         """Handle a batch of received messages and send the replies."""
@@ -616,7 +624,10 @@ class FieldGateway:
                 continue
             try:
                 # A ROUTER never blocks on send: a reply to a vanished peer is dropped.
-                raw.send_multipart([m.ident, m.reply], zmq.NOBLOCK)
+                if m.envelope:  # a REQ peer drops a reply without its delimiter
+                    raw.send_multipart([m.ident, b"", m.reply], zmq.NOBLOCK)
+                else:
+                    raw.send_multipart([m.ident, m.reply], zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 log.warning("gateway: could not send a reply: %s", exc)
 
@@ -1119,6 +1130,8 @@ class _Received:
     frames: list[bytes]
     grant: Grant | None
     reply: bytes | None = None
+    envelope: bool = False
+    """It came as a REQ socket sends: an empty delimiter frame first; so goes the reply."""
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .clock import Clock
-from .errors import GatewayConfigError, SecurityError
+from .errors import GatewayConfigError, SecurityError, WireFormatError
 from .field_writer import OpcUaWriter
 from .gateway import FieldGateway, KeyQuota, ServerCurve
 from .gateway_core import DEFAULT_MAX_COMMAND_AGE_S, DEFAULT_RAMP_SLACK_S, GatewayCore
@@ -32,7 +32,7 @@ from .keys import check_z85, read_public_key, read_secret_key
 from .opcua import ClientSecurity
 from .scenario import FieldConfig, InputMap, OpcUaSecurity, _describe
 from .specs import InputLimit
-from .wire import OTHER_ISSUER
+from .wire import check_issuer_name
 from .zap import AllowList, Grant
 
 log = logging.getLogger("parallelcity.gateway")
@@ -84,9 +84,8 @@ class ClientEntry(_Strict):
     name: str = Field(min_length=1, max_length=64, description="unique; logged with its acts")
     issuer: str | None = Field(
         None,
-        min_length=1,
-        max_length=64,
-        description="the issuer name this key speaks for (default: name); unique",
+        description="the issuer name this key speaks for (default: name); unique; 1..64 UTF-8 "
+        "bytes of letters, marks, numbers, punctuation, symbols and spaces",
     )
     public_key: str = Field(description="40-character Z85 key, or a file holding one")
     equipment: list[str] = Field(
@@ -105,9 +104,10 @@ class ClientEntry(_Strict):
 
     @model_validator(mode="after")
     def _ordered(self) -> ClientEntry:
-        issuer = self.bound_issuer
-        if not issuer.isprintable() or issuer == OTHER_ISSUER:
-            raise ValueError(f"issuer {issuer!r}: printable characters, and not {OTHER_ISSUER!r}")
+        try:
+            check_issuer_name(self.bound_issuer, "issuer")
+        except WireFormatError as exc:
+            raise ValueError(str(exc)) from None
         for name, (lo, hi) in self.ranges.items():
             if not lo <= hi:
                 raise ValueError(f"ranges.{name}: {lo} is above {hi}")

@@ -19,7 +19,15 @@ from enum import Enum
 
 from .specs import TOLERANCE, InputLimit
 from .watchdog import Lease, LeaseTable, Watchdog
-from .wire import OTHER_ISSUER, Command, Heartbeat, RefusalCode, Status, truncate_detail
+from .wire import (
+    OTHER_ISSUER,
+    Command,
+    Heartbeat,
+    RefusalCode,
+    Status,
+    show_number,
+    truncate_detail,
+)
 from .zap import Grant
 
 MAX_REMEMBERED_IDS = 65_536
@@ -179,7 +187,8 @@ class GatewayCore:
         first_applied = st.applied_ids.get(cmd.id)
         if first_applied is not None:
             known = st.digests.get(cmd.id)
-            if known is not None and known != cmd.digest:
+            # a digest stored before the canonical encoding matches the legacy form
+            if known is not None and known not in (cmd.digest, cmd.legacy_digest):
                 return Decision.refuse(
                     RefusalCode.ID_CONFLICT,
                     f"id {cmd.id} was applied at {first_applied:.3f} with a different payload; "
@@ -197,21 +206,24 @@ class GatewayCore:
         if now > cmd.valid_until + self.clock_skew_s:
             return Decision.refuse(
                 RefusalCode.EXPIRED,
-                f"valid until {cmd.valid_until:.3f}, gateway time is {now:.3f} "
-                f"({now - cmd.valid_until:.3f} s late, skew allowance {self.clock_skew_s:g} s)",
+                f"valid until {show_number(cmd.valid_until)}, gateway time is "
+                f"{show_number(now)} ({show_number(now - cmd.valid_until)} s late, skew "
+                f"allowance {show_number(self.clock_skew_s)} s)",
             )
         # 4. issued_at near the gateway's clock: neither ahead of it nor too old.
         if cmd.issued_at > now + self.clock_skew_s:
             return Decision.refuse(
                 RefusalCode.BAD_TIME,
-                f"issued_at {cmd.issued_at:.3f} is {cmd.issued_at - now:.3f} s ahead of gateway "
-                f"time {now:.3f} (skew allowance {self.clock_skew_s:g} s)",
+                f"issued_at {show_number(cmd.issued_at)} is {show_number(cmd.issued_at - now)} "
+                f"s ahead of gateway time {show_number(now)} (skew allowance "
+                f"{show_number(self.clock_skew_s)} s)",
             )
         if cmd.issued_at < now - self.clock_skew_s - self.max_age_s:
             return Decision.refuse(
                 RefusalCode.BAD_TIME,
-                f"issued_at {cmd.issued_at:.3f} is {now - cmd.issued_at:.3f} s before gateway "
-                f"time {now:.3f}; at most {self.max_age_s:g} s (+ {self.clock_skew_s:g} s skew)",
+                f"issued_at {show_number(cmd.issued_at)} is {show_number(now - cmd.issued_at)} "
+                f"s before gateway time {show_number(now)}; at most "
+                f"{show_number(self.max_age_s)} s (+ {show_number(self.clock_skew_s)} s skew)",
             )
         # 5. a tripped watchdog holds the safe values until re-armed.
         if self.watchdog.tripped:
@@ -233,7 +245,10 @@ class GatewayCore:
         for name, value in cmd.setpoints.items():
             lim = self.limits[name]
             if value < lim.min - TOLERANCE or value > lim.max + TOLERANCE:
-                problems.append(f"{name} = {value:.6g} outside [{lim.min:g}, {lim.max:g}]")
+                problems.append(
+                    f"{name} = {show_number(value)} outside "
+                    f"[{show_number(lim.min)}, {show_number(lim.max)}]"
+                )
         if problems:
             return Decision.refuse(RefusalCode.OUT_OF_BOUNDS, "; ".join(problems))
         # 9. rate limits against the last applied value of each input, on the gateway's clock.
@@ -247,9 +262,10 @@ class GatewayCore:
             move = value - prev.value
             if abs(move) > allowed + TOLERANCE:
                 problems.append(
-                    f"{name} moves {move:+.6g} from {prev.value:.6g} in {now - prev.at:.6g} s "
-                    f"since its last write; at most {allowed:.6g} allowed "
-                    f"({self.limits[name].max_rate_per_h:g}/h)"
+                    f"{name} moves {'+' * (move >= 0)}{show_number(move)} from "
+                    f"{show_number(prev.value)} in {show_number(now - prev.at)} s since its "
+                    f"last write; at most {show_number(allowed)} allowed "
+                    f"({show_number(self.limits[name].max_rate_per_h)}/h)"
                 )
         if problems:
             return Decision.refuse(RefusalCode.RATE_LIMIT, "; ".join(problems))

@@ -19,11 +19,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import plugins
-from .errors import PluginError, ScenarioError
+from .errors import PluginError, ScenarioError, WireFormatError
 from .model import SubsystemModel
 from .point_table import DEFAULT_MAX_CLOCK_SKEW_S, PointType
 from .rig import BASE_DIR
 from .schedule import Period, zone_context, zone_of
+from .wire import check_issuer_name
 
 
 class _Strict(BaseModel):
@@ -109,10 +110,18 @@ class ZmqSecurity(_Strict):
     gateway_public_key: str = Field(description="the gateway's CURVE public key file")
     issuer: str | None = Field(
         None,
-        min_length=1,
-        max_length=64,
-        description="the issuer the gateway binds to this key (default: the scenario's name)",
+        description="the issuer the gateway binds to this key (default: the scenario's name); "
+        "1..64 UTF-8 bytes of letters, marks, numbers, punctuation, symbols and spaces",
     )
+
+    @model_validator(mode="after")
+    def _issuer_on_the_wire(self) -> ZmqSecurity:
+        if self.issuer is not None:
+            try:
+                check_issuer_name(self.issuer, "issuer")
+            except WireFormatError as exc:
+                raise ValueError(str(exc)) from None
+        return self
 
 
 class Security(_Strict):

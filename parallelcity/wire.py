@@ -4,9 +4,9 @@ One ZeroMQ frame per message, UTF-8 JSON, one object per frame.  Nothing on
 the wire is ever unpickled or evaluated: ``decode_command`` and ``decode_ack``
 accept exactly the documented fields with exactly the documented types and
 raise ``WireFormatError`` with a precise reason for anything else.  Encoding
-is deterministic (sorted keys, compact separators), so the same message
-always has the same bytes.  The full description, with examples the tests
-check, is ``docs/wire-protocol.md``.
+is canonical JSON (RFC 8785, ``canonical_json``), so a message always has the
+same bytes, in any language.  The full description, with examples and test
+vectors the tests check, is ``docs/wire-protocol.md`` (``docs/wire-vectors.json``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import re
+import unicodedata
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,9 +28,10 @@ from .errors import WireFormatError
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_SETPOINTS = 256
-MAX_ISSUER_CHARS = 64
-MAX_INPUT_NAME_CHARS = 128
-MAX_DETAIL_CHARS = 1024
+MAX_ISSUER_BYTES = 64
+"""Lengths of text on the wire are counted in UTF-8 bytes (the same in every language)."""
+MAX_INPUT_NAME_BYTES = 128
+MAX_DETAIL_BYTES = 1024
 MAX_SEQ = 2**53 - 1
 """The largest ``seq`` (and integer anywhere on the wire): every common JSON parser reads it
 exactly."""
@@ -116,7 +118,7 @@ _FIELDS: dict[str, frozenset[str]] = {
     "rearm": REARM_FIELDS,
     "status": STATUS_FIELDS,
 }
-MAX_REASON_CHARS = 256
+MAX_REASON_BYTES = 256
 MAX_LEASES = 256
 
 
@@ -164,26 +166,102 @@ def _check_float(value: Any, name: str) -> float:
 def _check_time(value: Any, name: str) -> float:
     out = _check_float(value, name)
     if not 0.0 <= out <= MAX_TIME:
-        _bad(f"field {name}: expected seconds since the epoch in 0..{MAX_TIME:g}, got {out!r}")
+        _bad(
+            f"field {name}: expected seconds since the epoch in 0..{MAX_TIME:g}, got "
+            f"{show_number(out)}"
+        )
     return out
 
 
-def _check_scalars(value: str, name: str) -> None:
-    """Unicode scalar values only: a lone surrogate (JSON ``"\\ud800"``) is not text."""
-    if not value.isascii():
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            _bad(f"field {name}: lone surrogate U+{ord(value[exc.start]):04X} at character "
-                 f"{exc.start} (not a Unicode scalar value)")  # fmt: skip
+def _check_scalars(value: str, name: str) -> bytes:
+    """Unicode scalar values only (a lone surrogate, JSON ``"\\ud800"``, is not text): the
+    UTF-8 bytes of ``value``."""
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        _bad(f"field {name}: lone surrogate U+{ord(value[exc.start]):04X} at character "
+             f"{exc.start} (not a Unicode scalar value)")  # fmt: skip
 
 
 def _check_text(value: Any, name: str, lo: int, hi: int) -> str:
+    """Free text (a reason, a detail): any Unicode scalar values, ``lo..hi`` UTF-8 bytes."""
     if not isinstance(value, str):
         _bad(f"field {name}: expected a string, got {type(value).__name__}")
-    _check_scalars(value, name)
-    if not lo <= len(value) <= hi:
-        _bad(f"field {name}: expected {lo}..{hi} characters, got {len(value)}")
+    size = len(value) if value.isascii() else len(_check_scalars(value, name))
+    if not lo <= size <= hi:
+        _bad(f"field {name}: expected {lo}..{hi} UTF-8 bytes, got {size}")
+    return value
+
+
+NAME_CATEGORIES = frozenset("LMNPS")
+"""A name (issuer, input, equipment) holds characters of these Unicode general categories
+(letters, marks, numbers, punctuation, symbols) and U+0020 SPACE; nothing else: no control
+(Cc), format (Cf), private-use (Co), unassigned (Cn) or surrogate (Cs) code point, and no
+separator (Zs, Zl, Zp) but the plain space."""
+
+
+def name_problem(value: str, what: str, max_bytes: int) -> str | None:
+    """Why ``value`` is not a valid name on the wire (``None``: it is one).
+
+    The rule is language-neutral: 1..``max_bytes`` UTF-8 bytes of characters in
+    ``NAME_CATEGORIES`` or U+0020 (categories from this Python's Unicode database,
+    ``unicodedata.unidata_version``).
+    """
+    if value.isascii():
+        size = len(value)
+        if value.isprintable():  # ASCII printable: U+0020..U+007E, all allowed
+            bad = None
+        else:
+            bad = next(i for i, c in enumerate(value) if not c.isprintable())
+    else:
+        try:
+            data = value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (f"{what}: lone surrogate U+{ord(value[exc.start]):04X} at character "
+                    f"{exc.start} (not a Unicode scalar value)")  # fmt: skip
+        size = len(data)
+        bad = next(
+            (
+                i
+                for i, c in enumerate(value)
+                if c != " " and unicodedata.category(c)[0] not in NAME_CATEGORIES
+            ),
+            None,
+        )
+    if bad is not None:
+        c = value[bad]
+        label = unicodedata.name(c, "")
+        at = len(value[:bad].encode("utf-8"))
+        return (
+            f"{what}: U+{ord(c):04X}{' ' + label if label else ''} "
+            f"(category {unicodedata.category(c)}) at byte {at} is not allowed; a name holds "
+            "letters, marks, numbers, punctuation, symbols and U+0020 SPACE only"
+        )
+    if size == 0:
+        return f"{what} is empty; a name is 1..{max_bytes} UTF-8 bytes"
+    if size > max_bytes:
+        return f"{what} is {size} UTF-8 bytes, at most {max_bytes}"
+    return None
+
+
+def check_issuer_name(value: Any, what: str = "field 'issuer'") -> str:
+    """``value`` if it may be an issuer on the wire; ``WireFormatError`` saying why not."""
+    if not isinstance(value, str):
+        _bad(f"{what}: expected a string, got {type(value).__name__}")
+    why = name_problem(value, what, MAX_ISSUER_BYTES)
+    if why is not None:
+        _bad(why)
+    if value == OTHER_ISSUER:
+        _bad(f"{what}: {OTHER_ISSUER!r} is reserved (a lease held by another issuer)")
+    return value
+
+
+def _check_name(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        _bad(f"{what}: expected a string, got {type(value).__name__} {_show(value)}")
+    why = name_problem(value, what, MAX_INPUT_NAME_BYTES)
+    if why is not None:
+        _bad(why)
     return value
 
 
@@ -194,12 +272,7 @@ def _check_setpoints(value: Any) -> dict[str, float]:
         _bad(f"field 'setpoints': expected 1..{MAX_SETPOINTS} entries, got {len(value)}")
     out: dict[str, float] = {}
     for name, v in value.items():
-        if not isinstance(name, str) or not 1 <= len(name) <= MAX_INPUT_NAME_CHARS:
-            _bad(
-                f"field 'setpoints': input names must be strings of 1..{MAX_INPUT_NAME_CHARS} "
-                f"characters, got {_show(name)}"
-            )
-        _check_scalars(name, "'setpoints' (input name)")
+        _check_name(name, "field 'setpoints' (input name)")
         out[name] = _check_float(v, f"'setpoints.{name}'")
     return out
 
@@ -211,11 +284,14 @@ def _check_command(cmd: Command) -> None:
     issued = _check_time(cmd.issued_at, "'issued_at'")
     until = _check_time(cmd.valid_until, "'valid_until'")
     if not until > issued:
-        _bad(f"field 'valid_until': {until!r} is not after issued_at {issued!r}")
+        _bad(
+            f"field 'valid_until': {show_number(until)} is not after issued_at "
+            f"{show_number(issued)}"
+        )
     if until - issued > MAX_VALIDITY_S:
         _bad(
-            f"field 'valid_until': {until - issued:.6g} s after issued_at; a command is valid "
-            f"for at most {MAX_VALIDITY_S:g} s"
+            f"field 'valid_until': {show_number(until - issued)} s after issued_at; a command "
+            f"is valid for at most {MAX_VALIDITY_S:g} s"
         )
     if not isinstance(cmd.verdict, str) or not _DIGEST.fullmatch(cmd.verdict):
         _bad(f"field 'verdict': expected 64 lowercase hex characters, got {_show(cmd.verdict)}")
@@ -228,7 +304,7 @@ def _check_ack(ack: Ack) -> None:
         _bad(f"field 'status': expected one of {[s.value for s in AckStatus]}")
     if ack.code is not None and not isinstance(ack.code, RefusalCode):
         _bad(f"field 'code': expected one of {[c.value for c in RefusalCode]} or ''")
-    _check_text(ack.detail, "'detail'", 0, MAX_DETAIL_CHARS)
+    _check_text(ack.detail, "'detail'", 0, MAX_DETAIL_BYTES)
     if ack.applied_at is not None:
         _check_time(ack.applied_at, "'applied_at'")
     if not isinstance(ack.insecure_lab, bool):
@@ -245,16 +321,141 @@ def _check_ack(ack: Ack) -> None:
             _bad(f"an ack with status {ack.status.value!r} needs applied_at")
 
 
+# --------------------------------------------------------------------------- canonical JSON
+
+_escape = json.encoder.encode_basestring  # JCS escaping: only '"', '\\' and U+0000..U+001F
+
+
+def format_number(x: float | int) -> str:
+    """``x`` as ECMAScript's ``Number.prototype.toString`` writes it (RFC 8785, 3.2.2.3).
+
+    Integers (and integral floats) print without a fraction: ``1.0`` -> ``1``;
+    ``-0.0`` -> ``0``; exponent form below ``1e-6`` and from ``1e21`` (``1e+21``,
+    ``1e-7``); otherwise the shortest digits that read back as the same double.
+    ``WireFormatError`` for NaN, infinities and integers beyond 2**53-1.
+    """
+    if isinstance(x, int) and not isinstance(x, bool):
+        if -MAX_SEQ <= x <= MAX_SEQ:
+            return str(x)
+        _bad(f"integer {_show(x)} is beyond 2**53-1, which JSON parsers do not all read exactly")
+    if not isinstance(x, float):
+        _bad(f"expected a number, got {type(x).__name__}")
+    if -9007199254740992.0 < x < 9007199254740992.0 and x.is_integer():
+        return str(int(x))  # exact, and the shortest digits of an integer below 2**53
+    r = repr(x)
+    if "e" not in r and "n" not in r:
+        # 1e-4 <= |x| < 1e16: Python's shortest digits, positional as ES writes them
+        return r[:-2] if r.endswith(".0") else r
+    if not math.isfinite(x):
+        _bad(f"{r} is not a JSON number")
+    return _es_exponent_form(r)
+
+
+def _es_exponent_form(r: str) -> str:
+    """Python's repr of a finite float -> the ES form of the same shortest digits."""
+    sign = ""
+    if r[0] == "-":
+        sign, r = "-", r[1:]
+    mantissa, _, exp = r.partition("e")  # Python writes d[.ddd]e±XX, d not 0
+    whole, _, frac = mantissa.partition(".")
+    digits = (whole + frac).rstrip("0")
+    n = len(whole) + int(exp)  # x = 0.digits * 10**n
+    k = len(digits)
+    if k <= n <= 21:
+        return sign + digits + "0" * (n - k)
+    if 0 < n <= 21:
+        return sign + digits[:n] + "." + digits[n:]
+    if -6 < n <= 0:
+        return sign + "0." + "0" * -n + digits
+    e = n - 1
+    exp_text = f"e+{e}" if e >= 0 else f"e-{-e}"
+    if k == 1:
+        return sign + digits + exp_text
+    return sign + digits[0] + "." + digits[1:] + exp_text
+
+
+def show_number(x: float | None) -> str:
+    """``x`` for a person (a refusal's detail): the shortest digits that read back as ``x``,
+    written as on the wire (``2.000002``, ``2``, ``1e-7``)."""
+    try:
+        return format_number(x)  # type: ignore[arg-type]  # None and the like: repr below
+    except WireFormatError:
+        return repr(x)
+
+
+def _utf16_order(key: str) -> bytes:
+    return key.encode("utf-16-be", "surrogatepass")
+
+
+def _encode_value(value: Any, out: list[str]) -> None:
+    kind = type(value)
+    if kind is str:
+        out.append(_escape(value))
+    elif kind is float:
+        out.append(format_number(value))
+    elif kind is dict or isinstance(value, Mapping):
+        _encode_object(value, out)
+    elif value is None:
+        out.append("null")
+    elif value is True:
+        out.append("true")
+    elif value is False:
+        out.append("false")
+    elif isinstance(value, int | float):
+        out.append(format_number(value))
+    elif isinstance(value, str):
+        out.append(_escape(value))
+    elif isinstance(value, list | tuple):
+        out.append("[")
+        for i, item in enumerate(value):
+            if i:
+                out.append(",")
+            _encode_value(item, out)
+        out.append("]")
+    else:
+        _bad(f"{type(value).__name__} is not a JSON value")
+
+
+def _encode_object(value: Mapping[Any, Any], out: list[str]) -> None:
+    keys = list(value)
+    for key in keys:
+        if not isinstance(key, str):
+            _bad(f"object keys must be strings, got {type(key).__name__}")
+    if all(k.isascii() for k in keys):
+        keys.sort()
+    else:
+        keys.sort(key=_utf16_order)  # RFC 8785: by UTF-16 code units, not code points
+    sep = "{"
+    for key in keys:
+        out.append(sep)
+        out.append(_escape(key))
+        out.append(":")
+        _encode_value(value[key], out)
+        sep = ","
+    out.append("}" if keys else "{}")
+
+
+def canonical_json(value: Any) -> bytes:
+    """``value`` in the JSON Canonicalization Scheme (RFC 8785): the bytes every message,
+    and every digest of one, is made of.
+
+    Keys sorted by UTF-16 code units, no whitespace, strings escaped only where JSON
+    must (``"``, ``\\``, U+0000..U+001F) and otherwise raw UTF-8, numbers as ECMAScript
+    writes them (``format_number``).  ``WireFormatError`` for anything JSON cannot hold.
+    """
+    out: list[str] = []
+    _encode_value(value, out)
+    try:
+        return "".join(out).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise WireFormatError(f"text that is not UTF-8: {exc.reason}") from exc
+
+
 # --------------------------------------------------------------------------- messages
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
-    try:
-        data = json.dumps(
-            obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-        ).encode("utf-8")
-    except UnicodeEncodeError as exc:  # constructors check text; a subclass could still
-        raise WireFormatError(f"message has text that is not UTF-8: {exc.reason}") from exc
+    data = canonical_json(obj)
     if len(data) > MAX_MESSAGE_BYTES:
         _bad(f"message is {len(data)} bytes, the limit is {MAX_MESSAGE_BYTES}")
     return data
@@ -324,6 +525,16 @@ class Command:
         """
         return hashlib.sha256(self.encode()).hexdigest()
 
+    @cached_property
+    def legacy_digest(self) -> str:
+        """The digest gateways stored before messages were canonical JSON (Python's
+        ``json.dumps``, sorted keys, floats as Python writes them).  Only to recognise a
+        resend of a command such a gateway applied; never sent."""
+        data = json.dumps(
+            self.to_json(), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        ).encode("utf-8")
+        return hashlib.sha256(data).hexdigest()
+
 
 @dataclass(frozen=True)
 class Ack:
@@ -368,12 +579,7 @@ class Ack:
 
 
 def _check_issuer(value: Any) -> str:
-    issuer = _check_text(value, "'issuer'", 1, MAX_ISSUER_CHARS)
-    if not issuer.isprintable():
-        _bad(f"field 'issuer': control characters are not allowed, got {_show(issuer)}")
-    if issuer == OTHER_ISSUER:
-        _bad(f"field 'issuer': {OTHER_ISSUER!r} is reserved (a lease held by another issuer)")
-    return issuer
+    return check_issuer_name(value)
 
 
 @dataclass(frozen=True)
@@ -425,7 +631,7 @@ class Rearm:
     def __post_init__(self) -> None:
         _check_id(self.id)
         _check_issuer(self.issuer)
-        _check_text(self.reason, "'reason'", 1, MAX_REASON_CHARS)
+        _check_text(self.reason, "'reason'", 1, MAX_REASON_BYTES)
 
     @classmethod
     def create(cls, issuer: str, reason: str) -> Rearm:
@@ -470,19 +676,22 @@ class Status:
             _check_seq(self.last_seq)
         if not isinstance(self.watchdog, WatchdogState):
             _bad(f"field 'watchdog': expected one of {[w.value for w in WatchdogState]}")
-        _check_text(self.detail, "'detail'", 0, MAX_DETAIL_CHARS)
+        _check_text(self.detail, "'detail'", 0, MAX_DETAIL_BYTES)
         leases = self.leases
         if not isinstance(leases, Mapping) or len(leases) > MAX_LEASES:
             _bad(f"field 'leases': expected an object of at most {MAX_LEASES} entries")
         clean: dict[str, str] = {}
         for name, holder in leases.items():
-            _check_text(name, "'leases' (equipment name)", 1, MAX_INPUT_NAME_CHARS)
+            _check_name(name, "field 'leases' (equipment name)")
             clean[name] = OTHER_ISSUER if holder == OTHER_ISSUER else _check_issuer(holder)
         object.__setattr__(self, "leases", clean)
         object.__setattr__(self, "gateway_time", _check_time(self.gateway_time, "'gateway_time'"))
         beat = _check_float(self.heartbeat_s, "'heartbeat_s'")
         if not 0 <= beat <= MAX_TIME:
-            _bad(f"field 'heartbeat_s': expected a number in 0..{MAX_TIME:g}, got {beat!r}")
+            _bad(
+                f"field 'heartbeat_s': expected a number in 0..{MAX_TIME:g}, got "
+                f"{show_number(beat)}"
+            )
         object.__setattr__(self, "heartbeat_s", beat)
         if not isinstance(self.insecure_lab, bool):
             _bad(f"field 'insecure_lab': expected true or false, got {_show(self.insecure_lab)}")
@@ -724,8 +933,10 @@ def recover_id(data: bytes) -> tuple[str, int]:
 
 def truncate_detail(text: str) -> str:
     """``text`` cut to fit an ack's ``detail`` field (a lone surrogate shown escaped)."""
-    if not text.isascii():
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    if len(text) <= MAX_DETAIL_CHARS:
-        return text
-    return text[: MAX_DETAIL_CHARS - 3] + "..."
+    if text.isascii():
+        return text if len(text) <= MAX_DETAIL_BYTES else text[: MAX_DETAIL_BYTES - 3] + "..."
+    data = text.encode("utf-8", "backslashreplace")
+    if len(data) <= MAX_DETAIL_BYTES:
+        return data.decode("utf-8")
+    # cut at a character boundary: drop a partial UTF-8 sequence at the end
+    return data[: MAX_DETAIL_BYTES - 3].decode("utf-8", "ignore") + "..."

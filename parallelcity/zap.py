@@ -32,6 +32,7 @@ from .errors import SecurityError
 from .keys import check_z85
 from .loglimit import LogLimiter
 from .watchdog import equipment_of
+from .wire import show_number
 
 log = logging.getLogger("parallelcity.zap")
 
@@ -93,7 +94,8 @@ class Grant:
             rng = self.ranges.get(name)
             if rng is not None and not rng[0] <= value <= rng[1]:
                 problems.append(
-                    f"{name} = {value:.6g} is outside [{rng[0]:g}, {rng[1]:g}] allowed "
+                    f"{name} = {show_number(value)} is outside "
+                    f"[{show_number(rng[0])}, {show_number(rng[1])}] allowed "
                     f"to client {self.name!r}"
                 )
         return "; ".join(problems) if problems else None

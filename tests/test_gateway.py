@@ -394,7 +394,7 @@ def test_garbage_gets_a_malformed_refusal_and_the_gateway_keeps_serving() -> Non
                 ack = await recv_ack(raw)
                 assert (ack.id, ack.seq, ack.code) == ("c" * 32, 9, RefusalCode.MALFORMED)
                 assert "missing field(s)" in ack.detail
-                await raw.send_multipart([b"", command().encode()])
+                await raw.send_multipart([command().encode(), b""])
                 ack = await recv_ack(raw)
                 assert ack.code is RefusalCode.MALFORMED and "one frame" in ack.detail
                 await raw.send(b"{" + b" " * 70_000 + b"}")
