@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from .model import Array
 
@@ -39,6 +39,16 @@ class Period(BaseModel):
         if not _HHMM.match(v):
             raise ValueError(f"expected a time of day as 'HH:MM', got {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> Period:
+        start, end = _minutes(self.start), _minutes(self.end)
+        if start % 1440 == end % 1440 and (start, end) != (0, 1440):
+            raise ValueError(
+                f"period {self.start}-{self.end} is empty (it ends when it starts); "
+                'for a whole day write start = "00:00", end = "24:00"'
+            )
+        return self
 
     def contains(self, t: float) -> bool:
         when = dt.datetime.fromtimestamp(t, dt.UTC)
