@@ -304,9 +304,11 @@ def verify_command(
 ) -> int:
     """``parallelcity verify``: run the campaign, print the report, write the plot."""
     from . import plugins
-    from .scenario import load_scenario
+    from .scenario import check_controller_kind, load_scenario
 
     scenario = load_scenario(scenario_path)
+    if controller_kind is not None:
+        check_controller_kind(scenario, controller_kind)
     cfg = rig_config_for(scenario, kind, rig_config, samples)
     rig = plugins.load("rig", kind).verification_rig(cfg, scenario.model)
     try:
