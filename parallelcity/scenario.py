@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -53,14 +54,16 @@ class Meta(_Strict):
         description="simulated seconds a cycle may take, at most cycle_s; default 0.8 * cycle_s",
     )
 
-    @model_validator(mode="after")
-    def _deadline_within_cycle(self) -> Meta:
-        if self.deadline_s is not None and self.deadline_s > self.cycle_s:
+    @field_validator("deadline_s")
+    @classmethod
+    def _deadline_within_cycle(cls, v: float | None, info: ValidationInfo) -> float | None:
+        cycle = info.data.get("cycle_s")
+        if v is not None and cycle is not None and v > cycle:
             raise ValueError(
-                f"deadline_s {self.deadline_s:g} is above cycle_s {self.cycle_s:g}: a cycle "
-                "must end before the next one starts"
+                f"deadline_s {v:g} is above cycle_s {cycle:g}: a cycle must end before the "
+                "next one starts"
             )
-        return self
+        return v
 
     @property
     def start_epoch(self) -> float:
@@ -432,6 +435,8 @@ def _describe(err: Any, prefix: tuple[int | str, ...] = ()) -> str:
         msg = "unknown key (not allowed here)"
     elif err["type"] == "missing":
         msg = "required key is missing"
+    elif err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     elif "input" in err and not isinstance(err["input"], dict | list):
         msg = f"{msg} (got {err['input']!r})"
     return f"{_loc(loc)}: {msg}"
