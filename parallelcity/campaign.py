@@ -260,24 +260,23 @@ def rig_config_for(
 
     from . import plugins
     from .errors import ScenarioError
+    from .scenario import describe_error, read_text_bounded
 
     rig_kind = plugins.load("rig", kind)
     where = str(config_file or scenario.path)
     try:
         if config_file is not None:
-            data = tomllib.loads(config_file.read_text(encoding="utf-8"))
+            data = tomllib.loads(read_text_bounded(config_file))
             data.setdefault("kind", kind)
             cfg = rig_kind.Config.model_validate(data)
         elif kind == scenario.file.rig.kind:
             cfg = scenario.rig_config
         else:
             cfg = rig_kind.Config.model_validate({"kind": kind})
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except ValidationError as exc:  # before ValueError: it is one
+        raise ScenarioError(where, [describe_error(e, ("rig",)) for e in exc.errors()]) from exc
+    except (OSError, ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError
         raise ScenarioError(where, [f"cannot read the rig config: {exc}"]) from exc
-    except ValidationError as exc:
-        raise ScenarioError(
-            where, [f"rig ({kind}): {e['loc']}: {e['msg']}" for e in exc.errors()]
-        ) from exc
     if samples is not None:
         if "samples" not in type(cfg).model_fields:
             raise ScenarioError(where, [f"rig kind {kind!r} has no uncertainty samples"])

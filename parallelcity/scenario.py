@@ -442,6 +442,9 @@ def _describe(err: Any, prefix: tuple[int | str, ...] = ()) -> str:
     return f"{_loc(loc)}: {msg}"
 
 
+describe_error = _describe
+
+
 def _plugin_config(role: str, section: Any, where: str, problems: list[str]) -> Any:
     """Validate one plug-in table against its kind's Config; None if it does not validate."""
     if not isinstance(section, dict) or not isinstance(section.get("kind"), str):
