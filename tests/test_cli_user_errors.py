@@ -62,6 +62,7 @@ def _unused_port() -> int:
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli")
     (root / "a_file").write_text("not a folder\n")
+    (root / "binary.toml").write_bytes(bytes(range(256)) * 4)
     (root / "bench.toml").write_text(
         f'endpoint = "opc.tcp://127.0.0.1:{_unused_port()}"\ninsecure_lab = true\ntimeout_s = 2\n'
     )
@@ -80,6 +81,9 @@ def commands(w: Path) -> dict[str, list[str]]:
         ],
         "verify_mismatched_controller": [
             "verify", dh, "--rig", "simulated", "--controller", "milp_pump", "--out", out,
+        ],
+        "verify_binary_rig_config": [
+            "verify", dh, "--rig", "bench", "--rig-config", str(w / "binary.toml"), "--out", out,
         ],
         "verify_zero_samples": ["verify", dh, "--rig", "simulated", "--samples", "0"],
         "run_unknown_controller": ["run", dh, "--controller", "magic", "--out", out],
@@ -107,6 +111,7 @@ EXPECT: dict[str, tuple[int, list[str]]] = {
     "verify_unknown_rig": (2, ["unknown rig kind 'wind_tunnel'"]),
     "verify_unknown_controller": (2, ["--controller: unknown controller kind 'magic'"]),
     "verify_mismatched_controller": (2, ["--controller: 'milp_pump'", "'district_heating'"]),
+    "verify_binary_rig_config": (2, ["cannot read the rig config", "byte offset 0"]),
     "verify_zero_samples": (2, ["--samples", "at least 1"]),
     "run_unknown_controller": (2, ["--controller: unknown controller kind 'magic'"]),
     "run_mismatched_controller": (2, ["--controller: 'milp_pump'", "'district_heating'"]),
