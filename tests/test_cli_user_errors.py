@@ -94,7 +94,7 @@ def commands(w: Path) -> dict[str, list[str]]:
         "run_cycles_zero": ["run", dh, "--cycles", "0", "--out", out],
     }  # fmt: skip
     for name in RUN_REFUSES:
-        cmds[f"run:{name}"] = ["run", str(CORPUS / name), "--cycles", "2", "--out", out]
+        cmds[f"run:{name}"] = ["run", str(CORPUS / name), "--cycles", "2", "--out", str(w / name)]
     return cmds
 
 
@@ -176,4 +176,4 @@ def test_run_refuses_a_broken_scenario_before_starting_anything(
     assert got.code == 2, got.out
     assert "invalid scenario" in got.out and "Traceback" not in got.out, got.out
     assert "running" not in got.out, got.out
-    assert not (work / "runs").exists()
+    assert not (work / name).exists()
