@@ -46,7 +46,10 @@ class Meta(_Strict):
     horizon_steps: int = Field(ge=1, le=500, description="prediction horizon, in cycles")
     cycles: int = Field(96, ge=1, description="default number of cycles for `run`")
     speed: float = Field(
-        1.0, gt=0, description="simulated seconds per wall second (embedded default only)"
+        1.0,
+        ge=1e-3,
+        le=1e6,
+        description="simulated seconds per wall second, 0.001 to 1e6 (embedded default only)",
     )
     deadline_s: float | None = Field(
         None,
