@@ -478,6 +478,10 @@ class _Parts:
     verification: Verification | None
     divergence: DivergenceConfig | None
     estimation: EstimationConfig | None
+    # False: the section did not validate and holds only its list items that did (None
+    # in place of the others), so checks that need every item are left out
+    field_whole: bool = True
+    specs_whole: bool = True
 
     @classmethod
     def of(cls, raw: dict[str, Any]) -> _Parts:
@@ -487,13 +491,31 @@ class _Parts:
             except ValidationError:
                 return None
 
+        field, field_whole = _lenient(
+            FieldConfig,
+            raw.get("field"),
+            {"points": PointMap, "inputs": InputMap},
+            ("watchdog",),
+        )
+        specs, specs_whole = _lenient(
+            Specs,
+            raw.get("specs"),
+            {
+                "inputs": InputSpec,
+                "bands": BandSpec,
+                "interlocks": InterlockSpec,
+                "temporal": TemporalSpec,
+            },
+        )
         return cls(
             part(Meta, "scenario"),
-            part(FieldConfig, "field"),
-            part(Specs, "specs"),
+            field,
+            specs,
             part(Verification, "verification", {}),
             part(DivergenceConfig, "divergence") if "divergence" in raw else None,
             part(EstimationConfig, "estimation") if "estimation" in raw else None,
+            field_whole,
+            specs_whole,
         )
 
     @classmethod
@@ -501,14 +523,45 @@ class _Parts:
         return cls(f.scenario, f.field, f.specs, f.verification, f.divergence, f.estimation)
 
 
+def _lenient(
+    model: type[BaseModel],
+    raw: Any,
+    lists: dict[str, type[BaseModel]],
+    kept: tuple[str, ...] = (),
+) -> tuple[Any, bool]:
+    """``model`` validated, or when it does not validate, built unchecked from the items of
+    its ``lists`` that validate on their own (None in place of the others, so indices keep
+    naming the file's entries) and the raw ``kept`` keys; the bool says which."""
+    try:
+        return model.model_validate(raw), True
+    except ValidationError:
+        pass
+    if not isinstance(raw, dict):
+        return None, False
+    data: dict[str, Any] = {key: raw.get(key) for key in kept}
+    for key, item_model in lists.items():
+        items = raw.get(key, [])
+        data[key] = (
+            [_valid_or_none(item_model, item) for item in items] if isinstance(items, list) else []
+        )
+    return model.model_construct(**data), False
+
+
+def _valid_or_none(model: type[BaseModel], item: Any) -> Any:
+    try:
+        return model.model_validate(item)
+    except ValidationError:
+        return None
+
+
 def _cross_check(f: _Parts, m: SubsystemModel | None) -> list[str]:
     problems: list[str] = []
     if m is not None and f.field is not None:
-        problems.extend(_field_check(f.field, m))
+        problems.extend(_field_check(f.field, m, f.field_whole))
     if m is not None and f.specs is not None:
-        problems.extend(_specs_check(f.specs, m))
+        problems.extend(_specs_check(f.specs, m, f.specs_whole))
     if f.field is not None and f.specs is not None:
-        problems.extend(_check_safe_values(f.field, f.specs))
+        problems.extend(_check_safe_values(f.field, f.specs, f.field_whole))
     if m is not None and f.estimation is not None:
         for name in f.estimation.biases:
             if name not in m.disturbances:
@@ -527,46 +580,52 @@ def _cross_check(f: _Parts, m: SubsystemModel | None) -> list[str]:
     return problems
 
 
-def _field_check(field: FieldConfig, m: SubsystemModel) -> list[str]:
+def _field_check(field: FieldConfig, m: SubsystemModel, whole: bool) -> list[str]:
+    """Points and inputs against the model; the checks for what is missing need every
+    entry (``whole``): one that did not validate may be the one that maps it."""
     problems = []
     outputs, inputs = set(m.outputs), set(m.inputs)
     for i, p in enumerate(field.points):
+        if p is None:
+            continue
         if p.name not in outputs:
             problems.append(
                 f"field.points[{i}].name: {p.name!r} is not an output of model "
                 f"{m.name!r} (outputs: {', '.join(m.outputs)})"
             )
-    measured = {p.name for p in field.points}
+    measured = {p.name for p in field.points if p is not None}
     for state, output in m.state_outputs.items():
-        if output not in measured:
+        if whole and output not in measured:
             problems.append(
                 f"field.points: state {state!r} needs a point measuring output {output!r}"
             )
-    mapped = {i.name for i in field.inputs}
+    mapped = {i.name for i in field.inputs if i is not None}
     for i, im in enumerate(field.inputs):
-        if im.name not in inputs:
+        if im is not None and im.name not in inputs:
             problems.append(f"field.inputs[{i}].name: {im.name!r} is not an input of the model")
     for name in m.inputs:
-        if name not in mapped:
+        if whole and name not in mapped:
             problems.append(f"field.inputs: model input {name!r} has no node")
     return problems
 
 
-def _specs_check(specs: Specs, m: SubsystemModel) -> list[str]:
+def _specs_check(specs: Specs, m: SubsystemModel, whole: bool) -> list[str]:
     problems = []
     outputs, inputs = set(m.outputs), set(m.inputs)
-    specified = {s.name for s in specs.inputs}
+    specified = {s.name for s in specs.inputs if s is not None}
     for i, s in enumerate(specs.inputs):
-        if s.name not in inputs:
+        if s is not None and s.name not in inputs:
             problems.append(f"specs.inputs[{i}].name: {s.name!r} is not an input of the model")
     for name in m.inputs:
-        if name not in specified:
+        if whole and name not in specified:
             problems.append(f"specs.inputs: model input {name!r} has no bounds")
     for i, b in enumerate(specs.bands):
-        if b.output not in outputs:
+        if b is not None and b.output not in outputs:
             problems.append(f"specs.bands[{i}].output: {b.output!r} is not an output of the model")
     signals = outputs | inputs
     for i, il in enumerate(specs.interlocks):
+        if il is None:
+            continue
         for key, pred in (("when", il.when), ("forbid", il.forbid)):
             if pred.signal not in signals:
                 problems.append(
@@ -574,22 +633,27 @@ def _specs_check(specs: Specs, m: SubsystemModel) -> list[str]:
                     "or output of the model"
                 )
     for i, ts in enumerate(specs.temporal):
-        if ts.require.signal not in signals:
+        if ts is not None and ts.require.signal not in signals:
             problems.append(
                 f"specs.temporal[{i}].require.signal: {ts.require.signal!r} is not an input "
                 "or output of the model"
             )
-    names = [il.name for il in specs.interlocks] + [ts.name for ts in specs.temporal]
+    names = [il.name for il in specs.interlocks if il is not None]
+    names += [ts.name for ts in specs.temporal if ts is not None]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"specs: spec name {dup!r} is used twice")
     return problems
 
 
-def _check_safe_values(field: FieldConfig, specs: Specs) -> list[str]:
+def _check_safe_values(field: FieldConfig, specs: Specs, whole: bool = True) -> list[str]:
     """Safe values lie within their input's bounds and come with a [field.watchdog]."""
     problems = []
-    bounds = {s.name: s for s in specs.inputs}
-    safe = [(i, im.name, im.safe) for i, im in enumerate(field.inputs) if im.safe is not None]
+    bounds = {s.name: s for s in specs.inputs if s is not None}
+    safe = [
+        (i, im.name, im.safe)
+        for i, im in enumerate(field.inputs)
+        if im is not None and im.safe is not None
+    ]
     for i, name, value in safe:
         spec = bounds.get(name)
         if spec is not None and not spec.min <= value <= spec.max:
@@ -602,7 +666,7 @@ def _check_safe_values(field: FieldConfig, specs: Specs) -> list[str]:
             "field.watchdog: inputs have safe values but there is no [field.watchdog] table "
             "(heartbeat_interval_s, missed_heartbeats) saying when to revert to them"
         )
-    if field.watchdog is not None and not safe:
+    if whole and field.watchdog is not None and not safe:
         problems.append(
             "field.watchdog: no [[field.inputs]] entry has a safe value: the watchdog would "
             "have nothing to revert to"
