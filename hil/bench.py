@@ -49,7 +49,7 @@ import numpy as np
 from asyncua import Server, ua, uamethod
 from pydantic import BaseModel, ConfigDict, Field
 
-from parallelcity.errors import RigError, SecurityError
+from parallelcity.errors import PluginError, RigError, ScenarioError, SecurityError
 from parallelcity.model import Array, SubsystemModel
 from parallelcity.rig import RigDriver
 
@@ -417,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     except SecurityError as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 4
+    except (ScenarioError, PluginError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
     return 0
 
 
