@@ -23,8 +23,9 @@ from parallelcity.control import (
     KindOf,
     SolveStatus,
     input_problem,
+    unknown_names,
 )
-from parallelcity.model import Array
+from parallelcity.model import Array, SubsystemModel
 
 LIMIT_TOLERANCE = 1e-6
 
@@ -173,6 +174,30 @@ class PIConfig(BaseModel):
     kind: str = "pi"
     loops: list[Loop] = Field(default_factory=list)
     curves: list[Curve] = Field(default_factory=list)
+
+    def model_problems(self, m: SubsystemModel) -> list[str]:
+        """Signals the loops and curves name that the model lacks (checked by ``validate``)."""
+        out: list[str] = []
+        for i, lp in enumerate(self.loops):
+            out += unknown_names(
+                f"loops[{i}].output", [lp.output], m.outputs, "output", m.name, keyed=False
+            )
+            out += unknown_names(
+                f"loops[{i}].input", [lp.input], m.inputs, "input", m.name, keyed=False
+            )
+        for i, c in enumerate(self.curves):
+            out += unknown_names(
+                f"curves[{i}].input", [c.input], m.inputs, "input", m.name, keyed=False
+            )
+            out += unknown_names(
+                f"curves[{i}].disturbance",
+                [c.disturbance],
+                m.disturbances,
+                "disturbance",
+                m.name,
+                keyed=False,
+            )
+        return out
 
 
 @dataclass(frozen=True)
@@ -358,6 +383,10 @@ class HoldConfig(BaseModel):
         default_factory=dict, description="input name -> value to hold (others keep u_prev)"
     )
 
+    def model_problems(self, m: SubsystemModel) -> list[str]:
+        """Inputs ``values`` names that the model lacks (checked by ``validate``)."""
+        return unknown_names("values", self.values, m.inputs, "input", m.name)
+
 
 class HoldController:
     """No control: the plan holds the inputs (moving to ``values`` within rate limits)."""
@@ -441,6 +470,18 @@ class HysteresisConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: str = "hysteresis"
     loops: list[Switch] = Field(default_factory=list)
+
+    def model_problems(self, m: SubsystemModel) -> list[str]:
+        """Signals the loops name that the model lacks (checked by ``validate``)."""
+        out: list[str] = []
+        for i, sw in enumerate(self.loops):
+            out += unknown_names(
+                f"loops[{i}].output", [sw.output], m.outputs, "output", m.name, keyed=False
+            )
+            out += unknown_names(
+                f"loops[{i}].input", [sw.input], m.inputs, "input", m.name, keyed=False
+            )
+        return out
 
 
 class HysteresisController:

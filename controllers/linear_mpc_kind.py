@@ -51,8 +51,9 @@ from parallelcity.control import (
     KindOf,
     SolveStatus,
     input_problem,
+    unknown_names,
 )
-from parallelcity.model import Array
+from parallelcity.model import Array, SubsystemModel
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,14 @@ class Config(BaseModel):
         if bad:
             raise ValueError(f"move weights must be >= 0 ({', '.join(bad)})")
         return v
+
+    def model_problems(self, m: SubsystemModel) -> list[str]:
+        """Names in this table that the scenario's model lacks (checked by ``validate``)."""
+        return [
+            *unknown_names("output_costs", self.output_costs, m.outputs, "output", m.name),
+            *unknown_names("tracking", self.tracking, m.outputs, "output", m.name),
+            *unknown_names("move_weights", self.move_weights, m.inputs, "input", m.name),
+        ]
 
 
 class LinearMpcController:

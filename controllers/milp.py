@@ -102,6 +102,19 @@ class Config(BaseModel):
     mip_rel_gap: float = Field(1e-6, ge=0, le=1, description="stop within this relative gap")
     reuse: bool = Field(True, description="mutable parameters + persistent HiGHS")
 
+    def model_problems(self, m: SubsystemModel) -> list[str]:
+        """The tank model's signals this kind schedules (checked by ``validate``)."""
+        needs = [("state", LEVEL, m.states), ("input", PUMP, m.inputs)]
+        needs += [("disturbance", name, m.disturbances) for name in (DEMAND, PRICE)]
+        missing = [f"{what} {name!r}" for what, name, have in needs if name not in have]
+        if not missing:
+            return []
+        return [
+            f"kind: 'milp_pump' schedules a pump filling a tank and needs a model with "
+            f"{', '.join(missing)} (see controllers.milp.tank_model); model {m.name!r} "
+            "has none of that"
+        ]
+
 
 @dataclass
 class _History:

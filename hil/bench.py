@@ -49,7 +49,7 @@ import numpy as np
 from asyncua import Server, ua, uamethod
 from pydantic import BaseModel, ConfigDict, Field
 
-from parallelcity.errors import RigError, SecurityError
+from parallelcity.errors import PluginError, RigError, ScenarioError, SecurityError
 from parallelcity.model import Array, SubsystemModel
 from parallelcity.rig import RigDriver
 
@@ -237,7 +237,7 @@ class BenchDriver:
     """Rig driver for a bench reached over OPC UA (a synchronous asyncua client)."""
 
     def __init__(self, cfg: Config, model: SubsystemModel) -> None:
-        from asyncua.sync import Client
+        from asyncua.sync import Client, ThreadLoop
 
         if not cfg.insecure_lab:
             raise SecurityError(
@@ -247,15 +247,24 @@ class BenchDriver:
         log.warning(INSECURE)
         self.model = model
         self.name = f"bench({cfg.endpoint})"
-        self._client = Client(cfg.endpoint, timeout=cfg.timeout_s)
+        # the client's event loop runs in this thread: a daemon, so it can never keep the
+        # interpreter alive, and stopped by close(); every call waits at most that long
+        self._tloop = ThreadLoop(timeout=2 * cfg.timeout_s + 1.0)
+        self._tloop.daemon = True
+        self._tloop.start()
         try:
+            self._client = Client(cfg.endpoint, timeout=cfg.timeout_s, tloop=self._tloop)
             self._client.connect()
         except Exception as exc:
+            self._stop_loop()
             raise RigError(f"cannot reach the bench at {cfg.endpoint}: {exc}") from exc
+        except BaseException:
+            self._stop_loop()
+            raise
         try:
             self._bind()
         except BaseException:
-            self._client.disconnect()
+            self.close()
             raise
 
     def _bind(self) -> None:
@@ -328,8 +337,15 @@ class BenchDriver:
         return y
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._client.disconnect()
+        try:
+            with contextlib.suppress(Exception):
+                self._client.disconnect()
+        finally:
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        if self._tloop.is_alive():
+            self._tloop.stop()
 
 
 class _Kind:
@@ -401,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     except SecurityError as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 4
+    except (ScenarioError, PluginError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
     return 0
 
 

@@ -24,12 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from parallelcity.clock import Clock
 from parallelcity.model import Array, SubsystemModel
 
-from .field import EmbeddedField
 from .plant import DisturbanceError, forecast_truth, perturbed_params, sample_seed
 from .rig_machine import RigMachine
 
 if TYPE_CHECKING:
     from parallelcity.scenario import Scenario
+
+    from .field import EmbeddedField
 
 
 class Config(BaseModel):
@@ -236,6 +237,8 @@ class _Kind:
             model, cfg.parameter_spread, cfg.spread_parameters, cfg.field_seed
         )
         truth = forecast_truth(model, cfg.forecast_error, cfg.field_seed)
+        from .field import EmbeddedField  # the OPC UA stack, only when a field is served
+
         return EmbeddedField(scenario, clock, params=params, truth=truth, tick_ms=cfg.tick_ms)
 
 

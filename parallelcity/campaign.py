@@ -261,12 +261,13 @@ def rig_config_for(
     from . import plugins
     from .errors import ScenarioError
     from .rig import BASE_DIR
+    from .scenario import describe_error, read_text_bounded
 
     rig_kind = plugins.load("rig", kind)
     where = str(config_file or scenario.path)
     try:
         if config_file is not None:
-            data = tomllib.loads(config_file.read_text(encoding="utf-8"))
+            data = tomllib.loads(read_text_bounded(config_file))
             data.setdefault("kind", kind)
             cfg = rig_kind.Config.model_validate(data, context={BASE_DIR: config_file.parent})
         elif kind == scenario.file.rig.kind:
@@ -274,12 +275,10 @@ def rig_config_for(
         else:
             base = {BASE_DIR: scenario.path.parent}
             cfg = rig_kind.Config.model_validate({"kind": kind}, context=base)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except ValidationError as exc:  # before ValueError: it is one
+        raise ScenarioError(where, [describe_error(e, ("rig",)) for e in exc.errors()]) from exc
+    except (OSError, ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError
         raise ScenarioError(where, [f"cannot read the rig config: {exc}"]) from exc
-    except ValidationError as exc:
-        raise ScenarioError(
-            where, [f"rig ({kind}): {e['loc']}: {e['msg']}" for e in exc.errors()]
-        ) from exc
     if samples is not None:
         if "samples" not in type(cfg).model_fields:
             raise ScenarioError(where, [f"rig kind {kind!r} has no uncertainty samples"])
@@ -306,9 +305,11 @@ def verify_command(
 ) -> int:
     """``parallelcity verify``: run the campaign, print the report, write the plot."""
     from . import plugins
-    from .scenario import load_scenario
+    from .scenario import check_controller_kind, load_scenario
 
     scenario = load_scenario(scenario_path)
+    if controller_kind is not None:
+        check_controller_kind(scenario, controller_kind)
     cfg = rig_config_for(scenario, kind, rig_config, samples)
     rig = plugins.load("rig", kind).verification_rig(cfg, scenario.model)
     try:

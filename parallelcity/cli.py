@@ -27,6 +27,7 @@ from .errors import (
     FieldError,
     JournalError,
     ParallelCityError,
+    PluginError,
     ScenarioError,
     SecurityError,
 )
@@ -34,6 +35,31 @@ from .errors import (
 EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_FIELD, EXIT_SECURITY = 0, 1, 2, 3, 4
 
 log = logging.getLogger("parallelcity")
+
+SPEED_MIN, SPEED_MAX = 1e-3, 1e6
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _speed(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not SPEED_MIN <= value <= SPEED_MAX:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number from {SPEED_MIN:g} to {SPEED_MAX:g} simulated seconds "
+            f"per wall second, got {text!r}"
+        )
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,9 +89,14 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     r.add_argument("scenario", type=Path, help="scenario TOML file")
-    r.add_argument("--cycles", type=int, help="number of control cycles (default: scenario)")
     r.add_argument(
-        "--speed", type=float, help="simulated seconds per wall second (embedded rig only)"
+        "--cycles", type=_positive_int, help="number of control cycles (default: scenario)"
+    )
+    r.add_argument(
+        "--speed",
+        type=_speed,
+        help=f"simulated seconds per wall second, {SPEED_MIN:g} to {SPEED_MAX:g} "
+        "(embedded rig only)",
     )
     r.add_argument("--out", type=Path, default=Path("runs"), help="output folder (default runs/)")
     r.add_argument("--field", metavar="OPC.TCP://…", help="OPC UA endpoint of real equipment")
@@ -125,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--client-uri", default="urn:parallelcity:client")
     c.add_argument("--server-uri", default="urn:parallelcity:field")
     c.add_argument("--host", action="append", help="host name or IP for the certificates")
-    c.add_argument("--days", type=int, default=365, help="validity (default 365)")
+    c.add_argument("--days", type=_positive_int, default=365, help="validity (default 365)")
     c.add_argument(
         "--force", action="store_true", help="replace certificates and keys that exist in DIR"
     )
@@ -176,8 +207,10 @@ def _parser() -> argparse.ArgumentParser:
     vr.add_argument(
         "--rig-config", type=Path, metavar="FILE", help="TOML table for a kind not in [rig]"
     )
-    vr.add_argument("--samples", type=int, help="uncertainty samples (default: the rig's)")
-    vr.add_argument("--cycles", type=int, help="cycles per sample (default: one horizon)")
+    vr.add_argument(
+        "--samples", type=_positive_int, help="uncertainty samples (default: the rig's)"
+    )
+    vr.add_argument("--cycles", type=_positive_int, help="cycles per sample (default: one horizon)")
     vr.add_argument("--controller", metavar="KIND", help="controller kind (default: scenario)")
     vr.add_argument("--out", type=Path, default=Path("runs"), help="plot folder (default runs/)")
 
@@ -205,6 +238,7 @@ def _fmt_time(t: float) -> str:
 
 
 def _cmd_validate(paths: Sequence[Path]) -> int:
+    """Each file's verdict; the exit code is the worst of them."""
     from .scenario import load_scenario
 
     worst = EXIT_OK
@@ -213,7 +247,7 @@ def _cmd_validate(paths: Sequence[Path]) -> int:
             sc = load_scenario(path)
         except ScenarioError as exc:
             print(exc, file=sys.stderr)
-            worst = EXIT_INVALID
+            worst = max(worst, EXIT_INVALID)
             continue
         m = sc.model
         print(
@@ -229,23 +263,32 @@ def _cmd_schema(output: Path | None) -> int:
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if output:
-        output.write_text(text)
+        _write_output(output, text)
         print(f"wrote {output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     return EXIT_OK
 
 
+def _write_output(output: Path, text: str) -> None:
+    """``-o FILE``: a usage error (exit 2) if its folder is missing or it cannot be written."""
+    folder = output.parent
+    if not folder.is_dir():
+        raise _UsageError(f"cannot write {output}: the folder {folder} does not exist")
+    try:
+        output.write_text(text)
+    except OSError as exc:
+        raise _UsageError(f"cannot write {output}: {exc.strerror or exc}") from exc
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .report import band_violation, write_all
     from .runner import CycleRecord, RunOptions, run
-    from .scenario import load_scenario
+    from .scenario import check_controller_kind, load_scenario
 
-    if args.cycles is not None and args.cycles < 1:
-        raise _UsageError("--cycles must be at least 1")
-    if args.speed is not None and not args.speed > 0:
-        raise _UsageError("--speed must be positive")
     scenario = load_scenario(args.scenario)
+    if args.controller:
+        check_controller_kind(scenario, args.controller)
     cycles = args.cycles or scenario.meta.cycles
     every = 1 if sys.stderr.isatty() else max(1, cycles // 12)
     comfort = [0.0]
@@ -390,8 +433,8 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 def _cmd_certs(args: argparse.Namespace) -> int:
     from .certs import lab_pki_files, make_lab_pki
 
-    if args.days < 1:
-        raise _UsageError("--days must be at least 1")
+    if args.dir.exists() and not args.dir.is_dir():
+        raise _UsageError(f"{args.dir} is not a folder: certs needs a folder to write into")
     existing = [str(p) for p in lab_pki_files(args.dir) if p.exists() or p.is_symlink()]
     if existing and not args.force:
         raise _UsageError(
@@ -399,13 +442,16 @@ def _cmd_certs(args: argparse.Namespace) -> int:
             "not replacing them (a replaced private key is gone for good): "
             "choose another folder or add --force"
         )
-    pki = make_lab_pki(
-        args.dir,
-        client_uri=args.client_uri,
-        server_uri=args.server_uri,
-        hostnames=args.host,
-        days=args.days,
-    )
+    try:
+        pki = make_lab_pki(
+            args.dir,
+            client_uri=args.client_uri,
+            server_uri=args.server_uri,
+            hostnames=args.host,
+            days=args.days,
+        )
+    except OSError as exc:
+        raise _UsageError(f"cannot write certificates into {args.dir}: {exc}") from exc
     print(f"client  {pki.client.certificate}  key {pki.client.private_key}")
     print(f"server  {pki.server.certificate}  key {pki.server.private_key}")
     print(f"user    {pki.user.certificate}  key {pki.user.private_key}")
@@ -466,9 +512,6 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from .campaign import verify_command
     from .errors import RigError
 
-    for opt in ("samples", "cycles"):
-        if getattr(args, opt) is not None and getattr(args, opt) < 1:
-            raise _UsageError(f"--{opt} must be at least 1")
     try:
         return verify_command(
             args.scenario,
@@ -527,6 +570,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(exc))
     except ScenarioError as exc:
         print(exc, file=sys.stderr)
+        return EXIT_INVALID
+    except PluginError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
     except SecurityError as exc:
         print(f"refused: {exc}", file=sys.stderr)

@@ -6,7 +6,7 @@ whose ``status`` says what happened, so the cycle can fall back explicitly.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
@@ -130,6 +130,26 @@ class ControlResult:
             message=message,
             extra=dict(extra or {}),
         )
+
+
+def unknown_names(
+    key: str,
+    names: Iterable[str],
+    known: Sequence[str],
+    what: str,
+    model: str,
+    *,
+    keyed: bool = True,
+) -> list[str]:
+    """One problem per name in a controller table that the model lacks, for scenario
+    validation (a controller Config's ``model_problems(model)`` returns such lines);
+    ``keyed``: the names are keys of the table ``key``, else ``key`` holds the name."""
+    return [
+        f"{key}{f'[{name!r}]' if keyed else ''}: {name!r} is not an {what} of model {model!r} "
+        f"({what}s: {', '.join(known)})"
+        for name in names
+        if name not in known
+    ]
 
 
 @runtime_checkable

@@ -204,7 +204,7 @@ class GatewayConfig:
             gateway=None,
             sampling_interval_ms=100.0,
             points=[],
-            inputs=[InputMap(name=i.name, node=i.node) for i in f.inputs],
+            inputs=[InputMap.model_construct(name=i.name, node=i.node) for i in f.inputs],
         )
 
     def curve(self) -> ServerCurve | None:

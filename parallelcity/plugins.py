@@ -36,11 +36,23 @@ def available(role: str) -> dict[str, Any]:
 
 
 def load(role: str, kind: str) -> Any:
-    kinds = available(role)
-    if kind not in kinds:
-        known = ", ".join(sorted(kinds)) or "none installed"
-        raise PluginError(f"unknown {role} kind {kind!r} (installed: {known})")
-    obj = kinds[kind]
-    if isinstance(obj, PluginError):
-        raise obj
-    return obj
+    """The kind ``kind`` of ``role``, importing only its own entry point (a command that
+    needs one kind does not pay for importing every installed one)."""
+    found = [ep for ep in entry_points(group=GROUPS[role]) if ep.name == kind]
+    if not found:
+        known = ", ".join(sorted(ep.name for ep in entry_points(group=GROUPS[role])))
+        raise PluginError(f"unknown {role} kind {kind!r} (installed: {known or 'none installed'})")
+    return _load_one(role, kind, found[0].value)
+
+
+@cache
+def _load_one(role: str, kind: str, value: str) -> Any:
+    for ep in entry_points(group=GROUPS[role]):
+        if ep.name == kind and ep.value == value:
+            try:
+                return ep.load()
+            except Exception as exc:
+                raise PluginError(
+                    f"{GROUPS[role]} entry point {kind!r} ({value}) failed to load: {exc}"
+                ) from exc
+    raise PluginError(f"unknown {role} kind {kind!r}")

@@ -16,11 +16,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from . import plugins
 from .errors import PluginError, ScenarioError, WireFormatError
 from .model import SubsystemModel
+from .node_id import check_scenario_node
 from .point_table import DEFAULT_MAX_CLOCK_SKEW_S, PointType
 from .rig import BASE_DIR
 from .schedule import Period, zone_context, zone_of
@@ -28,7 +37,7 @@ from .wire import check_issuer_name
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Meta(_Strict):
@@ -42,14 +51,19 @@ class Meta(_Strict):
         description="IANA time zone (e.g. 'Europe/Berlin') of the periods' times of day and "
         "weekdays, daylight saving included",
     )
-    cycle_s: float = Field(gt=0, description="control period, simulated seconds")
+    cycle_s: float = Field(gt=0, le=86400, description="control period, simulated seconds")
     horizon_steps: int = Field(ge=1, le=500, description="prediction horizon, in cycles")
     cycles: int = Field(96, ge=1, description="default number of cycles for `run`")
     speed: float = Field(
-        1.0, gt=0, description="simulated seconds per wall second (embedded default only)"
+        1.0,
+        ge=1e-3,
+        le=1e6,
+        description="simulated seconds per wall second, 0.001 to 1e6 (embedded default only)",
     )
     deadline_s: float | None = Field(
-        None, gt=0, description="simulated seconds a cycle may take; default 0.8 * cycle_s"
+        None,
+        gt=0,
+        description="simulated seconds a cycle may take, at most cycle_s; default 0.8 * cycle_s",
     )
 
     @field_validator("time_zone")
@@ -61,6 +75,17 @@ class Meta(_Strict):
     @property
     def zone(self) -> dt.tzinfo:
         return zone_of(self.time_zone)
+
+    @field_validator("deadline_s")
+    @classmethod
+    def _deadline_within_cycle(cls, v: float | None, info: ValidationInfo) -> float | None:
+        cycle = info.data.get("cycle_s")
+        if v is not None and cycle is not None and v > cycle:
+            raise ValueError(
+                f"deadline_s {v:g} is above cycle_s {cycle:g}: a cycle must end before the "
+                "next one starts"
+            )
+        return v
 
     @property
     def start_epoch(self) -> float:
@@ -166,11 +191,13 @@ class PointMap(_Strict):
         "default field.max_clock_skew_s",
     )
 
+    @field_validator("node")
+    @classmethod
+    def _node(cls, v: str) -> str:
+        return check_scenario_node(v)
+
     @model_validator(mode="after")
     def _range(self) -> PointMap:
-        for key, bound in (("min", self.min), ("max", self.max)):
-            if bound is not None and not math.isfinite(bound):
-                raise ValueError(f"{key} must be finite, got {bound!r}")
         if self.min is not None and self.max is not None and not self.min <= self.max:
             raise ValueError(f"min {self.min:g} is above max {self.max:g}")
         return self
@@ -178,12 +205,17 @@ class PointMap(_Strict):
 
 class InputMap(_Strict):
     name: str = Field(description="model input this node drives")
-    node: str
+    node: str = Field(description="NodeId in the field namespace, e.g. 's=dh/plant/T_set'")
     safe: float | None = Field(
         None,
         description="the embedded gateway's watchdog reverts this input to this value "
         "(within its specs.inputs bounds); needs [field.watchdog]",
     )
+
+    @field_validator("node")
+    @classmethod
+    def _node(cls, v: str) -> str:
+        return check_scenario_node(v)
 
 
 class FieldWatchdog(_Strict):
@@ -433,9 +465,14 @@ def _describe(err: Any, prefix: tuple[int | str, ...] = ()) -> str:
         msg = "unknown key (not allowed here)"
     elif err["type"] == "missing":
         msg = "required key is missing"
+    elif err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     elif "input" in err and not isinstance(err["input"], dict | list):
         msg = f"{msg} (got {err['input']!r})"
     return f"{_loc(loc)}: {msg}"
+
+
+describe_error = _describe
 
 
 def _plugin_config(
@@ -459,70 +496,193 @@ def _plugin_config(
         return None
 
 
-def _cross_check(f: ScenarioFile, m: SubsystemModel) -> list[str]:
+@dataclass(frozen=True)
+class _Parts:
+    """The sections that validated on their own (None: missing or invalid), so the
+    cross-checks run on whatever did validate and every problem shows in one pass."""
+
+    meta: Meta | None
+    field: FieldConfig | None
+    specs: Specs | None
+    verification: Verification | None
+    divergence: DivergenceConfig | None
+    estimation: EstimationConfig | None
+    # False: the section did not validate and holds only its list items that did (None
+    # in place of the others), so checks that need every item are left out
+    field_whole: bool = True
+    specs_whole: bool = True
+
+    @classmethod
+    def of(cls, raw: dict[str, Any]) -> _Parts:
+        def part(model: type[BaseModel], key: str, default: Any = None) -> Any:
+            try:
+                return model.model_validate(raw.get(key, default))
+            except ValidationError:
+                return None
+
+        field, field_whole = _lenient(
+            FieldConfig,
+            raw.get("field"),
+            {"points": PointMap, "inputs": InputMap},
+            ("watchdog",),
+        )
+        specs, specs_whole = _lenient(
+            Specs,
+            raw.get("specs"),
+            {
+                "inputs": InputSpec,
+                "bands": BandSpec,
+                "interlocks": InterlockSpec,
+                "temporal": TemporalSpec,
+            },
+        )
+        return cls(
+            part(Meta, "scenario"),
+            field,
+            specs,
+            part(Verification, "verification", {}),
+            part(DivergenceConfig, "divergence") if "divergence" in raw else None,
+            part(EstimationConfig, "estimation") if "estimation" in raw else None,
+            field_whole,
+            specs_whole,
+        )
+
+    @classmethod
+    def of_file(cls, f: ScenarioFile) -> _Parts:
+        return cls(f.scenario, f.field, f.specs, f.verification, f.divergence, f.estimation)
+
+
+def _lenient(
+    model: type[BaseModel],
+    raw: Any,
+    lists: dict[str, type[BaseModel]],
+    kept: tuple[str, ...] = (),
+) -> tuple[Any, bool]:
+    """``model`` validated, or when it does not validate, built unchecked from the items of
+    its ``lists`` that validate on their own (None in place of the others, so indices keep
+    naming the file's entries) and the raw ``kept`` keys; the bool says which."""
+    try:
+        return model.model_validate(raw), True
+    except ValidationError:
+        pass
+    if not isinstance(raw, dict):
+        return None, False
+    data: dict[str, Any] = {key: raw.get(key) for key in kept}
+    for key, item_model in lists.items():
+        items = raw.get(key, [])
+        data[key] = (
+            [_valid_or_none(item_model, item) for item in items] if isinstance(items, list) else []
+        )
+    return model.model_construct(**data), False
+
+
+def _valid_or_none(model: type[BaseModel], item: Any) -> Any:
+    try:
+        return model.model_validate(item)
+    except ValidationError:
+        return None
+
+
+def _cross_check(f: _Parts, m: SubsystemModel | None) -> list[str]:
+    problems: list[str] = []
+    if m is not None and f.field is not None:
+        problems.extend(_field_check(f.field, m, f.field_whole))
+    if m is not None and f.specs is not None:
+        problems.extend(_specs_check(f.specs, m, f.specs_whole))
+    if f.field is not None and f.specs is not None:
+        problems.extend(_check_safe_values(f.field, f.specs, f.field_whole))
+    if m is not None and f.estimation is not None:
+        for name in f.estimation.biases:
+            if name not in m.disturbances:
+                problems.append(f"estimation.biases: {name!r} is not a disturbance of the model")
+    if m is not None and f.divergence is not None:
+        for name in f.divergence.thresholds:
+            if name not in m.outputs:
+                problems.append(f"divergence.thresholds: {name!r} is not an output of the model")
+    v = f.verification
+    deadline = v.deadline_s if v is not None else None
+    if f.meta is not None and deadline is not None and deadline > f.meta.cycle_s:
+        problems.append(
+            f"verification.deadline_s: {deadline:g} is above scenario.cycle_s "
+            f"{f.meta.cycle_s:g}: verification must end within its cycle"
+        )
+    return problems
+
+
+def _field_check(field: FieldConfig, m: SubsystemModel, whole: bool) -> list[str]:
+    """Points and inputs against the model; the checks for what is missing need every
+    entry (``whole``): one that did not validate may be the one that maps it."""
     problems = []
     outputs, inputs = set(m.outputs), set(m.inputs)
-    for i, p in enumerate(f.field.points):
+    for i, p in enumerate(field.points):
+        if p is None:
+            continue
         if p.name not in outputs:
             problems.append(
                 f"field.points[{i}].name: {p.name!r} is not an output of model "
                 f"{m.name!r} (outputs: {', '.join(m.outputs)})"
             )
-    measured = {p.name for p in f.field.points}
+    measured = {p.name for p in field.points if p is not None}
     for state, output in m.state_outputs.items():
-        if output not in measured:
+        if whole and output not in measured:
             problems.append(
                 f"field.points: state {state!r} needs a point measuring output {output!r}"
             )
-    mapped = {i.name for i in f.field.inputs}
-    for i, im in enumerate(f.field.inputs):
-        if im.name not in inputs:
+    mapped = {i.name for i in field.inputs if i is not None}
+    for i, im in enumerate(field.inputs):
+        if im is not None and im.name not in inputs:
             problems.append(f"field.inputs[{i}].name: {im.name!r} is not an input of the model")
     for name in m.inputs:
-        if name not in mapped:
+        if whole and name not in mapped:
             problems.append(f"field.inputs: model input {name!r} has no node")
-    problems.extend(_check_safe_values(f))
-    specified = {s.name for s in f.specs.inputs}
-    for i, s in enumerate(f.specs.inputs):
-        if s.name not in inputs:
+    return problems
+
+
+def _specs_check(specs: Specs, m: SubsystemModel, whole: bool) -> list[str]:
+    problems = []
+    outputs, inputs = set(m.outputs), set(m.inputs)
+    specified = {s.name for s in specs.inputs if s is not None}
+    for i, s in enumerate(specs.inputs):
+        if s is not None and s.name not in inputs:
             problems.append(f"specs.inputs[{i}].name: {s.name!r} is not an input of the model")
     for name in m.inputs:
-        if name not in specified:
+        if whole and name not in specified:
             problems.append(f"specs.inputs: model input {name!r} has no bounds")
-    for i, b in enumerate(f.specs.bands):
-        if b.output not in outputs:
+    for i, b in enumerate(specs.bands):
+        if b is not None and b.output not in outputs:
             problems.append(f"specs.bands[{i}].output: {b.output!r} is not an output of the model")
-    for name in f.estimation.biases if f.estimation else []:
-        if name not in m.disturbances:
-            problems.append(f"estimation.biases: {name!r} is not a disturbance of the model")
-    for name in f.divergence.thresholds if f.divergence else {}:
-        if name not in outputs:
-            problems.append(f"divergence.thresholds: {name!r} is not an output of the model")
     signals = outputs | inputs
-    for i, il in enumerate(f.specs.interlocks):
+    for i, il in enumerate(specs.interlocks):
+        if il is None:
+            continue
         for key, pred in (("when", il.when), ("forbid", il.forbid)):
             if pred.signal not in signals:
                 problems.append(
                     f"specs.interlocks[{i}].{key}.signal: {pred.signal!r} is not an input "
                     "or output of the model"
                 )
-    for i, ts in enumerate(f.specs.temporal):
-        if ts.require.signal not in signals:
+    for i, ts in enumerate(specs.temporal):
+        if ts is not None and ts.require.signal not in signals:
             problems.append(
                 f"specs.temporal[{i}].require.signal: {ts.require.signal!r} is not an input "
                 "or output of the model"
             )
-    names = [il.name for il in f.specs.interlocks] + [ts.name for ts in f.specs.temporal]
+    names = [il.name for il in specs.interlocks if il is not None]
+    names += [ts.name for ts in specs.temporal if ts is not None]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"specs: spec name {dup!r} is used twice")
     return problems
 
 
-def _check_safe_values(f: ScenarioFile) -> list[str]:
+def _check_safe_values(field: FieldConfig, specs: Specs, whole: bool = True) -> list[str]:
     """Safe values lie within their input's bounds and come with a [field.watchdog]."""
     problems = []
-    bounds = {s.name: s for s in f.specs.inputs}
-    safe = [(i, im.name, im.safe) for i, im in enumerate(f.field.inputs) if im.safe is not None]
+    bounds = {s.name: s for s in specs.inputs if s is not None}
+    safe = [
+        (i, im.name, im.safe)
+        for i, im in enumerate(field.inputs)
+        if im is not None and im.safe is not None
+    ]
     for i, name, value in safe:
         spec = bounds.get(name)
         if spec is not None and not spec.min <= value <= spec.max:
@@ -530,17 +690,115 @@ def _check_safe_values(f: ScenarioFile) -> list[str]:
                 f"field.inputs[{i}].safe: {value!r} is outside the bounds of "
                 f"specs.inputs {name!r} [{spec.min:g}, {spec.max:g}]"
             )
-    if safe and f.field.watchdog is None:
+    if safe and field.watchdog is None:
         problems.append(
             "field.watchdog: inputs have safe values but there is no [field.watchdog] table "
             "(heartbeat_interval_s, missed_heartbeats) saying when to revert to them"
         )
-    if f.field.watchdog is not None and not safe:
+    if whole and field.watchdog is not None and not safe:
         problems.append(
             "field.watchdog: no [[field.inputs]] entry has a safe value: the watchdog would "
             "have nothing to revert to"
         )
     return problems
+
+
+def _non_finite(raw: Any) -> list[str]:
+    """Key paths of every inf or nan in the file (TOML allows them; no plant value is)."""
+    found: list[str] = []
+    stack: list[tuple[tuple[int | str, ...], Any]] = [((), raw)]
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            found.append(_loc(loc))
+        elif isinstance(value, dict):
+            stack.extend((loc + (k,), v) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((loc + (i,), v) for i, v in enumerate(value))
+    return sorted(found)
+
+
+def controller_problems(
+    where: str, kind_name: str, config: BaseModel, model: SubsystemModel
+) -> list[str]:
+    """Does controller kind ``kind_name`` with ``config`` fit ``model``?  A kind's Config
+    may declare ``model_problems(model) -> list[str]`` (paths relative to its table)."""
+    check = getattr(config, "model_problems", None)
+    if check is None:
+        return []
+    return [f"{where}.{p}" for p in check(model)]
+
+
+def check_controller_kind(scenario: Scenario, kind_name: str, where: str = "--controller") -> None:
+    """Refuse (``ScenarioError``) a command-line controller kind that is not installed or
+    does not fit the scenario's model; the config checked is the scenario's table of that
+    kind (controller or fallback) or, if it has none, the kind's defaults."""
+    try:
+        kind = plugins.load("controller", kind_name)
+    except PluginError as exc:
+        raise ScenarioError(str(scenario.path), [f"{where}: {exc}"]) from exc
+    if kind_name == scenario.file.controller.kind:
+        config = scenario.controller_config
+    elif kind_name == scenario.file.fallback.kind:
+        config = scenario.fallback_config
+    else:
+        try:
+            config = kind.Config.model_validate({})
+        except ValidationError:
+            return  # no defaults: the caller reports which table is missing
+    problems = [
+        p.replace(f"{where}.kind:", f"{where}:", 1)
+        for p in controller_problems(where, kind_name, config, scenario.model)
+    ]
+    if problems:
+        raise ScenarioError(str(scenario.path), problems)
+
+
+MAX_FILE_BYTES = 1 << 20
+
+
+def _problems(raw: dict[str, Any], path: Path) -> tuple[list[str], tuple[Any, ...] | None]:
+    """Every problem of a parsed file, and its parts when there are none."""
+    problems: list[str] = []
+    non_finite = _non_finite(raw)
+
+    def keep(line: str) -> bool:  # pydantic's words on a non-finite value add nothing
+        return not any(
+            line.startswith(loc) and line[len(loc) : len(loc) + 1] in (":", ".", "[")
+            for loc in non_finite
+        )
+
+    f: ScenarioFile | None = None
+    meta = raw.get("scenario")
+    zone = zone_context(meta.get("time_zone", "UTC") if isinstance(meta, dict) else "UTC")
+    try:
+        f = ScenarioFile.model_validate(raw, context=zone)
+    except ValidationError as exc:
+        problems.extend(p for p in (_describe(e) for e in exc.errors()) if keep(p))
+    problems.extend(f"{loc}: must be a finite number, not inf or nan" for loc in non_finite)
+    found: list[str] = []
+    # plug-in tables are checked even when the rest failed, so every problem shows at once
+    model_cfg = _plugin_config("model", raw.get("model"), "model", found, zone)
+    ctrl_cfg = _plugin_config("controller", raw.get("controller"), "controller", found)
+    fb_cfg = _plugin_config("controller", raw.get("fallback"), "fallback", found)
+    rig_cfg = _plugin_config("rig", raw.get("rig"), "rig", found, {BASE_DIR: path.parent})
+    problems.extend(p for p in found if keep(p))
+    model = None
+    if model_cfg is not None and not any(loc.startswith("model") for loc in non_finite):
+        try:
+            model = plugins.load("model", model_cfg_kind(raw)).build(model_cfg)
+        except (ValueError, TypeError, ArithmeticError) as exc:
+            problems.append(f"model: cannot build the model: {exc}")
+    problems.extend(_cross_check(_Parts.of_file(f) if f is not None else _Parts.of(raw), model))
+    if model is not None:
+        for where, cfg in (("controller", ctrl_cfg), ("fallback", fb_cfg)):
+            if cfg is not None:
+                problems.extend(controller_problems(where, raw[where]["kind"], cfg, model))
+        if rig_cfg is not None:
+            problems.extend(_rig_check(raw["rig"]["kind"], rig_cfg, model))
+    if problems or f is None or model is None:
+        return problems or ["the file does not validate"], None
+    return [], (f, model, model_cfg, ctrl_cfg, fb_cfg, rig_cfg)
 
 
 def parse_scenario(text: str, path: str | Path = "<string>") -> Scenario:
@@ -550,32 +808,17 @@ def parse_scenario(text: str, path: str | Path = "<string>") -> Scenario:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(str(path), [f"not valid TOML: {exc}"]) from exc
-    problems: list[str] = []
-    f: ScenarioFile | None = None
-    meta = raw.get("scenario")
-    zone = zone_context(meta.get("time_zone", "UTC") if isinstance(meta, dict) else "UTC")
+    except RecursionError:
+        raise ScenarioError(
+            str(path), ["not valid TOML: arrays or tables are nested too deeply"]
+        ) from None
     try:
-        f = ScenarioFile.model_validate(raw, context=zone)
-    except ValidationError as exc:
-        problems.extend(_describe(e) for e in exc.errors())
-    # plug-in tables are checked even when the rest failed, so every problem shows at once
-    model_cfg = _plugin_config("model", raw.get("model"), "model", problems, zone)
-    ctrl_cfg = _plugin_config("controller", raw.get("controller"), "controller", problems)
-    fb_cfg = _plugin_config("controller", raw.get("fallback"), "fallback", problems)
-    rig_cfg = _plugin_config("rig", raw.get("rig"), "rig", problems, {BASE_DIR: path.parent})
-    model = None
-    if model_cfg is not None:
-        try:
-            model = plugins.load("model", model_cfg_kind(raw)).build(model_cfg)
-        except (ValueError, TypeError) as exc:
-            problems.append(f"model: cannot build the model: {exc}")
-    if model is not None and f is not None:
-        problems.extend(_cross_check(f, model))
-    if model is not None and rig_cfg is not None:
-        problems.extend(_rig_check(raw["rig"]["kind"], rig_cfg, model))
-    if problems or f is None or model is None:
+        problems, parts = _problems(raw, path)
+    except RecursionError:
+        raise ScenarioError(str(path), ["values are nested too deeply"]) from None
+    if parts is None:
         raise ScenarioError(str(path), problems)
-    return Scenario(path, f, model, model_cfg, ctrl_cfg, fb_cfg, rig_cfg)
+    return Scenario(path, *parts)
 
 
 def model_cfg_kind(raw: dict[str, Any]) -> str:
@@ -596,14 +839,34 @@ def _rig_check(kind_name: str, config: BaseModel, model: SubsystemModel) -> list
     return []
 
 
+def read_text_bounded(path: Path, limit: int = MAX_FILE_BYTES) -> str:
+    """A UTF-8 text file of at most ``limit`` bytes; ``ValueError`` says what is wrong.
+    Reads at most ``limit + 1`` bytes, so /dev/zero or a huge file cannot hold it up."""
+    with path.open("rb") as fh:
+        data = fh.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"file is larger than {_size(limit)}: not a scenario")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise ValueError(f"binary data, not text: a NUL byte at byte offset {nul}")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text: {exc.reason} at byte offset {exc.start}") from None
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n} bytes"
+
+
 def load_scenario(path: str | Path) -> Scenario:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_bounded(path)
     except OSError as exc:
         raise ScenarioError(str(path), [f"cannot read the file: {exc.strerror or exc}"]) from exc
-    except UnicodeDecodeError as exc:
-        raise ScenarioError(str(path), [f"not UTF-8: {exc.reason} at byte {exc.start}"]) from exc
+    except ValueError as exc:
+        raise ScenarioError(str(path), [str(exc)]) from exc
     return parse_scenario(text, path)
 
 

@@ -88,6 +88,16 @@ class Period(BaseModel):
             raise ValueError(f"expected a time of day as 'HH:MM', got {v!r}")
         return v
 
+    @model_validator(mode="after")
+    def _not_empty(self) -> Period:
+        start, end = _minutes(self.start), _minutes(self.end)
+        if start % 1440 == end % 1440 and (start, end) != (0, 1440):
+            raise ValueError(
+                f"period {self.start}-{self.end} is empty (it ends when it starts); "
+                'for a whole day write start = "00:00", end = "24:00"'
+            )
+        return self
+
     def contains(self, t: float) -> bool:
         when = dt.datetime.fromtimestamp(t, self._zone)
         minute = when.hour * 60 + when.minute + when.second / 60

@@ -31,42 +31,62 @@ CP_KJ_PER_KG_K = 4.186
 class Building(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
-    ua_kw_per_k: float = Field(gt=0, description="building heat loss coefficient")
-    c_mj_per_k: float = Field(gt=0, description="zone thermal capacity")
-    ua_hx_kw_per_k: float = Field(gt=0, description="substation and emitters heat transfer")
-    solar_aperture_m2: float = Field(ge=0)
-    gains_kw: float = Field(ge=0, description="internal gains while occupied")
+    ua_kw_per_k: float = Field(
+        gt=0, le=1e4, description="building heat loss coefficient (at most 10 MW/K)"
+    )
+    c_mj_per_k: float = Field(gt=0, le=1e7, description="zone thermal capacity (at most 1e7)")
+    ua_hx_kw_per_k: float = Field(
+        gt=0, le=1e4, description="substation and emitters heat transfer (at most 10 MW/K)"
+    )
+    solar_aperture_m2: float = Field(ge=0, le=1e6, description="at most 1 km2")
+    gains_kw: float = Field(ge=0, le=1e5, description="internal gains while occupied (<= 100 MW)")
     occupied: list[Period] = Field(
         default_factory=lambda: [Period(start="00:00", end="24:00")],
         description="when the internal gains apply (all day if omitted)",
     )
-    initial_temperature_c: float = 20.0
-    initial_flow_kg_per_s: float = Field(0.3, gt=0)
+    initial_temperature_c: float = Field(20.0, ge=-60, le=150, description="-60 to 150 C")
+    initial_flow_kg_per_s: float = Field(0.3, gt=0, le=1e4, description="at most 10 t/s")
 
 
 class Plant(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    tau_min: float = Field(20.0, gt=0, description="supply temperature lag")
+    tau_min: float = Field(20.0, gt=0, le=1440, description="supply temperature lag (<= a day)")
     eta_boiler: float = Field(0.92, gt=0, le=1)
-    k_pump_kw_per_kg3_s3: float = Field(5.0 / 27.0, ge=0, description="pump power = k (sum m)^3")
-    network_loss_kw_per_k: float = Field(
-        0.25, ge=0, description="distribution heat loss per kelvin of supply above ground"
+    k_pump_kw_per_kg3_s3: float = Field(
+        5.0 / 27.0, ge=0, le=1e3, description="pump power = k (sum m)^3 (k at most 1000)"
     )
-    ground_temperature_c: float = 8.0
-    initial_supply_c: float = 70.0
-    initial_setpoint_c: float = 70.0
+    network_loss_kw_per_k: float = Field(
+        0.25,
+        ge=0,
+        le=1e4,
+        description="distribution heat loss per kelvin of supply above ground (<= 10 MW/K)",
+    )
+    ground_temperature_c: float = Field(8.0, ge=-60, le=60, description="-60 to 60 C")
+    initial_supply_c: float = Field(70.0, ge=-60, le=200, description="-60 to 200 C")
+    initial_setpoint_c: float = Field(70.0, ge=-60, le=200, description="-60 to 200 C")
 
 
 class Weather(BaseModel):
     """Forecast of a winter day: cosine outdoor temperature and a clear-sky solar bell."""
 
     model_config = ConfigDict(extra="forbid")
-    t_out_mean_c: float = -2.0
-    t_out_amplitude_k: float = Field(4.0, ge=0)
+    t_out_mean_c: float = Field(-2.0, ge=-90, le=60, description="-90 to 60 C")
+    t_out_amplitude_k: float = Field(4.0, ge=0, le=50)
     t_out_coldest_hour: float = Field(3.0, ge=0, lt=24)
-    solar_peak_w_per_m2: float = Field(400.0, ge=0)
+    solar_peak_w_per_m2: float = Field(
+        400.0, ge=0, le=1500, description="at most 1500 W/m2 (above the solar constant)"
+    )
     sunrise_hour: float = Field(8.0, ge=0, le=24)
-    sunset_hour: float = Field(16.0, ge=0, le=24)
+    sunset_hour: float = Field(16.0, ge=0, le=24, description="after sunrise_hour")
+
+    @model_validator(mode="after")
+    def _day(self) -> Weather:
+        if self.solar_peak_w_per_m2 > 0 and not self.sunset_hour > self.sunrise_hour:
+            raise ValueError(
+                f"sunset_hour {self.sunset_hour:g} is not after sunrise_hour "
+                f"{self.sunrise_hour:g} (for a day without sun set solar_peak_w_per_m2 = 0)"
+            )
+        return self
 
     def t_out(self, t: Array) -> Array:
         hour = (t % 86400.0) / 3600.0
