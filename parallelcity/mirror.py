@@ -72,7 +72,13 @@ from .errors import (
     NodeMappingError,
     SecurityError,
 )
-from .opcua import ClientSecurity, connect_client, deadline, parse_node_id
+from .opcua import (
+    ClientSecurity,
+    connect_client,
+    deadline,
+    parse_node_id,
+    raised_by_asyncua,
+)
 from .point_table import PointEvent, PointRule, PointTable
 from .scenario import FieldConfig
 from .snapshot import PointSpec, Reading, Snapshot, assess
@@ -102,16 +108,6 @@ _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
 )
 # ... plus what asyncua raises when used on a connection it already considers closed.
 _SHUTDOWN_ERRORS: tuple[type[BaseException], ...] = (*_TRANSPORT_ERRORS, RuntimeError)
-
-
-def _from_asyncua(exc: BaseException) -> bool:
-    """Whether ``exc`` was raised inside asyncua (or its ``wait_for2``), not by our code."""
-    tb = exc.__traceback__
-    module = ""
-    while tb is not None:
-        module = tb.tb_frame.f_globals.get("__name__", "")
-        tb = tb.tb_next
-    return module.split(".", 1)[0] in ("asyncua", "wait_for2")
 
 
 def _epoch(when: dt.datetime) -> float:
@@ -496,6 +492,8 @@ class Mirror:
                     timeout_s=self.timeout_s,
                     session_timeout_ms=SESSION_TIMEOUT_MS,
                     name="parallelcity mirror",
+                    request_timeout_s=self._request_timeout(self.batch_size),
+                    watchdog_s=self._request_timeout(self.batch_size),
                 )
                 self._client = client
                 await self._resolve(client)
@@ -508,7 +506,7 @@ class Mirror:
                     f"budget of {budget:.0f} s ({self.stage}); a slow or busy server needs "
                     "a larger [field] start_timeout_s"
                 ) from exc
-            if isinstance(exc, Exception) and _from_asyncua(exc):
+            if isinstance(exc, Exception) and raised_by_asyncua(exc):
                 raise FieldConnectionError(
                     f"starting the mirror on {self._endpoint} failed ({self.stage}): {exc!r}"
                 ) from exc

@@ -43,6 +43,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 from asyncua import ua
 from asyncua.client.client import Client
@@ -126,6 +127,32 @@ async def deadline(seconds: float) -> AsyncIterator[None]:
         if timeout.expired() and task is not None and task.cancelling() <= before:
             raise TimeoutError(f"no answer within {seconds:g} s") from exc
         raise
+
+
+def raised_by_asyncua(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside asyncua (or its ``wait_for2``), not by our code."""
+    tb = exc.__traceback__
+    module = ""
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        tb = tb.tb_next
+    return module.split(".", 1)[0] in ("asyncua", "wait_for2")
+
+
+def endpoint_problem(url: str) -> str | None:
+    """Why ``url`` is not an ``opc.tcp://HOST:PORT`` endpoint URL, or None."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"{url!r} is not an opc.tcp://HOST:PORT URL ({exc})"
+    if parts.scheme.lower() != "opc.tcp":
+        return f"{url!r} is not an opc.tcp://HOST:PORT URL (scheme {parts.scheme or 'missing'!r})"
+    if not parts.hostname:
+        return f"{url!r} is not an opc.tcp://HOST:PORT URL (no host)"
+    if port is None:
+        return f"{url!r} has no port: write opc.tcp://{parts.hostname}:4840 for the default"
+    return None
 
 
 def parse_node_id(text: str, ns_index: int = 0) -> ua.NodeId:
@@ -366,9 +393,20 @@ async def connect_client(
     timeout_s: float,
     session_timeout_ms: int | None = None,
     name: str = "parallelcity",
+    request_timeout_s: float | None = None,
+    watchdog_s: float = 1.0,
 ) -> Client:
-    """A connected client for ``endpoint``; on any failure nothing is left open."""
-    client = Client(endpoint, timeout=timeout_s)
+    """A connected client for ``endpoint``; on any failure nothing is left open.
+
+    ``timeout_s`` bounds connecting; ``request_timeout_s`` (default ``timeout_s``) each
+    later request.  asyncua probes the server every ``watchdog_s`` and drops the
+    connection when a probe takes longer than that: a client that sends large requests
+    to a busy server needs more than asyncua's 1 s.
+    """
+    if (problem := endpoint_problem(endpoint)) is not None:
+        raise FieldConnectionError(problem)
+    request_timeout = timeout_s if request_timeout_s is None else request_timeout_s
+    client = Client(endpoint, timeout=request_timeout, watchdog_intervall=watchdog_s)
     client.name = client.description = name
     if session_timeout_ms is not None:
         client.session_timeout = session_timeout_ms
