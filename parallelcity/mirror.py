@@ -298,6 +298,7 @@ class Mirror:
         self._held_why = ""
         self._server_time_fallback: set[str] = set()
         self._handles: dict[int, str] = {}
+        self._missing: list[str] = []  # inputs that are not Variables on the server
         self._points: list[_Mapped] = []
         self._inputs: list[_Mapped] = []
         self._client: Client | None = None
@@ -624,7 +625,7 @@ class Mirror:
         try:
             async with deadline(self.timeout_s):
                 namespaces = await client.get_namespace_array()
-                batch = self._batch = await self._batch_limit(client)
+                self._batch = await self._batch_limit(client)
         except _TRANSPORT_ERRORS as exc:
             raise FieldConnectionError(
                 f"reading the namespace array of {self._endpoint} failed: {exc!r}"
@@ -634,7 +635,7 @@ class Mirror:
                 f"namespace {uri!r} is not on the server at {self._endpoint} "
                 f"(server namespaces: {', '.join(map(repr, namespaces))})"
             )
-        ns = self._ns_index = namespaces.index(uri)
+        self._ns_index = namespaces.index(uri)
 
         problems: list[str] = []
         self._points = self._map("point", [(p.name, p.node) for p in self.field.points], problems)
@@ -644,11 +645,16 @@ class Mirror:
                 f"{len(problems)} scenario NodeId(s) are malformed: " + "; ".join(problems)
             )
 
-        checks = [("point", m) for m in self._points] + [("input", m) for m in self._inputs]
+        # The points are checked by creating their monitored items (the server says which
+        # NodeIds it does not know); the inputs are only read, so they are checked here.
+        self._missing = await self._check(client, [("input", m) for m in self._inputs])
+
+    async def _check(self, client: Client, checks: list[tuple[str, _Mapped]]) -> list[str]:
+        """Why each of ``checks`` is not a Variable on the server (nothing: all fine)."""
         missing: list[str] = []
         progress = _Progress("checked", "nodes", len(checks), self._endpoint)
         try:
-            for chunk in _batches(checks, batch):
+            for chunk in _batches(checks, self._batch):
                 self.stage = f"checking nodes ({progress.done}/{len(checks)} done)"
                 async with deadline(self._request_timeout(len(chunk))):
                     nodes = [client.get_node(m.nodeid) for _, m in chunk]
@@ -670,11 +676,7 @@ class Mirror:
                 f"checking the scenario's nodes on {self._endpoint} failed "
                 f"({progress.done}/{len(checks)} checked): {exc!r}"
             ) from exc
-        if missing:
-            raise NodeMappingError(
-                f"{len(missing)} scenario node(s) not found in namespace {uri!r} "
-                f"(index {ns}) on {self._endpoint}: " + "; ".join(missing)
-            )
+        return missing
 
     async def _batch_limit(self, client: Client) -> int:
         """``batch_size``, capped by the server's MaxMonitoredItemsPerCall and MaxNodesPerRead."""
@@ -707,7 +709,7 @@ class Mirror:
     async def _subscribe(self, client: Client) -> None:
         interval = float(self.field.sampling_interval_ms)
         per_point = {p.name: p for p in self.field.points}
-        failed: list[str] = []
+        failed: dict[_Mapped, str] = {}
         total = len(self._points)
         progress = _Progress("subscribed", "points", total, self._endpoint)
         self.stage = "creating the subscription"
@@ -737,18 +739,30 @@ class Mirror:
                     results = await sub.create_monitored_items(requests)
                 for m, res in zip(chunk, results, strict=True):
                     if isinstance(res, ua.StatusCode):
-                        failed.append(f"point {m.name!r}: NodeId {m.node!r} ({res.name})")
+                        failed[m] = res.name
                 progress.add(len(chunk))
         except _TRANSPORT_ERRORS as exc:
             raise FieldConnectionError(
                 f"subscribing to the points on {self._endpoint} failed "
                 f"({progress.done}/{total} subscribed): {exc!r}"
             ) from exc
-        if failed:
-            raise NodeMappingError(
-                f"the server at {self._endpoint} refused to monitor {len(failed)} point(s): "
-                + "; ".join(failed)
-            )
+        if failed or self._missing:
+            await self._refuse_mapping(client, failed)
+
+    async def _refuse_mapping(self, client: Client, failed: dict[_Mapped, str]) -> None:
+        """Every point the server would not monitor and every unusable input, at once."""
+        missing = await self._check(client, [("point", m) for m in failed])
+        described = {line.split(":", 1)[0] for line in missing}
+        missing += [
+            f"point {m.name!r}: NodeId {m.node!r} (monitoring refused: {why})"
+            for m, why in failed.items()
+            if f"point {m.name!r}" not in described
+        ]
+        missing += self._missing
+        raise NodeMappingError(
+            f"{len(missing)} scenario node(s) not found in namespace {self.field.namespace!r} "
+            f"(index {self._ns_index}) on {self._endpoint}: " + "; ".join(missing)
+        )
 
     def _parameters(self, interval_ms: float) -> ua.CreateSubscriptionParameters:
         """Keep-alive about every ``keepalive_ms``, lifetime at least a minute."""
