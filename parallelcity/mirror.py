@@ -4,8 +4,19 @@
 ``opcua.connect_client``, so security is the same as everywhere else),
 resolves the scenario's namespace, checks that every point and input node
 exists (reporting every missing one at once), and creates a single
-subscription with one monitored item per point, in batches.  Each point may
+subscription with one monitored item per point, in batches.  A point may be
+``event_driven`` (a setpoint that changes only when written): like a deadband
+point, its age counts from the subscription's last sign of life.  Each point may
 set its own sampling interval and absolute deadband in the scenario.
+
+Starting scales with the point count: monitored items are created in batches
+of ``BATCH_SIZE`` (fewer if the server's MaxMonitoredItemsPerCall says so), each
+request bounded by ``timeout_s`` plus ``START_S_PER_POINT`` per item, the whole
+start (or reconnect) by ``start_budget_s`` (``[field] start_timeout_s``, default
+``timeout_s`` plus ``START_S_PER_POINT`` per point), with progress logged every
+``PROGRESS_EVERY_S``.  A point the server does not know shows in its monitored
+item's status; only those are then read to say why.  asyncua's own health probe
+gets as long as a request: its default (1 s) drops a busy server's connection.
 
 Notifications are applied synchronously, in the publish callback, to one slot
 per point that keeps only the latest value (by source timestamp): a burst of
@@ -86,7 +97,7 @@ from .snapshot import PointSpec, Reading, Snapshot, assess
 _log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 5.0
-BATCH_SIZE = 500  # monitored items / attribute reads per request (capped by the server's limits)
+BATCH_SIZE = 2000  # monitored items / attribute reads per request (capped by the server's limits)
 # Starting costs the server (and the client) time per point; a server that also serves other
 # clients takes longer.  The start budget and each request's timeout grow with the count.
 START_S_PER_POINT = 0.004

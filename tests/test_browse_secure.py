@@ -211,6 +211,7 @@ def test_browse_usage_errors_exit_2_with_a_reason(
     assert "--password-env" in err
 
 
+@pytest.mark.slow
 def test_browse_from_the_shell_unreachable_and_garbage(tmp_path: Path) -> None:
     """As a user runs it: exit 3 for an unreachable server, 2 for garbage, no traceback."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -249,3 +250,25 @@ def test_readme_lists_every_browse_option() -> None:
         and not any(re.search(re.escape(o) + r"\b", browse) for o in a.option_strings)
     ]
     assert not missing, missing
+
+
+def test_the_gateway_config_takes_anonymous_too(pki: LabPki, tmp_path: Path) -> None:
+    from parallelcity.errors import ScenarioError
+    from parallelcity.gateway_config import load_gateway_config
+
+    text = (ROOT / "docs" / "gateway.example.toml").read_text()
+    for key, path in (
+        ("certificate", pki.client.certificate),
+        ("private_key", pki.client.private_key),
+        ("trusted", pki.client_trusted),
+    ):
+        text = re.sub(rf'(?m)^{key} = ".*"$', f'{key} = "{path}"', text, count=1)
+    tokens = 'username = "gateway"\npassword_env = "PARALLELCITY_PLC_PASSWORD"\n'
+    assert tokens in text
+    config = tmp_path / "gw.toml"
+    config.write_text(text.replace(tokens, "anonymous = true\n"))
+    security = load_gateway_config(config).opcua()
+    assert security.secure and security.anonymous and security.username is None
+    config.write_text(text.replace(tokens, ""))
+    with pytest.raises(ScenarioError, match="anonymous = true"):
+        load_gateway_config(config)
