@@ -4,13 +4,14 @@
 Objects folder (one Browse per folder or object, breadth first), keeps the
 numeric variables of one namespace, and prints ``[[field.points]]`` entries:
 ``name`` from the browse path (``plant.T_supply``), ``node`` as the scenario
-writes NodeIds, and a ``max_age_s`` to review.  Writable variables are marked:
-they may be inputs.  The names still have to be mapped to model signals by hand.
+writes NodeIds, and a ``max_age_s`` to review.  Writable variables (AccessLevel
+CurrentWrite) are marked: they may be inputs, or setpoints that change only when
+written, which as points want ``event_driven = true`` (the line is there,
+commented out).  The names still have to be mapped to model signals by hand.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.uaerrors import UaError
 
 from .errors import FieldConnectionError, NodeMappingError
-from .opcua import ClientSecurity, connect_client
+from .opcua import ClientSecurity, connect_client, deadline, raised_by_asyncua
 
 NUMERIC_TYPES = {
     ObjectIds.Boolean,
@@ -80,13 +81,18 @@ async def browse(
         endpoint, security, timeout_s=timeout_s, name="parallelcity browse"
     )
     try:
-        async with asyncio.timeout(max(60.0, timeout_s)):
+        async with deadline(max(60.0, timeout_s)):
             return await _walk(client, endpoint, namespace, max_nodes)
     except (OSError, TimeoutError, UaError) as exc:
         raise FieldConnectionError(f"browsing {endpoint} failed: {exc!r}") from exc
+    except Exception as exc:
+        if raised_by_asyncua(exc):
+            raise FieldConnectionError(f"browsing {endpoint} failed: {exc!r}") from exc
+        raise
     finally:
         try:
-            await client.disconnect()
+            async with deadline(timeout_s):
+                await client.disconnect()
         except Exception:  # leaving anyway
             client.disconnect_socket()
 
@@ -163,12 +169,17 @@ def points_toml(result: BrowseResult, max_age_s: float) -> str:
     ]
     for p in result.points:
         if p.writable:
-            lines.append("# writable: may be a [[field.inputs]] entry instead")
+            lines.append(
+                "# writable: may be a [[field.inputs]] entry instead; a setpoint that changes "
+                "only when written stays fresh with event_driven = true"
+            )
         lines += [
             "[[field.points]]",
             f'name = "{p.name}"',
             f'node = "{p.node}"',
             f"max_age_s = {max_age_s:g}",
-            "",
         ]
+        if p.writable:
+            lines.append("# event_driven = true")
+        lines.append("")
     return "\n".join(lines)

@@ -20,6 +20,7 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import (
@@ -31,6 +32,9 @@ from .errors import (
     ScenarioError,
     SecurityError,
 )
+
+if TYPE_CHECKING:
+    from .opcua import ClientSecurity
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_FIELD, EXIT_SECURITY = 0, 1, 2, 3, 4
 
@@ -165,7 +169,9 @@ def _parser() -> argparse.ArgumentParser:
         "browse",
         help="walk an OPC UA server and print a [[field.points]] table",
         description="Browse ENDPOINT from the Objects folder and print the numeric variables "
-        "of one namespace as scenario points.",
+        "of one namespace as scenario points. Secure (SignAndEncrypt) by default: give the "
+        "security options, or --scenario to take them from a scenario's [security.opcua]; "
+        "--insecure-lab allows security policy None.",
     )
     b.add_argument("endpoint", metavar="OPC.TCP://…")
     b.add_argument("--scenario", type=Path, help="take [security.opcua] from this scenario")
@@ -174,6 +180,28 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
     b.add_argument(
         "--insecure-lab", action="store_true", help="allow security policy None (lab only)"
+    )
+    sec = b.add_argument_group("security (instead of --scenario)")
+    sec.add_argument("--certificate", type=Path, help="this client's certificate (DER or PEM)")
+    sec.add_argument("--private-key", type=Path, help="this client's private key (PEM, 0600)")
+    sec.add_argument(
+        "--trust", type=Path, metavar="DIR", help="folder of trusted server (or CA) certificates"
+    )
+    sec.add_argument(
+        "--policy",
+        choices=("Basic256Sha256", "Aes256_Sha256_RsaPss"),
+        help="security policy (default Basic256Sha256; mode is always SignAndEncrypt)",
+    )
+    sec.add_argument("--username", help="user name token")
+    sec.add_argument(
+        "--password-env", metavar="VAR", help="environment variable holding the password"
+    )
+    sec.add_argument("--user-certificate", type=Path, help="X.509 user token certificate")
+    sec.add_argument("--user-private-key", type=Path, help="private key of the user certificate")
+    sec.add_argument(
+        "--anonymous",
+        action="store_true",
+        help="no user token (a server that allows only anonymous sessions)",
     )
     f = sub.add_parser(
         "field",
@@ -465,26 +493,96 @@ def _cmd_certs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_browse(args: argparse.Namespace) -> int:
-    from .browse import browse, points_toml
+_BROWSE_SECURITY = (
+    "certificate",
+    "private_key",
+    "trust",
+    "policy",
+    "username",
+    "password_env",
+    "user_certificate",
+    "user_private_key",
+    "anonymous",
+)
+
+
+def _browse_security(args: argparse.Namespace) -> ClientSecurity:
+    """``browse``'s client security: from its options, from --scenario, or None (lab)."""
+    import os
+
     from .opcua import ClientSecurity
     from .scenario import load_scenario
 
+    given = [o for o in _BROWSE_SECURITY if getattr(args, o) not in (None, False)]
+    flags = ", ".join("--" + o.replace("_", "-") for o in given)
+    if given and args.scenario is not None:
+        raise _UsageError(f"give either --scenario or the security options ({flags}), not both")
+    if given and args.insecure_lab:
+        raise _UsageError(f"--insecure-lab contradicts the security options ({flags})")
     if args.scenario is not None:
-        security = ClientSecurity.from_scenario(load_scenario(args.scenario))
-    else:
-        security = ClientSecurity.insecure()
+        return ClientSecurity.from_scenario(load_scenario(args.scenario))
+    if not given:
+        return ClientSecurity.insecure()
+    missing = [o for o in ("certificate", "private_key", "trust") if getattr(args, o) is None]
+    if missing:
+        names = ", ".join("--" + o.replace("_", "-") for o in missing)
+        raise _UsageError(
+            f"a secure browse needs --certificate, --private-key and --trust: missing {names}"
+        )
+    tokens = [o for o in ("username", "user_certificate", "anonymous") if getattr(args, o)]
+    if len(tokens) != 1:
+        raise _UsageError(
+            "give exactly one user token: --username (with --password-env), "
+            "--user-certificate (with --user-private-key) or --anonymous"
+        )
+    if (args.username is None) != (args.password_env is None):
+        raise _UsageError("--username and --password-env go together")
+    if (args.user_certificate is None) != (args.user_private_key is None):
+        raise _UsageError("--user-certificate and --user-private-key go together")
+    password = None
+    if args.password_env is not None:
+        password = os.environ.get(args.password_env)
+        if password is None:
+            raise _UsageError(
+                f"--password-env: environment variable {args.password_env!r} is not set"
+            )
+    return ClientSecurity(
+        policy=args.policy or "Basic256Sha256",
+        certificate=args.certificate,
+        private_key=args.private_key,
+        trusted=args.trust,
+        username=args.username,
+        password=password,
+        user_certificate=args.user_certificate,
+        user_private_key=args.user_private_key,
+        anonymous=args.anonymous,
+    )
+
+
+def _cmd_browse(args: argparse.Namespace) -> int:
+    from .browse import browse, points_toml
+    from .opcua import endpoint_problem
+
+    if (problem := endpoint_problem(args.endpoint)) is not None:
+        raise _UsageError(problem)
+    if args.output is not None and not args.output.parent.is_dir():
+        raise _UsageError(f"-o {args.output}: the folder {args.output.parent} does not exist")
+    security = _browse_security(args)
     if not security.secure:
         if not args.insecure_lab:
             raise SecurityError(
-                "browsing without OPC UA security needs --insecure-lab; or give --scenario "
-                "with a [security.opcua] table"
+                "browsing without OPC UA security needs --insecure-lab; or give --certificate, "
+                "--private-key, --trust and a user token, or --scenario with a "
+                "[security.opcua] table"
             )
         log.warning("INSECURE LAB MODE: browsing %s with security policy None", args.endpoint)
     result = asyncio.run(browse(args.endpoint, security, namespace=args.namespace))
     text = points_toml(result, args.max_age)
     if args.output:
-        args.output.write_text(text)
+        try:
+            args.output.write_text(text)
+        except OSError as exc:
+            raise _UsageError(f"-o {args.output}: cannot write it ({exc.strerror})") from exc
         print(f"wrote {len(result.points)} points to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -7,6 +7,7 @@ the module that talks to them, with the original kept as ``__cause__``::
     ParallelCityError
     ├── ScenarioError            a scenario file is missing, unreadable or invalid
     │   └── GatewayConfigError       the same for a stand-alone gateway's config file
+    │   └── NodeIdError              a NodeId text does not parse (also a ValueError)
     ├── PluginError              a controller / rig / model kind is unknown or broken
     ├── SecurityError            a transport would run without the security it needs
     ├── FieldError               talking to field equipment failed
@@ -49,6 +50,18 @@ class GatewayConfigError(ScenarioError):
     """A stand-alone gateway's config file is missing, unreadable or does not validate."""
 
     what = "gateway config"
+
+
+class NodeIdError(ScenarioError, ValueError):
+    """A NodeId as written in a scenario or config does not parse."""
+
+    def __init__(self, node: str, why: str) -> None:
+        self.node = node
+        self.why = why
+        super().__init__("NodeId", [f"NodeId {node!r}: {why}"])
+
+    def __str__(self) -> str:
+        return f"NodeId {self.node!r}: {self.why}"
 
 
 class PluginError(ParallelCityError):

@@ -35,11 +35,12 @@ from .errors import (
     FieldConnectionError,
     FieldError,
     FieldUnavailableError,
+    NodeIdError,
     NodeMappingError,
     SecurityError,
 )
 from .mirror import Backoff
-from .opcua import ClientSecurity, connect_client
+from .opcua import ClientSecurity, connect_client, parse_node_id
 from .scenario import FieldConfig
 
 log = logging.getLogger("parallelcity.gateway")
@@ -182,13 +183,9 @@ class OpcUaWriter:
         problems: list[str] = []
         for name, text in self._node_ids.items():
             try:
-                parsed = ua.NodeId.from_string(text)
-            except UaError as exc:
-                problems.append(f"input {name!r}: NodeId {text!r} does not parse ({exc})")
-                continue
-            nodes[name] = client.get_node(
-                ua.NodeId(parsed.Identifier, ua.Int16(ns), parsed.NodeIdType)
-            )
+                nodes[name] = client.get_node(parse_node_id(text, ns))
+            except NodeIdError as exc:
+                problems.append(f"input {name!r}: {exc}")
         if nodes:
             try:
                 results = await client.read_attributes(list(nodes.values()), AttributeIds.NodeClass)

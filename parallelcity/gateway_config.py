@@ -255,6 +255,7 @@ class GatewayConfig:
             password=password,
             user_certificate=resolve(cfg.user_certificate),
             user_private_key=resolve(cfg.user_private_key),
+            anonymous=cfg.anonymous,
         )
         sec.check()
         return sec

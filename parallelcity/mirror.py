@@ -4,8 +4,19 @@
 ``opcua.connect_client``, so security is the same as everywhere else),
 resolves the scenario's namespace, checks that every point and input node
 exists (reporting every missing one at once), and creates a single
-subscription with one monitored item per point, in batches.  Each point may
+subscription with one monitored item per point, in batches.  A point may be
+``event_driven`` (a setpoint that changes only when written): like a deadband
+point, its age counts from the subscription's last sign of life.  Each point may
 set its own sampling interval and absolute deadband in the scenario.
+
+Starting scales with the point count: monitored items are created in batches
+of ``BATCH_SIZE`` (fewer if the server's MaxMonitoredItemsPerCall says so), each
+request bounded by ``timeout_s`` plus ``START_S_PER_POINT`` per item, the whole
+start (or reconnect) by ``start_budget_s`` (``[field] start_timeout_s``, default
+``timeout_s`` plus ``START_S_PER_POINT`` per point), with progress logged every
+``PROGRESS_EVERY_S``.  A point the server does not know shows in its monitored
+item's status; only those are then read to say why.  asyncua's own health probe
+gets as long as a request: its default (1 s) drops a busy server's connection.
 
 Notifications are applied synchronously, in the publish callback, to one slot
 per point that keeps only the latest value (by source timestamp): a burst of
@@ -61,11 +72,24 @@ from asyncua.client.client import Client
 from asyncua.client.ua_client import UaClientState
 from asyncua.common.subscription import Subscription
 from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.uaerrors import UaError
 
 from .clock import Clock
-from .errors import FieldConnectionError, FieldError, NodeMappingError, SecurityError
-from .opcua import ClientSecurity, connect_client
+from .errors import (
+    FieldConnectionError,
+    FieldError,
+    NodeIdError,
+    NodeMappingError,
+    SecurityError,
+)
+from .opcua import (
+    ClientSecurity,
+    connect_client,
+    deadline,
+    parse_node_id,
+    raised_by_asyncua,
+)
 from .point_table import PointEvent, PointRule, PointTable
 from .scenario import FieldConfig
 from .snapshot import PointSpec, Reading, Snapshot, assess
@@ -73,7 +97,11 @@ from .snapshot import PointSpec, Reading, Snapshot, assess
 _log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 5.0
-BATCH_SIZE = 500  # monitored items / attribute reads per request
+BATCH_SIZE = 2000  # monitored items / attribute reads per request (capped by the server's limits)
+# Starting costs the server (and the client) time per point; a server that also serves other
+# clients takes longer.  The start budget and each request's timeout grow with the count.
+START_S_PER_POINT = 0.004
+PROGRESS_EVERY_S = 2.0  # how often a long start logs how far it got
 KEEPALIVE_MS = 2000.0  # an idle subscription still sends a keep-alive this often
 SILENCE_FACTOR = 2.5  # no publish response for this many keep-alive periods: the link is dead
 SESSION_TIMEOUT_MS = 60000  # asyncua asks for an hour by default; servers cap it anyway
@@ -93,24 +121,6 @@ _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
 _SHUTDOWN_ERRORS: tuple[type[BaseException], ...] = (*_TRANSPORT_ERRORS, RuntimeError)
 
 
-def parse_node_id(node: str, ns_index: int) -> ua.NodeId:
-    """A scenario NodeId (``'s=dh/plant/T_supply'`` or ``'i=1001'``) in namespace ``ns_index``."""
-    kind, sep, ident = node.partition("=")
-    if not sep or not ident:
-        raise ValueError(f"NodeId {node!r} must look like 's=<string>' or 'i=<integer>'")
-    if kind == "s":
-        return ua.NodeId(ua.String(ident), ua.Int16(ns_index))
-    if kind == "i":
-        try:
-            number = int(ident)
-        except ValueError:
-            raise ValueError(f"NodeId {node!r}: 'i=' needs an integer identifier") from None
-        if number < 0:
-            raise ValueError(f"NodeId {node!r}: numeric identifiers are unsigned")
-        return ua.NodeId(ua.Int32(number), ua.Int16(ns_index))
-    raise ValueError(f"NodeId {node!r}: only 's=' and 'i=' identifiers are supported")
-
-
 def _epoch(when: dt.datetime) -> float:
     if when.tzinfo is None:  # asyncua decodes UA DateTime as naive UTC in some versions
         when = when.replace(tzinfo=dt.UTC)
@@ -127,6 +137,29 @@ def _as_float(value: Any) -> float:
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class _Progress:
+    """Logs "subscribed 4000/10000 points" at most every ``PROGRESS_EVERY_S`` of a long step."""
+
+    def __init__(self, verb: str, what: str, total: int, endpoint: str) -> None:
+        self.verb, self.what, self.total, self.endpoint = verb, what, total, endpoint
+        self.done = 0
+        self._next = time.monotonic() + PROGRESS_EVERY_S
+
+    def add(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now >= self._next and self.done < self.total:
+            self._next = now + PROGRESS_EVERY_S
+            _log.info(
+                "mirror: %s %d/%d %s on %s",
+                self.verb,
+                self.done,
+                self.total,
+                self.what,
+                self.endpoint,
+            )
 
 
 @dataclass(frozen=True)
@@ -205,10 +238,13 @@ class Mirror:
     the runtime decides whether that is allowed) is passed to
     ``opcua.connect_client``; ``queue_size`` is the monitored items' server-side
     queue (1: only the latest value, 0: the server's default); ``timeout_s``
-    bounds connecting and each request batch; ``batch_size`` caps the items per
-    CreateMonitoredItems / Read request; ``reconnect`` False leaves a gap open
-    (tests, ``browse``); ``keepalive_ms`` is the longest the server may stay
-    silent on a healthy subscription.
+    bounds connecting and, plus ``START_S_PER_POINT`` per item, each request batch;
+    ``start_timeout_s`` bounds a whole start or reconnect (default
+    ``field.start_timeout_s``, else derived from the point count: ``start_budget_s``);
+    ``batch_size`` caps the items per CreateMonitoredItems / Read request (the
+    server's MaxMonitoredItemsPerCall / MaxNodesPerRead cap it further);
+    ``reconnect`` False leaves a gap open (tests, ``browse``); ``keepalive_ms`` is
+    the longest the server may stay silent on a healthy subscription.
     """
 
     def __init__(
@@ -220,6 +256,7 @@ class Mirror:
         security: ClientSecurity | None = None,
         queue_size: int = 1,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        start_timeout_s: float | None = None,
         batch_size: int = BATCH_SIZE,
         reconnect: bool = True,
         backoff: Backoff | None = None,
@@ -236,18 +273,29 @@ class Mirror:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         if not keepalive_ms > 0:
             raise ValueError(f"keepalive_ms must be positive, got {keepalive_ms}")
+        if start_timeout_s is None:
+            start_timeout_s = field.start_timeout_s
+        if start_timeout_s is not None and not start_timeout_s > 0:
+            raise ValueError(f"start_timeout_s must be positive, got {start_timeout_s}")
         self.field = field
         self.clock = clock
         self.security = security if security is not None else ClientSecurity.insecure()
         self._endpoint = url
         self.queue_size = int(queue_size)
         self.timeout_s = float(timeout_s)
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = self._batch = max(1, int(batch_size))
+        items = len(field.points) + len(field.inputs)
+        self.start_budget_s = (
+            float(start_timeout_s)
+            if start_timeout_s is not None
+            else self.timeout_s + START_S_PER_POINT * items
+        )
         self.reconnect = reconnect
         self.backoff = backoff or Backoff()
         self.keepalive_ms = float(keepalive_ms)
         self.specs: dict[str, PointSpec] = {
-            p.name: PointSpec(p.name, p.max_age_s, p.required, p.deadband) for p in field.points
+            p.name: PointSpec(p.name, p.max_age_s, p.required, p.deadband, p.event_driven)
+            for p in field.points
         }
         skew = field.max_clock_skew_s
         self._table = PointTable(
@@ -261,6 +309,7 @@ class Mirror:
         self._held_why = ""
         self._server_time_fallback: set[str] = set()
         self._handles: dict[int, str] = {}
+        self._missing: list[str] = []  # inputs that are not Variables on the server
         self._points: list[_Mapped] = []
         self._inputs: list[_Mapped] = []
         self._client: Client | None = None
@@ -279,6 +328,7 @@ class Mirror:
         self.reconnects = 0
         self.notifications = 0
         self.last_status_change: int | None = None
+        self.stage = "not started"  # how far the last start or reconnect got
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -363,9 +413,9 @@ class Mirror:
 
     async def wait_connected(self, timeout_s: float) -> bool:
         """Wait until no gap is open; False on timeout."""
-        deadline = time.monotonic() + timeout_s
+        until = time.monotonic() + timeout_s
         while not self.connected:
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= until:
                 return False
             await asyncio.sleep(0.02)
         return True
@@ -376,7 +426,7 @@ class Mirror:
         values: dict[str, float] = {}
         bad: list[str] = []
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with deadline(self.timeout_s):
                 for batch in _batches(self._inputs, self.batch_size):
                     nodes = [client.get_node(m.nodeid) for m in batch]
                     for m, dv in zip(batch, await client.read_attributes(nodes), strict=True):
@@ -442,22 +492,49 @@ class Mirror:
         return self._client
 
     async def _open(self) -> None:
-        client = await connect_client(
-            self._endpoint,
-            self.security,
-            timeout_s=self.timeout_s,
-            session_timeout_ms=SESSION_TIMEOUT_MS,
-            name="parallelcity mirror",
-        )
-        self._client = client
+        """Connect, resolve and subscribe within ``start_budget_s``; translate every failure."""
+        budget = self.start_budget_s
+        self.stage = "connecting"
+        started = time.monotonic()
         try:
-            await self._resolve(client)
-            await self._subscribe(client)
-        except BaseException:
+            async with deadline(budget):
+                client = await connect_client(
+                    self._endpoint,
+                    self.security,
+                    timeout_s=self.timeout_s,
+                    session_timeout_ms=SESSION_TIMEOUT_MS,
+                    name="parallelcity mirror",
+                    request_timeout_s=self._request_timeout(self.batch_size),
+                    watchdog_s=self._request_timeout(self.batch_size),
+                )
+                self._client = client
+                await self._resolve(client)
+                await self._subscribe(client)
+        except BaseException as exc:
             await self._close(delete=False)
+            if isinstance(exc, TimeoutError):
+                raise FieldConnectionError(
+                    f"starting the mirror on {self._endpoint} did not finish within its "
+                    f"budget of {budget:.0f} s ({self.stage}); a slow or busy server needs "
+                    "a larger [field] start_timeout_s"
+                ) from exc
+            if isinstance(exc, Exception) and raised_by_asyncua(exc):
+                raise FieldConnectionError(
+                    f"starting the mirror on {self._endpoint} failed ({self.stage}): {exc!r}"
+                ) from exc
             raise
         self._last_publish = time.monotonic()
         self._link_problem = None
+        self.stage = f"started in {time.monotonic() - started:.1f} s"
+        _log.info(
+            "mirror: %d points subscribed on %s in %.1f s",
+            len(self._points),
+            self._endpoint,
+            time.monotonic() - started,
+        )
+
+    def _request_timeout(self, items: int) -> float:
+        return self.timeout_s + START_S_PER_POINT * items
 
     async def _close(self, *, delete: bool) -> None:
         client, self._client = self._client, None
@@ -467,12 +544,12 @@ class Mirror:
         alive = client.uaclient.state is UaClientState.CONNECTED
         if delete and sub is not None and alive:
             try:
-                async with asyncio.timeout(self.timeout_s):
+                async with deadline(self.timeout_s):
                     await sub.delete()
             except _SHUTDOWN_ERRORS as exc:
                 _log.debug("deleting the subscription on %s failed: %r", self._endpoint, exc)
         try:
-            async with asyncio.timeout(self.timeout_s if alive else 0.5):
+            async with deadline(self.timeout_s if alive else 0.5):
                 await client.disconnect()
         except _SHUTDOWN_ERRORS as exc:
             _log.debug("disconnecting from %s failed: %r", self._endpoint, exc)
@@ -555,9 +632,11 @@ class Mirror:
 
     async def _resolve(self, client: Client) -> None:
         uri = self.field.namespace
+        self.stage = "reading the namespace array and operation limits"
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with deadline(self.timeout_s):
                 namespaces = await client.get_namespace_array()
+                self._batch = await self._batch_limit(client)
         except _TRANSPORT_ERRORS as exc:
             raise FieldConnectionError(
                 f"reading the namespace array of {self._endpoint} failed: {exc!r}"
@@ -567,7 +646,7 @@ class Mirror:
                 f"namespace {uri!r} is not on the server at {self._endpoint} "
                 f"(server namespaces: {', '.join(map(repr, namespaces))})"
             )
-        ns = self._ns_index = namespaces.index(uri)
+        self._ns_index = namespaces.index(uri)
 
         problems: list[str] = []
         self._points = self._map("point", [(p.name, p.node) for p in self.field.points], problems)
@@ -577,33 +656,56 @@ class Mirror:
                 f"{len(problems)} scenario NodeId(s) are malformed: " + "; ".join(problems)
             )
 
-        checks = [("point", m) for m in self._points] + [("input", m) for m in self._inputs]
+        # The points are checked by creating their monitored items (the server says which
+        # NodeIds it does not know); the inputs are only read, so they are checked here.
+        self._missing = await self._check(client, [("input", m) for m in self._inputs])
+
+    async def _check(self, client: Client, checks: list[tuple[str, _Mapped]]) -> list[str]:
+        """Why each of ``checks`` is not a Variable on the server (nothing: all fine)."""
         missing: list[str] = []
+        progress = _Progress("checked", "nodes", len(checks), self._endpoint)
         try:
-            async with asyncio.timeout(self.timeout_s):
-                for batch in _batches(checks, self.batch_size):
-                    nodes = [client.get_node(m.nodeid) for _, m in batch]
+            for chunk in _batches(checks, self._batch):
+                self.stage = f"checking nodes ({progress.done}/{len(checks)} done)"
+                async with deadline(self._request_timeout(len(chunk))):
+                    nodes = [client.get_node(m.nodeid) for _, m in chunk]
                     results = await client.read_attributes(nodes, AttributeIds.NodeClass)
-                    for (role, m), dv in zip(batch, results, strict=True):
-                        status = dv.StatusCode
-                        if status is not None and not status.is_good():
-                            missing.append(f"{role} {m.name!r}: NodeId {m.node!r} ({status.name})")
-                            continue
-                        node_class = dv.Value.Value if dv.Value is not None else None
-                        if node_class != ua.NodeClass.Variable:
-                            missing.append(
-                                f"{role} {m.name!r}: NodeId {m.node!r} is not a Variable "
-                                f"(node class {node_class!r})"
-                            )
+                for (role, m), dv in zip(chunk, results, strict=True):
+                    status = dv.StatusCode
+                    if status is not None and not status.is_good():
+                        missing.append(f"{role} {m.name!r}: NodeId {m.node!r} ({status.name})")
+                        continue
+                    node_class = dv.Value.Value if dv.Value is not None else None
+                    if node_class != ua.NodeClass.Variable:
+                        missing.append(
+                            f"{role} {m.name!r}: NodeId {m.node!r} is not a Variable "
+                            f"(node class {node_class!r})"
+                        )
+                progress.add(len(chunk))
         except _TRANSPORT_ERRORS as exc:
             raise FieldConnectionError(
-                f"checking the scenario's nodes on {self._endpoint} failed: {exc!r}"
+                f"checking the scenario's nodes on {self._endpoint} failed "
+                f"({progress.done}/{len(checks)} checked): {exc!r}"
             ) from exc
-        if missing:
-            raise NodeMappingError(
-                f"{len(missing)} scenario node(s) not found in namespace {uri!r} "
-                f"(index {ns}) on {self._endpoint}: " + "; ".join(missing)
+        return missing
+
+    async def _batch_limit(self, client: Client) -> int:
+        """``batch_size``, capped by the server's MaxMonitoredItemsPerCall and MaxNodesPerRead."""
+        limits = ObjectIds
+        nodes = [
+            client.get_node(ua.NodeId(ua.Int32(i)))
+            for i in (
+                limits.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall,
+                limits.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead,
             )
+        ]
+        batch = self.batch_size
+        for dv in await client.read_attributes(nodes, AttributeIds.Value):
+            value = dv.Value.Value if dv.Value is not None else None
+            good = dv.StatusCode is None or dv.StatusCode.is_good()
+            if good and isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                batch = min(batch, value)  # 0 means "no limit"
+        return batch
 
     def _map(self, role: str, pairs: list[tuple[str, str]], problems: list[str]) -> list[_Mapped]:
         assert self._ns_index is not None
@@ -611,46 +713,67 @@ class Mirror:
         for name, node in pairs:
             try:
                 mapped.append(_Mapped(name, node, parse_node_id(node, self._ns_index)))
-            except ValueError as exc:
+            except NodeIdError as exc:
                 problems.append(f"{role} {name!r}: {exc}")
         return mapped
 
     async def _subscribe(self, client: Client) -> None:
         interval = float(self.field.sampling_interval_ms)
         per_point = {p.name: p for p in self.field.points}
-        failed: list[str] = []
+        failed: dict[_Mapped, str] = {}
+        total = len(self._points)
+        progress = _Progress("subscribed", "points", total, self._endpoint)
+        self.stage = "creating the subscription"
         try:
-            async with asyncio.timeout(self.timeout_s):
+            batch = self._batch
+            async with deadline(self.timeout_s):
                 self._generation += 1
                 sub = _LatestValueSubscription(
                     client.uaclient.session, self._parameters(interval), self, self._generation
                 )
                 await sub.init()
-                self._subscription = sub
-                self._handles = {}
-                for first, batch in enumerate(_batches(self._points, self.batch_size)):
-                    requests = []
-                    for k, m in enumerate(batch):
-                        # Client handles are ours: 1..n in point order.  Nothing else
-                        # subscribes on this subscription, so they cannot collide.
-                        handle = first * self.batch_size + k + 1
-                        self._handles[handle] = m.name
-                        p = per_point[m.name]
-                        sampling = p.sampling_interval_ms or interval
-                        requests.append(self._request(m.nodeid, handle, sampling, p.deadband))
+            self._subscription = sub
+            self._handles = {}
+            handle = 0
+            for chunk in _batches(self._points, batch):
+                self.stage = f"subscribing ({progress.done}/{total} points done)"
+                requests = []
+                for m in chunk:
+                    # Client handles are ours: 1..n in point order.  Nothing else
+                    # subscribes on this subscription, so they cannot collide.
+                    handle += 1
+                    self._handles[handle] = m.name
+                    p = per_point[m.name]
+                    sampling = p.sampling_interval_ms or interval
+                    requests.append(self._request(m.nodeid, handle, sampling, p.deadband))
+                async with deadline(self._request_timeout(len(chunk))):
                     results = await sub.create_monitored_items(requests)
-                    for m, res in zip(batch, results, strict=True):
-                        if isinstance(res, ua.StatusCode):
-                            failed.append(f"point {m.name!r}: NodeId {m.node!r} ({res.name})")
+                for m, res in zip(chunk, results, strict=True):
+                    if isinstance(res, ua.StatusCode):
+                        failed[m] = res.name
+                progress.add(len(chunk))
         except _TRANSPORT_ERRORS as exc:
             raise FieldConnectionError(
-                f"subscribing to the points on {self._endpoint} failed: {exc!r}"
+                f"subscribing to the points on {self._endpoint} failed "
+                f"({progress.done}/{total} subscribed): {exc!r}"
             ) from exc
-        if failed:
-            raise NodeMappingError(
-                f"the server at {self._endpoint} refused to monitor {len(failed)} point(s): "
-                + "; ".join(failed)
-            )
+        if failed or self._missing:
+            await self._refuse_mapping(client, failed)
+
+    async def _refuse_mapping(self, client: Client, failed: dict[_Mapped, str]) -> None:
+        """Every point the server would not monitor and every unusable input, at once."""
+        missing = await self._check(client, [("point", m) for m in failed])
+        described = {line.split(":", 1)[0] for line in missing}
+        missing += [
+            f"point {m.name!r}: NodeId {m.node!r} (monitoring refused: {why})"
+            for m, why in failed.items()
+            if f"point {m.name!r}" not in described
+        ]
+        missing += self._missing
+        raise NodeMappingError(
+            f"{len(missing)} scenario node(s) not found in namespace {self.field.namespace!r} "
+            f"(index {self._ns_index}) on {self._endpoint}: " + "; ".join(missing)
+        )
 
     def _parameters(self, interval_ms: float) -> ua.CreateSubscriptionParameters:
         """Keep-alive about every ``keepalive_ms``, lifetime at least a minute."""

@@ -28,6 +28,9 @@ are refused (``keys.check_owner_only``).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -36,10 +39,11 @@ import os
 import secrets
 import time
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from urllib.parse import urlsplit
 
 from asyncua import ua
 from asyncua.client.client import Client
@@ -60,7 +64,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from .certs import application_uri_of, describe, load_certificate
-from .errors import FieldConnectionError, SecurityError
+from .errors import FieldConnectionError, NodeIdError, SecurityError
 from .keys import check_owner_only
 
 if TYPE_CHECKING:
@@ -99,6 +103,93 @@ _USER_REFUSALS = {
     StatusCodes.BadIdentityTokenRejected,
     StatusCodes.BadIdentityTokenInvalid,
 }
+
+
+# =========================================================================== helpers
+
+
+@contextlib.asynccontextmanager
+async def deadline(seconds: float) -> AsyncIterator[None]:
+    """``asyncio.timeout(seconds)`` that always ends in ``TimeoutError`` when it expires.
+
+    Python 3.11's ``asyncio.timeout`` converts only the exact ``CancelledError`` type;
+    asyncua's ``wait_for2`` raises its subclass ``CancelledWithResultError`` when the
+    deadline hits just as a reply arrives, and that would escape as a cancellation.
+    """
+    task = asyncio.current_task()
+    before = task.cancelling() if task is not None else 0
+    timeout = asyncio.timeout(seconds)
+    try:
+        async with timeout:
+            yield
+    except asyncio.CancelledError as exc:
+        # ours only if nobody else asked to cancel the task meanwhile
+        if timeout.expired() and task is not None and task.cancelling() <= before:
+            raise TimeoutError(f"no answer within {seconds:g} s") from exc
+        raise
+
+
+def raised_by_asyncua(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside asyncua (or its ``wait_for2``), not by our code."""
+    tb = exc.__traceback__
+    module = ""
+    while tb is not None:
+        module = tb.tb_frame.f_globals.get("__name__", "")
+        tb = tb.tb_next
+    return module.split(".", 1)[0] in ("asyncua", "wait_for2")
+
+
+def endpoint_problem(url: str) -> str | None:
+    """Why ``url`` is not an ``opc.tcp://HOST:PORT`` endpoint URL, or None."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"{url!r} is not an opc.tcp://HOST:PORT URL ({exc})"
+    if parts.scheme.lower() != "opc.tcp":
+        return f"{url!r} is not an opc.tcp://HOST:PORT URL (scheme {parts.scheme or 'missing'!r})"
+    if not parts.hostname:
+        return f"{url!r} is not an opc.tcp://HOST:PORT URL (no host)"
+    if port is None:
+        return f"{url!r} has no port: write opc.tcp://{parts.hostname}:4840 for the default"
+    return None
+
+
+def parse_node_id(text: str, ns_index: int = 0) -> ua.NodeId:
+    """A scenario NodeId in namespace ``ns_index``: ``s=<string>``, ``i=<0..2^32-1>``,
+    ``g=<GUID>`` or ``b=<base64>``.  The namespace comes from ``field.namespace``, never from
+    the text.  Raises ``NodeIdError`` (a ``ScenarioError`` and a ``ValueError``)."""
+    if not isinstance(text, str):
+        raise NodeIdError(repr(text), "a NodeId is a string such as 's=plant/T' or 'i=1001'")
+    kind, sep, ident = text.partition("=")
+    ns = ua.Int16(ns_index)
+    if kind == "ns" or text.startswith("nsu="):
+        raise NodeIdError(
+            text, "give it without 'ns=...;': the namespace is field.namespace (a URI)"
+        )
+    if not sep or not ident:
+        raise NodeIdError(text, "must look like 's=<string>', 'i=<integer>', 'g=<GUID>' or 'b=…'")
+    if kind == "s":
+        return ua.NodeId(ua.String(ident), ns)
+    if kind == "i":
+        if not ident.isascii() or not ident.isdigit():
+            raise NodeIdError(text, "'i=' needs an unsigned decimal integer")
+        number = int(ident)
+        if number > 0xFFFFFFFF:
+            raise NodeIdError(text, "numeric identifiers are at most 4294967295 (UInt32)")
+        return ua.NodeId(ua.Int32(number), ns)
+    if kind == "g":
+        try:
+            return ua.NodeId(ua.Guid(ident), ns, ua.NodeIdType.Guid)
+        except ValueError:
+            raise NodeIdError(text, "'g=' needs a GUID (8-4-4-4-12 hex digits)") from None
+    if kind == "b":
+        try:
+            raw = base64.b64decode(ident, validate=True)
+        except (binascii.Error, ValueError):
+            raise NodeIdError(text, "'b=' needs base64 text") from None
+        return ua.NodeId(ua.ByteString(raw), ns, ua.NodeIdType.ByteString)
+    raise NodeIdError(text, f"unknown identifier type {kind!r}: use s=, i=, g= or b=")
 
 
 # =========================================================================== trust lists
@@ -204,6 +295,7 @@ class ClientSecurity:
     password: str | None = field(default=None, repr=False)
     user_certificate: Path | None = None
     user_private_key: Path | None = None
+    anonymous: bool = False  # no user token, on a SignAndEncrypt channel all the same
 
     @classmethod
     def insecure(cls) -> ClientSecurity:
@@ -242,9 +334,14 @@ class ClientSecurity:
         check_owner_only(self.private_key, "OPC UA private key")
         if self.user_private_key is not None:
             check_owner_only(self.user_private_key, "OPC UA user private key")
-        if self.username is None and self.user_certificate is None:
+        tokens = (self.username is not None) + (self.user_certificate is not None)
+        if self.anonymous and tokens:
+            raise SecurityError("an anonymous OPC UA session takes no username or user certificate")
+        if not self.anonymous and tokens != 1:
             raise SecurityError(
-                "secure OPC UA needs a user token: a username (and password) or a user_certificate"
+                "secure OPC UA needs exactly one user token: a username (and password) or a "
+                "user_certificate; or anonymous = true for a server that allows only "
+                "anonymous sessions"
             )
         if self.username is not None and not self.password:
             raise SecurityError(f"OPC UA user {self.username!r} has no password")
@@ -285,6 +382,7 @@ class ClientSecurity:
             password=password,
             user_certificate=resolve(cfg.user_certificate),
             user_private_key=resolve(cfg.user_private_key),
+            anonymous=cfg.anonymous,
         )
 
 
@@ -295,14 +393,25 @@ async def connect_client(
     timeout_s: float,
     session_timeout_ms: int | None = None,
     name: str = "parallelcity",
+    request_timeout_s: float | None = None,
+    watchdog_s: float = 1.0,
 ) -> Client:
-    """A connected client for ``endpoint``; on any failure nothing is left open."""
-    client = Client(endpoint, timeout=timeout_s)
+    """A connected client for ``endpoint``; on any failure nothing is left open.
+
+    ``timeout_s`` bounds connecting; ``request_timeout_s`` (default ``timeout_s``) each
+    later request.  asyncua probes the server every ``watchdog_s`` and drops the
+    connection when a probe takes longer than that: a client that sends large requests
+    to a busy server needs more than asyncua's 1 s.
+    """
+    if (problem := endpoint_problem(endpoint)) is not None:
+        raise FieldConnectionError(problem)
+    request_timeout = timeout_s if request_timeout_s is None else request_timeout_s
+    client = Client(endpoint, timeout=request_timeout, watchdog_intervall=watchdog_s)
     client.name = client.description = name
     if session_timeout_ms is not None:
         client.session_timeout = session_timeout_ms
     try:
-        async with asyncio.timeout(timeout_s):
+        async with deadline(timeout_s):
             if security.secure:
                 await _secure(client, endpoint, security)
             await client.connect()
@@ -314,7 +423,14 @@ async def connect_client(
         if isinstance(validator, TrustList) and validator.refused is not None:
             raise _server_untrusted(endpoint, validator) from exc
         raise _translate(exc, endpoint, security, timeout_s) from exc
-    if security.secure:
+    if security.secure and security.anonymous:
+        _log.warning(
+            "OPC UA session to %s is ANONYMOUS on a %s SignAndEncrypt channel: the server "
+            "knows this application by its certificate, but no user is authenticated",
+            endpoint,
+            security.policy,
+        )
+    elif security.secure:
         _log.info(
             "OPC UA session to %s: %s SignAndEncrypt, user %s",
             endpoint,

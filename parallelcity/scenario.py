@@ -113,11 +113,22 @@ class OpcUaSecurity(_Strict):
     )
     user_certificate: str | None = Field(None, description="X.509 user token certificate")
     user_private_key: str | None = Field(None, description="private key of the user certificate")
+    anonymous: bool = Field(
+        False,
+        description="no user token: an anonymous session on the SignAndEncrypt channel (the "
+        "certificate still authenticates this application); for servers that allow no users",
+    )
 
     @model_validator(mode="after")
     def _one_user_token(self) -> OpcUaSecurity:
-        if (self.username is None) == (self.user_certificate is None):
-            raise ValueError("give exactly one user token: username or user_certificate")
+        tokens = (self.username is not None) + (self.user_certificate is not None)
+        if self.anonymous and tokens:
+            raise ValueError("anonymous = true excludes username and user_certificate")
+        if not self.anonymous and tokens != 1:
+            raise ValueError(
+                "give exactly one user token: username or user_certificate "
+                "(or anonymous = true for a server that allows only anonymous sessions)"
+            )
         if self.username is not None and self.password_env is None:
             raise ValueError("username needs password_env (passwords never go in the file)")
         if self.user_certificate is not None and self.user_private_key is None:
@@ -190,6 +201,11 @@ class PointMap(_Strict):
         description="a source time further ahead of the clock (s) is refused; "
         "default field.max_clock_skew_s",
     )
+    event_driven: bool = Field(
+        False,
+        description="the node changes only when written (a setpoint): its age counts from the "
+        "subscription's last sign of life, not from its last change",
+    )
 
     @field_validator("node")
     @classmethod
@@ -234,6 +250,12 @@ class FieldConfig(_Strict):
     endpoint: str | None = Field(None, description="OPC UA endpoint; none runs the embedded rig")
     gateway: str | None = Field(None, description="field gateway ZeroMQ address")
     sampling_interval_ms: float = Field(100.0, gt=0, description="wall milliseconds")
+    start_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="wall seconds a mirror start (connect, check and subscribe every point) "
+        "may take; default 5 s plus 4 ms per point",
+    )
     max_clock_skew_s: float = Field(
         DEFAULT_MAX_CLOCK_SKEW_S,
         ge=0,

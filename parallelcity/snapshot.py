@@ -48,6 +48,7 @@ class PointSpec:
     max_age_s: float
     required: bool = True
     deadband: float | None = None  # changes within it are not reported: age from last sign of life
+    event_driven: bool = False  # changes only when written: age from last sign of life too
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,8 @@ def assess(
     ``held`` maps points whose reading is from before a connection gap to why;
     they are stale; ``refused`` maps points whose latest reading was refused to why:
     they are stale too, with the last accepted reading shown.  ``alive_at`` is when the
-    subscription last showed life: a point with a deadband is as old as the later of its
-    source time and that.
+    subscription last showed life: a point with a deadband, or an event-driven one, is as
+    old as the later of its source time and that.
     """
     held = held or {}
     refused = refused or {}
@@ -117,7 +118,8 @@ def assess(
             states[name] = PointState(name, None, None, True, why)
             continue
         seen = r.source_time
-        if spec.deadband is not None and alive_at is not None and name not in held:
+        quiet = spec.deadband is not None or spec.event_driven
+        if quiet and alive_at is not None and name not in held:
             seen = max(seen, alive_at)
         age = max(0.0, now - seen)
         if name in held:
