@@ -7,6 +7,9 @@ Exit codes:
     3  field equipment unreachable or not as the scenario describes (OPC UA, gateway)
     4  refused for security: the configuration lacks the security it needs
     5  `verify`: a safety spec does not hold on some rig sample
+    6  `run` ended without achieving control: commands acked on fewer cycles than
+       [scenario] min_acked_share (default 0.5), e.g. every command refused
+  130  `run` interrupted by SIGINT, 143 by SIGTERM (after writing its outputs)
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
         ),
         epilog="Exit codes: 0 done, 1 internal error, 2 bad usage or invalid scenario, "
         "3 field unreachable or mis-mapped, 4 refused for security, "
-        "5 verify: a spec fails on the rig.",
+        "5 verify: a spec fails on the rig, 6 run: no control achieved (too few cycles "
+        "with acked commands), 130 / 143 run interrupted by SIGINT / SIGTERM.",
     )
     p.add_argument("--version", action="version", version=f"parallelcity {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
@@ -200,15 +204,30 @@ def _cmd_schema(output: Path | None) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .controller_choice import controller_settings
+    from .lifecycle import speed_problem
     from .report import band_violation, write_all
     from .runner import CycleRecord, RunOptions, run
     from .scenario import load_scenario
 
     if args.cycles is not None and args.cycles < 1:
         raise _UsageError("--cycles must be at least 1")
-    if args.speed is not None and not args.speed > 0:
-        raise _UsageError("--speed must be positive")
+    if args.speed is not None and not (math.isfinite(args.speed) and args.speed > 0):
+        raise _UsageError(f"--speed {args.speed}: must be a positive finite number")
+    for opt, url, scheme in (
+        ("--field", args.field, "opc.tcp"),
+        ("--gateway", args.gateway, "tcp"),
+    ):
+        if url is not None and not _is_url(url, scheme):
+            raise _UsageError(f"{opt} {url!r} is not an {scheme}:// URL (HOST:PORT needed)")
+    if args.field and not args.gateway:
+        raise _UsageError("--field needs --gateway: real equipment is driven through its gateway")
     scenario = load_scenario(args.scenario)
+    controller_settings(scenario, args.controller)  # the same rule `run` applies; exit 2 here
+    if args.field is None:
+        problem = speed_problem(scenario.meta.cycle_s, args.speed or scenario.meta.speed)
+        if problem is not None:
+            raise _UsageError(f"--speed: {problem}" if args.speed else problem)
     cycles = args.cycles or scenario.meta.cycles
     every = 1 if sys.stderr.isatty() else max(1, cycles // 12)
     comfort = [0.0]
@@ -238,9 +257,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         field_endpoint=args.field,
         gateway_endpoint=args.gateway,
         controller_kind=args.controller,
+        handle_signals=True,
     )
-    if args.field and not args.gateway:
-        raise _UsageError("--field needs --gateway: real equipment is driven through its gateway")
     where = "embedded rig" if args.field is None else args.field
     print(
         f"running {scenario.meta.name}: {cycles} cycles of {scenario.meta.cycle_s:g} s "
@@ -260,7 +278,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print("\n".join(summary.lines()))
     for what, path in paths.items():
         print(f"{what:<17} {path}")
-    return EXIT_OK
+    if not summary.success and summary.end == "completed":
+        print(summary.verdict, file=sys.stderr)
+    return summary.exit_code
+
+
+def _is_url(url: str, scheme: str) -> bool:
+    """``scheme://host:port[/path]`` with a host and a numeric port (OPC UA: 4840 if none)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    if scheme == "opc.tcp" and port is None:
+        port = 4840  # the registered OPC UA port
+    return parts.scheme == scheme and bool(parts.hostname) and port is not None
 
 
 def _cmd_gateway(args: argparse.Namespace) -> int:

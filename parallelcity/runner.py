@@ -13,13 +13,14 @@ the clock, the sockets, the worker thread and the journal.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import math
 import secrets
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,10 +31,11 @@ import numpy as np
 from . import plugins
 from .certs import make_lab_pki
 from .clock import SimClock
+from .controller_choice import controller_settings
 from .cycle import CycleLogic, Decision, Outcome
 from .dispatcher import ClientCurve, Dispatcher
 from .divergence import DivergenceMonitor, DivergenceSettings
-from .errors import DispatchError, ParallelCityError, SecurityError
+from .errors import DispatchError, JournalError, ParallelCityError, SecurityError
 from .estimate import ExtendedKalmanFilter
 from .field_writer import OpcUaWriter
 from .gate import SimplexGate
@@ -42,6 +44,7 @@ from .gateway_core import DEFAULT_MAX_COMMAND_AGE_S, GatewayCore
 from .gateway_store import GatewayStore
 from .journal import Journal
 from .keys import KeyPair, read_public_key, read_secret_key
+from .lifecycle import SolveWorker, Stopped, StopRequest, speed_problem, unless_stopped
 from .mirror import Mirror
 from .model import Array
 from .opcua import ClientSecurity, SecureStandIn, ServerSecurity, hash_password
@@ -71,7 +74,8 @@ class RunOptions:
     out_dir: Path = Path("runs")
     field_endpoint: str | None = None  # None: start the rig's field stand-in
     gateway_endpoint: str | None = None  # None: start a field gateway in-process
-    controller_kind: str | None = None  # override the scenario's controller kind
+    controller_kind: str | None = None  # the scenario's table of this kind (controller_choice)
+    handle_signals: bool = False  # SIGINT / SIGTERM end the run cleanly (the CLI sets it)
 
 
 @dataclass
@@ -97,6 +101,11 @@ class RunResult:
     out_dir: Path
     stand_in: FieldStandIn | None
     counts: dict[str, int] = field(default_factory=dict)
+    planned_cycles: int = 0
+    end: str = "completed"  # "completed" | "interrupted"
+    signal: str | None = None  # "SIGINT" | "SIGTERM" when interrupted
+    abandoned: str = ""  # what the stop left unfinished, if anything
+    first_cycle_t: float | None = None  # simulated time of the first cycle
 
 
 ProgressFn = Callable[[CycleRecord, dict[str, int]], None]
@@ -342,17 +351,20 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         log.warning(INSECURE_BANNER)
     embedded = options.field_endpoint is None
     speed = (options.speed or meta.speed) if embedded else 1.0
-    epoch = meta.start_epoch if embedded else time.time()
-    clock = SimClock(epoch=epoch, speed=speed)
+    if embedded and (problem := speed_problem(meta.cycle_s, speed)) is not None:
+        raise ValueError(problem)
+    # Embedded: the simulated day stands at the scenario's start until the loop is ready
+    # (set-up takes machine-dependent wall time); the plant starts there too.
+    if embedded:
+        clock = SimClock(epoch=meta.start_epoch, speed=speed, held=True)
+    else:
+        clock = SimClock(epoch=time.time(), speed=1.0)
     cycles = options.cycles or meta.cycles
     specs = SafetySpecs.from_scenario(scenario)
     model = scenario.model
 
     rig_kind = plugins.load("rig", scenario.file.rig.kind)
-    controller_kind = options.controller_kind or scenario.file.controller.kind
-    controller_cfg = scenario.controller_config
-    if options.controller_kind and options.controller_kind != scenario.file.controller.kind:
-        controller_cfg = plugins.load("controller", controller_kind).Config()
+    controller_kind, controller_cfg = controller_settings(scenario, options.controller_kind)
     controller = plugins.load("controller", controller_kind).create(controller_cfg)
     fallback = plugins.load("controller", scenario.file.fallback.kind).create(
         scenario.fallback_config
@@ -371,211 +383,325 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
     logic.setup()
     monitor = _divergence_monitor(scenario)
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = options.out_dir / f"{meta.name}-{stamp}"
+    out_dir = _new_out_dir(options.out_dir, meta.name)
     journal = Journal(out_dir / "journal.sqlite")
     records: list[CycleRecord] = []
     counts = _counts()
     stand_in: FieldStandIn | None = None
+    abandoned = ""
+    t_first: float | None = None
     opcua_client, opcua_server = _opcua_security(scenario, embedded, out_dir)
     issuer = _issuer(scenario, options.gateway_endpoint is None)
     zmq_client, zmq_server = _zmq_security(scenario, options.gateway_endpoint is None, issuer)
 
-    async with AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
-        endpoint = options.field_endpoint
-        if endpoint is None:
-            stand_in_cm = rig_kind.field_stand_in(scenario.rig_config, scenario, clock)
-            if opcua_server is not None:
-                if not isinstance(stand_in_cm, SecureStandIn):
-                    raise SecurityError(
-                        f"rig kind {scenario.file.rig.kind!r} cannot serve secure OPC UA; "
-                        "set [security] insecure_lab = true for a lab run"
+    stop = StopRequest()
+    if options.handle_signals:
+        stop.install()
+    started = False
+    try:
+        async with AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
+            endpoint = options.field_endpoint
+            if endpoint is None:
+                stand_in_cm = rig_kind.field_stand_in(scenario.rig_config, scenario, clock)
+                if opcua_server is not None:
+                    if not isinstance(stand_in_cm, SecureStandIn):
+                        raise SecurityError(
+                            f"rig kind {scenario.file.rig.kind!r} cannot serve secure OPC UA; "
+                            "set [security] insecure_lab = true for a lab run"
+                        )
+                    stand_in_cm.use_opcua_security(opcua_server)
+                field_stand_in = await stack.enter_async_context(stand_in_cm)
+                stand_in, endpoint = field_stand_in, field_stand_in.endpoint
+                log.info("field stand-in serving OPC UA at %s", endpoint)
+            gateway_endpoint = options.gateway_endpoint
+            gateway_task = None
+            if gateway_endpoint is None:
+                store = GatewayStore(out_dir / "gateway.sqlite")
+                stack.callback(store.close)
+                writer = await stack.enter_async_context(
+                    OpcUaWriter(
+                        endpoint,
+                        scenario.field,
+                        security=opcua_client,
+                        on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),
                     )
-                stand_in_cm.use_opcua_security(opcua_server)
-            field_stand_in = await stack.enter_async_context(stand_in_cm)
-            stand_in, endpoint = field_stand_in, field_stand_in.endpoint
-            log.info("field stand-in serving OPC UA at %s", endpoint)
-        gateway_endpoint = options.gateway_endpoint
-        gateway_task = None
-        if gateway_endpoint is None:
-            store = GatewayStore(out_dir / "gateway.sqlite")
-            stack.callback(store.close)
-            writer = await stack.enter_async_context(
-                OpcUaWriter(
-                    endpoint,
-                    scenario.field,
-                    security=opcua_client,
-                    on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),
                 )
+                gateway = await stack.enter_async_context(
+                    FieldGateway(
+                        _embedded_core(scenario, specs, speed),
+                        writer,
+                        clock,
+                        bind="tcp://127.0.0.1:0",
+                        curve=zmq_server,
+                        insecure_lab=scenario.insecure_lab,
+                        store=store,
+                    )
+                )
+                gateway_endpoint = gateway.endpoint
+                gateway_task = tasks.create_task(gateway.serve(), name="field-gateway")
+                log.info("field gateway listening at %s", gateway_endpoint)
+            mirror = await stack.enter_async_context(
+                Mirror(scenario.field, clock, endpoint=endpoint, security=opcua_client)
             )
-            gateway = await stack.enter_async_context(
-                FieldGateway(
-                    _embedded_core(scenario, specs, speed),
-                    writer,
-                    clock,
-                    bind="tcp://127.0.0.1:0",
-                    curve=zmq_server,
+            dispatcher = await stack.enter_async_context(
+                Dispatcher(
+                    gateway_endpoint,
+                    issuer=issuer,
+                    timeout_s=max(0.5, 0.2 * meta.cycle_s / speed),
+                    curve=zmq_client,
                     insecure_lab=scenario.insecure_lab,
-                    store=store,
                 )
             )
-            gateway_endpoint = gateway.endpoint
-            gateway_task = tasks.create_task(gateway.serve(), name="field-gateway")
-            log.info("field gateway listening at %s", gateway_endpoint)
-        mirror = await stack.enter_async_context(
-            Mirror(scenario.field, clock, endpoint=endpoint, security=opcua_client)
-        )
-        dispatcher = await stack.enter_async_context(
-            Dispatcher(
-                gateway_endpoint,
-                issuer=issuer,
-                timeout_s=max(0.5, 0.2 * meta.cycle_s / speed),
-                curve=zmq_client,
-                insecure_lab=scenario.insecure_lab,
+            applied_now = await mirror.read_inputs()
+            u_prev = np.array([applied_now[n] for n in model.inputs], dtype=float)
+            if not await mirror.wait_all_received(timeout_s=10.0):
+                missing = [n for n, p in mirror.snapshot().points.items() if p.reading is None]
+                log.warning("no value yet from %s; cycles needing them count as stale", missing)
+
+            journal.start_run(
+                meta.name,
+                clock.now(),
+                {
+                    "path": str(scenario.path),
+                    "speed": speed,
+                    "cycles": cycles,
+                    "embedded": embedded,
+                    "field": endpoint,
+                    "gateway": gateway_endpoint,
+                    "controller": controller_kind,
+                },
             )
-        )
-        applied_now = await mirror.read_inputs()
-        u_prev = np.array([applied_now[n] for n in model.inputs], dtype=float)
-        if not await mirror.wait_all_received(timeout_s=10.0):
-            missing = [n for n, p in mirror.snapshot().points.items() if p.reading is None]
-            log.warning("no value yet from %s; cycles needing them count as stale", missing)
+            started = True
+            # First heartbeat: the gateway tells where this issuer's seq stands and how often
+            # it expects heartbeats; then they go on beside the cycles.
+            cycle_k = [0]
+            first = await dispatcher.heartbeat(sent_at=clock.now())
+            journal.record_event(0, clock.now(), "gateway", first.watchdog.value, first.detail)
+            beat_s = first.heartbeat_s / 2 if first.heartbeat_s > 0 else meta.cycle_s / 4
+            watchdog_seen = [first.watchdog]
 
-        journal.start_run(
-            meta.name,
-            clock.now(),
-            {
-                "path": str(scenario.path),
-                "speed": speed,
-                "cycles": cycles,
-                "embedded": embedded,
-                "field": endpoint,
-                "gateway": gateway_endpoint,
-                "controller": controller_kind,
-            },
-        )
-        # First heartbeat: the gateway tells where this issuer's seq stands and how often
-        # it expects heartbeats; then they go on beside the cycles.
-        cycle_k = [0]
-        first = await dispatcher.heartbeat(sent_at=clock.now())
-        journal.record_event(0, clock.now(), "gateway", first.watchdog.value, first.detail)
-        beat_s = first.heartbeat_s / 2 if first.heartbeat_s > 0 else meta.cycle_s / 4
-        watchdog_seen = [first.watchdog]
-
-        def on_status(status: Status) -> None:
-            if status.watchdog is not watchdog_seen[0]:
-                watchdog_seen[0] = status.watchdog
-                journal.record_event(
-                    cycle_k[0], clock.now(), "gateway", status.watchdog.value, status.detail
-                )
-
-        heartbeats = tasks.create_task(
-            dispatcher.heartbeat_loop(max(0.02, beat_s / speed), on_status, now=clock.now),
-            name="heartbeats",
-        )
-        t_first = meta.start_epoch + math.ceil((clock.now() - meta.start_epoch) / meta.cycle_s) * (
-            meta.cycle_s
-        )
-        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cycle")
-        busy: Future[Decision] | None = None
-        try:
-            for k in range(cycles):
-                t_k = t_first + k * meta.cycle_s
-                cycle_k[0] = k
-                await clock.sleep_until(t_k)
-                wall0 = time.perf_counter()
-                snap = mirror.snapshot()
-                for event in mirror.take_events():
+            def on_status(status: Status) -> None:
+                if status.watchdog is not watchdog_seen[0]:
+                    watchdog_seen[0] = status.watchdog
                     journal.record_event(
-                        k, event.t, "mirror", event.kind, event.detail, {"gap": event.gap}
+                        cycle_k[0], clock.now(), "gateway", status.watchdog.value, status.detail
                     )
-                deadline_at = t_k + meta.deadline
-                if busy is not None and not busy.done():
-                    decision = Decision(Outcome.HOLD, "previous cycle's solve is still running")
-                    outcome, reason = "busy", decision.reason
-                else:
-                    budget = max(0.0, (deadline_at - clock.now()) / speed)
-                    diverged = monitor.reason if monitor is not None and monitor.alarm else None
-                    busy = worker.submit(
-                        partial(
-                            logic.decide,
-                            verify_by=time.monotonic() + budget,
-                            fallback_reason=diverged,
-                        ),
+
+            # Everything is ready: the simulated day begins now, at the scenario's start.
+            clock.start()
+            if embedded:
+                t_first = meta.start_epoch
+            else:
+                t_first = meta.start_epoch + math.ceil(
+                    (clock.now() - meta.start_epoch) / meta.cycle_s
+                ) * (meta.cycle_s)
+            log.info("first cycle at %s", _iso(t_first))
+            heartbeats = tasks.create_task(
+                dispatcher.heartbeat_loop(max(0.02, beat_s / speed), on_status, now=clock.now),
+                name="heartbeats",
+            )
+            worker = SolveWorker()
+            busy: Future[Decision] | None = None
+            busy_k = 0
+            try:
+                for k in range(cycles):
+                    if stop.requested:
+                        break
+                    t_k = t_first + k * meta.cycle_s
+                    cycle_k[0] = k
+                    try:
+                        await unless_stopped(clock.sleep_until(t_k), stop)
+                    except Stopped:
+                        break
+                    wall0 = time.perf_counter()
+                    snap = mirror.snapshot()
+                    for event in mirror.take_events():
+                        journal.record_event(
+                            k, event.t, "mirror", event.kind, event.detail, {"gap": event.gap}
+                        )
+                    deadline_at = t_k + meta.deadline
+                    if busy is not None and not busy.done():
+                        decision = Decision(Outcome.HOLD, "previous cycle's solve is still running")
+                        outcome, reason = "busy", decision.reason
+                    else:
+                        budget = max(0.0, (deadline_at - clock.now()) / speed)
+                        diverged = monitor.reason if monitor is not None and monitor.alarm else None
+                        busy_k = k
+                        busy = worker.submit(
+                            partial(
+                                logic.decide,
+                                t_k,
+                                snap,
+                                u_prev,
+                                0.8 * budget,
+                                verify_by=time.monotonic() + budget,
+                                fallback_reason=diverged,
+                            )
+                        )
+                        try:
+                            decision = await unless_stopped(
+                                asyncio.wrap_future(busy), stop, timeout=budget
+                            )
+                            outcome, reason = decision.outcome.value, decision.reason
+                        except TimeoutError:
+                            decision = Decision(Outcome.HOLD, "deadline missed while deciding")
+                            outcome, reason = "deadline", decision.reason
+                        except Stopped:
+                            reason = f"{stop.signal} while deciding: the solve was abandoned"
+                            decision = Decision(Outcome.HOLD, reason)
+                            outcome = "hold"
+                            abandoned = f"cycle {k}'s solve (nothing sent for it)"
+                    action = decision.action
+                    if action is not None and clock.now() > deadline_at:
+                        outcome, reason = "deadline", f"decided too late: {reason}"
+                        action = None
+                    if action is not None and outcome == Outcome.DISPATCH:
+                        broken = specs.check_dispatch(u_prev, action, meta.cycle_s)
+                        if broken:  # the same specs, once more on what is about to leave
+                            outcome = "hold"
+                            reason = f"refused at dispatch: {broken[0].describe()}"
+                            log.error("cycle %d: %s", k, reason)
+                            action = None
+                    journal.record_cycle(
+                        k, t_k, snap, decision, time.perf_counter() - wall0, outcome, reason
+                    )
+                    if outcome in ("deadline", "busy"):
+                        switch = logic.gate.trip(t_k, f"deadline: {reason}")
+                        if switch is not None:
+                            journal.record_switch(k, switch)
+                    ack_text = ""
+                    verdict = decision.verdict
+                    if action is not None and verdict is not None and outcome == Outcome.DISPATCH:
+                        ack_text, u_prev = await _dispatch(
+                            dispatcher,
+                            journal,
+                            k,
+                            model.inputs,
+                            action,
+                            u_prev,
+                            issued_at=t_k,
+                            valid_until=deadline_at,
+                            digest=verdict.digest,
+                            counts=counts,
+                        )
+                    if monitor is not None:
+                        _watch_divergence(monitor, journal, k, t_k, snap, decision, u_prev)
+                    _count(counts, outcome, decision)
+                    rec = _record(
+                        k,
                         t_k,
                         snap,
-                        u_prev,
-                        0.8 * budget,
-                    )
-                    try:
-                        decision = await asyncio.wait_for(asyncio.wrap_future(busy), budget)
-                        outcome, reason = decision.outcome.value, decision.reason
-                    except TimeoutError:
-                        decision = Decision(Outcome.HOLD, "deadline missed while deciding")
-                        outcome, reason = "deadline", decision.reason
-                action = decision.action
-                if action is not None and clock.now() > deadline_at:
-                    outcome, reason = "deadline", f"decided too late: {reason}"
-                    action = None
-                if action is not None and outcome == Outcome.DISPATCH:
-                    broken = specs.check_dispatch(u_prev, action, meta.cycle_s)
-                    if broken:  # the same specs, once more on what is about to leave
-                        outcome = "hold"
-                        reason = f"refused at dispatch: {broken[0].describe()}"
-                        log.error("cycle %d: %s", k, reason)
-                        action = None
-                journal.record_cycle(
-                    k, t_k, snap, decision, time.perf_counter() - wall0, outcome, reason
-                )
-                if outcome in ("deadline", "busy"):
-                    switch = logic.gate.trip(t_k, f"deadline: {reason}")
-                    if switch is not None:
-                        journal.record_switch(k, switch)
-                ack_text = ""
-                verdict = decision.verdict
-                if action is not None and verdict is not None and outcome == Outcome.DISPATCH:
-                    ack_text, u_prev = await _dispatch(
-                        dispatcher,
-                        journal,
-                        k,
+                        decision,
+                        outcome,
+                        reason,
+                        specs,
                         model.inputs,
-                        action,
                         u_prev,
-                        issued_at=t_k,
-                        valid_until=deadline_at,
-                        digest=verdict.digest,
-                        counts=counts,
+                        ack_text,
+                        time.perf_counter() - wall0,
                     )
-                if monitor is not None:
-                    _watch_divergence(monitor, journal, k, t_k, snap, decision, u_prev)
-                _count(counts, outcome, decision)
-                rec = _record(
-                    k,
-                    t_k,
-                    snap,
-                    decision,
-                    outcome,
-                    reason,
-                    specs,
-                    model.inputs,
-                    u_prev,
-                    ack_text,
-                    time.perf_counter() - wall0,
+                    records.append(rec)
+                    if progress:
+                        progress(rec, counts)
+                heartbeats.cancel()
+                with suppress(DispatchError):  # a clean end hands the equipment leases back
+                    await dispatcher.heartbeat(release=True, sent_at=clock.now())
+            finally:
+                if worker.close() and not abandoned:
+                    abandoned = f"cycle {busy_k}'s solve, still running at the end"
+                if abandoned:
+                    log.warning("abandoned %s", abandoned)
+                if pool is not None:
+                    pool.close()
+                heartbeats.cancel()
+                if gateway_task is not None:
+                    gateway_task.cancel()
+    except BaseException as exc:
+        if started:
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            with suppress(Exception):
+                _journal_end(
+                    journal,
+                    clock.now(),
+                    "interrupted" if interrupted else "error",
+                    "SIGINT" if interrupted else None,
+                    len(records),
+                    cycles,
+                    "" if interrupted else _describe(exc),
                 )
-                records.append(rec)
-                if progress:
-                    progress(rec, counts)
-            heartbeats.cancel()
-            with suppress(DispatchError):  # a clean end hands the equipment leases back
-                await dispatcher.heartbeat(release=True, sent_at=clock.now())
-        finally:
-            worker.shutdown(wait=False, cancel_futures=True)
-            if pool is not None:
-                pool.close()
-            heartbeats.cancel()
-            if gateway_task is not None:
-                gateway_task.cancel()
-            journal.close()
-    return RunResult(scenario, records, journal.path, out_dir, stand_in, counts)
+        raise
+    else:
+        end = "interrupted" if stop.requested else "completed"
+        _journal_end(journal, clock.now(), end, stop.signal, len(records), cycles, abandoned)
+    finally:
+        if options.handle_signals:
+            stop.uninstall()
+        journal.close()
+    return RunResult(
+        scenario,
+        records,
+        journal.path,
+        out_dir,
+        stand_in,
+        counts,
+        planned_cycles=cycles,
+        end=end,
+        signal=stop.signal,
+        abandoned=abandoned,
+        first_cycle_t=t_first,
+    )
+
+
+def _new_out_dir(parent: Path, name: str) -> Path:
+    """A folder of its own for this run: runs started in the same second do not share one."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 1000):
+            path = parent / (f"{name}-{stamp}" if n == 1 else f"{name}-{stamp}-{n}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            return path
+    except OSError as exc:
+        raise JournalError(f"cannot create a run folder in {parent}: {exc}") from exc
+    raise JournalError(f"no free run folder for {name}-{stamp} in {parent}")
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ (%a)")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = _leaves(exc)
+        first = next((e for e in leaves if isinstance(e, ParallelCityError)), None)
+        exc = first or (leaves[0] if leaves else exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _journal_end(
+    journal: Journal,
+    t: float,
+    cause: str,
+    signal: str | None,
+    n: int,
+    planned: int,
+    note: str = "",
+) -> None:
+    """The run's last journal record, for every end (``parallelcity report`` reads it)."""
+    if cause == "completed":
+        detail = f"completed {n} of {planned} cycles"
+    elif cause == "interrupted":
+        detail = f"interrupted by {signal or 'a signal'} at cycle {n} of {planned}"
+    else:
+        detail = f"ended by an error at cycle {n} of {planned}"
+    if note:
+        detail += f": {note}" if cause == "error" else f"; abandoned {note}"
+    journal.record_event(
+        n, t, "run", "end", detail, {"cause": cause, "signal": signal, "cycles": n}
+    )
 
 
 async def _dispatch(
@@ -617,6 +743,8 @@ def _count(counts: dict[str, int], outcome: str, decision: Decision) -> None:
     counts["cycles"] += 1
     if outcome in counts:
         counts[outcome] += 1
+    if outcome in ("busy", "deadline"):  # sent nothing, as a hold; also counted by kind
+        counts["hold"] += 1
     if decision.source == "fallback":
         counts["fallback"] += 1
 

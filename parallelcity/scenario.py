@@ -42,6 +42,13 @@ class Meta(_Strict):
     deadline_s: float | None = Field(
         None, gt=0, description="simulated seconds a cycle may take; default 0.8 * cycle_s"
     )
+    min_acked_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="`run` succeeds (exit 0) only if commands were acked on at least this "
+        "share of its cycles; otherwise it exits 6",
+    )
 
     @property
     def start_epoch(self) -> float:
