@@ -31,6 +31,7 @@ class Summary:
     end: str  # "completed" | "interrupted"
     signal: str | None
     first_cycle: str | None  # ISO time of the first cycle (simulated)
+    abandoned: str  # what the end left unfinished (a solve still running), if anything
     comfort_violation_kh: float
     comfort_violation_kh_by_output: dict[str, float]
     energy_kwh: float
@@ -67,6 +68,8 @@ class Summary:
             run = f"completed {self.cycles} of {self.planned_cycles} cycles"
         if self.first_cycle:
             run += f", first cycle at {self.first_cycle}"
+        if self.abandoned:
+            run += f"; abandoned {self.abandoned}"
         return [
             f"run               {run}",
             f"comfort violation {self.comfort_violation_kh:.2f} K·h  ({by})",
@@ -165,6 +168,7 @@ def summarize(result: RunResult, energy_point: str | None = "plant.fuel_kw") -> 
         end=result.end,
         signal=result.signal,
         first_cycle=None if result.first_cycle_t is None else _iso(result.first_cycle_t),
+        abandoned=result.abandoned,
         comfort_violation_kh=sum(by.values()),
         comfort_violation_kh_by_output=by,
         energy_kwh=energy,

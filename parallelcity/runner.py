@@ -395,248 +395,231 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
     zmq_client, zmq_server = _zmq_security(scenario, options.gateway_endpoint is None, issuer)
 
     stop = StopRequest()
-    if options.handle_signals:
-        stop.install()
-    started = False
-    try:
-        async with AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
-            endpoint = options.field_endpoint
-            if endpoint is None:
-                stand_in_cm = rig_kind.field_stand_in(scenario.rig_config, scenario, clock)
-                if opcua_server is not None:
-                    if not isinstance(stand_in_cm, SecureStandIn):
-                        raise SecurityError(
-                            f"rig kind {scenario.file.rig.kind!r} cannot serve secure OPC UA; "
-                            "set [security] insecure_lab = true for a lab run"
-                        )
-                    stand_in_cm.use_opcua_security(opcua_server)
-                field_stand_in = await stack.enter_async_context(stand_in_cm)
-                stand_in, endpoint = field_stand_in, field_stand_in.endpoint
-                log.info("field stand-in serving OPC UA at %s", endpoint)
-            gateway_endpoint = options.gateway_endpoint
-            gateway_task = None
-            if gateway_endpoint is None:
-                store = GatewayStore(out_dir / "gateway.sqlite")
-                stack.callback(store.close)
-                writer = await stack.enter_async_context(
-                    OpcUaWriter(
-                        endpoint,
-                        scenario.field,
-                        security=opcua_client,
-                        on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),
+    async with AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
+        stack.callback(journal.close)
+        if options.handle_signals:
+            stop.install()
+            stack.callback(stop.uninstall)
+        endpoint = options.field_endpoint
+        if endpoint is None:
+            stand_in_cm = rig_kind.field_stand_in(scenario.rig_config, scenario, clock)
+            if opcua_server is not None:
+                if not isinstance(stand_in_cm, SecureStandIn):
+                    raise SecurityError(
+                        f"rig kind {scenario.file.rig.kind!r} cannot serve secure OPC UA; "
+                        "set [security] insecure_lab = true for a lab run"
                     )
+                stand_in_cm.use_opcua_security(opcua_server)
+            field_stand_in = await stack.enter_async_context(stand_in_cm)
+            stand_in, endpoint = field_stand_in, field_stand_in.endpoint
+            log.info("field stand-in serving OPC UA at %s", endpoint)
+        gateway_endpoint = options.gateway_endpoint
+        gateway_task = None
+        if gateway_endpoint is None:
+            store = GatewayStore(out_dir / "gateway.sqlite")
+            stack.callback(store.close)
+            writer = await stack.enter_async_context(
+                OpcUaWriter(
+                    endpoint,
+                    scenario.field,
+                    security=opcua_client,
+                    on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),
                 )
-                gateway = await stack.enter_async_context(
-                    FieldGateway(
-                        _embedded_core(scenario, specs, speed),
-                        writer,
-                        clock,
-                        bind="tcp://127.0.0.1:0",
-                        curve=zmq_server,
-                        insecure_lab=scenario.insecure_lab,
-                        store=store,
-                    )
-                )
-                gateway_endpoint = gateway.endpoint
-                gateway_task = tasks.create_task(gateway.serve(), name="field-gateway")
-                log.info("field gateway listening at %s", gateway_endpoint)
-            mirror = await stack.enter_async_context(
-                Mirror(scenario.field, clock, endpoint=endpoint, security=opcua_client)
             )
-            dispatcher = await stack.enter_async_context(
-                Dispatcher(
-                    gateway_endpoint,
-                    issuer=issuer,
-                    timeout_s=max(0.5, 0.2 * meta.cycle_s / speed),
-                    curve=zmq_client,
+            gateway = await stack.enter_async_context(
+                FieldGateway(
+                    _embedded_core(scenario, specs, speed),
+                    writer,
+                    clock,
+                    bind="tcp://127.0.0.1:0",
+                    curve=zmq_server,
                     insecure_lab=scenario.insecure_lab,
+                    store=store,
                 )
             )
-            applied_now = await mirror.read_inputs()
-            u_prev = np.array([applied_now[n] for n in model.inputs], dtype=float)
-            if not await mirror.wait_all_received(timeout_s=10.0):
-                missing = [n for n, p in mirror.snapshot().points.items() if p.reading is None]
-                log.warning("no value yet from %s; cycles needing them count as stale", missing)
-
-            journal.start_run(
-                meta.name,
-                clock.now(),
-                {
-                    "path": str(scenario.path),
-                    "speed": speed,
-                    "cycles": cycles,
-                    "embedded": embedded,
-                    "field": endpoint,
-                    "gateway": gateway_endpoint,
-                    "controller": controller_kind,
-                },
+            gateway_endpoint = gateway.endpoint
+            gateway_task = tasks.create_task(gateway.serve(), name="field-gateway")
+            log.info("field gateway listening at %s", gateway_endpoint)
+        mirror = await stack.enter_async_context(
+            Mirror(scenario.field, clock, endpoint=endpoint, security=opcua_client)
+        )
+        dispatcher = await stack.enter_async_context(
+            Dispatcher(
+                gateway_endpoint,
+                issuer=issuer,
+                timeout_s=max(0.5, 0.2 * meta.cycle_s / speed),
+                curve=zmq_client,
+                insecure_lab=scenario.insecure_lab,
             )
-            started = True
-            # First heartbeat: the gateway tells where this issuer's seq stands and how often
-            # it expects heartbeats; then they go on beside the cycles.
-            cycle_k = [0]
-            first = await dispatcher.heartbeat(sent_at=clock.now())
-            journal.record_event(0, clock.now(), "gateway", first.watchdog.value, first.detail)
-            beat_s = first.heartbeat_s / 2 if first.heartbeat_s > 0 else meta.cycle_s / 4
-            watchdog_seen = [first.watchdog]
+        )
+        applied_now = await mirror.read_inputs()
+        u_prev = np.array([applied_now[n] for n in model.inputs], dtype=float)
+        if not await mirror.wait_all_received(timeout_s=10.0):
+            missing = [n for n, p in mirror.snapshot().points.items() if p.reading is None]
+            log.warning("no value yet from %s; cycles needing them count as stale", missing)
 
-            def on_status(status: Status) -> None:
-                if status.watchdog is not watchdog_seen[0]:
-                    watchdog_seen[0] = status.watchdog
+        journal.start_run(
+            meta.name,
+            clock.now(),
+            {
+                "path": str(scenario.path),
+                "speed": speed,
+                "cycles": cycles,
+                "embedded": embedded,
+                "field": endpoint,
+                "gateway": gateway_endpoint,
+                "controller": controller_kind,
+            },
+        )
+        ended = [False]
+        stack.push(partial(_journal_failed_end, journal, clock, records, cycles, ended))
+        # First heartbeat: the gateway tells where this issuer's seq stands and how often
+        # it expects heartbeats; then they go on beside the cycles.
+        cycle_k = [0]
+        first = await dispatcher.heartbeat(sent_at=clock.now())
+        journal.record_event(0, clock.now(), "gateway", first.watchdog.value, first.detail)
+        beat_s = first.heartbeat_s / 2 if first.heartbeat_s > 0 else meta.cycle_s / 4
+        watchdog_seen = [first.watchdog]
+
+        def on_status(status: Status) -> None:
+            if status.watchdog is not watchdog_seen[0]:
+                watchdog_seen[0] = status.watchdog
+                journal.record_event(
+                    cycle_k[0], clock.now(), "gateway", status.watchdog.value, status.detail
+                )
+
+        # Everything is ready: the simulated day begins now, at the scenario's start.
+        clock.start()
+        if embedded:
+            t_first = meta.start_epoch
+        else:
+            t_first = meta.start_epoch + math.ceil(
+                (clock.now() - meta.start_epoch) / meta.cycle_s
+            ) * (meta.cycle_s)
+        log.info("first cycle at %s", _iso(t_first))
+        heartbeats = tasks.create_task(
+            dispatcher.heartbeat_loop(max(0.02, beat_s / speed), on_status, now=clock.now),
+            name="heartbeats",
+        )
+        worker = SolveWorker()
+        busy: Future[Decision] | None = None
+        busy_k = 0
+        try:
+            for k in range(cycles):
+                if stop.requested:
+                    break
+                t_k = t_first + k * meta.cycle_s
+                cycle_k[0] = k
+                try:
+                    await unless_stopped(clock.sleep_until(t_k), stop)
+                except Stopped:
+                    break
+                wall0 = time.perf_counter()
+                snap = mirror.snapshot()
+                for event in mirror.take_events():
                     journal.record_event(
-                        cycle_k[0], clock.now(), "gateway", status.watchdog.value, status.detail
+                        k, event.t, "mirror", event.kind, event.detail, {"gap": event.gap}
                     )
-
-            # Everything is ready: the simulated day begins now, at the scenario's start.
-            clock.start()
-            if embedded:
-                t_first = meta.start_epoch
-            else:
-                t_first = meta.start_epoch + math.ceil(
-                    (clock.now() - meta.start_epoch) / meta.cycle_s
-                ) * (meta.cycle_s)
-            log.info("first cycle at %s", _iso(t_first))
-            heartbeats = tasks.create_task(
-                dispatcher.heartbeat_loop(max(0.02, beat_s / speed), on_status, now=clock.now),
-                name="heartbeats",
-            )
-            worker = SolveWorker()
-            busy: Future[Decision] | None = None
-            busy_k = 0
-            try:
-                for k in range(cycles):
-                    if stop.requested:
-                        break
-                    t_k = t_first + k * meta.cycle_s
-                    cycle_k[0] = k
-                    try:
-                        await unless_stopped(clock.sleep_until(t_k), stop)
-                    except Stopped:
-                        break
-                    wall0 = time.perf_counter()
-                    snap = mirror.snapshot()
-                    for event in mirror.take_events():
-                        journal.record_event(
-                            k, event.t, "mirror", event.kind, event.detail, {"gap": event.gap}
-                        )
-                    deadline_at = t_k + meta.deadline
-                    if busy is not None and not busy.done():
-                        decision = Decision(Outcome.HOLD, "previous cycle's solve is still running")
-                        outcome, reason = "busy", decision.reason
-                    else:
-                        budget = max(0.0, (deadline_at - clock.now()) / speed)
-                        diverged = monitor.reason if monitor is not None and monitor.alarm else None
-                        busy_k = k
-                        busy = worker.submit(
-                            partial(
-                                logic.decide,
-                                t_k,
-                                snap,
-                                u_prev,
-                                0.8 * budget,
-                                verify_by=time.monotonic() + budget,
-                                fallback_reason=diverged,
-                            )
-                        )
-                        try:
-                            decision = await unless_stopped(
-                                asyncio.wrap_future(busy), stop, timeout=budget
-                            )
-                            outcome, reason = decision.outcome.value, decision.reason
-                        except TimeoutError:
-                            decision = Decision(Outcome.HOLD, "deadline missed while deciding")
-                            outcome, reason = "deadline", decision.reason
-                        except Stopped:
-                            reason = f"{stop.signal} while deciding: the solve was abandoned"
-                            decision = Decision(Outcome.HOLD, reason)
-                            outcome = "hold"
-                            abandoned = f"cycle {k}'s solve (nothing sent for it)"
-                    action = decision.action
-                    if action is not None and clock.now() > deadline_at:
-                        outcome, reason = "deadline", f"decided too late: {reason}"
-                        action = None
-                    if action is not None and outcome == Outcome.DISPATCH:
-                        broken = specs.check_dispatch(u_prev, action, meta.cycle_s)
-                        if broken:  # the same specs, once more on what is about to leave
-                            outcome = "hold"
-                            reason = f"refused at dispatch: {broken[0].describe()}"
-                            log.error("cycle %d: %s", k, reason)
-                            action = None
-                    journal.record_cycle(
-                        k, t_k, snap, decision, time.perf_counter() - wall0, outcome, reason
-                    )
-                    if outcome in ("deadline", "busy"):
-                        switch = logic.gate.trip(t_k, f"deadline: {reason}")
-                        if switch is not None:
-                            journal.record_switch(k, switch)
-                    ack_text = ""
-                    verdict = decision.verdict
-                    if action is not None and verdict is not None and outcome == Outcome.DISPATCH:
-                        ack_text, u_prev = await _dispatch(
-                            dispatcher,
-                            journal,
-                            k,
-                            model.inputs,
-                            action,
+                deadline_at = t_k + meta.deadline
+                if busy is not None and not busy.done():
+                    decision = Decision(Outcome.HOLD, "previous cycle's solve is still running")
+                    outcome, reason = "busy", decision.reason
+                else:
+                    budget = max(0.0, (deadline_at - clock.now()) / speed)
+                    diverged = monitor.reason if monitor is not None and monitor.alarm else None
+                    busy_k = k
+                    busy = worker.submit(
+                        partial(
+                            logic.decide,
+                            t_k,
+                            snap,
                             u_prev,
-                            issued_at=t_k,
-                            valid_until=deadline_at,
-                            digest=verdict.digest,
-                            counts=counts,
+                            0.8 * budget,
+                            verify_by=time.monotonic() + budget,
+                            fallback_reason=diverged,
                         )
-                    if monitor is not None:
-                        _watch_divergence(monitor, journal, k, t_k, snap, decision, u_prev)
-                    _count(counts, outcome, decision)
-                    rec = _record(
-                        k,
-                        t_k,
-                        snap,
-                        decision,
-                        outcome,
-                        reason,
-                        specs,
-                        model.inputs,
-                        u_prev,
-                        ack_text,
-                        time.perf_counter() - wall0,
                     )
-                    records.append(rec)
-                    if progress:
-                        progress(rec, counts)
-                heartbeats.cancel()
-                with suppress(DispatchError):  # a clean end hands the equipment leases back
-                    await dispatcher.heartbeat(release=True, sent_at=clock.now())
-            finally:
-                if worker.close() and not abandoned:
-                    abandoned = f"cycle {busy_k}'s solve, still running at the end"
-                if abandoned:
-                    log.warning("abandoned %s", abandoned)
-                if pool is not None:
-                    pool.close()
-                heartbeats.cancel()
-                if gateway_task is not None:
-                    gateway_task.cancel()
-    except BaseException as exc:
-        if started:
-            interrupted = isinstance(exc, KeyboardInterrupt)
-            with suppress(Exception):
-                _journal_end(
-                    journal,
-                    clock.now(),
-                    "interrupted" if interrupted else "error",
-                    "SIGINT" if interrupted else None,
-                    len(records),
-                    cycles,
-                    "" if interrupted else _describe(exc),
+                    try:
+                        decision = await unless_stopped(
+                            asyncio.wrap_future(busy), stop, timeout=budget
+                        )
+                        outcome, reason = decision.outcome.value, decision.reason
+                    except TimeoutError:
+                        decision = Decision(Outcome.HOLD, "deadline missed while deciding")
+                        outcome, reason = "deadline", decision.reason
+                    except Stopped:
+                        reason = f"{stop.signal} while deciding: the solve was abandoned"
+                        decision = Decision(Outcome.HOLD, reason)
+                        outcome = "hold"
+                        abandoned = f"cycle {k}'s solve (nothing sent for it)"
+                action = decision.action
+                if action is not None and clock.now() > deadline_at:
+                    outcome, reason = "deadline", f"decided too late: {reason}"
+                    action = None
+                if action is not None and outcome == Outcome.DISPATCH:
+                    broken = specs.check_dispatch(u_prev, action, meta.cycle_s)
+                    if broken:  # the same specs, once more on what is about to leave
+                        outcome = "hold"
+                        reason = f"refused at dispatch: {broken[0].describe()}"
+                        log.error("cycle %d: %s", k, reason)
+                        action = None
+                journal.record_cycle(
+                    k, t_k, snap, decision, time.perf_counter() - wall0, outcome, reason
                 )
-        raise
-    else:
+                if outcome in ("deadline", "busy"):
+                    switch = logic.gate.trip(t_k, f"deadline: {reason}")
+                    if switch is not None:
+                        journal.record_switch(k, switch)
+                ack_text = ""
+                verdict = decision.verdict
+                if action is not None and verdict is not None and outcome == Outcome.DISPATCH:
+                    ack_text, u_prev = await _dispatch(
+                        dispatcher,
+                        journal,
+                        k,
+                        model.inputs,
+                        action,
+                        u_prev,
+                        issued_at=t_k,
+                        valid_until=deadline_at,
+                        digest=verdict.digest,
+                        counts=counts,
+                    )
+                if monitor is not None:
+                    _watch_divergence(monitor, journal, k, t_k, snap, decision, u_prev)
+                _count(counts, outcome, decision)
+                rec = _record(
+                    k,
+                    t_k,
+                    snap,
+                    decision,
+                    outcome,
+                    reason,
+                    specs,
+                    model.inputs,
+                    u_prev,
+                    ack_text,
+                    time.perf_counter() - wall0,
+                )
+                records.append(rec)
+                if progress:
+                    progress(rec, counts)
+            heartbeats.cancel()
+            with suppress(DispatchError):  # a clean end hands the equipment leases back
+                await dispatcher.heartbeat(release=True, sent_at=clock.now())
+        finally:
+            if worker.close() and not abandoned:
+                abandoned = f"cycle {busy_k}'s solve, still running at the end"
+            if abandoned:
+                log.warning("abandoned %s", abandoned)
+            if pool is not None:
+                pool.close()
+            heartbeats.cancel()
+            if gateway_task is not None:
+                gateway_task.cancel()
         end = "interrupted" if stop.requested else "completed"
         _journal_end(journal, clock.now(), end, stop.signal, len(records), cycles, abandoned)
-    finally:
-        if options.handle_signals:
-            stop.uninstall()
-        journal.close()
+        ended[0] = True
     return RunResult(
         scenario,
         records,
@@ -679,6 +662,33 @@ def _describe(exc: BaseException) -> str:
         first = next((e for e in leaves if isinstance(e, ParallelCityError)), None)
         exc = first or (leaves[0] if leaves else exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+def _journal_failed_end(
+    journal: Journal,
+    clock: SimClock,
+    records: list[CycleRecord],
+    planned: int,
+    ended: list[bool],
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: object,
+) -> None:
+    """Exit callback: journal an end by an exception (an error, or Ctrl-C unhandled)."""
+    if exc is None or ended[0]:
+        return
+    ended[0] = True
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    with suppress(Exception):  # the original exception is what matters
+        _journal_end(
+            journal,
+            clock.now(),
+            "interrupted" if interrupted else "error",
+            "SIGINT" if interrupted else None,
+            len(records),
+            planned,
+            "" if interrupted else _describe(exc),
+        )
 
 
 def _journal_end(

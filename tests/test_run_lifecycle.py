@@ -188,13 +188,16 @@ def test_sigint_and_sigterm_end_the_run_with_every_output(tmp_path: Path) -> Non
     hand, writes what a finished run writes, journals the end and exits 130 / 143."""
     sigs = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
     runs = {
-        name: RunProcess(str(DH), "--speed", "720", "--out", str(tmp_path / name)) for name in sigs
+        name: RunProcess(
+            str(DH), "--cycles", "24", "--speed", "1440", "--out", str(tmp_path / name)
+        )
+        for name in sigs
     }
     try:
         for run in runs.values():
             run.wait_line(r"first cycle at", SETUP_BOUND_S)
         for name, run in runs.items():
-            run.wait_line(r"cycle +\d+/96", 60)  # non-tty progress: every 8 cycles
+            run.wait_line(r"cycle +\d+/24", 60)  # non-tty progress: every 2 cycles
             run.proc.send_signal(sigs[name])
         results = {name: run.finish(60) for name, run in runs.items()}
     finally:
@@ -204,10 +207,10 @@ def test_sigint_and_sigterm_end_the_run_with_every_output(tmp_path: Path) -> Non
     for name, (rc, out, err) in results.items():
         assert rc == {"SIGINT": 130, "SIGTERM": 143}[name], (rc, out, err)
         assert "Traceback" not in err, err
-        m = re.search(rf"interrupted by {name} at cycle (\d+) of 96", out)
+        m = re.search(rf"interrupted by {name} at cycle (\d+) of 24", out)
         assert m, out
         n = int(m.group(1))
-        assert 8 <= n < 96
+        assert 2 <= n < 24
         out_dir = _out_dir(out)
         for f in ("summary.json", "timeseries.csv", "plot.png", "metrics.prom"):
             assert (out_dir / f).stat().st_size > 0, f
@@ -217,7 +220,7 @@ def test_sigint_and_sigterm_end_the_run_with_every_output(tmp_path: Path) -> Non
         cycles, ends = _journal(out_dir)
         assert len(cycles) == n
         assert [(e["cause"], e["signal"], e["cycles"]) for e in ends] == [("interrupted", name, n)]
-        assert f"interrupted by {name} at cycle {n} of 96" in ends[0]["detail"]
+        assert f"interrupted by {name} at cycle {n} of 24" in ends[0]["detail"]
         assert len((out_dir / "timeseries.csv").read_text().splitlines()) == n + 1
 
 
