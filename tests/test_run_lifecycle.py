@@ -377,3 +377,34 @@ def test_solve_worker_abandons_a_stuck_job() -> None:
     assert worker.close() is True  # busy: abandoned, not joined
     assert queued.cancelled() and not stuck.done()
     release.set()
+
+
+SECOND_SIGNAL = """
+import asyncio, os, signal, sys
+from parallelcity.lifecycle import StopRequest
+
+async def main() -> None:
+    stop = StopRequest()
+    stop.install()
+    os.kill(os.getpid(), signal.SIGINT)
+    await asyncio.wait_for(stop.event.wait(), 10)
+    print("stopping", stop.signal, flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    await asyncio.sleep(10)
+    print("second signal ignored", flush=True)  # exit 0
+
+asyncio.run(main())
+sys.exit(0)
+"""
+
+
+def test_a_second_signal_while_stopping_exits_at_once(tmp_path: Path) -> None:
+    script = tmp_path / "second.py"
+    script.write_text(textwrap.dedent(SECOND_SIGNAL))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=30
+    )
+    assert done.returncode == 130, done
+    assert done.stdout == "stopping SIGINT\n"
+    assert "second SIGINT while stopping: exiting at once" in done.stderr
