@@ -66,12 +66,12 @@ class Burners:
 
 
 class RunProcess:
-    """``python -m parallelcity run ...``; stderr lines collected on a thread."""
+    """``python -m parallelcity run ...`` (or ``python PROGRAM...``); output read on threads."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, program: list[str] | None = None) -> None:
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "parallelcity", "run", *args],
+            [sys.executable, *(program or ["-m", "parallelcity", "run"]), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -179,52 +179,7 @@ def test_first_cycle_at_the_scenarios_start(load: str, speed: str, tmp_path: Pat
     assert summary["exit_code"] == rc
 
 
-# ------------------------------------------------------------------ item 7: SIGINT, SIGTERM
-
-
-@pytest.mark.slow
-def test_sigint_and_sigterm_end_the_run_with_every_output(tmp_path: Path) -> None:
-    """Both runs start at once; each is signalled a few cycles in, finishes the cycle in
-    hand, writes what a finished run writes, journals the end and exits 130 / 143."""
-    sigs = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
-    runs = {
-        name: RunProcess(
-            str(DH), "--cycles", "24", "--speed", "1440", "--out", str(tmp_path / name)
-        )
-        for name in sigs
-    }
-    try:
-        for run in runs.values():
-            run.wait_line(r"first cycle at", SETUP_BOUND_S)
-        for name, run in runs.items():
-            run.wait_line(r"cycle +\d+/24", 60)  # non-tty progress: every 2 cycles
-            run.proc.send_signal(sigs[name])
-        results = {name: run.finish(60) for name, run in runs.items()}
-    finally:
-        for run in runs.values():
-            if run.proc.poll() is None:
-                run.proc.kill()
-    for name, (rc, out, err) in results.items():
-        assert rc == {"SIGINT": 130, "SIGTERM": 143}[name], (rc, out, err)
-        assert "Traceback" not in err, err
-        m = re.search(rf"interrupted by {name} at cycle (\d+) of 24", out)
-        assert m, out
-        n = int(m.group(1))
-        assert 2 <= n < 24
-        out_dir = _out_dir(out)
-        for f in ("summary.json", "timeseries.csv", "plot.png", "metrics.prom"):
-            assert (out_dir / f).stat().st_size > 0, f
-        summary = _strict_json(out_dir / "summary.json")
-        assert (summary["end"], summary["signal"], summary["cycles"]) == ("interrupted", name, n)
-        assert summary["exit_code"] == rc and summary["success"] is False
-        cycles, ends = _journal(out_dir)
-        assert len(cycles) == n
-        assert [(e["cause"], e["signal"], e["cycles"]) for e in ends] == [("interrupted", name, n)]
-        assert f"interrupted by {name} at cycle {n} of 24" in ends[0]["detail"]
-        assert len((out_dir / "timeseries.csv").read_text().splitlines()) == n + 1
-
-
-# ------------------------------------------------------------------ item 2: nothing hangs
+# ------------------------------------------------------- items 7 and 2: signals, a stuck solve
 
 STUCK_SOLVE = """
 import sys, time
@@ -240,32 +195,65 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_a_solve_stuck_for_good_does_not_keep_the_command_alive(tmp_path: Path) -> None:
-    """A diverged plant (ua_kw_per_k = inf) sent the solver into a solve that did not
-    return; the pool thread it ran on was joined at exit, so `run` printed its summary
-    and never exited.  The solve now runs on a daemon thread and is abandoned."""
+def test_runs_end_cleanly_on_sigint_sigterm_and_a_stuck_solve(tmp_path: Path) -> None:
+    """Three runs at once (one CI cost): two are signalled a few cycles in and must finish
+    the cycle in hand, write what a finished run writes, journal the end and exit 130 /
+    143 (before: no outputs, nothing journaled, SIGTERM silent).  The third has a solve
+    that never returns, as a diverged plant (ua_kw_per_k = inf) caused: the pool thread it
+    ran on was joined at exit, so `run` printed its summary and never exited; it must
+    exit with 6 (nothing sent) and say it abandoned the solve."""
     script = tmp_path / "stuck.py"
     script.write_text(textwrap.dedent(STUCK_SOLVE))
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, str(script), "run", str(DH), "--cycles", "3", "--speed", "3600"]
-    proc = subprocess.Popen(
-        [*cmd, "--out", str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
+    stuck = RunProcess(
+        str(DH), "--cycles", "3", "--speed", "3600", "--out", str(tmp_path / "stuck"),
+        program=[str(script), "run"],
+    )  # fmt: skip
+    sigs = {"SIGINT": signal.SIGINT, "SIGTERM": signal.SIGTERM}
+    runs = {
+        name: RunProcess(
+            str(DH), "--cycles", "24", "--speed", "1440", "--out", str(tmp_path / name)
+        )
+        for name in sigs
+    }
     try:
-        out, err = proc.communicate(timeout=SETUP_BOUND_S + 30)
+        for run in runs.values():
+            run.wait_line(r"first cycle at", SETUP_BOUND_S)
+        for name, run in runs.items():
+            run.wait_line(r"cycle +\d+/24", 60)  # non-tty progress: every 2 cycles
+            run.proc.send_signal(sigs[name])
+        results = {name: run.finish(60) for name, run in runs.items()}
+        stuck_result = stuck.finish(SETUP_BOUND_S + 30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate(timeout=10)
-    assert proc.returncode == 6, (proc.returncode, out, err)
+        for run in [*runs.values(), stuck]:
+            if run.proc.poll() is None:
+                run.proc.kill()
+    for name, result in results.items():
+        _check_interrupted(name, *result)
+    rc, out, err = stuck_result
+    assert rc == 6, (rc, out, err)
     assert "abandoned cycle 0's solve" in err
     assert "NO CONTROL (exit 6): no command was sent: 3 holds" in out
     assert "Traceback" not in err
+
+
+def _check_interrupted(name: str, rc: int, out: str, err: str) -> None:
+    assert rc == {"SIGINT": 130, "SIGTERM": 143}[name], (rc, out, err)
+    assert "Traceback" not in err, err
+    m = re.search(rf"interrupted by {name} at cycle (\d+) of 24", out)
+    assert m, out
+    n = int(m.group(1))
+    assert 2 <= n < 24
+    out_dir = _out_dir(out)
+    for f in ("summary.json", "timeseries.csv", "plot.png", "metrics.prom"):
+        assert (out_dir / f).stat().st_size > 0, f
+    summary = _strict_json(out_dir / "summary.json")
+    assert (summary["end"], summary["signal"], summary["cycles"]) == ("interrupted", name, n)
+    assert summary["exit_code"] == rc and summary["success"] is False
+    cycles, ends = _journal(out_dir)
+    assert cycles == [(k, 1768176000.0 + 900.0 * k) for k in range(n)]
+    assert [(e["cause"], e["signal"], e["cycles"]) for e in ends] == [("interrupted", name, n)]
+    assert f"interrupted by {name} at cycle {n} of 24" in ends[0]["detail"]
+    assert len((out_dir / "timeseries.csv").read_text().splitlines()) == n + 1
 
 
 # ------------------------------------------------------------------ item 5, 6: fast checks
