@@ -15,6 +15,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -396,3 +397,19 @@ def test_a_second_signal_while_stopping_exits_at_once(tmp_path: Path) -> None:
     assert done.returncode == 130, done
     assert done.stdout == "stopping SIGINT\n"
     assert "second SIGINT while stopping: exiting at once" in done.stderr
+
+
+def test_an_unreachable_field_is_exit_3_naming_the_endpoint(
+    dh_text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    lab = tmp_path / "lab.toml"
+    lab.write_text(dh_text)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["--field", f"opc.tcp://127.0.0.1:{port}", "--gateway", "tcp://127.0.0.1:9"]
+    rc = main(["run", str(lab), "--out", str(tmp_path / "runs"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 3, err
+    assert f"field error: cannot connect to the OPC UA endpoint opc.tcp://127.0.0.1:{port}" in err
+    assert "certificate" not in err
