@@ -56,6 +56,9 @@ HOST = "127.0.0.1"
 PORT_ATTEMPTS = 8
 FOLDER_CHUNK = 256  # nodes without a '/' path are grouped this many per folder
 YIELD_EVERY = 64  # point writes between two yields to the event loop
+ADVANCE_WALL_S = 0.02
+"""Wall time one catch-up of the plant may take: a plant slower than the clock's speed
+falls behind (its points go stale) instead of blocking the event loop for good."""
 
 
 class _Mode:
@@ -156,6 +159,7 @@ class EmbeddedField:
         self.trace: list[tuple[float, Array]] = []
         self.ticks = 0
         self.tick_error: BaseException | None = None
+        self.lag_warned = False
         self._security = security
         self.security_description = ""
 
@@ -424,8 +428,7 @@ class EmbeddedField:
                 current = plant.input_vector[var.index]
                 if raw != current:
                     plant.set_input(var.name, float(raw))
-        t = self.clock.now()
-        plant.advance(t)
+        self._advance(self.clock.now())
         y = plant.outputs()
         self.trace.append((plant.t, y))
         when = self._timestamp(plant.t)
@@ -438,6 +441,27 @@ class EmbeddedField:
             if k % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
         self.ticks += 1
+
+    def _advance(self, t: float) -> None:
+        """Advance the plant towards ``t`` for at most ``ADVANCE_WALL_S`` of wall time.
+
+        Each catch-up costs wall time in proportion to the simulated time it covers; at a
+        speed the machine cannot simulate, an unbounded one grows with every call and
+        starves the event loop (servers, gateway, cycles) for good.
+        """
+        plant = self.plant
+        stop = time.perf_counter() + ADVANCE_WALL_S
+        chunk = 16 * plant.max_step_s
+        while t - plant.t > 1e-9 and time.perf_counter() < stop:
+            plant.advance(min(t, plant.t + chunk))
+        if t - plant.t > 1e-9 and not self.lag_warned:
+            self.lag_warned = True
+            _log.warning(
+                "the field plant cannot keep up with the clock's speed %g: it lags by %.0f s "
+                "(simulated) and its points will go stale; choose a lower speed",
+                self.clock.speed,
+                t - plant.t,
+            )
 
     def _on_post_write(self, event: ServerItemCallback, dispatcher: Any) -> None:
         """Record (and apply at once) every successful client write to an input node."""
@@ -458,7 +482,7 @@ class EmbeddedField:
             now = self.clock.now()
             self.applied.append(AppliedInput(now, var.name, float(raw)))
             try:
-                plant.advance(now)  # the old input acted until now; the new one from now on
+                self._advance(now)  # the old input acted until now; the new one from now on
                 plant.set_input(var.name, float(raw))
             except (ValueError, FloatingPointError) as exc:  # the tick loop will stop on it too
                 _log.error("applying %s = %r to the plant failed: %s", var.name, raw, exc)

@@ -305,22 +305,14 @@ def verify_command(
 ) -> int:
     """``parallelcity verify``: run the campaign, print the report, write the plot."""
     from . import plugins
-    from .scenario import check_controller_kind, load_scenario
+    from .controller_choice import controller_settings
+    from .scenario import load_scenario
 
     scenario = load_scenario(scenario_path)
-    if controller_kind is not None:
-        check_controller_kind(scenario, controller_kind)
+    ckind, ccfg = controller_settings(scenario, controller_kind)
     cfg = rig_config_for(scenario, kind, rig_config, samples)
     rig = plugins.load("rig", kind).verification_rig(cfg, scenario.model)
     try:
-        ckind = controller_kind or scenario.file.controller.kind
-        ccfg = (
-            scenario.controller_config
-            if ckind == scenario.file.controller.kind
-            else scenario.fallback_config
-            if ckind == scenario.file.fallback.kind
-            else plugins.load("controller", ckind).Config()
-        )
         controller = plugins.load("controller", ckind).create(ccfg)
         res = run_campaign(
             scenario,

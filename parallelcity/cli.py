@@ -7,6 +7,9 @@ Exit codes:
     3  field equipment unreachable or not as the scenario describes (OPC UA, gateway)
     4  refused for security: the configuration lacks the security it needs
     5  `verify`: a safety spec does not hold on some rig sample
+    6  `run` ended without achieving control: commands acked on fewer cycles than
+       [scenario] min_acked_share (default 0.5), e.g. every command refused
+  130  `run` interrupted by SIGINT, 143 by SIGTERM (after writing its outputs)
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
         ),
         epilog="Exit codes: 0 done, 1 internal error, 2 bad usage or invalid scenario, "
         "3 field unreachable or mis-mapped, 4 refused for security, "
-        "5 verify: a spec fails on the rig.",
+        "5 verify: a spec fails on the rig, 6 run: no control achieved (too few cycles "
+        "with acked commands), 130 / 143 run interrupted by SIGINT / SIGTERM.",
     )
     p.add_argument("--version", action="version", version=f"parallelcity {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
@@ -310,13 +314,26 @@ def _write_output(output: Path, text: str) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from .controller_choice import controller_settings
+    from .lifecycle import speed_problem
     from .report import band_violation, write_all
     from .runner import CycleRecord, RunOptions, run
-    from .scenario import check_controller_kind, load_scenario
+    from .scenario import load_scenario
 
+    for opt, url, scheme in (
+        ("--field", args.field, "opc.tcp"),
+        ("--gateway", args.gateway, "tcp"),
+    ):
+        if url is not None and not _is_url(url, scheme):
+            raise _UsageError(f"{opt} {url!r} is not an {scheme}:// URL (HOST:PORT needed)")
+    if args.field and not args.gateway:
+        raise _UsageError("--field needs --gateway: real equipment is driven through its gateway")
     scenario = load_scenario(args.scenario)
-    if args.controller:
-        check_controller_kind(scenario, args.controller)
+    controller_settings(scenario, args.controller)  # the same rule `run` applies; exit 2 here
+    if args.field is None:
+        problem = speed_problem(scenario.meta.cycle_s, args.speed or scenario.meta.speed)
+        if problem is not None:
+            raise _UsageError(f"--speed: {problem}" if args.speed else problem)
     cycles = args.cycles or scenario.meta.cycles
     every = 1 if sys.stderr.isatty() else max(1, cycles // 12)
     comfort = [0.0]
@@ -346,9 +363,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         field_endpoint=args.field,
         gateway_endpoint=args.gateway,
         controller_kind=args.controller,
+        handle_signals=True,
     )
-    if args.field and not args.gateway:
-        raise _UsageError("--field needs --gateway: real equipment is driven through its gateway")
     where = "embedded rig" if args.field is None else args.field
     print(
         f"running {scenario.meta.name}: {cycles} cycles of {scenario.meta.cycle_s:g} s "
@@ -368,7 +384,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print("\n".join(summary.lines()))
     for what, path in paths.items():
         print(f"{what:<17} {path}")
-    return EXIT_OK
+    if not summary.success and summary.end == "completed":
+        print(summary.verdict, file=sys.stderr)
+    return summary.exit_code
+
+
+def _is_url(url: str, scheme: str) -> bool:
+    """``scheme://host:port[/path]`` with a host and a numeric port (OPC UA: 4840 if none)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return False
+    if scheme == "opc.tcp" and port is None:
+        port = 4840  # the registered OPC UA port
+    return parts.scheme == scheme and bool(parts.hostname) and port is not None
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -9,9 +9,13 @@ seconds since the Unix epoch, in simulated time.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
+
+HELD_POLL_S = 0.05
+"""How often a sleeper on a held clock looks whether it started (wall seconds)."""
 
 
 class Clock(Protocol):
@@ -31,17 +35,33 @@ class Clock(Protocol):
 
 @dataclass
 class SimClock:
-    """Simulated time = ``epoch + (wall - wall_start) * speed``."""
+    """Simulated time = ``epoch + (wall - wall_start) * speed``.
+
+    A clock made with ``held=True`` stands at ``epoch`` until ``start()``: a run's
+    set-up (certificates, servers, solver build) takes machine-dependent wall time,
+    and the simulated day must not begin before the loop is ready for it.
+    """
 
     epoch: float
     speed: float = 1.0
+    held: bool = False
     _wall_start: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        if not self.speed > 0:
-            raise ValueError(f"clock speed must be positive, got {self.speed}")
+        if not (math.isfinite(self.speed) and self.speed > 0):
+            raise ValueError(f"clock speed must be positive and finite, got {self.speed}")
+        if not math.isfinite(self.epoch):
+            raise ValueError(f"clock epoch must be finite, got {self.epoch}")
+
+    def start(self) -> None:
+        """Let a held clock run on from ``epoch``, from this instant; no-op if running."""
+        if self.held:
+            self._wall_start = time.monotonic()
+            self.held = False
 
     def now(self) -> float:
+        if self.held:
+            return self.epoch
         return self.epoch + (time.monotonic() - self._wall_start) * self.speed
 
     def wall_seconds(self, sim_seconds: float) -> float:
@@ -50,6 +70,9 @@ class SimClock:
 
     async def sleep_until(self, t: float) -> None:
         while True:
+            if self.held:  # time does not move: look again shortly
+                await asyncio.sleep(HELD_POLL_S)
+                continue
             remaining = (t - self.now()) / self.speed
             if remaining <= 0:
                 return

@@ -35,6 +35,8 @@ class RunEnd:
     cycles: int
     k: int
     detail: str
+    planned: int | None = None  # absent from the first journals with a run-end event
+    abandoned: str = ""
 
     def describe(self) -> str:
         if self.cause == "completed":
@@ -63,6 +65,7 @@ class JournalRun:
     acks: dict[str, sqlite3.Row]
     results: dict[int, sqlite3.Row]
     end: RunEnd | None
+    tripped_at_start: bool = False  # the gateway's watchdog was tripped when the run began
 
     def describe_end(self) -> str:
         return self.end.describe() if self.end else NO_END
@@ -114,13 +117,15 @@ def _run_end(db: sqlite3.Connection, run_id: int) -> RunEnd | None:
     data = json.loads(rows[0]["data"] or "{}")
     if not isinstance(data, dict):
         raise ValueError(f"run-end event data is not an object: {data!r}")
-    cycles = data.get("cycles")
+    cycles, planned = data.get("cycles"), data.get("planned")
     return RunEnd(
         cause=str(data.get("cause") or "completed"),
         signal=data.get("signal"),
         cycles=int(cycles) if isinstance(cycles, int) else 0,
         k=int(rows[0]["k"]),
         detail=str(rows[0]["detail"]),
+        planned=int(planned) if isinstance(planned, int) else None,
+        abandoned=str(data.get("abandoned") or ""),
     )
 
 
@@ -169,6 +174,13 @@ def read_journal(path: Path) -> JournalRun:
             },
             results=results,
             end=_run_end(db, rid),
+            tripped_at_start=any(
+                db.execute(
+                    "SELECT 1 FROM event WHERE run_id = ? AND source = 'gateway' "
+                    "AND kind = 'tripped_at_start' LIMIT 1",
+                    (rid,),
+                )
+            ),
         )
     except sqlite3.Error as exc:
         raise JournalError(f"{path}: cannot read the journal: {exc}") from exc
@@ -219,7 +231,7 @@ def _num(v: Any) -> float:
 
 def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dict[str, int]]:
     """Each cycle's record and the run's counters, as the runner had them."""
-    from .runner import CycleRecord, _counts
+    from .runner import CycleRecord, _counts, count_cycle
     from .specs import SafetySpecs
 
     inputs = scenario.model.inputs
@@ -236,11 +248,7 @@ def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dic
     out: list[CycleRecord] = []
     for row in run.cycles:
         k, t = int(row["k"]), float(row["t"])
-        counts["cycles"] += 1
-        if row["outcome"] in counts:
-            counts[row["outcome"]] += 1
-        if row["source"] == "fallback":
-            counts["fallback"] += 1
+        count_cycle(counts, str(row["outcome"]), str(row["source"]))
         ack = ""
         for cmd in by_k.get(k, []):
             ack = _ack_text(str(cmd["id"]), run.acks)
@@ -283,4 +291,20 @@ def run_result(run: JournalRun, scenario: Scenario, out_dir: Path) -> RunResult:
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise JournalError(f"{run.path}: the journal holds a malformed row: {exc!r}") from exc
     kind = str(run.info.get("controller") or scenario.file.controller.kind)
-    return RunResult(scenario, recs, run.path, out_dir, None, counts, kind)
+    end = run.end
+    return RunResult(
+        scenario,
+        recs,
+        run.path,
+        out_dir,
+        None,
+        counts,
+        kind,
+        gateway_tripped_at_start=run.tripped_at_start,
+        planned_cycles=(end.planned if end and end.planned else len(recs)),
+        # no run-end record: crashed or still running, not a completed run
+        end=end.cause if end else "error",
+        signal=end.signal if end else None,
+        abandoned=end.abandoned if end else "",
+        first_cycle_t=recs[0].t if recs else None,
+    )

@@ -13,6 +13,7 @@ the clock, the sockets, the worker thread and the journal.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import math
 import secrets
@@ -20,7 +21,7 @@ import shlex
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,10 +32,11 @@ import numpy as np
 from . import plugins
 from .certs import make_lab_pki
 from .clock import SimClock
+from .controller_choice import controller_settings
 from .cycle import CycleLogic, Decision, Outcome
 from .dispatcher import ClientCurve, Dispatcher
 from .divergence import DivergenceMonitor, DivergenceSettings
-from .errors import DispatchError, ParallelCityError, SecurityError
+from .errors import DispatchError, JournalError, ParallelCityError, SecurityError
 from .estimate import ExtendedKalmanFilter
 from .field_writer import OpcUaWriter
 from .gate import SimplexGate
@@ -43,6 +45,7 @@ from .gateway_core import DEFAULT_MAX_COMMAND_AGE_S, GatewayCore
 from .gateway_store import GatewayStore
 from .journal import Journal
 from .keys import KeyPair, read_public_key, read_secret_key
+from .lifecycle import SolveWorker, Stopped, StopRequest, speed_problem, unless_stopped
 from .mirror import Mirror
 from .model import Array
 from .opcua import ClientSecurity, SecureStandIn, ServerSecurity, hash_password
@@ -74,7 +77,8 @@ class RunOptions:
     out_dir: Path = Path("runs")
     field_endpoint: str | None = None  # None: start the rig's field stand-in
     gateway_endpoint: str | None = None  # None: start a field gateway in-process
-    controller_kind: str | None = None  # override the scenario's controller kind
+    controller_kind: str | None = None  # the scenario's table of this kind (controller_choice)
+    handle_signals: bool = False  # SIGINT / SIGTERM end the run cleanly (the CLI sets it)
 
 
 @dataclass
@@ -104,6 +108,11 @@ class RunResult:
     gateway_tripped_at_start: bool = False
     """The gateway's watchdog was tripped when the run began: its commands were refused
     until someone re-armed it (``counts["refused"]``); not a successful run."""
+    planned_cycles: int = 0
+    end: str = "completed"  # "completed" | "interrupted" | "error" (rebuilt from a journal)
+    signal: str | None = None  # "SIGINT" | "SIGTERM" when interrupted
+    abandoned: str = ""  # what the stop left unfinished, if anything
+    first_cycle_t: float | None = None  # simulated time of the first cycle
 
 
 ProgressFn = Callable[[CycleRecord, dict[str, int]], None]
@@ -349,17 +358,20 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         log.warning(INSECURE_BANNER)
     embedded = options.field_endpoint is None
     speed = (options.speed or meta.speed) if embedded else 1.0
-    epoch = meta.start_epoch if embedded else time.time()
-    clock = SimClock(epoch=epoch, speed=speed)
+    if embedded and (problem := speed_problem(meta.cycle_s, speed)) is not None:
+        raise ValueError(problem)
+    # Embedded: the simulated day stands at the scenario's start until the loop is ready
+    # (set-up takes machine-dependent wall time); the plant starts there too.
+    if embedded:
+        clock = SimClock(epoch=meta.start_epoch, speed=speed, held=True)
+    else:
+        clock = SimClock(epoch=time.time(), speed=1.0)
     cycles = options.cycles or meta.cycles
     specs = SafetySpecs.from_scenario(scenario)
     model = scenario.model
 
     rig_kind = plugins.load("rig", scenario.file.rig.kind)
-    controller_kind = options.controller_kind or scenario.file.controller.kind
-    controller_cfg = scenario.controller_config
-    if options.controller_kind and options.controller_kind != scenario.file.controller.kind:
-        controller_cfg = plugins.load("controller", controller_kind).Config()
+    controller_kind, controller_cfg = controller_settings(scenario, options.controller_kind)
     controller = plugins.load("controller", controller_kind).create(controller_cfg)
     fallback = plugins.load("controller", scenario.file.fallback.kind).create(
         scenario.fallback_config
@@ -378,17 +390,23 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
     logic.setup()
     monitor = _divergence_monitor(scenario)
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    out_dir = options.out_dir / f"{meta.name}-{stamp}"
+    out_dir = _new_out_dir(options.out_dir, meta.name)
     journal = Journal(out_dir / "journal.sqlite")
     records: list[CycleRecord] = []
     counts = _counts()
     stand_in: FieldStandIn | None = None
+    abandoned = ""
+    t_first: float | None = None
     opcua_client, opcua_server = _opcua_security(scenario, embedded, out_dir)
     issuer = _issuer(scenario, options.gateway_endpoint is None)
     zmq_client, zmq_server = _zmq_security(scenario, options.gateway_endpoint is None, issuer)
 
+    stop = StopRequest()
     async with AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
+        stack.callback(journal.close)
+        if options.handle_signals:
+            stop.install()
+            stack.callback(stop.uninstall)
         endpoint = options.field_endpoint
         if endpoint is None:
             stand_in_cm = rig_kind.field_stand_in(scenario.rig_config, scenario, clock)
@@ -461,6 +479,8 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                 "scenario_toml": scenario_toml(scenario),
             },
         )
+        ended = [False]
+        stack.push(partial(_journal_failed_end, journal, clock, records, cycles, ended))
         # First heartbeat: the gateway tells where this issuer's seq stands and how often
         # it expects heartbeats; then they go on beside the cycles.
         cycle_k = [0]
@@ -479,20 +499,32 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                     cycle_k[0], clock.now(), "gateway", status.watchdog.value, status.detail
                 )
 
+        # Everything is ready: the simulated day begins now, at the scenario's start.
+        clock.start()
+        if embedded:
+            t_first = meta.start_epoch
+        else:
+            t_first = meta.start_epoch + math.ceil(
+                (clock.now() - meta.start_epoch) / meta.cycle_s
+            ) * (meta.cycle_s)
+        log.info("first cycle at %s", _iso(t_first))
         heartbeats = tasks.create_task(
             dispatcher.heartbeat_loop(max(0.02, beat_s / speed), on_status, now=clock.now),
             name="heartbeats",
         )
-        t_first = meta.start_epoch + math.ceil((clock.now() - meta.start_epoch) / meta.cycle_s) * (
-            meta.cycle_s
-        )
-        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cycle")
+        worker = SolveWorker()
         busy: Future[Decision] | None = None
+        busy_k = 0
         try:
             for k in range(cycles):
+                if stop.requested:
+                    break
                 t_k = t_first + k * meta.cycle_s
                 cycle_k[0] = k
-                await clock.sleep_until(t_k)
+                try:
+                    await unless_stopped(clock.sleep_until(t_k), stop)
+                except Stopped:
+                    break
                 wall0 = time.perf_counter()
                 snap = mirror.snapshot()
                 for event in mirror.take_events():
@@ -506,23 +538,31 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                 else:
                     budget = max(0.0, (deadline_at - clock.now()) / speed)
                     diverged = monitor.reason if monitor is not None and monitor.alarm else None
+                    busy_k = k
                     busy = worker.submit(
                         partial(
                             logic.decide,
+                            t_k,
+                            snap,
+                            u_prev,
+                            0.8 * budget,
                             verify_by=time.monotonic() + budget,
                             fallback_reason=diverged,
-                        ),
-                        t_k,
-                        snap,
-                        u_prev,
-                        0.8 * budget,
+                        )
                     )
                     try:
-                        decision = await asyncio.wait_for(asyncio.wrap_future(busy), budget)
+                        decision = await unless_stopped(
+                            asyncio.wrap_future(busy), stop, timeout=budget
+                        )
                         outcome, reason = decision.outcome.value, decision.reason
                     except TimeoutError:
                         decision = Decision(Outcome.HOLD, "deadline missed while deciding")
                         outcome, reason = "deadline", decision.reason
+                    except Stopped:
+                        reason = f"{stop.signal} while deciding: the solve was abandoned"
+                        decision = Decision(Outcome.HOLD, reason)
+                        outcome = "hold"
+                        abandoned = f"cycle {k}'s solve (nothing sent for it)"
                 action = decision.action
                 if action is not None and clock.now() > deadline_at:
                     outcome, reason = "deadline", f"decided too late: {reason}"
@@ -558,7 +598,7 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                     )
                 if monitor is not None:
                     _watch_divergence(monitor, journal, k, t_k, snap, decision, u_prev)
-                _count(counts, outcome, decision)
+                count_cycle(counts, outcome, decision.source)
                 rec = _record(
                     k,
                     t_k,
@@ -587,13 +627,18 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
             with suppress(DispatchError):  # a clean end hands the equipment leases back
                 await dispatcher.heartbeat(release=True, sent_at=clock.now())
         finally:
-            worker.shutdown(wait=False, cancel_futures=True)
+            if worker.close() and not abandoned:
+                abandoned = f"cycle {busy_k}'s solve, still running at the end"
+            if abandoned:
+                log.warning("abandoned %s", abandoned)
             if pool is not None:
                 pool.close()
             heartbeats.cancel()
             if gateway_task is not None:
                 gateway_task.cancel()
-            journal.close()
+        end = "interrupted" if stop.requested else "completed"
+        _journal_end(journal, clock.now(), end, stop.signal, len(records), cycles, abandoned)
+        ended[0] = True
     return RunResult(
         scenario,
         records,
@@ -603,6 +648,11 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         counts,
         controller_kind,
         gateway_tripped_at_start=tripped_at_start,
+        planned_cycles=cycles,
+        end=end,
+        signal=stop.signal,
+        abandoned=abandoned,
+        first_cycle_t=t_first,
     )
 
 
@@ -637,6 +687,90 @@ def _report_tripped(
         line,
     )
     journal.record_event(0, now, "gateway", "tripped_at_start", f"{status.detail}; {line}")
+
+
+def _new_out_dir(parent: Path, name: str) -> Path:
+    """A folder of its own for this run: runs started in the same second do not share one."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 1000):
+            path = parent / (f"{name}-{stamp}" if n == 1 else f"{name}-{stamp}-{n}")
+            try:
+                path.mkdir()
+            except FileExistsError:
+                continue
+            return path
+    except OSError as exc:
+        raise JournalError(f"cannot create a run folder in {parent}: {exc}") from exc
+    raise JournalError(f"no free run folder for {name}-{stamp} in {parent}")
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ (%a)")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = _leaves(exc)
+        first = next((e for e in leaves if isinstance(e, ParallelCityError)), None)
+        exc = first or (leaves[0] if leaves else exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _journal_failed_end(
+    journal: Journal,
+    clock: SimClock,
+    records: list[CycleRecord],
+    planned: int,
+    ended: list[bool],
+    exc_type: type[BaseException] | None,
+    exc: BaseException | None,
+    tb: object,
+) -> None:
+    """Exit callback: journal an end by an exception (an error, or Ctrl-C unhandled)."""
+    if exc is None or ended[0]:
+        return
+    ended[0] = True
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    with suppress(Exception):  # the original exception is what matters
+        _journal_end(
+            journal,
+            clock.now(),
+            "interrupted" if interrupted else "error",
+            "SIGINT" if interrupted else None,
+            len(records),
+            planned,
+            "" if interrupted else _describe(exc),
+        )
+
+
+def _journal_end(
+    journal: Journal,
+    t: float,
+    cause: str,
+    signal: str | None,
+    n: int,
+    planned: int,
+    note: str = "",
+) -> None:
+    """The run's last journal record, for every end (``parallelcity report`` reads it)."""
+    if cause == "completed":
+        detail = f"completed {n} of {planned} cycles"
+    elif cause == "interrupted":
+        detail = f"interrupted by {signal or 'a signal'} at cycle {n} of {planned}"
+    else:
+        detail = f"ended by an error at cycle {n} of {planned}"
+    if note:
+        detail += f": {note}" if cause == "error" else f"; abandoned {note}"
+    journal.record_event(
+        n,
+        t,
+        "run",
+        "end",
+        detail,
+        {"cause": cause, "signal": signal, "cycles": n, "planned": planned, "abandoned": note},
+    )
 
 
 async def _dispatch(
@@ -674,11 +808,14 @@ async def _dispatch(
     return f"refused:{code}", u_prev
 
 
-def _count(counts: dict[str, int], outcome: str, decision: Decision) -> None:
+def count_cycle(counts: dict[str, int], outcome: str, source: str) -> None:
+    """Add one cycle to the run's counters (the runner live, ``parallelcity report`` after)."""
     counts["cycles"] += 1
     if outcome in counts:
         counts[outcome] += 1
-    if decision.source == "fallback":
+    if outcome in ("busy", "deadline"):  # sent nothing, as a hold; also counted by kind
+        counts["hold"] += 1
+    if source == "fallback":
         counts["fallback"] += 1
 
 

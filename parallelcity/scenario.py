@@ -65,6 +65,13 @@ class Meta(_Strict):
         gt=0,
         description="simulated seconds a cycle may take, at most cycle_s; default 0.8 * cycle_s",
     )
+    min_acked_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="`run` succeeds (exit 0) only if commands were acked on at least this "
+        "share of its cycles; otherwise it exits 6",
+    )
 
     @field_validator("time_zone")
     @classmethod
@@ -749,31 +756,6 @@ def controller_problems(
     if check is None:
         return []
     return [f"{where}.{p}" for p in check(model)]
-
-
-def check_controller_kind(scenario: Scenario, kind_name: str, where: str = "--controller") -> None:
-    """Refuse (``ScenarioError``) a command-line controller kind that is not installed or
-    does not fit the scenario's model; the config checked is the scenario's table of that
-    kind (controller or fallback) or, if it has none, the kind's defaults."""
-    try:
-        kind = plugins.load("controller", kind_name)
-    except PluginError as exc:
-        raise ScenarioError(str(scenario.path), [f"{where}: {exc}"]) from exc
-    if kind_name == scenario.file.controller.kind:
-        config = scenario.controller_config
-    elif kind_name == scenario.file.fallback.kind:
-        config = scenario.fallback_config
-    else:
-        try:
-            config = kind.Config.model_validate({})
-        except ValidationError:
-            return  # no defaults: the caller reports which table is missing
-    problems = [
-        p.replace(f"{where}.kind:", f"{where}:", 1)
-        for p in controller_problems(where, kind_name, config, scenario.model)
-    ]
-    if problems:
-        raise ScenarioError(str(scenario.path), problems)
 
 
 MAX_FILE_BYTES = 1 << 20
