@@ -40,9 +40,8 @@ from asyncua.ua.status_codes import StatusCodes
 
 from parallelcity.clock import Clock
 from parallelcity.errors import FieldConnectionError, SecurityError
-from parallelcity.mirror import parse_node_id
 from parallelcity.model import Array
-from parallelcity.opcua import ServerSecurity, configure_server
+from parallelcity.opcua import ServerSecurity, configure_server, parse_node_id
 from parallelcity.rig import AppliedInput
 
 from .plant import PlantSimulator

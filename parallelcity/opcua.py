@@ -28,8 +28,6 @@ are refused (``keys.check_owner_only``).
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import datetime as dt
 import hashlib
@@ -64,8 +62,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from .certs import application_uri_of, describe, load_certificate
-from .errors import FieldConnectionError, NodeIdError, SecurityError
+from .errors import FieldConnectionError, SecurityError
 from .keys import check_owner_only
+from .node_id import scenario_node
 
 if TYPE_CHECKING:
     from .scenario import Scenario
@@ -156,40 +155,19 @@ def endpoint_problem(url: str) -> str | None:
 
 
 def parse_node_id(text: str, ns_index: int = 0) -> ua.NodeId:
-    """A scenario NodeId in namespace ``ns_index``: ``s=<string>``, ``i=<0..2^32-1>``,
-    ``g=<GUID>`` or ``b=<base64>``.  The namespace comes from ``field.namespace``, never from
-    the text.  Raises ``NodeIdError`` (a ``ScenarioError`` and a ``ValueError``)."""
-    if not isinstance(text, str):
-        raise NodeIdError(repr(text), "a NodeId is a string such as 's=plant/T' or 'i=1001'")
-    kind, sep, ident = text.partition("=")
+    """A scenario NodeId (``node_id.scenario_node``) in namespace ``ns_index``: the
+    namespace comes from ``field.namespace``, never from the text.  Raises ``NodeIdError``
+    (a ``ScenarioError`` and a ``ValueError``)."""
+    ref = scenario_node(text)
     ns = ua.Int16(ns_index)
-    if kind == "ns" or text.startswith("nsu="):
-        raise NodeIdError(
-            text, "give it without 'ns=...;': the namespace is field.namespace (a URI)"
-        )
-    if not sep or not ident:
-        raise NodeIdError(text, "must look like 's=<string>', 'i=<integer>', 'g=<GUID>' or 'b=…'")
-    if kind == "s":
-        return ua.NodeId(ua.String(ident), ns)
-    if kind == "i":
-        if not ident.isascii() or not ident.isdigit():
-            raise NodeIdError(text, "'i=' needs an unsigned decimal integer")
-        number = int(ident)
-        if number > 0xFFFFFFFF:
-            raise NodeIdError(text, "numeric identifiers are at most 4294967295 (UInt32)")
-        return ua.NodeId(ua.Int32(number), ns)
-    if kind == "g":
-        try:
-            return ua.NodeId(ua.Guid(ident), ns, ua.NodeIdType.Guid)
-        except ValueError:
-            raise NodeIdError(text, "'g=' needs a GUID (8-4-4-4-12 hex digits)") from None
-    if kind == "b":
-        try:
-            raw = base64.b64decode(ident, validate=True)
-        except (binascii.Error, ValueError):
-            raise NodeIdError(text, "'b=' needs base64 text") from None
-        return ua.NodeId(ua.ByteString(raw), ns, ua.NodeIdType.ByteString)
-    raise NodeIdError(text, f"unknown identifier type {kind!r}: use s=, i=, g= or b=")
+    if ref.type == "s":
+        return ua.NodeId(ua.String(ref.identifier), ns)
+    if ref.type == "i":
+        return ua.NodeId(ua.Int32(ref.identifier), ns)
+    if ref.type == "g":
+        return ua.NodeId(ua.Guid(str(ref.identifier)), ns, ua.NodeIdType.Guid)
+    assert isinstance(ref.identifier, bytes)
+    return ua.NodeId(ua.ByteString(ref.identifier), ns, ua.NodeIdType.ByteString)
 
 
 # =========================================================================== trust lists

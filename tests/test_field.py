@@ -22,7 +22,8 @@ from hil.plant import PlantSimulator, forecast_truth, perturbed_params
 from hil.simulated import KIND, Config
 from parallelcity.clock import SimClock
 from parallelcity.errors import FieldConnectionError, NodeMappingError, SecurityError
-from parallelcity.mirror import Mirror, parse_node_id
+from parallelcity.mirror import Mirror
+from parallelcity.opcua import parse_node_id
 from parallelcity.scenario import Scenario, parse_scenario
 from parallelcity.snapshot import Quality
 

@@ -14,6 +14,9 @@ def test_scenario_node_ids_parse() -> None:
     assert parse_node_text("i=4294967295") == NodeRef(None, "i", 4294967295)
     assert parse_node_text("ns=3;i=7") == NodeRef(3, "i", 7)
     assert check_scenario_node("s=a=b;c") == "s=a=b;c"
+    guid = parse_node_text("g=09087e75-8e5e-499b-954f-f2a9603db28a")
+    assert (guid.type, str(guid.identifier)) == ("g", "09087e75-8e5e-499b-954f-f2a9603db28a")
+    assert parse_node_text("b=AAEC") == NodeRef(None, "b", b"\x00\x01\x02")
 
 
 @pytest.mark.parametrize(
@@ -26,7 +29,9 @@ def test_scenario_node_ids_parse() -> None:
         ("i=٣", "'i=' needs an integer"),  # a digit, but not an ASCII one
         ("s=", "is empty"),
         ("dh/plant", "must look like"),
-        ("g=09087e75-8e5e-499b-954f-f2a9603db28a", "must look like"),
+        ("x=1", "must look like"),
+        ("g=09087e75-8e5e-499b", "'g=' needs a GUID"),
+        ("b=not base64!", "'b=' needs base64"),
         ("s=a\nb", "control characters"),
         ("s=" + "x" * 5000, "longer than 4096"),
     ],
