@@ -325,7 +325,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ("--gateway", args.gateway, "tcp"),
     ):
         if url is not None and not _is_url(url, scheme):
-            raise _UsageError(f"{opt} {url!r} is not an {scheme}:// URL (HOST:PORT needed)")
+            article = "an" if scheme == "opc.tcp" else "a"
+            raise _UsageError(f"{opt} {url!r} is not {article} {scheme}:// URL (HOST:PORT needed)")
     if args.field and not args.gateway:
         raise _UsageError("--field needs --gateway: real equipment is driven through its gateway")
     scenario = load_scenario(args.scenario)

@@ -30,7 +30,7 @@ from .gateway_core import DEFAULT_MAX_COMMAND_AGE_S, DEFAULT_RAMP_SLACK_S, Gatew
 from .gateway_store import GatewayStore
 from .keys import check_z85, read_public_key, read_secret_key
 from .opcua import ClientSecurity
-from .scenario import FieldConfig, InputMap, OpcUaSecurity, _describe
+from .scenario import FieldConfig, InputMap, OpcUaSecurity, _describe, read_text_bounded
 from .specs import InputLimit
 from .wire import check_issuer_name
 from .zap import AllowList, Grant
@@ -280,6 +280,10 @@ def parse_gateway_config(text: str, path: str | Path = "<string>") -> GatewayCon
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise GatewayConfigError(str(path), [f"not valid TOML: {exc}"]) from exc
+    except RecursionError:
+        raise GatewayConfigError(
+            str(path), ["not valid TOML: arrays or tables are nested too deeply"]
+        ) from None
     try:
         file = GatewayFile.model_validate(raw)
     except ValidationError as exc:
@@ -291,15 +295,13 @@ def parse_gateway_config(text: str, path: str | Path = "<string>") -> GatewayCon
 def load_gateway_config(path: str | Path) -> GatewayConfig:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_bounded(path)
     except OSError as exc:
         raise GatewayConfigError(
             str(path), [f"cannot read the file: {exc.strerror or exc}"]
         ) from exc
-    except UnicodeDecodeError as exc:
-        raise GatewayConfigError(
-            str(path), [f"not UTF-8: {exc.reason} at byte {exc.start}"]
-        ) from exc
+    except ValueError as exc:  # too large, binary, not UTF-8
+        raise GatewayConfigError(str(path), [str(exc)]) from exc
     return parse_gateway_config(text, path)
 
 

@@ -849,7 +849,7 @@ def read_text_bounded(path: Path, limit: int = MAX_FILE_BYTES) -> str:
     with path.open("rb") as fh:
         data = fh.read(limit + 1)
     if len(data) > limit:
-        raise ValueError(f"file is larger than {_size(limit)}: not a scenario")
+        raise ValueError(f"file is larger than {_size(limit)}")
     nul = data.find(b"\0")
     if nul >= 0:
         raise ValueError(f"binary data, not text: a NUL byte at byte offset {nul}")

@@ -84,7 +84,9 @@ def test_a_file_that_is_not_utf8_is_an_invalid_file_not_a_crash(name: str, tmp_p
     path = tmp_path / "bad.toml"
     path.write_bytes(SEEDS[name][0][:100] + b"\xf6" + SEEDS[name][0][100:])
     load = load_gateway_config if name == "gateway_config" else load_scenario
-    with pytest.raises(ScenarioError, match=r"not UTF-8: invalid start byte at byte 100"):
+    with pytest.raises(
+        ScenarioError, match=r"not UTF-8 text: invalid start byte at byte offset 100"
+    ):
         load(path)
 
 

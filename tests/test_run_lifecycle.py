@@ -34,7 +34,7 @@ from parallelcity.cycle import Decision, Outcome
 from parallelcity.errors import ScenarioError
 from parallelcity.lifecycle import SolveWorker, speed_problem
 from parallelcity.report import metrics_text, summarize, summary_json
-from parallelcity.runner import CycleRecord, RunResult, _count
+from parallelcity.runner import CycleRecord, RunResult, count_cycle
 
 from .conftest import DH, ROOT
 
@@ -292,7 +292,7 @@ def test_acked_share_decides_success(dh: Any) -> None:
 def test_busy_and_deadline_cycles_count_as_holds() -> None:
     counts = dict.fromkeys(("cycles", "hold", "busy", "deadline", "stale", "fallback"), 0)
     for outcome in ("hold", "busy", "deadline", "stale", "dispatch"):
-        _count(counts, outcome, Decision(Outcome.HOLD, ""))
+        count_cycle(counts, outcome, Decision(Outcome.HOLD, "").source)
     assert (counts["hold"], counts["busy"], counts["deadline"], counts["stale"]) == (3, 1, 1, 1)
 
 
@@ -317,10 +317,11 @@ def test_controller_kind_takes_the_scenarios_table_or_is_refused(dh: Any) -> Non
     ("argv", "message"),
     [
         (["--field", "garbage", "--gateway", "tcp://127.0.0.1:9"], "not an opc.tcp:// URL"),
-        (["--field", "opc.tcp://127.0.0.1:9", "--gateway", "garbage"], "not an tcp:// URL"),
-        (["--speed", "inf"], "positive finite"),
-        (["--speed", "1e-9"], "days of wall time"),
-        (["--speed", "1e12"], "ms of wall time"),
+        (["--field", "opc.tcp://127.0.0.1:9", "--gateway", "garbage"], "not a tcp:// URL"),
+        (["--speed", "inf"], "finite"),
+        (["--speed", "1e-9"], "from 0.001"),
+        (["--speed", "0.001"], "days of wall time"),
+        (["--speed", "1e6"], "ms of wall time"),
         (["--controller", "linear_mpc"], "no [controller] or [fallback] table of kind"),
     ],
 )
