@@ -265,8 +265,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fmt_time(t: float) -> str:
-    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%a %H:%M")
+def _fmt_time(t: float, zone: dt.tzinfo = dt.UTC) -> str:
+    return dt.datetime.fromtimestamp(t, zone).strftime("%a %H:%M")
 
 
 def _cmd_validate(paths: Sequence[Path]) -> int:
@@ -336,6 +336,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if problem is not None:
             raise _UsageError(f"--speed: {problem}" if args.speed else problem)
     cycles = args.cycles or scenario.meta.cycles
+    zone = scenario.meta.zone
     every = 1 if sys.stderr.isatty() else max(1, cycles // 12)
     comfort = [0.0]
 
@@ -347,7 +348,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         if args.quiet or ((rec.k + 1) % every and rec.k + 1 != cycles):
             return
         line = (
-            f"cycle {rec.k + 1:>4}/{cycles}  {_fmt_time(rec.t)}  comfort {comfort[0]:6.2f} K·h  "
+            f"cycle {rec.k + 1:>4}/{cycles}  {_fmt_time(rec.t, zone)}  "
+            f"comfort {comfort[0]:6.2f} K·h  "
             f"acked {counts['acked']}  refused {counts['refused']}  "
             f"fallback {counts['fallback']}  hold {counts['hold']}  stale {counts['stale']}"
         )

@@ -33,15 +33,23 @@ from .node_id import check_scenario_node
 from .point_table import DEFAULT_MAX_CLOCK_SKEW_S, PointType
 from .rig import BASE_DIR
 from .schedule import Period, zone_context, zone_of
-from .wire import check_issuer_name
+from .wire import MAX_ISSUER_BYTES, check_issuer_name, name_problem
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+RUN_SUFFIX_BYTES = 9
+"""A run against the embedded gateway speaks as ``<name>-<8 hex>``."""
+
+
 class Meta(_Strict):
-    name: str = Field(min_length=1)
+    name: str = Field(
+        min_length=1,
+        description="the scenario's name; also the issuer its commands carry, so it follows "
+        f"the wire's name rule in at most {MAX_ISSUER_BYTES - RUN_SUFFIX_BYTES} UTF-8 bytes",
+    )
     description: str = ""
     start: dt.datetime = Field(
         description="simulated start time; without an offset it is read in time_zone"
@@ -72,6 +80,14 @@ class Meta(_Strict):
         description="`run` succeeds (exit 0) only if commands were acked on at least this "
         "share of its cycles; otherwise it exits 6",
     )
+
+    @field_validator("name")
+    @classmethod
+    def _name_can_issue(cls, v: str) -> str:
+        why = name_problem(v, "name", MAX_ISSUER_BYTES - RUN_SUFFIX_BYTES)
+        if why is not None:
+            raise ValueError(f"{why} (the name is the issuer of the run's commands)")
+        return v
 
     @field_validator("time_zone")
     @classmethod

@@ -192,3 +192,17 @@ def test_cli_schema_writes_json(tmp_path: Path) -> None:
     assert schema["title"] == "parallelcity scenario"
     kinds = [v["properties"]["kind"]["const"] for v in schema["properties"]["controller"]["oneOf"]]
     assert {"nmpc", "pi", "hold"} <= set(kinds)
+
+
+@pytest.mark.parametrize(
+    ("name", "words"),
+    [("x" * 56, "56 UTF-8 bytes, at most 55"), ("plant\tnorth", "U+0009 (category Cc)")],
+)
+def test_the_name_must_be_an_issuer_a_run_can_speak_as(dh_text: str, name: str, words: str) -> None:
+    """The run's commands carry ``<name>-<8 hex>``: a name the wire refuses would only fail
+    once the run starts sending."""
+    text = dh_text.replace('name = "district-heating"', f'name = "{name}"', 1)
+    assert text != dh_text
+    assert any(p.startswith("scenario.name:") and words in p for p in problems_of(text))
+    ok = dh_text.replace('name = "district-heating"', f'name = "{"x" * 55}"', 1)
+    assert parse_scenario(ok).meta.name == "x" * 55
