@@ -254,20 +254,20 @@ def rig_config_for(
 ) -> object:
     """The rig configuration: the scenario's ``[rig]`` if it is of ``kind``, else the file's
     (a TOML table of the kind's keys), else the kind's defaults; ``samples`` overrides."""
-    import tomllib
 
     from pydantic import ValidationError
 
     from . import plugins
     from .errors import ScenarioError
     from .rig import BASE_DIR
-    from .scenario import describe_error, read_text_bounded
+    from .scenario import describe_error
+    from .toml_file import parse_toml, read_text_bounded
 
     rig_kind = plugins.load("rig", kind)
     where = str(config_file or scenario.path)
     try:
         if config_file is not None:
-            data = tomllib.loads(read_text_bounded(config_file))
+            data = parse_toml(read_text_bounded(config_file))
             data.setdefault("kind", kind)
             cfg = rig_kind.Config.model_validate(data, context={BASE_DIR: config_file.parent})
         elif kind == scenario.file.rig.kind:
@@ -277,7 +277,7 @@ def rig_config_for(
             cfg = rig_kind.Config.model_validate({"kind": kind}, context=base)
     except ValidationError as exc:  # before ValueError: it is one
         raise ScenarioError(where, [describe_error(e, ("rig",)) for e in exc.errors()]) from exc
-    except (OSError, ValueError, RecursionError) as exc:  # TOMLDecodeError is a ValueError
+    except (OSError, ValueError) as exc:
         raise ScenarioError(where, [f"cannot read the rig config: {exc}"]) from exc
     if samples is not None:
         if "samples" not in type(cfg).model_fields:

@@ -16,7 +16,6 @@ import asyncio
 import logging
 import os
 import signal
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,9 @@ from .gateway_core import DEFAULT_MAX_COMMAND_AGE_S, DEFAULT_RAMP_SLACK_S, Gatew
 from .gateway_store import GatewayStore
 from .keys import check_z85, read_public_key, read_secret_key
 from .opcua import ClientSecurity
-from .scenario import FieldConfig, InputMap, OpcUaSecurity, _describe, read_text_bounded
+from .scenario import FieldConfig, InputMap, OpcUaSecurity, _describe
 from .specs import InputLimit
+from .toml_file import parse_toml, read_text_bounded
 from .wire import check_issuer_name
 from .zap import AllowList, Grant
 
@@ -277,13 +277,9 @@ class GatewayConfig:
 def parse_gateway_config(text: str, path: str | Path = "<string>") -> GatewayConfig:
     path = Path(path)
     try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise GatewayConfigError(str(path), [f"not valid TOML: {exc}"]) from exc
-    except RecursionError:
-        raise GatewayConfigError(
-            str(path), ["not valid TOML: arrays or tables are nested too deeply"]
-        ) from None
+        raw = parse_toml(text)
+    except ValueError as exc:
+        raise GatewayConfigError(str(path), [str(exc)]) from None
     try:
         file = GatewayFile.model_validate(raw)
     except ValidationError as exc:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +32,7 @@ from .node_id import check_scenario_node
 from .point_table import DEFAULT_MAX_CLOCK_SKEW_S, PointType
 from .rig import BASE_DIR
 from .schedule import Period, zone_context, zone_of
+from .toml_file import parse_toml, read_text_bounded
 from .wire import MAX_ISSUER_BYTES, check_issuer_name, name_problem
 
 
@@ -774,9 +774,6 @@ def controller_problems(
     return [f"{where}.{p}" for p in check(model)]
 
 
-MAX_FILE_BYTES = 1 << 20
-
-
 def _problems(raw: dict[str, Any], path: Path) -> tuple[list[str], tuple[Any, ...] | None]:
     """Every problem of a parsed file, and its parts when there are none."""
     problems: list[str] = []
@@ -825,13 +822,9 @@ def parse_scenario(text: str, path: str | Path = "<string>") -> Scenario:
     """Validate scenario TOML text; raise ``ScenarioError`` listing every problem."""
     path = Path(path)
     try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(str(path), [f"not valid TOML: {exc}"]) from exc
-    except RecursionError:
-        raise ScenarioError(
-            str(path), ["not valid TOML: arrays or tables are nested too deeply"]
-        ) from None
+        raw = parse_toml(text)
+    except ValueError as exc:
+        raise ScenarioError(str(path), [str(exc)]) from None
     try:
         problems, parts = _problems(raw, path)
     except RecursionError:
@@ -857,26 +850,6 @@ def _rig_check(kind_name: str, config: BaseModel, model: SubsystemModel) -> list
     except ValueError as exc:
         return [str(exc)]
     return []
-
-
-def read_text_bounded(path: Path, limit: int = MAX_FILE_BYTES) -> str:
-    """A UTF-8 text file of at most ``limit`` bytes; ``ValueError`` says what is wrong.
-    Reads at most ``limit + 1`` bytes, so /dev/zero or a huge file cannot hold it up."""
-    with path.open("rb") as fh:
-        data = fh.read(limit + 1)
-    if len(data) > limit:
-        raise ValueError(f"file is larger than {_size(limit)}")
-    nul = data.find(b"\0")
-    if nul >= 0:
-        raise ValueError(f"binary data, not text: a NUL byte at byte offset {nul}")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"not UTF-8 text: {exc.reason} at byte offset {exc.start}") from None
-
-
-def _size(n: int) -> str:
-    return f"{n >> 20} MiB" if n % (1 << 20) == 0 else f"{n} bytes"
 
 
 def load_scenario(path: str | Path) -> Scenario:
