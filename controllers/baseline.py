@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -167,6 +168,19 @@ class Curve(BaseModel):
         return v
 
 
+def _loop_problems(loops: Sequence[Loop | Switch], m: SubsystemModel) -> list[str]:
+    """Each loop's output and input must be signals of the model."""
+    out: list[str] = []
+    for i, lp in enumerate(loops):
+        out += unknown_names(
+            f"loops[{i}].output", [lp.output], m.outputs, "output", m.name, keyed=False
+        )
+        out += unknown_names(
+            f"loops[{i}].input", [lp.input], m.inputs, "input", m.name, keyed=False
+        )
+    return out
+
+
 class PIConfig(BaseModel):
     """``[fallback]`` (or ``[controller]``) table for ``kind = "pi"``."""
 
@@ -177,14 +191,7 @@ class PIConfig(BaseModel):
 
     def model_problems(self, m: SubsystemModel) -> list[str]:
         """Signals the loops and curves name that the model lacks (checked by ``validate``)."""
-        out: list[str] = []
-        for i, lp in enumerate(self.loops):
-            out += unknown_names(
-                f"loops[{i}].output", [lp.output], m.outputs, "output", m.name, keyed=False
-            )
-            out += unknown_names(
-                f"loops[{i}].input", [lp.input], m.inputs, "input", m.name, keyed=False
-            )
+        out = _loop_problems(self.loops, m)
         for i, c in enumerate(self.curves):
             out += unknown_names(
                 f"curves[{i}].input", [c.input], m.inputs, "input", m.name, keyed=False
@@ -473,14 +480,7 @@ class HysteresisConfig(BaseModel):
 
     def model_problems(self, m: SubsystemModel) -> list[str]:
         """Signals the loops name that the model lacks (checked by ``validate``)."""
-        out: list[str] = []
-        for i, sw in enumerate(self.loops):
-            out += unknown_names(
-                f"loops[{i}].output", [sw.output], m.outputs, "output", m.name, keyed=False
-            )
-            out += unknown_names(
-                f"loops[{i}].input", [sw.input], m.inputs, "input", m.name, keyed=False
-            )
+        out = _loop_problems(self.loops, m)
         return out
 
 
