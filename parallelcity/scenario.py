@@ -13,9 +13,10 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -34,6 +35,9 @@ from .rig import BASE_DIR
 from .schedule import Period, zone_context, zone_of
 from .toml_file import parse_toml, read_text_bounded
 from .wire import MAX_ISSUER_BYTES, check_issuer_name, name_problem
+
+NodeText = Annotated[str, AfterValidator(check_scenario_node)]
+"""A NodeId as a scenario writes it (``s=...``, ``i=...``, ``g=...``, ``b=...``)."""
 
 
 class _Strict(BaseModel):
@@ -198,7 +202,7 @@ class Security(_Strict):
 
 class PointMap(_Strict):
     name: str = Field(description="model output this point measures")
-    node: str = Field(description="NodeId in the field namespace, e.g. 's=dh/plant/T_supply'")
+    node: NodeText = Field(description="NodeId in the field namespace, e.g. 's=dh/plant/T_supply'")
     max_age_s: float = Field(gt=0, description="older than this (simulated s) counts as stale")
     required: bool = Field(True, description="a stale required point stops the cycle's action")
     sampling_interval_ms: float | None = Field(
@@ -230,11 +234,6 @@ class PointMap(_Strict):
         "subscription's last sign of life, not from its last change",
     )
 
-    @field_validator("node")
-    @classmethod
-    def _node(cls, v: str) -> str:
-        return check_scenario_node(v)
-
     @model_validator(mode="after")
     def _range(self) -> PointMap:
         if self.min is not None and self.max is not None and not self.min <= self.max:
@@ -244,17 +243,12 @@ class PointMap(_Strict):
 
 class InputMap(_Strict):
     name: str = Field(description="model input this node drives")
-    node: str = Field(description="NodeId in the field namespace, e.g. 's=dh/plant/T_set'")
+    node: NodeText = Field(description="NodeId in the field namespace, e.g. 's=dh/plant/T_set'")
     safe: float | None = Field(
         None,
         description="the embedded gateway's watchdog reverts this input to this value "
         "(within its specs.inputs bounds); needs [field.watchdog]",
     )
-
-    @field_validator("node")
-    @classmethod
-    def _node(cls, v: str) -> str:
-        return check_scenario_node(v)
 
 
 class FieldWatchdog(_Strict):
