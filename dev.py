@@ -2,7 +2,9 @@
 """Two commands for a fresh clone; each installs what it needs into .venv first.
 
     python3 dev.py demo [ARGS...]   run the district-heating closed loop (args go to `run`)
-    python3 dev.py test [ARGS...]   run the test suite (pytest), then ruff and mypy
+    python3 dev.py test [ARGS...]   run the test suite (pytest), then ruff and mypy; without
+                                    ARGS the endurance tests run in a second pytest beside
+                                    the rest
     python3 dev.py test --burn N [ARGS...]
                                     the same beside N CPU-burning processes (load test)
     python3 dev.py test -m "not slow"   the fast lane for everyday work
@@ -77,8 +79,10 @@ def take_burn(args: list[str]) -> tuple[int, list[str]]:
 
 
 def test(rest: list[str]) -> int:
-    rc = sh(PY, "-m", "pytest", *rest)
-    if rc != 0 or rest:  # extra args select tests; lint only runs on a full run
+    if rest:  # extra args select tests; lint only runs on a full run
+        return sh(PY, "-m", "pytest", *rest)
+    rc = full_suite()
+    if rc != 0:
         return rc
     print("ruff ...", file=sys.stderr, flush=True)
     rc = sh(BIN / "ruff", "check", ".") or sh(BIN / "ruff", "format", "--check", ".")
@@ -86,6 +90,30 @@ def test(rest: list[str]) -> int:
         print("mypy ...", file=sys.stderr, flush=True)
         rc = sh(BIN / "mypy")
     return rc
+
+
+def full_suite() -> int:
+    """Every test: the endurance tests (long counts, minutes each, mostly one process's
+    CPU) in a second pytest beside the rest, which holds under that load as it must under
+    any; then the endurance report after the main one."""
+    log = ROOT / ".endurance.log"
+    with log.open("w") as out:
+        endurance = subprocess.Popen(
+            [str(PY), "-m", "pytest", "-m", "endurance", "-p", "no:cacheprovider", "-q"],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            rc = sh(PY, "-m", "pytest", "-m", "not endurance")
+            print("endurance tests (run beside the rest) ...", file=sys.stderr, flush=True)
+            erc = endurance.wait()
+        finally:
+            if endurance.poll() is None:
+                endurance.kill()
+                endurance.wait()
+    print(log.read_text(), end="", flush=True)
+    return rc or erc
 
 
 def main(argv: list[str]) -> int:

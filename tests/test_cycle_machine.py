@@ -272,6 +272,7 @@ class SafetyChain(RuleBasedStateMachine):
 
 
 @pytest.mark.slow
+@pytest.mark.endurance
 def test_safety_chain() -> None:
     start = dict(EXECUTED)
     rounds = 0

@@ -222,6 +222,7 @@ async def wait_fresh_generation(mirror: Mirror, generation: int, timeout_s: floa
 
 
 @pytest.mark.slow
+@pytest.mark.endurance
 def test_restarts_in_another_process_never_feed_stale_data(tmp_path: Path) -> None:
     count = RESTARTS
     plan = restart_plan(count)
