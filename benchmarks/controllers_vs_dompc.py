@@ -6,11 +6,11 @@
 (a) do-mpc's CSTR example (4 states, 2 inputs, horizon 20, Radau collocation of degree
     2, its bounds, soft T_R limit, cost and input scaling; nominal parameters, no
     scenario tree).  The model is written here from do-mpc's documented equations.
-    Ours: ``controllers.nmpc`` with the same discretisation and cost, solved by each
+    Ours: ``parallelcity.controllers.nmpc`` with the same discretisation and cost, solved by each
     configured NLP path.
 (b) do-mpc's oscillating-masses example (discrete, 4 states, 2 inputs, stage and
     terminal cost ``x'x``, ``1e-4`` on input moves, its bounds) at horizons 20 and 50.
-    Ours: ``controllers.linear_mpc`` (condensed QP) with each QP solver.
+    Ours: ``parallelcity.controllers.linear_mpc`` (condensed QP) with each QP solver.
 
 The plant is driven by do-mpc's input; every step both controllers plan from the same
 state and the same previously applied input, each warm-started from its own previous
@@ -33,12 +33,12 @@ from typing import Any
 
 import casadi as ca
 import numpy as np
+from parallelcity.controllers.linear_mpc import LinearMpc
+from parallelcity.controllers.nmpc import Config as NmpcConfig
+from parallelcity.controllers.nmpc import NmpcController
 
-from controllers.linear_mpc import LinearMpc
-from controllers.nmpc import Config as NmpcConfig
-from controllers.nmpc import NmpcController
-from parallelcity.control import ControlInput, ControlProblem
-from parallelcity.model import Array, SubsystemModel
+from parallelcity.decide.control import ControlInput, ControlProblem
+from parallelcity.twin.model import Array, SubsystemModel
 
 # --------------------------------------------------------------------------- CSTR
 

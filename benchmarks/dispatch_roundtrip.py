@@ -60,14 +60,14 @@ import zmq
 import zmq.asyncio
 
 from parallelcity.clock import SimClock
-from parallelcity.dispatcher import ClientCurve, Dispatcher
-from parallelcity.gateway import FieldGateway, ServerCurve, new_zap_domain
-from parallelcity.gateway_core import GatewayCore
-from parallelcity.gateway_store import AppliedMark, GatewayStore
-from parallelcity.keys import KeyPair
+from parallelcity.dispatch.dispatcher import ClientCurve, Dispatcher
+from parallelcity.dispatch.keys import KeyPair
+from parallelcity.dispatch.wire import AckStatus, Command, decode_ack
+from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.server import FieldGateway, ServerCurve, new_zap_domain
+from parallelcity.gateway.store import AppliedMark, GatewayStore
+from parallelcity.gateway.zap import AllowList, Grant
 from parallelcity.specs import InputLimit
-from parallelcity.wire import AckStatus, Command, decode_ack
-from parallelcity.zap import AllowList, Grant
 
 LIMITS = {
     "plant.T_supply_set": InputLimit("plant.T_supply_set", 0.0, 1e9),

@@ -15,9 +15,9 @@ import argparse
 import time
 
 import numpy as np
+from parallelcity.controllers.milp import Config, PumpScheduler, tank_model
 
-from controllers.milp import Config, PumpScheduler, tank_model
-from parallelcity.control import ControlInput, ControlProblem
+from parallelcity.decide.control import ControlInput, ControlProblem
 
 
 def forecast(t0: float, n: int, dt: float) -> np.ndarray:

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks.mirror_ingest [--points 1000 10000] [--seconds 5]
 
-One asyncua point server (``python -m hil.field``) in its own process rewrites
+One asyncua point server (``python -m parallelcity.hil.field``) in its own process rewrites
 every point as fast as it can.  Against that same server, in one run:
 
 1. ingest: data changes per second received by a bare asyncua subscription
@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from asyncua import Client, ua
+from parallelcity.hil.field import POINT_NAMESPACE, free_port, point_node
 
-from hil.field import POINT_NAMESPACE, free_port, point_node
 from parallelcity.clock import SimClock
-from parallelcity.mirror import Mirror, parse_node_id
-from parallelcity.scenario import FieldConfig, InputMap, PointMap
-from parallelcity.snapshot import PointSpec, Reading, assess
+from parallelcity.field.mirror import Mirror, parse_node_id
+from parallelcity.field.snapshot import PointSpec, Reading, assess
+from parallelcity.scenario.definition import FieldConfig, InputMap, PointMap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,15 @@ class Server:
     def __init__(self, n: int) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hil.field", "--port", str(self.port), "--points", str(n)]
+            [
+                sys.executable,
+                "-m",
+                "parallelcity.hil.field",
+                "--port",
+                str(self.port),
+                "--points",
+                str(n),
+            ]
             + ["--period-ms", "100"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

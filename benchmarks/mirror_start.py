@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from asyncua import Client, Server, ua
+from parallelcity.hil.field import POINT_NAMESPACE, free_port, point_node
 
-from hil.field import POINT_NAMESPACE, free_port, point_node
 from parallelcity.clock import SimClock
 from parallelcity.errors import ParallelCityError
-from parallelcity.mirror import Mirror
-from parallelcity.opcua import configure_server, parse_node_id
-from parallelcity.scenario import FieldConfig, InputMap, PointMap
+from parallelcity.field.mirror import Mirror
+from parallelcity.field.opcua.session import configure_server, parse_node_id
+from parallelcity.scenario.definition import FieldConfig, InputMap, PointMap
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = 100  # variables per folder: asyncua adds a child in time linear in its siblings

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from parallelcity.hil.simulated import KIND
 
-from hil.simulated import KIND
-from parallelcity.scenario import parse_scenario
+from parallelcity.scenario.definition import parse_scenario
 from parallelcity.specs import SafetySpecs
-from parallelcity.verify import PoolSamples, RigRecipe, SerialSamples, Verifier
+from parallelcity.verify.verifier import PoolSamples, RigRecipe, SerialSamples, Verifier
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "scenarios" / "district_heating.toml"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from parallelcity.control import (
+from parallelcity.decide.control import (
     ControlInput,
     ControlProblem,
     ControlResult,
@@ -26,7 +26,7 @@ from parallelcity.control import (
     input_problem,
     unknown_names,
 )
-from parallelcity.model import Array, SubsystemModel
+from parallelcity.twin.model import Array, SubsystemModel
 
 LIMIT_TOLERANCE = 1e-6
 

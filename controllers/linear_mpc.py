@@ -39,8 +39,8 @@ import casadi as ca
 import numpy as np
 from numpy.typing import ArrayLike
 
-from parallelcity.control import SolveStatus
-from parallelcity.model import Array
+from parallelcity.decide.control import SolveStatus
+from parallelcity.twin.model import Array
 
 QpSolver = Literal["qpoases", "daqp", "osqp"]
 

@@ -2,7 +2,7 @@
 
 Every step linearises the model's RK4 step over one cycle (``F(x, u, d, p)``, the
 same discretisation the NMPC and the rigs use) and its output map ``h`` with exact
-CasADi Jacobians, then solves one condensed QP (``controllers.linear_mpc.DenseQp``:
+CasADi Jacobians, then solves one condensed QP (``parallelcity.controllers.linear_mpc.DenseQp``:
 DAQP, qpOASES or OSQP) in the planned inputs and the band slacks.
 
 Linearisation points (``linearisation``):
@@ -43,8 +43,7 @@ import casadi as ca
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from controllers.linear_mpc import DenseQp, QpSolution, condense_ltv
-from parallelcity.control import (
+from parallelcity.decide.control import (
     ControlInput,
     ControlProblem,
     ControlResult,
@@ -53,7 +52,9 @@ from parallelcity.control import (
     input_problem,
     unknown_names,
 )
-from parallelcity.model import Array, SubsystemModel
+from parallelcity.twin.model import Array, SubsystemModel
+
+from .linear_mpc import DenseQp, QpSolution, condense_ltv
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,14 @@ import casadi as ca
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from parallelcity.control import ControlInput, ControlProblem, ControlResult, KindOf, SolveStatus
-from parallelcity.model import Array, SubsystemModel
+from parallelcity.decide.control import (
+    ControlInput,
+    ControlProblem,
+    ControlResult,
+    KindOf,
+    SolveStatus,
+)
+from parallelcity.twin.model import Array, SubsystemModel
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +117,8 @@ class Config(BaseModel):
             return []
         return [
             f"kind: 'milp_pump' schedules a pump filling a tank and needs a model with "
-            f"{', '.join(missing)} (see controllers.milp.tank_model); model {m.name!r} "
-            "has none of that"
+            f"{', '.join(missing)} (see parallelcity.controllers.milp.tank_model); "
+            f"model {m.name!r} has none of that"
         ]
 
 

@@ -60,7 +60,7 @@ import casadi as ca
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from parallelcity.control import (
+from parallelcity.decide.control import (
     ControlInput,
     ControlProblem,
     ControlResult,
@@ -69,7 +69,7 @@ from parallelcity.control import (
     input_problem,
     unknown_names,
 )
-from parallelcity.model import Array, SubsystemModel
+from parallelcity.twin.model import Array, SubsystemModel
 
 log = logging.getLogger(__name__)
 

@@ -46,8 +46,14 @@ def run_one(target: Target, data: bytes) -> None:
 
 
 def _wire(data: bytes) -> None:
+    from parallelcity.dispatch.wire import (
+        MAX_SEQ,
+        NULL_ID,
+        decode_reply,
+        decode_request,
+        recover_id,
+    )
     from parallelcity.errors import WireFormatError
-    from parallelcity.wire import MAX_SEQ, NULL_ID, decode_reply, decode_request, recover_id
 
     for decode in (decode_request, decode_reply):
         try:
@@ -73,7 +79,7 @@ def _doc_json_blocks() -> Iterator[str]:
 def _wire_seeds() -> list[bytes]:
     import json
 
-    from parallelcity.wire import Command, Heartbeat, Rearm
+    from parallelcity.dispatch.wire import Command, Heartbeat, Rearm
 
     seeds = []
     for block in _doc_json_blocks():
@@ -135,7 +141,7 @@ def _handler() -> Any:
         import zmq
         import zmq.asyncio
 
-        from parallelcity.zap import AllowList, Grant, ZapHandler
+        from parallelcity.gateway.zap import AllowList, Grant, ZapHandler
 
         public = zmq.curve_public(_z85(CLIENT_SECRET))
         allow = AllowList.of([(public, Grant.everything("fuzz-client"))])
@@ -245,7 +251,7 @@ def _scratch(name: str) -> Path:
 
 
 def _gateway_config(data: bytes) -> None:
-    from parallelcity.gateway_config import load_gateway_config
+    from parallelcity.gateway.config import load_gateway_config
 
     path = _scratch("gateway")
     path.write_bytes(data)
@@ -261,7 +267,7 @@ def _gateway_config_seeds() -> list[bytes]:
 
 
 def _scenario(data: bytes) -> None:
-    from parallelcity.scenario import load_scenario
+    from parallelcity.scenario.definition import load_scenario
 
     path = _scratch("scenario")
     path.write_bytes(data)
@@ -288,20 +294,20 @@ def _errors(*names: str) -> tuple[type[BaseException], ...]:
 
 def targets() -> dict[str, Target]:
     return {
-        "wire": Target("wire", _wire, _errors(), _wire_seeds, ("parallelcity.wire",)),
-        "zap": Target("zap", _zap, _errors(), _zap_seeds, ("parallelcity.zap",)),
+        "wire": Target("wire", _wire, _errors(), _wire_seeds, ("parallelcity.dispatch.wire",)),
+        "zap": Target("zap", _zap, _errors(), _zap_seeds, ("parallelcity.gateway.zap",)),
         "gateway_config": Target(
             "gateway_config",
             _gateway_config,
             _errors("ScenarioError"),
             _gateway_config_seeds,
-            ("parallelcity.gateway_config",),
+            ("parallelcity.gateway.config",),
         ),
         "scenario": Target(
             "scenario",
             _scenario,
             _errors("ScenarioError"),
             _scenario_seeds,
-            ("parallelcity.scenario",),
+            ("parallelcity.scenario.definition",),
         ),
     }

@@ -26,7 +26,7 @@ Two halves:
   order (or lack) signals differently from the model; a model input the bench
   lacks is an error at connect, an output it lacks reads as NaN.
 
-``python -m hil.bench SCENARIO [--rig KIND] [--port N]`` serves the scenario's
+``python -m parallelcity.hil.bench SCENARIO [--rig KIND] [--port N]`` serves the scenario's
 rig (or ``KIND`` with its defaults) on 127.0.0.1 and prints its endpoint.
 
 Only OPC UA without security is implemented here, so both halves refuse to run
@@ -46,12 +46,16 @@ import threading
 from typing import Any
 
 import numpy as np
-from asyncua import Server, ua, uamethod
+from asyncua import ua
+from asyncua.common.methods import uamethod
+from asyncua.server.server import Server
+from asyncua.ua.status_codes import StatusCodes
+from asyncua.ua.uaerrors import UaStatusCodeError
 from pydantic import BaseModel, ConfigDict, Field
 
 from parallelcity.errors import PluginError, RigError, ScenarioError, SecurityError
-from parallelcity.model import Array, SubsystemModel
-from parallelcity.rig import RigDriver
+from parallelcity.twin.model import Array, SubsystemModel
+from parallelcity.verify.rig import RigDriver
 
 from .rig_machine import RigMachine
 
@@ -76,8 +80,13 @@ class Config(BaseModel):
     )
 
 
+def _invalid_state() -> UaStatusCodeError:
+    """The status a refused bench call answers with (asyncua leaves this constructor untyped)."""
+    return UaStatusCodeError(StatusCodes.BadInvalidState)  # type: ignore[no-untyped-call]
+
+
 def _nid(ns: int, name: str) -> ua.NodeId:
-    return ua.NodeId(f"bench/{name}", ns)
+    return ua.NodeId(ua.String(f"bench/{name}"), ua.Int16(ns))
 
 
 class BenchServer:
@@ -199,7 +208,7 @@ class BenchServer:
                 await self._state_var.write_value(
                     ua.Variant(self.rig.state.value, ua.VariantType.String)
                 )
-                raise ua.UaStatusCodeError(ua.StatusCodes.BadInvalidState) from exc
+                raise _invalid_state() from exc
             await self._publish()
             return result
 
@@ -219,7 +228,7 @@ class BenchServer:
     async def _advance(self, parent: Any, dt: float, step: int) -> int:
         if int(step) != self._step:
             log.warning("bench advance refused: expected step %d, asked from %d", self._step, step)
-            raise ua.UaStatusCodeError(ua.StatusCodes.BadInvalidState)
+            raise _invalid_state()
 
         def go() -> int:
             self.rig.advance(float(dt))
@@ -382,7 +391,7 @@ async def serve(
 ) -> None:
     """Serve the scenario's rig driver as a bench until cancelled; prints the endpoint."""
     from parallelcity import plugins
-    from parallelcity.scenario import load_scenario
+    from parallelcity.scenario.definition import load_scenario
 
     scenario = load_scenario(scenario_path)
     kind_name = rig_kind or scenario.file.rig.kind
@@ -403,7 +412,9 @@ async def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hil.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m parallelcity.hil.bench", description=__doc__.split("\n")[0]
+    )
     p.add_argument("scenario")
     p.add_argument("--rig", help="rig kind to serve (default: the scenario's)")
     p.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: free)")

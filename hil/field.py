@@ -8,12 +8,12 @@ is missed) and applied to the plant at once.
 
 Security: with ``use_opcua_security(ServerSecurity)`` the server offers only
 SignAndEncrypt endpoints (Basic256Sha256, Aes256_Sha256_RsaPss) with a client
-trust list and user tokens (``parallelcity.opcua.configure_server``).  Without
+trust list and user tokens (``parallelcity.field.opcua.session.configure_server``).  Without
 it the stand-in offers ``NoSecurity`` (and logs ``INSECURE LAB MODE``), and starts only
 if the scenario says ``insecure_lab = true`` or ``allow_insecure_lab()`` was called.
 
-``python -m hil.field SCENARIO [--port P] ...`` serves it on its own: the same as
-``parallelcity field`` (``parallelcity.field_serve``).
+``python -m parallelcity.hil.field SCENARIO [--port P] ...`` serves it on its own: the same as
+``parallelcity field`` (``parallelcity.field.serve``).
 """
 
 from __future__ import annotations
@@ -40,14 +40,14 @@ from asyncua.ua.status_codes import StatusCodes
 
 from parallelcity.clock import Clock
 from parallelcity.errors import FieldConnectionError, SecurityError
-from parallelcity.model import Array
-from parallelcity.opcua import ServerSecurity, configure_server, parse_node_id
-from parallelcity.rig import AppliedInput
+from parallelcity.field.opcua.session import ServerSecurity, configure_server, parse_node_id
+from parallelcity.twin.model import Array
+from parallelcity.verify.rig import AppliedInput
 
 from .plant import PlantSimulator
 
 if TYPE_CHECKING:
-    from parallelcity.scenario import Scenario
+    from parallelcity.scenario.definition import Scenario
 
 _log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _browse_name(nodeid: ua.NodeId) -> str:
 class EmbeddedField:
     """A running plant behind an OPC UA server; ``async with`` starts and stops it.
 
-    ``endpoint``, ``applied`` satisfy ``parallelcity.rig.FieldStandIn``; ``trace``
+    ``endpoint``, ``applied`` satisfy ``parallelcity.verify.rig.FieldStandIn``; ``trace``
     holds the plant's true outputs each tick, ``plant`` the simulator itself.
     """
 
@@ -513,7 +513,7 @@ class PointServer:
     listener only, which drops every connection (as a stack restart or a switch
     reboot would) in a fraction of the time.  Either way ``generation`` goes up, and
     with it every value written.  Used out of process by the reconnect tests and the
-    ingest benchmark: ``python -m hil.field --port P --points N``.
+    ingest benchmark: ``python -m parallelcity.hil.field --port P --points N``.
     """
 
     def __init__(self, port: int, n: int, period_s: float, host: str = HOST) -> None:
@@ -636,8 +636,9 @@ async def _serve_points(port: int, n: int, period_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m hil.field SCENARIO [options]`` serves a scenario's stand-in, as
-    ``parallelcity field`` does; ``python -m hil.field --port P`` a bare point server."""
+    """``python -m parallelcity.hil.field SCENARIO [options]`` serves a scenario's stand-in,
+    as ``parallelcity field`` does; ``python -m parallelcity.hil.field --port P`` a bare point
+    server."""
     import argparse
     import sys
 
@@ -646,7 +647,9 @@ def main(argv: list[str] | None = None) -> None:
         from parallelcity.cli import main as cli_main
 
         sys.exit(cli_main(["field", *args_in]))
-    p = argparse.ArgumentParser(prog="python -m hil.field", description=PointServer.__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m parallelcity.hil.field", description=PointServer.__doc__
+    )
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--points", type=int, default=100)
     p.add_argument("--period-ms", type=float, default=100.0)

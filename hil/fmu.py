@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from parallelcity.model import Array, SubsystemModel
-from parallelcity.rig import resolve_path
+from parallelcity.twin.model import Array, SubsystemModel
+from parallelcity.verify.rig import resolve_path
 
 from .rig_machine import RigMachine
 

@@ -20,7 +20,7 @@ from functools import cache
 import casadi as ca
 import numpy as np
 
-from parallelcity.model import Array, SubsystemModel
+from parallelcity.twin.model import Array, SubsystemModel
 
 Truth = Callable[[float], Array]
 

@@ -1,6 +1,6 @@
 """The rig state machine: the one place that decides what a rig may do next.
 
-A rig *driver* (``parallelcity.rig.RigDriver``: simulated, FMU, OPC UA bench)
+A rig *driver* (``parallelcity.verify.rig.RigDriver``: simulated, FMU, OPC UA bench)
 knows how to reset, apply inputs, advance and read.  ``RigMachine`` wraps a
 driver and owns the order of those calls, the same for every driver::
 
@@ -41,8 +41,8 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import numpy as np
 
 from parallelcity.errors import RigError
-from parallelcity.model import Array
-from parallelcity.rig import RigDriver
+from parallelcity.twin.model import Array
+from parallelcity.verify.rig import RigDriver
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,9 @@ class TraceDriver(Protocol):
 
 
 class RigMachine:
-    """A rig: a driver behind the state machine.  Satisfies ``parallelcity.rig.UncertainRig``."""
+    """A rig: a driver behind the state machine.
+
+    Satisfies ``parallelcity.verify.rig.UncertainRig``."""
 
     def __init__(self, driver: RigDriver, *, use_trace: bool = True) -> None:
         self.driver = driver

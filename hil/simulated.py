@@ -11,7 +11,7 @@ twin and from each other:
   must hold on all of them;
 * the field stand-in (``field_seed``): a plant with another parameter draw,
   driven by a disturbance truth that departs from the forecast by
-  ``forecast_error``, served over OPC UA on 127.0.0.1 (``hil.field``).
+  ``forecast_error``, served over OPC UA on 127.0.0.1 (``parallelcity.hil.field``).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from parallelcity.clock import Clock
-from parallelcity.model import Array, SubsystemModel
+from parallelcity.twin.model import Array, SubsystemModel
 
 from .plant import DisturbanceError, forecast_truth, perturbed_params, sample_seed
 from .rig_machine import RigMachine
 
 if TYPE_CHECKING:
-    from parallelcity.scenario import Scenario
+    from parallelcity.scenario.definition import Scenario
 
     from .field import EmbeddedField
 

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
-from .errors import (
+from parallelcity import __version__
+from parallelcity.errors import (
     DispatchError,
     FieldError,
     JournalError,
@@ -37,7 +37,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .opcua import ClientSecurity
+    from parallelcity.field.opcua.session import ClientSecurity
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INVALID, EXIT_FIELD, EXIT_SECURITY = 0, 1, 2, 3, 4
 
@@ -271,7 +271,7 @@ def _fmt_time(t: float, zone: dt.tzinfo = dt.UTC) -> str:
 
 def _cmd_validate(paths: Sequence[Path]) -> int:
     """Each file's verdict; the exit code is the worst of them."""
-    from .scenario import load_scenario
+    from parallelcity.scenario.definition import load_scenario
 
     worst = EXIT_OK
     for path in paths:
@@ -291,7 +291,7 @@ def _cmd_validate(paths: Sequence[Path]) -> int:
 
 
 def _cmd_schema(output: Path | None) -> int:
-    from .scenario import json_schema
+    from parallelcity.scenario.definition import json_schema
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if output:
@@ -314,11 +314,11 @@ def _write_output(output: Path, text: str) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .controller_choice import controller_settings
-    from .lifecycle import speed_problem
-    from .report import band_violation, write_all
-    from .runner import CycleRecord, RunOptions, run
-    from .scenario import load_scenario
+    from parallelcity.decide.choice import controller_settings
+    from parallelcity.record.report import band_violation, write_all
+    from parallelcity.run.lifecycle import speed_problem
+    from parallelcity.run.runner import CycleRecord, RunOptions, run
+    from parallelcity.scenario.definition import load_scenario
 
     for opt, url, scheme in (
         ("--field", args.field, "opc.tcp"),
@@ -374,7 +374,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"against the {where}",
         file=sys.stderr,
     )
-    gateway_log = logging.getLogger("parallelcity.gateway")
+    gateway_log = logging.getLogger("parallelcity.gateway.server")
     level = gateway_log.level
     if not args.verbose and args.gateway is None:
         # the embedded gateway's line per command would drown the progress; the journal has them
@@ -407,14 +407,14 @@ def _is_url(url: str, scheme: str) -> bool:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .journal_read import read_journal, run_result, scenario_of
+    from parallelcity.record.journal_read import read_journal, run_result, scenario_of
 
     try:
         journal = read_journal(args.journal)
     except JournalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    from .report import write_all
+    from parallelcity.record.report import write_all
 
     scenario = scenario_of(journal, args.scenario)
     out = args.out if args.out is not None else journal.path.parent
@@ -438,8 +438,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_gateway(args: argparse.Namespace) -> int:
     import time
 
-    from .clock import SimClock
-    from .gateway_config import gateway_json_schema, load_gateway_config, serve_gateway
+    from parallelcity.clock import SimClock
+    from parallelcity.gateway.config import gateway_json_schema, load_gateway_config, serve_gateway
 
     if args.schema:
         sys.stdout.write(json.dumps(gateway_json_schema(), indent=2) + "\n")
@@ -456,9 +456,9 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def _cmd_rearm(args: argparse.Namespace) -> int:
-    from .dispatcher import ClientCurve, Dispatcher
-    from .keys import read_public_key, read_secret_key
-    from .watchdog import iso_utc, readable_times
+    from parallelcity.dispatch.dispatcher import ClientCurve, Dispatcher
+    from parallelcity.dispatch.keys import read_public_key, read_secret_key
+    from parallelcity.gateway.watchdog import iso_utc, readable_times
 
     curve = None
     if not args.insecure_lab:
@@ -482,7 +482,7 @@ def _cmd_rearm(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
-    from .keys import write_keypair
+    from parallelcity.dispatch.keys import write_keypair
 
     for name in args.names:
         try:
@@ -494,7 +494,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_certs(args: argparse.Namespace) -> int:
-    from .certs import lab_pki_files, make_lab_pki
+    from parallelcity.field.opcua.certs import lab_pki_files, make_lab_pki
 
     if args.dir.exists() and not args.dir.is_dir():
         raise _UsageError(f"{args.dir} is not a folder: certs needs a folder to write into")
@@ -545,8 +545,8 @@ def _browse_security(args: argparse.Namespace) -> ClientSecurity:
     """``browse``'s client security: from its options, from --scenario, or None (lab)."""
     import os
 
-    from .opcua import ClientSecurity
-    from .scenario import load_scenario
+    from parallelcity.field.opcua.session import ClientSecurity
+    from parallelcity.scenario.definition import load_scenario
 
     given = [o for o in _BROWSE_SECURITY if getattr(args, o) not in (None, False)]
     flags = ", ".join("--" + o.replace("_", "-") for o in given)
@@ -595,8 +595,8 @@ def _browse_security(args: argparse.Namespace) -> ClientSecurity:
 
 
 def _cmd_browse(args: argparse.Namespace) -> int:
-    from .browse import browse, points_toml
-    from .opcua import endpoint_problem
+    from parallelcity.field.opcua.browse import browse, points_toml
+    from parallelcity.field.opcua.session import endpoint_problem
 
     if (problem := endpoint_problem(args.endpoint)) is not None:
         raise _UsageError(problem)
@@ -625,8 +625,8 @@ def _cmd_browse(args: argparse.Namespace) -> int:
 
 
 def _cmd_field(args: argparse.Namespace) -> int:
-    from .field_serve import FieldOptions, serve_field
-    from .scenario import load_scenario
+    from parallelcity.field.serve import FieldOptions, serve_field
+    from parallelcity.scenario.definition import load_scenario
 
     if not 0 <= args.port <= 65535:
         raise _UsageError("--port must be between 0 and 65535")
@@ -642,8 +642,8 @@ def _cmd_field(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .campaign import verify_command
-    from .errors import RigError
+    from parallelcity.errors import RigError
+    from parallelcity.verify.campaign import verify_command
 
     try:
         return verify_command(

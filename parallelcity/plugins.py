@@ -11,7 +11,7 @@ from functools import cache
 from importlib.metadata import entry_points
 from typing import Any
 
-from .errors import PluginError
+from parallelcity.errors import PluginError
 
 GROUPS = {
     "model": "parallelcity.models",

@@ -31,9 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from .control import ControlProblem
-from .model import Array, SubsystemModel
-from .scenario import BandSpec, InputSpec, InterlockSpec, Predicate, Scenario, TemporalSpec
+from parallelcity.decide.control import ControlProblem
+from parallelcity.scenario.definition import (
+    BandSpec,
+    InputSpec,
+    InterlockSpec,
+    Predicate,
+    Scenario,
+    TemporalSpec,
+)
+from parallelcity.twin.model import Array, SubsystemModel
 
 TOLERANCE = 1e-6
 

@@ -25,7 +25,7 @@ def dh_text() -> str:
 @pytest.fixture(scope="session")
 def dh():
     """The lab copy of the district-heating scenario (insecure_lab = true)."""
-    from parallelcity.scenario import parse_scenario
+    from parallelcity.scenario.definition import parse_scenario
 
     return parse_scenario(lab_text(), DH)
 
@@ -33,7 +33,7 @@ def dh():
 @pytest.fixture(scope="session")
 def dh_shipped():
     """The district-heating scenario exactly as shipped (secure)."""
-    from parallelcity.scenario import load_scenario
+    from parallelcity.scenario.definition import load_scenario
 
     return load_scenario(DH)
 
@@ -41,7 +41,7 @@ def dh_shipped():
 @pytest.fixture(scope="module")
 def scenario():
     """The district-heating scenario, loaded afresh per test module."""
-    from parallelcity.scenario import load_scenario
+    from parallelcity.scenario.definition import load_scenario
 
     return load_scenario(DH)
 

@@ -20,7 +20,7 @@ import time
 from asyncua import Server, ua
 from asyncua.ua.status_codes import StatusCodes
 
-from parallelcity.opcua import configure_server, parse_node_id
+from parallelcity.field.opcua.session import configure_server, parse_node_id
 
 NAMESPACE = "urn:parallelcity:trust-test"
 NODES = ("s=t/temp", "s=t/count", "s=t/flag")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import zmq
 
-from parallelcity.keys import read_public_key, read_secret_key
-from parallelcity.wire import Command, Heartbeat
+from parallelcity.dispatch.keys import read_public_key, read_secret_key
+from parallelcity.dispatch.wire import Command, Heartbeat
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ from typing import Any
 from asyncua import Server, ua
 from asyncua.common.callback import CallbackType, ServerItemCallback
 
-from parallelcity.dispatcher import ClientCurve
-from parallelcity.keys import read_public_key, read_secret_key, write_keypair
+from parallelcity.dispatch.dispatcher import ClientCurve
+from parallelcity.dispatch.keys import read_public_key, read_secret_key, write_keypair
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "urn:parallelcity:test:site"
@@ -247,9 +247,9 @@ async def flood_trial(
     first command until after the revert is due.  The runtime's dispatcher has a 2 s
     timeout and no retries.
     """
-    from parallelcity.dispatcher import Dispatcher
+    from parallelcity.dispatch.dispatcher import Dispatcher
+    from parallelcity.dispatch.wire import AckStatus
     from parallelcity.errors import DispatchError
-    from parallelcity.wire import AckStatus
 
     gw = GatewayProcess(site.config, log)
     flooder: subprocess.Popen[str] | None = None

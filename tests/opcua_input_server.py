@@ -2,7 +2,7 @@
 
 ``python -m tests.opcua_input_server --port P --pki DIR`` serves the inputs
 ``s=w/a`` and ``s=w/b`` in ``NAMESPACE`` on 127.0.0.1:P, SignAndEncrypt only,
-with the certificates of ``parallelcity.certs.make_lab_pki(DIR)`` and the user
+with the certificates of ``parallelcity.field.opcua.certs.make_lab_pki(DIR)`` and the user
 ``gateway`` whose password is in ``$PARALLELCITY_TEST_OPC_PASSWORD``.  It prints
 ``up P`` once listening and ``write <node> <value>`` for every value a client
 wrote (before the write is answered), so a test can count what landed, across
@@ -22,7 +22,7 @@ from asyncua import Server, ua
 from asyncua.common.callback import CallbackType, ServerItemCallback
 from asyncua.ua.attribute_ids import AttributeIds
 
-from parallelcity.opcua import ServerSecurity, configure_server, hash_password
+from parallelcity.field.opcua.session import ServerSecurity, configure_server, hash_password
 
 NAMESPACE = "urn:parallelcity:writer-test"
 INPUTS = {"a": "s=w/a", "b": "s=w/b"}

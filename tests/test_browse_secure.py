@@ -18,16 +18,21 @@ from typing import Any
 
 import pytest
 from asyncua import Server, ua
+from parallelcity.hil.field import free_port, stop_server
 from pydantic import ValidationError
 
-from hil.field import free_port, stop_server
-from parallelcity.certs import LabPki, make_lab_pki
 from parallelcity.cli import EXIT_FIELD, EXIT_INVALID, EXIT_OK, _parser, main
 from parallelcity.clock import SimClock
 from parallelcity.errors import SecurityError
-from parallelcity.mirror import Mirror
-from parallelcity.opcua import ClientSecurity, ServerSecurity, TrustList, configure_server
-from parallelcity.scenario import FieldConfig, InputMap, OpcUaSecurity, PointMap
+from parallelcity.field.mirror import Mirror
+from parallelcity.field.opcua.certs import LabPki, make_lab_pki
+from parallelcity.field.opcua.session import (
+    ClientSecurity,
+    ServerSecurity,
+    TrustList,
+    configure_server,
+)
+from parallelcity.scenario.definition import FieldConfig, InputMap, OpcUaSecurity, PointMap
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "urn:parallelcity:test:secure-browse"
@@ -61,7 +66,7 @@ async def secure_server(pki: LabPki, *, anonymous_only: bool) -> AsyncIterator[s
         server.set_identity_tokens([ua.AnonymousIdentityToken])
         server.set_certificate_validator(TrustList(pki.server_trusted))
     else:
-        from parallelcity.opcua import hash_password
+        from parallelcity.field.opcua.session import hash_password
 
         await configure_server(
             server,
@@ -143,7 +148,7 @@ def test_anonymous_session_on_a_secure_channel(
             code = await asyncio.to_thread(main, args)
             return value, inputs, code
 
-    with caplog.at_level(logging.WARNING, logger="parallelcity.opcua"):
+    with caplog.at_level(logging.WARNING, logger="parallelcity.field.opcua.session"):
         value, inputs, code = run(body)
     assert value == 70.0 and inputs == {"T_set": 65.0}
     assert code == EXIT_OK
@@ -254,7 +259,7 @@ def test_readme_lists_every_browse_option() -> None:
 
 def test_the_gateway_config_takes_anonymous_too(pki: LabPki, tmp_path: Path) -> None:
     from parallelcity.errors import ScenarioError
-    from parallelcity.gateway_config import load_gateway_config
+    from parallelcity.gateway.config import load_gateway_config
 
     text = (ROOT / "docs" / "gateway.example.toml").read_text()
     for key, path in (

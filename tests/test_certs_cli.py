@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from parallelcity.certs import lab_pki_files, load_certificate
+from parallelcity.field.opcua.certs import lab_pki_files, load_certificate
 
 from .conftest import ROOT
 

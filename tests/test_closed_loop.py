@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from parallelcity.hil.plant import PlantSimulator, forecast_truth, perturbed_params
 
-from hil.plant import PlantSimulator, forecast_truth, perturbed_params
 from parallelcity.cli import main
 from parallelcity.clock import SimClock
 from parallelcity.errors import NodeMappingError, SecurityError
-from parallelcity.report import comfort_kh, summarize, write_all
-from parallelcity.runner import RunOptions, run
-from parallelcity.scenario import parse_scenario
+from parallelcity.record.report import comfort_kh, summarize, write_all
+from parallelcity.run.runner import RunOptions, run
+from parallelcity.scenario.definition import parse_scenario
 from parallelcity.specs import TOLERANCE, SafetySpecs
 
 from .conftest import DH
@@ -151,7 +151,7 @@ def test_runtime_refuses_to_start_without_insecure_lab(dh_text: str, tmp_path: P
 def test_a_nodeid_missing_on_the_server_stops_the_run_before_any_cycle(
     dh, dh_text: str, tmp_path: Path
 ) -> None:
-    from hil.simulated import KIND
+    from parallelcity.hil.simulated import KIND
 
     wrong = parse_scenario(
         dh_text.replace('"s=dh/office/T_zone"', '"s=dh/offfice/T_zone"'), "wrong.toml"

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from parallelcity.controllers import baseline, nmpc
 from pydantic import ValidationError
 
-from controllers import baseline, nmpc
 from parallelcity import plugins
-from parallelcity.control import ControlInput, ControlProblem, ControlResult, SolveStatus
-from parallelcity.scenario import Scenario
+from parallelcity.decide.control import ControlInput, ControlProblem, ControlResult, SolveStatus
+from parallelcity.scenario.definition import Scenario
 from parallelcity.specs import SafetySpecs
 
 SCENARIO = Path(__file__).parents[1] / "scenarios" / "district_heating.toml"

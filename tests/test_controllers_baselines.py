@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from parallelcity.controllers import baseline, milp
 
-from controllers import baseline, milp
 from parallelcity import plugins
-from parallelcity.control import ControlInput, ControlProblem, SolveStatus
-from parallelcity.scenario import Scenario
+from parallelcity.decide.control import ControlInput, ControlProblem, SolveStatus
+from parallelcity.scenario.definition import Scenario
 from parallelcity.specs import SafetySpecs
 
 from .test_controllers import make_input

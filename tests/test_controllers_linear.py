@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from parallelcity.controllers.linear_mpc import LinearMpc, dare, lqr_gain
 
-from controllers.linear_mpc import LinearMpc, dare, lqr_gain
-from parallelcity.control import SolveStatus
+from parallelcity.decide.control import SolveStatus
 
 SOLVERS = ("qpoases", "daqp", "osqp")
 
@@ -198,7 +198,7 @@ def test_dense_qp_with_changing_matrices_matches_the_kkt_solution(solver: str) -
     """``DenseQp`` (the QP layer of the ``linear_mpc`` kind): a new H and A every solve;
     with no active bound the unconstrained minimiser is taken without the solver, and
     with active bounds every solver finds the same point as the others."""
-    from controllers.linear_mpc import DenseQp
+    from parallelcity.controllers.linear_mpc import DenseQp
 
     rng = np.random.default_rng(7)
     nv, na = 12, 5

@@ -9,17 +9,17 @@ import re
 
 import numpy as np
 import pytest
+from parallelcity.controllers import linear_mpc_kind as lk
+from parallelcity.controllers import nmpc
+from parallelcity.hil.simulated import KIND as SIMULATED
 from pydantic import ValidationError
 
-from controllers import linear_mpc_kind as lk
-from controllers import nmpc
-from hil.simulated import KIND as SIMULATED
 from parallelcity import plugins
-from parallelcity.campaign import run_campaign
-from parallelcity.control import ControlInput, ControlProblem, SolveStatus
+from parallelcity.decide.control import ControlInput, ControlProblem, SolveStatus
 from parallelcity.errors import ScenarioError
-from parallelcity.scenario import Scenario, parse_scenario
+from parallelcity.scenario.definition import Scenario, parse_scenario
 from parallelcity.specs import SafetySpecs
+from parallelcity.verify.campaign import run_campaign
 
 from .conftest import lab_text
 from .test_controllers import assert_plan_consistent, assert_unusable, make_input

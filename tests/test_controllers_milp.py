@@ -6,10 +6,10 @@ import itertools
 
 import numpy as np
 import pytest
+from parallelcity.controllers import milp
 
-from controllers import milp
 from parallelcity import plugins
-from parallelcity.control import ControlInput, ControlProblem, SolveStatus
+from parallelcity.decide.control import ControlInput, ControlProblem, SolveStatus
 
 
 def small(

@@ -10,12 +10,12 @@ from pathlib import Path
 import casadi as ca
 import numpy as np
 import pytest
+from parallelcity.controllers import nmpc
 
-from controllers import nmpc
-from parallelcity.control import ControlInput, ControlProblem, SolveStatus
-from parallelcity.model import SubsystemModel
-from parallelcity.scenario import Scenario
+from parallelcity.decide.control import ControlInput, ControlProblem, SolveStatus
+from parallelcity.scenario.definition import Scenario
 from parallelcity.specs import SafetySpecs
+from parallelcity.twin.model import SubsystemModel
 
 from .test_controllers import assert_plan_consistent, assert_unusable, make_input, new_nmpc
 

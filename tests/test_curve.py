@@ -21,13 +21,13 @@ import zmq.asyncio
 
 from parallelcity.cli import main as cli_main
 from parallelcity.clock import FakeClock
-from parallelcity.dispatcher import ClientCurve, Dispatcher
+from parallelcity.dispatch.dispatcher import ClientCurve, Dispatcher
+from parallelcity.dispatch.keys import KeyPair, read_public_key, read_secret_key, write_keypair
+from parallelcity.dispatch.wire import AckStatus, Command, RefusalCode, decode_ack
 from parallelcity.errors import DispatchError, SecurityError
-from parallelcity.gateway import FieldGateway, ServerCurve, new_zap_domain
-from parallelcity.gateway_core import GatewayCore
-from parallelcity.keys import KeyPair, read_public_key, read_secret_key, write_keypair
-from parallelcity.wire import AckStatus, Command, RefusalCode, decode_ack
-from parallelcity.zap import AllowList, Grant, ZapHandler
+from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.server import FieldGateway, ServerCurve, new_zap_domain
+from parallelcity.gateway.zap import AllowList, Grant, ZapHandler
 
 from .test_gateway import GOOD, LIMITS, T0, VERDICT, FakeWriter, command, run
 

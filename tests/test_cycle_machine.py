@@ -31,20 +31,20 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
+from parallelcity.hil.simulated import KIND
 
-from hil.simulated import KIND
 from parallelcity import plugins
-from parallelcity.control import ControlResult, SolveStatus
-from parallelcity.cycle import CycleLogic, Outcome
-from parallelcity.gate import Mode, SimplexGate
-from parallelcity.gateway_core import GatewayCore
-from parallelcity.gateway_core import Outcome as GatewayOutcome
-from parallelcity.scenario import parse_scenario
-from parallelcity.snapshot import PointSpec, Reading, assess
+from parallelcity.decide.control import ControlResult, SolveStatus
+from parallelcity.decide.cycle import CycleLogic, Outcome
+from parallelcity.decide.gate import Mode, SimplexGate
+from parallelcity.dispatch.wire import Command
+from parallelcity.field.snapshot import PointSpec, Reading, assess
+from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.core import Outcome as GatewayOutcome
+from parallelcity.scenario.definition import parse_scenario
 from parallelcity.specs import TOLERANCE, SafetySpecs
-from parallelcity.twin import Twin
-from parallelcity.verify import Verifier
-from parallelcity.wire import Command
+from parallelcity.twin.twin import Twin
+from parallelcity.verify.verifier import Verifier
 
 from .conftest import DH
 

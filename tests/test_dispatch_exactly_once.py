@@ -27,13 +27,13 @@ from asyncua import Server, ua
 from asyncua.common.callback import CallbackType, ServerItemCallback
 
 from parallelcity.clock import FakeClock
-from parallelcity.dispatcher import ClientCurve, Dispatcher
+from parallelcity.dispatch.dispatcher import ClientCurve, Dispatcher
+from parallelcity.dispatch.keys import read_public_key, read_secret_key, write_keypair
+from parallelcity.dispatch.wire import AckStatus, Command, RefusalCode
 from parallelcity.errors import DispatchError
-from parallelcity.gateway import FieldGateway
-from parallelcity.gateway_core import GatewayCore
-from parallelcity.gateway_store import GatewayStore
-from parallelcity.keys import read_public_key, read_secret_key, write_keypair
-from parallelcity.wire import AckStatus, Command, RefusalCode
+from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.server import FieldGateway
+from parallelcity.gateway.store import GatewayStore
 
 from .test_gateway import GOOD, LIMITS, T0, VERDICT, FakeWriter, command, free_port, run
 

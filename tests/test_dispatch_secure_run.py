@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from parallelcity.runner import RunOptions, run
-from parallelcity.scenario import parse_scenario
+from parallelcity.run.runner import RunOptions, run
+from parallelcity.scenario.definition import parse_scenario
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from parallelcity.divergence import Check, DivergenceMonitor, DivergenceSettings
-from parallelcity.scenario import Scenario
+from parallelcity.scenario.definition import Scenario
+from parallelcity.twin.divergence import Check, DivergenceMonitor, DivergenceSettings
 
 from .test_estimate import DAY, Sim
 
@@ -31,7 +31,7 @@ DETECT_WITHIN = 8  # cycles from the fault to the alarm (2 simulated hours)
 
 
 def twin_state(sim: Sim, snap: object) -> np.ndarray | None:
-    from parallelcity.snapshot import Snapshot
+    from parallelcity.field.snapshot import Snapshot
 
     assert isinstance(snap, Snapshot)
     try:

@@ -19,12 +19,12 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from parallelcity.hil.field import EmbeddedField
 
-from hil.field import EmbeddedField
 from parallelcity.errors import ScenarioError
-from parallelcity.gateway_store import GatewayStore
-from parallelcity.runner import CycleRecord, RunOptions, RunResult, _embedded_core, run
-from parallelcity.scenario import Scenario, parse_scenario
+from parallelcity.gateway.store import GatewayStore
+from parallelcity.run.runner import CycleRecord, RunOptions, RunResult, _embedded_core, run
+from parallelcity.scenario.definition import Scenario, parse_scenario
 from parallelcity.specs import SafetySpecs
 
 SAFE = {

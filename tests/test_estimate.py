@@ -1,4 +1,4 @@
-"""The EKF (parallelcity.estimate) against the pure plant simulator with a model mismatch.
+"""The EKF (parallelcity.twin.estimate) against the pure plant simulator with a model mismatch.
 
 The plant has its own parameters (each building's UA, capacity and heat exchanger
 within +-15 % of the twin's), a disturbance truth that departs from the forecast,
@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from parallelcity.hil.plant import PlantSimulator, forecast_truth, perturbed_params
 
-from hil.plant import PlantSimulator, forecast_truth, perturbed_params
-from parallelcity.estimate import ExtendedKalmanFilter
-from parallelcity.model import Array, SubsystemModel
-from parallelcity.scenario import Scenario
-from parallelcity.snapshot import PointSpec, Reading, Snapshot, assess
+from parallelcity.field.snapshot import PointSpec, Reading, Snapshot, assess
+from parallelcity.scenario.definition import Scenario
+from parallelcity.twin.estimate import ExtendedKalmanFilter
+from parallelcity.twin.model import Array, SubsystemModel
 
 NOISE = {"T_zone": 0.1, "T_supply": 0.2, "Q_heat": 0.5, "T_out": 0.1, "fuel_kw": 2.0}
 NOISE["pump_kw"] = 0.05
@@ -204,7 +204,7 @@ def test_ekf_rejects_unknown_names(dh: Scenario) -> None:
 
 def test_twin_with_an_estimator_has_a_state_where_a_point_is_stale(dh: Scenario) -> None:
     from parallelcity.specs import SafetySpecs
-    from parallelcity.twin import Twin
+    from parallelcity.twin.twin import Twin
 
     specs = SafetySpecs.from_scenario(dh)
     sim = Sim(dh)

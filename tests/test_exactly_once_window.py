@@ -20,10 +20,10 @@ import pytest
 import zmq.asyncio
 from asyncua import ua
 
-from parallelcity.dispatcher import ClientCurve, Dispatcher
+from parallelcity.dispatch.dispatcher import ClientCurve, Dispatcher
+from parallelcity.dispatch.keys import read_public_key, read_secret_key
+from parallelcity.dispatch.wire import Ack, AckStatus, Command
 from parallelcity.errors import DispatchError
-from parallelcity.keys import read_public_key, read_secret_key
-from parallelcity.wire import Ack, AckStatus, Command
 
 from .test_dispatch_exactly_once import CountingServer, GatewayProcess, write_config
 from .test_gateway import VERDICT, free_port, run

@@ -1,6 +1,6 @@
-"""The field stand-in (hil.field) against the real Mirror client, over OPC UA on 127.0.0.1.
+"""The field stand-in (parallelcity.hil.field) against the real Mirror client, over OPC UA.
 
-Also unit tests of the plant simulator (hil.plant) and the simulated rig kind.
+Also unit tests of the plant simulator (parallelcity.hil.plant) and the simulated rig kind.
 Async tests are plain functions running ``asyncio.run`` with a timeout each.
 """
 
@@ -16,16 +16,16 @@ from typing import Any
 import numpy as np
 import pytest
 from asyncua import Client, ua
+from parallelcity.hil.field import EmbeddedField, free_port
+from parallelcity.hil.plant import PlantSimulator, forecast_truth, perturbed_params
+from parallelcity.hil.simulated import KIND, Config
 
-from hil.field import EmbeddedField, free_port
-from hil.plant import PlantSimulator, forecast_truth, perturbed_params
-from hil.simulated import KIND, Config
 from parallelcity.clock import SimClock
 from parallelcity.errors import FieldConnectionError, NodeMappingError, SecurityError
-from parallelcity.mirror import Mirror
-from parallelcity.opcua import parse_node_id
-from parallelcity.scenario import Scenario, parse_scenario
-from parallelcity.snapshot import Quality
+from parallelcity.field.mirror import Mirror
+from parallelcity.field.opcua.session import parse_node_id
+from parallelcity.field.snapshot import Quality
+from parallelcity.scenario.definition import Scenario, parse_scenario
 
 from .conftest import lab_text
 

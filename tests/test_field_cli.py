@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+from parallelcity.hil.field import EmbeddedField, free_port
+from parallelcity.hil.simulated import KIND
 
-from hil.field import EmbeddedField, free_port
-from hil.simulated import KIND
-from parallelcity.certs import lab_pki_files
 from parallelcity.clock import SimClock
 from parallelcity.errors import SecurityError
-from parallelcity.field_serve import ensure_pki, pki_root
-from parallelcity.scenario import Scenario, parse_scenario
+from parallelcity.field.opcua.certs import lab_pki_files
+from parallelcity.field.serve import ensure_pki, pki_root
+from parallelcity.scenario.definition import Scenario, parse_scenario
 
 from .conftest import DH, ROOT, lab_text
 
@@ -38,7 +38,7 @@ def test_the_stand_in_in_lab_mode_says_insecure_lab_mode(
 
     with caplog.at_level(logging.WARNING):
         asyncio.run(body())
-    lines = [r.getMessage() for r in caplog.records if r.name == "hil.field"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "parallelcity.hil.field"]
     assert any(line.startswith("INSECURE LAB MODE: the field stand-in") for line in lines)
 
 
@@ -73,7 +73,15 @@ def test_field_insecure_lab_warns_and_ctrl_c_ends_it_with_exit_0(tmp_path: Path)
     )
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hil.field", str(scenario), "--port", str(port), "--insecure-lab"],
+        [
+            sys.executable,
+            "-m",
+            "parallelcity.hil.field",
+            str(scenario),
+            "--port",
+            str(port),
+            "--insecure-lab",
+        ],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,

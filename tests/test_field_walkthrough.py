@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from hil.field import free_port
+from parallelcity.hil.field import free_port
 
 from .conftest import ROOT
 

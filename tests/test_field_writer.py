@@ -35,23 +35,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from parallelcity.hil.field import free_port
 
-from hil.field import free_port
-from parallelcity.certs import LabPki, make_lab_pki
 from parallelcity.clock import SimClock
-from parallelcity.dispatcher import ClientCurve, Dispatcher
+from parallelcity.dispatch.dispatcher import ClientCurve, Dispatcher
+from parallelcity.dispatch.keys import KeyPair
+from parallelcity.dispatch.wire import Ack, AckStatus, Command, RefusalCode
 from parallelcity.errors import FieldUnavailableError
-from parallelcity.field_writer import OpcUaWriter
-from parallelcity.gateway import FieldGateway, ServerCurve, new_zap_domain
-from parallelcity.gateway_core import GatewayCore
-from parallelcity.gateway_store import GatewayStore
-from parallelcity.keys import KeyPair
-from parallelcity.mirror import Backoff
-from parallelcity.opcua import ClientSecurity
-from parallelcity.scenario import FieldConfig, InputMap, PointMap
+from parallelcity.field.mirror import Backoff
+from parallelcity.field.opcua.certs import LabPki, make_lab_pki
+from parallelcity.field.opcua.session import ClientSecurity
+from parallelcity.field.opcua.writer import OpcUaWriter
+from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.server import FieldGateway, ServerCurve, new_zap_domain
+from parallelcity.gateway.store import GatewayStore
+from parallelcity.gateway.zap import AllowList, Grant
+from parallelcity.scenario.definition import FieldConfig, InputMap, PointMap
 from parallelcity.specs import InputLimit
-from parallelcity.wire import Ack, AckStatus, Command, RefusalCode
-from parallelcity.zap import AllowList, Grant
 
 from .opcua_input_server import INPUTS, NAMESPACE, PASSWORD_ENV, USER
 

@@ -78,8 +78,8 @@ def test_random_and_mutated_inputs_raise_only_declared_errors(name: str) -> None
 @pytest.mark.parametrize("name", ["gateway_config", "scenario"])
 def test_a_file_that_is_not_utf8_is_an_invalid_file_not_a_crash(name: str, tmp_path: Path) -> None:
     """Found by the fuzzer: the loaders let ``UnicodeDecodeError`` escape (exit 1)."""
-    from parallelcity.gateway_config import load_gateway_config
-    from parallelcity.scenario import load_scenario
+    from parallelcity.gateway.config import load_gateway_config
+    from parallelcity.scenario.definition import load_scenario
 
     path = tmp_path / "bad.toml"
     path.write_bytes(SEEDS[name][0][:100] + b"\xf6" + SEEDS[name][0][100:])

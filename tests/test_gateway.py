@@ -24,21 +24,29 @@ from asyncua import Server, ua
 
 from parallelcity import plugins
 from parallelcity.clock import FakeClock
-from parallelcity.dispatcher import Dispatcher
+from parallelcity.dispatch.dispatcher import Dispatcher
+from parallelcity.dispatch.keys import write_keypair
+from parallelcity.dispatch.wire import (
+    MAX_SEQ,
+    NULL_ID,
+    Ack,
+    AckStatus,
+    Command,
+    RefusalCode,
+    decode_ack,
+)
 from parallelcity.errors import (
     DispatchError,
     FieldConnectionError,
     NodeMappingError,
     SecurityError,
 )
-from parallelcity.field_writer import OpcUaWriter
-from parallelcity.gateway import FieldGateway
-from parallelcity.gateway_config import parse_gateway_config, serve_gateway
-from parallelcity.gateway_core import GatewayCore, Outcome
-from parallelcity.keys import write_keypair
-from parallelcity.scenario import FieldConfig, Scenario, ScenarioFile
+from parallelcity.field.opcua.writer import OpcUaWriter
+from parallelcity.gateway.config import parse_gateway_config, serve_gateway
+from parallelcity.gateway.core import GatewayCore, Outcome
+from parallelcity.gateway.server import FieldGateway
+from parallelcity.scenario.definition import FieldConfig, Scenario, ScenarioFile
 from parallelcity.specs import InputLimit
-from parallelcity.wire import MAX_SEQ, NULL_ID, Ack, AckStatus, Command, RefusalCode, decode_ack
 
 SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "district_heating.toml"
 T0 = 1768179600.0  # 2026-01-12 01:00 UTC
@@ -193,7 +201,7 @@ def test_core_refuses_issued_at_ahead_of_its_clock_or_too_old() -> None:
 
 
 def test_core_refuses_another_issuer_and_a_reused_id_with_another_payload() -> None:
-    from parallelcity.zap import Grant
+    from parallelcity.gateway.zap import Grant
 
     core = GatewayCore(LIMITS)
     grant = Grant.everything("cycle")
@@ -334,7 +342,7 @@ def test_dispatcher_gets_applied_acks_and_the_writer_sees_the_setpoints(
             assert (gw.counters.received, gw.counters.applied) == (2, 2)
             assert (disp.counters.sent, disp.counters.acked, disp.counters.timeouts) == (2, 2, 0)
 
-    with caplog.at_level(logging.WARNING, logger="parallelcity.gateway"):
+    with caplog.at_level(logging.WARNING, logger="parallelcity.gateway.server"):
         run(main)
     assert any("INSECURE LAB MODE" in r.getMessage() for r in caplog.records)
 
@@ -587,8 +595,8 @@ def gateway_toml(
 @pytest.mark.slow
 def test_gateway_writes_to_a_real_opcua_server(tmp_path: Path) -> None:
     """The stand-alone gateway (config file, CURVE, durable state) in front of a real server."""
-    from parallelcity.dispatcher import ClientCurve
-    from parallelcity.keys import read_public_key, read_secret_key
+    from parallelcity.dispatch.dispatcher import ClientCurve
+    from parallelcity.dispatch.keys import read_public_key, read_secret_key
 
     scenario = district_heating()
     field = scenario.field
@@ -681,8 +689,8 @@ def test_serve_gateway_refuses_to_run_without_keys(tmp_path: Path) -> None:
 
 
 def test_an_issuer_is_bound_to_one_key_at_most() -> None:
-    from parallelcity.keys import KeyPair
-    from parallelcity.zap import AllowList, Grant
+    from parallelcity.dispatch.keys import KeyPair
+    from parallelcity.gateway.zap import AllowList, Grant
 
     a, b = KeyPair.generate(), KeyPair.generate()
     ok = AllowList.of([(a.public, Grant.everything("a")), (b.public, Grant.everything("b"))])
@@ -700,7 +708,7 @@ def test_an_issuer_is_bound_to_one_key_at_most() -> None:
 def test_a_store_from_before_payload_digests_opens_and_keeps_its_ids(tmp_path: Path) -> None:
     import sqlite3
 
-    from parallelcity.gateway_store import GatewayStore
+    from parallelcity.gateway.store import GatewayStore
 
     path = tmp_path / "old.sqlite"
     old = command(seq=3)

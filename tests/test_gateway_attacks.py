@@ -32,8 +32,8 @@ import zmq.asyncio
 from asyncua import Server, ua
 from asyncua.common.callback import CallbackType, ServerItemCallback
 
-from parallelcity.keys import KeyPair, read_public_key, read_secret_key, write_keypair
-from parallelcity.wire import (
+from parallelcity.dispatch.keys import KeyPair, read_public_key, read_secret_key, write_keypair
+from parallelcity.dispatch.wire import (
     MAX_SEQ,
     Ack,
     AckStatus,

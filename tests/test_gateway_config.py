@@ -10,13 +10,13 @@ import jsonschema
 import pytest
 
 from parallelcity.cli import main as cli_main
+from parallelcity.dispatch.keys import write_keypair
 from parallelcity.errors import ScenarioError, SecurityError
-from parallelcity.gateway_config import (
+from parallelcity.gateway.config import (
     gateway_json_schema,
     load_gateway_config,
     parse_gateway_config,
 )
-from parallelcity.keys import write_keypair
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "docs" / "gateway.example.toml"

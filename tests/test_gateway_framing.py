@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from parallelcity.dispatcher import Dispatcher
+from parallelcity.dispatch.dispatcher import Dispatcher
 
 from .gateway_site import GatewayProcess, TimedServer, make_site
 from .test_gateway import free_port

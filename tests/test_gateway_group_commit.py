@@ -24,13 +24,9 @@ import zmq
 import zmq.asyncio
 
 from parallelcity.clock import FakeClock
-from parallelcity.dispatcher import Dispatcher
-from parallelcity.errors import FieldConnectionError
-from parallelcity.gateway import FieldGateway
-from parallelcity.gateway_core import GatewayCore
-from parallelcity.gateway_store import GatewayStore, Pending, judge, landed
-from parallelcity.keys import read_public_key, read_secret_key
-from parallelcity.wire import (
+from parallelcity.dispatch.dispatcher import Dispatcher
+from parallelcity.dispatch.keys import read_public_key, read_secret_key
+from parallelcity.dispatch.wire import (
     Ack,
     AckStatus,
     Command,
@@ -40,7 +36,11 @@ from parallelcity.wire import (
     decode_reply,
     decode_status,
 )
-from parallelcity.zap import Grant
+from parallelcity.errors import FieldConnectionError
+from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.server import FieldGateway
+from parallelcity.gateway.store import GatewayStore, Pending, judge, landed
+from parallelcity.gateway.zap import Grant
 
 from .test_curve import LIMITS3, Keys, curve_socket
 from .test_dispatch_exactly_once import CountingServer, GatewayProcess, write_config

@@ -22,18 +22,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
+from parallelcity.hil.field import free_port
 
-from hil.field import free_port
-from parallelcity.certs import LabPki, make_lab_pki
 from parallelcity.clock import FakeClock, SimClock
+from parallelcity.dispatch.wire import Ack, AckStatus, Command, RefusalCode, decode_ack
 from parallelcity.errors import FieldConnectionError, FieldUnavailableError
-from parallelcity.field_writer import OpcUaWriter
-from parallelcity.gateway import FieldGateway
-from parallelcity.gateway_core import GatewayCore
-from parallelcity.gateway_store import GatewayStore
-from parallelcity.mirror import Backoff
-from parallelcity.wire import Ack, AckStatus, Command, RefusalCode, decode_ack
-from parallelcity.zap import Grant
+from parallelcity.field.mirror import Backoff
+from parallelcity.field.opcua.certs import LabPki, make_lab_pki
+from parallelcity.field.opcua.writer import OpcUaWriter
+from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.server import FieldGateway
+from parallelcity.gateway.store import GatewayStore
+from parallelcity.gateway.zap import Grant
 
 from .opcua_input_server import INPUTS
 from .test_field_writer import FIELD, InputServer, client_security

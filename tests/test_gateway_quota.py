@@ -10,8 +10,8 @@ import logging
 
 import pytest
 
-from parallelcity.gateway import KeyQuota, _Buckets
-from parallelcity.loglimit import LogLimiter
+from parallelcity.gateway.loglimit import LogLimiter
+from parallelcity.gateway.server import KeyQuota, _Buckets
 
 
 def test_a_key_gets_its_burst_then_its_rate_and_other_keys_are_not_affected() -> None:

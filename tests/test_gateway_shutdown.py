@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from parallelcity.dispatcher import Dispatcher
+from parallelcity.dispatch.dispatcher import Dispatcher
+from parallelcity.dispatch.wire import AckStatus
 from parallelcity.errors import DispatchError
-from parallelcity.gateway_core import MAX_REMEMBERED_IDS
-from parallelcity.gateway_store import GatewayStore
-from parallelcity.wire import AckStatus
+from parallelcity.gateway.core import MAX_REMEMBERED_IDS
+from parallelcity.gateway.store import GatewayStore
 
 from .gateway_site import INPUT, ROOT, VERDICT, GatewayProcess, TimedServer, make_site
 from .test_gateway import free_port

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from parallelcity.dispatcher import Dispatcher
-from parallelcity.wire import AckStatus
+from parallelcity.dispatch.dispatcher import Dispatcher
+from parallelcity.dispatch.wire import AckStatus
 
 from .gateway_site import INPUT, ROOT, VERDICT, GatewayProcess, make_site
 from .test_gateway import free_port

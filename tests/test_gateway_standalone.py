@@ -2,7 +2,7 @@
 
 The PLC is the hil field stand-in (the district-heating plant behind an
 asyncua server) offering SignAndEncrypt only, with certificates made by
-``parallelcity.certs``; the gateway process talks CURVE to a real dispatcher
+``parallelcity.field.opcua.certs``; the gateway process talks CURVE to a real dispatcher
 in this process and Basic256Sha256 SignAndEncrypt to the stand-in.  Checked:
 
 * commands from the dispatcher land on the server (the stand-in records every
@@ -30,16 +30,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from parallelcity.hil.field import EmbeddedField, free_port
+from parallelcity.hil.simulated import KIND
 
-from hil.field import EmbeddedField, free_port
-from hil.simulated import KIND
-from parallelcity.certs import LabPki, describe, load_certificate, make_lab_pki
 from parallelcity.clock import SimClock
-from parallelcity.dispatcher import ClientCurve, Dispatcher
-from parallelcity.keys import read_public_key, read_secret_key, write_keypair
-from parallelcity.opcua import ServerSecurity, hash_password
-from parallelcity.scenario import Scenario, parse_scenario
-from parallelcity.wire import AckStatus, RefusalCode
+from parallelcity.dispatch.dispatcher import ClientCurve, Dispatcher
+from parallelcity.dispatch.keys import read_public_key, read_secret_key, write_keypair
+from parallelcity.dispatch.wire import AckStatus, RefusalCode
+from parallelcity.field.opcua.certs import LabPki, describe, load_certificate, make_lab_pki
+from parallelcity.field.opcua.session import ServerSecurity, hash_password
+from parallelcity.scenario.definition import Scenario, parse_scenario
 
 from .conftest import ROOT, lab_text
 

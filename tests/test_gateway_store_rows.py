@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from parallelcity import gateway_store
-from parallelcity.gateway_store import AppliedMark, GatewayStore
-from parallelcity.watchdog import Lease
-from parallelcity.wire import Command
+from parallelcity.dispatch.wire import Command
+from parallelcity.gateway import store as gateway_store
+from parallelcity.gateway.store import AppliedMark, GatewayStore
+from parallelcity.gateway.watchdog import Lease
 
 
 def _cmd(seq: int, setpoints: Mapping[str, float]) -> Command:

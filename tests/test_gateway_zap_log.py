@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from parallelcity.keys import read_public_key
+from parallelcity.dispatch.keys import read_public_key
 
 from .gateway_site import GatewayProcess, TimedServer, make_site
 from .test_gateway import free_port

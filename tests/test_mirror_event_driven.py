@@ -7,12 +7,12 @@ import asyncio
 import time
 
 import pytest
+from parallelcity.hil.field import POINT_NAMESPACE, PointServer, free_port, point_node
 
-from hil.field import POINT_NAMESPACE, PointServer, free_port, point_node
 from parallelcity.clock import SimClock
-from parallelcity.mirror import Mirror
-from parallelcity.scenario import FieldConfig, InputMap, PointMap
-from parallelcity.snapshot import PointSpec, Reading, assess
+from parallelcity.field.mirror import Mirror
+from parallelcity.field.snapshot import PointSpec, Reading, assess
+from parallelcity.scenario.definition import FieldConfig, InputMap, PointMap
 
 MAX_AGE_S = 1.5
 

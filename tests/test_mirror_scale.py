@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from parallelcity.hil.field import POINT_NAMESPACE, PointServer, free_port, point_node
+from parallelcity.hil.simulated import KIND
 
-from hil.field import POINT_NAMESPACE, PointServer, free_port, point_node
-from hil.simulated import KIND
-from parallelcity.browse import browse, points_toml
 from parallelcity.cli import EXIT_OK, EXIT_SECURITY, main
 from parallelcity.clock import SimClock
-from parallelcity.mirror import Mirror
-from parallelcity.opcua import ClientSecurity
-from parallelcity.scenario import FieldConfig, InputMap, PointMap, Scenario
+from parallelcity.field.mirror import Mirror
+from parallelcity.field.opcua.browse import browse, points_toml
+from parallelcity.field.opcua.session import ClientSecurity
+from parallelcity.scenario.definition import FieldConfig, InputMap, PointMap, Scenario
 
 
 def run(make: Callable[[], Awaitable[Any]], timeout_s: float = 60.0) -> Any:

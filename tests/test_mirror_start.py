@@ -19,8 +19,8 @@ from wait_for2 import CancelledWithResultError
 from benchmarks.mirror_start import field_config, start_busy_field
 from parallelcity.clock import SimClock
 from parallelcity.errors import FieldConnectionError
-from parallelcity.mirror import DEFAULT_TIMEOUT_S, START_S_PER_POINT, Mirror
-from parallelcity.opcua import deadline, raised_by_asyncua
+from parallelcity.field.mirror import DEFAULT_TIMEOUT_S, START_S_PER_POINT, Mirror
+from parallelcity.field.opcua.session import deadline, raised_by_asyncua
 
 
 def clock() -> SimClock:
@@ -122,7 +122,7 @@ def test_mirror_starts_on_10000_points_beside_a_busy_client(
                 await mirror.stop()
 
     try:
-        with caplog.at_level(logging.INFO, logger="parallelcity.mirror"):
+        with caplog.at_level(logging.INFO, logger="parallelcity.field.mirror"):
             asyncio.run(body())
     finally:
         client.close()

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from parallelcity.hil.field import free_port
 
-from hil.field import free_port
 from parallelcity.clock import SimClock
-from parallelcity.journal import Journal
-from parallelcity.mirror import Mirror
-from parallelcity.scenario import FieldConfig, InputMap, PointMap
-from parallelcity.snapshot import Snapshot
+from parallelcity.field.mirror import Mirror
+from parallelcity.field.snapshot import Snapshot
+from parallelcity.record.journal import Journal
+from parallelcity.scenario.definition import FieldConfig, InputMap, PointMap
 
 from .field_trust_server import NAMESPACE
 

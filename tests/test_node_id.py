@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from parallelcity.node_id import NodeRef, check_scenario_node, parse_node_text
-from parallelcity.schedule import Period
+from parallelcity.field.opcua.node_id import NodeRef, check_scenario_node, parse_node_text
+from parallelcity.twin.schedule import Period
 
 
 def test_scenario_node_ids_parse() -> None:

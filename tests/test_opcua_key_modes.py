@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+from parallelcity.hil.field import free_port
 
-from hil.field import free_port
-from parallelcity.certs import LabPki, make_lab_pki
 from parallelcity.errors import SecurityError
-from parallelcity.opcua import ClientSecurity
-from parallelcity.scenario import Scenario
+from parallelcity.field.opcua.certs import LabPki, make_lab_pki
+from parallelcity.field.opcua.session import ClientSecurity
+from parallelcity.scenario.definition import Scenario
 
 from .conftest import ROOT
 from .opcua_input_server import PASSWORD_ENV as INPUT_PASSWORD_ENV

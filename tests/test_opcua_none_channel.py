@@ -28,16 +28,20 @@ import pytest
 from asyncua import Client, ua
 from asyncua.crypto import security_policies
 from asyncua.ua.object_ids import ObjectIds
+from parallelcity.hil.field import free_port
 
-from hil.field import free_port
-from parallelcity.certs import LabPki, make_lab_pki
-from parallelcity.opcua import _install_channel_guard, channel_problem, configure_server
+from parallelcity.field.opcua.certs import LabPki, make_lab_pki
+from parallelcity.field.opcua.session import (
+    _install_channel_guard,
+    channel_problem,
+    configure_server,
+)
 
 from .opcua_input_server import INPUTS, NAMESPACE, PASSWORD_ENV, USER
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_TIMEOUT_S = 5.0
-REFUSAL_LOG_EVERY_S = 10.0  # parallelcity.opcua._REFUSAL_LOG_EVERY_S
+REFUSAL_LOG_EVERY_S = 10.0  # parallelcity.field.opcua.session._REFUSAL_LOG_EVERY_S
 
 
 def run(make: Callable[[], Awaitable[Any]], timeout_s: float = 60.0) -> Any:

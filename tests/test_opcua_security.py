@@ -17,23 +17,23 @@ import pytest
 from asyncua import Client, ua
 from asyncua.crypto import security_policies
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
+from parallelcity.hil.field import EmbeddedField
+from parallelcity.hil.simulated import KIND
 
-from hil.field import EmbeddedField
-from hil.simulated import KIND
-from parallelcity.certs import LabPki, make_certificate, make_lab_pki, trust
 from parallelcity.clock import SimClock
 from parallelcity.errors import FieldConnectionError, SecurityError
-from parallelcity.field_writer import OpcUaWriter
-from parallelcity.mirror import Mirror
-from parallelcity.opcua import (
+from parallelcity.field.mirror import Mirror
+from parallelcity.field.opcua.certs import LabPki, make_certificate, make_lab_pki, trust
+from parallelcity.field.opcua.session import (
     ClientSecurity,
     ServerSecurity,
     _translate,
     check_password,
     hash_password,
 )
-from parallelcity.runner import _check_opcua_security, _opcua_security
-from parallelcity.scenario import Scenario, parse_scenario
+from parallelcity.field.opcua.writer import OpcUaWriter
+from parallelcity.run.runner import _check_opcua_security, _opcua_security
+from parallelcity.scenario.definition import Scenario, parse_scenario
 
 from .conftest import lab_text
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from parallelcity.point_table import CLOCK_STEP_CONFIRM, PointRule, PointTable, value_problem
-from parallelcity.snapshot import PointSpec, Reading, assess
+from parallelcity.field.point_table import CLOCK_STEP_CONFIRM, PointRule, PointTable, value_problem
+from parallelcity.field.snapshot import PointSpec, Reading, assess
 
 NOW = 1_000_000.0
 BAD = 0x80320000  # BadSensorFailure

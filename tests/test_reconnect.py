@@ -1,6 +1,6 @@
 """The mirror across connection gaps, against a real asyncua server in another process.
 
-The server (``python -m hil.field``) writes values that encode its generation,
+The server (``python -m parallelcity.hil.field``) writes values that encode its generation,
 which goes up at every restart, with wall-clock source timestamps.  A consumer
 loop plays the controller: every 20 ms it takes a snapshot and, if no required
 point is stale, "computes a command" from it.  Checked:
@@ -35,13 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from parallelcity.hil.field import POINT_NAMESPACE, free_port, generation_of, point_node
 
-from hil.field import POINT_NAMESPACE, free_port, generation_of, point_node
 from parallelcity.clock import FakeClock, SimClock
-from parallelcity.cycle import Outcome
-from parallelcity.journal import Journal
-from parallelcity.mirror import SILENCE_FACTOR, Backoff, Mirror
-from parallelcity.scenario import FieldConfig, InputMap, PointMap
+from parallelcity.decide.cycle import Outcome
+from parallelcity.field.mirror import SILENCE_FACTOR, Backoff, Mirror
+from parallelcity.record.journal import Journal
+from parallelcity.scenario.definition import FieldConfig, InputMap, PointMap
 
 ROOT = Path(__file__).resolve().parents[1]
 RESTARTS = max(1, int(os.environ.get("PARALLELCITY_RESTARTS", "50")))
@@ -74,7 +74,7 @@ def field_config(n: int = N_POINTS) -> FieldConfig:
 
 
 class ServerProcess:
-    """``python -m hil.field`` on a fixed port, driven through its stdin."""
+    """``python -m parallelcity.hil.field`` on a fixed port, driven through its stdin."""
 
     def __init__(self, port: int, n: int = N_POINTS) -> None:
         self.port, self.n = port, n
@@ -90,7 +90,7 @@ class ServerProcess:
     async def spawn(self) -> None:
         self._late_seen = 0
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "hil.field", "--port", str(self.port)]
+            [sys.executable, "-m", "parallelcity.hil.field", "--port", str(self.port)]
             + ["--points", str(self.n), "--period-ms", "50"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -371,7 +371,7 @@ def test_a_silent_link_is_noticed_by_keepalive_and_resubscribed(tmp_path: Path) 
 
 def test_after_a_gap_a_value_with_an_old_source_time_stays_stale() -> None:
     """Pure: readings from before the gap, and re-sent copies of them, are never fresh."""
-    from parallelcity.snapshot import Reading
+    from parallelcity.field.snapshot import Reading
 
     clock = FakeClock(t=1000.0)
     mirror = Mirror(field_config(2), clock, endpoint="opc.tcp://127.0.0.1:1")
@@ -413,19 +413,20 @@ def test_after_a_gap_a_value_with_an_old_source_time_stays_stale() -> None:
 @pytest.mark.slow
 def test_runner_survives_a_field_outage(dh: Any, tmp_path: Path, monkeypatch: Any) -> None:
     """Cycles during the outage are STALE with nothing sent; the loop resumes after it."""
-    import hil.simulated
-    from parallelcity.runner import RunOptions
-    from parallelcity.runner import run as run_loop
+    import parallelcity.hil.simulated
+
+    from parallelcity.run.runner import RunOptions
+    from parallelcity.run.runner import run as run_loop
 
     fields: list[Any] = []
-    original = hil.simulated._Kind.field_stand_in
+    original = parallelcity.hil.simulated._Kind.field_stand_in
 
     def capture(config: Any, scenario: Any, clock: Any) -> Any:
         f = original(config, scenario, clock)
         fields.append(f)
         return f
 
-    monkeypatch.setattr(hil.simulated._Kind, "field_stand_in", staticmethod(capture))
+    monkeypatch.setattr(parallelcity.hil.simulated._Kind, "field_stand_in", staticmethod(capture))
     outage_at, cycles = 3, 12
     cycle_wall = dh.meta.cycle_s / dh.meta.speed
     tasks: list[asyncio.Task[None]] = []

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from parallelcity.journal import Journal
-from parallelcity.journal_read import NO_END, read_journal, run_result, scenario_of
-from parallelcity.report import write_all
-from parallelcity.runner import RunOptions, run
-from parallelcity.scenario import parse_scenario
-from parallelcity.scenario_text import scenario_toml
+from parallelcity.record.journal import Journal
+from parallelcity.record.journal_read import NO_END, read_journal, run_result, scenario_of
+from parallelcity.record.report import write_all
+from parallelcity.run.runner import RunOptions, run
+from parallelcity.scenario.definition import parse_scenario
+from parallelcity.scenario.text import scenario_toml
 
 OUTPUTS = ("summary.json", "timeseries.csv", "plot.png", "metrics.prom")
 CLI_TIMEOUT_S = 60

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from matplotlib.colors import to_rgba
 
-from parallelcity.model import Panel, ReportSpec
-from parallelcity.plot import plot_figure
-from parallelcity.report import write_plot
-from parallelcity.runner import CycleRecord, RunResult
+from parallelcity.record.plot import plot_figure
+from parallelcity.record.report import write_plot
+from parallelcity.run.runner import CycleRecord, RunResult
+from parallelcity.twin.model import Panel, ReportSpec
 
 ZONES = ("apartment.T_zone", "office.T_zone", "school.T_zone")
 INPUTS = ("plant.T_supply_set", "apartment.m_flow", "office.m_flow", "school.m_flow")

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from parallelcity.hil.fmu import KIND as FMU
 
-from hil.fmu import KIND as FMU
-from parallelcity.campaign import rig_config_for
 from parallelcity.errors import ScenarioError
-from parallelcity.scenario import parse_scenario
+from parallelcity.scenario.definition import parse_scenario
+from parallelcity.verify.campaign import rig_config_for
 
 from .test_rigs_fmu_bench import FMU_RIG, SLAVE, with_rig
 

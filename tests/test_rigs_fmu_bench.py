@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from parallelcity.hil.field import free_port
 
-from hil.field import free_port
 from parallelcity.errors import RigError, ScenarioError
 from parallelcity.plugins import load
-from parallelcity.scenario import parse_scenario
+from parallelcity.scenario.definition import parse_scenario
 from parallelcity.specs import SafetySpecs
-from parallelcity.verify import Verifier
+from parallelcity.verify.verifier import Verifier
 
 from .conftest import ROOT
 
@@ -159,7 +159,7 @@ def bench(dh_text: str, tmp_path_factory):
     path.write_text(text)
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hil.bench", str(path), "--port", str(port)],
+        [sys.executable, "-m", "parallelcity.hil.bench", str(path), "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

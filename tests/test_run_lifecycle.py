@@ -29,12 +29,12 @@ import pytest
 
 from parallelcity.cli import main
 from parallelcity.clock import SimClock
-from parallelcity.controller_choice import controller_settings
-from parallelcity.cycle import Decision, Outcome
+from parallelcity.decide.choice import controller_settings
+from parallelcity.decide.cycle import Decision, Outcome
 from parallelcity.errors import ScenarioError
-from parallelcity.lifecycle import SolveWorker, speed_problem
-from parallelcity.report import metrics_text, summarize, summary_json
-from parallelcity.runner import CycleRecord, RunResult, count_cycle
+from parallelcity.record.report import metrics_text, summarize, summary_json
+from parallelcity.run.lifecycle import SolveWorker, speed_problem
+from parallelcity.run.runner import CycleRecord, RunResult, count_cycle
 
 from .conftest import DH, ROOT
 
@@ -184,7 +184,7 @@ def test_first_cycle_at_the_scenarios_start(load: str, speed: str, tmp_path: Pat
 
 STUCK_SOLVE = """
 import sys, time
-from controllers import nmpc
+from parallelcity.controllers import nmpc
 
 def stuck(self, inp):
     time.sleep(3600)  # a solve that never comes back (as one did on a diverged plant)
@@ -377,7 +377,7 @@ def test_solve_worker_abandons_a_stuck_job() -> None:
 
 SECOND_SIGNAL = """
 import asyncio, os, signal, sys
-from parallelcity.lifecycle import StopRequest
+from parallelcity.run.lifecycle import StopRequest
 
 async def main() -> None:
     stop = StopRequest()

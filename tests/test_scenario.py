@@ -11,7 +11,7 @@ import pytest
 
 from parallelcity.cli import main
 from parallelcity.errors import ScenarioError
-from parallelcity.scenario import json_schema, load_scenario, parse_scenario
+from parallelcity.scenario.definition import json_schema, load_scenario, parse_scenario
 
 from .conftest import DH, ROOT
 

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parallelcity.errors import ScenarioError
-from parallelcity.scenario import Predicate, parse_scenario
+from parallelcity.scenario.definition import Predicate, parse_scenario
 from parallelcity.specs import SafetySpecs, predicate_robustness, temporal_robustness
-from parallelcity.verify import VerdictStatus, Verifier
+from parallelcity.verify.verifier import VerdictStatus, Verifier
 
 DT = 900.0
 

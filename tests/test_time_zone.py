@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from parallelcity.scenario import Scenario, parse_scenario
-from parallelcity.schedule import Period, zone_of
+from parallelcity.scenario.definition import Scenario, parse_scenario
 from parallelcity.specs import SafetySpecs
+from parallelcity.twin.schedule import Period, zone_of
 
 from .conftest import ROOT, lab_text
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 from asyncua import Server
+from parallelcity.hil.field import free_port
 
-from hil.field import free_port
-from parallelcity.certs import make_lab_pki
 from parallelcity.errors import SecurityError
-from parallelcity.opcua import (
+from parallelcity.field.opcua.certs import make_lab_pki
+from parallelcity.field.opcua.session import (
     ClientSecurity,
     ServerSecurity,
     TrustList,

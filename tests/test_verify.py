@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from parallelcity.control import ControlProblem, ControlResult, SolveStatus
-from parallelcity.cycle import CycleLogic, Outcome
-from parallelcity.snapshot import PointSpec, Reading, assess
+from parallelcity.decide.control import ControlProblem, ControlResult, SolveStatus
+from parallelcity.decide.cycle import CycleLogic, Outcome
+from parallelcity.field.snapshot import PointSpec, Reading, assess
 from parallelcity.specs import TOLERANCE, SafetySpecs
-from parallelcity.twin import Twin
-from parallelcity.verify import Verifier
+from parallelcity.twin.twin import Twin
+from parallelcity.verify.verifier import Verifier
 
 
 @dataclass

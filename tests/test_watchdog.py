@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 
 from parallelcity.clock import FakeClock, SimClock
-from parallelcity.dispatcher import ClientCurve, Dispatcher
+from parallelcity.dispatch.dispatcher import ClientCurve, Dispatcher
+from parallelcity.dispatch.keys import KeyPair
+from parallelcity.dispatch.wire import AckStatus, RefusalCode, WatchdogState
 from parallelcity.errors import DispatchError
-from parallelcity.gateway import FieldGateway, ServerCurve, new_zap_domain
-from parallelcity.gateway_core import GatewayCore
-from parallelcity.gateway_store import GatewayStore
-from parallelcity.keys import KeyPair
-from parallelcity.watchdog import LeaseTable, Watchdog, equipment_of
-from parallelcity.wire import AckStatus, RefusalCode, WatchdogState
-from parallelcity.zap import AllowList, Grant
+from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.server import FieldGateway, ServerCurve, new_zap_domain
+from parallelcity.gateway.store import GatewayStore
+from parallelcity.gateway.watchdog import LeaseTable, Watchdog, equipment_of
+from parallelcity.gateway.zap import AllowList, Grant
 
 from .test_gateway import GOOD, LIMITS, T0, VERDICT, run
 
@@ -304,7 +304,7 @@ def test_watchdog_reverts_within_the_window_in_every_trial() -> None:
 
 def test_rearm_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from parallelcity.cli import main as cli_main
-    from parallelcity.keys import read_secret_key, write_keypair
+    from parallelcity.dispatch.keys import read_secret_key, write_keypair
 
     for name in ("gateway", "operator", "runtime"):
         write_keypair(tmp_path, name)

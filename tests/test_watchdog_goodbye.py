@@ -32,15 +32,8 @@ from pathlib import Path
 import pytest
 
 from parallelcity.clock import SimClock
-from parallelcity.dispatcher import Dispatcher
-from parallelcity.errors import WireFormatError
-from parallelcity.gateway import FieldGateway
-from parallelcity.gateway_core import GatewayCore
-from parallelcity.runner import RunResult
-from parallelcity.scenario import Scenario
-from parallelcity.specs import SafetySpecs
-from parallelcity.watchdog import MAX_LIVE_ISSUERS, Watchdog
-from parallelcity.wire import (
+from parallelcity.dispatch.dispatcher import Dispatcher
+from parallelcity.dispatch.wire import (
     Ack,
     AckStatus,
     Command,
@@ -49,7 +42,14 @@ from parallelcity.wire import (
     WatchdogState,
     decode_request,
 )
-from parallelcity.zap import Grant
+from parallelcity.errors import WireFormatError
+from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.server import FieldGateway
+from parallelcity.gateway.watchdog import MAX_LIVE_ISSUERS, Watchdog
+from parallelcity.gateway.zap import Grant
+from parallelcity.run.runner import RunResult
+from parallelcity.scenario.definition import Scenario
+from parallelcity.specs import SafetySpecs
 
 from .gateway_site import INPUT, ROOT, SAFE, GatewayProcess, TimedServer, make_site
 from .gateway_site import VERDICT as SITE_VERDICT
@@ -266,8 +266,8 @@ async def _cli(*argv: str) -> tuple[int, str]:
 def test_a_run_against_a_tripped_gateway_says_so_at_start_and_is_not_a_success(
     dh: Scenario, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from parallelcity.runner import RunOptions
-    from parallelcity.runner import run as run_scenario
+    from parallelcity.run.runner import RunOptions
+    from parallelcity.run.runner import run as run_scenario
 
     limits = {i.name: i for i in SafetySpecs.from_scenario(dh).inputs}
     safe = {name: lim.min for name, lim in limits.items()}

@@ -12,8 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from parallelcity.errors import WireFormatError
-from parallelcity.wire import (
+from parallelcity.dispatch.wire import (
     COMMAND_FIELDS,
     HEARTBEAT_FIELDS,
     MAX_MESSAGE_BYTES,
@@ -41,6 +40,7 @@ from parallelcity.wire import (
     decode_status,
     recover_id,
 )
+from parallelcity.errors import WireFormatError
 
 DECODERS = (
     decode_command,

@@ -12,8 +12,8 @@ import zmq
 import zmq.asyncio
 
 from parallelcity.clock import FakeClock
-from parallelcity.keys import KeyPair
-from parallelcity.wire import (
+from parallelcity.dispatch.keys import KeyPair
+from parallelcity.dispatch.wire import (
     AckStatus,
     Heartbeat,
     RefusalCode,

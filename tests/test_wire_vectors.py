@@ -1,6 +1,6 @@
 """The canonical encoding (RFC 8785) against docs/wire-vectors.json, reproduced three ways.
 
-``parallelcity.wire`` must produce every vector byte for byte; so must the
+``parallelcity.dispatch.wire`` must produce every vector byte for byte; so must the
 independent encoder below, written without the project's JSON code: its
 numbers come from exact decimal arithmetic (the shortest correctly rounded
 digits that read back as the double), its strings from its own escaper, its
@@ -26,12 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from parallelcity.errors import ScenarioError, WireFormatError
-from parallelcity.gateway_config import ClientEntry
-from parallelcity.gateway_core import GatewayCore
-from parallelcity.scenario import ZmqSecurity
-from parallelcity.specs import InputLimit
-from parallelcity.wire import (
+from parallelcity.dispatch.wire import (
     MAX_DETAIL_BYTES,
     MAX_SEQ,
     Command,
@@ -44,7 +39,12 @@ from parallelcity.wire import (
     format_number,
     truncate_detail,
 )
-from parallelcity.zap import Grant
+from parallelcity.errors import ScenarioError, WireFormatError
+from parallelcity.gateway.config import ClientEntry
+from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.zap import Grant
+from parallelcity.scenario.definition import ZmqSecurity
+from parallelcity.specs import InputLimit
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "docs" / "wire-vectors.json"

@@ -22,8 +22,8 @@ import casadi as ca
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..model import Array, Panel, ReportSpec, SubsystemModel
-from ..schedule import Period, active
+from parallelcity.twin.model import Array, Panel, ReportSpec, SubsystemModel
+from parallelcity.twin.schedule import Period, active
 
 CP_KJ_PER_KG_K = 4.186
 

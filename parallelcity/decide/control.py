@@ -1,0 +1,192 @@
+"""What a controller is: configure, ``setup`` once, then ``step`` every cycle.
+
+A controller never raises for a failed solve: the outcome is a ``ControlResult``
+whose ``status`` says what happened, so the cycle can fall back explicitly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+
+import numpy as np
+from pydantic import BaseModel
+
+from parallelcity.twin.model import Array, SubsystemModel
+
+
+class SolveStatus(StrEnum):
+    SOLVED = "solved"  # converged to the requested tolerance
+    ACCEPTABLE = "acceptable"  # converged to a looser, still usable tolerance
+    INFEASIBLE = "infeasible"
+    TIMEOUT = "timeout"
+    FAILED = "failed"  # anything else: numerical trouble, iteration limit, exception
+
+    @property
+    def usable(self) -> bool:
+        return self in (SolveStatus.SOLVED, SolveStatus.ACCEPTABLE)
+
+
+@dataclass(frozen=True, eq=False)
+class ControlProblem:
+    """Everything fixed for a run: model, sample time, horizon, input limits, banded outputs."""
+
+    model: SubsystemModel
+    dt: float  # sample period, simulated seconds
+    horizon: int  # number of sample periods planned
+    u_min: Array  # (nu,)
+    u_max: Array  # (nu,)
+    du_max: Array  # (nu,) largest move per sample period; inf where unlimited
+    banded_outputs: tuple[int, ...]  # output indices that carry a comfort/safety band
+    params: Array | None = None  # model parameters the controller plans with (nominal if None)
+
+    @property
+    def p(self) -> Array:
+        return self.model.nominal if self.params is None else self.params
+
+
+@dataclass(frozen=True, eq=False)
+class ControlInput:
+    """What changes every cycle."""
+
+    t0: float  # simulated time of the cycle, seconds since the epoch
+    x0: Array  # (nx,) estimated state
+    u_prev: Array  # (nu,) inputs currently applied in the field
+    disturbances: Array  # (horizon, nd) forecast
+    y_low: Array  # (horizon + 1, len(banded_outputs)) lower band per step
+    y_high: Array  # (horizon + 1, len(banded_outputs)) upper band per step
+    deadline_s: float = float("inf")  # wall-clock seconds the solve may take
+
+
+def input_problem(problem: ControlProblem, inp: ControlInput, *, bands: bool = True) -> str:
+    """Why ``inp`` does not fit ``problem`` (shapes, finite values); ``""`` when it does.
+
+    ``bands=False`` skips the band arrays, for controllers that do not read them.
+    """
+    m, n, nb = problem.model, problem.horizon, len(problem.banded_outputs)
+    x0 = np.asarray(inp.x0, dtype=float)
+    dist = np.asarray(inp.disturbances, dtype=float)
+    if x0.shape != (m.nx,) or not np.all(np.isfinite(x0)):
+        return f"x0 must be {m.nx} finite values"
+    if np.shape(inp.u_prev) != (m.nu,):
+        return f"u_prev must have {m.nu} entries, got shape {np.shape(inp.u_prev)}"
+    if dist.ndim != 2 or dist.shape[0] < n or dist.shape[1] != m.nd:
+        return f"disturbances must be ({n}, {m.nd}), got {dist.shape}"
+    if not np.all(np.isfinite(dist[:n])):
+        return "the disturbance forecast has non-finite values"
+    if not (bands and nb):
+        return ""
+    for what, band in (("y_low", inp.y_low), ("y_high", inp.y_high)):
+        shape = np.shape(band)
+        if len(shape) != 2 or shape[0] < n + 1 or shape[1] != nb:
+            return f"{what} must be ({n + 1}, {nb}), got {shape}"
+        if np.any(np.isnan(np.asarray(band, dtype=float)[: n + 1])):
+            return f"{what} has NaN entries"
+    return ""
+
+
+@dataclass(frozen=True, eq=False)
+class ControlResult:
+    """A controller's answer: status first, then the plan it stands behind."""
+
+    status: SolveStatus
+    u_plan: Array  # (horizon, nu)
+    x_pred: Array  # (horizon + 1, nx)
+    y_pred: Array  # (horizon + 1, ny)
+    cost: float
+    iterations: int
+    solve_time_s: float
+    message: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def u_first(self) -> Array:
+        return np.asarray(self.u_plan[0], dtype=float)
+
+    @classmethod
+    def failure(
+        cls,
+        status: SolveStatus,
+        problem: ControlProblem,
+        message: str,
+        solve_time_s: float = 0.0,
+        *,
+        iterations: int = 0,
+        extra: dict[str, Any] | None = None,
+    ) -> ControlResult:
+        """A result with no usable plan (NaN-filled, so it can never be sent by accident)."""
+        m, n = problem.model, problem.horizon
+        nan = float("nan")
+        return cls(
+            status=status,
+            u_plan=np.full((n, m.nu), nan),
+            x_pred=np.full((n + 1, m.nx), nan),
+            y_pred=np.full((n + 1, m.ny), nan),
+            cost=nan,
+            iterations=iterations,
+            solve_time_s=solve_time_s,
+            message=message,
+            extra=dict(extra or {}),
+        )
+
+
+def unknown_names(
+    key: str,
+    names: Iterable[str],
+    known: Sequence[str],
+    what: str,
+    model: str,
+    *,
+    keyed: bool = True,
+) -> list[str]:
+    """One problem per name in a controller table that the model lacks, for scenario
+    validation (a controller Config's ``model_problems(model)`` returns such lines);
+    ``keyed``: the names are keys of the table ``key``, else ``key`` holds the name."""
+    return [
+        f"{key}{f'[{name!r}]' if keyed else ''}: {name!r} is not an {what} of model {model!r} "
+        f"({what}s: {', '.join(known)})"
+        for name in names
+        if name not in known
+    ]
+
+
+@runtime_checkable
+class Controller(Protocol):
+    def setup(self, problem: ControlProblem) -> None:
+        """Build solvers once for the problem; called before the first step."""
+        ...
+
+    def step(self, inp: ControlInput) -> ControlResult:
+        """Plan from the current state; must not raise for solver trouble."""
+        ...
+
+
+class ControllerKind(Protocol):
+    """What the ``parallelcity.controllers`` entry point of a kind provides."""
+
+    Config: type[BaseModel]
+
+    def create(self, config: BaseModel) -> Controller: ...
+
+
+C = TypeVar("C", bound=BaseModel)
+K = TypeVar("K", bound=Controller)
+
+
+class KindOf(Generic[C, K]):
+    """A ready entry-point object for a controller kind: ``KindOf(Config, Controller)``.
+
+    ``create`` accepts the kind's own ``Config`` or any model with the same fields
+    (re-validated), so a caller holding a generic config gets the kind's checks.
+    """
+
+    def __init__(self, config: type[C], factory: Callable[[C], K]) -> None:
+        self.Config = config
+        self._factory = factory
+
+    def create(self, config: BaseModel) -> K:
+        if not isinstance(config, self.Config):
+            config = self.Config.model_validate(config.model_dump())
+        return self._factory(config)

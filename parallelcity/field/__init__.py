@@ -1,0 +1,1 @@
+"""The field side: field protocols, the mirror's point table and snapshots."""

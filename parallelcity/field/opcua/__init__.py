@@ -1,0 +1,1 @@
+"""The OPC UA field protocol: sessions, NodeIds, reading, writing, browse, certificates."""

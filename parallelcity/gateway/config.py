@@ -1,0 +1,379 @@
+"""A stand-alone field gateway's configuration (TOML), and running one from it.
+
+``parallelcity gateway CONFIG`` runs a gateway in front of a PLC's OPC UA
+server with no scenario, model or controller: everything it needs is here -
+where to bind, its CURVE key and the clients it allows (with what each may
+do), the inputs it drives with their NodeIds, bounds, ramps and safe values,
+the watchdog, and where its durable state lives.  Unknown keys are errors;
+paths are relative to the config file.  ``gateway_json_schema()`` is the JSON
+Schema (``parallelcity gateway --schema``).  ``docs/gateway.example.toml`` is a
+commented example.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from parallelcity.clock import Clock
+from parallelcity.dispatch.keys import check_z85, read_public_key, read_secret_key
+from parallelcity.dispatch.wire import check_issuer_name
+from parallelcity.errors import GatewayConfigError, SecurityError, WireFormatError
+from parallelcity.field.opcua.session import ClientSecurity
+from parallelcity.field.opcua.writer import OpcUaWriter
+from parallelcity.gateway.core import DEFAULT_MAX_COMMAND_AGE_S, DEFAULT_RAMP_SLACK_S, GatewayCore
+from parallelcity.gateway.server import FieldGateway, KeyQuota, ServerCurve
+from parallelcity.gateway.store import GatewayStore
+from parallelcity.gateway.zap import AllowList, Grant
+from parallelcity.scenario.definition import FieldConfig, InputMap, OpcUaSecurity, _describe
+from parallelcity.specs import InputLimit
+from parallelcity.toml_file import parse_toml, read_text_bounded
+
+log = logging.getLogger("parallelcity.gateway.server")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySection(_Strict):
+    name: str = Field("gateway", min_length=1, description="shown in logs")
+    bind: str = Field(description="ZeroMQ address to bind, e.g. tcp://0.0.0.0:5555")
+    state: str = Field(
+        "gateway-state.sqlite", description="SQLite file of applied ids, seqs, leases, events"
+    )
+    clock_skew_s: float = Field(5.0, ge=0, description="allowed disagreement of clocks")
+    ramp_slack_s: float = Field(
+        DEFAULT_RAMP_SLACK_S,
+        ge=0,
+        description="seconds of unused ramp an input may carry over (arrival jitter)",
+    )
+    max_command_age_s: float = Field(
+        DEFAULT_MAX_COMMAND_AGE_S,
+        gt=0,
+        description="a command whose issued_at is older than this (plus the skew) is refused",
+    )
+    write_timeout_s: float = Field(5.0, gt=0, description="an OPC UA write slower than this fails")
+    ack_after_applied_commit: bool = Field(
+        False,
+        description="commit the applied marks before the acks (one more fsync per batch): "
+        "an acked command is then never pending after a crash (docs/wire-protocol.md)",
+    )
+    lease_s: float = Field(
+        60.0, gt=0, description="how long applying a command reserves its equipment"
+    )
+    max_messages_per_s: float = Field(
+        500.0,
+        gt=0,
+        description="per client key: messages over this average rate are dropped unanswered",
+    )
+    max_burst_messages: int = Field(
+        1000, ge=1, description="per client key: messages it may send at once above the rate"
+    )
+
+
+class ClientEntry(_Strict):
+    """One allowed client key and what it may do."""
+
+    name: str = Field(min_length=1, max_length=64, description="unique; logged with its acts")
+    issuer: str | None = Field(
+        None,
+        description="the issuer name this key speaks for (default: name); unique; 1..64 UTF-8 "
+        "bytes of letters, marks, numbers, punctuation, symbols and spaces",
+    )
+    public_key: str = Field(description="40-character Z85 key, or a file holding one")
+    equipment: list[str] = Field(
+        default_factory=list,
+        description='equipment it may drive (input name before the first dot); "*": all',
+    )
+    inputs: list[str] = Field(default_factory=list, description="single inputs it may drive")
+    ranges: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="input -> [min, max] narrower than the bounds"
+    )
+    rearm: bool = Field(False, description="may re-arm a tripped watchdog")
+
+    @property
+    def bound_issuer(self) -> str:
+        return self.name if self.issuer is None else self.issuer
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ClientEntry:
+        try:
+            check_issuer_name(self.bound_issuer, "issuer")
+        except WireFormatError as exc:
+            raise ValueError(str(exc)) from None
+        for name, (lo, hi) in self.ranges.items():
+            if not lo <= hi:
+                raise ValueError(f"ranges.{name}: {lo} is above {hi}")
+        return self
+
+
+class ZmqServerSecurity(_Strict):
+    secret_key: str = Field(description="the gateway's CURVE secret key file (mode 0600)")
+    zap_domain: str = Field("parallelcity", min_length=1, description="ZAP domain")
+    clients: list[ClientEntry] = Field(min_length=1, description="allowed client keys")
+
+
+class GatewaySecurity(_Strict):
+    insecure_lab: bool = Field(
+        False, description="allow running without CURVE / OPC UA security (lab only)"
+    )
+    zmq: ZmqServerSecurity | None = None
+    opcua: OpcUaSecurity | None = Field(
+        None, description="the gateway's OPC UA client security towards the PLC"
+    )
+
+
+class GatewayInput(_Strict):
+    name: str = Field(min_length=1, max_length=128)
+    node: str = Field(description="NodeId in the field namespace")
+    min: float
+    max: float
+    max_rate_per_h: float | None = Field(None, gt=0)
+    safe: float | None = Field(None, description="value the watchdog reverts to")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> GatewayInput:
+        if not self.min <= self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        if self.safe is not None and not self.min <= self.safe <= self.max:
+            raise ValueError(f"safe {self.safe} is outside [{self.min}, {self.max}]")
+        return self
+
+
+class GatewayField(_Strict):
+    endpoint: str = Field(description="the PLC's OPC UA endpoint, opc.tcp://HOST:PORT/...")
+    namespace: str = Field(description="OPC UA namespace URI the NodeIds live in")
+    inputs: list[GatewayInput] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> GatewayField:
+        names = [i.name for i in self.inputs]
+        dups = sorted({n for n in names if names.count(n) > 1})
+        if dups:
+            raise ValueError(f"inputs mapped twice: {', '.join(dups)}")
+        return self
+
+
+class WatchdogSection(_Strict):
+    heartbeat_interval_s: float = Field(1.0, gt=0, description="expected heartbeat period")
+    missed_heartbeats: int = Field(3, ge=1, description="this many missed in a row trips it")
+
+
+class GatewayFile(_Strict):
+    gateway: GatewaySection
+    security: GatewaySecurity = GatewaySecurity()
+    field: GatewayField
+    watchdog: WatchdogSection = WatchdogSection()
+
+
+class GatewayConfig:
+    """A validated gateway config file, with its paths resolved."""
+
+    def __init__(self, path: Path, file: GatewayFile) -> None:
+        self.path = path
+        self.file = file
+
+    def resolve(self, relative: str) -> Path:
+        p = Path(relative)
+        return p if p.is_absolute() else self.path.parent / p
+
+    @property
+    def limits(self) -> dict[str, InputLimit]:
+        return {
+            i.name: InputLimit(i.name, i.min, i.max, i.max_rate_per_h)
+            for i in self.file.field.inputs
+        }
+
+    @property
+    def safe(self) -> dict[str, float]:
+        return {i.name: i.safe for i in self.file.field.inputs if i.safe is not None}
+
+    def field_config(self) -> FieldConfig:
+        """What ``OpcUaWriter`` needs (namespace, input NodeIds); there are no points."""
+        f = self.file.field
+        return FieldConfig.model_construct(
+            namespace=f.namespace,
+            endpoint=f.endpoint,
+            gateway=None,
+            sampling_interval_ms=100.0,
+            points=[],
+            inputs=[InputMap.model_construct(name=i.name, node=i.node) for i in f.inputs],
+        )
+
+    def curve(self) -> ServerCurve | None:
+        """The CURVE set-up from the key files; ``SecurityError`` if a key is unusable."""
+        z = self.file.security.zmq
+        if z is None:
+            return None
+        keys = read_secret_key(self.resolve(z.secret_key))
+        entries = []
+        for c in z.clients:
+            key = c.public_key.strip()
+            public = check_z85(key) if len(key) == 40 else read_public_key(self.resolve(key))
+            everything = "*" in c.equipment
+            grant = Grant(
+                c.name,
+                None if everything else frozenset(c.equipment),
+                None if everything else frozenset(c.inputs),
+                dict(c.ranges),
+                c.rearm,
+                frozenset({c.bound_issuer}),
+            )
+            entries.append((public, grant))
+        return ServerCurve(keys, AllowList.of(entries), z.zap_domain)
+
+    def opcua(self) -> ClientSecurity:
+        """OPC UA client security from ``[security.opcua]`` (NoSecurity without it)."""
+        cfg = self.file.security.opcua
+        if cfg is None:
+            return ClientSecurity.insecure()
+
+        def resolve(p: str | None) -> Path | None:
+            return None if p is None else self.resolve(str(Path(p).expanduser()))
+
+        password = None
+        if cfg.password_env is not None:
+            password = os.environ.get(cfg.password_env)
+            if password is None:
+                raise SecurityError(
+                    f"security.opcua.password_env: environment variable {cfg.password_env!r} "
+                    "is not set"
+                )
+        sec = ClientSecurity(
+            policy=cfg.policy,
+            certificate=resolve(cfg.certificate),
+            private_key=resolve(cfg.private_key),
+            trusted=resolve(cfg.trusted),
+            username=cfg.username,
+            password=password,
+            user_certificate=resolve(cfg.user_certificate),
+            user_private_key=resolve(cfg.user_private_key),
+            anonymous=cfg.anonymous,
+        )
+        sec.check()
+        return sec
+
+    def core(self) -> GatewayCore:
+        g, w = self.file.gateway, self.file.watchdog
+        return GatewayCore(
+            self.limits,
+            clock_skew_s=g.clock_skew_s,
+            max_age_s=g.max_command_age_s,
+            ramp_slack_s=g.ramp_slack_s,
+            lease_s=g.lease_s,
+            safe=self.safe,
+            heartbeat_interval_s=w.heartbeat_interval_s,
+            missed_heartbeats=w.missed_heartbeats,
+        )
+
+
+def parse_gateway_config(text: str, path: str | Path = "<string>") -> GatewayConfig:
+    path = Path(path)
+    try:
+        raw = parse_toml(text)
+    except ValueError as exc:
+        raise GatewayConfigError(str(path), [str(exc)]) from None
+    try:
+        file = GatewayFile.model_validate(raw)
+    except ValidationError as exc:
+        # The scenario's wording and key paths (field.inputs[0].min), one function for both.
+        raise GatewayConfigError(str(path), [_describe(e) for e in exc.errors()]) from exc
+    return GatewayConfig(path, file)
+
+
+def load_gateway_config(path: str | Path) -> GatewayConfig:
+    path = Path(path)
+    try:
+        text = read_text_bounded(path)
+    except OSError as exc:
+        raise GatewayConfigError(
+            str(path), [f"cannot read the file: {exc.strerror or exc}"]
+        ) from exc
+    except ValueError as exc:  # too large, binary, not UTF-8
+        raise GatewayConfigError(str(path), [str(exc)]) from exc
+    return parse_gateway_config(text, path)
+
+
+def gateway_json_schema() -> dict[str, Any]:
+    schema = GatewayFile.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "parallelcity field gateway"
+    return schema
+
+
+async def serve_gateway(config: GatewayConfig, clock: Clock) -> None:
+    """Run the gateway ``config`` describes until cancelled.
+
+    Refuses (``SecurityError``) to start without ``[security.zmq]`` unless
+    ``insecure_lab`` is true, before touching the network or the field.  The
+    first OPC UA connection must succeed (an untrusted PLC certificate is a
+    ``SecurityError`` naming the folder to trust it in); later losses are
+    reconnected by the writer, journaled in the state file as ``field_lost`` /
+    ``field_restored``, and commands are refused meanwhile.
+
+    SIGTERM and SIGINT stop it cleanly: no new message is taken, the batch in
+    hand is finished and committed, the OPC UA session is closed, and the
+    call returns.
+    """
+    sec = config.file.security
+    curve = config.curve()
+    opcua = config.opcua()
+    missing = [
+        what
+        for what, present in (("[security.zmq]", curve), ("[security.opcua]", opcua.secure))
+        if not present
+    ]
+    if missing and not sec.insecure_lab:
+        raise SecurityError(
+            f"{config.path}: the gateway needs {' and '.join(missing)} (CURVE keys from "
+            "`parallelcity keys`, OPC UA certificates from `parallelcity certs`), or "
+            "insecure_lab = true in [security] for a lab run"
+        )
+    if missing:
+        log.warning(
+            "INSECURE LAB MODE: gateway %s runs without %s; never outside a lab",
+            config.file.gateway.name,
+            " and ".join(missing),
+        )
+    core = config.core()
+    g = config.file.gateway
+    store = GatewayStore(config.resolve(config.file.gateway.state))
+    writer = OpcUaWriter(
+        config.file.field.endpoint,
+        config.field_config(),
+        timeout_s=g.write_timeout_s,
+        security=opcua,
+        on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),
+    )
+    gateway = FieldGateway(
+        core,
+        writer,
+        clock,
+        bind=config.file.gateway.bind,
+        curve=curve,
+        insecure_lab=sec.insecure_lab,
+        ack_after_applied_commit=config.file.gateway.ack_after_applied_commit,
+        store=store,
+        write_timeout_s=config.file.gateway.write_timeout_s,
+        quota=KeyQuota(g.max_messages_per_s, g.max_burst_messages),
+    )
+    loop = asyncio.get_running_loop()
+    signals = [signal.SIGTERM, signal.SIGINT]
+    for sig in signals:
+        loop.add_signal_handler(sig, gateway.request_stop, sig.name)
+    try:
+        async with writer, gateway:
+            log.info("gateway %s serving on %s", g.name, gateway.endpoint)
+            await gateway.serve()
+        log.warning("gateway %s: stopped cleanly; the OPC UA session is closed", g.name)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        store.close()

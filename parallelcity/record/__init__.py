@@ -1,0 +1,1 @@
+"""What a run leaves behind: journal, reading it back, reports and plots."""

@@ -1,0 +1,338 @@
+"""What a run leaves behind: a summary, the time series as CSV, a plot, and metrics.
+
+Comfort violation is the time integral of the distance outside the band, in
+kelvin-hours, measured from the mirror's values at the cycle instants.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parallelcity.run.runner import CycleRecord, RunResult
+
+EXIT_OK, EXIT_NO_CONTROL = 0, 6
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+
+
+@dataclass(frozen=True)
+class Summary:
+    cycles: int
+    planned_cycles: int
+    end: str  # "completed" | "interrupted" | "error" (or no run-end record in the journal)
+    signal: str | None
+    first_cycle: str | None  # ISO time of the first cycle (simulated)
+    abandoned: str  # what the end left unfinished (a solve still running), if anything
+    comfort_violation_kh: float
+    comfort_violation_kh_by_output: dict[str, float]
+    energy_kwh: float
+    sent: int
+    acked: int
+    refused: int
+    undelivered: int
+    fallbacks: int
+    holds: int  # cycles that sent nothing: hold, deadline and busy
+    stale: int
+    deadline_missed: int
+    busy: int
+    cycle_wall_p50_ms: float
+    cycle_wall_p99_ms: float
+    solve_p50_ms: float
+    solve_p99_ms: float
+    acked_share: float
+    min_acked_share: float
+    success: bool
+    verdict: str
+
+    @property
+    def exit_code(self) -> int:
+        """0 success, 6 ran without achieving control, 130 / 143 interrupted."""
+        if self.end == "interrupted":
+            return EXIT_SIGNAL.get(self.signal or "", 130)
+        return EXIT_OK if self.success else EXIT_NO_CONTROL
+
+    def lines(self) -> list[str]:
+        by = ", ".join(f"{k} {v:.2f}" for k, v in self.comfort_violation_kh_by_output.items())
+        if self.end == "interrupted":
+            run = f"interrupted by {self.signal} at cycle {self.cycles} of {self.planned_cycles}"
+        elif self.end == "error":
+            run = f"did not complete: {self.cycles} of {self.planned_cycles} cycles"
+        else:
+            run = f"completed {self.cycles} of {self.planned_cycles} cycles"
+        if self.first_cycle:
+            run += f", first cycle at {self.first_cycle}"
+        if self.abandoned:
+            run += f"; abandoned {self.abandoned}"
+        return [
+            f"run               {run}",
+            f"comfort violation {self.comfort_violation_kh:.2f} K·h  ({by})",
+            f"energy            {self.energy_kwh:.0f} kWh",
+            f"commands          {self.sent} sent, {self.acked} acked, {self.refused} refused, "
+            f"{self.undelivered} undelivered",
+            f"fallbacks         {self.fallbacks}   holds {self.holds} "
+            f"({self.deadline_missed} deadline missed, {self.busy} busy)   stale {self.stale}",
+            f"cycle time        p50 {_ms(self.cycle_wall_p50_ms)}   "
+            f"p99 {_ms(self.cycle_wall_p99_ms)}",
+            f"solve time        p50 {_ms(self.solve_p50_ms)}   p99 {_ms(self.solve_p99_ms)}",
+            f"result            {self.verdict}",
+        ]
+
+
+def _ms(v: float) -> str:
+    return f"{v:.1f} ms" if math.isfinite(v) else "n/a"
+
+
+def verdict(result: RunResult, acked_share: float, min_share: float) -> tuple[bool, str]:
+    """Whether the run achieved control, and the line that says why (or why not).
+
+    Success: the run completed and commands were acked on at least ``min_share`` of its
+    cycles ([scenario] min_acked_share).
+    """
+    c, n = result.counts, len(result.records)
+    if result.end == "interrupted":
+        return False, (f"interrupted by {result.signal} at cycle {n} of {result.planned_cycles}")
+    if result.end == "error":
+        return False, (
+            f"NO CONTROL (exit {EXIT_NO_CONTROL}): the run did not complete (an error, a crash, "
+            f"or still running) after {n} of {result.planned_cycles} cycles"
+        )
+    acked = c.get("acked", 0)
+    need = f"at least {min_share:.0%} needed"
+    if n > 0 and acked_share >= min_share:
+        return True, f"ok: commands acked on {acked} of {n} cycles ({acked_share:.0%}, {need})"
+    if n == 0:
+        why = "no cycle ran"
+    elif c.get("sent", 0) == 0:
+        why = (
+            f"no command was sent: {c.get('hold', 0)} holds "
+            f"({c.get('deadline', 0)} deadline missed, {c.get('busy', 0)} busy), "
+            f"{c.get('stale', 0)} stale"
+        )
+    elif acked == 0 and c.get("refused", 0) > 0:
+        codes = Counter(
+            r.ack.split(":", 1)[1] for r in result.records if r.ack.startswith("refused:")
+        )
+        listed = ", ".join(f"{code} ({k})" for code, k in codes.most_common())
+        every = "every command" if c.get("refused", 0) == c.get("sent", 0) else "commands"
+        why = f"no command was acked: the gateway refused {every} with {listed}"
+    elif acked == 0:
+        why = f"no command was acked: {c.get('undelivered', 0)} undelivered"
+    else:
+        why = f"commands acked on only {acked} of {n} cycles ({acked_share:.0%}, {need})"
+    return False, f"NO CONTROL (exit {EXIT_NO_CONTROL}): {why}"
+
+
+def band_violation(value: float | None, band: tuple[float, float]) -> float:
+    """Kelvin outside ``band``; a missing value counts as no information, not zero."""
+    if value is None or not math.isfinite(value):
+        return math.nan
+    lo, hi = band
+    return max(0.0, lo - value, value - hi)
+
+
+def comfort_kh(records: Sequence[CycleRecord], dt_s: float) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for rec in records:
+        for name, band in rec.bands.items():
+            v = band_violation(rec.values.get(name), band)
+            if math.isfinite(v):
+                out[name] = out.get(name, 0.0) + v * dt_s / 3600.0
+            else:
+                out.setdefault(name, 0.0)
+    return out
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1000.0 if values else math.nan
+
+
+def summarize(result: RunResult, energy_point: str | None = None) -> Summary:
+    """``energy_point``: the output integrated as energy (default: the model kind's)."""
+    energy_point = energy_point or result.scenario.model.report.energy_point
+    recs = result.records
+    dt_s = result.scenario.meta.cycle_s
+    by = comfort_kh(recs, dt_s)
+    energy = 0.0
+    for r in recs:
+        v = r.values.get(energy_point) if energy_point else None
+        if v is not None and math.isfinite(v):
+            energy += v * dt_s / 3600.0
+    solves = [r.solve_time_s for r in recs if r.solve_time_s > 0]
+    c = result.counts
+    share = c.get("acked", 0) / len(recs) if recs else 0.0
+    min_share = result.scenario.meta.min_acked_share
+    ok, why = verdict(result, share, min_share)
+    return Summary(
+        cycles=len(recs),
+        planned_cycles=result.planned_cycles or len(recs),
+        end=result.end,
+        signal=result.signal,
+        first_cycle=None if result.first_cycle_t is None else _iso(result.first_cycle_t),
+        abandoned=result.abandoned,
+        comfort_violation_kh=sum(by.values()),
+        comfort_violation_kh_by_output=by,
+        energy_kwh=energy,
+        sent=c.get("sent", 0),
+        acked=c.get("acked", 0),
+        refused=c.get("refused", 0),
+        undelivered=c.get("undelivered", 0),
+        fallbacks=c.get("fallback", 0),
+        holds=c.get("hold", 0),
+        stale=c.get("stale", 0),
+        deadline_missed=c.get("deadline", 0),
+        busy=c.get("busy", 0),
+        cycle_wall_p50_ms=_pct([r.wall_s for r in recs], 50),
+        cycle_wall_p99_ms=_pct([r.wall_s for r in recs], 99),
+        solve_p50_ms=_pct(solves, 50),
+        solve_p99_ms=_pct(solves, 99),
+        acked_share=share,
+        min_acked_share=min_share,
+        success=ok,
+        verdict=why,
+    )
+
+
+def _iso(t: float) -> str:
+    return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_csv(records: Sequence[CycleRecord], path: Path) -> None:
+    if not records:
+        path.write_text("")
+        return
+    points = list(records[0].values)
+    bands = list(records[0].bands)
+    inputs = list(records[0].applied)
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(
+            ["time", "cycle", "outcome", "source", "ack"]
+            + points
+            + [f"{b}.low" for b in bands]
+            + [f"{b}.high" for b in bands]
+            + [f"{i}.applied" for i in inputs]
+            + ["solve_time_s", "cycle_wall_s", "reason"]
+        )
+        for r in records:
+            w.writerow(
+                [_iso(r.t), r.k, r.outcome, r.source, r.ack]
+                + ["" if r.values.get(p) is None else f"{r.values[p]:.4f}" for p in points]
+                + [r.bands[b][0] for b in bands]
+                + [r.bands[b][1] for b in bands]
+                + [f"{r.applied[i]:.4f}" for i in inputs]
+                + [f"{r.solve_time_s:.4f}", f"{r.wall_s:.4f}", r.reason]
+            )
+
+
+def write_plot(result: RunResult, path: Path) -> None:
+    """The run's plot (``plot.plot_figure``) as a PNG."""
+    from parallelcity.record.plot import plot_figure
+
+    plot_figure(result).savefig(path, dpi=110)
+
+
+def _finite_or_null(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_or_null(v) for v in value]
+    return value
+
+
+def summary_json(summary: Summary) -> str:
+    """The summary as strict JSON: a value without a number (no solve ran) is null."""
+    data = _finite_or_null(asdict(summary))
+    data["exit_code"] = summary.exit_code
+    return json.dumps(data, indent=2, allow_nan=False) + "\n"
+
+
+def _prom(value: float) -> str:
+    """A sample value as the Prometheus text format spells it."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+def metrics_text(summary: Summary, scenario: str) -> str:
+    """The run's counters in the Prometheus text exposition format."""
+    lab = f'scenario="{scenario}"'
+    rows: list[tuple[str, str, str, float]] = [
+        ("parallelcity_cycles_total", "counter", "Control cycles run", summary.cycles),
+        ("parallelcity_commands_sent_total", "counter", "Commands sent", summary.sent),
+        ("parallelcity_commands_acked_total", "counter", "Commands acknowledged", summary.acked),
+        ("parallelcity_commands_refused_total", "counter", "Commands refused", summary.refused),
+        (
+            "parallelcity_commands_undelivered_total",
+            "counter",
+            "Commands not delivered",
+            summary.undelivered,
+        ),
+        ("parallelcity_fallbacks_total", "counter", "Cycles on the fallback", summary.fallbacks),
+        ("parallelcity_holds_total", "counter", "Cycles that sent nothing", summary.holds),
+        (
+            "parallelcity_deadline_missed_total",
+            "counter",
+            "Cycles that missed their deadline (also holds)",
+            summary.deadline_missed,
+        ),
+        ("parallelcity_stale_cycles_total", "counter", "Cycles with stale data", summary.stale),
+        (
+            "parallelcity_comfort_violation_kelvin_hours",
+            "gauge",
+            "Comfort violation",
+            summary.comfort_violation_kh,
+        ),
+        ("parallelcity_energy_kwh", "gauge", "Energy used", summary.energy_kwh),
+        ("parallelcity_solve_p99_ms", "gauge", "Solve time, 99th percentile", summary.solve_p99_ms),
+        (
+            "parallelcity_acked_share",
+            "gauge",
+            "Share of cycles with an acked command",
+            summary.acked_share,
+        ),
+        ("parallelcity_run_success", "gauge", "1 if the run achieved control", summary.success),
+    ]
+    out = []
+    for name, kind, help_text, value in rows:
+        out += [
+            f"# HELP {name} {help_text}",
+            f"# TYPE {name} {kind}",
+            f"{name}{{{lab}}} {_prom(value)}",
+        ]
+    return "\n".join(out) + "\n"
+
+
+def write_all(result: RunResult) -> tuple[Summary, dict[str, Path]]:
+    """Write everything a run leaves behind (also for an interrupted run)."""
+    out = result.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(result)
+    paths = {
+        "journal": result.journal_path,
+        "csv": out / "timeseries.csv",
+        "plot": out / "plot.png",
+        "summary": out / "summary.json",
+        "metrics": out / "metrics.prom",
+    }
+    write_csv(result.records, paths["csv"])
+    write_plot(result, paths["plot"])
+    paths["summary"].write_text(summary_json(summary))
+    paths["metrics"].write_text(metrics_text(summary, result.scenario.meta.name))
+    return summary, paths

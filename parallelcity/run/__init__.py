@@ -1,0 +1,1 @@
+"""Running a scenario: the loop's I/O shell and how a run begins and ends."""

@@ -1,0 +1,1 @@
+"""Scenario files: their typed definition, loading and the text a journal keeps."""

@@ -1,0 +1,1 @@
+"""The twin: subsystem models, state estimation, forecasts and the divergence monitor."""

@@ -1,0 +1,1 @@
+"""Verification: rigs, the verifier and offline campaigns."""
