@@ -37,9 +37,10 @@ from typing import Any
 import pytest
 from parallelcity.hil.field import POINT_NAMESPACE, free_port, generation_of, point_node
 
+from parallelcity.backoff import Backoff
 from parallelcity.clock import FakeClock, SimClock
 from parallelcity.decide.cycle import Outcome
-from parallelcity.field.mirror import SILENCE_FACTOR, Backoff, Mirror
+from parallelcity.field.mirror import SILENCE_FACTOR, Mirror
 from parallelcity.record.journal import Journal
 from parallelcity.scenario.definition import FieldConfig, InputMap, PointMap
 
