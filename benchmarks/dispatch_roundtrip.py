@@ -64,9 +64,10 @@ from parallelcity.dispatch.dispatcher import ClientCurve, Dispatcher
 from parallelcity.dispatch.keys import KeyPair
 from parallelcity.dispatch.wire import AckStatus, Command, decode_ack
 from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.server import FieldGateway, ServerCurve, new_zap_domain
 from parallelcity.gateway.store import AppliedMark, GatewayStore
-from parallelcity.gateway.zap import AllowList, Grant
+from parallelcity.gateway.zap import AllowList
 from parallelcity.specs import InputLimit
 
 LIMITS = {

@@ -141,7 +141,8 @@ def _handler() -> Any:
         import zmq
         import zmq.asyncio
 
-        from parallelcity.gateway.zap import AllowList, Grant, ZapHandler
+        from parallelcity.gateway.grants import Grant
+        from parallelcity.gateway.zap import AllowList, ZapHandler
 
         public = zmq.curve_public(_z85(CLIENT_SECRET))
         allow = AllowList.of([(public, Grant.everything("fuzz-client"))])

@@ -26,8 +26,9 @@ from parallelcity.dispatch.keys import KeyPair, read_public_key, read_secret_key
 from parallelcity.dispatch.wire import AckStatus, Command, RefusalCode, decode_ack
 from parallelcity.errors import DispatchError, SecurityError
 from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.server import FieldGateway, ServerCurve, new_zap_domain
-from parallelcity.gateway.zap import AllowList, Grant, ZapHandler
+from parallelcity.gateway.zap import AllowList, ZapHandler
 
 from .test_gateway import GOOD, LIMITS, T0, VERDICT, FakeWriter, command, run
 

@@ -47,9 +47,10 @@ from parallelcity.field.opcua.certs import LabPki, make_lab_pki
 from parallelcity.field.opcua.session import ClientSecurity
 from parallelcity.field.opcua.writer import OpcUaWriter
 from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.server import FieldGateway, ServerCurve, new_zap_domain
 from parallelcity.gateway.store import GatewayStore
-from parallelcity.gateway.zap import AllowList, Grant
+from parallelcity.gateway.zap import AllowList
 from parallelcity.scenario.definition import FieldConfig, InputMap, PointMap
 from parallelcity.specs import InputLimit
 

@@ -201,7 +201,7 @@ def test_core_refuses_issued_at_ahead_of_its_clock_or_too_old() -> None:
 
 
 def test_core_refuses_another_issuer_and_a_reused_id_with_another_payload() -> None:
-    from parallelcity.gateway.zap import Grant
+    from parallelcity.gateway.grants import Grant
 
     core = GatewayCore(LIMITS)
     grant = Grant.everything("cycle")
@@ -690,7 +690,8 @@ def test_serve_gateway_refuses_to_run_without_keys(tmp_path: Path) -> None:
 
 def test_an_issuer_is_bound_to_one_key_at_most() -> None:
     from parallelcity.dispatch.keys import KeyPair
-    from parallelcity.gateway.zap import AllowList, Grant
+    from parallelcity.gateway.grants import Grant
+    from parallelcity.gateway.zap import AllowList
 
     a, b = KeyPair.generate(), KeyPair.generate()
     ok = AllowList.of([(a.public, Grant.everything("a")), (b.public, Grant.everything("b"))])

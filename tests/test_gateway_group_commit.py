@@ -38,9 +38,9 @@ from parallelcity.dispatch.wire import (
 )
 from parallelcity.errors import FieldConnectionError
 from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.server import FieldGateway
 from parallelcity.gateway.store import GatewayStore, Pending, judge, landed
-from parallelcity.gateway.zap import Grant
 
 from .test_curve import LIMITS3, Keys, curve_socket
 from .test_dispatch_exactly_once import CountingServer, GatewayProcess, write_config

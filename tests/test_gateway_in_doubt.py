@@ -31,9 +31,9 @@ from parallelcity.errors import FieldConnectionError, FieldUnavailableError
 from parallelcity.field.opcua.certs import LabPki, make_lab_pki
 from parallelcity.field.opcua.writer import OpcUaWriter
 from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.server import FieldGateway
 from parallelcity.gateway.store import GatewayStore
-from parallelcity.gateway.zap import Grant
 
 from .opcua_input_server import INPUTS
 from .test_field_writer import FIELD, InputServer, client_security

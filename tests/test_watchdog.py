@@ -23,10 +23,11 @@ from parallelcity.dispatch.keys import KeyPair
 from parallelcity.dispatch.wire import AckStatus, RefusalCode, WatchdogState
 from parallelcity.errors import DispatchError
 from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.server import FieldGateway, ServerCurve, new_zap_domain
 from parallelcity.gateway.store import GatewayStore
 from parallelcity.gateway.watchdog import LeaseTable, Watchdog, equipment_of
-from parallelcity.gateway.zap import AllowList, Grant
+from parallelcity.gateway.zap import AllowList
 
 from .test_gateway import GOOD, LIMITS, T0, VERDICT, run
 

@@ -44,9 +44,9 @@ from parallelcity.dispatch.wire import (
 )
 from parallelcity.errors import WireFormatError
 from parallelcity.gateway.core import GatewayCore
+from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.server import FieldGateway
 from parallelcity.gateway.watchdog import MAX_LIVE_ISSUERS, Watchdog
-from parallelcity.gateway.zap import Grant
 from parallelcity.run.runner import RunResult
 from parallelcity.scenario.definition import Scenario
 from parallelcity.specs import SafetySpecs

@@ -42,7 +42,7 @@ from parallelcity.dispatch.wire import (
 from parallelcity.errors import ScenarioError, WireFormatError
 from parallelcity.gateway.config import ClientEntry
 from parallelcity.gateway.core import GatewayCore
-from parallelcity.gateway.zap import Grant
+from parallelcity.gateway.grants import Grant
 from parallelcity.scenario.definition import ZmqSecurity
 from parallelcity.specs import InputLimit
 

@@ -28,9 +28,10 @@ from parallelcity.errors import GatewayConfigError, SecurityError, WireFormatErr
 from parallelcity.field.opcua.session import ClientSecurity
 from parallelcity.field.opcua.writer import OpcUaWriter
 from parallelcity.gateway.core import DEFAULT_MAX_COMMAND_AGE_S, DEFAULT_RAMP_SLACK_S, GatewayCore
+from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.server import FieldGateway, KeyQuota, ServerCurve
 from parallelcity.gateway.store import GatewayStore
-from parallelcity.gateway.zap import AllowList, Grant
+from parallelcity.gateway.zap import AllowList
 from parallelcity.scenario.definition import FieldConfig, InputMap, OpcUaSecurity, _describe
 from parallelcity.specs import InputLimit
 from parallelcity.toml_file import parse_toml, read_text_bounded

@@ -5,7 +5,7 @@ answers with a ``Decision`` (a ``RefusalCode`` and a human reason when it
 refuses) and owns the equipment leases and the heartbeat ``Watchdog``.  Its
 memory (last sequence number per issuer, ids already applied, last applied
 value per input) is a ``GatewayState`` value that ``GatewayStore`` persists.
-No I/O: ``gateway.FieldGateway`` is the shell around it.  The rules, in order,
+No I/O: ``server.FieldGateway`` is the shell around it.  The rules, in order,
 are documented in ``docs/wire-protocol.md``.
 """
 
@@ -26,8 +26,8 @@ from parallelcity.dispatch.wire import (
     show_number,
     truncate_detail,
 )
+from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.watchdog import Lease, LeaseTable, Watchdog
-from parallelcity.gateway.zap import Grant
 from parallelcity.specs import TOLERANCE, InputLimit
 
 MAX_REMEMBERED_IDS = 65_536

@@ -59,10 +59,11 @@ from parallelcity.gateway.core import (
     GatewayCore,
     Outcome,
 )
+from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.loglimit import LogLimiter
 from parallelcity.gateway.store import AppliedMark, GatewayStore, Pending, judge
 from parallelcity.gateway.watchdog import readable_times
-from parallelcity.gateway.zap import AllowList, Grant, ZapHandler
+from parallelcity.gateway.zap import AllowList, ZapHandler
 
 log = logging.getLogger("parallelcity.gateway.server")
 

@@ -1,8 +1,5 @@
-"""Who may talk to a field gateway, and what each of them may do.
+"""Who may talk to a field gateway (what each may do is its ``grants.Grant``).
 
-* ``Grant``: what one client key may do: which equipment and inputs it may
-  drive, within which value ranges, and whether it may re-arm a tripped
-  watchdog.  ``Grant.check`` is pure.
 * ``AllowList``: the client public keys a gateway accepts, each with its grant.
 * ``ZapHandler``: a ZeroMQ authentication (ZAP, RFC 27) handler on asyncio.  It
   answers libzmq's requests on ``inproc://zeromq.zap.01`` of one context: a
@@ -22,83 +19,21 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
 from zmq.utils import z85
 
 from parallelcity.dispatch.keys import check_z85
-from parallelcity.dispatch.wire import show_number
 from parallelcity.errors import SecurityError
+from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.loglimit import LogLimiter
-from parallelcity.gateway.watchdog import equipment_of
 
 log = logging.getLogger("parallelcity.gateway.zap")
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_VERSION = b"1.0"
-
-
-@dataclass(frozen=True)
-class Grant:
-    """What one client may do.
-
-    ``equipment`` and ``inputs`` are unions: an input is allowed when it is
-    listed or its equipment is.  ``None`` for both means every input the
-    gateway drives.  ``ranges`` narrows an input's values further than the
-    gateway's own bounds.
-
-    ``issuers`` binds the key to the issuer names it speaks for: a command,
-    heartbeat or re-arm naming any other issuer is refused.  Empty (the
-    default) means the grant's own name; ``None`` means any issuer, which only
-    makes sense without CURVE (insecure lab), where there is no key to bind.
-    """
-
-    name: str
-    equipment: frozenset[str] | None = None
-    inputs: frozenset[str] | None = None
-    ranges: Mapping[str, tuple[float, float]] = field(default_factory=dict, hash=False)
-    rearm: bool = False
-    issuers: frozenset[str] | None = frozenset()
-
-    def __post_init__(self) -> None:
-        if self.issuers is not None and not self.issuers:
-            object.__setattr__(self, "issuers", frozenset({self.name}))
-
-    @classmethod
-    def everything(cls, name: str, issuers: frozenset[str] | None = frozenset()) -> Grant:
-        return cls(name, None, None, {}, rearm=True, issuers=issuers)
-
-    def check_issuer(self, issuer: str) -> str | None:
-        """``None`` if this key speaks for ``issuer``; otherwise why not (naming only its own)."""
-        if self.issuers is None or issuer in self.issuers:
-            return None
-        own = ", ".join(repr(i) for i in sorted(self.issuers))
-        return f"client {self.name!r} is bound to issuer {own}; it may not speak for another"
-
-    def allows_input(self, name: str) -> bool:
-        if self.equipment is None and self.inputs is None:
-            return True
-        return (self.inputs is not None and name in self.inputs) or (
-            self.equipment is not None and equipment_of(name) in self.equipment
-        )
-
-    def check(self, setpoints: Mapping[str, float]) -> str | None:
-        """``None`` if every setpoint is allowed; otherwise why not."""
-        problems = []
-        for name, value in setpoints.items():
-            if not self.allows_input(name):
-                problems.append(f"{name} is not among the inputs client {self.name!r} may drive")
-                continue
-            rng = self.ranges.get(name)
-            if rng is not None and not rng[0] <= value <= rng[1]:
-                problems.append(
-                    f"{name} = {show_number(value)} is outside "
-                    f"[{show_number(rng[0])}, {show_number(rng[1])}] allowed "
-                    f"to client {self.name!r}"
-                )
-        return "; ".join(problems) if problems else None
 
 
 @dataclass(frozen=True)

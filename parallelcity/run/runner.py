@@ -49,10 +49,11 @@ from parallelcity.field.opcua.session import (
 from parallelcity.field.opcua.writer import OpcUaWriter
 from parallelcity.field.snapshot import Snapshot
 from parallelcity.gateway.core import DEFAULT_MAX_COMMAND_AGE_S, GatewayCore
+from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.server import FieldGateway, ServerCurve, new_zap_domain
 from parallelcity.gateway.store import GatewayStore
 from parallelcity.gateway.watchdog import readable_times
-from parallelcity.gateway.zap import AllowList, Grant
+from parallelcity.gateway.zap import AllowList
 from parallelcity.record.journal import Journal
 from parallelcity.run.lifecycle import (
     SolveWorker,
