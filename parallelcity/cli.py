@@ -315,9 +315,10 @@ def _write_output(output: Path, text: str) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from parallelcity.decide.choice import controller_settings
+    from parallelcity.record.records import CycleRecord
     from parallelcity.record.report import band_violation, write_all
     from parallelcity.run.lifecycle import speed_problem
-    from parallelcity.run.runner import CycleRecord, RunOptions, run
+    from parallelcity.run.runner import RunOptions, run
     from parallelcity.scenario.definition import load_scenario
 
     for opt, url, scheme in (

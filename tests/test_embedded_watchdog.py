@@ -23,7 +23,8 @@ from parallelcity.hil.field import EmbeddedField
 
 from parallelcity.errors import ScenarioError
 from parallelcity.gateway.store import GatewayStore
-from parallelcity.run.runner import CycleRecord, RunOptions, RunResult, _embedded_core, run
+from parallelcity.record.records import CycleRecord, RunResult
+from parallelcity.run.runner import RunOptions, _embedded_core, run
 from parallelcity.scenario.definition import Scenario, parse_scenario
 from parallelcity.specs import SafetySpecs
 

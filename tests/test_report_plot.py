@@ -9,8 +9,8 @@ import pytest
 from matplotlib.colors import to_rgba
 
 from parallelcity.record.plot import plot_figure
+from parallelcity.record.records import CycleRecord, RunResult
 from parallelcity.record.report import write_plot
-from parallelcity.run.runner import CycleRecord, RunResult
 from parallelcity.twin.model import Panel, ReportSpec
 
 ZONES = ("apartment.T_zone", "office.T_zone", "school.T_zone")

@@ -32,9 +32,9 @@ from parallelcity.clock import SimClock
 from parallelcity.decide.choice import controller_settings
 from parallelcity.decide.cycle import Decision, Outcome
 from parallelcity.errors import ScenarioError
+from parallelcity.record.records import CycleRecord, RunResult, count_cycle
 from parallelcity.record.report import metrics_text, summarize, summary_json
 from parallelcity.run.lifecycle import SolveWorker, speed_problem
-from parallelcity.run.runner import CycleRecord, RunResult, count_cycle
 
 from .conftest import DH, ROOT
 

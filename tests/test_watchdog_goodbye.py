@@ -47,7 +47,7 @@ from parallelcity.gateway.core import GatewayCore
 from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.server import FieldGateway
 from parallelcity.gateway.watchdog import MAX_LIVE_ISSUERS, Watchdog
-from parallelcity.run.runner import RunResult
+from parallelcity.record.records import RunResult
 from parallelcity.scenario.definition import Scenario
 from parallelcity.specs import SafetySpecs
 

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from parallelcity.errors import JournalError, ScenarioError
+from parallelcity.record.records import CycleRecord, RunResult, count_cycle, new_counts
 
 if TYPE_CHECKING:  # imported where used: a file that is no journal is refused at once
-    from parallelcity.run.runner import CycleRecord, RunResult
     from parallelcity.scenario.definition import Scenario
 
 LOCK_TIMEOUT_S = 2.0
@@ -231,12 +231,11 @@ def _num(v: Any) -> float:
 
 def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dict[str, int]]:
     """Each cycle's record and the run's counters, as the runner had them."""
-    from parallelcity.run.runner import CycleRecord, _counts, count_cycle
     from parallelcity.specs import SafetySpecs
 
     inputs = scenario.model.inputs
     bands = SafetySpecs.from_scenario(scenario).bands
-    counts = _counts()
+    counts = new_counts()
     by_k: dict[int, list[sqlite3.Row]] = {}
     for cmd in run.commands:
         by_k.setdefault(int(cmd["k"]), []).append(cmd)
@@ -284,8 +283,6 @@ def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dic
 
 def run_result(run: JournalRun, scenario: Scenario, out_dir: Path) -> RunResult:
     """The run as ``runner.run`` returned it, to write its outputs into ``out_dir``."""
-    from parallelcity.run.runner import RunResult
-
     try:
         recs, counts = records(run, scenario)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:

@@ -18,7 +18,7 @@ from parallelcity.twin.model import Panel
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from parallelcity.run.runner import CycleRecord, RunResult
+    from parallelcity.record.records import CycleRecord, RunResult
 
 log = logging.getLogger("parallelcity.record.plot")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from parallelcity.run.runner import CycleRecord, RunResult
+from parallelcity.record.records import CycleRecord, RunResult
 
 EXIT_OK, EXIT_NO_CONTROL = 0, 6
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}

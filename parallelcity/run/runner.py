@@ -20,10 +20,9 @@ import secrets
 import shlex
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import AsyncExitStack, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -55,6 +54,13 @@ from parallelcity.gateway.store import GatewayStore
 from parallelcity.gateway.watchdog import readable_times
 from parallelcity.gateway.zap import AllowList
 from parallelcity.record.journal import Journal
+from parallelcity.record.records import (
+    CycleRecord,
+    ProgressFn,
+    RunResult,
+    count_cycle,
+    new_counts,
+)
 from parallelcity.run.lifecycle import (
     SolveWorker,
     Stopped,
@@ -91,59 +97,6 @@ class RunOptions:
     gateway_endpoint: str | None = None  # None: start a field gateway in-process
     controller_kind: str | None = None  # the scenario's table of this kind (controller_choice)
     handle_signals: bool = False  # SIGINT / SIGTERM end the run cleanly (the CLI sets it)
-
-
-@dataclass
-class CycleRecord:
-    k: int
-    t: float
-    outcome: str
-    source: str
-    reason: str
-    values: dict[str, float | None]
-    bands: dict[str, tuple[float, float]]
-    applied: dict[str, float]  # inputs in force after this cycle, as acknowledged
-    ack: str  # "applied" | "refused:<code>" | "duplicate" | "undelivered" | ""
-    solve_time_s: float
-    wall_s: float
-
-
-@dataclass
-class RunResult:
-    scenario: Scenario
-    records: list[CycleRecord]
-    journal_path: Path
-    out_dir: Path
-    stand_in: FieldStandIn | None
-    counts: dict[str, int] = field(default_factory=dict)
-    controller_kind: str = ""  # the kind that ran (``--controller`` may override the scenario's)
-    gateway_tripped_at_start: bool = False
-    """The gateway's watchdog was tripped when the run began: its commands were refused
-    until someone re-armed it (``counts["refused"]``); not a successful run."""
-    planned_cycles: int = 0
-    end: str = "completed"  # "completed" | "interrupted" | "error" (rebuilt from a journal)
-    signal: str | None = None  # "SIGINT" | "SIGTERM" when interrupted
-    abandoned: str = ""  # what the stop left unfinished, if anything
-    first_cycle_t: float | None = None  # simulated time of the first cycle
-
-
-ProgressFn = Callable[[CycleRecord, dict[str, int]], None]
-
-
-def _counts() -> dict[str, int]:
-    keys = (
-        "cycles",
-        "sent",
-        "acked",
-        "refused",
-        "undelivered",
-        "fallback",
-        "hold",
-        "stale",
-        "deadline",
-        "busy",
-    )
-    return dict.fromkeys(keys, 0)
 
 
 async def run(
@@ -405,7 +358,7 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
     out_dir = _new_out_dir(options.out_dir, meta.name)
     journal = Journal(out_dir / "journal.sqlite")
     records: list[CycleRecord] = []
-    counts = _counts()
+    counts = new_counts()
     stand_in: FieldStandIn | None = None
     abandoned = ""
     t_first: float | None = None
@@ -818,17 +771,6 @@ async def _dispatch(
     code = ack.code.value if ack.code else "?"
     log.warning("cycle %d: gateway refused %s: %s", k, code, ack.detail)
     return f"refused:{code}", u_prev
-
-
-def count_cycle(counts: dict[str, int], outcome: str, source: str) -> None:
-    """Add one cycle to the run's counters (the runner live, ``parallelcity report`` after)."""
-    counts["cycles"] += 1
-    if outcome in counts:
-        counts[outcome] += 1
-    if outcome in ("busy", "deadline"):  # sent nothing, as a hold; also counted by kind
-        counts["hold"] += 1
-    if source == "fallback":
-        counts["fallback"] += 1
 
 
 def _record(
