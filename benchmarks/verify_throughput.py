@@ -20,7 +20,6 @@ import numpy as np
 from parallelcity.hil.simulated import KIND
 
 from parallelcity.scenario.definition import parse_scenario
-from parallelcity.specs import SafetySpecs
 from parallelcity.verify.verifier import PoolSamples, RigRecipe, SerialSamples, Verifier
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +65,7 @@ def main() -> None:
         row = []
         for whole in (True, False):
             sc, text = scenario_with(n, whole)
-            specs = SafetySpecs.from_scenario(sc)
+            specs = sc.safety_specs()
             m, dt = sc.model, sc.meta.cycle_s
             t0 = sc.meta.start_epoch + 6 * 3600
             h = sc.meta.horizon_steps

@@ -1,5 +1,9 @@
 """Safety specs as plain values, and the pure checks every stage shares.
 
+The spec values (``InputSpec``, ``BandSpec``, ``InterlockSpec``, ``TemporalSpec``)
+are the tables of a scenario's ``[specs]``; the scenario builds its ``SafetySpecs``
+from them (``Scenario.safety_specs``), and nothing here knows the scenario.
+
 The same ``SafetySpecs`` object bounds the controller's problem and screens its
 plan in the twin, judges every rig trace, and is checked once more on the
 action about to be dispatched (and the field gateway guards its ``limits``), so
@@ -27,22 +31,115 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from parallelcity.decide.control import ControlProblem
-from parallelcity.scenario.definition import (
-    BandSpec,
-    InputSpec,
-    InterlockSpec,
-    Predicate,
-    Scenario,
-    TemporalSpec,
-)
 from parallelcity.twin.model import Array, SubsystemModel
+from parallelcity.twin.schedule import Period
 
 TOLERANCE = 1e-6
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class InputSpec(_Spec):
+    name: str
+    min: float
+    max: float
+    max_rate_per_h: float | None = Field(None, gt=0, description="largest change per hour")
+    clip: bool = Field(
+        False,
+        description="the verifier may clip this input into its bounds and ramp limit "
+        "(verdict 'clipped') instead of rejecting the plan",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> InputSpec:
+        if not self.min <= self.max:
+            raise ValueError(f"min {self.min} is above max {self.max}")
+        return self
+
+
+class BandPeriod(Period):
+    low: float
+    high: float
+
+
+class BandSpec(_Spec):
+    output: str
+    low: float = Field(description="band outside every listed period")
+    high: float
+    periods: list[BandPeriod] = Field(default_factory=list, description="first match wins")
+    margin_k: float = Field(
+        1.0, ge=0, description="excursion beyond the band the verifier still approves"
+    )
+    enforce_after_s: float = Field(
+        3600.0, ge=0, description="the verifier checks the band from this far into the horizon"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BandSpec:
+        for lo, hi, where in [(self.low, self.high, "")] + [
+            (p.low, p.high, f" in period {p.start}-{p.end}") for p in self.periods
+        ]:
+            if not lo <= hi:
+                raise ValueError(f"low {lo} is above high {hi}{where}")
+        return self
+
+
+class Predicate(_Spec):
+    """A signal (model input or output) above and/or below a threshold."""
+
+    signal: str = Field(description="model input or output name")
+    above: float | None = Field(None, description="holds while the signal is at least this")
+    below: float | None = Field(None, description="holds while the signal is at most this")
+
+    @model_validator(mode="after")
+    def _some_threshold(self) -> Predicate:
+        if self.above is None and self.below is None:
+            raise ValueError("a predicate needs 'above', 'below' or both")
+        if self.above is not None and self.below is not None and self.above > self.below:
+            raise ValueError(f"above {self.above} is over below {self.below}: never holds")
+        return self
+
+
+class InterlockSpec(_Spec):
+    """If ``when`` holds then ``forbid`` must not, at every step of the horizon."""
+
+    name: str = Field(min_length=1)
+    when: Predicate
+    forbid: Predicate
+    margin: float = Field(0.0, ge=0, description="robustness the plan must keep")
+
+
+class TemporalSpec(_Spec):
+    """A temporal property of one predicate over the verified horizon.
+
+    ``always``: holds at every step from ``from_s``; ``eventually``: holds at some step
+    within ``within_s`` after ``from_s``; ``never_longer``: never fails for longer than
+    ``longer_than_s``.  Passes when its robustness is at least ``margin``.
+    """
+
+    name: str = Field(min_length=1)
+    kind: Literal["always", "eventually", "never_longer"]
+    require: Predicate
+    from_s: float = Field(0.0, ge=0, description="seconds into the horizon it applies from")
+    within_s: float | None = Field(None, ge=0, description="eventually: deadline after from_s")
+    longer_than_s: float | None = Field(None, ge=0, description="never_longer: longest lapse")
+    margin: float = Field(0.0, ge=0, description="robustness the plan must keep")
+
+    @model_validator(mode="after")
+    def _needs(self) -> TemporalSpec:
+        if self.kind == "eventually" and self.within_s is None:
+            raise ValueError("kind 'eventually' needs within_s")
+        if self.kind == "never_longer" and self.longer_than_s is None:
+            raise ValueError("kind 'never_longer' needs longer_than_s")
+        return self
 
 
 @dataclass(frozen=True)
@@ -189,31 +286,28 @@ class SafetySpecs:
         return table
 
     @classmethod
-    def from_scenario(cls, scenario: Scenario) -> SafetySpecs:
-        s = scenario.specs
-        return cls.build(scenario.model, s.inputs, s.bands, s.interlocks, s.temporal)
-
-    @classmethod
     def build(
         cls,
-        model: SubsystemModel,
+        input_names: Sequence[str],
+        output_names: Sequence[str],
         inputs: Sequence[InputSpec],
-        bands: Sequence[BandSpec],
+        bands: Sequence[BandSpec] = (),
         interlocks: Sequence[InterlockSpec] = (),
         temporal: Sequence[TemporalSpec] = (),
     ) -> SafetySpecs:
+        """Specs on a model's signals; ``inputs`` must limit every one of ``input_names``."""
         by_name = {s.name: s for s in inputs}
         limits = tuple(
             InputLimit(
                 n, by_name[n].min, by_name[n].max, by_name[n].max_rate_per_h, by_name[n].clip
             )
-            for n in model.inputs
+            for n in input_names
         )
         return cls(
             limits,
             tuple(Band(b.output, b) for b in bands),
-            model.inputs,
-            model.outputs,
+            tuple(input_names),
+            tuple(output_names),
             tuple(interlocks),
             tuple(temporal),
         )

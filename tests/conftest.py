@@ -48,9 +48,8 @@ def scenario():
 
 @pytest.fixture(scope="module")
 def specs(scenario):
-    from parallelcity.specs import SafetySpecs
 
-    return SafetySpecs.from_scenario(scenario)
+    return scenario.safety_specs()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from parallelcity.errors import NodeMappingError, SecurityError
 from parallelcity.record.report import comfort_kh, summarize, write_all
 from parallelcity.run.runner import RunOptions, run
 from parallelcity.scenario.definition import parse_scenario
-from parallelcity.specs import TOLERANCE, SafetySpecs
+from parallelcity.specs import TOLERANCE
 
 from .conftest import DH
 
@@ -71,7 +71,7 @@ def test_comfort_violation_at_least_halved_against_no_control(dh, day) -> None:
 
 @pytest.mark.slow
 def test_nothing_outside_bounds_or_rate_limits_ever_reached_the_plant(dh, day) -> None:
-    specs = SafetySpecs.from_scenario(dh)
+    specs = dh.safety_specs()
     applied = day.stand_in.applied
     assert applied, "the plant received no writes"
     last: dict[str, tuple[float, float]] = {

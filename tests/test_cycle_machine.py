@@ -42,7 +42,7 @@ from parallelcity.field.snapshot import PointSpec, Reading, assess
 from parallelcity.gateway.core import GatewayCore
 from parallelcity.gateway.core import Outcome as GatewayOutcome
 from parallelcity.scenario.definition import parse_scenario
-from parallelcity.specs import TOLERANCE, SafetySpecs
+from parallelcity.specs import TOLERANCE
 from parallelcity.twin.twin import Twin
 from parallelcity.verify.verifier import Verifier
 
@@ -54,7 +54,7 @@ SCENARIO = parse_scenario(
     ),
     "machine.toml",
 )
-SPECS = SafetySpecs.from_scenario(SCENARIO)
+SPECS = SCENARIO.safety_specs()
 N = SCENARIO.meta.horizon_steps
 DT = SCENARIO.meta.cycle_s
 LO, HI = SPECS.u_min, SPECS.u_max

@@ -26,7 +26,6 @@ from parallelcity.gateway.store import GatewayStore
 from parallelcity.record.records import CycleRecord, RunResult
 from parallelcity.run.runner import RunOptions, _embedded_core, run
 from parallelcity.scenario.definition import Scenario, parse_scenario
-from parallelcity.specs import SafetySpecs
 
 SAFE = {
     "plant.T_supply_set": 77.7,
@@ -64,7 +63,7 @@ def secure(dh_text: str) -> str:
 def test_the_shipped_scenario_gives_the_embedded_gateway_a_watchdog(dh_shipped: Scenario) -> None:
     wd = dh_shipped.field.watchdog
     assert wd is not None and wd.heartbeat_interval_s > 0 and wd.missed_heartbeats >= 1
-    core = _embedded_core(dh_shipped, SafetySpecs.from_scenario(dh_shipped), speed=1440.0)
+    core = _embedded_core(dh_shipped, dh_shipped.safety_specs(), speed=1440.0)
     assert core.watchdog.enabled
     assert set(core.watchdog.safe) == set(dh_shipped.model.inputs)
     assert core.watchdog.window_s == wd.heartbeat_interval_s * wd.missed_heartbeats
@@ -111,7 +110,7 @@ def test_safe_values_need_a_watchdog_table_and_a_watchdog_needs_safe_values(dh_t
     ]
     # Neither: no watchdog, as before.
     plain = parse_scenario(no_table.replace("\nsafe = ", "\n# safe = "), "plain.toml")
-    core = _embedded_core(plain, SafetySpecs.from_scenario(plain), speed=1.0)
+    core = _embedded_core(plain, plain.safety_specs(), speed=1.0)
     assert not core.watchdog.enabled
 
 

@@ -203,10 +203,9 @@ def test_ekf_rejects_unknown_names(dh: Scenario) -> None:
 
 
 def test_twin_with_an_estimator_has_a_state_where_a_point_is_stale(dh: Scenario) -> None:
-    from parallelcity.specs import SafetySpecs
     from parallelcity.twin.twin import Twin
 
-    specs = SafetySpecs.from_scenario(dh)
+    specs = dh.safety_specs()
     sim = Sim(dh)
     twin = Twin(dh.model, specs, sim.dt, 4, estimator=ekf_for(dh.model, sim.dt))
     plain = Twin(dh.model, specs, sim.dt, 4)

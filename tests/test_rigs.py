@@ -12,7 +12,6 @@ from parallelcity.hil.simulated import KIND
 
 from parallelcity.errors import RigError
 from parallelcity.scenario.definition import parse_scenario
-from parallelcity.specs import SafetySpecs
 from parallelcity.verify.verifier import PoolSamples, RigRecipe, SerialSamples, Verifier
 
 DT = 900.0
@@ -154,7 +153,7 @@ def cooling_plan(level: float, n: int) -> np.ndarray:
 def test_a_verdict_holds_over_all_samples_and_names_the_failing_ones(uncertain) -> None:
     sc, _ = uncertain
     m = sc.model
-    specs = SafetySpecs.from_scenario(sc)
+    specs = sc.safety_specs()
     rig = KIND.verification_rig(sc.rig_config, m)
     ver = Verifier(specs, rig, DT)
     n, t0 = sc.meta.horizon_steps, sc.meta.start_epoch + 6 * 3600
@@ -213,7 +212,7 @@ class SlowRig:
 
 
 def test_a_verification_past_its_deadline_is_a_rejection(dh) -> None:
-    specs = SafetySpecs.from_scenario(dh)
+    specs = dh.safety_specs()
     rig = SlowRig(dh.model)
     n, t0 = dh.meta.horizon_steps, dh.meta.start_epoch + 10 * 3600
     plan = np.tile([70.0, 0.3, 0.12, 0.2], (n, 1))
@@ -232,7 +231,7 @@ def test_a_verification_past_its_deadline_is_a_rejection(dh) -> None:
 def test_the_process_pool_gives_the_serial_verdicts(uncertain) -> None:
     sc, text = uncertain
     m = sc.model
-    specs = SafetySpecs.from_scenario(sc)
+    specs = sc.safety_specs()
     rig = KIND.verification_rig(sc.rig_config, m)
     n, t0 = sc.meta.horizon_steps, sc.meta.start_epoch + 6 * 3600
     x0 = np.array([20.5, 20.5, 20.0, 75.0])

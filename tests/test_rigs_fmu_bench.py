@@ -16,7 +16,6 @@ from parallelcity.hil.field import free_port
 from parallelcity.errors import RigError, ScenarioError
 from parallelcity.plugins import load
 from parallelcity.scenario.definition import parse_scenario
-from parallelcity.specs import SafetySpecs
 from parallelcity.verify.verifier import Verifier
 
 from .conftest import ROOT
@@ -92,7 +91,7 @@ def plans(n: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def judge(scenario, rig):
-    specs = SafetySpecs.from_scenario(scenario)
+    specs = scenario.safety_specs()
     ver = Verifier(specs, rig, DT)
     n, t0 = scenario.meta.horizon_steps, scenario.meta.start_epoch + 6 * 3600
     x0 = np.array([20.5, 20.5, 20.0, 75.0])

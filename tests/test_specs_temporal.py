@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parallelcity.errors import ScenarioError
-from parallelcity.scenario.definition import Predicate, parse_scenario
-from parallelcity.specs import SafetySpecs, predicate_robustness, temporal_robustness
+from parallelcity.scenario.definition import parse_scenario
+from parallelcity.specs import Predicate, predicate_robustness, temporal_robustness
 from parallelcity.verify.verifier import VerdictStatus, Verifier
 
 DT = 900.0
@@ -142,7 +142,7 @@ margin = 0.1
 @pytest.fixture(scope="module")
 def logic_specs(dh_text: str):
     sc = parse_scenario(dh_text + EXTRA, "extra.toml")
-    return sc, SafetySpecs.from_scenario(sc)
+    return sc, sc.safety_specs()
 
 
 def test_scenario_specs_reach_the_spec_object(logic_specs) -> None:
@@ -256,7 +256,7 @@ def test_clipping_only_where_the_scenario_allows_it(dh_text: str) -> None:
     n = 24
     for text, clip in ((dh_text, False), (allow, True)):
         sc = parse_scenario(text, "clip.toml")
-        specs = SafetySpecs.from_scenario(sc)
+        specs = sc.safety_specs()
         ver = Verifier(specs, CountingRig(sc.model), DT)
         t0 = sc.meta.start_epoch + 10 * 3600
         u_prev = np.array([70.0, 0.3, 0.12, 0.2])

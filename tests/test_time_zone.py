@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from parallelcity.scenario.definition import Scenario, parse_scenario
-from parallelcity.specs import SafetySpecs
 from parallelcity.twin.schedule import Period, zone_of
 
 from .conftest import ROOT, lab_text
@@ -37,7 +36,7 @@ def local() -> Scenario:
 
 
 def office_band_on(scenario: Scenario, t: float) -> bool:
-    band = next(b for b in SafetySpecs.from_scenario(scenario).bands if b.output == "office.T_zone")
+    band = next(b for b in scenario.safety_specs().bands if b.output == "office.T_zone")
     return band.limits(t) == (20.0, 24.0)
 
 

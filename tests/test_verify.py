@@ -32,7 +32,7 @@ class ModelRig:
 
 @pytest.fixture(scope="module")
 def parts(dh):
-    specs = SafetySpecs.from_scenario(dh)
+    specs = dh.safety_specs()
     dt = dh.meta.cycle_s
     return dh, specs, Verifier(specs, ModelRig(dh.model), dt), dt
 
@@ -176,7 +176,7 @@ def fresh_snapshot(dh, t: float, x):
 
 
 def logic_with(dh, primary, fallback):
-    specs = SafetySpecs.from_scenario(dh)
+    specs = dh.safety_specs()
     twin = Twin(dh.model, specs, dh.meta.cycle_s, dh.meta.horizon_steps)
     logic = CycleLogic(
         twin, primary, fallback, Verifier(specs, ModelRig(dh.model), dh.meta.cycle_s)

@@ -49,7 +49,6 @@ from parallelcity.gateway.server import FieldGateway
 from parallelcity.gateway.watchdog import MAX_LIVE_ISSUERS, Watchdog
 from parallelcity.record.records import RunResult
 from parallelcity.scenario.definition import Scenario
-from parallelcity.specs import SafetySpecs
 
 from .gateway_site import INPUT, ROOT, SAFE, GatewayProcess, TimedServer, make_site
 from .gateway_site import VERDICT as SITE_VERDICT
@@ -269,7 +268,7 @@ def test_a_run_against_a_tripped_gateway_says_so_at_start_and_is_not_a_success(
     from parallelcity.run.runner import RunOptions
     from parallelcity.run.runner import run as run_scenario
 
-    limits = {i.name: i for i in SafetySpecs.from_scenario(dh).inputs}
+    limits = {i.name: i for i in dh.safety_specs().inputs}
     safe = {name: lim.min for name, lim in limits.items()}
     # A huge clock allowance: the run's simulated times pass, the trip is what refuses.
     core = GatewayCore(limits, safe=safe, clock_skew_s=1e10, heartbeat_interval_s=60.0)

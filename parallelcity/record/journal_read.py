@@ -231,10 +231,9 @@ def _num(v: Any) -> float:
 
 def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dict[str, int]]:
     """Each cycle's record and the run's counters, as the runner had them."""
-    from parallelcity.specs import SafetySpecs
 
     inputs = scenario.model.inputs
-    bands = SafetySpecs.from_scenario(scenario).bands
+    bands = scenario.safety_specs().bands
     counts = new_counts()
     by_k: dict[int, list[sqlite3.Row]] = {}
     for cmd in run.commands:

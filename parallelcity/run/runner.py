@@ -332,7 +332,7 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
     else:
         clock = SimClock(epoch=time.time(), speed=1.0)
     cycles = options.cycles or meta.cycles
-    specs = SafetySpecs.from_scenario(scenario)
+    specs = scenario.safety_specs()
     model = scenario.model
 
     rig_kind = plugins.load("rig", scenario.file.rig.kind)

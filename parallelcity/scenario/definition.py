@@ -31,9 +31,16 @@ from parallelcity.dispatch.wire import MAX_ISSUER_BYTES, check_issuer_name, name
 from parallelcity.errors import PluginError, ScenarioError, WireFormatError
 from parallelcity.field.opcua.node_id import check_scenario_node
 from parallelcity.field.point_table import DEFAULT_MAX_CLOCK_SKEW_S, PointType
+from parallelcity.specs import (
+    BandSpec,
+    InputSpec,
+    InterlockSpec,
+    SafetySpecs,
+    TemporalSpec,
+)
 from parallelcity.toml_file import parse_toml, read_text_bounded
 from parallelcity.twin.model import SubsystemModel
-from parallelcity.twin.schedule import Period, zone_context, zone_of
+from parallelcity.twin.schedule import zone_context, zone_of
 from parallelcity.verify.rig import BASE_DIR
 
 NodeText = Annotated[str, AfterValidator(check_scenario_node)]
@@ -296,101 +303,6 @@ class FieldConfig(_Strict):
         return self
 
 
-class InputSpec(_Strict):
-    name: str
-    min: float
-    max: float
-    max_rate_per_h: float | None = Field(None, gt=0, description="largest change per hour")
-    clip: bool = Field(
-        False,
-        description="the verifier may clip this input into its bounds and ramp limit "
-        "(verdict 'clipped') instead of rejecting the plan",
-    )
-
-    @model_validator(mode="after")
-    def _ordered(self) -> InputSpec:
-        if not self.min <= self.max:
-            raise ValueError(f"min {self.min} is above max {self.max}")
-        return self
-
-
-class BandPeriod(Period):
-    low: float
-    high: float
-
-
-class BandSpec(_Strict):
-    output: str
-    low: float = Field(description="band outside every listed period")
-    high: float
-    periods: list[BandPeriod] = Field(default_factory=list, description="first match wins")
-    margin_k: float = Field(
-        1.0, ge=0, description="excursion beyond the band the verifier still approves"
-    )
-    enforce_after_s: float = Field(
-        3600.0, ge=0, description="the verifier checks the band from this far into the horizon"
-    )
-
-    @model_validator(mode="after")
-    def _ordered(self) -> BandSpec:
-        for lo, hi, where in [(self.low, self.high, "")] + [
-            (p.low, p.high, f" in period {p.start}-{p.end}") for p in self.periods
-        ]:
-            if not lo <= hi:
-                raise ValueError(f"low {lo} is above high {hi}{where}")
-        return self
-
-
-class Predicate(_Strict):
-    """A signal (model input or output) above and/or below a threshold."""
-
-    signal: str = Field(description="model input or output name")
-    above: float | None = Field(None, description="holds while the signal is at least this")
-    below: float | None = Field(None, description="holds while the signal is at most this")
-
-    @model_validator(mode="after")
-    def _some_threshold(self) -> Predicate:
-        if self.above is None and self.below is None:
-            raise ValueError("a predicate needs 'above', 'below' or both")
-        if self.above is not None and self.below is not None and self.above > self.below:
-            raise ValueError(f"above {self.above} is over below {self.below}: never holds")
-        return self
-
-
-class InterlockSpec(_Strict):
-    """If ``when`` holds then ``forbid`` must not, at every step of the horizon."""
-
-    name: str = Field(min_length=1)
-    when: Predicate
-    forbid: Predicate
-    margin: float = Field(0.0, ge=0, description="robustness the plan must keep")
-
-
-class TemporalSpec(_Strict):
-    """A temporal property of one predicate over the verified horizon.
-
-    ``always``: holds at every step from ``from_s``; ``eventually``: holds at some step
-    within ``within_s`` after ``from_s``; ``never_longer``: never fails for longer than
-    ``longer_than_s``.  Passes when its robustness is at least ``margin``.
-    """
-
-    name: str = Field(min_length=1)
-    kind: Literal["always", "eventually", "never_longer"]
-    require: Predicate
-    from_s: float = Field(0.0, ge=0, description="seconds into the horizon it applies from")
-    within_s: float | None = Field(None, ge=0, description="eventually: deadline after from_s")
-    longer_than_s: float | None = Field(None, ge=0, description="never_longer: longest lapse")
-    margin: float = Field(0.0, ge=0, description="robustness the plan must keep")
-
-    @model_validator(mode="after")
-    def _needs(self) -> TemporalSpec:
-        if self.kind == "eventually" and self.within_s is None:
-            raise ValueError("kind 'eventually' needs within_s")
-        if self.kind == "never_longer" and self.longer_than_s is None:
-            raise ValueError("kind 'never_longer' needs longer_than_s")
-        return self
-
-
 class Specs(_Strict):
     inputs: list[InputSpec] = Field(min_length=1)
     bands: list[BandSpec] = Field(default_factory=list)
@@ -488,6 +400,13 @@ class Scenario:
     @property
     def insecure_lab(self) -> bool:
         return self.file.security.insecure_lab
+
+    def safety_specs(self) -> SafetySpecs:
+        """The scenario's ``[specs]`` on its model's signals, as every stage checks them."""
+        s = self.file.specs
+        return SafetySpecs.build(
+            self.model.inputs, self.model.outputs, s.inputs, s.bands, s.interlocks, s.temporal
+        )
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 
 from parallelcity.decide.control import Controller
 from parallelcity.scenario.definition import Scenario
-from parallelcity.specs import SafetySpecs, SpecResult, worst
+from parallelcity.specs import SpecResult, worst
 from parallelcity.twin.model import Array
 from parallelcity.twin.twin import Twin
 
@@ -72,7 +72,7 @@ class CampaignResult:
 
     def comfort_kh(self) -> list[float]:
         """Per sample: kelvin-hours outside the bands (no margin), over the whole run."""
-        specs = SafetySpecs.from_scenario(self.scenario)
+        specs = self.scenario.safety_specs()
         out = []
         for y in self.y:
             total = 0.0
@@ -110,7 +110,7 @@ def run_campaign(
     progress: ProgressFn | None = None,
 ) -> CampaignResult:
     model, meta = scenario.model, scenario.meta
-    specs = SafetySpecs.from_scenario(scenario)
+    specs = scenario.safety_specs()
     dt, horizon = meta.cycle_s, meta.horizon_steps
     twin = Twin(model, specs, dt, horizon)
     controller.setup(specs.control_problem(model, dt, horizon))
@@ -204,7 +204,7 @@ def plot(res: CampaignResult, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    specs = SafetySpecs.from_scenario(res.scenario)
+    specs = res.scenario.safety_specs()
     model = res.scenario.model
     n = res.u.shape[1]
     hours = np.arange(n + 1) * res.dt / 3600.0

@@ -248,7 +248,7 @@ class RigRecipe:
         kind = plugins.load("rig", self.kind)
         cfg = kind.Config.model_validate(self.config)
         rig: Rig = kind.verification_rig(cfg, scenario.model)
-        return rig, SafetySpecs.from_scenario(scenario)
+        return rig, scenario.safety_specs()
 
 
 _WORKER: tuple[Rig, SafetySpecs] | None = None
