@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ValidationInfo
 
-from parallelcity.clock import Clock
 from parallelcity.twin.model import Array, SubsystemModel
 
 if TYPE_CHECKING:
+    from parallelcity.clock import Clock
     from parallelcity.scenario.definition import Scenario
 
 
