@@ -64,10 +64,6 @@ class SimClock:
             return self.epoch
         return self.epoch + (time.monotonic() - self._wall_start) * self.speed
 
-    def wall_seconds(self, sim_seconds: float) -> float:
-        """How long ``sim_seconds`` of simulated time take on the wall."""
-        return sim_seconds / self.speed
-
     async def sleep_until(self, t: float) -> None:
         while True:
             if self.held:  # time does not move: look again shortly
