@@ -33,7 +33,7 @@ from parallelcity.dispatch.wire import AckStatus, Command, RefusalCode
 from parallelcity.errors import DispatchError
 from parallelcity.gateway.core import GatewayCore
 from parallelcity.gateway.server import FieldGateway
-from parallelcity.gateway.store import GatewayStore
+from parallelcity.gateway.store import AppliedMark, GatewayStore
 
 from .test_gateway import GOOD, LIMITS, T0, VERDICT, FakeWriter, command, free_port, run
 
@@ -129,7 +129,7 @@ def test_replays_after_a_restart_are_duplicates_and_the_issuer_continues(tmp_pat
 def test_a_write_left_in_doubt_by_a_crash_is_settled_by_reading_the_field_back(
     tmp_path: Path, field: str
 ) -> None:
-    """Crash after ``begin`` (pending recorded) and before ``commit_applied``.
+    """Crash after ``begin`` (pending recorded) and before ``mark_applied``.
 
     Landed: a duplicate.  Not landed (the input still holds our earlier value):
     applied once.  A third party's value there, or an input never written by
@@ -141,7 +141,7 @@ def test_a_write_left_in_doubt_by_a_crash_is_settled_by_reading_the_field_back(
     store = GatewayStore(tmp_path / "state.sqlite")
     if field != "first-write":
         store.begin(earlier)
-        store.commit_applied(earlier.id, "cycle", 2, T0, earlier.setpoints, T0, {})
+        store.mark_applied([AppliedMark(earlier.id, "cycle", 2, T0, earlier.setpoints, T0)], {})
         writer.writes.append(dict(earlier.setpoints))
     store.begin(cmd)
     if field in ("landed", "third-party"):

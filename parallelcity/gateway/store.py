@@ -532,25 +532,6 @@ class GatewayStore:
             with self._tx():
                 pass
 
-    def abandon(self, command_id: str) -> None:
-        """The write failed for sure: forget the pending command (a resend is decided afresh)."""
-        with self._tx() as db:
-            db.execute("DELETE FROM applied WHERE id = ? AND state = 'pending'", (command_id,))
-
-    def commit_applied(
-        self,
-        command_id: str,
-        issuer: str,
-        seq: int,
-        issued_at: float,
-        setpoints: Mapping[str, float],
-        applied_at: float,
-        leases: Mapping[str, Lease],
-    ) -> None:
-        """Mark one command applied, with everything that follows from it, in one commit."""
-        mark = AppliedMark(command_id, issuer, seq, issued_at, setpoints, applied_at)
-        self.mark_applied([mark], leases)
-
     # ------------------------------------------------------------------ the rest
 
     def save_leases(self, leases: Mapping[str, Lease]) -> None:
