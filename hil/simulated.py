@@ -93,23 +93,6 @@ def check(config: Config, model: SubsystemModel) -> None:
             )
 
 
-class SimulatedRig:
-    """The model with its own perturbed parameters: what a plan is tried on before dispatch."""
-
-    def __init__(self, model: SubsystemModel, params: Array, name: str = "simulated") -> None:
-        self.model = model
-        self.params = np.asarray(params, dtype=float)
-        self.name = name
-
-    def rollout(self, x0: Array, inputs: Array, disturbances: Array, t0: float, dt: float) -> Array:
-        """Outputs (n + 1, ny) of the rig's plant under ``inputs`` (n, nu) from ``x0``.
-
-        ``t0`` is not needed: the plant is time-invariant and ``disturbances`` are given.
-        """
-        _, ys = self.model.simulate(x0, inputs, disturbances, self.params, dt)
-        return ys
-
-
 class SimulatedDriver:
     """Rig driver: the model integrated step by step, one parameter and disturbance draw
     per uncertainty sample (sample 0: ``params[0]`` under the forecast as given)."""

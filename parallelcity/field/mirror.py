@@ -394,15 +394,6 @@ class Mirror:
             return False
         return True
 
-    async def wait_connected(self, timeout_s: float) -> bool:
-        """Wait until no gap is open; False on timeout."""
-        until = time.monotonic() + timeout_s
-        while not self.connected:
-            if time.monotonic() >= until:
-                return False
-            await asyncio.sleep(0.02)
-        return True
-
     async def read_inputs(self) -> dict[str, float]:
         """The values the input nodes hold now, read once in one request per batch."""
         client = self._connected()

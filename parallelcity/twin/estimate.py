@@ -142,12 +142,6 @@ class ExtendedKalmanFilter:
             innovations=innovations,
         )
 
-    def predict_outputs(self, t: float, u: Array) -> Array:
-        """The outputs the model expects at ``t`` from the current estimate (no update)."""
-        assert self.z is not None
-        y, _ = self._h(self.z, np.asarray(u, dtype=float), self._d(t), self.params)
-        return np.asarray(y, dtype=float).reshape(-1)
-
     # -- internals -----------------------------------------------------------------------------
 
     def _initial_state(self, snapshot: Snapshot) -> Array:

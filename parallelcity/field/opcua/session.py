@@ -37,7 +37,7 @@ import os
 import secrets
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
@@ -740,10 +740,6 @@ def _install_channel_guard() -> None:
 
     guarded.parallelcity_guard = True  # type: ignore[attr-defined]
     setattr(UaProcessor, "_process_message", guarded)  # noqa: B010
-
-
-def policy_names(policies: Iterable[ua.SecurityPolicyType]) -> list[str]:
-    return [p.name for p in policies]
 
 
 @runtime_checkable
