@@ -10,7 +10,7 @@ disk a pair is two text files, one key per file plus a newline:
 
 The public key is always derivable from the secret one (``curve_public``), so
 a secret file alone is enough to run; the public file is what an allow-list
-names.  Pure file work on top of libzmq's key functions; no sockets here.
+names.  File I/O on top of libzmq's key functions (an I/O shell); no sockets here.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ certificate; the ``parallelcity certs`` command and the embedded default use it.
 ``lab_pki_files(folder)`` lists the files it writes (the command refuses to
 replace existing ones without ``--force``).
 
-Pure file work on top of ``cryptography``; nothing here opens a socket.
+File I/O on top of ``cryptography`` (an I/O shell, not pure); nothing here opens a socket.
 """
 
 from __future__ import annotations
