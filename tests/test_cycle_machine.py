@@ -71,7 +71,7 @@ class Puppet:
 
     def __init__(self) -> None:
         self.next: tuple[str, float] = ("hold", 0.0)
-        self.pi = plugins.load("controller", SCENARIO.file.fallback.kind).create(
+        self.pi = plugins.controller_kind(SCENARIO.file.fallback.kind).create(
             SCENARIO.fallback_config
         )
 
