@@ -39,8 +39,7 @@ from parallelcity.decide.cycle import CycleLogic, Outcome
 from parallelcity.decide.gate import Mode, SimplexGate
 from parallelcity.dispatch.wire import Command
 from parallelcity.field.snapshot import PointSpec, Reading, assess
-from parallelcity.gateway.core import GatewayCore
-from parallelcity.gateway.core import Outcome as GatewayOutcome
+from parallelcity.gateway.core import GatewayCore, RulingKind
 from parallelcity.scenario.definition import parse_scenario
 from parallelcity.specs import TOLERANCE, SafetySpecs
 from parallelcity.twin.twin import Twin
@@ -231,7 +230,7 @@ class SafetyChain(RuleBasedStateMachine):
         )
         self.seq += 1
         gd = self.gateway.decide(cmd, self.t + 1.0)
-        if gd.outcome is GatewayOutcome.ACCEPT:
+        if gd.outcome is RulingKind.ACCEPT:
             self.gateway.record_applied(cmd, self.t + 1.0)
             self.u = action
             self.history.append((self.t, action.copy()))
