@@ -23,7 +23,9 @@ from parallelcity.decide.control import (
     ControlResult,
     KindOf,
     SolveStatus,
+    guarded_step,
     input_problem,
+    require_fit,
     unknown_names,
 )
 from parallelcity.twin.model import Array, SubsystemModel
@@ -168,17 +170,29 @@ class Curve(BaseModel):
         return v
 
 
-def _loop_problems(loops: Sequence[Loop | Switch], m: SubsystemModel) -> list[str]:
-    """Each loop's output and input must be signals of the model."""
-    out: list[str] = []
+def _loop_problems(
+    loops: Sequence[Loop | OnOffLoop], problem: ControlProblem, used: dict[str, str]
+) -> list[str]:
+    """Each loop watches a banded output of the model and moves an input no other loop or
+    curve moves (``used``: input -> the key that moves it, filled in here)."""
+    m, out = problem.model, []
+    banded = {m.outputs[j] for j in problem.banded_outputs}
     for i, lp in enumerate(loops):
-        out += unknown_names(
-            f"loops[{i}].output", [lp.output], m.outputs, "output", m.name, keyed=False
-        )
-        out += unknown_names(
-            f"loops[{i}].input", [lp.input], m.inputs, "input", m.name, keyed=False
-        )
+        key = f"loops[{i}]"
+        bad = unknown_names(f"{key}.output", [lp.output], m.outputs, "output", m.name, keyed=False)
+        if not bad and lp.output not in banded:
+            bad = [f"{key}.output: {lp.output!r} has no band ([[specs.bands]]) to follow"]
+        out += bad
+        out += _input_problems(key, lp.input, m, used)
     return out
+
+
+def _input_problems(key: str, name: str, m: SubsystemModel, used: dict[str, str]) -> list[str]:
+    bad = unknown_names(f"{key}.input", [name], m.inputs, "input", m.name, keyed=False)
+    if not bad and name in used:
+        bad = [f"{key}.input: {name!r} is already set by {used[name]}"]
+    used.setdefault(name, key)
+    return bad
 
 
 class PIConfig(BaseModel):
@@ -189,13 +203,12 @@ class PIConfig(BaseModel):
     loops: list[Loop] = Field(default_factory=list)
     curves: list[Curve] = Field(default_factory=list)
 
-    def model_problems(self, m: SubsystemModel) -> list[str]:
-        """Signals the loops and curves name that the model lacks (checked by ``validate``)."""
-        out = _loop_problems(self.loops, m)
+    def problems(self, problem: ControlProblem) -> list[str]:
+        """What the loops and curves name that does not fit the problem (``validate``)."""
+        m, used = problem.model, dict[str, str]()
+        out = _loop_problems(self.loops, problem, used)
         for i, c in enumerate(self.curves):
-            out += unknown_names(
-                f"curves[{i}].input", [c.input], m.inputs, "input", m.name, keyed=False
-            )
+            out += _input_problems(f"curves[{i}]", c.input, m, used)
             out += unknown_names(
                 f"curves[{i}].disturbance",
                 [c.disturbance],
@@ -239,27 +252,12 @@ class PIController:
         return None if self._memory is None else self._memory.error.copy()
 
     def setup(self, problem: ControlProblem) -> None:
+        require_fit("pi", self.config.problems(problem))
         m = problem.model
         banded = list(problem.banded_outputs)
-        used: dict[str, str] = {}
         loops = []
-        for i, lp in enumerate(self.config.loops):
-            if lp.output not in m.outputs:
-                raise ValueError(
-                    f"loops[{i}].output: {lp.output!r} is not an output of model {m.name!r}"
-                )
+        for lp in self.config.loops:
             j = m.index("outputs", lp.output)
-            if j not in banded:
-                raise ValueError(
-                    f"loops[{i}].output: {lp.output!r} has no band to take a setpoint from"
-                )
-            if lp.input not in m.inputs:
-                raise ValueError(f"loops[{i}].input: {lp.input!r} is not an input of the model")
-            if lp.input in used:
-                raise ValueError(
-                    f"loops[{i}].input: {lp.input!r} is already set by {used[lp.input]}"
-                )
-            used[lp.input] = f"loops[{i}]"
             loops.append(
                 _LoopIx(
                     j,
@@ -272,18 +270,7 @@ class PIController:
                 )
             )
         curves = []
-        for i, cv in enumerate(self.config.curves):
-            if cv.input not in m.inputs:
-                raise ValueError(f"curves[{i}].input: {cv.input!r} is not an input of the model")
-            if cv.disturbance not in m.disturbances:
-                raise ValueError(
-                    f"curves[{i}].disturbance: {cv.disturbance!r} is not a disturbance of the model"
-                )
-            if cv.input in used:
-                raise ValueError(
-                    f"curves[{i}].input: {cv.input!r} is already set by {used[cv.input]}"
-                )
-            used[cv.input] = f"curves[{i}]"
+        for cv in self.config.curves:
             pts = np.asarray(cv.points, dtype=float)
             curves.append(
                 (m.index("inputs", cv.input), m.index("disturbances", cv.disturbance), pts)
@@ -296,19 +283,7 @@ class PIController:
         self._memory = None
 
     def step(self, inp: ControlInput) -> ControlResult:
-        t_start = time.perf_counter()
-        problem = self._problem
-        if problem is None:
-            raise RuntimeError("PIController.step called before setup")
-        try:
-            return self._step(problem, inp, t_start)
-        except Exception as exc:  # report, never raise
-            return ControlResult.failure(
-                SolveStatus.FAILED,
-                problem,
-                f"pi: {type(exc).__name__}: {exc}",
-                time.perf_counter() - t_start,
-            )
+        return guarded_step("pi", self._problem, inp, self._step)
 
     def _step(self, problem: ControlProblem, inp: ControlInput, t_start: float) -> ControlResult:
         bad = input_problem(problem, inp, bands=False)
@@ -390,9 +365,14 @@ class HoldConfig(BaseModel):
         default_factory=dict, description="input name -> value to hold (others keep u_prev)"
     )
 
-    def model_problems(self, m: SubsystemModel) -> list[str]:
+    def problems(self, problem: ControlProblem) -> list[str]:
         """Inputs ``values`` names that the model lacks (checked by ``validate``)."""
-        return unknown_names("values", self.values, m.inputs, "input", m.name)
+        m = problem.model
+        return unknown_names("values", self.values, m.inputs, "input", m.name) + [
+            f"values[{name!r}]: must be finite, got {v}"
+            for name, v in self.values.items()
+            if not math.isfinite(v)
+        ]
 
 
 class HoldController:
@@ -403,53 +383,36 @@ class HoldController:
         self._problem: ControlProblem | None = None
 
     def setup(self, problem: ControlProblem) -> None:
+        require_fit("hold", self.config.problems(problem))
         m = problem.model
-        unknown = sorted(set(self.config.values) - set(m.inputs))
-        if unknown:
-            raise ValueError(
-                f"values names unknown input(s) {', '.join(map(repr, unknown))} "
-                f"(inputs: {', '.join(m.inputs)})"
-            )
-        for name, v in self.config.values.items():
-            if not math.isfinite(v):
-                raise ValueError(f"values[{name!r}] must be finite, got {v}")
         self._fixed = {m.index("inputs", k): v for k, v in self.config.values.items()}
         self._limits = _Limits(problem)
         self._sim = _Simulator(problem)
         self._problem = problem
 
     def step(self, inp: ControlInput) -> ControlResult:
-        t_start = time.perf_counter()
-        problem = self._problem
-        if problem is None:
-            raise RuntimeError("HoldController.step called before setup")
-        try:
-            bad = input_problem(problem, inp, bands=False)
-            if bad:
-                return ControlResult.failure(
-                    SolveStatus.FAILED,
-                    problem,
-                    f"hold: bad input: {bad}",
-                    time.perf_counter() - t_start,
-                )
-            lim = self._limits
-            u_start = lim.start(inp.u_prev, problem.model.u0)
-            target = u_start.copy()
-            for i, v in self._fixed.items():
-                target[i] = v
-            plan = np.empty((problem.horizon, problem.model.nu))
-            u = u_start
-            for k in range(problem.horizon):
-                u = lim.move(target, u)
-                plan[k] = u
-            return _result(problem, lim, self._sim, inp, u_start, plan, None, t_start)
-        except Exception as exc:  # report, never raise
+        return guarded_step("hold", self._problem, inp, self._step)
+
+    def _step(self, problem: ControlProblem, inp: ControlInput, t_start: float) -> ControlResult:
+        bad = input_problem(problem, inp, bands=False)
+        if bad:
             return ControlResult.failure(
                 SolveStatus.FAILED,
                 problem,
-                f"hold: {type(exc).__name__}: {exc}",
+                f"hold: bad input: {bad}",
                 time.perf_counter() - t_start,
             )
+        lim = self._limits
+        u_start = lim.start(inp.u_prev, problem.model.u0)
+        target = u_start.copy()
+        for i, v in self._fixed.items():
+            target[i] = v
+        plan = np.empty((problem.horizon, problem.model.nu))
+        u = u_start
+        for k in range(problem.horizon):
+            u = lim.move(target, u)
+            plan[k] = u
+        return _result(problem, lim, self._sim, inp, u_start, plan, None, t_start)
 
 
 HOLD_KIND = KindOf(HoldConfig, HoldController)
@@ -457,7 +420,7 @@ HOLD_KIND = KindOf(HoldConfig, HoldController)
 # --------------------------------------------------------------- hysteresis
 
 
-class Switch(BaseModel):
+class OnOffLoop(BaseModel):
     """An on/off loop keeping a banded output inside its band (thermostat, tank level)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -476,11 +439,14 @@ class HysteresisConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: str = "hysteresis"
-    loops: list[Switch] = Field(default_factory=list)
+    loops: list[OnOffLoop] = Field(default_factory=list)
 
-    def model_problems(self, m: SubsystemModel) -> list[str]:
-        """Signals the loops name that the model lacks (checked by ``validate``)."""
-        out = _loop_problems(self.loops, m)
+    def problems(self, problem: ControlProblem) -> list[str]:
+        """What the loops name that does not fit the problem (checked by ``validate``)."""
+        out = _loop_problems(self.loops, problem, {})
+        for i, sw in enumerate(self.loops):
+            if sw.on_value == sw.off_value:
+                out.append(f"loops[{i}]: on_value and off_value must differ")
         return out
 
 
@@ -498,84 +464,65 @@ class HysteresisController:
         self._problem: ControlProblem | None = None
 
     def setup(self, problem: ControlProblem) -> None:
+        require_fit("hysteresis", self.config.problems(problem))
         m = problem.model
         banded = list(problem.banded_outputs)
-        loops = []
-        used: set[str] = set()
-        for i, sw in enumerate(self.config.loops):
-            if sw.output not in m.outputs or m.index("outputs", sw.output) not in banded:
-                raise ValueError(f"loops[{i}].output: {sw.output!r} is not a banded output")
-            if sw.input not in m.inputs:
-                raise ValueError(f"loops[{i}].input: {sw.input!r} is not an input of the model")
-            if sw.input in used:
-                raise ValueError(f"loops[{i}].input: {sw.input!r} is switched twice")
-            if sw.on_value == sw.off_value:
-                raise ValueError(f"loops[{i}]: on_value and off_value must differ")
-            used.add(sw.input)
-            loops.append(
-                (
-                    banded.index(m.index("outputs", sw.output)),
-                    m.index("outputs", sw.output),
-                    m.index("inputs", sw.input),
-                    sw,
-                )
+        loops = [
+            (
+                banded.index(m.index("outputs", sw.output)),
+                m.index("outputs", sw.output),
+                m.index("inputs", sw.input),
+                sw,
             )
+            for sw in self.config.loops
+        ]
         self._loops = loops
         self._limits = _Limits(problem)
         self._sim = _Simulator(problem)
         self._problem = problem
 
     def step(self, inp: ControlInput) -> ControlResult:
-        t_start = time.perf_counter()
-        problem = self._problem
-        if problem is None:
-            raise RuntimeError("HysteresisController.step called before setup")
-        try:
-            bad = input_problem(problem, inp, bands=False)
-            if bad:
-                return ControlResult.failure(
-                    SolveStatus.FAILED,
-                    problem,
-                    f"hysteresis: bad input: {bad}",
-                    time.perf_counter() - t_start,
-                )
-            lim, sim = self._limits, self._sim
-            n = problem.horizon
-            y_low = np.asarray(inp.y_low, dtype=float)
-            y_high = np.asarray(inp.y_high, dtype=float)
-            dist = np.asarray(inp.disturbances, dtype=float)
-            u_start = lim.start(inp.u_prev, problem.model.u0)
-            on = [
-                abs(u_start[i] - sw.on_value) < abs(u_start[i] - sw.off_value)
-                for _, _, i, sw in self._loops
-            ]
-            x = np.asarray(inp.x0, dtype=float)
-            u = u_start
-            plan = np.empty((n, problem.model.nu))
-            xs = np.empty((n + 1, problem.model.nx))
-            xs[0] = x
-            for k in range(n):
-                y = sim.y(x, u, dist[k])
-                target = u.copy()
-                for j, (col, out, i, sw) in enumerate(self._loops):
-                    low, high = y_low[k, col] + sw.margin, y_high[k, col] - sw.margin
-                    if y[out] < low:
-                        on[j] = sw.raises
-                    elif y[out] > high:
-                        on[j] = not sw.raises
-                    target[i] = sw.on_value if on[j] else sw.off_value
-                u = lim.move(target, u)
-                plan[k] = u
-                x = sim.next(x, u, dist[k])
-                xs[k + 1] = x
-            return _result(problem, lim, sim, inp, u_start, plan, xs, t_start)
-        except Exception as exc:  # report, never raise
+        return guarded_step("hysteresis", self._problem, inp, self._step)
+
+    def _step(self, problem: ControlProblem, inp: ControlInput, t_start: float) -> ControlResult:
+        bad = input_problem(problem, inp, bands=False)
+        if bad:
             return ControlResult.failure(
                 SolveStatus.FAILED,
                 problem,
-                f"hysteresis: {type(exc).__name__}: {exc}",
+                f"hysteresis: bad input: {bad}",
                 time.perf_counter() - t_start,
             )
+        lim, sim = self._limits, self._sim
+        n = problem.horizon
+        y_low = np.asarray(inp.y_low, dtype=float)
+        y_high = np.asarray(inp.y_high, dtype=float)
+        dist = np.asarray(inp.disturbances, dtype=float)
+        u_start = lim.start(inp.u_prev, problem.model.u0)
+        on = [
+            abs(u_start[i] - sw.on_value) < abs(u_start[i] - sw.off_value)
+            for _, _, i, sw in self._loops
+        ]
+        x = np.asarray(inp.x0, dtype=float)
+        u = u_start
+        plan = np.empty((n, problem.model.nu))
+        xs = np.empty((n + 1, problem.model.nx))
+        xs[0] = x
+        for k in range(n):
+            y = sim.y(x, u, dist[k])
+            target = u.copy()
+            for j, (col, out, i, sw) in enumerate(self._loops):
+                low, high = y_low[k, col] + sw.margin, y_high[k, col] - sw.margin
+                if y[out] < low:
+                    on[j] = sw.raises
+                elif y[out] > high:
+                    on[j] = not sw.raises
+                target[i] = sw.on_value if on[j] else sw.off_value
+            u = lim.move(target, u)
+            plan[k] = u
+            x = sim.next(x, u, dist[k])
+            xs[k + 1] = x
+        return _result(problem, lim, sim, inp, u_start, plan, xs, t_start)
 
 
 HYSTERESIS_KIND = KindOf(HysteresisConfig, HysteresisController)
@@ -590,7 +537,7 @@ __all__ = [
     "HysteresisConfig",
     "HysteresisController",
     "Loop",
+    "OnOffLoop",
     "PIConfig",
     "PIController",
-    "Switch",
 ]

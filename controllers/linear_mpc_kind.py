@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 import casadi as ca
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from parallelcity.decide.control import (
     ControlInput,
@@ -49,12 +49,14 @@ from parallelcity.decide.control import (
     ControlResult,
     KindOf,
     SolveStatus,
+    guarded_step,
     input_problem,
-    unknown_names,
+    require_fit,
 )
-from parallelcity.twin.model import Array, SubsystemModel
+from parallelcity.twin.model import Array
 
 from .linear_mpc import DenseQp, QpSolution, condense_ltv
+from .objective import Objective, Tracking
 
 log = logging.getLogger(__name__)
 
@@ -62,43 +64,10 @@ CLIP_TOLERANCE = 1e-9  # a plan this far outside [u_min, u_max] is put back on t
 LIMIT_TOLERANCE = 1e-6  # one breaking a bound or rate limit by more is reported FAILED
 
 
-class OutputTracking(BaseModel):
-    """Quadratic tracking of one output: ``weight * (y - target)^2`` per step."""
-
-    model_config = ConfigDict(extra="forbid")
-    target: float = Field(allow_inf_nan=False)
-    weight: float = Field(1.0, ge=0, allow_inf_nan=False, description="per step k < N")
-    terminal_weight: float = Field(
-        0.0, ge=0, allow_inf_nan=False, description="at the end of the horizon, k = N"
-    )
-
-
-class Config(BaseModel):
+class Config(Objective):
     """``[controller]`` table for ``kind = "linear_mpc"``."""
 
-    model_config = ConfigDict(extra="forbid")
     kind: str = "linear_mpc"
-    output_costs: dict[str, float] = Field(
-        default_factory=dict,
-        description="output name -> price per unit-hour of the output (per kWh for kW)",
-    )
-    tracking: dict[str, OutputTracking] = Field(
-        default_factory=dict, description="output name -> quadratic tracking term"
-    )
-    comfort_weight: float = Field(
-        50.0, ge=0, allow_inf_nan=False, description="cost per unit^2 of band slack, per step"
-    )
-    comfort_weight_l1: float = Field(
-        0.0, ge=0, allow_inf_nan=False, description="cost per unit of band slack, per step"
-    )
-    move_weights: dict[str, float] = Field(
-        default_factory=dict,
-        description="input name -> cost per squared move per step (inputs not listed: 0)",
-    )
-    band_at_end: bool = Field(True, description="hold the bands at k = N too, not only k < N")
-    band_tightening_k: float = Field(
-        0.0, ge=0, allow_inf_nan=False, description="plan this far inside each band"
-    )
     linearisation: Literal["trajectory", "point"] = Field(
         "trajectory",
         description="trajectory: along the shifted previous plan (LTV); point: around the "
@@ -120,14 +89,6 @@ class Config(BaseModel):
     )
     rk4_substeps: int = Field(4, ge=1, le=100, description="RK4 substeps per cycle")
 
-    @field_validator("output_costs", "move_weights")
-    @classmethod
-    def _finite(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = [k for k, w in v.items() if not math.isfinite(w)]
-        if bad:
-            raise ValueError(f"values must be finite ({', '.join(bad)})")
-        return v
-
     @model_validator(mode="after")
     def _rounds_need_a_trajectory(self) -> Config:
         if self.sqp_iterations > 1 and self.linearisation != "trajectory":
@@ -137,21 +98,9 @@ class Config(BaseModel):
             )
         return self
 
-    @field_validator("move_weights")
-    @classmethod
-    def _non_negative(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = [k for k, w in v.items() if w < 0]
-        if bad:
-            raise ValueError(f"move weights must be >= 0 ({', '.join(bad)})")
-        return v
-
-    def model_problems(self, m: SubsystemModel) -> list[str]:
-        """Names in this table that the scenario's model lacks (checked by ``validate``)."""
-        return [
-            *unknown_names("output_costs", self.output_costs, m.outputs, "output", m.name),
-            *unknown_names("tracking", self.tracking, m.outputs, "output", m.name),
-            *unknown_names("move_weights", self.move_weights, m.inputs, "input", m.name),
-        ]
+    def problems(self, problem: ControlProblem) -> list[str]:
+        """What in this table does not fit the problem (checked by ``validate``)."""
+        return self.objective_problems(problem.model)
 
 
 class LinearMpcController:
@@ -168,18 +117,7 @@ class LinearMpcController:
     def setup(self, problem: ControlProblem) -> None:
         """Check the configuration against the model; build the linearisation and the QP."""
         m, cfg = problem.model, self.config
-        checks: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
-            ("output_costs", cfg.output_costs, m.outputs, "output"),
-            ("tracking", cfg.tracking, m.outputs, "output"),
-            ("move_weights", cfg.move_weights, m.inputs, "input"),
-        ]
-        for key, table, names, what in checks:
-            unknown = sorted(set(table) - set(names))
-            if unknown:
-                raise ValueError(
-                    f"linear_mpc: {key}: unknown {what}(s) {', '.join(map(repr, unknown))} "
-                    f"of model {m.name!r} ({what}s: {', '.join(names)})"
-                )
+        require_fit("linear_mpc", cfg.problems(problem))
         n = problem.horizon
         if n < 1:
             raise ValueError(f"linear_mpc: horizon must be at least 1, got {n}")
@@ -357,17 +295,12 @@ class LinearMpcController:
 
     def step(self, inp: ControlInput) -> ControlResult:
         """Plan from ``inp``; every kind of trouble comes back as a status, never raised."""
-        t_start = time.perf_counter()
-        if self._problem is None:
-            raise RuntimeError("LinearMpcController.step called before setup")
-        try:
-            return self._step(inp, t_start)
-        except Exception as exc:  # a controller reports trouble, it does not raise it
-            self._last = None
-            log.warning("linear_mpc: step failed: %s", exc)
-            return self._failed(SolveStatus.FAILED, f"{type(exc).__name__}: {exc}", t_start)
+        return guarded_step("linear_mpc", self._problem, inp, self._step, self._forget)
 
-    def _step(self, inp: ControlInput, t_start: float) -> ControlResult:
+    def _forget(self) -> None:
+        self._last = None
+
+    def _step(self, problem: ControlProblem, inp: ControlInput, t_start: float) -> ControlResult:
         cfg = self.config
         n, _, nu, _, ny, nb = self._dims
         assert self._problem is not None
@@ -642,4 +575,4 @@ class LinearMpcController:
 
 KIND = KindOf(Config, LinearMpcController)
 
-__all__ = ["KIND", "Config", "LinearMpcController", "OutputTracking"]
+__all__ = ["KIND", "Config", "LinearMpcController", "Tracking"]

@@ -41,6 +41,8 @@ from parallelcity.decide.control import (
     ControlResult,
     KindOf,
     SolveStatus,
+    guarded_step,
+    require_fit,
 )
 from parallelcity.twin.model import Array, SubsystemModel
 
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 OPTIMAL_GAP = 1e-9  # a smaller relative gap than this counts as proven optimal
 
 LEVEL, PUMP, DEMAND, PRICE = "tank.level", "pump.on", "tank.demand", "tariff.price"
+_PARAMETERS = ("tank.area_m2", "pump.m3_per_h", "pump.kw")  # read from the plan's parameters
 
 
 def tank_model(
@@ -85,7 +88,7 @@ def tank_model(
         inputs=(PUMP,),
         disturbances=(DEMAND, PRICE),
         outputs=(LEVEL, "pump.kw", "tariff.cost_per_h"),
-        parameters=("tank.area_m2", "pump.m3_per_h", "pump.kw"),
+        parameters=_PARAMETERS,
         nominal=np.array([area_m2, pump_m3_per_h, pump_kw]),
         f=f,
         h=h,
@@ -108,18 +111,27 @@ class Config(BaseModel):
     mip_rel_gap: float = Field(1e-6, ge=0, le=1, description="stop within this relative gap")
     reuse: bool = Field(True, description="mutable parameters + persistent HiGHS")
 
-    def model_problems(self, m: SubsystemModel) -> list[str]:
-        """The tank model's signals this kind schedules (checked by ``validate``)."""
+    def problems(self, problem: ControlProblem) -> list[str]:
+        """The tank model's signals this kind schedules, and the band on its level
+        (checked by ``validate``)."""
+        m = problem.model
         needs = [("state", LEVEL, m.states), ("input", PUMP, m.inputs)]
         needs += [("disturbance", name, m.disturbances) for name in (DEMAND, PRICE)]
+        needs += [("parameter", name, m.parameters) for name in _PARAMETERS]
         missing = [f"{what} {name!r}" for what, name, have in needs if name not in have]
-        if not missing:
-            return []
-        return [
-            f"kind: 'milp_pump' schedules a pump filling a tank and needs a model with "
-            f"{', '.join(missing)} (see parallelcity.controllers.milp.tank_model); "
-            f"model {m.name!r} has none of that"
-        ]
+        if missing:
+            return [
+                f"kind: 'milp_pump' schedules a pump filling a tank and needs a model with "
+                f"{', '.join(missing)} (see parallelcity.controllers.milp.tank_model); "
+                f"model {m.name!r} lacks that"
+            ]
+        out = []
+        if LEVEL not in m.outputs or m.index("outputs", LEVEL) not in problem.banded_outputs:
+            out.append(f"kind: 'milp_pump' needs a band on output {LEVEL!r} ([[specs.bands]])")
+        area, flow, kw = (float(problem.p[m.index("parameters", n)]) for n in _PARAMETERS)
+        if not (area > 0 and flow > 0 and kw >= 0):
+            out.append("kind: 'milp_pump' needs tank area and pump flow > 0, pump power >= 0")
+        return out
 
 
 @dataclass
@@ -150,21 +162,9 @@ class PumpScheduler:
 
     def setup(self, problem: ControlProblem) -> None:
         m = problem.model
-        wanted = {"states": LEVEL, "inputs": PUMP}
-        for kind, name in wanted.items():
-            if name not in getattr(m, kind):
-                raise ValueError(f"milp_pump needs a model with {kind[:-1]} {name!r} (tank_model)")
-        for name in (DEMAND, PRICE):
-            if name not in m.disturbances:
-                raise ValueError(f"milp_pump needs disturbance {name!r} (tank_model)")
-        if LEVEL not in m.outputs or m.index("outputs", LEVEL) not in problem.banded_outputs:
-            raise ValueError(f"milp_pump needs a band on output {LEVEL!r}")
+        require_fit("milp_pump", self.config.problems(problem))
         p = np.asarray(problem.p, dtype=float)
-        self._area = float(p[m.index("parameters", "tank.area_m2")])
-        self._flow = float(p[m.index("parameters", "pump.m3_per_h")])
-        self._kw = float(p[m.index("parameters", "pump.kw")])
-        if not (self._area > 0 and self._flow > 0 and self._kw >= 0):
-            raise ValueError("tank area and pump flow must be > 0, pump power >= 0")
+        self._area, self._flow, self._kw = (float(p[m.index("parameters", n)]) for n in _PARAMETERS)
         self._i_level = m.index("states", LEVEL)
         self._i_pump = m.index("inputs", PUMP)
         self._i_dem, self._i_price = m.index("disturbances", DEMAND), m.index("disturbances", PRICE)
@@ -259,20 +259,7 @@ class PumpScheduler:
     # ----------------------------------------------------------------- step
 
     def step(self, inp: ControlInput) -> ControlResult:
-        t_start = time.perf_counter()
-        problem = self._problem
-        if problem is None:
-            raise RuntimeError("PumpScheduler.step called before setup")
-        try:
-            return self._step(problem, inp, t_start)
-        except Exception as exc:  # a controller reports trouble, it does not raise it
-            log.debug("milp_pump step failed", exc_info=True)
-            return ControlResult.failure(
-                SolveStatus.FAILED,
-                problem,
-                f"milp_pump: {type(exc).__name__}: {exc}",
-                time.perf_counter() - t_start,
-            )
+        return guarded_step("milp_pump", self._problem, inp, self._step)
 
     def _history_now(self, t0: float, on: bool, known: bool) -> tuple[bool, int]:
         """(state of the period that just ended, how many periods it has lasted)."""

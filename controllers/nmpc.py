@@ -58,7 +58,7 @@ from typing import Any, Literal
 
 import casadi as ca
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from parallelcity.decide.control import (
     ControlInput,
@@ -66,10 +66,14 @@ from parallelcity.decide.control import (
     ControlResult,
     KindOf,
     SolveStatus,
+    guarded_step,
     input_problem,
+    require_fit,
     unknown_names,
 )
-from parallelcity.twin.model import Array, SubsystemModel
+from parallelcity.twin.model import Array
+
+from .objective import Objective, Tracking
 
 log = logging.getLogger(__name__)
 
@@ -118,45 +122,16 @@ PathName = Literal["sqp_fatrop", "ipopt", "fatrop", "sqp"]
 QpSolverName = Literal["osqp", "qpoases", "qrqp"]
 
 
-class Tracking(BaseModel):
-    """Quadratic tracking of one output: ``weight * (y - target)^2`` per step."""
-
-    model_config = ConfigDict(extra="forbid")
-    target: float
-    weight: float = Field(1.0, ge=0, description="per step k < N")
-    terminal_weight: float = Field(0.0, ge=0, description="at the end of the horizon, k = N")
-
-
-class Config(BaseModel):
+class Config(Objective):
     """``[controller]`` table for ``kind = "nmpc"``."""
 
-    model_config = ConfigDict(extra="forbid")
     kind: str = "nmpc"
-    output_costs: dict[str, float] = Field(
-        default_factory=dict,
-        description="output name -> price per unit-hour of the output (per kWh for kW)",
-    )
-    tracking: dict[str, Tracking] = Field(
-        default_factory=dict, description="output name -> quadratic tracking term"
-    )
-    comfort_weight: float = Field(50.0, ge=0, description="cost per K^2 of band slack, per step")
-    comfort_weight_l1: float = Field(
-        0.0, ge=0, description="cost per K of band slack, per step (an exact penalty)"
-    )
-    move_weights: dict[str, float] = Field(
-        default_factory=dict,
-        description="input name -> cost per squared move per step (inputs not listed: 0)",
-    )
     state_bounds: dict[str, tuple[float, float]] = Field(
         default_factory=dict, description="state name -> [low, high], hard, from k = 1 on"
     )
     scales: dict[str, float] = Field(
         default_factory=dict,
         description="state or input name -> typical magnitude (the solver sees value/scale)",
-    )
-    band_at_end: bool = Field(True, description="hold the bands at k = N too, not only k < N")
-    band_tightening_k: float = Field(
-        0.0, ge=0, description="plan this far inside each band to absorb model mismatch"
     )
     method: Method = Field(
         "multiple_shooting",
@@ -188,15 +163,27 @@ class Config(BaseModel):
             raise ValueError(f"scales must be finite and > 0 ({', '.join(bad)})")
         return v
 
-    def model_problems(self, m: SubsystemModel) -> list[str]:
-        """Names in this table that the scenario's model lacks (checked by ``validate``)."""
-        return [
-            *unknown_names("output_costs", self.output_costs, m.outputs, "output", m.name),
-            *unknown_names("tracking", self.tracking, m.outputs, "output", m.name),
-            *unknown_names("move_weights", self.move_weights, m.inputs, "input", m.name),
+    @field_validator("state_bounds")
+    @classmethod
+    def _ordered(cls, v: dict[str, tuple[float, float]]) -> dict[str, tuple[float, float]]:
+        bad = [f"{name!r} ({lo:g} > {hi:g})" for name, (lo, hi) in v.items() if not lo <= hi]
+        if bad:
+            raise ValueError(f"low is above high for {', '.join(bad)}")
+        return v
+
+    def problems(self, problem: ControlProblem) -> list[str]:
+        """What in this table does not fit the problem (checked by ``validate``)."""
+        m = problem.model
+        out = [
+            *self.objective_problems(m),
             *unknown_names("state_bounds", self.state_bounds, m.states, "state", m.name),
             *unknown_names("scales", self.scales, m.states + m.inputs, "state or input", m.name),
         ]
+        if self.solver == "fatrop" and not ca.has_nlpsol("fatrop"):
+            out.append("solver: 'fatrop' is not in this CasADi build; use ipopt or sqp")
+        if self.solver in ("sqp", "sqp_fatrop") and not ca.has_conic(self.qp_solver):
+            out.append(f"qp_solver: {self.qp_solver!r} is not in this CasADi build")
+        return out
 
 
 def _wall_bucket(seconds: float) -> float:
@@ -368,29 +355,7 @@ class NmpcController:
     def setup(self, problem: ControlProblem) -> None:
         """Check the configuration against the model and build the NLP and its solvers."""
         m, cfg = problem.model, self.config
-        checks: list[tuple[str, dict[str, Any], tuple[str, ...], str]] = [
-            ("output_costs", cfg.output_costs, m.outputs, "output"),
-            ("tracking", cfg.tracking, m.outputs, "output"),
-            ("move_weights", cfg.move_weights, m.inputs, "input"),
-            ("state_bounds", cfg.state_bounds, m.states, "state"),
-            ("scales", cfg.scales, m.states + m.inputs, "state or input"),
-        ]
-        for key, table, names, what in checks:
-            unknown = sorted(set(table) - set(names))
-            if unknown:
-                raise ValueError(
-                    f"{key}: unknown {what}(s) {', '.join(map(repr, unknown))} "
-                    f"of model {m.name!r} ({what}s: {', '.join(names)})"
-                )
-        for name, w in cfg.move_weights.items():
-            if not (math.isfinite(w) and w >= 0):
-                raise ValueError(f"move_weights[{name!r}] must be finite and >= 0, got {w}")
-        for name, c in cfg.output_costs.items():
-            if not math.isfinite(c):
-                raise ValueError(f"output_costs[{name!r}] must be finite, got {c}")
-        for name, (lo, hi) in cfg.state_bounds.items():
-            if not lo <= hi:
-                raise ValueError(f"state_bounds[{name!r}]: low {lo} is above high {hi}")
+        require_fit("nmpc", cfg.problems(problem))
         for j in problem.banded_outputs:
             if not 0 <= j < m.ny:
                 raise ValueError(f"banded output index {j} is not an output of {m.name!r}")
@@ -401,10 +366,6 @@ class NmpcController:
             raise ValueError(f"u_min, u_max and du_max must each have {m.nu} entries")
         if problem.horizon < 1:
             raise ValueError(f"horizon must be at least 1, got {problem.horizon}")
-        if cfg.solver == "fatrop" and not ca.has_nlpsol("fatrop"):
-            raise ValueError("solver 'fatrop' is not in this CasADi build; use ipopt or sqp")
-        if cfg.solver in ("sqp", "sqp_fatrop") and not ca.has_conic(cfg.qp_solver):
-            raise ValueError(f"qp_solver {cfg.qp_solver!r} is not in this CasADi build")
         if cfg.solver == "sqp_fatrop":
             self._warm_name = "sqp"
             self._cold_name = "fatrop" if ca.has_nlpsol("fatrop") else "ipopt"
@@ -764,20 +725,10 @@ class NmpcController:
 
     def step(self, inp: ControlInput) -> ControlResult:
         """Plan from ``inp``; every kind of trouble comes back as a status, never raised."""
-        t_start = time.perf_counter()
-        problem = self._problem
-        if problem is None:
-            raise RuntimeError("NmpcController.step called before setup")
-        try:
-            return self._step(problem, inp, t_start)
-        except Exception as exc:  # a controller reports trouble, it does not raise it
-            self._last = None
-            return ControlResult.failure(
-                SolveStatus.FAILED,
-                problem,
-                f"nmpc: {type(exc).__name__}: {exc}",
-                time.perf_counter() - t_start,
-            )
+        return guarded_step("nmpc", self._problem, inp, self._step, self._forget)
+
+    def _forget(self) -> None:
+        self._last = None
 
     def _step(self, problem: ControlProblem, inp: ControlInput, t_start: float) -> ControlResult:
         n, _, _, _, nb = self._dims

@@ -55,9 +55,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from parallelcity.errors import PluginError, RigError, ScenarioError, SecurityError
 from parallelcity.twin.model import Array, SubsystemModel
-from parallelcity.verify.rig import RigDriver
-
-from .rig_machine import RigMachine
+from parallelcity.verify.machine import RigMachine
+from parallelcity.verify.rig import DrivenRigKind, RigDriver
 
 log = logging.getLogger(__name__)
 
@@ -363,6 +362,10 @@ class _Kind:
     Config = Config
 
     @staticmethod
+    def check(config: BaseModel, model: SubsystemModel) -> list[str]:
+        return []  # the bench checks its variables against the model when it connects
+
+    @staticmethod
     def driver(config: BaseModel, model: SubsystemModel) -> BenchDriver:
         if not isinstance(config, Config):
             raise TypeError(f"expected a bench rig Config, got {type(config).__name__}")
@@ -395,7 +398,9 @@ async def serve(
 
     scenario = load_scenario(scenario_path)
     kind_name = rig_kind or scenario.file.rig.kind
-    kind = plugins.load("rig", kind_name)
+    kind = plugins.rig_kind(kind_name)
+    if not isinstance(kind, DrivenRigKind):
+        raise PluginError(f"rig kind {kind_name!r} has no driver a bench can serve")
     cfg = (
         scenario.rig_config
         if kind_name == scenario.file.rig.kind

@@ -42,7 +42,7 @@ from parallelcity.clock import Clock
 from parallelcity.errors import FieldConnectionError, SecurityError
 from parallelcity.field.opcua.session import ServerSecurity, configure_server, parse_node_id
 from parallelcity.twin.model import Array
-from parallelcity.verify.rig import AppliedInput
+from parallelcity.verify.rig import ReceivedWrite
 
 from .plant import PlantSimulator
 
@@ -154,7 +154,7 @@ class EmbeddedField:
         self._inputs: dict[str, _Var] = {}
         self._inputs_by_id: dict[ua.NodeId, _Var] = {}
         self._mode: dict[str, str] = {}
-        self.applied: list[AppliedInput] = []
+        self.applied: list[ReceivedWrite] = []
         self.trace: list[tuple[float, Array]] = []
         self.ticks = 0
         self.tick_error: BaseException | None = None
@@ -479,7 +479,7 @@ class EmbeddedField:
             if not isinstance(raw, int | float) or not math.isfinite(raw):
                 continue
             now = self.clock.now()
-            self.applied.append(AppliedInput(now, var.name, float(raw)))
+            self.applied.append(ReceivedWrite(now, var.name, float(raw)))
             try:
                 self._advance(now)  # the old input acted until now; the new one from now on
                 plant.set_input(var.name, float(raw))

@@ -24,9 +24,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from parallelcity.twin.model import Array, SubsystemModel
-from parallelcity.verify.rig import resolve_path
-
-from .rig_machine import RigMachine
+from parallelcity.verify.machine import RigMachine
+from parallelcity.verify.rig import resolve_path, value_error_lines
 
 
 class Config(BaseModel):
@@ -251,7 +250,10 @@ class _Kind:
     """Entry point object for ``kind = "fmu"`` (``parallelcity.rigs``)."""
 
     Config = Config
-    check = staticmethod(check)
+
+    @staticmethod
+    def check(config: BaseModel, model: SubsystemModel) -> list[str]:
+        return value_error_lines(lambda: check(config, model))
 
     @staticmethod
     def driver(config: BaseModel, model: SubsystemModel) -> FmuDriver:

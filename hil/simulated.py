@@ -23,9 +23,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from parallelcity.clock import Clock
 from parallelcity.twin.model import Array, SubsystemModel
+from parallelcity.verify.machine import RigMachine
+from parallelcity.verify.rig import value_error_lines
 
 from .plant import DisturbanceError, forecast_truth, perturbed_params, sample_seed
-from .rig_machine import RigMachine
 
 if TYPE_CHECKING:
     from parallelcity.scenario.definition import Scenario
@@ -199,7 +200,10 @@ class _Kind:
     """Entry point object for ``kind = "simulated"`` (``parallelcity.rigs``)."""
 
     Config = Config
-    check = staticmethod(check)
+
+    @staticmethod
+    def check(config: BaseModel, model: SubsystemModel) -> list[str]:
+        return value_error_lines(lambda: check(_as_config(config), model))
 
     @staticmethod
     def driver(config: BaseModel, model: SubsystemModel) -> SimulatedDriver:

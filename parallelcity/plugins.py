@@ -1,17 +1,35 @@
 """Plug-in kinds found through entry points, so built-in and user kinds install alike.
 
-Groups: ``parallelcity.models``, ``parallelcity.controllers``, ``parallelcity.rigs``.
-Each entry point names an object with a pydantic ``Config`` class and the
-factory method of its group (``build``, ``create``, or the rig methods).
+One entry point group per role; each entry point names an object satisfying the role's
+Protocol, checked when it is loaded so a plug-in that lacks a member is a ``PluginError``
+naming it (exit 2 for the user), never an ``AttributeError`` in the middle of a run:
+
+==========  ============================  ======================================
+role        group                         Protocol
+==========  ============================  ======================================
+model       ``parallelcity.models``       ``parallelcity.twin.kind.ModelKind``
+controller  ``parallelcity.controllers``  ``parallelcity.decide.control.ControllerKind``
+rig         ``parallelcity.rigs``         ``parallelcity.verify.rig.RigKind``
+==========  ============================  ======================================
+
+A new role adds its group to ``GROUPS`` and one typed loader calling ``_typed``.
 """
 
 from __future__ import annotations
 
+import inspect
 from functools import cache
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pydantic import BaseModel
 
 from parallelcity.errors import PluginError
+
+if TYPE_CHECKING:
+    from parallelcity.decide.control import ControllerKind
+    from parallelcity.twin.kind import ModelKind
+    from parallelcity.verify.rig import RigKind
 
 GROUPS = {
     "model": "parallelcity.models",
@@ -20,39 +38,112 @@ GROUPS = {
 }
 
 
-@cache
-def available(role: str) -> dict[str, Any]:
-    """Kinds installed for ``role`` ("model", "controller", "rig"), loaded, by name."""
-    group = GROUPS[role]
-    kinds: dict[str, Any] = {}
-    for ep in entry_points(group=group):
+def model_kind(name: str) -> ModelKind:
+    """The installed model kind ``name``."""
+    from parallelcity.twin.kind import ModelKind
+
+    kind: ModelKind = _typed("model", name, ModelKind)
+    return kind
+
+
+def controller_kind(name: str) -> ControllerKind:
+    """The installed controller kind ``name``."""
+    from parallelcity.decide.control import ControllerKind
+
+    kind: ControllerKind = _typed("controller", name, ControllerKind)
+    return kind
+
+
+def rig_kind(name: str) -> RigKind:
+    """The installed rig kind ``name``."""
+    from parallelcity.verify.rig import RigKind
+
+    kind: RigKind = _typed("rig", name, RigKind)
+    return kind
+
+
+def names(role: str) -> list[str]:
+    """Names of the kinds installed for ``role``, sorted, without importing any."""
+    return sorted({ep.name for ep in entry_points(group=GROUPS[role])})
+
+
+def available(role: str) -> dict[str, object]:
+    """Kinds installed for ``role``, loaded and checked, by name; a kind that does not load
+    or does not satisfy its Protocol is its ``PluginError`` (it must not hide the others)."""
+    loader = {"model": model_kind, "controller": controller_kind, "rig": rig_kind}[role]
+    kinds: dict[str, object] = {}
+    for name in names(role):
         try:
-            kinds[ep.name] = ep.load()
-        except Exception as exc:  # a broken plug-in must not hide the others
-            kinds[ep.name] = PluginError(
-                f"{group} entry point {ep.name!r} ({ep.value}) failed to load: {exc}"
-            )
+            kinds[name] = loader(name)
+        except PluginError as exc:
+            kinds[name] = exc
     return kinds
 
 
-def load(role: str, kind: str) -> Any:
-    """The kind ``kind`` of ``role``, importing only its own entry point (a command that
-    needs one kind does not pay for importing every installed one)."""
-    found = [ep for ep in entry_points(group=GROUPS[role]) if ep.name == kind]
-    if not found:
-        known = ", ".join(sorted(ep.name for ep in entry_points(group=GROUPS[role])))
-        raise PluginError(f"unknown {role} kind {kind!r} (installed: {known or 'none installed'})")
-    return _load_one(role, kind, found[0].value)
+def missing_members(obj: object, protocol: type) -> list[str]:
+    """The members of ``protocol`` that ``obj`` lacks or gets wrong, in declaration order
+    (a method must be callable; a ``Config`` must be a pydantic model class)."""
+    missing = []
+    for name, is_method in _members(protocol):
+        value = getattr(obj, name, _ABSENT)
+        if value is _ABSENT:
+            missing.append(name)
+        elif is_method and not callable(value):
+            missing.append(f"{name} (not callable)")
+        elif name == "Config" and not (inspect.isclass(value) and issubclass(value, BaseModel)):
+            missing.append("Config (not a pydantic model class)")
+    return missing
+
+
+_ABSENT = object()
 
 
 @cache
-def _load_one(role: str, kind: str, value: str) -> Any:
+def _members(protocol: type) -> tuple[tuple[str, bool], ...]:
+    """``(name, is_method)`` of every public member a Protocol class declares."""
+    found: dict[str, bool] = {}
+    for cls in reversed(protocol.__mro__):
+        if cls in (object, Protocol) or not getattr(cls, "_is_protocol", False):
+            continue
+        for name in getattr(cls, "__annotations__", {}):
+            found.setdefault(name, False)
+        for name, value in vars(cls).items():
+            if not name.startswith("_") and (callable(value) or isinstance(value, property)):
+                found[name] = callable(value) and not isinstance(value, property)
+    return tuple(found.items())
+
+
+def _typed(role: str, name: str, protocol: type) -> Any:
+    """The loaded object, once it has every member of ``protocol`` (the typed loaders
+    above give it the Protocol's type: its signatures are the plug-in's contract)."""
+    obj = _load(role, name)
+    missing = missing_members(obj, protocol)
+    if missing:
+        raise PluginError(
+            f"{GROUPS[role]} entry point {name!r} is not a {protocol.__name__}: "
+            f"it lacks {', '.join(missing)}"
+        )
+    return obj
+
+
+def _load(role: str, name: str) -> Any:
+    """The object entry point ``name`` of ``role`` names, importing only that entry point
+    (a command that needs one kind does not pay for importing every installed one)."""
+    found = [ep for ep in entry_points(group=GROUPS[role]) if ep.name == name]
+    if not found:
+        known = ", ".join(names(role))
+        raise PluginError(f"unknown {role} kind {name!r} (installed: {known or 'none installed'})")
+    return _load_one(role, name, found[0].value)
+
+
+@cache
+def _load_one(role: str, name: str, value: str) -> Any:
     for ep in entry_points(group=GROUPS[role]):
-        if ep.name == kind and ep.value == value:
+        if ep.name == name and ep.value == value:
             try:
                 return ep.load()
             except Exception as exc:
                 raise PluginError(
-                    f"{GROUPS[role]} entry point {kind!r} ({value}) failed to load: {exc}"
+                    f"{GROUPS[role]} entry point {name!r} ({value}) failed to load: {exc}"
                 ) from exc
-    raise PluginError(f"unknown {role} kind {kind!r}")
+    raise PluginError(f"unknown {role} kind {name!r}")

@@ -26,6 +26,7 @@ RUN_REFUSES = [
     "node_garbage.toml",
     "period_empty.toml",
     "cross_milp_on_district_heating.toml",
+    "cross_pi_loop_unbanded.toml",  # once a ValueError traceback from setup, exit 1
 ]
 # once verify has said it cannot reach the bench, the process ends: closing the client's
 # event-loop thread takes milliseconds; the bound leaves room for a loaded machine

@@ -77,9 +77,9 @@ def assert_unusable(problem: ControlProblem, r: ControlResult) -> None:
 
 
 def test_entry_points_resolve_to_the_kinds(scenario: Scenario) -> None:
-    assert plugins.load("controller", "nmpc") is nmpc.KIND
-    assert plugins.load("controller", "pi") is baseline.PI_KIND
-    assert plugins.load("controller", "hold") is baseline.HOLD_KIND
+    assert plugins.controller_kind("nmpc") is nmpc.KIND
+    assert plugins.controller_kind("pi") is baseline.PI_KIND
+    assert plugins.controller_kind("hold") is baseline.HOLD_KIND
     assert isinstance(scenario.controller_config, nmpc.Config)
     assert isinstance(scenario.fallback_config, baseline.PIConfig)
     # the runner builds a default config when a kind is picked on the command line

@@ -19,7 +19,7 @@ SCENARIO = Path(__file__).parents[1] / "scenarios" / "district_heating.toml"
 
 
 def test_hysteresis_entry_point() -> None:
-    assert plugins.load("controller", "hysteresis") is baseline.HYSTERESIS_KIND
+    assert plugins.controller_kind("hysteresis") is baseline.HYSTERESIS_KIND
 
 
 def tank_problem(n: int = 24) -> ControlProblem:
@@ -39,7 +39,7 @@ def test_hysteresis_keeps_a_tank_in_its_band_with_few_switches() -> None:
     ctrl = baseline.HYSTERESIS_KIND.create(
         baseline.HysteresisConfig(
             loops=[
-                baseline.Switch(
+                baseline.OnOffLoop(
                     output="tank.level", input="pump.on", on_value=1.0, off_value=0.0, margin=0.2
                 )
             ]
@@ -84,7 +84,7 @@ def test_hysteresis_thermostat_on_a_building(
     ctrl = baseline.HYSTERESIS_KIND.create(
         baseline.HysteresisConfig(
             loops=[
-                baseline.Switch(
+                baseline.OnOffLoop(
                     output="office.T_zone",
                     input="office.m_flow",
                     on_value=1.5,
@@ -108,11 +108,11 @@ def test_hysteresis_thermostat_on_a_building(
 
 def test_hysteresis_setup_rejects_bad_wiring(problem: ControlProblem) -> None:
     for loop, needle in [
-        (dict(output="plant.heat_kw", input="office.m_flow"), "not a banded output"),
+        (dict(output="plant.heat_kw", input="office.m_flow"), "has no band"),
         (dict(output="office.T_zone", input="office.nope"), "office.nope"),
     ]:
         cfg = baseline.HysteresisConfig(
-            loops=[baseline.Switch(**loop, on_value=1.0, off_value=0.0)]  # type: ignore[arg-type]
+            loops=[baseline.OnOffLoop(**loop, on_value=1.0, off_value=0.0)]  # type: ignore[arg-type]
         )
         with pytest.raises(ValueError, match=needle):
             baseline.HYSTERESIS_KIND.create(cfg).setup(problem)

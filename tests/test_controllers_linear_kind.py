@@ -73,7 +73,7 @@ def start_input(scenario: Scenario, problem: ControlProblem, specs: SafetySpecs,
 def test_the_kind_loads_from_a_scenario_through_the_entry_point(
     lin_scenario: Scenario, problem: ControlProblem, specs: SafetySpecs
 ) -> None:
-    assert plugins.load("controller", "linear_mpc") is lk.KIND
+    assert plugins.controller_kind("linear_mpc") is lk.KIND
     cfg = lin_scenario.controller_config
     assert isinstance(cfg, lk.Config)
     assert cfg.output_costs["plant.fuel_kw"] == 0.08 and cfg.band_tightening_k == 0.3
@@ -126,7 +126,7 @@ def test_non_finite_and_negative_weights_are_refused() -> None:
     [
         ({"output_costs": {"plant.no_such_kw": 1.0}}, "'plant.no_such_kw'"),
         ({"move_weights": {"plant.no_such_set": 1.0}}, "'plant.no_such_set'"),
-        ({"tracking": {"nope": lk.OutputTracking(target=1.0)}}, "'nope'"),
+        ({"tracking": {"nope": lk.Tracking(target=1.0)}}, "'nope'"),
     ],
 )
 def test_setup_names_unknown_signals(
@@ -323,7 +323,7 @@ def test_closed_loop_on_the_hil_plant_holds_the_bands_like_the_nmpc(
     truth), linear MPC and the shipped NMPC on the same run."""
     runs = {}
     for name, sc in (("linear_mpc", lin_scenario), ("nmpc", scenario)):
-        kind = plugins.load("controller", sc.file.controller.kind)
+        kind = plugins.controller_kind(sc.file.controller.kind)
         rig = SIMULATED.verification_rig(scenario.rig_config, scenario.model)
         try:
             runs[name] = run_campaign(
@@ -361,7 +361,7 @@ def test_relinearising_reaches_the_nmpc_optimum_on_a_pendulum() -> None:
     ref = reference.step(inp)
     assert ref.status is SolveStatus.SOLVED, ref.message
     config = lk.Config(
-        tracking={"angle": lk.OutputTracking(target=0.0, weight=10.0, terminal_weight=50.0)},
+        tracking={"angle": lk.Tracking(target=0.0, weight=10.0, terminal_weight=50.0)},
         output_costs={"effort": 3600.0 / 0.1},
         move_weights={"torque": 0.1},
         comfort_weight=100.0,

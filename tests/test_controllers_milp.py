@@ -71,7 +71,7 @@ def scheduler(problem: ControlProblem, **config: object) -> milp.PumpScheduler:
 
 
 def test_entry_point_resolves() -> None:
-    assert plugins.load("controller", "milp_pump") is milp.KIND
+    assert plugins.controller_kind("milp_pump") is milp.KIND
 
 
 def test_a_hand_checked_optimum() -> None:

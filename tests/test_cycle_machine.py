@@ -39,8 +39,7 @@ from parallelcity.decide.cycle import CycleLogic, Outcome
 from parallelcity.decide.gate import Mode, SimplexGate
 from parallelcity.dispatch.wire import Command
 from parallelcity.field.snapshot import PointSpec, Reading, assess
-from parallelcity.gateway.core import GatewayCore
-from parallelcity.gateway.core import Outcome as GatewayOutcome
+from parallelcity.gateway.core import GatewayCore, RulingKind
 from parallelcity.scenario.definition import parse_scenario
 from parallelcity.specs import TOLERANCE
 from parallelcity.twin.twin import Twin
@@ -71,7 +70,7 @@ class Puppet:
 
     def __init__(self) -> None:
         self.next: tuple[str, float] = ("hold", 0.0)
-        self.pi = plugins.load("controller", SCENARIO.file.fallback.kind).create(
+        self.pi = plugins.controller_kind(SCENARIO.file.fallback.kind).create(
             SCENARIO.fallback_config
         )
 
@@ -231,7 +230,7 @@ class SafetyChain(RuleBasedStateMachine):
         )
         self.seq += 1
         gd = self.gateway.decide(cmd, self.t + 1.0)
-        if gd.outcome is GatewayOutcome.ACCEPT:
+        if gd.outcome is RulingKind.ACCEPT:
             self.gateway.record_applied(cmd, self.t + 1.0)
             self.u = action
             self.history.append((self.t, action.copy()))

@@ -43,7 +43,7 @@ from parallelcity.errors import (
 )
 from parallelcity.field.opcua.writer import OpcUaWriter
 from parallelcity.gateway.config import parse_gateway_config, serve_gateway
-from parallelcity.gateway.core import GatewayCore, Outcome
+from parallelcity.gateway.core import GatewayCore, RulingKind
 from parallelcity.gateway.server import FieldGateway
 from parallelcity.scenario.definition import FieldConfig, Scenario, ScenarioFile
 from parallelcity.specs import InputLimit
@@ -96,7 +96,7 @@ def free_port() -> int:
 
 
 def test_core_accepts_a_good_first_command() -> None:
-    assert GatewayCore(LIMITS).decide(command(), T0).outcome is Outcome.ACCEPT
+    assert GatewayCore(LIMITS).decide(command(), T0).outcome is RulingKind.ACCEPT
 
 
 def test_core_refuses_expired_commands_after_the_skew_allowance() -> None:
@@ -104,7 +104,7 @@ def test_core_refuses_expired_commands_after_the_skew_allowance() -> None:
     cmd = command(valid_for=900.0)
     assert core.decide(cmd, T0 + 905.0).accepted
     d = core.decide(cmd, T0 + 905.001)
-    assert d.outcome is Outcome.REFUSE and d.code is RefusalCode.EXPIRED
+    assert d.outcome is RulingKind.REFUSE and d.code is RefusalCode.EXPIRED
     assert "late" in d.detail
 
 
@@ -148,7 +148,7 @@ def test_core_recognises_a_duplicate_id_and_does_not_accept_it_again() -> None:
     cmd = command(seq=3)
     core.record_applied(cmd, T0 + 1.0)
     d = core.decide(cmd, T0 + 2.0)
-    assert d.outcome is Outcome.DUPLICATE and not d.accepted and d.applied_at == T0 + 1.0
+    assert d.outcome is RulingKind.DUPLICATE and not d.accepted and d.applied_at == T0 + 1.0
 
 
 def test_core_refuses_stale_sequence_numbers_per_issuer() -> None:
@@ -209,7 +209,7 @@ def test_core_refuses_another_issuer_and_a_reused_id_with_another_payload() -> N
     assert d.code is RefusalCode.UNAUTHORISED and "bound to issuer 'cycle'" in d.detail
     first = command(seq=1)
     core.record_applied(first, T0)
-    assert core.decide(first, T0, grant).outcome is Outcome.DUPLICATE
+    assert core.decide(first, T0, grant).outcome is RulingKind.DUPLICATE
     for changed in (
         Command(first.id, "cycle", 2, first.issued_at, first.valid_until, GOOD, VERDICT),
         Command(first.id, "cycle", 1, first.issued_at, first.valid_until + 1, GOOD, VERDICT),
@@ -247,7 +247,7 @@ def test_core_forgets_old_ids_but_sequence_still_blocks_them() -> None:
     for cmd in cmds:
         core.record_applied(cmd, T0)
     assert core.decide(cmds[0], T0).code is RefusalCode.STALE_SEQUENCE
-    assert core.decide(cmds[2], T0).outcome is Outcome.DUPLICATE
+    assert core.decide(cmds[2], T0).outcome is RulingKind.DUPLICATE
 
 
 # =========================================================================== over sockets
@@ -539,7 +539,7 @@ def district_heating(insecure_lab: bool = True) -> Scenario:
     raw: dict[str, Any] = tomllib.loads(SCENARIO.read_text("utf-8"))
     raw["security"]["insecure_lab"] = insecure_lab
     file = ScenarioFile.model_validate(raw)
-    kind = plugins.load("model", file.model.kind)
+    kind = plugins.model_kind(file.model.kind)
     extra = dict(file.model.model_extra or {})
     config = kind.Config.model_validate(extra)
     model = kind.build(config)

@@ -7,11 +7,11 @@ import time
 
 import numpy as np
 import pytest
-from parallelcity.hil.rig_machine import RigMachine, RigState
 from parallelcity.hil.simulated import KIND
 
 from parallelcity.errors import RigError
 from parallelcity.scenario.definition import parse_scenario
+from parallelcity.verify.machine import RigMachine, RigState
 from parallelcity.verify.verifier import PoolSamples, RigRecipe, SerialSamples, Verifier
 
 DT = 900.0

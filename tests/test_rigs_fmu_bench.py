@@ -14,7 +14,7 @@ import pytest
 from parallelcity.hil.field import free_port
 
 from parallelcity.errors import RigError, ScenarioError
-from parallelcity.plugins import load
+from parallelcity.plugins import rig_kind
 from parallelcity.scenario.definition import parse_scenario
 from parallelcity.verify.verifier import Verifier
 
@@ -105,7 +105,7 @@ def judge(scenario, rig):
 
 def test_fmu_rig_runs_the_fmu_and_judges_plans(dh_text: str, fmu_path: Path) -> None:
     sc = parse_scenario(with_rig(dh_text, FMU_RIG.format(path=fmu_path, samples=3)), "fmu.toml")
-    rig = load("rig", "fmu").verification_rig(sc.rig_config, sc.model)
+    rig = rig_kind("fmu").verification_rig(sc.rig_config, sc.model)
     try:
         assert rig.samples == 3 and rig.name == "fmu(DistrictHeating.fmu)"
         m = sc.model
@@ -187,10 +187,10 @@ def bench_rig(endpoint: str, insecure: bool = True) -> str:
 def test_bench_in_another_process_judges_plans_like_the_local_rig(dh_text: str, bench) -> None:
     local_sc, endpoint = bench
     sc = parse_scenario(with_rig(dh_text, bench_rig(endpoint)), "bench-client.toml")
-    rig = load("rig", "bench").verification_rig(sc.rig_config, sc.model)
+    rig = rig_kind("bench").verification_rig(sc.rig_config, sc.model)
     try:
         assert rig.samples == 4
-        local = load("rig", "simulated").verification_rig(local_sc.rig_config, local_sc.model)
+        local = rig_kind("simulated").verification_rig(local_sc.rig_config, local_sc.model)
         remote_v = judge(sc, rig)
         local_v = judge(local_sc, local)
         safe, unsafe = remote_v
@@ -211,7 +211,7 @@ def test_the_bench_advances_only_on_the_expected_step(dh_text: str, bench) -> No
 
     _, endpoint = bench
     sc = parse_scenario(with_rig(dh_text, bench_rig(endpoint)), "bench-client.toml")
-    drv = load("rig", "bench").driver(sc.rig_config, sc.model)
+    drv = rig_kind("bench").driver(sc.rig_config, sc.model)
     try:
         m = sc.model
         drv.reset(m.x0, sc.meta.start_epoch, 0)
@@ -240,4 +240,4 @@ def test_bench_refuses_without_insecure_lab(dh_text: str, bench) -> None:
     _, endpoint = bench
     sc = parse_scenario(with_rig(dh_text, bench_rig(endpoint, insecure=False)), "b.toml")
     with pytest.raises(SecurityError, match="insecure_lab"):
-        load("rig", "bench").driver(sc.rig_config, sc.model)
+        rig_kind("bench").driver(sc.rig_config, sc.model)

@@ -33,15 +33,18 @@ def _why_not(scenario: Scenario, kind: str) -> list[str]:
     from pydantic import ValidationError
 
     from parallelcity import plugins
-    from parallelcity.scenario.definition import controller_problems
+    from parallelcity.scenario.definition import controller_problems, validation_problem
 
     try:
-        kind_cls = plugins.load("controller", kind)
+        kind_cls = plugins.controller_kind(kind)
     except PluginError as exc:
         return [f"--controller: {exc}"]
     try:  # the kind's defaults say whether any table of this kind could fit the model
         problems = controller_problems(
-            "--controller", kind, kind_cls.Config.model_validate({}), scenario.model
+            "--controller",
+            kind,
+            kind_cls.Config.model_validate({}),
+            validation_problem(scenario.file, scenario.model),
         )
     except ValidationError:
         problems = []

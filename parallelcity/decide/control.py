@@ -6,6 +6,8 @@ whose ``status`` says what happened, so the cycle can fall back explicitly.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -15,6 +17,8 @@ import numpy as np
 from pydantic import BaseModel
 
 from parallelcity.twin.model import Array, SubsystemModel
+
+log = logging.getLogger(__name__)
 
 
 class SolveStatus(StrEnum):
@@ -141,15 +145,50 @@ def unknown_names(
     *,
     keyed: bool = True,
 ) -> list[str]:
-    """One problem per name in a controller table that the model lacks, for scenario
-    validation (a controller Config's ``model_problems(model)`` returns such lines);
-    ``keyed``: the names are keys of the table ``key``, else ``key`` holds the name."""
+    """One problem per name in a controller table that the model lacks (see
+    ``ControllerKind.check``); ``keyed``: the names are keys of the table ``key``, else
+    ``key`` holds the name."""
     return [
         f"{key}{f'[{name!r}]' if keyed else ''}: {name!r} is not an {what} of model {model!r} "
         f"({what}s: {', '.join(known)})"
         for name in names
         if name not in known
     ]
+
+
+def require_fit(kind: str, problems: Sequence[str]) -> None:
+    """``setup``'s guard: the config's ``problems`` (the lines ``validate`` shows) as one
+    ``ValueError``, for a caller that did not validate first."""
+    if problems:
+        raise ValueError(f"{kind}: " + "; ".join(problems))
+
+
+def guarded_step(
+    kind: str,
+    problem: ControlProblem | None,
+    inp: ControlInput,
+    plan: Callable[[ControlProblem, ControlInput, float], ControlResult],
+    on_failure: Callable[[], None] | None = None,
+) -> ControlResult:
+    """Every controller's ``step``: ``plan(problem, inp, t_start)``, with any exception
+    turned into a FAILED result (a controller reports trouble, it does not raise it);
+    ``on_failure`` drops state the failed step may have left half-updated.  Calling before
+    ``setup`` is the caller's bug and raises."""
+    t_start = time.perf_counter()
+    if problem is None:
+        raise RuntimeError(f"{kind}: step called before setup")
+    try:
+        return plan(problem, inp, t_start)
+    except Exception as exc:
+        if on_failure is not None:
+            on_failure()
+        log.debug("%s: step failed", kind, exc_info=True)
+        return ControlResult.failure(
+            SolveStatus.FAILED,
+            problem,
+            f"{kind}: {type(exc).__name__}: {exc}",
+            time.perf_counter() - t_start,
+        )
 
 
 @runtime_checkable
@@ -168,7 +207,21 @@ class ControllerKind(Protocol):
 
     Config: type[BaseModel]
 
+    def check(self, config: BaseModel, problem: ControlProblem) -> list[str]:
+        """Why ``config`` cannot control ``problem`` (the scenario's model, bands, limits,
+        cycle and horizon), one line per problem, each starting with its key path inside
+        the table; ``[]`` when it fits.  ``validate`` shows these lines, so ``setup`` of a
+        config with none must not fail."""
+        ...
+
     def create(self, config: BaseModel) -> Controller: ...
+
+
+@runtime_checkable
+class FitsProblem(Protocol):
+    """A controller Config that checks itself against the problem (``KindOf.check``)."""
+
+    def problems(self, problem: ControlProblem) -> list[str]: ...
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -179,14 +232,22 @@ class KindOf(Generic[C, K]):
     """A ready entry-point object for a controller kind: ``KindOf(Config, Controller)``.
 
     ``create`` accepts the kind's own ``Config`` or any model with the same fields
-    (re-validated), so a caller holding a generic config gets the kind's checks.
+    (re-validated), so a caller holding a generic config gets the kind's checks;
+    ``check`` asks the config's ``problems(problem)`` when the Config declares it.
     """
 
     def __init__(self, config: type[C], factory: Callable[[C], K]) -> None:
         self.Config = config
         self._factory = factory
 
+    def _own(self, config: BaseModel) -> C:
+        if isinstance(config, self.Config):
+            return config
+        return self.Config.model_validate(config.model_dump())
+
+    def check(self, config: BaseModel, problem: ControlProblem) -> list[str]:
+        own = self._own(config)
+        return own.problems(problem) if isinstance(own, FitsProblem) else []
+
     def create(self, config: BaseModel) -> K:
-        if not isinstance(config, self.Config):
-            config = self.Config.model_validate(config.model_dump())
-        return self._factory(config)
+        return self._factory(self._own(config))

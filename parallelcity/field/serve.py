@@ -122,7 +122,7 @@ async def serve_field(
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve until ``stop`` is set, or SIGINT / SIGTERM arrives; then stop cleanly."""
-    kind = plugins.load("rig", scenario.file.rig.kind)
+    kind = plugins.rig_kind(scenario.file.rig.kind)
     clock = SimClock(epoch=time.time(), speed=1.0)
     try:
         cm = kind.field_stand_in(scenario.rig_config, scenario, clock)

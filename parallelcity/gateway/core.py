@@ -1,7 +1,7 @@
 """The field gateway's pure decision: accept, refuse or recognise a duplicate.
 
 ``GatewayCore`` is given a ``Command``, the client's ``Grant`` and the time; it
-answers with a ``Decision`` (a ``RefusalCode`` and a human reason when it
+answers with a ``Ruling`` (a ``RefusalCode`` and a human reason when it
 refuses) and owns the equipment leases and the heartbeat ``Watchdog``.  Its
 memory (last sequence number per issuer, ids already applied, last applied
 value per input) is a ``GatewayState`` value that ``GatewayStore`` persists.
@@ -39,17 +39,17 @@ DEFAULT_MAX_COMMAND_AGE_S = 3600.0
 """A command whose ``issued_at`` is older than this (gateway clock, plus the skew) is refused."""
 
 
-class Outcome(Enum):
+class RulingKind(Enum):
     ACCEPT = "accept"
     REFUSE = "refuse"
     DUPLICATE = "duplicate"
 
 
 @dataclass(frozen=True)
-class Decision:
+class Ruling:
     """What the gateway does with one command."""
 
-    outcome: Outcome
+    outcome: RulingKind
     code: RefusalCode | None = None
     detail: str = ""
     applied_at: float | None = None
@@ -57,19 +57,19 @@ class Decision:
 
     @property
     def accepted(self) -> bool:
-        return self.outcome is Outcome.ACCEPT
+        return self.outcome is RulingKind.ACCEPT
 
     @classmethod
-    def accept(cls) -> Decision:
-        return cls(Outcome.ACCEPT)
+    def accept(cls) -> Ruling:
+        return cls(RulingKind.ACCEPT)
 
     @classmethod
-    def refuse(cls, code: RefusalCode, detail: str) -> Decision:
-        return cls(Outcome.REFUSE, code, detail)
+    def refuse(cls, code: RefusalCode, detail: str) -> Ruling:
+        return cls(RulingKind.REFUSE, code, detail)
 
     @classmethod
-    def duplicate(cls, applied_at: float) -> Decision:
-        return cls(Outcome.DUPLICATE, None, "already applied; not written again", applied_at)
+    def duplicate(cls, applied_at: float) -> Ruling:
+        return cls(RulingKind.DUPLICATE, None, "already applied; not written again", applied_at)
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ class GatewayCore:
         self.watchdog = Watchdog(heartbeat_interval_s, missed_heartbeats, safe)
         self._checkpoint: Checkpoint | None = None
 
-    def decide(self, cmd: Command, now: float, grant: Grant | None = None) -> Decision:
+    def decide(self, cmd: Command, now: float, grant: Grant | None = None) -> Ruling:
         """Accept, refuse, or recognise a duplicate; does not change any state.
 
         ``grant`` is what the authenticated client may do (``None``: no per-client
@@ -181,7 +181,7 @@ class GatewayCore:
         if grant is not None:
             why = grant.check_issuer(cmd.issuer) or grant.check(cmd.setpoints)
             if why is not None:
-                return Decision.refuse(RefusalCode.UNAUTHORISED, why)
+                return Ruling.refuse(RefusalCode.UNAUTHORISED, why)
         # 2. sequence: a repeated id is a duplicate (or a conflict when its payload differs);
         # otherwise seq must move forward.
         first_applied = st.applied_ids.get(cmd.id)
@@ -189,22 +189,22 @@ class GatewayCore:
             known = st.digests.get(cmd.id)
             # a digest stored before the canonical encoding matches the legacy form
             if known is not None and known not in (cmd.digest, cmd.legacy_digest):
-                return Decision.refuse(
+                return Ruling.refuse(
                     RefusalCode.ID_CONFLICT,
                     f"id {cmd.id} was applied at {first_applied:.3f} with a different payload; "
                     "a new command needs a new id",
                 )
-            return Decision.duplicate(first_applied)
+            return Ruling.duplicate(first_applied)
         last_seq = st.last_seq.get(cmd.issuer)
         if last_seq is not None and cmd.seq <= last_seq:
-            return Decision.refuse(
+            return Ruling.refuse(
                 RefusalCode.STALE_SEQUENCE,
                 f"seq {cmd.seq} from issuer {cmd.issuer!r} is not after the last applied "
                 f"seq {last_seq}; a restarted issuer must continue above it",
             )
         # 3. expiry.
         if now > cmd.valid_until + self.clock_skew_s:
-            return Decision.refuse(
+            return Ruling.refuse(
                 RefusalCode.EXPIRED,
                 f"valid until {show_number(cmd.valid_until)}, gateway time is "
                 f"{show_number(now)} ({show_number(now - cmd.valid_until)} s late, skew "
@@ -212,14 +212,14 @@ class GatewayCore:
             )
         # 4. issued_at near the gateway's clock: neither ahead of it nor too old.
         if cmd.issued_at > now + self.clock_skew_s:
-            return Decision.refuse(
+            return Ruling.refuse(
                 RefusalCode.BAD_TIME,
                 f"issued_at {show_number(cmd.issued_at)} is {show_number(cmd.issued_at - now)} "
                 f"s ahead of gateway time {show_number(now)} (skew allowance "
                 f"{show_number(self.clock_skew_s)} s)",
             )
         if cmd.issued_at < now - self.clock_skew_s - self.max_age_s:
-            return Decision.refuse(
+            return Ruling.refuse(
                 RefusalCode.BAD_TIME,
                 f"issued_at {show_number(cmd.issued_at)} is {show_number(now - cmd.issued_at)} "
                 f"s before gateway time {show_number(now)}; at most "
@@ -227,11 +227,11 @@ class GatewayCore:
             )
         # 5. a tripped watchdog holds the safe values until re-armed.
         if self.watchdog.tripped:
-            return Decision.refuse(RefusalCode.WATCHDOG_TRIPPED, self.watchdog.detail)
+            return Ruling.refuse(RefusalCode.WATCHDOG_TRIPPED, self.watchdog.detail)
         # 6. every input known.
         unknown = sorted(n for n in cmd.setpoints if n not in self.limits)
         if unknown:
-            return Decision.refuse(
+            return Ruling.refuse(
                 RefusalCode.UNKNOWN_INPUT,
                 f"unknown input(s) {', '.join(map(repr, unknown))}; this gateway drives "
                 f"{', '.join(sorted(self.limits))}",
@@ -239,7 +239,7 @@ class GatewayCore:
         # 7. one writer per device.
         held = self.leases.conflicts(cmd.issuer, cmd.setpoints, now)
         if held:
-            return Decision.refuse(RefusalCode.LEASE_HELD, "; ".join(held))
+            return Ruling.refuse(RefusalCode.LEASE_HELD, "; ".join(held))
         # 8. bounds.
         problems = []
         for name, value in cmd.setpoints.items():
@@ -250,7 +250,7 @@ class GatewayCore:
                     f"[{show_number(lim.min)}, {show_number(lim.max)}]"
                 )
         if problems:
-            return Decision.refuse(RefusalCode.OUT_OF_BOUNDS, "; ".join(problems))
+            return Ruling.refuse(RefusalCode.OUT_OF_BOUNDS, "; ".join(problems))
         # 9. rate limits against the last applied value of each input, on the gateway's clock.
         for name, value in cmd.setpoints.items():
             prev = st.last_applied.get(name)
@@ -268,8 +268,8 @@ class GatewayCore:
                     f"({show_number(self.limits[name].max_rate_per_h)}/h)"
                 )
         if problems:
-            return Decision.refuse(RefusalCode.RATE_LIMIT, "; ".join(problems))
-        return Decision.accept()
+            return Ruling.refuse(RefusalCode.RATE_LIMIT, "; ".join(problems))
+        return Ruling.accept()
 
     def _allowed(self, name: str, prev: AppliedInput, now: float) -> float:
         """How far input ``name`` may move from ``prev`` at gateway time ``now``."""

@@ -55,9 +55,9 @@ from parallelcity.field.opcua.writer import SetpointWriter
 from parallelcity.gateway.core import (
     MAX_REMEMBERED_IDS,
     AppliedInput,
-    Decision,
     GatewayCore,
-    Outcome,
+    Ruling,
+    RulingKind,
 )
 from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.loglimit import LogLimiter
@@ -757,7 +757,7 @@ class FieldGateway:
                 if d.accepted:  # refused traffic is no sign of a healthy control loop
                     self._seen(now, it.cmd.issuer)
                 if d.accepted and self._in_doubt is not None:
-                    it.decision = d = Decision.refuse(
+                    it.decision = d = Ruling.refuse(
                         RefusalCode.WRITE_FAILED, self._in_doubt.refusal()
                     )
                 if d.accepted:
@@ -857,7 +857,7 @@ class FieldGateway:
             return self._ack(cmd, AckStatus.APPLIED, applied_at=applied_at)
         if d.accepted:
             return self._refuse(cmd.id, cmd.seq, RefusalCode.WRITE_FAILED, failure)
-        if d.outcome is Outcome.DUPLICATE:
+        if d.outcome is RulingKind.DUPLICATE:
             c.duplicates += 1
             log.info("gateway: %s (seq %d) is a duplicate; not written again", cmd.id, cmd.seq)
             first = self.core.state.applied_ids.get(cmd.id, d.applied_at)
@@ -1178,7 +1178,7 @@ class _Item:
     """Its place in the batch (its reply's place)."""
     cmd: Command
     grant: Grant
-    decision: Decision | None = None
+    decision: Ruling | None = None
     group: int = 0
     """Its write group: commands on disjoint inputs share one write call."""
     landed: bool = False

@@ -36,7 +36,13 @@ from parallelcity.decide.gate import SimplexGate
 from parallelcity.dispatch.dispatcher import ClientCurve, Dispatcher
 from parallelcity.dispatch.keys import KeyPair, read_public_key, read_secret_key
 from parallelcity.dispatch.wire import AckStatus, Status, WatchdogState
-from parallelcity.errors import DispatchError, JournalError, ParallelCityError, SecurityError
+from parallelcity.errors import (
+    DispatchError,
+    JournalError,
+    ParallelCityError,
+    ScenarioError,
+    SecurityError,
+)
 from parallelcity.field.mirror import Mirror
 from parallelcity.field.opcua.certs import make_lab_pki
 from parallelcity.field.opcua.session import (
@@ -335,12 +341,10 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
     specs = scenario.safety_specs()
     model = scenario.model
 
-    rig_kind = plugins.load("rig", scenario.file.rig.kind)
+    rig_kind = plugins.rig_kind(scenario.file.rig.kind)
     controller_kind, controller_cfg = controller_settings(scenario, options.controller_kind)
-    controller = plugins.load("controller", controller_kind).create(controller_cfg)
-    fallback = plugins.load("controller", scenario.file.fallback.kind).create(
-        scenario.fallback_config
-    )
+    controller = plugins.controller_kind(controller_kind).create(controller_cfg)
+    fallback = plugins.controller_kind(scenario.file.fallback.kind).create(scenario.fallback_config)
     twin = Twin(model, specs, meta.cycle_s, meta.horizon_steps, _estimator(scenario))
     vcfg = scenario.file.verification
     pool = PoolSamples(RigRecipe.from_scenario(scenario), vcfg.workers) if vcfg.workers else None
@@ -374,7 +378,10 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
             stack.callback(stop.uninstall)
         endpoint = options.field_endpoint
         if endpoint is None:
-            stand_in_cm = rig_kind.field_stand_in(scenario.rig_config, scenario, clock)
+            try:
+                stand_in_cm = rig_kind.field_stand_in(scenario.rig_config, scenario, clock)
+            except ValueError as exc:  # a rig kind that verifies but cannot stand in
+                raise ScenarioError(str(scenario.path), [f"rig.kind: {exc}"]) from exc
             if opcua_server is not None:
                 if not isinstance(stand_in_cm, SecureStandIn):
                     raise SecurityError(

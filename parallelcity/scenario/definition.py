@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -27,6 +29,7 @@ from pydantic import (
 )
 
 from parallelcity import plugins
+from parallelcity.decide.control import ControllerKind, ControlProblem
 from parallelcity.dispatch.wire import MAX_ISSUER_BYTES, check_issuer_name, name_problem
 from parallelcity.errors import PluginError, ScenarioError, WireFormatError
 from parallelcity.field.opcua.node_id import check_scenario_node
@@ -39,9 +42,10 @@ from parallelcity.specs import (
     TemporalSpec,
 )
 from parallelcity.toml_file import parse_toml, read_text_bounded
+from parallelcity.twin.kind import ModelKind
 from parallelcity.twin.model import SubsystemModel
 from parallelcity.twin.schedule import zone_context, zone_of
-from parallelcity.verify.rig import BASE_DIR
+from parallelcity.verify.rig import BASE_DIR, RigKind
 
 NodeText = Annotated[str, AfterValidator(check_scenario_node)]
 """A NodeId as a scenario writes it (``s=...``, ``i=...``, ``g=...``, ``b=...``)."""
@@ -433,6 +437,13 @@ def _describe(err: Any, prefix: tuple[int | str, ...] = ()) -> str:
 describe_error = _describe
 
 
+_KINDS: dict[str, Callable[[str], ModelKind | ControllerKind | RigKind]] = {
+    "model": plugins.model_kind,
+    "controller": plugins.controller_kind,
+    "rig": plugins.rig_kind,
+}
+
+
 def _plugin_config(
     role: str, section: Any, where: str, problems: list[str], context: dict[str, Any] | None = None
 ) -> Any:
@@ -440,7 +451,7 @@ def _plugin_config(
     if not isinstance(section, dict) or not isinstance(section.get("kind"), str):
         return None  # the core model reports a missing or mistyped table or kind
     try:
-        kind = plugins.load(role, section["kind"])
+        kind = _KINDS[role](section["kind"])
     except PluginError as exc:
         problems.append(f"{where}.kind: {exc}")
         return None
@@ -677,14 +688,31 @@ def _non_finite(raw: Any) -> list[str]:
 
 
 def controller_problems(
-    where: str, kind_name: str, config: BaseModel, model: SubsystemModel
+    where: str, kind_name: str, config: BaseModel, problem: ControlProblem
 ) -> list[str]:
-    """Does controller kind ``kind_name`` with ``config`` fit ``model``?  A kind's Config
-    may declare ``model_problems(model) -> list[str]`` (paths relative to its table)."""
-    check = getattr(config, "model_problems", None)
-    if check is None:
-        return []
-    return [f"{where}.{p}" for p in check(model)]
+    """Does controller kind ``kind_name`` with ``config`` fit ``problem``?  The kind's
+    ``check`` gives paths relative to its table; ``where`` is the table."""
+    return [f"{where}.{p}" for p in plugins.controller_kind(kind_name).check(config, problem)]
+
+
+def validation_problem(f: ScenarioFile | None, model: SubsystemModel) -> ControlProblem:
+    """The problem the controllers get at run start, as far as the file tells it: from a
+    file whose specs fit the model, its bands, limits, cycle and horizon; otherwise every
+    output counted as banded and the inputs unbounded, so that only what the model alone
+    decides is checked (the specs' own problems are reported on their own)."""
+    from parallelcity.specs import SafetySpecs
+
+    if f is not None:
+        s = f.specs
+        try:
+            specs = SafetySpecs.build(
+                model.inputs, model.outputs, s.inputs, s.bands, s.interlocks, s.temporal
+            )
+            return specs.control_problem(model, f.scenario.cycle_s, f.scenario.horizon_steps)
+        except (KeyError, ValueError):
+            pass
+    inf = np.full(model.nu, np.inf)
+    return ControlProblem(model, 1.0, 1, -inf, inf, inf, tuple(range(model.ny)))
 
 
 def _problems(raw: dict[str, Any], path: Path) -> tuple[list[str], tuple[Any, ...] | None]:
@@ -716,16 +744,17 @@ def _problems(raw: dict[str, Any], path: Path) -> tuple[list[str], tuple[Any, ..
     model = None
     if model_cfg is not None and not any(loc.startswith("model") for loc in non_finite):
         try:
-            model = plugins.load("model", model_cfg_kind(raw)).build(model_cfg)
+            model = plugins.model_kind(model_cfg_kind(raw)).build(model_cfg)
         except (ValueError, TypeError, ArithmeticError) as exc:
             problems.append(f"model: cannot build the model: {exc}")
     problems.extend(_cross_check(_Parts.of_file(f) if f is not None else _Parts.of(raw), model))
     if model is not None:
+        problem = validation_problem(f, model)
         for where, cfg in (("controller", ctrl_cfg), ("fallback", fb_cfg)):
             if cfg is not None:
-                problems.extend(controller_problems(where, raw[where]["kind"], cfg, model))
+                problems.extend(controller_problems(where, raw[where]["kind"], cfg, problem))
         if rig_cfg is not None:
-            problems.extend(_rig_check(raw["rig"]["kind"], rig_cfg, model))
+            problems.extend(plugins.rig_kind(raw["rig"]["kind"]).check(rig_cfg, model))
     if problems or f is None or model is None:
         return problems or ["the file does not validate"], None
     return [], (f, model, model_cfg, ctrl_cfg, fb_cfg, rig_cfg)
@@ -749,20 +778,6 @@ def parse_scenario(text: str, path: str | Path = "<string>") -> Scenario:
 
 def model_cfg_kind(raw: dict[str, Any]) -> str:
     return str(raw["model"]["kind"])
-
-
-def _rig_check(kind_name: str, config: BaseModel, model: SubsystemModel) -> list[str]:
-    """A rig kind may check its config against the model: ``check(config, model)`` raises
-    ``ValueError`` with a message that starts with the key path."""
-    kind = plugins.load("rig", kind_name)
-    check = getattr(kind, "check", None)
-    if check is None:
-        return []
-    try:
-        check(config, model)
-    except ValueError as exc:
-        return [str(exc)]
-    return []
 
 
 def load_scenario(path: str | Path) -> Scenario:
@@ -789,8 +804,10 @@ def json_schema() -> dict[str, Any]:
         ("rig", "rig"),
     ):
         variants = []
-        for name, kind in sorted(plugins.available(role).items()):
-            if isinstance(kind, PluginError):
+        for name in plugins.names(role):
+            try:
+                kind = _KINDS[role](name)
+            except PluginError:
                 continue
             sub = kind.Config.model_json_schema(ref_template="#/$defs/{model}")
             for def_name, definition in sub.pop("$defs", {}).items():

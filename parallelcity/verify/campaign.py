@@ -16,21 +16,25 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
+from pydantic import BaseModel
 
 from parallelcity.decide.control import Controller
+from parallelcity.errors import PluginError
 from parallelcity.scenario.definition import Scenario
 from parallelcity.specs import SpecResult, worst
 from parallelcity.twin.model import Array
 from parallelcity.twin.twin import Twin
 
 
+@runtime_checkable
 class SteppedRig(Protocol):
-    """A rig driven step by step through its state machine.
+    """A rig driven step by step through its state machine (what ``verify`` needs of
+    ``RigKind.verification_rig``).
 
-    ``parallelcity.hil.rig_machine.RigMachine`` is one."""
+    ``parallelcity.verify.machine.RigMachine`` is one."""
 
     name: str
 
@@ -46,6 +50,8 @@ class SteppedRig(Protocol):
     def read(self) -> Array: ...
 
     def finish(self) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -253,7 +259,7 @@ EXIT_PASS, EXIT_FAIL = 0, 5
 
 def rig_config_for(
     scenario: Scenario, kind: str, config_file: Path | None, samples: int | None
-) -> object:
+) -> BaseModel:
     """The rig configuration: the scenario's ``[rig]`` if it is of ``kind``, else the file's
     (a TOML table of the kind's keys), else the kind's defaults; ``samples`` overrides."""
 
@@ -265,7 +271,7 @@ def rig_config_for(
     from parallelcity.toml_file import parse_toml, read_text_bounded
     from parallelcity.verify.rig import BASE_DIR
 
-    rig_kind = plugins.load("rig", kind)
+    rig_kind = plugins.rig_kind(kind)
     where = str(config_file or scenario.path)
     try:
         if config_file is not None:
@@ -285,12 +291,9 @@ def rig_config_for(
         if "samples" not in type(cfg).model_fields:
             raise ScenarioError(where, [f"rig kind {kind!r} has no uncertainty samples"])
         cfg = cfg.model_copy(update={"samples": samples})
-    check = getattr(rig_kind, "check", None)
-    if check is not None:
-        try:
-            check(cfg, scenario.model)
-        except ValueError as exc:
-            raise ScenarioError(where, [str(exc)]) from exc
+    problems = rig_kind.check(cfg, scenario.model)
+    if problems:
+        raise ScenarioError(where, problems)
     return cfg
 
 
@@ -313,9 +316,14 @@ def verify_command(
     scenario = load_scenario(scenario_path)
     ckind, ccfg = controller_settings(scenario, controller_kind)
     cfg = rig_config_for(scenario, kind, rig_config, samples)
-    rig = plugins.load("rig", kind).verification_rig(cfg, scenario.model)
+    rig = plugins.rig_kind(kind).verification_rig(cfg, scenario.model)
+    if not isinstance(rig, SteppedRig):
+        raise PluginError(
+            f"rig kind {kind!r} cannot be stepped through a campaign: its rig lacks "
+            + ", ".join(plugins.missing_members(rig, SteppedRig))
+        )
     try:
-        controller = plugins.load("controller", ckind).create(ccfg)
+        controller = plugins.controller_kind(ckind).create(ccfg)
         res = run_campaign(
             scenario,
             rig,

@@ -1,12 +1,14 @@
 """What a test rig is to the runtime: something a plan can be tried on, and a field stand-in.
 
-Rig kinds live outside this package (``hil`` ships the built-in ones) and are
-found through the ``parallelcity.rigs`` entry point group.
+Rig kinds are found through the ``parallelcity.rigs`` entry point group
+(``parallelcity.hil`` ships the built-in ones).  A kind needs only this module and
+``parallelcity.verify.machine`` (the rig state machine a driver runs behind).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,15 @@ def resolve_path(value: str, info: ValidationInfo) -> str:
     if path.is_absolute() or base is None:
         return str(path)
     return os.path.abspath(Path(base) / path)
+
+
+def value_error_lines(check: Callable[[], object]) -> list[str]:
+    """``RigKind.check`` from a check that raises: its ``ValueError`` as the one line."""
+    try:
+        check()
+    except ValueError as exc:
+        return [str(exc)]
+    return []
 
 
 class Rig(Protocol):
@@ -67,7 +78,7 @@ class RigDriver(Protocol):
     What a rig can do, whatever drives it: be reset to a state at a time on one
     uncertainty sample, take inputs (and the disturbances forecast for this
     step), advance, and report its outputs.  The order is enforced by the rig
-    state machine (``parallelcity.hil.rig_machine``), never by the driver.
+    state machine (``parallelcity.verify.machine``), never by the driver.
     """
 
     name: str
@@ -95,7 +106,7 @@ class RigDriver(Protocol):
 
 
 @dataclass(frozen=True)
-class AppliedInput:
+class ReceivedWrite:
     """One value the field stand-in's plant actually received on an input node."""
 
     time: float  # simulated epoch seconds
@@ -110,7 +121,7 @@ class FieldStandIn(Protocol):
     def endpoint(self) -> str: ...
 
     @property
-    def applied(self) -> list[AppliedInput]:
+    def applied(self) -> list[ReceivedWrite]:
         """Every value written to an input node, in order."""
         ...
 
@@ -133,8 +144,26 @@ class RigKind(Protocol):
 
     Config: type[BaseModel]
 
-    def verification_rig(self, config: BaseModel, model: SubsystemModel) -> Rig: ...
+    def check(self, config: BaseModel, model: SubsystemModel) -> list[str]:
+        """Why ``config`` does not fit ``model``, one line per problem starting with its key
+        path (``rig.…``); ``[]`` when it fits.  ``validate`` shows these lines, so neither
+        method below may fail for a config with none."""
+        ...
+
+    def verification_rig(self, config: BaseModel, model: SubsystemModel) -> Rig:
+        """The rig plans are tried on (``run``, ``verify``)."""
+        ...
 
     def field_stand_in(
         self, config: BaseModel, scenario: Scenario, clock: Clock
-    ) -> AbstractAsyncContextManager[FieldStandIn]: ...
+    ) -> AbstractAsyncContextManager[FieldStandIn]:
+        """The plant served as the field for an embedded run; ``ValueError`` if this kind
+        cannot stand in for the field (it then only verifies)."""
+        ...
+
+
+@runtime_checkable
+class DrivenRigKind(RigKind, Protocol):
+    """A rig kind built on a ``RigDriver`` (which an OPC UA bench can serve)."""
+
+    def driver(self, config: BaseModel, model: SubsystemModel) -> RigDriver: ...

@@ -245,7 +245,7 @@ class RigRecipe:
         from parallelcity.scenario.definition import parse_scenario
 
         scenario = parse_scenario(self.scenario_text, self.scenario_path)
-        kind = plugins.load("rig", self.kind)
+        kind = plugins.rig_kind(self.kind)
         cfg = kind.Config.model_validate(self.config)
         rig: Rig = kind.verification_rig(cfg, scenario.model)
         return rig, scenario.safety_specs()
