@@ -9,8 +9,8 @@ plans with do not keep the same error.
 Each step predicts with the inputs that were applied, then corrects with
 whichever measuring points are fresh in the snapshot: a missing or stale point
 is simply not used, so the states it would have measured come from the model
-and the other outputs (a zone temperature through the heat flow into the
-zone, for instance).  Jacobians come from CasADi, exact; the covariance update
+and the other outputs (a temperature through a heat flow it drives, for
+instance).  Jacobians come from CasADi, exact; the covariance update
 is the Joseph form.
 
 Pure: time, inputs and snapshots are passed in.
@@ -141,12 +141,6 @@ class ExtendedKalmanFilter:
             used=used,
             innovations=innovations,
         )
-
-    def predict_outputs(self, t: float, u: Array) -> Array:
-        """The outputs the model expects at ``t`` from the current estimate (no update)."""
-        assert self.z is not None
-        y, _ = self._h(self.z, np.asarray(u, dtype=float), self._d(t), self.params)
-        return np.asarray(y, dtype=float).reshape(-1)
 
     # -- internals -----------------------------------------------------------------------------
 

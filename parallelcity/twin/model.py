@@ -81,7 +81,7 @@ class Panel:
 @dataclass(frozen=True)
 class Total:
     """A KPI that is the time integral of an output: ``per_hour`` outputs (kW, cost per
-    hour) integrate over hours (kWh, cost)."""
+    hour) integrate over hours (energy, money)."""
 
     label: str
     output: str

@@ -1,10 +1,10 @@
 """Weekly schedules: "weekdays 07:00-19:00" style periods, in the scenario's local time.
 
-Used for comfort bands and occupancy gains.  A period whose end is before its
-start wraps over midnight (23:00-06:00).  Times of day and weekdays are those of
-the scenario's time zone (``[scenario] time_zone``, an IANA name; UTC by default),
-daylight saving included: a period validated with the context ``{"time_zone":
-ZoneInfo(...)}`` keeps that zone, one built without a context is in UTC.
+Used for output bands and time-of-day disturbances (occupancy, tariffs).  A period
+whose end is before its start wraps over midnight (23:00-06:00).  Times of day and
+weekdays are those of the scenario's time zone (``[scenario] time_zone``, an IANA
+name; UTC by default), daylight saving included: a period validated with the context
+``{"time_zone": ZoneInfo(...)}`` keeps that zone, one built without a context is in UTC.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import numpy as np
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -24,8 +23,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-
-from parallelcity.twin.model import Array
 
 Days = Literal["all", "weekdays", "weekends"]
 TIME_ZONE = "time_zone"  # the validation context key of the zone periods are read in
@@ -122,7 +119,3 @@ def active(periods: Sequence[Period], t: float) -> Period | None:
         if p.contains(t):
             return p
     return None
-
-
-def sample_times(t0: float, n: int, dt_s: float) -> Array:
-    return t0 + dt_s * np.arange(n, dtype=float)
