@@ -21,6 +21,7 @@ from parallelcity.scenario.definition import load_scenario
 from parallelcity.specs import SafetySpecs
 from parallelcity.twin.model import ModelForm
 from parallelcity.twin.twin import Twin
+from parallelcity.verify.campaign import report_lines, run_campaign
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENARIO = ROOT / "scenarios" / "pump_tank.toml"
@@ -82,3 +83,28 @@ def test_run_drives_it_to_the_end_and_reports_its_own_kpis(pt, tmp_path) -> None
     labels = [ax.get_ylabel() for ax in axes[:-1]]
     assert labels == ["tank level [m]", "pump", "demand [m³/h]", "tariff [per kWh]"]
     assert axes[0].get_legend_handles_labels()[1] == ["level band", "tank.level"]
+
+
+def test_the_hysteresis_baseline_controls_it(pt) -> None:
+    m = pt.model
+    specs = SafetySpecs.from_scenario(pt)
+    dt, n = pt.meta.cycle_s, pt.meta.horizon_steps
+    ctrl = plugins.load("controller", m.report.baseline).create(pt.fallback_config)
+    ctrl.setup(specs.control_problem(m, dt, n))
+    twin = Twin(m, specs, dt, n)
+    low = ctrl.step(twin.control_input(pt.meta.start_epoch, np.array([0.9]), np.array([0.0])))
+    assert low.status.usable and low.u_plan[0, 0] == 1.0  # below the band: the pump starts
+
+
+def test_verify_reports_the_kinds_own_kpis(pt) -> None:
+    rig = plugins.load("rig", "simulated").verification_rig(pt.rig_config, pt.model)
+    ctrl = plugins.load("controller", "milp_pump").create(pt.controller_config)
+    try:
+        res = run_campaign(pt, rig, ctrl, "milp_pump", cycles=4, samples=range(rig.samples))
+    finally:
+        rig.close()
+    text = "\n".join(report_lines(res))
+    assert res.passed, text
+    assert "level violation    mean 0.00 m·h" in text
+    assert "energy             mean" in text and "cost               mean" in text
+    assert "comfort" not in text and "kWh, max" in text
