@@ -178,6 +178,11 @@ class Config(Objective):
             *self.objective_problems(m),
             *unknown_names("state_bounds", self.state_bounds, m.states, "state", m.name),
             *unknown_names("scales", self.scales, m.states + m.inputs, "state or input", m.name),
+            *(
+                [f"method: collocation needs an ODE model; {m.name!r} is discrete-time"]
+                if self.method == "collocation" and m.form != "continuous"
+                else []
+            ),
         ]
         if self.solver == "fatrop" and not ca.has_nlpsol("fatrop"):
             out.append("solver: 'fatrop' is not in this CasADi build; use ipopt or sqp")
@@ -499,7 +504,7 @@ class NmpcController:
                     slope = sum(
                         (float(Ccoef[r, j]) * pts[r] for r in range(deg + 1)), ca.SX.zeros(nx)
                     )
-                    rows.append((slope - dt * m.f(pts[j], U[k], dk, p)) / sx)
+                    rows.append((slope - dt * m.ode(pts[j], U[k], dk, p)) / sx)
                 con("col", k, ca.vertcat(*rows), True)
             y = m.h(X[k], uk, dk, p)
             if not last:

@@ -1,9 +1,11 @@
-"""A pure plant simulator: the model integrated in real (simulated) time under a disturbance truth.
+"""A pure plant simulator: the model's plant run in real (simulated) time under a disturbance truth.
 
-Nothing here knows about OPC UA or clocks.  ``PlantSimulator`` holds a state,
-the inputs last applied and the time it has reached; ``advance(t)`` integrates
-up to ``t`` with fixed-size RK4 steps (at most ``max_step_s`` each), evaluating
-the disturbance truth at the start of every step and holding the inputs.
+Nothing here knows about field protocols or clocks.  ``PlantSimulator`` holds the
+inputs last applied and the time it has reached; ``advance(t)`` steps the model's
+plant (``SubsystemModel.plant``: RK4 steps of at most ``max_step_s`` for an ODE, the
+map at every whole step of a discrete model, or the kind's own simulator) up to
+``t``, evaluating the disturbance truth at the start of every step and holding the
+inputs.
 
 The truth differs from the forecast the twin plans with: ``forecast_truth``
 adds a smooth, seeded error to chosen disturbances, and ``perturbed_params``
@@ -15,38 +17,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from functools import cache
 
-import casadi as ca
 import numpy as np
 
 from parallelcity.twin.model import Array, SubsystemModel
 
 Truth = Callable[[float], Array]
 
-# Error periods are drawn from this range (seconds): a few hours, like weather fronts and clouds.
+# Error periods are drawn from this range (seconds): a few hours, slow against a control cycle.
 ERROR_PERIOD_RANGE_S = (2.0 * 3600.0, 12.0 * 3600.0)
 ERROR_COMPONENTS = 3
-
-# Disturbances that are physically never negative; their error fades out where the
-# forecast is zero (no sun at night) and their truth is clipped at zero.
-NONNEGATIVE_HINTS = ("I_sol", "solar", "irradiance", "Q_int", "gains")
-
-
-@cache
-def _rk4_step(f: ca.Function) -> ca.Function:
-    """One classical RK4 step of ``f`` with the step length as an argument."""
-    x = ca.SX.sym("x", f.size1_in(0))
-    u = ca.SX.sym("u", f.size1_in(1))
-    d = ca.SX.sym("d", f.size1_in(2))
-    p = ca.SX.sym("p", f.size1_in(3))
-    h = ca.SX.sym("h")
-    k1 = f(x, u, d, p)
-    k2 = f(x + h / 2 * k1, u, d, p)
-    k3 = f(x + h / 2 * k2, u, d, p)
-    k4 = f(x + h * k3, u, d, p)
-    x_next = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-    return ca.Function("rk4", [x, u, d, p, h], [x_next], ["x", "u", "d", "p", "h"], ["x_next"])
 
 
 def _vector(value: object, size: int, what: str) -> Array:
@@ -75,10 +55,10 @@ class PlantSimulator:
         self.params = _vector(params, len(model.parameters), "params")
         self.truth = truth
         self.max_step_s = float(max_step_s)
-        self._x = _vector(x0, model.nx, "x0")
         self._u = _vector(u0, model.nu, "u0")
         self._t = float(t0)
-        self._step = _rk4_step(model.f)
+        self._plant = model.plant(self.params, self.max_step_s)
+        self._plant.reset(_vector(x0, model.nx, "x0"), self._t)
 
     @property
     def t(self) -> float:
@@ -87,7 +67,7 @@ class PlantSimulator:
 
     @property
     def state(self) -> Array:
-        return self._x.copy()
+        return self._plant.state
 
     @property
     def inputs(self) -> dict[str, float]:
@@ -117,24 +97,18 @@ class PlantSimulator:
         """Integrate from the current time to ``t``; a ``t`` in the past is a no-op."""
         while t - self._t > 1e-9:
             h = min(self.max_step_s, t - self._t)
-            d = self.disturbances(self._t)
-            x_next = np.asarray(self._step(self._x, self._u, d, self.params, h), dtype=float)
-            self._x = x_next.reshape(-1)
+            self._plant.step(self._u, self.disturbances(self._t), h)
             self._t += h
-        if not np.all(np.isfinite(self._x)):
-            raise FloatingPointError(f"plant state is no longer finite at t={self._t}: {self._x}")
+        x = self._plant.state
+        if self.model.simulator is None and not np.all(np.isfinite(x)):
+            raise FloatingPointError(f"plant state is no longer finite at t={self._t}: {x}")
 
     def outputs(self) -> Array:
         """Model outputs at the current state, inputs and disturbance truth."""
-        y = self.model.h(self._x, self._u, self.disturbances(self._t), self.params)
-        return np.asarray(y, dtype=float).reshape(-1)
+        return self._plant.outputs(self._u, self.disturbances(self._t))
 
     def output_dict(self) -> dict[str, float]:
         return {name: float(v) for name, v in zip(self.model.outputs, self.outputs(), strict=True)}
-
-
-def _is_nonnegative(name: str) -> bool:
-    return any(hint.lower() in name.lower() for hint in NONNEGATIVE_HINTS)
 
 
 class DisturbanceError:
@@ -146,9 +120,9 @@ class DisturbanceError:
     depends only on ``seed`` and the disturbance's position in the model, so
     adding an error to another disturbance does not change it.
 
-    Disturbances in ``nonnegative`` (default: names that look like irradiance
-    or gains) never go below zero, and their error fades out where the
-    disturbance is near zero, so there is no sun at night.
+    Disturbances in ``nonnegative`` (default: the ones the model declares
+    ``SubsystemModel.nonnegative``) never go below zero, and their error fades out where the
+    disturbance is near zero, so a quantity forecast at zero stays zero.
     """
 
     def __init__(
@@ -170,11 +144,7 @@ class DisturbanceError:
                 raise ValueError(f"{what}: {name!r} must be a finite std >= 0, got {std}")
         self.clip = {
             model.index("disturbances", n)
-            for n in (
-                nonnegative
-                if nonnegative is not None
-                else [d for d in model.disturbances if _is_nonnegative(d)]
-            )
+            for n in (model.nonnegative if nonnegative is None else nonnegative)
         }
         lo, hi = ERROR_PERIOD_RANGE_S
         self.components: list[tuple[int, float, Array, Array]] = []  # (index, std, omega, phase)

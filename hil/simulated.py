@@ -95,8 +95,10 @@ def check(config: Config, model: SubsystemModel) -> None:
 
 
 class SimulatedDriver:
-    """Rig driver: the model integrated step by step, one parameter and disturbance draw
-    per uncertainty sample (sample 0: ``params[0]`` under the forecast as given)."""
+    """Rig driver: the model's plant (``SubsystemModel.plant``: its CasADi form, ODE or
+    discrete, or the kind's own simulator) stepped cycle by cycle, one parameter and
+    disturbance draw per uncertainty sample (sample 0: ``params[0]`` under the forecast as
+    given)."""
 
     def __init__(
         self,
@@ -111,7 +113,8 @@ class SimulatedDriver:
         self.params = [np.asarray(p, dtype=float) for p in params]
         self.errors = errors
         self.name = name
-        self._x = np.full(model.nx, np.nan)
+        self._plants = [model.plant(p) for p in self.params]
+        self._x = np.full(model.nx, np.nan)  # the reset state (the whole-trace start)
         self._u = np.full(model.nu, np.nan)
         self._d = np.full(model.nd, np.nan)
         self._t = 0.0
@@ -127,6 +130,7 @@ class SimulatedDriver:
         self._x = np.array(x0, dtype=float).reshape(self.model.nx)
         self._t = self._t0 = float(t0)
         self._sample = sample
+        self._plants[sample].reset(self._x, self._t)
         self._u = np.full(self.model.nu, np.nan)
         self._d = np.full(self.model.nd, np.nan)
 
@@ -137,19 +141,21 @@ class SimulatedDriver:
         self._d = d if err is None else err.apply(self._t, d)
 
     def advance(self, dt: float) -> None:
-        step = self.model.step_function(dt)
-        x = step(self._x, self._u, self._d, self.params[self._sample])
-        self._x = np.asarray(x, dtype=float).reshape(-1)
+        plant = self._plants[self._sample]
+        plant.step(self._u, self._d, dt)
         self._t += dt
-        if not np.all(np.isfinite(self._x)):
-            raise FloatingPointError(f"rig state is no longer finite at t={self._t}: {self._x}")
+        x = plant.state
+        if self.model.simulator is None and not np.all(np.isfinite(x)):
+            raise FloatingPointError(f"rig state is no longer finite at t={self._t}: {x}")
 
     def read(self) -> Array:
-        y = self.model.h(self._x, self._u, self._d, self.params[self._sample])
-        return np.asarray(y, dtype=float).reshape(-1)
+        return self._plants[self._sample].outputs(self._u, self._d)
 
     def trace(self, inputs: Array, disturbances: Array, dt: float) -> Array:
-        """The whole rollout from the reset state at once: the same numbers, faster."""
+        """The whole rollout from the reset state at once: the same numbers, faster (a
+        plant with a simulator of its own is stepped through)."""
+        if self.model.simulator is not None:
+            return self._stepped(inputs, disturbances, dt)
         err = self.errors[self._sample]
         d = np.atleast_2d(np.asarray(disturbances, dtype=float))
         d = d if err is None else err.apply_rows(self._t0, dt, d)
@@ -170,6 +176,17 @@ class SimulatedDriver:
         u_ext = np.vstack([u, u[-1:]])
         d_ext = np.vstack([d[:n], d[n - 1 : n]])
         return np.asarray(outputs(xs.T, u_ext.T, d_ext.T, p), dtype=float).T
+
+    def _stepped(self, inputs: Array, disturbances: Array, dt: float) -> Array:
+        u = np.atleast_2d(np.asarray(inputs, dtype=float))
+        d = np.atleast_2d(np.asarray(disturbances, dtype=float))
+        ys = np.empty((u.shape[0] + 1, self.model.ny))
+        for k in range(u.shape[0]):
+            self.apply(u[k], d[k])
+            ys[k] = self.read()
+            self.advance(dt)
+        ys[-1] = self.read()  # the last input and disturbance held, as model.simulate does
+        return ys
 
     def close(self) -> None:
         pass

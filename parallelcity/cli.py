@@ -339,18 +339,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cycles = args.cycles or scenario.meta.cycles
     zone = scenario.meta.zone
     every = 1 if sys.stderr.isatty() else max(1, cycles // 12)
-    comfort = [0.0]
+    spec = scenario.model.report  # the model kind's band KPI, summed as the run goes
+    outside = [0.0]
 
     def progress(rec: CycleRecord, counts: dict[str, int]) -> None:
         for name, band in rec.bands.items():
             v = band_violation(rec.values.get(name), band)
             if math.isfinite(v):
-                comfort[0] += v * scenario.meta.cycle_s / 3600.0
+                outside[0] += v * scenario.meta.cycle_s / 3600.0
         if args.quiet or ((rec.k + 1) % every and rec.k + 1 != cycles):
             return
         line = (
             f"cycle {rec.k + 1:>4}/{cycles}  {_fmt_time(rec.t, zone)}  "
-            f"comfort {comfort[0]:6.2f} K·h  "
+            f"{spec.band_kpi} {outside[0]:6.2f} {spec.band_unit}  "
             f"acked {counts['acked']}  refused {counts['refused']}  "
             f"fallback {counts['fallback']}  hold {counts['hold']}  stale {counts['stale']}"
         )

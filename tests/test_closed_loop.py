@@ -17,7 +17,7 @@ from parallelcity.hil.plant import PlantSimulator, forecast_truth, perturbed_par
 from parallelcity.cli import main
 from parallelcity.clock import SimClock
 from parallelcity.errors import NodeMappingError, SecurityError
-from parallelcity.record.report import comfort_kh, summarize, write_all
+from parallelcity.record.report import band_hours, summarize, write_all
 from parallelcity.run.runner import RunOptions, run
 from parallelcity.scenario.definition import parse_scenario
 from parallelcity.specs import TOLERANCE
@@ -63,7 +63,7 @@ def test_a_simulated_day_is_controlled_and_acknowledged(dh, day) -> None:
 
 @pytest.mark.slow
 def test_comfort_violation_at_least_halved_against_no_control(dh, day) -> None:
-    controlled = sum(comfort_kh(day.records, dh.meta.cycle_s).values())
+    controlled = sum(band_hours(day.records, dh.meta.cycle_s).values())
     held = uncontrolled_comfort_kh(dh, [r.t for r in day.records], [r.bands for r in day.records])
     assert held > 5.0, "the comparison needs a plant that drifts without control"
     assert controlled <= 0.5 * held, (controlled, held)

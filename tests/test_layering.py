@@ -134,8 +134,14 @@ STAGE_RULES = (
     ),
     Rule(
         "parallelcity.scenario",
-        ("parallelcity.gateway", "parallelcity.decide", "parallelcity.record"),
-        "a scenario describes a site; it starts and decides nothing",
+        (
+            "parallelcity.gateway",
+            "parallelcity.decide.cycle",
+            "parallelcity.decide.gate",
+            "parallelcity.record",
+        ),
+        "a scenario describes a site and checks its kinds' configs against the controller "
+        "interface; it starts and decides nothing",
     ),
     Rule(
         "parallelcity.models",

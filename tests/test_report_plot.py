@@ -119,7 +119,6 @@ def test_another_model_kind_plots_its_own_panels(result: RunResult) -> None:
     """The panels come from the model kind's declaration, not from district heating."""
     spec = ReportSpec(
         banded_label="room [°C]",
-        energy_point=None,
         panels=(Panel("sun", ("weather.I_sol",), "W/m²"), Panel("nothing", ("plant.heat_kw",))),
     )
     model = dataclasses.replace(result.scenario.model, report=spec)

@@ -22,7 +22,7 @@ import casadi as ca
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from parallelcity.twin.model import Array, Panel, ReportSpec, SubsystemModel
+from parallelcity.twin.model import Array, Panel, ReportSpec, SubsystemModel, Total
 from parallelcity.twin.schedule import Period, active
 
 CP_KJ_PER_KG_K = 4.186
@@ -195,9 +195,14 @@ def build(config: Config) -> SubsystemModel:
         x0=np.array([b.initial_temperature_c for b in bs] + [config.plant.initial_supply_c]),
         u0=np.array([config.plant.initial_setpoint_c] + [b.initial_flow_kg_per_s for b in bs]),
         state_outputs={s: s for s in states},
+        nonnegative=("weather.I_sol", *(f"{b.name}.Q_int" for b in bs)),
         report=ReportSpec(
             banded_label="zone temperature [°C]",
-            energy_point="plant.fuel_kw",
+            band_name="comfort band",
+            band_kpi="comfort violation",
+            band_unit="K·h",
+            totals=(Total("energy", "plant.fuel_kw", "kWh"),),
+            baseline="pi",
             panels=(
                 Panel("supply temperature", ("plant.T_supply_set", "plant.T_supply"), "°C"),
                 Panel("outdoor temperature", ("weather.T_out",), "°C"),

@@ -1,6 +1,6 @@
 """A run's plot: what happened, cycle by cycle, as an operator reads it.
 
-One panel per comfort-banded output with its band in the output's own colour, the
+One panel per banded output with its band in the output's own colour, the
 panels the model kind declares (``SubsystemModel.report``), and a strip marking the
 cycles that did not go as planned.  Times are shown in the scenario's time zone.
 """
@@ -117,7 +117,7 @@ def plot_figure(result: RunResult) -> Figure:
         vals = _values(recs, name)
         lo = [r.bands[name][0] for r in recs]
         hi = [r.bands[name][1] for r in recs]
-        ax.fill_between(times, lo, hi, color=colour, alpha=0.18, step="post", label="comfort band")
+        ax.fill_between(times, lo, hi, color=colour, alpha=0.18, step="post", label=spec.band_name)
         ax.plot(times, vals, color=colour, marker=".", label=name)
         ax.set_ylabel(spec.banded_label, fontsize=8)
         ax.legend(loc="upper left", fontsize=8)

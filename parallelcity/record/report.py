@@ -1,7 +1,8 @@
 """What a run leaves behind: a summary, the time series as CSV, a plot, and metrics.
 
-Comfort violation is the time integral of the distance outside the band, in
-kelvin-hours, measured from the mirror's values at the cycle instants.
+The KPIs are the model kind's (``SubsystemModel.report``): the band KPI is the time
+integral of the distance outside the bands, in the banded outputs' unit times hours,
+measured from the mirror's values at the cycle instants; each total integrates an output.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from parallelcity.record.records import CycleRecord, RunResult
+from parallelcity.twin.model import ReportSpec
 
 EXIT_OK, EXIT_NO_CONTROL = 0, 6
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
@@ -32,9 +34,12 @@ class Summary:
     signal: str | None
     first_cycle: str | None  # ISO time of the first cycle (simulated)
     abandoned: str  # what the end left unfinished (a solve still running), if anything
-    comfort_violation_kh: float
-    comfort_violation_kh_by_output: dict[str, float]
-    energy_kwh: float
+    band_kpi: str  # what the model kind calls the band KPI, and its unit
+    band_unit: str
+    band_violation: float
+    band_violation_by_output: dict[str, float]
+    totals: dict[str, float]  # the model kind's totals by label
+    total_units: dict[str, str]
     sent: int
     acked: int
     refused: int
@@ -61,7 +66,7 @@ class Summary:
         return EXIT_OK if self.success else EXIT_NO_CONTROL
 
     def lines(self) -> list[str]:
-        by = ", ".join(f"{k} {v:.2f}" for k, v in self.comfort_violation_kh_by_output.items())
+        by = ", ".join(f"{k} {v:.2f}" for k, v in self.band_violation_by_output.items())
         if self.end == "interrupted":
             run = f"interrupted by {self.signal} at cycle {self.cycles} of {self.planned_cycles}"
         elif self.end == "error":
@@ -74,8 +79,11 @@ class Summary:
             run += f"; abandoned {self.abandoned}"
         return [
             f"run               {run}",
-            f"comfort violation {self.comfort_violation_kh:.2f} K·h  ({by})",
-            f"energy            {self.energy_kwh:.0f} kWh",
+            f"{self.band_kpi:<17} {self.band_violation:.2f} {self.band_unit}  ({by})",
+            *(
+                f"{label:<17} {v:.0f} {self.total_units.get(label, '')}".rstrip()
+                for label, v in self.totals.items()
+            ),
             f"commands          {self.sent} sent, {self.acked} acked, {self.refused} refused, "
             f"{self.undelivered} undelivered",
             f"fallbacks         {self.fallbacks}   holds {self.holds} "
@@ -132,14 +140,15 @@ def verdict(result: RunResult, acked_share: float, min_share: float) -> tuple[bo
 
 
 def band_violation(value: float | None, band: tuple[float, float]) -> float:
-    """Kelvin outside ``band``; a missing value counts as no information, not zero."""
+    """Distance outside ``band``; a missing value counts as no information, not zero."""
     if value is None or not math.isfinite(value):
         return math.nan
     lo, hi = band
     return max(0.0, lo - value, value - hi)
 
 
-def comfort_kh(records: Sequence[CycleRecord], dt_s: float) -> dict[str, float]:
+def band_hours(records: Sequence[CycleRecord], dt_s: float) -> dict[str, float]:
+    """Per banded output: the time integral (hours) of its distance outside its band."""
     out: dict[str, float] = {}
     for rec in records:
         for name, band in rec.bands.items():
@@ -155,17 +164,21 @@ def _pct(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000.0 if values else math.nan
 
 
-def summarize(result: RunResult, energy_point: str | None = None) -> Summary:
-    """``energy_point``: the output integrated as energy (default: the model kind's)."""
-    energy_point = energy_point or result.scenario.model.report.energy_point
+def totals(records: Sequence[CycleRecord], dt_s: float, spec: ReportSpec) -> dict[str, float]:
+    """The model kind's totals: each output integrated over the cycles it was measured in."""
+    out: dict[str, float] = {}
+    for total in spec.totals:
+        scale = dt_s / 3600.0 if total.per_hour else dt_s
+        v = (r.values.get(total.output) for r in records)
+        out[total.label] = sum(x * scale for x in v if x is not None and math.isfinite(x))
+    return out
+
+
+def summarize(result: RunResult) -> Summary:
+    spec = result.scenario.model.report
     recs = result.records
     dt_s = result.scenario.meta.cycle_s
-    by = comfort_kh(recs, dt_s)
-    energy = 0.0
-    for r in recs:
-        v = r.values.get(energy_point) if energy_point else None
-        if v is not None and math.isfinite(v):
-            energy += v * dt_s / 3600.0
+    by = band_hours(recs, dt_s)
     solves = [r.solve_time_s for r in recs if r.solve_time_s > 0]
     c = result.counts
     share = c.get("acked", 0) / len(recs) if recs else 0.0
@@ -178,9 +191,12 @@ def summarize(result: RunResult, energy_point: str | None = None) -> Summary:
         signal=result.signal,
         first_cycle=None if result.first_cycle_t is None else _iso(result.first_cycle_t),
         abandoned=result.abandoned,
-        comfort_violation_kh=sum(by.values()),
-        comfort_violation_kh_by_output=by,
-        energy_kwh=energy,
+        band_kpi=spec.band_kpi,
+        band_unit=spec.band_unit,
+        band_violation=sum(by.values()),
+        band_violation_by_output=by,
+        totals=totals(recs, dt_s, spec),
+        total_units={t.label: t.unit for t in spec.totals},
         sent=c.get("sent", 0),
         acked=c.get("acked", 0),
         refused=c.get("refused", 0),
@@ -294,12 +310,11 @@ def metrics_text(summary: Summary, scenario: str) -> str:
         ),
         ("parallelcity_stale_cycles_total", "counter", "Cycles with stale data", summary.stale),
         (
-            "parallelcity_comfort_violation_kelvin_hours",
+            "parallelcity_band_violation",
             "gauge",
-            "Comfort violation",
-            summary.comfort_violation_kh,
+            f"{summary.band_kpi} [{summary.band_unit}] (the model kind's band KPI)",
+            summary.band_violation,
         ),
-        ("parallelcity_energy_kwh", "gauge", "Energy used", summary.energy_kwh),
         ("parallelcity_solve_p99_ms", "gauge", "Solve time, 99th percentile", summary.solve_p99_ms),
         (
             "parallelcity_acked_share",
@@ -316,7 +331,21 @@ def metrics_text(summary: Summary, scenario: str) -> str:
             f"# TYPE {name} {kind}",
             f"{name}{{{lab}}} {_prom(value)}",
         ]
+    if summary.totals:
+        out += [
+            "# HELP parallelcity_total The model kind's totals",
+            "# TYPE parallelcity_total gauge",
+        ]
+        for label, value in summary.totals.items():
+            unit = summary.total_units.get(label, "")
+            kpi = f'kpi="{_label_value(label)}",unit="{_label_value(unit)}"'
+            out.append(f"parallelcity_total{{{lab},{kpi}}} {_prom(value)}")
     return "\n".join(out) + "\n"
+
+
+def _label_value(text: str) -> str:
+    """``text`` escaped as a Prometheus label value."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def write_all(result: RunResult) -> tuple[Summary, dict[str, Path]]:

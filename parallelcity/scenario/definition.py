@@ -568,6 +568,11 @@ def _cross_check(f: _Parts, m: SubsystemModel | None) -> list[str]:
         for name in f.divergence.thresholds:
             if name not in m.outputs:
                 problems.append(f"divergence.thresholds: {name!r} is not an output of the model")
+    if m is not None and m.step_s > 0 and f.meta is not None:
+        try:  # a discrete model: every period the runtime steps it by is whole steps
+            m.steps_in(f.meta.cycle_s)
+        except ValueError as exc:
+            problems.append(f"scenario.cycle_s: {exc}")
     v = f.verification
     deadline = v.deadline_s if v is not None else None
     if f.meta is not None and deadline is not None and deadline > f.meta.cycle_s:

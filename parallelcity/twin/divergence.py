@@ -88,7 +88,7 @@ class DivergenceMonitor:
         self._step = model.step_function(self.dt)
         self._history: deque[_Step] = deque(maxlen=settings.window + 1)
         self._outputs = {n: model.index("outputs", n) for n in settings.thresholds}
-        # outputs that are disturbances passed straight through (e.g. a measured T_out)
+        # outputs that are disturbances passed straight through (a measured disturbance)
         self._measures_d = self._disturbance_outputs()
         self._over: dict[str, int] = dict.fromkeys(settings.thresholds, 0)
         self._within = 0

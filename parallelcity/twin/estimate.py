@@ -9,8 +9,8 @@ plans with do not keep the same error.
 Each step predicts with the inputs that were applied, then corrects with
 whichever measuring points are fresh in the snapshot: a missing or stale point
 is simply not used, so the states it would have measured come from the model
-and the other outputs (a zone temperature through the heat flow into the
-zone, for instance).  Jacobians come from CasADi, exact; the covariance update
+and the other outputs (a temperature through a heat flow it drives, for
+instance).  Jacobians come from CasADi, exact; the covariance update
 is the Joseph form.
 
 Pure: time, inputs and snapshots are passed in.

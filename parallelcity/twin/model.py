@@ -1,4 +1,14 @@
-"""Subsystem models: a CasADi ODE ``x' = f(x, u, d, p)``, ``y = h(x, u, d, p)``.
+"""Subsystem models in one of two CasADi forms, and the plants that stand in for them.
+
+* continuous time: an ODE ``x' = f(x, u, d, p)``, integrated by fixed-step RK4;
+* discrete time: a map ``x+ = f(x, u, d, p)`` over the model's own step ``step_s``.
+
+Either way ``y = h(x, u, d, p)``, and ``step_function(dt)`` is the one-step map over a
+sample period that the twin, the estimator, the controllers and the rigs use, so a
+controller written against it works for both forms.  A model kind may also back its
+plant with an external simulator (``SubsystemModel.simulator``: an object with
+``reset``/``step``/``outputs``, no CasADi needed); the CasADi form then is what its
+twin and controllers plan with, and rigs run the simulator (``plant``).
 
 The same model object serves the twin (nominal parameters), the controllers
 (symbolic, for optimisation) and the rigs (their own parameters), so the
@@ -8,9 +18,12 @@ are held constant over one sample period.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import cache
+from typing import Protocol
 
 import casadi as ca
 import numpy as np
@@ -20,6 +33,39 @@ Array = NDArray[np.float64]
 
 # forecast(t0, n, dt) -> disturbances for the n periods starting at t0, shape (n, nd)
 Forecast = Callable[[float, int, float], Array]
+
+STEP_TOLERANCE = 1e-9  # relative: a period within this of a multiple of step_s is one
+
+
+class ModelForm(StrEnum):
+    CONTINUOUS = "continuous"  # f is x' = f(x, u, d, p)
+    DISCRETE = "discrete"  # f is x+ = f(x, u, d, p) over step_s
+
+
+class Simulator(Protocol):
+    """A plant that steps itself: the model's own CasADi form (``FormSimulator``) or an
+    external simulator a model kind brings (``SubsystemModel.simulator``)."""
+
+    def reset(self, x0: Array, t0: float) -> None:
+        """Put the plant in state ``x0`` at simulated time ``t0``."""
+        ...
+
+    def step(self, u: Array, d: Array, dt: float) -> None:
+        """Let ``dt`` simulated seconds pass with ``u`` and ``d`` held."""
+        ...
+
+    def outputs(self, u: Array, d: Array) -> Array:
+        """Outputs (ny,) now under ``u`` and ``d``, in model output order."""
+        ...
+
+    @property
+    def state(self) -> Array:
+        """The state now (NaN where the simulator has no counterpart of a model state)."""
+        ...
+
+
+# params -> a simulator of the plant with those parameters
+SimulatorFactory = Callable[[Array], Simulator]
 
 
 @dataclass(frozen=True)
@@ -33,17 +79,38 @@ class Panel:
 
 
 @dataclass(frozen=True)
+class Total:
+    """A KPI that is the time integral of an output: ``per_hour`` outputs (kW, cost per
+    hour) integrate over hours (energy, money)."""
+
+    label: str
+    output: str
+    unit: str = ""
+    per_hour: bool = True
+
+
+@dataclass(frozen=True)
 class ReportSpec:
-    """What a model kind's runs report and plot besides the comfort-banded outputs."""
+    """What a model kind's runs report and plot: its KPIs, panels and baseline.
+
+    The band KPI is the time integral of the distance outside the bands of ``[specs.bands]``
+    (in the banded outputs' unit times hours); ``totals`` integrate outputs; ``baseline`` is
+    the controller kind a run of this model is compared against (a reference, not a
+    fallback)."""
 
     banded_label: str = "banded output"  # y label of the banded outputs' panels
-    energy_point: str | None = None  # an output in kW whose integral is the run's energy
+    band_name: str = "band"  # what a band is called in plot legends
+    band_kpi: str = "band violation"  # what the band KPI is called in summaries
+    band_unit: str = "·h"  # its unit (the banded outputs' unit times hours)
+    totals: tuple[Total, ...] = ()
     panels: tuple[Panel, ...] = ()  # empty: one panel of the inputs as applied
+    baseline: str = "hold"
 
 
 @dataclass(frozen=True, eq=False)
 class SubsystemModel:
-    """A plant model with named signals and nominal parameters."""
+    """A plant model with named signals and nominal parameters (see the module docstring
+    for ``form``, ``step_s`` and ``simulator``)."""
 
     name: str
     states: tuple[str, ...]
@@ -52,7 +119,7 @@ class SubsystemModel:
     outputs: tuple[str, ...]
     parameters: tuple[str, ...]
     nominal: Array
-    f: ca.Function  # (x, u, d, p) -> xdot
+    f: ca.Function  # (x, u, d, p) -> xdot (continuous) or x_next after step_s (discrete)
     h: ca.Function  # (x, u, d, p) -> y
     forecast: Forecast
     x0: Array
@@ -60,6 +127,11 @@ class SubsystemModel:
     # which output measures each state; the twin reads its state from these
     state_outputs: Mapping[str, str] = field(default_factory=dict)
     report: ReportSpec = ReportSpec()
+    form: ModelForm = ModelForm.CONTINUOUS
+    step_s: float = 0.0  # a discrete model's step; sample periods are whole multiples of it
+    simulator: SimulatorFactory | None = None  # an external plant; None: the CasADi form
+    # disturbances that are physically never negative (rigs clip their drawn truth at zero)
+    nonnegative: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         sizes = {
@@ -75,8 +147,14 @@ class SubsystemModel:
             unknown = [n for n in panel.signals if n not in known]
             if unknown:
                 raise ValueError(f"model {self.name}: panel {panel.title!r} names {unknown}")
-        if self.report.energy_point not in (None, *self.outputs):
-            raise ValueError(f"model {self.name}: energy point is not an output")
+        for total in self.report.totals:
+            if total.output not in self.outputs:
+                raise ValueError(f"model {self.name}: total {total.label!r} is not an output")
+        if self.form is ModelForm.DISCRETE and not (math.isfinite(self.step_s) and self.step_s > 0):
+            raise ValueError(f"model {self.name}: a discrete model needs step_s > 0")
+        unknown_d = [n for n in self.nonnegative if n not in self.disturbances]
+        if unknown_d:
+            raise ValueError(f"model {self.name}: nonnegative names {unknown_d}")
         for s, y in self.state_outputs.items():
             if s not in self.states or y not in self.outputs:
                 raise ValueError(f"model {self.name}: state_outputs maps unknown {s!r} -> {y!r}")
@@ -112,9 +190,36 @@ class SubsystemModel:
             p[self.index("parameters", k)] = v
         return p
 
+    @property
+    def ode(self) -> ca.Function:
+        """``xdot = f(x, u, d, p)``; ValueError for a discrete model (it has none)."""
+        if self.form is not ModelForm.CONTINUOUS:
+            raise ValueError(f"model {self.name} is discrete-time: it has no ODE")
+        return self.f
+
+    def steps_in(self, dt: float) -> int:
+        """How many of a discrete model's steps make ``dt``; ValueError if not a whole number."""
+        k = round(dt / self.step_s)
+        if k < 1 or abs(k * self.step_s - dt) > STEP_TOLERANCE * max(dt, self.step_s):
+            raise ValueError(
+                f"model {self.name} steps every {self.step_s:g} s: a period of {dt:g} s "
+                "is not a whole number of its steps"
+            )
+        return k
+
     def step_function(self, dt: float, substeps: int = 4) -> ca.Function:
-        """x_next = F(x, u, d, p): fixed-step RK4 over one sample period ``dt``."""
+        """x_next = F(x, u, d, p) over one sample period ``dt``: fixed-step RK4 with
+        ``substeps`` for an ODE, the map applied ``dt / step_s`` times for a discrete model."""
+        if self.form is ModelForm.DISCRETE:
+            return _compose(self.f, self.steps_in(float(dt)))
         return _rk4(self.f, float(dt), int(substeps))
+
+    def plant(self, params: Array, max_step_s: float | None = None) -> Simulator:
+        """A simulator of the plant with ``params``: the model kind's own if it brings one,
+        else the CasADi form (``FormSimulator``)."""
+        if self.simulator is not None:
+            return self.simulator(np.asarray(params, dtype=float))
+        return FormSimulator(self, params, max_step_s)
 
     def simulate(
         self, x0: Array, inputs: Array, disturbances: Array, p: Array, dt: float
@@ -138,6 +243,81 @@ class SubsystemModel:
         d_ext = np.vstack([d[:n], d[n - 1 : n]])
         ys = np.asarray(self.h.map(n + 1)(xs.T, u_ext.T, d_ext.T, p)).T
         return xs, ys
+
+
+class FormSimulator:
+    """The model's CasADi form as a ``Simulator``.
+
+    Continuous: each ``step(dt)`` is ``step_function(dt)`` (RK4, 4 substeps), or with
+    ``max_step_s`` RK4 steps of at most that length (a plant advanced to arbitrary times).
+    Discrete: the map applies at every whole ``step_s`` since ``reset``; time between
+    boundaries is carried over to the next ``step``."""
+
+    def __init__(self, model: SubsystemModel, params: Array, max_step_s: float | None = None):
+        if max_step_s is not None and not max_step_s > 0:
+            raise ValueError(f"max_step_s must be positive, got {max_step_s}")
+        self.model = model
+        self.params = np.asarray(params, dtype=float).reshape(-1)
+        self.max_step_s = max_step_s
+        self._x = np.full(model.nx, np.nan)
+        self._since = 0.0  # discrete: seconds since the last step boundary
+
+    @property
+    def state(self) -> Array:
+        return self._x.copy()
+
+    def reset(self, x0: Array, t0: float) -> None:
+        self._x = np.array(x0, dtype=float).reshape(self.model.nx)
+        self._since = 0.0
+
+    def step(self, u: Array, d: Array, dt: float) -> None:
+        m, x = self.model, self._x
+        if m.form is ModelForm.DISCRETE:
+            total = self._since + dt
+            k = math.floor(total / m.step_s + STEP_TOLERANCE)
+            for _ in range(k):
+                x = np.asarray(m.f(x, u, d, self.params), dtype=float).reshape(-1)
+            self._since = max(0.0, total - k * m.step_s)
+        elif self.max_step_s is None:
+            x = np.asarray(m.step_function(dt)(x, u, d, self.params), dtype=float).reshape(-1)
+        else:
+            rk4, left = _rk4_h(m.f), dt
+            while left > 1e-9:
+                h = min(self.max_step_s, left)
+                x = np.asarray(rk4(x, u, d, self.params, h), dtype=float).reshape(-1)
+                left -= h
+        self._x = x
+
+    def outputs(self, u: Array, d: Array) -> Array:
+        return np.asarray(self.model.h(self._x, u, d, self.params), dtype=float).reshape(-1)
+
+
+@cache
+def _compose(f: ca.Function, k: int) -> ca.Function:
+    x = ca.SX.sym("x", f.size1_in(0))
+    u = ca.SX.sym("u", f.size1_in(1))
+    d = ca.SX.sym("d", f.size1_in(2))
+    p = ca.SX.sym("p", f.size1_in(3))
+    xk = x
+    for _ in range(k):
+        xk = f(xk, u, d, p)
+    return ca.Function("F", [x, u, d, p], [xk], ["x", "u", "d", "p"], ["x_next"])
+
+
+@cache
+def _rk4_h(f: ca.Function) -> ca.Function:
+    """One classical RK4 step of ``f`` with the step length as an argument."""
+    x = ca.SX.sym("x", f.size1_in(0))
+    u = ca.SX.sym("u", f.size1_in(1))
+    d = ca.SX.sym("d", f.size1_in(2))
+    p = ca.SX.sym("p", f.size1_in(3))
+    h = ca.SX.sym("h")
+    k1 = f(x, u, d, p)
+    k2 = f(x + h / 2 * k1, u, d, p)
+    k3 = f(x + h / 2 * k2, u, d, p)
+    k4 = f(x + h * k3, u, d, p)
+    x_next = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+    return ca.Function("rk4", [x, u, d, p, h], [x_next], ["x", "u", "d", "p", "h"], ["x_next"])
 
 
 @cache

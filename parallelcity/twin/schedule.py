@@ -1,10 +1,10 @@
 """Weekly schedules: "weekdays 07:00-19:00" style periods, in the scenario's local time.
 
-Used for comfort bands and occupancy gains.  A period whose end is before its
-start wraps over midnight (23:00-06:00).  Times of day and weekdays are those of
-the scenario's time zone (``[scenario] time_zone``, an IANA name; UTC by default),
-daylight saving included: a period validated with the context ``{"time_zone":
-ZoneInfo(...)}`` keeps that zone, one built without a context is in UTC.
+Used for output bands and time-of-day disturbances (occupancy, tariffs).  A period
+whose end is before its start wraps over midnight (23:00-06:00).  Times of day and
+weekdays are those of the scenario's time zone (``[scenario] time_zone``, an IANA
+name; UTC by default), daylight saving included: a period validated with the context
+``{"time_zone": ZoneInfo(...)}`` keeps that zone, one built without a context is in UTC.
 """
 
 from __future__ import annotations

@@ -76,8 +76,9 @@ class CampaignResult:
     def passed(self) -> bool:
         return all(r.passed for r in self.results)
 
-    def comfort_kh(self) -> list[float]:
-        """Per sample: kelvin-hours outside the bands (no margin), over the whole run."""
+    def band_violation(self) -> list[float]:
+        """Per sample: the model kind's band KPI, the time integral (hours) of the distance
+        outside the bands (no margin), over the whole run."""
         specs = self.scenario.safety_specs()
         out = []
         for y in self.y:
@@ -92,13 +93,15 @@ class CampaignResult:
             out.append(total)
         return out
 
-    def energy_kwh(self) -> dict[str, list[float]]:
-        """Per ``*_kw`` output the rig reports: kWh per sample."""
-        names = self.scenario.model.outputs
+    def totals(self) -> dict[str, list[float]]:
+        """Per total the model kind declares that the rig reports: its value per sample."""
+        model = self.scenario.model
         out: dict[str, list[float]] = {}
-        for j, name in enumerate(names):
-            if name.endswith("_kw") and np.isfinite(self.y[:, :-1, j]).all():
-                out[name] = [float(np.sum(y[:-1, j]) * self.dt / 3600.0) for y in self.y]
+        for total in model.report.totals:
+            j = model.index("outputs", total.output)
+            scale = self.dt / 3600.0 if total.per_hour else self.dt
+            if np.isfinite(self.y[:, :-1, j]).all():
+                out[total.label] = [float(np.sum(y[:-1, j]) * scale) for y in self.y]
         return out
 
 
@@ -185,15 +188,18 @@ def report_lines(res: CampaignResult) -> list[str]:
             f"{r.name:<44} {'pass' if r.passed else 'FAIL':<6} {rob:>11} {r.margin:7.3g}  "
             f"sample {r.sample}, {at}"
         )
-    comfort = res.comfort_kh()
+    spec = res.scenario.model.report
+    band, unit = res.band_violation(), spec.band_unit
     solve = np.array(res.solve_s) * 1000.0 if res.solve_s else np.array([math.nan])
     lines += [
         "",
-        f"comfort violation  mean {np.mean(comfort):.2f} K·h, worst {np.max(comfort):.2f} K·h "
-        f"(sample {res.samples[int(np.argmax(comfort))]})",
+        f"{spec.band_kpi:<18} mean {np.mean(band):.2f} {unit}, worst {np.max(band):.2f} {unit} "
+        f"(sample {res.samples[int(np.argmax(band))]})",
     ]
-    for name, kwh in res.energy_kwh().items():
-        lines.append(f"{name:<18} mean {np.mean(kwh):.0f} kWh, max {np.max(kwh):.0f} kWh")
+    units = {t.label: t.unit for t in spec.totals}
+    for label, v in res.totals().items():
+        u = units[label]
+        lines.append(f"{label:<18} mean {np.mean(v):.0f} {u}, max {np.max(v):.0f} {u}")
     lines += [
         f"solver failures    {res.failures} of {len(res.solve_s)} solves",
         f"solve time         p50 {np.percentile(solve, 50):.1f} ms   "
