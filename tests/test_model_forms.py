@@ -115,9 +115,12 @@ def test_a_plant_with_its_own_simulator_drives_the_rigs_not_the_twin(tank) -> No
 
 
 def test_collocation_needs_an_ode(tank) -> None:
-    problems = nmpc.Config(method="collocation").model_problems(tank)
+    from parallelcity.scenario.definition import validation_problem
+
+    problem = validation_problem(None, tank)
+    problems = nmpc.Config(method="collocation").problems(problem)
     assert any("collocation needs an ODE model" in p for p in problems)
-    assert not any("collocation" in p for p in nmpc.Config().model_problems(tank))
+    assert not any("collocation" in p for p in nmpc.Config().problems(problem))
 
 
 def test_validate_refuses_a_cycle_that_is_not_whole_model_steps() -> None:
