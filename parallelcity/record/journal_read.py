@@ -19,7 +19,7 @@ from urllib.parse import quote
 from parallelcity.errors import JournalError, ScenarioError
 
 if TYPE_CHECKING:  # imported where used: a file that is no journal is refused at once
-    from parallelcity.run.runner import CycleRecord, RunResult
+    from parallelcity.run.records import CycleRecord, RunResult
     from parallelcity.scenario.definition import Scenario
 
 LOCK_TIMEOUT_S = 2.0
@@ -231,12 +231,13 @@ def _num(v: Any) -> float:
 
 def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dict[str, int]]:
     """Each cycle's record and the run's counters, as the runner had them."""
-    from parallelcity.run.runner import CycleRecord, _counts, count_cycle
+    from parallelcity.decide.cycle import Outcome
+    from parallelcity.run.records import CycleRecord, count_cycle, new_counts
     from parallelcity.specs import SafetySpecs
 
     inputs = scenario.model.inputs
     bands = SafetySpecs.from_scenario(scenario).bands
-    counts = _counts()
+    counts = new_counts()
     by_k: dict[int, list[sqlite3.Row]] = {}
     for cmd in run.commands:
         by_k.setdefault(int(cmd["k"]), []).append(cmd)
@@ -248,7 +249,8 @@ def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dic
     out: list[CycleRecord] = []
     for row in run.cycles:
         k, t = int(row["k"]), float(row["t"])
-        count_cycle(counts, str(row["outcome"]), str(row["source"]))
+        outcome = Outcome(str(row["outcome"]))
+        count_cycle(counts, outcome, str(row["source"]))
         ack = ""
         for cmd in by_k.get(k, []):
             ack = _ack_text(str(cmd["id"]), run.acks)
@@ -260,7 +262,7 @@ def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dic
         rec = CycleRecord(
             k=k,
             t=t,
-            outcome=str(row["outcome"]),
+            outcome=outcome,
             source=str(row["source"]),
             reason=str(row["reason"]),
             values=values,
@@ -284,7 +286,7 @@ def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dic
 
 def run_result(run: JournalRun, scenario: Scenario, out_dir: Path) -> RunResult:
     """The run as ``runner.run`` returned it, to write its outputs into ``out_dir``."""
-    from parallelcity.run.runner import RunResult
+    from parallelcity.run.records import RunResult
 
     try:
         recs, counts = records(run, scenario)
