@@ -21,10 +21,8 @@ import asyncio
 import datetime as dt
 import logging
 import math
-import secrets
 import shlex
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import AsyncExitStack, suppress
@@ -47,24 +45,20 @@ from parallelcity.decide.cycle import (
     finish_cycle,
 )
 from parallelcity.decide.gate import SimplexGate
-from parallelcity.dispatch.dispatcher import ClientCurve, Dispatcher
-from parallelcity.dispatch.keys import KeyPair, read_public_key, read_secret_key
+from parallelcity.dispatch.dispatcher import Dispatcher
 from parallelcity.dispatch.wire import AckStatus, Status, WatchdogState
 from parallelcity.errors import DispatchError, JournalError, ParallelCityError, SecurityError
 from parallelcity.field.mirror import Mirror
-from parallelcity.field.opcua.certs import make_lab_pki
 from parallelcity.field.opcua.session import (
     ClientSecurity,
     SecureStandIn,
     ServerSecurity,
-    hash_password,
 )
 from parallelcity.field.snapshot import Snapshot
 from parallelcity.gateway.config import open_gateway
 from parallelcity.gateway.core import DEFAULT_MAX_COMMAND_AGE_S, GatewayCore
-from parallelcity.gateway.server import FieldGateway, ServerCurve, new_zap_domain
+from parallelcity.gateway.server import FieldGateway, ServerCurve
 from parallelcity.gateway.watchdog import readable_times
-from parallelcity.gateway.zap import AllowList, Grant
 from parallelcity.record.journal import Journal
 from parallelcity.run.lifecycle import (
     SolveWorker,
@@ -74,6 +68,11 @@ from parallelcity.run.lifecycle import (
     unless_stopped,
 )
 from parallelcity.run.records import CycleRecord, RunResult, count_cycle, new_counts
+from parallelcity.run.security import check_opcua_security as _check_opcua_security
+from parallelcity.run.security import check_zmq_security as _check_zmq_security
+from parallelcity.run.security import issuer_name as _issuer
+from parallelcity.run.security import opcua_security as _opcua_security
+from parallelcity.run.security import zmq_security as _zmq_security
 from parallelcity.scenario.definition import Scenario
 from parallelcity.scenario.text import scenario_toml
 from parallelcity.specs import SafetySpecs
@@ -144,57 +143,6 @@ def _estimator(scenario: Scenario) -> ExtendedKalmanFilter | None:
     )
 
 
-def _check_opcua_security(scenario: Scenario, embedded: bool = True) -> None:
-    """Refuse OPC UA without security unless the scenario asks for a lab run.
-
-    Real equipment needs ``[security.opcua]``; the embedded stand-in gets
-    certificates generated for the run (``_opcua_security``).
-    """
-    if scenario.insecure_lab or embedded:
-        return
-    if scenario.file.security.opcua is None:
-        raise SecurityError(
-            "OPC UA to field equipment needs [security.opcua] (certificate, private_key, "
-            "trusted, and a user token; `parallelcity certs DIR` creates a set), or "
-            "[security] insecure_lab = true for a lab run"
-        )
-
-
-def _opcua_security(
-    scenario: Scenario, embedded: bool, out_dir: Path
-) -> tuple[ClientSecurity, ServerSecurity | None]:
-    """The runtime's OPC UA client security, and the embedded stand-in's server security.
-
-    Embedded and not a lab run: a client and a server certificate that trust each
-    other and a random password, generated for this run under ``out_dir/pki``.
-    """
-    if embedded and scenario.insecure_lab:
-        return ClientSecurity.insecure(), None
-    if not embedded:
-        client = ClientSecurity.from_scenario(scenario)
-        if not client.secure and not scenario.insecure_lab:
-            raise SecurityError("OPC UA policy None needs [security] insecure_lab = true")
-        return client, None
-    pki = make_lab_pki(out_dir / "pki")
-    password = secrets.token_urlsafe(24)
-    server = ServerSecurity(
-        pki.server.certificate,
-        pki.server.private_key,
-        pki.server_trusted,
-        users={"parallelcity": hash_password(password)},
-    )
-    client = ClientSecurity(
-        "Basic256Sha256",
-        pki.client.certificate,
-        pki.client.private_key,
-        pki.client_trusted,
-        username="parallelcity",
-        password=password,
-    )
-    log.info("embedded OPC UA: Basic256Sha256 SignAndEncrypt, certificates in %s", pki.root)
-    return client, server
-
-
 def _divergence_monitor(scenario: Scenario) -> DivergenceMonitor | None:
     cfg = scenario.file.divergence
     if cfg is None:
@@ -227,60 +175,6 @@ def _watch_divergence(
         journal.record_event(
             k, t, "divergence", check.change, detail, {"residuals": dict(check.residuals)}
         )
-
-
-def _check_zmq_security(scenario: Scenario, embedded_gateway: bool = True) -> None:
-    """Refuse to dispatch over ZeroMQ without CURVE unless the scenario asks for a lab run.
-
-    The embedded gateway gets key pairs generated for the run (``_zmq_security``);
-    a separate gateway (``--gateway``) needs ``[security.zmq]``.
-    """
-    if scenario.insecure_lab or embedded_gateway:
-        return
-    if scenario.file.security.zmq is None:
-        raise SecurityError(
-            "dispatching to a gateway needs [security.zmq] (client_secret_key, "
-            "gateway_public_key; `parallelcity keys DIR NAME` makes key pairs), or "
-            "[security] insecure_lab = true for a lab run"
-        )
-
-
-def _issuer(scenario: Scenario, embedded_gateway: bool) -> str:
-    """The issuer name this run's commands carry.
-
-    A separate gateway binds each client key to one issuer: with CURVE the run
-    speaks as ``[security.zmq] issuer`` (default: the scenario's name).
-    Otherwise a name of its own for this run (the embedded gateway binds it).
-    """
-    cfg = scenario.file.security.zmq
-    if not embedded_gateway and cfg is not None:
-        return cfg.issuer or scenario.meta.name
-    return f"{scenario.meta.name}-{uuid.uuid4().hex[:8]}"
-
-
-def _zmq_security(
-    scenario: Scenario, embedded_gateway: bool, issuer: str
-) -> tuple[ClientCurve | None, ServerCurve | None]:
-    """CURVE for the dispatcher, and for the embedded gateway (``None``: no CURVE).
-
-    Embedded and not a lab run: a server and a client key pair made in memory for
-    this run; the gateway allows exactly that client key, bound to ``issuer``.
-    """
-    cfg = scenario.file.security.zmq
-    if not embedded_gateway:
-        if cfg is None:
-            return None, None  # insecure_lab, checked by _check_zmq_security
-        base = scenario.path.parent
-        keys = read_secret_key(base / cfg.client_secret_key)
-        return ClientCurve(keys, read_public_key(base / cfg.gateway_public_key)), None
-    if scenario.insecure_lab:
-        return None, None
-    server, client = KeyPair.generate(), KeyPair.generate()
-    allow = AllowList.of(
-        [(client.public, Grant.everything("embedded-runtime", frozenset({issuer})))]
-    )
-    log.info("embedded gateway: ZeroMQ CURVE with key pairs generated for this run")
-    return ClientCurve(client, server.public), ServerCurve(server, allow, new_zap_domain())
 
 
 def _embedded_core(scenario: Scenario, specs: SafetySpecs, speed: float) -> GatewayCore:
