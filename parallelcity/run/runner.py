@@ -57,7 +57,7 @@ from parallelcity.field.opcua.session import (
 from parallelcity.field.snapshot import Snapshot
 from parallelcity.gateway.config import open_gateway
 from parallelcity.gateway.core import DEFAULT_MAX_COMMAND_AGE_S, GatewayCore
-from parallelcity.gateway.server import FieldGateway, ServerCurve
+from parallelcity.gateway.server import ServerCurve
 from parallelcity.gateway.watchdog import readable_times
 from parallelcity.record.journal import Journal
 from parallelcity.run.lifecycle import (
@@ -87,8 +87,6 @@ __all__ = ["CycleRecord", "RunOptions", "RunResult", "count_cycle", "rearm_comma
 
 log = logging.getLogger("parallelcity.run.runner")
 
-EMBEDDED_GATEWAY_STOP_S = 2.0
-"""How long (wall) the embedded gateway gets to finish its batch at the end of a run."""
 MIN_WATCHDOG_WALL_S = 0.5
 """An embedded watchdog window shorter than this in wall time gets a warning."""
 INSECURE_BANNER = (
@@ -322,8 +320,9 @@ async def _start_gateway(
     out_dir: Path,
     opcua: ClientSecurity,
     curve: ServerCurve | None,
-) -> tuple[str, _Embedded | None]:
-    """The gateway's endpoint: the given one, or a gateway embedded in this run's tasks."""
+) -> tuple[str, asyncio.Task[None] | None]:
+    """The gateway's endpoint: the given one, or a gateway embedded in this run's tasks
+    (its task is cancelled at the end; its store commits what it holds as it closes)."""
     if run.options.gateway_endpoint is not None:
         return run.options.gateway_endpoint, None
     scenario = run.scenario
@@ -342,19 +341,7 @@ async def _start_gateway(
     )
     task = tasks.create_task(gateway.serve(), name="field-gateway")
     log.info("field gateway listening at %s", gateway.endpoint)
-    return gateway.endpoint, _Embedded(gateway, task)
-
-
-@dataclass
-class _Embedded:
-    gateway: FieldGateway
-    task: asyncio.Task[None]
-
-    async def stop(self) -> None:
-        """Let the gateway finish its batch and commit its store, within a bound."""
-        self.gateway.request_stop("the run ended")
-        await asyncio.wait({self.task}, timeout=EMBEDDED_GATEWAY_STOP_S)
-        self.task.cancel()
+    return gateway.endpoint, task
 
 
 async def _open_mirror(
@@ -388,7 +375,7 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
             stop.install()
             stack.callback(stop.uninstall)
         endpoint, stand_in = await _start_field(stack, run, opcua_server)
-        gateway_endpoint, gateway = await _start_gateway(
+        gateway_endpoint, gateway_task = await _start_gateway(
             stack, tasks, run, endpoint, out_dir, opcua_client, zmq_server
         )
         mirror, u_now = await _open_mirror(stack, run, endpoint, opcua_client)
@@ -419,14 +406,12 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         stack.push(loop.journal_failed_end)
         try:
             await loop.run(tasks, gateway_endpoint, issuer)
-            if gateway is not None:
-                await gateway.stop()
         finally:
             loop.close()
             if run.pool is not None:
                 run.pool.close()
-            if gateway is not None:
-                gateway.task.cancel()
+            if gateway_task is not None:
+                gateway_task.cancel()
         end = "interrupted" if stop.requested else "completed"
         loop.journal_end(end, stop.signal)
     return RunResult(
