@@ -38,6 +38,7 @@ from asyncua.server.server import Server
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.status_codes import StatusCodes
 
+from parallelcity.aio import cancel_and_wait
 from parallelcity.clock import Clock
 from parallelcity.errors import FieldConnectionError, SecurityError
 from parallelcity.field.opcua.session import ServerSecurity, configure_server, parse_node_id
@@ -294,10 +295,7 @@ class EmbeddedField:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         server, self._server = self._server, None
         if server is not None:
             with contextlib.suppress(Exception):
@@ -552,10 +550,7 @@ class PointServer:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         server, self._server = self._server, None
         if server is not None:
             self.late_closed += await stop_server(server)
@@ -570,10 +565,7 @@ class PointServer:
         server = self._server
         assert server is not None
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         self.late_closed += await stop_server(server)
         self.down_at = time.monotonic()
         await asyncio.sleep(down_s)

@@ -36,7 +36,7 @@ from parallelcity.decide.control import (
     ControlResult,
     SolveStatus,
 )
-from parallelcity.decide.gate import Mode, SimplexGate, Switch
+from parallelcity.decide.gate import GateState, Mode, SimplexGate, Switch
 from parallelcity.field.snapshot import Snapshot
 from parallelcity.twin.model import Array
 from parallelcity.twin.twin import Twin
@@ -44,9 +44,18 @@ from parallelcity.verify.verifier import Verdict, Verifier
 
 
 class Outcome(StrEnum):
-    DISPATCH = "dispatch"
-    HOLD = "hold"
-    STALE = "stale"
+    """What one cycle came to; the values are the journal's stored strings."""
+
+    DISPATCH = "dispatch"  # a verified action was sent (its ack is recorded beside)
+    HOLD = "hold"  # nothing sent: no plan passed, refused at dispatch, or stopped mid-solve
+    STALE = "stale"  # nothing computed: a required point is stale
+    BUSY = "busy"  # nothing sent: the previous cycle's solve is still running
+    DEADLINE = "deadline"  # nothing sent: the decision missed the cycle's deadline
+
+    @property
+    def sends_nothing_by_time(self) -> bool:
+        """Busy and deadline cycles: a hold caused by time, which trips the gate."""
+        return self in (Outcome.BUSY, Outcome.DEADLINE)
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,7 +74,12 @@ class Decision:
     inp: ControlInput | None = None
     chosen: str | None = None  # role whose approved plan is the action (default: first approved)
     switches: tuple[Switch, ...] = ()  # gate switches this cycle, in order
-    mode: Mode = Mode.CONTROLLER  # who is in control after this cycle
+    gate: GateState | None = None  # the gate after this cycle (None: not planned)
+
+    @property
+    def mode(self) -> Mode:
+        """Who is in control after this cycle."""
+        return Mode.CONTROLLER if self.gate is None else self.gate.mode
 
     @property
     def approved(self) -> Attempt | None:
@@ -154,11 +168,51 @@ class CycleLogic:
         fallback_reason: str | None = None,
         verify_by: float | None = None,
     ) -> Decision:
-        """Decide one cycle.  ``fallback_reason`` skips the controller (e.g. the twin
-        diverges from the field) and goes straight to the verified fallback; it also
-        trips the gate, so the controller must be verified again before it takes over.
-        ``verify_by`` (a ``time.monotonic()`` instant) is when verification must be done."""
-        gate = self.gate
+        """``plan`` against this logic's gate, and adopt the gate's state after it."""
+        d = self.plan(
+            t0,
+            snapshot,
+            u_prev,
+            deadline_s,
+            gate=self.gate.state,
+            fallback_reason=fallback_reason,
+            verify_by=verify_by,
+        )
+        if d.gate is not None:
+            self.gate.adopt(d.gate, d.switches)
+        return d
+
+    def plan(
+        self,
+        t0: float,
+        snapshot: Snapshot,
+        u_prev: Array,
+        deadline_s: float = math.inf,
+        *,
+        gate: GateState,
+        fallback_reason: str | None = None,
+        verify_by: float | None = None,
+    ) -> Decision:
+        """Decide one cycle with the gate at ``gate``; the run's gate is not touched (the
+        solve thread calls this; the loop thread adopts ``Decision.gate`` if it uses it).
+
+        ``fallback_reason`` skips the controller (e.g. the twin diverges from the
+        field) and goes straight to the verified fallback; it also trips the gate, so
+        the controller must be verified again before it takes over.  ``verify_by`` (a
+        ``time.monotonic()`` instant) is when verification must be done."""
+        scratch = SimplexGate.scratch(gate)
+        return self._plan(t0, snapshot, u_prev, deadline_s, scratch, fallback_reason, verify_by)
+
+    def _plan(
+        self,
+        t0: float,
+        snapshot: Snapshot,
+        u_prev: Array,
+        deadline_s: float,
+        gate: SimplexGate,
+        fallback_reason: str | None,
+        verify_by: float | None,
+    ) -> Decision:
         switches: list[Switch] = []
 
         x0: Array | None = None
@@ -175,7 +229,7 @@ class CycleLogic:
                 inp,
                 chosen=chosen,
                 switches=tuple(switches),
-                mode=gate.mode,
+                gate=gate.state,
             )
 
         def trip(reason: str) -> None:
@@ -201,7 +255,7 @@ class CycleLogic:
                 return done(Outcome.DISPATCH, f"fallback: {fallback_reason}", only)
             return done(Outcome.HOLD, f"hold: {fallback_reason}; fallback {_why(only)}", only)
         if gate.mode is Mode.FALLBACK:
-            return self._shadow(t0, inp, verify_by, done, switches)
+            return self._shadow(t0, inp, verify_by, gate, done, switches)
         first = self._attempt("controller", self.controller, inp, verify_by)
         if first.verdict is not None and first.verdict.approved:
             return done(Outcome.DISPATCH, "controller plan approved", first)
@@ -219,12 +273,12 @@ class CycleLogic:
         t0: float,
         inp: ControlInput,
         verify_by: float | None,
+        gate: SimplexGate,
         done: Callable[..., Decision],
         switches: list[Switch],
     ) -> Decision:
         """The fallback is in control: its plan first (it is what will be sent), then the
         controller's in the shadow, which counts towards handing control back."""
-        gate = self.gate
         fb = self._attempt("fallback", self.fallback, inp, verify_by)
         fb_ok = fb.verdict is not None and fb.verdict.approved
         ctrl = self._attempt("controller", self.controller, inp, verify_by)
@@ -259,3 +313,58 @@ def _why(a: Attempt) -> str:
     if a.verdict is None:
         return f"{a.role} {a.result.status.value}: {a.result.message}".rstrip(": ")
     return f"{a.role} plan {a.verdict.summary()}"
+
+
+# ---------------------------------------------------------------- the cycle's end, pure
+
+
+@dataclass(frozen=True)
+class Unsolved:
+    """No decision came back for the cycle: ``BUSY`` (the previous solve still runs),
+    ``DEADLINE`` (the solve missed the deadline) or ``HOLD`` (a stop arrived mid-solve)."""
+
+    outcome: Outcome
+    reason: str
+
+
+@dataclass(frozen=True, eq=False)
+class CycleStep:
+    """What the loop does with one cycle: journal ``decision`` as ``outcome``/``reason``,
+    adopt its gate state if ``adopt``, trip the gate if ``trip``, send ``action`` if any."""
+
+    outcome: Outcome
+    reason: str
+    decision: Decision
+    action: Array | None = None
+    adopt: bool = False
+    trip: str | None = None
+
+
+def finish_cycle(
+    solved: Decision | Unsolved,
+    *,
+    decided_at: float,
+    deadline_at: float,
+    check_dispatch: Callable[[Array], str | None],
+) -> CycleStep:
+    """The cycle's outcome from its solve (or its absence), in one place.
+
+    ``check_dispatch(action)`` says why the action must not leave (the specs once
+    more on what is about to be sent), or None.  A decision that comes back after
+    ``deadline_at`` (simulated) sends nothing; busy and late cycles trip the gate.
+    """
+    if isinstance(solved, Unsolved):
+        held = Decision(Outcome.HOLD, solved.reason)
+        trip = f"deadline: {solved.reason}" if solved.outcome.sends_nothing_by_time else None
+        return CycleStep(solved.outcome, solved.reason, held, trip=trip)
+    d = solved
+    action = d.action if d.outcome is Outcome.DISPATCH else None
+    if action is None:
+        return CycleStep(d.outcome, d.reason, d, adopt=True)
+    if decided_at > deadline_at:
+        reason = f"decided too late: {d.reason}"
+        return CycleStep(Outcome.DEADLINE, reason, d, adopt=True, trip=f"deadline: {reason}")
+    broken = check_dispatch(action)
+    if broken is not None:
+        return CycleStep(Outcome.HOLD, f"refused at dispatch: {broken}", d, adopt=True)
+    return CycleStep(Outcome.DISPATCH, d.reason, d, action, adopt=True)

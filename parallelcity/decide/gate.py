@@ -12,15 +12,15 @@ plan is verified, but only the fallback's plan is dispatched; any cycle whose
 controller plan is not approved (or not tried) resets the count.  Every change
 of mode is a ``Switch`` with its time and reason, for the journal.
 
-Pure: no clock, no I/O.  ``CycleLogic`` drives it from the cycle's worker
-thread; the runner trips it for a missed deadline, which only the runner can
-see, so every method holds a lock.
+Pure and single-threaded: no clock, no I/O, no lock.  ``GateState`` is a value;
+the solve thread plans against a copy of it and hands the state after back in its
+``Decision``; only the loop thread changes the run's gate (``SimplexGate.adopt``,
+``trip`` for a missed deadline).
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 
@@ -37,54 +37,73 @@ class Switch:
     reason: str
 
 
+@dataclass(frozen=True)
+class GateState:
+    """Who is in control, and how many consecutive verified controller plans in FALLBACK."""
+
+    reverify_cycles: int = 3
+    mode: Mode = Mode.CONTROLLER
+    streak: int = 0
+
+
 class SimplexGate:
-    def __init__(self, reverify_cycles: int = 3) -> None:
+    """The gate's state and its switches so far; one thread owns it."""
+
+    def __init__(self, reverify_cycles: int = 3, state: GateState | None = None) -> None:
         if reverify_cycles < 1:
             raise ValueError(f"reverify_cycles must be at least 1, got {reverify_cycles}")
-        self.reverify_cycles = reverify_cycles
-        self.mode = Mode.CONTROLLER
-        self.streak = 0  # consecutive verified controller plans while in FALLBACK
+        self.state = state if state is not None else GateState(reverify_cycles)
         self.switches: list[Switch] = []
-        self._lock = threading.Lock()
+
+    @classmethod
+    def scratch(cls, state: GateState) -> SimplexGate:
+        """A private gate starting at ``state``, to plan one cycle against."""
+        return cls(state.reverify_cycles, state)
 
     @property
-    def in_fallback(self) -> bool:
-        return self.mode is Mode.FALLBACK
+    def mode(self) -> Mode:
+        return self.state.mode
+
+    @property
+    def streak(self) -> int:
+        return self.state.streak
+
+    @property
+    def reverify_cycles(self) -> int:
+        return self.state.reverify_cycles
 
     def trip(self, t: float, reason: str) -> Switch | None:
         """Hand control to the fallback (or keep it there, restarting the count)."""
-        with self._lock:
-            self.streak = 0
-            if self.mode is Mode.FALLBACK:
-                return None
-            self.mode = Mode.FALLBACK
-            return self._switch(t, Mode.CONTROLLER, Mode.FALLBACK, reason)
+        was = self.state.mode
+        self.state = replace(self.state, mode=Mode.FALLBACK, streak=0)
+        if was is Mode.FALLBACK:
+            return None
+        return self._switch(t, Mode.CONTROLLER, Mode.FALLBACK, reason)
 
     def controller_verified(self, t: float) -> Switch | None:
         """The controller's plan was approved this cycle; returns the switch back, if due."""
-        with self._lock:
-            if self.mode is Mode.CONTROLLER:
-                return None
-            self.streak += 1
-            if self.streak < self.reverify_cycles:
-                return None
-            self.mode, self.streak = Mode.CONTROLLER, 0
-            return self._switch(
-                t,
-                Mode.FALLBACK,
-                Mode.CONTROLLER,
-                f"controller plan verified on {self.reverify_cycles} consecutive cycles",
-            )
+        s = self.state
+        if s.mode is Mode.CONTROLLER:
+            return None
+        if s.streak + 1 < s.reverify_cycles:
+            self.state = replace(s, streak=s.streak + 1)
+            return None
+        self.state = replace(s, mode=Mode.CONTROLLER, streak=0)
+        return self._switch(
+            t,
+            Mode.FALLBACK,
+            Mode.CONTROLLER,
+            f"controller plan verified on {s.reverify_cycles} consecutive cycles",
+        )
 
     def controller_unverified(self) -> None:
         """The controller's plan was not approved (or not tried) this cycle."""
-        with self._lock:
-            self.streak = 0
+        self.state = replace(self.state, streak=0)
 
-    def status(self) -> str:
-        if self.mode is Mode.CONTROLLER:
-            return "controller in control"
-        return f"fallback in control; controller verified {self.streak}/{self.reverify_cycles}"
+    def adopt(self, state: GateState, switches: tuple[Switch, ...]) -> None:
+        """Take the state a cycle was planned to, with the switches that led there."""
+        self.state = state
+        self.switches.extend(switches)
 
     def _switch(self, t: float, frm: Mode, to: Mode, reason: str) -> Switch:
         s = Switch(t, frm, to, reason)

@@ -16,6 +16,8 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -343,38 +345,96 @@ async def serve_gateway(config: GatewayConfig, clock: Clock) -> None:
             config.file.gateway.name,
             " and ".join(missing),
         )
-    core = config.core()
     g = config.file.gateway
-    store = GatewayStore(config.resolve(config.file.gateway.state))
-    writer = OpcUaWriter(
-        config.file.field.endpoint,
-        config.field_config(),
-        timeout_s=g.write_timeout_s,
-        security=opcua,
-        on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),
-    )
-    gateway = FieldGateway(
-        core,
-        writer,
+    gateway_cm = open_gateway(
+        config.core(),
         clock,
-        bind=config.file.gateway.bind,
+        field_endpoint=config.file.field.endpoint,
+        field=config.field_config(),
+        opcua=opcua,
+        state=config.resolve(g.state),
+        bind=g.bind,
         curve=curve,
         insecure_lab=sec.insecure_lab,
-        ack_after_applied_commit=config.file.gateway.ack_after_applied_commit,
-        store=store,
-        write_timeout_s=config.file.gateway.write_timeout_s,
+        write_timeout_s=g.write_timeout_s,
+        ack_after_applied_commit=g.ack_after_applied_commit,
         quota=KeyQuota(g.max_messages_per_s, g.max_burst_messages),
     )
     loop = asyncio.get_running_loop()
     signals = [signal.SIGTERM, signal.SIGINT]
+    running: list[FieldGateway] = []
+    early: list[str] = []  # a signal while connecting stops the gateway as soon as it is up
+
+    def on_signal(name: str) -> None:
+        if running:
+            running[0].request_stop(name)
+        else:
+            early.append(name)
+
     for sig in signals:
-        loop.add_signal_handler(sig, gateway.request_stop, sig.name)
+        loop.add_signal_handler(sig, on_signal, sig.name)
     try:
-        async with writer, gateway:
+        async with gateway_cm as gateway:
+            running.append(gateway)
+            if early:
+                gateway.request_stop(early[0])
             log.info("gateway %s serving on %s", g.name, gateway.endpoint)
             await gateway.serve()
         log.warning("gateway %s: stopped cleanly; the OPC UA session is closed", g.name)
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+
+
+EMBEDDED_WRITER_TIMEOUT_S = 4.0
+"""Without ``write_timeout_s``: the writer's connect and request timeout ..."""
+EMBEDDED_WRITE_TIMEOUT_S = 5.0
+"""... and the gateway's bound on one write, which allows for it."""
+
+
+@asynccontextmanager
+async def open_gateway(
+    core: GatewayCore,
+    clock: Clock,
+    *,
+    field_endpoint: str,
+    field: FieldConfig,
+    opcua: ClientSecurity,
+    state: Path,
+    bind: str,
+    curve: ServerCurve | None,
+    insecure_lab: bool,
+    write_timeout_s: float | None = None,
+    ack_after_applied_commit: bool = False,
+    quota: KeyQuota | None = None,
+) -> AsyncIterator[FieldGateway]:
+    """A started gateway with its durable store and its field writer, closed on exit.
+
+    The one set-up for both a stand-alone gateway (``serve_gateway``) and the one a run
+    embeds: the caller runs ``serve()`` (and ``request_stop`` ends it cleanly).
+    """
+    store = GatewayStore(state)
+    try:
+        writer = OpcUaWriter(
+            field_endpoint,
+            field,
+            security=opcua,
+            on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),
+            timeout_s=write_timeout_s or EMBEDDED_WRITER_TIMEOUT_S,
+        )
+        gateway = FieldGateway(
+            core,
+            writer,
+            clock,
+            bind=bind,
+            curve=curve,
+            insecure_lab=insecure_lab,
+            ack_after_applied_commit=ack_after_applied_commit,
+            store=store,
+            quota=quota,
+            write_timeout_s=write_timeout_s or EMBEDDED_WRITE_TIMEOUT_S,
+        )
+        async with writer, gateway:
+            yield gateway
+    finally:
         store.close()

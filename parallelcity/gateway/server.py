@@ -28,6 +28,7 @@ from types import TracebackType
 import zmq
 import zmq.asyncio
 
+from parallelcity.aio import cancel_and_wait
 from parallelcity.backoff import Backoff
 from parallelcity.clock import Clock
 from parallelcity.dispatch.keys import KeyPair
@@ -359,10 +360,7 @@ class FieldGateway:
 
     async def aclose(self) -> None:
         settler, self._settler = self._settler, None
-        if settler is not None:
-            settler.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await settler
+        await cancel_and_wait(settler)
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close(linger=0)

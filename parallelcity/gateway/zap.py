@@ -15,7 +15,6 @@ its own (``FieldGateway`` creates one).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -25,6 +24,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils import z85
 
+from parallelcity.aio import cancel_and_wait
 from parallelcity.dispatch.keys import check_z85
 from parallelcity.errors import SecurityError
 from parallelcity.gateway.grants import Grant
@@ -123,10 +123,7 @@ class ZapHandler:
     async def aclose(self) -> None:
         self.denials_log.summarise()
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close(linger=0)

@@ -20,6 +20,7 @@ from parallelcity.errors import JournalError, ScenarioError
 from parallelcity.record.records import CycleRecord, RunResult, count_cycle, new_counts
 
 if TYPE_CHECKING:  # imported where used: a file that is no journal is refused at once
+    from parallelcity.record.records import CycleRecord, RunResult
     from parallelcity.scenario.definition import Scenario
 
 LOCK_TIMEOUT_S = 2.0
@@ -231,6 +232,8 @@ def _num(v: Any) -> float:
 
 def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dict[str, int]]:
     """Each cycle's record and the run's counters, as the runner had them."""
+    from parallelcity.decide.cycle import Outcome
+    from parallelcity.record.records import CycleRecord
 
     inputs = scenario.model.inputs
     bands = scenario.safety_specs().bands
@@ -246,7 +249,8 @@ def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dic
     out: list[CycleRecord] = []
     for row in run.cycles:
         k, t = int(row["k"]), float(row["t"])
-        count_cycle(counts, str(row["outcome"]), str(row["source"]))
+        outcome = Outcome(str(row["outcome"]))
+        count_cycle(counts, outcome, str(row["source"]))
         ack = ""
         for cmd in by_k.get(k, []):
             ack = _ack_text(str(cmd["id"]), run.acks)
@@ -258,7 +262,7 @@ def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dic
         rec = CycleRecord(
             k=k,
             t=t,
-            outcome=str(row["outcome"]),
+            outcome=outcome,
             source=str(row["source"]),
             reason=str(row["reason"]),
             values=values,
@@ -282,6 +286,8 @@ def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dic
 
 def run_result(run: JournalRun, scenario: Scenario, out_dir: Path) -> RunResult:
     """The run as ``runner.run`` returned it, to write its outputs into ``out_dir``."""
+    from parallelcity.record.records import RunResult
+
     try:
         recs, counts = records(run, scenario)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:

@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from parallelcity.decide.cycle import Outcome
 from parallelcity.twin.model import Panel
 
 if TYPE_CHECKING:
@@ -38,9 +39,10 @@ def cycle_events(rec: CycleRecord) -> set[str]:
     out = set()
     if rec.source == "fallback":
         out.add("fallback")
-    if rec.outcome in ("hold", "stale"):
-        out.add(rec.outcome)
-    if rec.outcome in ("deadline", "busy"):
+    outcome = Outcome(rec.outcome)
+    if outcome in (Outcome.HOLD, Outcome.STALE):
+        out.add(outcome.value)
+    if outcome.sends_nothing_by_time:
         out.add("deadline/busy")
     if rec.ack.startswith("refused"):
         out.add("refused")

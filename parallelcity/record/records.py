@@ -1,6 +1,7 @@
-"""What a run leaves behind, as values: one record per cycle, the run's result and its
-counters.  The runner writes them live; ``parallelcity report`` rebuilds them from a
-journal; the report and the plot read them.  Pure.
+"""What a run leaves behind, as values: each cycle's record, the run's counters and result.
+
+Pure (no I/O): the runner fills these live, ``record.journal_read`` rebuilds them
+from a journal, and the report and plot read them.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from parallelcity.decide.cycle import Outcome
 
 if TYPE_CHECKING:
     from parallelcity.scenario.definition import Scenario
@@ -19,7 +22,7 @@ if TYPE_CHECKING:
 class CycleRecord:
     k: int
     t: float
-    outcome: str
+    outcome: Outcome
     source: str
     reason: str
     values: dict[str, float | None]
@@ -51,30 +54,28 @@ class RunResult:
 
 ProgressFn = Callable[[CycleRecord, dict[str, int]], None]
 
+COUNTERS = (
+    "cycles",
+    "sent",
+    "acked",
+    "refused",
+    "undelivered",
+    "fallback",
+    *(o.value for o in Outcome if o is not Outcome.DISPATCH),
+)
+
 
 def new_counts() -> dict[str, int]:
-    """Every counter of a run, at zero."""
-    keys = (
-        "cycles",
-        "sent",
-        "acked",
-        "refused",
-        "undelivered",
-        "fallback",
-        "hold",
-        "stale",
-        "deadline",
-        "busy",
-    )
-    return dict.fromkeys(keys, 0)
+    return dict.fromkeys(COUNTERS, 0)
 
 
-def count_cycle(counts: dict[str, int], outcome: str, source: str) -> None:
+def count_cycle(counts: dict[str, int], outcome: Outcome | str, source: str) -> None:
     """Add one cycle to the run's counters (the runner live, ``parallelcity report`` after)."""
+    outcome = Outcome(outcome)
     counts["cycles"] += 1
-    if outcome in counts:
-        counts[outcome] += 1
-    if outcome in ("busy", "deadline"):  # sent nothing, as a hold; also counted by kind
+    if outcome.value in counts:
+        counts[outcome.value] += 1
+    if outcome.sends_nothing_by_time:  # sent nothing, as a hold; also counted by kind
         counts["hold"] += 1
     if source == "fallback":
         counts["fallback"] += 1

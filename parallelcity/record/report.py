@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from parallelcity.decide.cycle import Outcome
 from parallelcity.record.records import CycleRecord, RunResult
 from parallelcity.twin.model import ReportSpec
 
@@ -202,10 +203,10 @@ def summarize(result: RunResult) -> Summary:
         refused=c.get("refused", 0),
         undelivered=c.get("undelivered", 0),
         fallbacks=c.get("fallback", 0),
-        holds=c.get("hold", 0),
-        stale=c.get("stale", 0),
-        deadline_missed=c.get("deadline", 0),
-        busy=c.get("busy", 0),
+        holds=c.get(Outcome.HOLD, 0),
+        stale=c.get(Outcome.STALE, 0),
+        deadline_missed=c.get(Outcome.DEADLINE, 0),
+        busy=c.get(Outcome.BUSY, 0),
         cycle_wall_p50_ms=_pct([r.wall_s for r in recs], 50),
         cycle_wall_p99_ms=_pct([r.wall_s for r in recs], 99),
         solve_p50_ms=_pct(solves, 50),
@@ -240,7 +241,7 @@ def write_csv(records: Sequence[CycleRecord], path: Path) -> None:
         )
         for r in records:
             w.writerow(
-                [_iso(r.t), r.k, r.outcome, r.source, r.ack]
+                [_iso(r.t), r.k, Outcome(r.outcome).value, r.source, r.ack]
                 + ["" if r.values.get(p) is None else f"{r.values[p]:.4f}" for p in points]
                 + [r.bands[b][0] for b in bands]
                 + [r.bands[b][1] for b in bands]

@@ -68,15 +68,21 @@ class SolveWorker:
         with self._ready:
             return self._busy or bool(self._jobs)
 
-    def close(self) -> bool:
-        """Stop taking jobs; True if a job is still running (and is abandoned)."""
+    def close(self, wait_s: float = 0.0) -> bool:
+        """Stop taking jobs; True if a job is still running (and is abandoned).
+
+        An idle thread is joined, for at most ``wait_s``; a busy one never is.
+        """
         with self._ready:
             for job in self._jobs:
                 if job is not None:
                     job[0].cancel()
             self._jobs = [None]
             self._ready.notify()
-            return self._busy
+            busy = self._busy
+        if not busy and wait_s > 0:
+            self._thread.join(wait_s)
+        return busy
 
     def _work(self) -> None:
         while True:

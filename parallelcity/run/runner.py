@@ -6,8 +6,13 @@ Structure (one task group owns every task):
                                                              │ verified action
     plant ◄─ OPC UA ─ field gateway (embedded only) ◄─ ZeroMQ ─ dispatcher
 
-The pure decision lives in ``cycle.py``; this module only moves data between
-the clock, the sockets, the worker thread and the journal.
+The pure decision lives in ``decide/cycle.py`` (``CycleLogic.plan`` on the worker
+thread, ``finish_cycle`` on the loop thread, which alone owns the simplex gate); this
+module only moves data between the clock, the sockets, the worker thread and the
+journal.  Set-up is one small function per part (``_prepare``, ``_start_field``,
+``_start_gateway``, ``_open_mirror``); ``_Loop.cycle`` is one cycle's I/O.  Every task
+is the run's task group's; the worker thread is joined when idle and abandoned (a
+daemon) only when a solve is stuck.
 """
 
 from __future__ import annotations
@@ -16,25 +21,30 @@ import asyncio
 import datetime as dt
 import logging
 import math
-import secrets
 import shlex
 import time
-import uuid
 from concurrent.futures import Future
 from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from parallelcity import plugins
 from parallelcity.clock import SimClock
 from parallelcity.decide.choice import controller_settings
-from parallelcity.decide.cycle import CycleLogic, Decision, Outcome
+from parallelcity.decide.cycle import (
+    CycleLogic,
+    CycleStep,
+    Decision,
+    Outcome,
+    Unsolved,
+    finish_cycle,
+)
 from parallelcity.decide.gate import SimplexGate
-from parallelcity.dispatch.dispatcher import ClientCurve, Dispatcher
-from parallelcity.dispatch.keys import KeyPair, read_public_key, read_secret_key
+from parallelcity.dispatch.dispatcher import Dispatcher
 from parallelcity.dispatch.wire import AckStatus, Status, WatchdogState
 from parallelcity.errors import (
     DispatchError,
@@ -44,21 +54,16 @@ from parallelcity.errors import (
     SecurityError,
 )
 from parallelcity.field.mirror import Mirror
-from parallelcity.field.opcua.certs import make_lab_pki
 from parallelcity.field.opcua.session import (
     ClientSecurity,
     SecureStandIn,
     ServerSecurity,
-    hash_password,
 )
-from parallelcity.field.opcua.writer import OpcUaWriter
 from parallelcity.field.snapshot import Snapshot
+from parallelcity.gateway.config import open_gateway
 from parallelcity.gateway.core import DEFAULT_MAX_COMMAND_AGE_S, GatewayCore
-from parallelcity.gateway.grants import Grant
-from parallelcity.gateway.server import FieldGateway, ServerCurve, new_zap_domain
-from parallelcity.gateway.store import GatewayStore
+from parallelcity.gateway.server import ServerCurve
 from parallelcity.gateway.watchdog import readable_times
-from parallelcity.gateway.zap import AllowList
 from parallelcity.record.journal import Journal
 from parallelcity.record.records import (
     CycleRecord,
@@ -74,6 +79,11 @@ from parallelcity.run.lifecycle import (
     speed_problem,
     unless_stopped,
 )
+from parallelcity.run.security import check_opcua_security as _check_opcua_security
+from parallelcity.run.security import check_zmq_security as _check_zmq_security
+from parallelcity.run.security import issuer_name as _issuer
+from parallelcity.run.security import opcua_security as _opcua_security
+from parallelcity.run.security import zmq_security as _zmq_security
 from parallelcity.scenario.definition import Scenario
 from parallelcity.scenario.text import scenario_toml
 from parallelcity.specs import SafetySpecs
@@ -83,6 +93,8 @@ from parallelcity.twin.model import Array
 from parallelcity.twin.twin import Twin
 from parallelcity.verify.rig import FieldStandIn
 from parallelcity.verify.verifier import PoolSamples, RigRecipe, Verifier
+
+__all__ = ["CycleRecord", "RunOptions", "RunResult", "count_cycle", "rearm_command", "run"]
 
 log = logging.getLogger("parallelcity.run.runner")
 
@@ -137,57 +149,6 @@ def _estimator(scenario: Scenario) -> ExtendedKalmanFilter | None:
     )
 
 
-def _check_opcua_security(scenario: Scenario, embedded: bool = True) -> None:
-    """Refuse OPC UA without security unless the scenario asks for a lab run.
-
-    Real equipment needs ``[security.opcua]``; the embedded stand-in gets
-    certificates generated for the run (``_opcua_security``).
-    """
-    if scenario.insecure_lab or embedded:
-        return
-    if scenario.file.security.opcua is None:
-        raise SecurityError(
-            "OPC UA to field equipment needs [security.opcua] (certificate, private_key, "
-            "trusted, and a user token; `parallelcity certs DIR` creates a set), or "
-            "[security] insecure_lab = true for a lab run"
-        )
-
-
-def _opcua_security(
-    scenario: Scenario, embedded: bool, out_dir: Path
-) -> tuple[ClientSecurity, ServerSecurity | None]:
-    """The runtime's OPC UA client security, and the embedded stand-in's server security.
-
-    Embedded and not a lab run: a client and a server certificate that trust each
-    other and a random password, generated for this run under ``out_dir/pki``.
-    """
-    if embedded and scenario.insecure_lab:
-        return ClientSecurity.insecure(), None
-    if not embedded:
-        client = ClientSecurity.from_scenario(scenario)
-        if not client.secure and not scenario.insecure_lab:
-            raise SecurityError("OPC UA policy None needs [security] insecure_lab = true")
-        return client, None
-    pki = make_lab_pki(out_dir / "pki")
-    password = secrets.token_urlsafe(24)
-    server = ServerSecurity(
-        pki.server.certificate,
-        pki.server.private_key,
-        pki.server_trusted,
-        users={"parallelcity": hash_password(password)},
-    )
-    client = ClientSecurity(
-        "Basic256Sha256",
-        pki.client.certificate,
-        pki.client.private_key,
-        pki.client_trusted,
-        username="parallelcity",
-        password=password,
-    )
-    log.info("embedded OPC UA: Basic256Sha256 SignAndEncrypt, certificates in %s", pki.root)
-    return client, server
-
-
 def _divergence_monitor(scenario: Scenario) -> DivergenceMonitor | None:
     cfg = scenario.file.divergence
     if cfg is None:
@@ -220,60 +181,6 @@ def _watch_divergence(
         journal.record_event(
             k, t, "divergence", check.change, detail, {"residuals": dict(check.residuals)}
         )
-
-
-def _check_zmq_security(scenario: Scenario, embedded_gateway: bool = True) -> None:
-    """Refuse to dispatch over ZeroMQ without CURVE unless the scenario asks for a lab run.
-
-    The embedded gateway gets key pairs generated for the run (``_zmq_security``);
-    a separate gateway (``--gateway``) needs ``[security.zmq]``.
-    """
-    if scenario.insecure_lab or embedded_gateway:
-        return
-    if scenario.file.security.zmq is None:
-        raise SecurityError(
-            "dispatching to a gateway needs [security.zmq] (client_secret_key, "
-            "gateway_public_key; `parallelcity keys DIR NAME` makes key pairs), or "
-            "[security] insecure_lab = true for a lab run"
-        )
-
-
-def _issuer(scenario: Scenario, embedded_gateway: bool) -> str:
-    """The issuer name this run's commands carry.
-
-    A separate gateway binds each client key to one issuer: with CURVE the run
-    speaks as ``[security.zmq] issuer`` (default: the scenario's name).
-    Otherwise a name of its own for this run (the embedded gateway binds it).
-    """
-    cfg = scenario.file.security.zmq
-    if not embedded_gateway and cfg is not None:
-        return cfg.issuer or scenario.meta.name
-    return f"{scenario.meta.name}-{uuid.uuid4().hex[:8]}"
-
-
-def _zmq_security(
-    scenario: Scenario, embedded_gateway: bool, issuer: str
-) -> tuple[ClientCurve | None, ServerCurve | None]:
-    """CURVE for the dispatcher, and for the embedded gateway (``None``: no CURVE).
-
-    Embedded and not a lab run: a server and a client key pair made in memory for
-    this run; the gateway allows exactly that client key, bound to ``issuer``.
-    """
-    cfg = scenario.file.security.zmq
-    if not embedded_gateway:
-        if cfg is None:
-            return None, None  # insecure_lab, checked by _check_zmq_security
-        base = scenario.path.parent
-        keys = read_secret_key(base / cfg.client_secret_key)
-        return ClientCurve(keys, read_public_key(base / cfg.gateway_public_key)), None
-    if scenario.insecure_lab:
-        return None, None
-    server, client = KeyPair.generate(), KeyPair.generate()
-    allow = AllowList.of(
-        [(client.public, Grant.everything("embedded-runtime", frozenset({issuer})))]
-    )
-    log.info("embedded gateway: ZeroMQ CURVE with key pairs generated for this run")
-    return ClientCurve(client, server.public), ServerCurve(server, allow, new_zap_domain())
 
 
 def _embedded_core(scenario: Scenario, specs: SafetySpecs, speed: float) -> GatewayCore:
@@ -321,7 +228,26 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
-async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | None) -> RunResult:
+@dataclass
+class _Setup:
+    """What a run is, decided before any I/O: clock, speed, the decision logic."""
+
+    scenario: Scenario
+    options: RunOptions
+    embedded: bool
+    speed: float
+    clock: SimClock
+    cycles: int
+    specs: SafetySpecs
+    logic: CycleLogic
+    monitor: DivergenceMonitor | None
+    pool: PoolSamples | None
+    controller_kind: str
+    rig_kind: Any
+
+
+def _prepare(scenario: Scenario, options: RunOptions) -> _Setup:
+    """Refuse what cannot run, load the plug-ins and build the cycle's pure logic."""
     meta = scenario.meta
     _check_opcua_security(scenario, options.field_endpoint is None)
     _check_zmq_security(scenario, options.gateway_endpoint is None)
@@ -337,10 +263,8 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         clock = SimClock(epoch=meta.start_epoch, speed=speed, held=True)
     else:
         clock = SimClock(epoch=time.time(), speed=1.0)
-    cycles = options.cycles or meta.cycles
     specs = scenario.safety_specs()
     model = scenario.model
-
     rig_kind = plugins.rig_kind(scenario.file.rig.kind)
     controller_kind, controller_cfg = controller_settings(scenario, options.controller_kind)
     controller = plugins.controller_kind(controller_kind).create(controller_cfg)
@@ -357,275 +281,381 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
     )
     logic = CycleLogic(twin, controller, fallback, verifier, SimplexGate(vcfg.reverify_cycles))
     logic.setup()
-    monitor = _divergence_monitor(scenario)
+    cycles = options.cycles or meta.cycles
+    return _Setup(
+        scenario,
+        options,
+        embedded,
+        speed,
+        clock,
+        cycles,
+        specs,
+        logic,
+        _divergence_monitor(scenario),
+        pool,
+        controller_kind,
+        rig_kind,
+    )
 
+
+async def _start_field(
+    stack: AsyncExitStack, run: _Setup, opcua_server: ServerSecurity | None
+) -> tuple[str, FieldStandIn | None]:
+    """The field's endpoint: the given one, or the rig's stand-in started for this run."""
+    scenario = run.scenario
+    if run.options.field_endpoint is not None:
+        return run.options.field_endpoint, None
+    try:
+        stand_in_cm = run.rig_kind.field_stand_in(scenario.rig_config, scenario, run.clock)
+    except ValueError as exc:  # a rig kind that verifies but cannot stand in
+        raise ScenarioError(str(scenario.path), [f"rig.kind: {exc}"]) from exc
+    if opcua_server is not None:
+        if not isinstance(stand_in_cm, SecureStandIn):
+            raise SecurityError(
+                f"rig kind {scenario.file.rig.kind!r} cannot serve secure OPC UA; "
+                "set [security] insecure_lab = true for a lab run"
+            )
+        stand_in_cm.use_opcua_security(opcua_server)
+    stand_in: FieldStandIn = await stack.enter_async_context(stand_in_cm)
+    log.info("field stand-in serving OPC UA at %s", stand_in.endpoint)
+    return stand_in.endpoint, stand_in
+
+
+async def _start_gateway(
+    stack: AsyncExitStack,
+    tasks: asyncio.TaskGroup,
+    run: _Setup,
+    field_endpoint: str,
+    out_dir: Path,
+    opcua: ClientSecurity,
+    curve: ServerCurve | None,
+) -> tuple[str, asyncio.Task[None] | None]:
+    """The gateway's endpoint: the given one, or a gateway embedded in this run's tasks
+    (its task is cancelled at the end; its store commits what it holds as it closes)."""
+    if run.options.gateway_endpoint is not None:
+        return run.options.gateway_endpoint, None
+    scenario = run.scenario
+    gateway = await stack.enter_async_context(
+        open_gateway(
+            _embedded_core(scenario, run.specs, run.speed),
+            run.clock,
+            field_endpoint=field_endpoint,
+            field=scenario.field,
+            opcua=opcua,
+            state=out_dir / "gateway.sqlite",
+            bind="tcp://127.0.0.1:0",
+            curve=curve,
+            insecure_lab=scenario.insecure_lab,
+        )
+    )
+    task = tasks.create_task(gateway.serve(), name="field-gateway")
+    log.info("field gateway listening at %s", gateway.endpoint)
+    return gateway.endpoint, task
+
+
+async def _open_mirror(
+    stack: AsyncExitStack, run: _Setup, endpoint: str, opcua: ClientSecurity
+) -> tuple[Mirror, Array]:
+    """The field's mirror, and the inputs the field holds now."""
+    scenario = run.scenario
+    mirror = await stack.enter_async_context(
+        Mirror(scenario.field, run.clock, endpoint=endpoint, security=opcua)
+    )
+    applied_now = await mirror.read_inputs()
+    u_now = np.array([applied_now[n] for n in scenario.model.inputs], dtype=float)
+    if not await mirror.wait_all_received(timeout_s=10.0):
+        missing = [n for n, p in mirror.snapshot().points.items() if p.reading is None]
+        log.warning("no value yet from %s; cycles needing them count as stale", missing)
+    return mirror, u_now
+
+
+async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | None) -> RunResult:
+    run = _prepare(scenario, options)
+    meta, clock = scenario.meta, run.clock
     out_dir = _new_out_dir(options.out_dir, meta.name)
     journal = Journal(out_dir / "journal.sqlite")
-    records: list[CycleRecord] = []
-    counts = new_counts()
-    stand_in: FieldStandIn | None = None
-    abandoned = ""
-    t_first: float | None = None
-    opcua_client, opcua_server = _opcua_security(scenario, embedded, out_dir)
+    opcua_client, opcua_server = _opcua_security(scenario, run.embedded, out_dir)
     issuer = _issuer(scenario, options.gateway_endpoint is None)
     zmq_client, zmq_server = _zmq_security(scenario, options.gateway_endpoint is None, issuer)
-
     stop = StopRequest()
     async with AsyncExitStack() as stack, asyncio.TaskGroup() as tasks:
         stack.callback(journal.close)
         if options.handle_signals:
             stop.install()
             stack.callback(stop.uninstall)
-        endpoint = options.field_endpoint
-        if endpoint is None:
-            try:
-                stand_in_cm = rig_kind.field_stand_in(scenario.rig_config, scenario, clock)
-            except ValueError as exc:  # a rig kind that verifies but cannot stand in
-                raise ScenarioError(str(scenario.path), [f"rig.kind: {exc}"]) from exc
-            if opcua_server is not None:
-                if not isinstance(stand_in_cm, SecureStandIn):
-                    raise SecurityError(
-                        f"rig kind {scenario.file.rig.kind!r} cannot serve secure OPC UA; "
-                        "set [security] insecure_lab = true for a lab run"
-                    )
-                stand_in_cm.use_opcua_security(opcua_server)
-            field_stand_in = await stack.enter_async_context(stand_in_cm)
-            stand_in, endpoint = field_stand_in, field_stand_in.endpoint
-            log.info("field stand-in serving OPC UA at %s", endpoint)
-        gateway_endpoint = options.gateway_endpoint
-        gateway_task = None
-        if gateway_endpoint is None:
-            store = GatewayStore(out_dir / "gateway.sqlite")
-            stack.callback(store.close)
-            writer = await stack.enter_async_context(
-                OpcUaWriter(
-                    endpoint,
-                    scenario.field,
-                    security=opcua_client,
-                    on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),
-                )
-            )
-            gateway = await stack.enter_async_context(
-                FieldGateway(
-                    _embedded_core(scenario, specs, speed),
-                    writer,
-                    clock,
-                    bind="tcp://127.0.0.1:0",
-                    curve=zmq_server,
-                    insecure_lab=scenario.insecure_lab,
-                    store=store,
-                )
-            )
-            gateway_endpoint = gateway.endpoint
-            gateway_task = tasks.create_task(gateway.serve(), name="field-gateway")
-            log.info("field gateway listening at %s", gateway_endpoint)
-        mirror = await stack.enter_async_context(
-            Mirror(scenario.field, clock, endpoint=endpoint, security=opcua_client)
+        endpoint, stand_in = await _start_field(stack, run, opcua_server)
+        gateway_endpoint, gateway_task = await _start_gateway(
+            stack, tasks, run, endpoint, out_dir, opcua_client, zmq_server
         )
+        mirror, u_now = await _open_mirror(stack, run, endpoint, opcua_client)
         dispatcher = await stack.enter_async_context(
             Dispatcher(
                 gateway_endpoint,
                 issuer=issuer,
-                timeout_s=max(0.5, 0.2 * meta.cycle_s / speed),
+                timeout_s=max(0.5, 0.2 * meta.cycle_s / run.speed),
                 curve=zmq_client,
                 insecure_lab=scenario.insecure_lab,
             )
         )
-        applied_now = await mirror.read_inputs()
-        u_prev = np.array([applied_now[n] for n in model.inputs], dtype=float)
-        if not await mirror.wait_all_received(timeout_s=10.0):
-            missing = [n for n, p in mirror.snapshot().points.items() if p.reading is None]
-            log.warning("no value yet from %s; cycles needing them count as stale", missing)
-
         journal.start_run(
             meta.name,
             clock.now(),
             {
                 "path": str(scenario.path),
-                "speed": speed,
-                "cycles": cycles,
-                "embedded": embedded,
+                "speed": run.speed,
+                "cycles": run.cycles,
+                "embedded": run.embedded,
                 "field": endpoint,
                 "gateway": gateway_endpoint,
-                "controller": controller_kind,
+                "controller": run.controller_kind,
                 "scenario_toml": scenario_toml(scenario),
             },
         )
-        ended = [False]
-        stack.push(partial(_journal_failed_end, journal, clock, records, cycles, ended))
+        loop = _Loop(run, journal, mirror, dispatcher, stop, u_now, progress)
+        stack.push(loop.journal_failed_end)
+        try:
+            await loop.run(tasks, gateway_endpoint, issuer)
+        finally:
+            loop.close()
+            if run.pool is not None:
+                run.pool.close()
+            if gateway_task is not None:
+                gateway_task.cancel()
+        end = "interrupted" if stop.requested else "completed"
+        loop.journal_end(end, stop.signal)
+    return RunResult(
+        scenario,
+        loop.records,
+        journal.path,
+        out_dir,
+        stand_in,
+        loop.counts,
+        run.controller_kind,
+        gateway_tripped_at_start=loop.tripped_at_start,
+        planned_cycles=run.cycles,
+        end=end,
+        signal=stop.signal,
+        abandoned=loop.abandoned,
+        first_cycle_t=loop.t_first,
+    )
+
+
+class _Loop:
+    """The cycles on the clock: each one's I/O around the pure ``plan`` and ``finish_cycle``."""
+
+    def __init__(
+        self,
+        setup: _Setup,
+        journal: Journal,
+        mirror: Mirror,
+        dispatcher: Dispatcher,
+        stop: StopRequest,
+        u_now: Array,
+        progress: ProgressFn | None,
+    ) -> None:
+        self.setup, self.journal, self.mirror, self.dispatcher = setup, journal, mirror, dispatcher
+        self.stop, self.u_prev, self.progress = stop, u_now, progress
+        self.clock = setup.clock
+        self.records: list[CycleRecord] = []
+        self.counts = new_counts()
+        self.worker = SolveWorker()
+        self.solving: Future[Decision] | None = None
+        self.solving_k = 0
+        self.k = 0
+        self.abandoned = ""
+        self.tripped_at_start = False
+        self.t_first: float | None = None
+        self.ended = False
+        self.watchdog_seen = WatchdogState.ARMED
+
+    async def run(self, tasks: asyncio.TaskGroup, gateway_endpoint: str, issuer: str) -> None:
+        meta, clock, stop = self.setup.scenario.meta, self.clock, self.stop
         # First heartbeat: the gateway tells where this issuer's seq stands and how often
         # it expects heartbeats; then they go on beside the cycles.
-        cycle_k = [0]
-        first = await dispatcher.heartbeat(sent_at=clock.now())
-        journal.record_event(0, clock.now(), "gateway", first.watchdog.value, first.detail)
-        tripped_at_start = first.watchdog is WatchdogState.TRIPPED
-        if tripped_at_start:
-            _report_tripped(scenario, gateway_endpoint, issuer, first, journal, clock.now())
+        first = await self.dispatcher.heartbeat(sent_at=clock.now())
+        self.journal.record_event(0, clock.now(), "gateway", first.watchdog.value, first.detail)
+        self.watchdog_seen = first.watchdog
+        if first.watchdog is WatchdogState.TRIPPED:
+            self.tripped_at_start = True
+            _report_tripped(
+                self.setup.scenario, gateway_endpoint, issuer, first, self.journal, clock.now()
+            )
         beat_s = first.heartbeat_s / 2 if first.heartbeat_s > 0 else meta.cycle_s / 4
-        watchdog_seen = [first.watchdog]
-
-        def on_status(status: Status) -> None:
-            if status.watchdog is not watchdog_seen[0]:
-                watchdog_seen[0] = status.watchdog
-                journal.record_event(
-                    cycle_k[0], clock.now(), "gateway", status.watchdog.value, status.detail
-                )
-
         # Everything is ready: the simulated day begins now, at the scenario's start.
         clock.start()
-        if embedded:
-            t_first = meta.start_epoch
-        else:
-            t_first = meta.start_epoch + math.ceil(
-                (clock.now() - meta.start_epoch) / meta.cycle_s
-            ) * (meta.cycle_s)
+        t_first = meta.start_epoch
+        if not self.setup.embedded:
+            t_first += math.ceil((clock.now() - meta.start_epoch) / meta.cycle_s) * meta.cycle_s
+        self.t_first = t_first
         log.info("first cycle at %s", _iso(t_first))
         heartbeats = tasks.create_task(
-            dispatcher.heartbeat_loop(max(0.02, beat_s / speed), on_status, now=clock.now),
+            self.dispatcher.heartbeat_loop(
+                max(0.02, beat_s / self.setup.speed), self._on_status, now=clock.now
+            ),
             name="heartbeats",
         )
-        worker = SolveWorker()
-        busy: Future[Decision] | None = None
-        busy_k = 0
         try:
-            for k in range(cycles):
+            for k in range(self.setup.cycles):
                 if stop.requested:
                     break
                 t_k = t_first + k * meta.cycle_s
-                cycle_k[0] = k
+                self.k = k
                 try:
                     await unless_stopped(clock.sleep_until(t_k), stop)
                 except Stopped:
                     break
-                wall0 = time.perf_counter()
-                snap = mirror.snapshot()
-                for event in mirror.take_events():
-                    journal.record_event(
-                        k, event.t, "mirror", event.kind, event.detail, {"gap": event.gap}
-                    )
-                deadline_at = t_k + meta.deadline
-                if busy is not None and not busy.done():
-                    decision = Decision(Outcome.HOLD, "previous cycle's solve is still running")
-                    outcome, reason = "busy", decision.reason
-                else:
-                    budget = max(0.0, (deadline_at - clock.now()) / speed)
-                    diverged = monitor.reason if monitor is not None and monitor.alarm else None
-                    busy_k = k
-                    busy = worker.submit(
-                        partial(
-                            logic.decide,
-                            t_k,
-                            snap,
-                            u_prev,
-                            0.8 * budget,
-                            verify_by=time.monotonic() + budget,
-                            fallback_reason=diverged,
-                        )
-                    )
-                    try:
-                        decision = await unless_stopped(
-                            asyncio.wrap_future(busy), stop, timeout=budget
-                        )
-                        outcome, reason = decision.outcome.value, decision.reason
-                    except TimeoutError:
-                        decision = Decision(Outcome.HOLD, "deadline missed while deciding")
-                        outcome, reason = "deadline", decision.reason
-                    except Stopped:
-                        reason = f"{stop.signal} while deciding: the solve was abandoned"
-                        decision = Decision(Outcome.HOLD, reason)
-                        outcome = "hold"
-                        abandoned = f"cycle {k}'s solve (nothing sent for it)"
-                action = decision.action
-                if action is not None and clock.now() > deadline_at:
-                    outcome, reason = "deadline", f"decided too late: {reason}"
-                    action = None
-                if action is not None and outcome == Outcome.DISPATCH:
-                    broken = specs.check_dispatch(u_prev, action, meta.cycle_s)
-                    if broken:  # the same specs, once more on what is about to leave
-                        outcome = "hold"
-                        reason = f"refused at dispatch: {broken[0].describe()}"
-                        log.error("cycle %d: %s", k, reason)
-                        action = None
-                journal.record_cycle(
-                    k, t_k, snap, decision, time.perf_counter() - wall0, outcome, reason
-                )
-                if outcome in ("deadline", "busy"):
-                    switch = logic.gate.trip(t_k, f"deadline: {reason}")
-                    if switch is not None:
-                        journal.record_switch(k, switch)
-                ack_text = ""
-                verdict = decision.verdict
-                if action is not None and verdict is not None and outcome == Outcome.DISPATCH:
-                    ack_text, u_prev = await _dispatch(
-                        dispatcher,
-                        journal,
-                        k,
-                        model.inputs,
-                        action,
-                        u_prev,
-                        issued_at=t_k,
-                        valid_until=deadline_at,
-                        digest=verdict.digest,
-                        counts=counts,
-                    )
-                if monitor is not None:
-                    _watch_divergence(monitor, journal, k, t_k, snap, decision, u_prev)
-                count_cycle(counts, outcome, decision.source)
-                rec = _record(
-                    k,
-                    t_k,
-                    snap,
-                    decision,
-                    outcome,
-                    reason,
-                    specs,
-                    model.inputs,
-                    u_prev,
-                    ack_text,
-                    time.perf_counter() - wall0,
-                )
-                journal.record_result(
-                    k,
-                    ack=rec.ack,
-                    applied=rec.applied,
-                    bands=rec.bands,
-                    solve_time_s=rec.solve_time_s,
-                    wall_s=rec.wall_s,
-                )
-                records.append(rec)
-                if progress:
-                    progress(rec, counts)
+                await self.cycle(k, t_k)
             heartbeats.cancel()
             with suppress(DispatchError):  # a clean end hands the equipment leases back
-                await dispatcher.heartbeat(release=True, sent_at=clock.now())
+                await self.dispatcher.heartbeat(release=True, sent_at=clock.now())
         finally:
-            if worker.close() and not abandoned:
-                abandoned = f"cycle {busy_k}'s solve, still running at the end"
-            if abandoned:
-                log.warning("abandoned %s", abandoned)
-            if pool is not None:
-                pool.close()
             heartbeats.cancel()
-            if gateway_task is not None:
-                gateway_task.cancel()
-        end = "interrupted" if stop.requested else "completed"
-        _journal_end(journal, clock.now(), end, stop.signal, len(records), cycles, abandoned)
-        ended[0] = True
-    return RunResult(
-        scenario,
-        records,
-        journal.path,
-        out_dir,
-        stand_in,
-        counts,
-        controller_kind,
-        gateway_tripped_at_start=tripped_at_start,
-        planned_cycles=cycles,
-        end=end,
-        signal=stop.signal,
-        abandoned=abandoned,
-        first_cycle_t=t_first,
-    )
+
+    async def cycle(self, k: int, t_k: float) -> None:
+        """One cycle: snapshot, solve on the worker thread, finish in pure code, send, record."""
+        run, journal = self.setup, self.journal
+        wall0 = time.perf_counter()
+        snap = self.mirror.snapshot()
+        for event in self.mirror.take_events():
+            journal.record_event(k, event.t, "mirror", event.kind, event.detail, {"gap": event.gap})
+        deadline_at = t_k + run.scenario.meta.deadline
+        solved = await self._solve(k, t_k, snap, deadline_at)
+        step = finish_cycle(
+            solved,
+            decided_at=self.clock.now(),
+            deadline_at=deadline_at,
+            check_dispatch=partial(self._check_dispatch, k),
+        )
+        d = step.decision
+        journal.record_cycle(
+            k, t_k, snap, d, time.perf_counter() - wall0, step.outcome, step.reason
+        )
+        gate = run.logic.gate
+        if step.adopt and d.gate is not None:
+            gate.adopt(d.gate, d.switches)
+        if step.trip is not None and (switch := gate.trip(t_k, step.trip)) is not None:
+            journal.record_switch(k, switch)
+        ack = ""
+        if step.action is not None and (verdict := d.verdict) is not None:
+            ack, self.u_prev = await _dispatch(
+                self.dispatcher,
+                journal,
+                k,
+                run.scenario.model.inputs,
+                step.action,
+                self.u_prev,
+                issued_at=t_k,
+                valid_until=deadline_at,
+                digest=verdict.digest,
+                counts=self.counts,
+            )
+        if run.monitor is not None:
+            _watch_divergence(run.monitor, journal, k, t_k, snap, d, self.u_prev)
+        count_cycle(self.counts, step.outcome, d.source)
+        rec = _record(
+            k, t_k, snap, step, run.specs, run.scenario.model.inputs, self.u_prev, ack, wall0
+        )
+        journal.record_result(
+            k,
+            ack=rec.ack,
+            applied=rec.applied,
+            bands=rec.bands,
+            solve_time_s=rec.solve_time_s,
+            wall_s=rec.wall_s,
+        )
+        self.records.append(rec)
+        if self.progress:
+            self.progress(rec, self.counts)
+
+    async def _solve(
+        self, k: int, t_k: float, snap: Snapshot, deadline_at: float
+    ) -> Decision | Unsolved:
+        """The cycle's decision from the worker thread, or why there is none."""
+        if self.solving is not None and not self.solving.done():
+            return Unsolved(Outcome.BUSY, "previous cycle's solve is still running")
+        run = self.setup
+        budget = max(0.0, (deadline_at - self.clock.now()) / run.speed)
+        monitor = run.monitor
+        diverged = monitor.reason if monitor is not None and monitor.alarm else None
+        self.solving_k = k
+        self.solving = self.worker.submit(
+            partial(
+                run.logic.plan,
+                t_k,
+                snap,
+                self.u_prev,
+                0.8 * budget,
+                gate=run.logic.gate.state,
+                verify_by=time.monotonic() + budget,
+                fallback_reason=diverged,
+            )
+        )
+        try:
+            return await unless_stopped(
+                asyncio.wrap_future(self.solving), self.stop, timeout=budget
+            )
+        except TimeoutError:
+            return Unsolved(Outcome.DEADLINE, "deadline missed while deciding")
+        except Stopped:
+            self.abandoned = f"cycle {k}'s solve (nothing sent for it)"
+            why = f"{self.stop.signal} while deciding: the solve was abandoned"
+            return Unsolved(Outcome.HOLD, why)
+
+    def _check_dispatch(self, k: int, action: Array) -> str | None:
+        """The same specs, once more on what is about to leave."""
+        broken = self.setup.specs.check_dispatch(
+            self.u_prev, action, self.setup.scenario.meta.cycle_s
+        )
+        if not broken:
+            return None
+        log.error("cycle %d: refused at dispatch: %s", k, broken[0].describe())
+        return broken[0].describe()
+
+    def _on_status(self, status: Status) -> None:
+        if status.watchdog is not self.watchdog_seen:
+            self.watchdog_seen = status.watchdog
+            self.journal.record_event(
+                self.k, self.clock.now(), "gateway", status.watchdog.value, status.detail
+            )
+
+    def close(self) -> None:
+        """Stop the worker thread: joined when idle, abandoned (daemon) when a solve is stuck."""
+        if self.worker.close(wait_s=1.0) and not self.abandoned:
+            self.abandoned = f"cycle {self.solving_k}'s solve, still running at the end"
+        if self.abandoned:
+            log.warning("abandoned %s", self.abandoned)
+
+    def journal_end(self, cause: str, signal: str | None, note: str | None = None) -> None:
+        """The run's last journal record, written once."""
+        if self.ended:
+            return
+        self.ended = True
+        _journal_end(
+            self.journal,
+            self.clock.now(),
+            cause,
+            signal,
+            len(self.records),
+            self.setup.cycles,
+            self.abandoned if note is None else note,
+        )
+
+    def journal_failed_end(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: object,
+    ) -> None:
+        """Exit callback: journal an end by an exception (an error, or Ctrl-C unhandled)."""
+        if exc is None or self.ended:
+            return
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        with suppress(Exception):  # the original exception is what matters
+            self.journal_end(
+                "interrupted" if interrupted else "error",
+                "SIGINT" if interrupted else None,
+                "" if interrupted else _describe(exc),
+            )
 
 
 def rearm_command(scenario: Scenario, endpoint: str, issuer: str) -> str:
@@ -688,33 +718,6 @@ def _describe(exc: BaseException) -> str:
         first = next((e for e in leaves if isinstance(e, ParallelCityError)), None)
         exc = first or (leaves[0] if leaves else exc)
     return f"{type(exc).__name__}: {exc}"
-
-
-def _journal_failed_end(
-    journal: Journal,
-    clock: SimClock,
-    records: list[CycleRecord],
-    planned: int,
-    ended: list[bool],
-    exc_type: type[BaseException] | None,
-    exc: BaseException | None,
-    tb: object,
-) -> None:
-    """Exit callback: journal an end by an exception (an error, or Ctrl-C unhandled)."""
-    if exc is None or ended[0]:
-        return
-    ended[0] = True
-    interrupted = isinstance(exc, KeyboardInterrupt)
-    with suppress(Exception):  # the original exception is what matters
-        _journal_end(
-            journal,
-            clock.now(),
-            "interrupted" if interrupted else "error",
-            "SIGINT" if interrupted else None,
-            len(records),
-            planned,
-            "" if interrupted else _describe(exc),
-        )
 
 
 def _journal_end(
@@ -784,26 +787,24 @@ def _record(
     k: int,
     t: float,
     snap: Snapshot,
-    decision: Decision,
-    outcome: str,
-    reason: str,
+    step: CycleStep,
     specs: SafetySpecs,
     inputs: tuple[str, ...],
     u_prev: Array,
     ack: str,
-    wall_s: float,
+    wall0: float,
 ) -> CycleRecord:
-    solve = sum(a.result.solve_time_s for a in decision.attempts)
+    solve = sum(a.result.solve_time_s for a in step.decision.attempts)
     return CycleRecord(
         k=k,
         t=t,
-        outcome=outcome,
-        source=decision.source,
-        reason=reason,
+        outcome=step.outcome,
+        source=step.decision.source,
+        reason=step.reason,
         values=snap.values(),
         bands={b.output: b.limits(t) for b in specs.bands},
         applied={n: float(v) for n, v in zip(inputs, u_prev, strict=True)},
         ack=ack,
         solve_time_s=solve,
-        wall_s=wall_s,
+        wall_s=time.perf_counter() - wall0,
     )
