@@ -315,7 +315,7 @@ def _write_output(output: Path, text: str) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from .controller_choice import controller_settings
-    from .lifecycle import speed_problem
+    from .lifecycle import run_bounded, speed_problem
     from .report import band_violation, write_all
     from .runner import CycleRecord, RunOptions, run
     from .scenario import load_scenario
@@ -380,7 +380,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # the embedded gateway's line per command would drown the progress; the journal has them
         gateway_log.setLevel(logging.WARNING)
     try:
-        result = asyncio.run(run(scenario, options, progress))
+        result = run_bounded(run(scenario, options, progress))
     finally:
         gateway_log.setLevel(level)
     summary, paths = write_all(result)

@@ -45,7 +45,14 @@ from .gateway_core import DEFAULT_MAX_COMMAND_AGE_S, GatewayCore
 from .gateway_store import GatewayStore
 from .journal import Journal
 from .keys import KeyPair, read_public_key, read_secret_key
-from .lifecycle import SolveWorker, Stopped, StopRequest, speed_problem, unless_stopped
+from .lifecycle import (
+    SolveWorker,
+    Stopped,
+    StopRequest,
+    enter_bounded,
+    speed_problem,
+    unless_stopped,
+)
 from .mirror import Mirror
 from .model import Array
 from .opcua import ClientSecurity, SecureStandIn, ServerSecurity, hash_password
@@ -417,7 +424,7 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                         "set [security] insecure_lab = true for a lab run"
                     )
                 stand_in_cm.use_opcua_security(opcua_server)
-            field_stand_in = await stack.enter_async_context(stand_in_cm)
+            field_stand_in = await enter_bounded(stack, stand_in_cm, "the field stand-in")
             stand_in, endpoint = field_stand_in, field_stand_in.endpoint
             log.info("field stand-in serving OPC UA at %s", endpoint)
         gateway_endpoint = options.gateway_endpoint
@@ -425,15 +432,18 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         if gateway_endpoint is None:
             store = GatewayStore(out_dir / "gateway.sqlite")
             stack.callback(store.close)
-            writer = await stack.enter_async_context(
+            writer = await enter_bounded(
+                stack,
                 OpcUaWriter(
                     endpoint,
                     scenario.field,
                     security=opcua_client,
                     on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),
-                )
+                ),
+                "the gateway's OPC UA writer",
             )
-            gateway = await stack.enter_async_context(
+            gateway = await enter_bounded(
+                stack,
                 FieldGateway(
                     _embedded_core(scenario, specs, speed),
                     writer,
@@ -442,22 +452,27 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                     curve=zmq_server,
                     insecure_lab=scenario.insecure_lab,
                     store=store,
-                )
+                ),
+                "the embedded gateway",
             )
             gateway_endpoint = gateway.endpoint
             gateway_task = tasks.create_task(gateway.serve(), name="field-gateway")
             log.info("field gateway listening at %s", gateway_endpoint)
-        mirror = await stack.enter_async_context(
-            Mirror(scenario.field, clock, endpoint=endpoint, security=opcua_client)
+        mirror = await enter_bounded(
+            stack,
+            Mirror(scenario.field, clock, endpoint=endpoint, security=opcua_client),
+            "the mirror",
         )
-        dispatcher = await stack.enter_async_context(
+        dispatcher = await enter_bounded(
+            stack,
             Dispatcher(
                 gateway_endpoint,
                 issuer=issuer,
                 timeout_s=max(0.5, 0.2 * meta.cycle_s / speed),
                 curve=zmq_client,
                 insecure_lab=scenario.insecure_lab,
-            )
+            ),
+            "the dispatcher",
         )
         applied_now = await mirror.read_inputs()
         u_prev = np.array([applied_now[n] for n in model.inputs], dtype=float)
