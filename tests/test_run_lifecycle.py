@@ -219,13 +219,13 @@ def test_runs_end_cleanly_on_sigint_sigterm_and_a_stuck_solve(tmp_path: Path) ->
         for name in sigs
     }
     try:
-        for run in runs.values():
-            run.wait_line(r"first cycle at", SETUP_BOUND_S)
+        for run in runs.values():  # three set-ups at once, beside whatever else runs
+            run.wait_line(r"first cycle at", 2 * SETUP_BOUND_S)
         for name, run in runs.items():
             run.wait_line(r"cycle +\d+/24", 60)  # non-tty progress: every 2 cycles
             run.proc.send_signal(sigs[name])
         results = {name: run.finish(60) for name, run in runs.items()}
-        stuck_result = stuck.finish(SETUP_BOUND_S + 30)
+        stuck_result = stuck.finish(2 * SETUP_BOUND_S)
     finally:
         for run in [*runs.values(), stuck]:
             if run.proc.poll() is None:
