@@ -317,7 +317,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from parallelcity.decide.choice import controller_settings
     from parallelcity.record.records import CycleRecord
     from parallelcity.record.report import band_violation, write_all
-    from parallelcity.run.lifecycle import speed_problem
+    from parallelcity.run.lifecycle import run_bounded, speed_problem
     from parallelcity.run.runner import RunOptions, run
     from parallelcity.scenario.definition import load_scenario
 
@@ -382,7 +382,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         # the embedded gateway's line per command would drown the progress; the journal has them
         gateway_log.setLevel(logging.WARNING)
     try:
-        result = asyncio.run(run(scenario, options, progress))
+        result = run_bounded(run(scenario, options, progress))
     finally:
         gateway_log.setLevel(level)
     summary, paths = write_all(result)

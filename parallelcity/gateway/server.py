@@ -1049,7 +1049,8 @@ class FieldGateway:
                 timeout = max(0.0, (deadline - self.clock.now()) / self.clock.speed)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):  # 3.11's wait_for can drop our cancel
+                    await self._wake.wait()
             if wd.due(self.clock.now()):
                 await self._trip()
 

@@ -8,8 +8,9 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Awaitable, Callable
-from concurrent.futures import Future
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from typing import Any, TypeVar
 
 log = logging.getLogger("parallelcity.run.runner")
@@ -21,6 +22,11 @@ MIN_CYCLE_WALL_S = 1e-3
 MAX_CYCLE_WALL_S = 86400.0
 """A cycle longer than this in wall time is a typo, not a slow-motion run."""
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+CLOSE_BOUND_S = 15.0
+"""Wall time one part of a run (a server, a client, a task) may take to close or end;
+past it the part is left behind (logged) and the run goes on to write its outputs."""
+CANCEL_GRACE_S = 5.0
+"""Wall time a part cancelled for being late has to end before it is left behind."""
 
 
 def speed_problem(cycle_s: float, speed: float) -> str | None:
@@ -179,3 +185,86 @@ class Stopped(Exception):
     def __init__(self, signal_name: str | None) -> None:
         super().__init__(signal_name)
         self.signal = signal_name
+
+
+async def bounded(aw: Awaitable[T], bound_s: float, what: str) -> T | None:
+    """Await ``aw`` for at most ``bound_s`` wall seconds, then cancel it and give it
+    ``CANCEL_GRACE_S`` to end; if it does not (a cancellation swallowed), it is left
+    behind, logged, and None returned.  Its own exception is raised."""
+    task = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=bound_s)
+        if not done:
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=CANCEL_GRACE_S)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done or task.cancelled():
+        log.warning("%s did not end within %g s: left behind", what, bound_s)
+        return None
+    return task.result()
+
+
+async def enter_bounded(
+    stack: AsyncExitStack,
+    cm: AbstractAsyncContextManager[T],
+    what: str,
+    bound_s: float = CLOSE_BOUND_S,
+) -> T:
+    """``stack.enter_async_context(cm)`` whose exit may take at most ``bound_s`` (``bounded``)."""
+    value = await cm.__aenter__()
+
+    async def close(exc_type: Any, exc: Any, tb: Any) -> bool:
+        return bool(await bounded(cm.__aexit__(exc_type, exc, tb), bound_s, f"closing {what}"))
+
+    stack.push_async_exit(close)
+    return value
+
+
+def run_bounded(main: Coroutine[Any, Any, T], grace_s: float = CLOSE_BOUND_S) -> T:
+    """``asyncio.run(main)`` whose shutdown cannot hang.
+
+    ``asyncio.run`` then waits without a bound for every task still alive to take its
+    cancellation and for every thread of the default executor to finish; one task that
+    swallows its cancellation, or one blocking call in an executor thread, would keep the
+    command alive after its run.  Here each gets ``grace_s``; what is still alive after it
+    is logged and left behind.
+    """
+    executor = ThreadPoolExecutor(thread_name_prefix="asyncio")
+    runner = asyncio.Runner()  # its close() would wait without a bound: not used
+    loop = runner.get_loop()
+    loop.set_default_executor(executor)
+    try:
+        return runner.run(main)
+    finally:
+        try:
+            left = _end_tasks(loop, grace_s) + _end_executor(executor, grace_s)
+            if left:
+                log.warning("left behind at exit (not ended within %g s): %s", grace_s, left)
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+def _end_tasks(loop: asyncio.AbstractEventLoop, grace_s: float) -> list[str]:
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for t in tasks:
+        t.cancel()
+    gens = loop.create_task(loop.shutdown_asyncgens(), name="async generators")
+    loop.run_until_complete(asyncio.wait([*tasks, gens], timeout=grace_s))
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            loop.call_exception_handler(
+                {"message": "unhandled exception at exit", "exception": t.exception(), "task": t}
+            )
+    return [t.get_name() for t in [*tasks, gens] if not t.done()]
+
+
+def _end_executor(executor: ThreadPoolExecutor, grace_s: float) -> list[str]:
+    waiter = threading.Thread(
+        target=executor.shutdown, kwargs={"cancel_futures": True}, daemon=True
+    )
+    waiter.start()
+    waiter.join(grace_s)
+    return ["a default executor thread"] if waiter.is_alive() else []

@@ -76,6 +76,7 @@ from parallelcity.run.lifecycle import (
     SolveWorker,
     Stopped,
     StopRequest,
+    enter_bounded,
     speed_problem,
     unless_stopped,
 )
@@ -316,7 +317,7 @@ async def _start_field(
                 "set [security] insecure_lab = true for a lab run"
             )
         stand_in_cm.use_opcua_security(opcua_server)
-    stand_in: FieldStandIn = await stack.enter_async_context(stand_in_cm)
+    stand_in: FieldStandIn = await enter_bounded(stack, stand_in_cm, "the field stand-in")
     log.info("field stand-in serving OPC UA at %s", stand_in.endpoint)
     return stand_in.endpoint, stand_in
 
@@ -335,7 +336,8 @@ async def _start_gateway(
     if run.options.gateway_endpoint is not None:
         return run.options.gateway_endpoint, None
     scenario = run.scenario
-    gateway = await stack.enter_async_context(
+    gateway = await enter_bounded(
+        stack,
         open_gateway(
             _embedded_core(scenario, run.specs, run.speed),
             run.clock,
@@ -346,7 +348,8 @@ async def _start_gateway(
             bind="tcp://127.0.0.1:0",
             curve=curve,
             insecure_lab=scenario.insecure_lab,
-        )
+        ),
+        "the embedded gateway",
     )
     task = tasks.create_task(gateway.serve(), name="field-gateway")
     log.info("field gateway listening at %s", gateway.endpoint)
@@ -358,8 +361,10 @@ async def _open_mirror(
 ) -> tuple[Mirror, Array]:
     """The field's mirror, and the inputs the field holds now."""
     scenario = run.scenario
-    mirror = await stack.enter_async_context(
-        Mirror(scenario.field, run.clock, endpoint=endpoint, security=opcua)
+    mirror = await enter_bounded(
+        stack,
+        Mirror(scenario.field, run.clock, endpoint=endpoint, security=opcua),
+        "the mirror",
     )
     applied_now = await mirror.read_inputs()
     u_now = np.array([applied_now[n] for n in scenario.model.inputs], dtype=float)
@@ -388,14 +393,16 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
             stack, tasks, run, endpoint, out_dir, opcua_client, zmq_server
         )
         mirror, u_now = await _open_mirror(stack, run, endpoint, opcua_client)
-        dispatcher = await stack.enter_async_context(
+        dispatcher = await enter_bounded(
+            stack,
             Dispatcher(
                 gateway_endpoint,
                 issuer=issuer,
                 timeout_s=max(0.5, 0.2 * meta.cycle_s / run.speed),
                 curve=zmq_client,
                 insecure_lab=scenario.insecure_lab,
-            )
+            ),
+            "the dispatcher",
         )
         journal.start_run(
             meta.name,

@@ -291,7 +291,8 @@ class OpcUaWriter:
             if problem is None:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), WATCH_PERIOD_S)
+                    async with asyncio.timeout(WATCH_PERIOD_S):  # not wait_for: see gateway
+                        await self._wake.wait()
                 continue
             self._lost(problem)
             await self._reconnect()
