@@ -417,7 +417,7 @@ def test_a_part_that_does_not_close_is_left_behind(caplog: pytest.LogCaptureFixt
         return "closed"
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("parallelcity.lifecycle.CANCEL_GRACE_S", 0.1)
+        mp.setattr("parallelcity.run.lifecycle.CANCEL_GRACE_S", 0.1)
         assert run_bounded(main(), grace_s=0.2) == "closed"
     assert "closing the deaf part did not end within 0.1 s: left behind" in caplog.text
 
