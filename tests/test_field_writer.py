@@ -37,12 +37,12 @@ from typing import Any
 import pytest
 from parallelcity.hil.field import free_port
 
+from parallelcity.backoff import Backoff
 from parallelcity.clock import SimClock
 from parallelcity.dispatch.dispatcher import ClientCurve, Dispatcher
 from parallelcity.dispatch.keys import KeyPair
 from parallelcity.dispatch.wire import Ack, AckStatus, Command, RefusalCode
 from parallelcity.errors import FieldUnavailableError
-from parallelcity.field.mirror import Backoff
 from parallelcity.field.opcua.certs import LabPki, make_lab_pki
 from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
 from parallelcity.field.opcua.protocol import OpcUaInput as InputMap
