@@ -139,8 +139,9 @@ async def serve_field(
     else:
         if not isinstance(cm, SecureStandIn):
             raise SecurityError(
-                f"rig kind {scenario.file.rig.kind!r} cannot serve secure OPC UA; "
-                "--insecure-lab serves it without security, in a lab only"
+                f"the field stand-in of rig kind {scenario.file.rig.kind!r} cannot serve "
+                f"{scenario.field.protocol} securely; --insecure-lab serves it without "
+                "security, in a lab only"
             )
         root = pki_root(scenario, options.pki)
         if ensure_pki(root, options.host):
