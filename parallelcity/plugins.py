@@ -4,15 +4,9 @@ One entry point group per role; each entry point names an object satisfying the 
 Protocol, checked when it is loaded so a plug-in that lacks a member is a ``PluginError``
 naming it (exit 2 for the user), never an ``AttributeError`` in the middle of a run:
 
-==========  ============================  ======================================
-role        group                         Protocol
-==========  ============================  ======================================
-model       ``parallelcity.models``       ``parallelcity.twin.kind.ModelKind``
-controller  ``parallelcity.controllers``  ``parallelcity.decide.control.ControllerKind``
-rig         ``parallelcity.rigs``         ``parallelcity.verify.rig.RigKind``
-==========  ============================  ======================================
-
-A new role adds its group to ``GROUPS`` and one typed loader calling ``_typed``.
+==========  ============================  ===============================
+Field protocols may also be registered in-process (``register_protocol``: embedding
+applications, tests).
 """
 
 from __future__ import annotations
@@ -25,6 +19,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pydantic import BaseModel
 
 from parallelcity.errors import PluginError
+from parallelcity.field.protocol import GROUP as PROTOCOL_GROUP
+from parallelcity.field.protocol import FieldProtocol
 
 if TYPE_CHECKING:
     from parallelcity.decide.control import ControllerKind
@@ -35,7 +31,9 @@ GROUPS = {
     "model": "parallelcity.models",
     "controller": "parallelcity.controllers",
     "rig": "parallelcity.rigs",
+    "protocol": PROTOCOL_GROUP,
 }
+_registered_protocols: dict[str, FieldProtocol] = {}
 
 
 def model_kind(name: str) -> ModelKind:
@@ -147,3 +145,41 @@ def _load_one(role: str, name: str, value: str) -> Any:
                     f"{GROUPS[role]} entry point {name!r} ({value}) failed to load: {exc}"
                 ) from exc
     raise PluginError(f"unknown {role} kind {name!r}")
+
+
+def register_protocol(protocol: FieldProtocol) -> None:
+    """Make ``protocol`` loadable by its name without an installed entry point (embedding
+    applications, tests); it wins over an installed one of the same name."""
+    if not isinstance(protocol, FieldProtocol):
+        raise PluginError(f"{protocol!r} is not a FieldProtocol")
+    _registered_protocols[protocol.name] = protocol
+
+
+def unregister_protocol(name: str) -> None:
+    _registered_protocols.pop(name, None)
+
+
+def protocol_names() -> list[str]:
+    """Field protocols installed or registered, sorted."""
+    names = {ep.name for ep in entry_points(group=PROTOCOL_GROUP)} | set(_registered_protocols)
+    return sorted(names)
+
+
+def load_protocol(name: str) -> FieldProtocol:
+    """The field protocol ``name`` (``[field] protocol``), checked to be a ``FieldProtocol``."""
+    found = _registered_protocols.get(name)
+    if found is not None:
+        return found
+    try:
+        kind = _load("protocol", name)
+    except PluginError:
+        known = ", ".join(protocol_names())
+        raise PluginError(
+            f"unknown field protocol {name!r} (installed: {known or 'none installed'})"
+        ) from None
+    if not isinstance(kind, FieldProtocol):
+        raise PluginError(
+            f"{PROTOCOL_GROUP} entry point {name!r} is a {type(kind).__name__}, "
+            "not a parallelcity.field.protocol.FieldProtocol"
+        )
+    return kind

@@ -22,7 +22,6 @@ from parallelcity.gateway.core import GatewayCore
 from parallelcity.gateway.server import FieldGateway
 from parallelcity.run.runner import RunOptions, RunResult, run
 from parallelcity.scenario.definition import Scenario
-from parallelcity.specs import SafetySpecs
 
 from .test_gateway import FakeWriter
 
@@ -57,7 +56,7 @@ def threads_left(before: set[threading.Thread]) -> list[str]:
 @contextmanager
 def gateway_in_its_own_loop(scenario: Scenario) -> Iterator[str]:
     """A stand-alone gateway on a thread of its own; yields its endpoint."""
-    limits = {i.name: i for i in SafetySpecs.from_scenario(scenario).inputs}
+    limits = {i.name: i for i in scenario.safety_specs().inputs}
     ready: list[str] = []
     stop: list[asyncio.AbstractEventLoop | FieldGateway] = []
 

@@ -27,14 +27,16 @@ from parallelcity.clock import Clock
 from parallelcity.dispatch.keys import check_z85, read_public_key, read_secret_key
 from parallelcity.dispatch.wire import check_issuer_name
 from parallelcity.errors import GatewayConfigError, SecurityError, WireFormatError
+from parallelcity.field.config import FieldConfig
+from parallelcity.field.opcua.protocol import OpcUaField, OpcUaInput
 from parallelcity.field.opcua.session import ClientSecurity
-from parallelcity.field.opcua.writer import OpcUaWriter
+from parallelcity.field.protocols import open_writer
 from parallelcity.gateway.core import DEFAULT_MAX_COMMAND_AGE_S, DEFAULT_RAMP_SLACK_S, GatewayCore
 from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.server import FieldGateway, KeyQuota, ServerCurve
 from parallelcity.gateway.store import GatewayStore
 from parallelcity.gateway.zap import AllowList
-from parallelcity.scenario.definition import FieldConfig, InputMap, OpcUaSecurity, _describe
+from parallelcity.scenario.definition import OpcUaSecurity, _describe
 from parallelcity.specs import InputLimit
 from parallelcity.toml_file import parse_toml, read_text_bounded
 
@@ -198,16 +200,16 @@ class GatewayConfig:
     def safe(self) -> dict[str, float]:
         return {i.name: i.safe for i in self.file.field.inputs if i.safe is not None}
 
-    def field_config(self) -> FieldConfig:
-        """What ``OpcUaWriter`` needs (namespace, input NodeIds); there are no points."""
+    def field_config(self) -> OpcUaField:
+        """What the field writer needs (namespace, input NodeIds); there are no points."""
         f = self.file.field
-        return FieldConfig.model_construct(
+        return OpcUaField.model_construct(
             namespace=f.namespace,
             endpoint=f.endpoint,
             gateway=None,
             sampling_interval_ms=100.0,
             points=[],
-            inputs=[InputMap.model_construct(name=i.name, node=i.node) for i in f.inputs],
+            inputs=[OpcUaInput.model_construct(name=i.name, node=i.node) for i in f.inputs],
         )
 
     def curve(self) -> ServerCurve | None:
@@ -351,7 +353,7 @@ async def serve_gateway(config: GatewayConfig, clock: Clock) -> None:
         clock,
         field_endpoint=config.file.field.endpoint,
         field=config.field_config(),
-        opcua=opcua,
+        security=opcua,
         state=config.resolve(g.state),
         bind=g.bind,
         curve=curve,
@@ -399,7 +401,7 @@ async def open_gateway(
     *,
     field_endpoint: str,
     field: FieldConfig,
-    opcua: ClientSecurity,
+    security: object | None,
     state: Path,
     bind: str,
     curve: ServerCurve | None,
@@ -415,10 +417,10 @@ async def open_gateway(
     """
     store = GatewayStore(state)
     try:
-        writer = OpcUaWriter(
-            field_endpoint,
+        writer = open_writer(
             field,
-            security=opcua,
+            field_endpoint,
+            security=security,
             on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),
             timeout_s=write_timeout_s or EMBEDDED_WRITER_TIMEOUT_S,
         )

@@ -51,14 +51,10 @@ from parallelcity.errors import (
     JournalError,
     ParallelCityError,
     ScenarioError,
-    SecurityError,
 )
 from parallelcity.field.mirror import Mirror
-from parallelcity.field.opcua.session import (
-    ClientSecurity,
-    SecureStandIn,
-    ServerSecurity,
-)
+from parallelcity.field.protocol import LinkSecurity
+from parallelcity.field.protocols import protocol_of
 from parallelcity.field.snapshot import Snapshot
 from parallelcity.gateway.config import open_gateway
 from parallelcity.gateway.core import DEFAULT_MAX_COMMAND_AGE_S, GatewayCore
@@ -80,10 +76,8 @@ from parallelcity.run.lifecycle import (
     speed_problem,
     unless_stopped,
 )
-from parallelcity.run.security import check_opcua_security as _check_opcua_security
 from parallelcity.run.security import check_zmq_security as _check_zmq_security
 from parallelcity.run.security import issuer_name as _issuer
-from parallelcity.run.security import opcua_security as _opcua_security
 from parallelcity.run.security import zmq_security as _zmq_security
 from parallelcity.scenario.definition import Scenario
 from parallelcity.scenario.text import scenario_toml
@@ -250,7 +244,8 @@ class _Setup:
 def _prepare(scenario: Scenario, options: RunOptions) -> _Setup:
     """Refuse what cannot run, load the plug-ins and build the cycle's pure logic."""
     meta = scenario.meta
-    _check_opcua_security(scenario, options.field_endpoint is None)
+    field_protocol = protocol_of(scenario.field)
+    field_protocol.check_security(scenario, embedded=options.field_endpoint is None)
     _check_zmq_security(scenario, options.gateway_endpoint is None)
     if scenario.insecure_lab:
         log.warning(INSECURE_BANNER)
@@ -300,7 +295,7 @@ def _prepare(scenario: Scenario, options: RunOptions) -> _Setup:
 
 
 async def _start_field(
-    stack: AsyncExitStack, run: _Setup, opcua_server: ServerSecurity | None
+    stack: AsyncExitStack, run: _Setup, link: LinkSecurity
 ) -> tuple[str, FieldStandIn | None]:
     """The field's endpoint: the given one, or the rig's stand-in started for this run."""
     scenario = run.scenario
@@ -310,15 +305,10 @@ async def _start_field(
         stand_in_cm = run.rig_kind.field_stand_in(scenario.rig_config, scenario, run.clock)
     except ValueError as exc:  # a rig kind that verifies but cannot stand in
         raise ScenarioError(str(scenario.path), [f"rig.kind: {exc}"]) from exc
-    if opcua_server is not None:
-        if not isinstance(stand_in_cm, SecureStandIn):
-            raise SecurityError(
-                f"rig kind {scenario.file.rig.kind!r} cannot serve secure OPC UA; "
-                "set [security] insecure_lab = true for a lab run"
-            )
-        stand_in_cm.use_opcua_security(opcua_server)
+    if link.server is not None:
+        protocol_of(scenario.field).secure_stand_in(stand_in_cm, link.server)
     stand_in: FieldStandIn = await enter_bounded(stack, stand_in_cm, "the field stand-in")
-    log.info("field stand-in serving OPC UA at %s", stand_in.endpoint)
+    log.info("field stand-in serving %s at %s", scenario.field.protocol, stand_in.endpoint)
     return stand_in.endpoint, stand_in
 
 
@@ -328,7 +318,7 @@ async def _start_gateway(
     run: _Setup,
     field_endpoint: str,
     out_dir: Path,
-    opcua: ClientSecurity,
+    link_client: object | None,
     curve: ServerCurve | None,
 ) -> tuple[str, asyncio.Task[None] | None]:
     """The gateway's endpoint: the given one, or a gateway embedded in this run's tasks
@@ -343,7 +333,7 @@ async def _start_gateway(
             run.clock,
             field_endpoint=field_endpoint,
             field=scenario.field,
-            opcua=opcua,
+            security=link_client,
             state=out_dir / "gateway.sqlite",
             bind="tcp://127.0.0.1:0",
             curve=curve,
@@ -357,13 +347,13 @@ async def _start_gateway(
 
 
 async def _open_mirror(
-    stack: AsyncExitStack, run: _Setup, endpoint: str, opcua: ClientSecurity
+    stack: AsyncExitStack, run: _Setup, endpoint: str, security: object | None
 ) -> tuple[Mirror, Array]:
     """The field's mirror, and the inputs the field holds now."""
     scenario = run.scenario
     mirror = await enter_bounded(
         stack,
-        Mirror(scenario.field, run.clock, endpoint=endpoint, security=opcua),
+        Mirror(scenario.field, run.clock, endpoint=endpoint, security=security),
         "the mirror",
     )
     applied_now = await mirror.read_inputs()
@@ -379,7 +369,7 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
     meta, clock = scenario.meta, run.clock
     out_dir = _new_out_dir(options.out_dir, meta.name)
     journal = Journal(out_dir / "journal.sqlite")
-    opcua_client, opcua_server = _opcua_security(scenario, run.embedded, out_dir)
+    link = protocol_of(scenario.field).security(scenario, embedded=run.embedded, out_dir=out_dir)
     issuer = _issuer(scenario, options.gateway_endpoint is None)
     zmq_client, zmq_server = _zmq_security(scenario, options.gateway_endpoint is None, issuer)
     stop = StopRequest()
@@ -388,11 +378,11 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         if options.handle_signals:
             stop.install()
             stack.callback(stop.uninstall)
-        endpoint, stand_in = await _start_field(stack, run, opcua_server)
+        endpoint, stand_in = await _start_field(stack, run, link)
         gateway_endpoint, gateway_task = await _start_gateway(
-            stack, tasks, run, endpoint, out_dir, opcua_client, zmq_server
+            stack, tasks, run, endpoint, out_dir, link.client, zmq_server
         )
-        mirror, u_now = await _open_mirror(stack, run, endpoint, opcua_client)
+        mirror, u_now = await _open_mirror(stack, run, endpoint, link.client)
         dispatcher = await enter_bounded(
             stack,
             Dispatcher(

@@ -1,75 +1,20 @@
 """A run's security set-up: refuse what is not secure unless it is a lab run, and make
-the embedded stand-in's certificates and the embedded gateway's CURVE keys for the run."""
+the embedded gateway's CURVE keys for the run."""
 
 from __future__ import annotations
 
 import logging
-import secrets
 import uuid
-from pathlib import Path
 
 from parallelcity.dispatch.dispatcher import ClientCurve
 from parallelcity.dispatch.keys import KeyPair, read_public_key, read_secret_key
 from parallelcity.errors import SecurityError
-from parallelcity.field.opcua.certs import make_lab_pki
-from parallelcity.field.opcua.session import ClientSecurity, ServerSecurity, hash_password
 from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.server import ServerCurve, new_zap_domain
 from parallelcity.gateway.zap import AllowList
 from parallelcity.scenario.definition import Scenario
 
 log = logging.getLogger("parallelcity.run.runner")
-
-
-def check_opcua_security(scenario: Scenario, embedded: bool = True) -> None:
-    """Refuse OPC UA without security unless the scenario asks for a lab run.
-
-    Real equipment needs ``[security.opcua]``; the embedded stand-in gets
-    certificates generated for the run (``opcua_security``).
-    """
-    if scenario.insecure_lab or embedded:
-        return
-    if scenario.file.security.opcua is None:
-        raise SecurityError(
-            "OPC UA to field equipment needs [security.opcua] (certificate, private_key, "
-            "trusted, and a user token; `parallelcity certs DIR` creates a set), or "
-            "[security] insecure_lab = true for a lab run"
-        )
-
-
-def opcua_security(
-    scenario: Scenario, embedded: bool, out_dir: Path
-) -> tuple[ClientSecurity, ServerSecurity | None]:
-    """The runtime's OPC UA client security, and the embedded stand-in's server security.
-
-    Embedded and not a lab run: a client and a server certificate that trust each
-    other and a random password, generated for this run under ``out_dir/pki``.
-    """
-    if embedded and scenario.insecure_lab:
-        return ClientSecurity.insecure(), None
-    if not embedded:
-        client = ClientSecurity.from_scenario(scenario)
-        if not client.secure and not scenario.insecure_lab:
-            raise SecurityError("OPC UA policy None needs [security] insecure_lab = true")
-        return client, None
-    pki = make_lab_pki(out_dir / "pki")
-    password = secrets.token_urlsafe(24)
-    server = ServerSecurity(
-        pki.server.certificate,
-        pki.server.private_key,
-        pki.server_trusted,
-        users={"parallelcity": hash_password(password)},
-    )
-    client = ClientSecurity(
-        "Basic256Sha256",
-        pki.client.certificate,
-        pki.client.private_key,
-        pki.client_trusted,
-        username="parallelcity",
-        password=password,
-    )
-    log.info("embedded OPC UA: Basic256Sha256 SignAndEncrypt, certificates in %s", pki.root)
-    return client, server
 
 
 def check_zmq_security(scenario: Scenario, embedded_gateway: bool = True) -> None:
