@@ -68,7 +68,12 @@ def names(role: str) -> list[str]:
 def available(role: str) -> dict[str, object]:
     """Kinds installed for ``role``, loaded and checked, by name; a kind that does not load
     or does not satisfy its Protocol is its ``PluginError`` (it must not hide the others)."""
-    loader = {"model": model_kind, "controller": controller_kind, "rig": rig_kind}[role]
+    loader = {
+        "model": model_kind,
+        "controller": controller_kind,
+        "rig": rig_kind,
+        "protocol": load_protocol,
+    }[role]
     kinds: dict[str, object] = {}
     for name in names(role):
         try:

@@ -39,5 +39,5 @@ def _pairs(d: dict[Any, Any]) -> str:
 
 
 def scenario_toml(scenario: Scenario) -> str:
-    data = scenario.file.model_dump(mode="python", exclude_none=True)
+    data = scenario.file.model_dump(mode="python", exclude_none=True, serialize_as_any=True)
     return "".join(f"{json.dumps(k)} = {_value(v)}\n" for k, v in data.items())
