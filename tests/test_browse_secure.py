@@ -26,13 +26,16 @@ from parallelcity.clock import SimClock
 from parallelcity.errors import SecurityError
 from parallelcity.field.mirror import Mirror
 from parallelcity.field.opcua.certs import LabPki, make_lab_pki
+from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
+from parallelcity.field.opcua.protocol import OpcUaInput as InputMap
+from parallelcity.field.opcua.protocol import OpcUaPoint as PointMap
 from parallelcity.field.opcua.session import (
     ClientSecurity,
     ServerSecurity,
     TrustList,
     configure_server,
 )
-from parallelcity.scenario.definition import FieldConfig, InputMap, OpcUaSecurity, PointMap
+from parallelcity.scenario.definition import OpcUaSecurity
 
 ROOT = Path(__file__).resolve().parents[1]
 NS = "urn:parallelcity:test:secure-browse"

@@ -37,20 +37,22 @@ from typing import Any
 import pytest
 from parallelcity.hil.field import free_port
 
+from parallelcity.backoff import Backoff
 from parallelcity.clock import SimClock
 from parallelcity.dispatch.dispatcher import ClientCurve, Dispatcher
 from parallelcity.dispatch.keys import KeyPair
 from parallelcity.dispatch.wire import Ack, AckStatus, Command, RefusalCode
 from parallelcity.errors import FieldUnavailableError
-from parallelcity.field.mirror import Backoff
 from parallelcity.field.opcua.certs import LabPki, make_lab_pki
+from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
+from parallelcity.field.opcua.protocol import OpcUaInput as InputMap
+from parallelcity.field.opcua.protocol import OpcUaPoint as PointMap
 from parallelcity.field.opcua.session import ClientSecurity
 from parallelcity.field.opcua.writer import OpcUaWriter
 from parallelcity.gateway.core import GatewayCore
 from parallelcity.gateway.server import FieldGateway, ServerCurve, new_zap_domain
 from parallelcity.gateway.store import GatewayStore
 from parallelcity.gateway.zap import AllowList, Grant
-from parallelcity.scenario.definition import FieldConfig, InputMap, PointMap
 from parallelcity.specs import InputLimit
 
 from .opcua_input_server import INPUTS, NAMESPACE, PASSWORD_ENV, USER

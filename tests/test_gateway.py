@@ -41,11 +41,12 @@ from parallelcity.errors import (
     NodeMappingError,
     SecurityError,
 )
+from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
 from parallelcity.field.opcua.writer import OpcUaWriter
 from parallelcity.gateway.config import parse_gateway_config, serve_gateway
 from parallelcity.gateway.core import GatewayCore, Outcome
 from parallelcity.gateway.server import FieldGateway
-from parallelcity.scenario.definition import FieldConfig, Scenario, ScenarioFile
+from parallelcity.scenario.definition import Scenario, ScenarioFile
 from parallelcity.specs import InputLimit
 
 SCENARIO = Path(__file__).resolve().parent.parent / "scenarios" / "district_heating.toml"

@@ -24,10 +24,10 @@ from pathlib import Path
 import pytest
 from parallelcity.hil.field import free_port
 
+from parallelcity.backoff import Backoff
 from parallelcity.clock import FakeClock, SimClock
 from parallelcity.dispatch.wire import Ack, AckStatus, Command, RefusalCode, decode_ack
 from parallelcity.errors import FieldConnectionError, FieldUnavailableError
-from parallelcity.field.mirror import Backoff
 from parallelcity.field.opcua.certs import LabPki, make_lab_pki
 from parallelcity.field.opcua.writer import OpcUaWriter
 from parallelcity.gateway.core import GatewayCore

@@ -11,8 +11,10 @@ from parallelcity.hil.field import POINT_NAMESPACE, PointServer, free_port, poin
 
 from parallelcity.clock import SimClock
 from parallelcity.field.mirror import Mirror
+from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
+from parallelcity.field.opcua.protocol import OpcUaInput as InputMap
+from parallelcity.field.opcua.protocol import OpcUaPoint as PointMap
 from parallelcity.field.snapshot import PointSpec, Reading, assess
-from parallelcity.scenario.definition import FieldConfig, InputMap, PointMap
 
 MAX_AGE_S = 1.5
 

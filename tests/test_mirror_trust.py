@@ -24,9 +24,11 @@ from parallelcity.hil.field import free_port
 
 from parallelcity.clock import SimClock
 from parallelcity.field.mirror import Mirror
+from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
+from parallelcity.field.opcua.protocol import OpcUaInput as InputMap
+from parallelcity.field.opcua.protocol import OpcUaPoint as PointMap
 from parallelcity.field.snapshot import Snapshot
 from parallelcity.record.journal import Journal
-from parallelcity.scenario.definition import FieldConfig, InputMap, PointMap
 
 from .field_trust_server import NAMESPACE
 

@@ -37,11 +37,14 @@ from typing import Any
 import pytest
 from parallelcity.hil.field import POINT_NAMESPACE, free_port, generation_of, point_node
 
+from parallelcity.backoff import Backoff
 from parallelcity.clock import FakeClock, SimClock
 from parallelcity.decide.cycle import Outcome
-from parallelcity.field.mirror import SILENCE_FACTOR, Backoff, Mirror
+from parallelcity.field.mirror import SILENCE_FACTOR, Mirror
+from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
+from parallelcity.field.opcua.protocol import OpcUaInput as InputMap
+from parallelcity.field.opcua.protocol import OpcUaPoint as PointMap
 from parallelcity.record.journal import Journal
-from parallelcity.scenario.definition import FieldConfig, InputMap, PointMap
 
 ROOT = Path(__file__).resolve().parents[1]
 RESTARTS = max(1, int(os.environ.get("PARALLELCITY_RESTARTS", "50")))

@@ -60,7 +60,6 @@ import contextlib
 import datetime as dt
 import logging
 import math
-import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -75,6 +74,7 @@ from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.uaerrors import UaError
 
+from parallelcity.backoff import Backoff
 from parallelcity.clock import Clock
 from parallelcity.errors import (
     FieldConnectionError,
@@ -106,8 +106,6 @@ KEEPALIVE_MS = 2000.0  # an idle subscription still sends a keep-alive this ofte
 SILENCE_FACTOR = 2.5  # no publish response for this many keep-alive periods: the link is dead
 SESSION_TIMEOUT_MS = 60000  # asyncua asks for an hour by default; servers cap it anyway
 LIFETIME_MS = 60000.0  # the server drops the subscription after this long without the client
-BACKOFF_INITIAL_S = 0.1
-BACKOFF_MAX_S = 10.0
 
 # Errors that mean "the server could not be reached or stopped answering".
 _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
@@ -179,21 +177,6 @@ class LinkEvent:
     gap: int  # gap number, from 1 (for point events: gaps so far)
     detail: str
     attempts: int = 0  # reconnect attempts it took ("restored" only)
-
-
-@dataclass(frozen=True)
-class Backoff:
-    """Reconnect delays: ``initial`` doubling up to ``maximum``, each with +-``jitter``."""
-
-    initial: float = BACKOFF_INITIAL_S
-    maximum: float = BACKOFF_MAX_S
-    jitter: float = 0.2
-
-    def delays(self) -> Any:
-        delay = self.initial
-        while True:
-            yield delay * (1.0 + random.uniform(-self.jitter, self.jitter))
-            delay = min(self.maximum, delay * 2.0)
 
 
 class _LatestValueSubscription(Subscription):

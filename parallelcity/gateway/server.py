@@ -28,6 +28,7 @@ from types import TracebackType
 import zmq
 import zmq.asyncio
 
+from parallelcity.backoff import Backoff
 from parallelcity.clock import Clock
 from parallelcity.dispatch.keys import KeyPair
 from parallelcity.dispatch.wire import (
@@ -50,7 +51,6 @@ from parallelcity.errors import (
     SecurityError,
     WireFormatError,
 )
-from parallelcity.field.mirror import Backoff
 from parallelcity.field.opcua.writer import SetpointWriter
 from parallelcity.gateway.core import (
     MAX_REMEMBERED_IDS,

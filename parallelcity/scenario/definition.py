@@ -13,10 +13,9 @@ import datetime as dt
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -29,15 +28,12 @@ from pydantic import (
 from parallelcity import plugins
 from parallelcity.dispatch.wire import MAX_ISSUER_BYTES, check_issuer_name, name_problem
 from parallelcity.errors import PluginError, ScenarioError, WireFormatError
-from parallelcity.field.opcua.node_id import check_scenario_node
-from parallelcity.field.point_table import DEFAULT_MAX_CLOCK_SKEW_S, PointType
+from parallelcity.field.config import FieldConfig
+from parallelcity.field.protocols import field_json_schema, field_model, validate_field
 from parallelcity.toml_file import parse_toml, read_text_bounded
 from parallelcity.twin.model import SubsystemModel
 from parallelcity.twin.schedule import Period, zone_context, zone_of
 from parallelcity.verify.rig import BASE_DIR
-
-NodeText = Annotated[str, AfterValidator(check_scenario_node)]
-"""A NodeId as a scenario writes it (``s=...``, ``i=...``, ``g=...``, ``b=...``)."""
 
 
 class _Strict(BaseModel):
@@ -198,102 +194,6 @@ class Security(_Strict):
     zmq: ZmqSecurity | None = Field(
         None, description="ZeroMQ CURVE keys; required to dispatch to a separate gateway"
     )
-
-
-class PointMap(_Strict):
-    name: str = Field(description="model output this point measures")
-    node: NodeText = Field(description="NodeId in the field namespace, e.g. 's=dh/plant/T_supply'")
-    max_age_s: float = Field(gt=0, description="older than this (simulated s) counts as stale")
-    required: bool = Field(True, description="a stale required point stops the cycle's action")
-    sampling_interval_ms: float | None = Field(
-        None, gt=0, description="server sampling of this point; default field.sampling_interval_ms"
-    )
-    deadband: float | None = Field(
-        None, ge=0, description="absolute deadband: smaller changes are not reported"
-    )
-    type: PointType = Field(
-        "float",
-        description="value type the node must carry: float (Float, Double), int (any "
-        "integer type) or bool (Boolean, read as 0/1); other types are refused",
-    )
-    min: float | None = Field(
-        None, description="plausible minimum: a lower value is refused and the point is stale"
-    )
-    max: float | None = Field(
-        None, description="plausible maximum: a higher value is refused and the point is stale"
-    )
-    max_clock_skew_s: float | None = Field(
-        None,
-        ge=0,
-        description="a source time further ahead of the clock (s) is refused; "
-        "default field.max_clock_skew_s",
-    )
-    event_driven: bool = Field(
-        False,
-        description="the node changes only when written (a setpoint): its age counts from the "
-        "subscription's last sign of life, not from its last change",
-    )
-
-    @model_validator(mode="after")
-    def _range(self) -> PointMap:
-        if self.min is not None and self.max is not None and not self.min <= self.max:
-            raise ValueError(f"min {self.min:g} is above max {self.max:g}")
-        return self
-
-
-class InputMap(_Strict):
-    name: str = Field(description="model input this node drives")
-    node: NodeText = Field(description="NodeId in the field namespace, e.g. 's=dh/plant/T_set'")
-    safe: float | None = Field(
-        None,
-        description="the embedded gateway's watchdog reverts this input to this value "
-        "(within its specs.inputs bounds); needs [field.watchdog]",
-    )
-
-
-class FieldWatchdog(_Strict):
-    """The embedded gateway's heartbeat watchdog (a separate gateway has its own config)."""
-
-    heartbeat_interval_s: float = Field(
-        gt=0, description="expected heartbeat period (simulated s); the runtime beats twice as fast"
-    )
-    missed_heartbeats: int = Field(
-        3, ge=1, description="this many intervals of silence revert the inputs to their safe values"
-    )
-
-
-class FieldConfig(_Strict):
-    namespace: str = Field(description="OPC UA namespace URI the NodeIds live in")
-    endpoint: str | None = Field(None, description="OPC UA endpoint; none runs the embedded rig")
-    gateway: str | None = Field(None, description="field gateway ZeroMQ address")
-    sampling_interval_ms: float = Field(100.0, gt=0, description="wall milliseconds")
-    start_timeout_s: float | None = Field(
-        None,
-        gt=0,
-        description="wall seconds a mirror start (connect, check and subscribe every point) "
-        "may take; default 5 s plus 4 ms per point",
-    )
-    max_clock_skew_s: float = Field(
-        DEFAULT_MAX_CLOCK_SKEW_S,
-        ge=0,
-        description="clock seconds a point's source time may lie ahead of the runtime's "
-        "clock; a reading stamped further ahead is refused (per point: max_clock_skew_s)",
-    )
-    points: list[PointMap] = Field(min_length=1)
-    inputs: list[InputMap] = Field(min_length=1)
-    watchdog: FieldWatchdog | None = Field(
-        None, description="heartbeat watchdog of the embedded gateway (safe values per input)"
-    )
-
-    @model_validator(mode="after")
-    def _unique(self) -> FieldConfig:
-        for what, items in (("points", self.points), ("inputs", self.inputs)):
-            seen: set[str] = set()
-            for item in items:
-                if item.name in seen:
-                    raise ValueError(f"{what}: {item.name!r} is mapped twice")
-                seen.add(item.name)
-        return self
 
 
 class InputSpec(_Strict):
@@ -460,6 +360,13 @@ class ScenarioFile(_Strict):
     divergence: DivergenceConfig | None = None
     estimation: EstimationConfig | None = None
 
+    @field_validator("field", mode="before")
+    @classmethod
+    def _field_protocol(cls, value: object) -> object:
+        """[field] is validated by the model of the protocol it names (errors keep their
+        key paths, e.g. field.points[3].node)."""
+        return validate_field(value)
+
 
 @dataclass(frozen=True, eq=False)
 class Scenario:
@@ -559,11 +466,19 @@ class _Parts:
             except ValidationError:
                 return None
 
-        field, field_whole = _lenient(
-            FieldConfig,
-            raw.get("field"),
-            {"points": PointMap, "inputs": InputMap},
-            ("watchdog",),
+        try:
+            fm: type[FieldConfig] | None = field_model(raw.get("field"))
+        except ValidationError:
+            fm = None  # an unknown protocol: its keys cannot be read
+        field, field_whole = (
+            _lenient(
+                fm,
+                raw.get("field"),
+                {"points": fm.point_model, "inputs": fm.input_model},
+                ("watchdog",),
+            )
+            if fm is not None
+            else (None, False)
         )
         specs, specs_whole = _lenient(
             Specs,
@@ -881,4 +796,6 @@ def json_schema() -> dict[str, Any]:
             sub["additionalProperties"] = False
             variants.append(sub)
         props[section] = {"oneOf": variants} if variants else props[section]
+    # the common [field] keys stay under their own names; each protocol adds a variant
+    props["field"] = field_json_schema(schema.setdefault("$defs", {}))
     return schema

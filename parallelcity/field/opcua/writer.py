@@ -8,7 +8,7 @@ run) to the server holding the input nodes.
 The session can die (a PLC reboot, a cut link).  The writer watches it - the
 session state asyncua keeps (a closed socket shows at once; asyncua's own
 server-state probe marks a silent link within about two seconds) and every
-failed request - and on a loss reconnects with backoff (``mirror.Backoff``),
+failed request - and on a loss reconnects with backoff (``backoff.Backoff``),
 re-resolving the namespace and every input node.  Until the session is back,
 ``write`` and ``read`` fail at once with ``FieldUnavailableError``: nothing is
 sent, nothing is kept to be sent later, so a refused command can never land
@@ -31,6 +31,7 @@ from asyncua.client.ua_client import UaClientState
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.uaerrors import UaError
 
+from parallelcity.backoff import Backoff
 from parallelcity.errors import (
     FieldConnectionError,
     FieldError,
@@ -39,7 +40,6 @@ from parallelcity.errors import (
     NodeMappingError,
     SecurityError,
 )
-from parallelcity.field.mirror import Backoff
 from parallelcity.field.opcua.session import ClientSecurity, connect_client, parse_node_id
 from parallelcity.scenario.definition import FieldConfig
 

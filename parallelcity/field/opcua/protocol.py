@@ -1,0 +1,130 @@
+"""OPC UA as a field protocol: its scenario keys, and its reader, writer, stand-in and browse.
+
+Scenario keys: ``[field] namespace`` (the namespace URI every NodeId lives in; its index
+is looked up on the server), ``sampling_interval_ms``, ``start_timeout_s``; per point
+``node`` (``s=...``, ``i=...``, ``g=...``, ``b=...``, without ``ns=``),
+``sampling_interval_ms``, ``deadband``, ``event_driven``; per input ``node``.  This
+module imports no OPC UA stack: ``validate`` and ``schema`` use it as it is, and the
+reader, writer and stand-in are imported when they are asked for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+
+from pydantic import AfterValidator, Field
+
+from parallelcity.field.config import FieldConfig, InputMap, PointMap
+from parallelcity.field.opcua.node_id import check_scenario_node
+from parallelcity.field.protocol import FieldProtocol, FieldReader, FieldWriter, LinkListener
+
+if TYPE_CHECKING:
+    from parallelcity.clock import Clock
+    from parallelcity.field.protocol import FieldStandIn
+    from parallelcity.scenario.definition import Scenario
+
+NodeText = Annotated[str, AfterValidator(check_scenario_node)]
+"""A NodeId as a scenario writes it (``s=...``, ``i=...``, ``g=...``, ``b=...``)."""
+
+
+class OpcUaPoint(PointMap):
+    node: NodeText = Field(description="NodeId in the field namespace, e.g. 's=dh/plant/T_supply'")
+    sampling_interval_ms: float | None = Field(
+        None, gt=0, description="server sampling of this point; default field.sampling_interval_ms"
+    )
+    deadband: float | None = Field(
+        None, ge=0, description="absolute deadband: smaller changes are not reported"
+    )
+    event_driven: bool = Field(
+        False,
+        description="the node changes only when written (a setpoint): its age counts from the "
+        "subscription's last sign of life, not from its last change",
+    )
+
+    @property
+    def on_change_only(self) -> bool:
+        return self.deadband is not None or self.event_driven
+
+    def address_text(self) -> str:
+        return self.node
+
+
+class OpcUaInput(InputMap):
+    node: NodeText = Field(description="NodeId in the field namespace, e.g. 's=dh/plant/T_set'")
+
+    def address_text(self) -> str:
+        return self.node
+
+
+class OpcUaField(FieldConfig):
+    point_model: ClassVar[type[PointMap]] = OpcUaPoint
+    input_model: ClassVar[type[InputMap]] = OpcUaInput
+
+    namespace: str = Field(description="OPC UA namespace URI the NodeIds live in")
+    sampling_interval_ms: float = Field(100.0, gt=0, description="wall milliseconds")
+    start_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="wall seconds a mirror start (connect, check and subscribe every point) "
+        "may take; default 5 s plus 4 ms per point",
+    )
+    points: Sequence[OpcUaPoint] = Field(min_length=1)
+    inputs: Sequence[OpcUaInput] = Field(min_length=1)
+
+
+def as_opcua(field: FieldConfig) -> OpcUaField:
+    """``field`` as the OPC UA field config it must be (a programming error otherwise)."""
+    if not isinstance(field, OpcUaField):
+        raise TypeError(f"an OPC UA field config is needed, got {type(field).__name__}")
+    return field
+
+
+class OpcUaProtocol(FieldProtocol):
+    name: ClassVar[str] = "opcua"
+    field_model: ClassVar[type[FieldConfig]] = OpcUaField
+
+    def reader(
+        self,
+        field: FieldConfig,
+        clock: Clock,
+        *,
+        endpoint: str,
+        security: object | None = None,
+        **options: Any,
+    ) -> FieldReader:
+        from parallelcity.field.opcua.reader import OpcUaReader
+        from parallelcity.field.opcua.session import ClientSecurity
+
+        sec = _client_security(security, ClientSecurity)
+        return OpcUaReader(as_opcua(field), clock, endpoint=endpoint, security=sec, **options)
+
+    def writer(
+        self,
+        field: FieldConfig,
+        *,
+        endpoint: str,
+        security: object | None = None,
+        on_link: LinkListener | None = None,
+        **options: Any,
+    ) -> FieldWriter:
+        from parallelcity.field.opcua.session import ClientSecurity
+        from parallelcity.field.opcua.writer import OpcUaWriter
+
+        sec = _client_security(security, ClientSecurity)
+        return OpcUaWriter(endpoint, as_opcua(field), security=sec, on_link=on_link, **options)
+
+    def stand_in(self, scenario: Scenario, clock: Clock, **options: Any) -> FieldStandIn:
+        from parallelcity.hil.field import EmbeddedField
+
+        as_opcua(scenario.field)
+        return EmbeddedField(scenario, clock, **options)
+
+
+def _client_security(security: object | None, kind: type[Any]) -> Any:
+    if security is not None and not isinstance(security, kind):
+        raise TypeError(f"OPC UA needs a ClientSecurity, got {type(security).__name__}")
+    return security
+
+
+PROTOCOL = OpcUaProtocol()
