@@ -34,9 +34,12 @@ from asyncua import Client, ua
 from parallelcity.hil.field import POINT_NAMESPACE, free_port, point_node
 
 from parallelcity.clock import SimClock
-from parallelcity.field.mirror import Mirror, parse_node_id
+from parallelcity.field.mirror import Mirror
+from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
+from parallelcity.field.opcua.protocol import OpcUaInput as InputMap
+from parallelcity.field.opcua.protocol import OpcUaPoint as PointMap
+from parallelcity.field.opcua.session import parse_node_id
 from parallelcity.field.snapshot import PointSpec, Reading, assess
-from parallelcity.scenario.definition import FieldConfig, InputMap, PointMap
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -41,8 +41,10 @@ from parallelcity.hil.field import POINT_NAMESPACE, free_port, point_node
 from parallelcity.clock import SimClock
 from parallelcity.errors import ParallelCityError
 from parallelcity.field.mirror import Mirror
+from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
+from parallelcity.field.opcua.protocol import OpcUaInput as InputMap
+from parallelcity.field.opcua.protocol import OpcUaPoint as PointMap
 from parallelcity.field.opcua.session import configure_server, parse_node_id
-from parallelcity.scenario.definition import FieldConfig, InputMap, PointMap
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = 100  # variables per folder: asyncua adds a child in time linear in its siblings

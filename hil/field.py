@@ -40,6 +40,7 @@ from asyncua.ua.status_codes import StatusCodes
 
 from parallelcity.clock import Clock
 from parallelcity.errors import FieldConnectionError, SecurityError
+from parallelcity.field.opcua.protocol import as_opcua
 from parallelcity.field.opcua.session import ServerSecurity, configure_server, parse_node_id
 from parallelcity.twin.model import Array
 from parallelcity.verify.rig import AppliedInput
@@ -137,6 +138,7 @@ class EmbeddedField:
         if not tick_ms > 0:
             raise ValueError(f"tick_ms must be positive, got {tick_ms}")
         self.scenario = scenario
+        self.field = as_opcua(scenario.field)
         self.model = scenario.model
         self.clock = clock
         self.tick_ms = float(tick_ms)
@@ -274,7 +276,7 @@ class EmbeddedField:
         self._server = server
         try:
             self.security_description = await configure_server(server, self._security)
-            ns = await server.register_namespace(self.scenario.field.namespace)
+            ns = await server.register_namespace(self.field.namespace)
             self._plant = PlantSimulator(
                 self.model,
                 self._params,
@@ -331,7 +333,7 @@ class EmbeddedField:
 
     async def _build_address_space(self, server: Server, ns: int) -> None:
         model = self.model
-        field = self.scenario.field
+        field = self.field
         plant = self.plant
         y = plant.outputs()
         now = self._timestamp(plant.t)

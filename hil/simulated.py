@@ -28,9 +28,8 @@ from .plant import DisturbanceError, forecast_truth, perturbed_params, sample_se
 from .rig_machine import RigMachine
 
 if TYPE_CHECKING:
+    from parallelcity.field.protocol import FieldStandIn
     from parallelcity.scenario.definition import Scenario
-
-    from .field import EmbeddedField
 
 
 class Config(BaseModel):
@@ -229,7 +228,7 @@ class _Kind:
         return RigMachine(_Kind.driver(config, model), use_trace=_as_config(config).whole_trace)
 
     @staticmethod
-    def field_stand_in(config: BaseModel, scenario: Scenario, clock: Clock) -> EmbeddedField:
+    def field_stand_in(config: BaseModel, scenario: Scenario, clock: Clock) -> FieldStandIn:
         cfg = _as_config(config)
         model = scenario.model
         check(cfg, model)
@@ -237,9 +236,10 @@ class _Kind:
             model, cfg.parameter_spread, cfg.spread_parameters, cfg.field_seed
         )
         truth = forecast_truth(model, cfg.forecast_error, cfg.field_seed)
-        from .field import EmbeddedField  # the OPC UA stack, only when a field is served
+        from parallelcity.field.protocols import protocol_of
 
-        return EmbeddedField(scenario, clock, params=params, truth=truth, tick_ms=cfg.tick_ms)
+        protocol = protocol_of(scenario.field)  # the field is served in the scenario's protocol
+        return protocol.stand_in(scenario, clock, params=params, truth=truth, tick_ms=cfg.tick_ms)
 
 
 KIND = _Kind()

@@ -86,7 +86,7 @@ def test_mirror_sees_every_point_fresh_plausible_and_on_sim_time(scenario: Scena
         ):
             assert field.endpoint.startswith("opc.tcp://127.0.0.1:")
             assert await mirror.wait_all_received(5.0)
-            assert mirror.namespace_index >= 2
+            assert mirror.reader.namespace_index >= 2
             first = mirror.snapshot()
             assert set(first.points) == {p.name for p in scenario.field.points}
             assert first.stale_required == []
@@ -99,7 +99,7 @@ def test_mirror_sees_every_point_fresh_plausible_and_on_sim_time(scenario: Scena
                 # source time is simulated time: close to the clock, never from the wall
                 assert state.age_s is not None
                 assert -1.0 <= state.age_s <= 0.5 * scenario.meta.speed, (name, state.age_s)
-            assert mirror.server_time_fallback == frozenset()
+            assert mirror.reader.server_time_fallback == frozenset()
 
             # source timestamps advance with the simulated clock
             before = {n: s.reading.source_time for n, s in first.points.items() if s.reading}

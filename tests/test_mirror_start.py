@@ -19,7 +19,8 @@ from wait_for2 import CancelledWithResultError
 from benchmarks.mirror_start import field_config, start_busy_field
 from parallelcity.clock import SimClock
 from parallelcity.errors import FieldConnectionError
-from parallelcity.field.mirror import DEFAULT_TIMEOUT_S, START_S_PER_POINT, Mirror
+from parallelcity.field.mirror import Mirror
+from parallelcity.field.opcua.reader import DEFAULT_TIMEOUT_S, START_S_PER_POINT
 from parallelcity.field.opcua.session import deadline, raised_by_asyncua
 
 
@@ -122,7 +123,7 @@ def test_mirror_starts_on_10000_points_beside_a_busy_client(
                 await mirror.stop()
 
     try:
-        with caplog.at_level(logging.INFO, logger="parallelcity.field.mirror"):
+        with caplog.at_level(logging.INFO, logger="parallelcity.field.opcua.reader"):
             asyncio.run(body())
     finally:
         client.close()

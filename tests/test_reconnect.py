@@ -40,10 +40,11 @@ from parallelcity.hil.field import POINT_NAMESPACE, free_port, generation_of, po
 from parallelcity.backoff import Backoff
 from parallelcity.clock import FakeClock, SimClock
 from parallelcity.decide.cycle import Outcome
-from parallelcity.field.mirror import SILENCE_FACTOR, Mirror
+from parallelcity.field.mirror import Mirror
 from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
 from parallelcity.field.opcua.protocol import OpcUaInput as InputMap
 from parallelcity.field.opcua.protocol import OpcUaPoint as PointMap
+from parallelcity.field.opcua.reader import SILENCE_FACTOR
 from parallelcity.record.journal import Journal
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -374,39 +375,34 @@ def test_a_silent_link_is_noticed_by_keepalive_and_resubscribed(tmp_path: Path) 
 
 def test_after_a_gap_a_value_with_an_old_source_time_stays_stale() -> None:
     """Pure: readings from before the gap, and re-sent copies of them, are never fresh."""
+    from parallelcity.field.mirror import _Sink
     from parallelcity.field.snapshot import Reading
 
     clock = FakeClock(t=1000.0)
     mirror = Mirror(field_config(2), clock, endpoint="opc.tcp://127.0.0.1:1")
-    mirror._handles = {1: "p0", 2: "p1"}
+    mirror._sink = sink = _Sink(mirror)  # a session as the reader would open it
     now = clock.now()
     good = 0
 
-    def dv(t: float) -> Any:
-        import datetime as dt
-
-        from asyncua import ua
-
-        when = dt.datetime.fromtimestamp(t, dt.UTC)
-        return ua.DataValue(ua.Variant(1.0), SourceTimestamp=when)
-
-    mirror._on_datachange(1, 1.0, dv(now))
-    mirror._on_datachange(2, 2.0, dv(now))
+    sink.offer("p0", 1.0, now, good)
+    sink.offer("p1", 2.0, now, good)
     assert mirror.snapshot().stale_required == []
     mirror._begin_gap("test gap")
+    sink.offer("p1", 5.0, now + 1.0, good)  # a late message of the lost session: dropped
     snap = mirror.snapshot()
     assert set(snap.stale_required) == {"p0", "p1"} and not snap.link_up
     assert "connection gap #1" in snap.points["p0"].why
+    mirror._sink = sink = _Sink(mirror)  # the session the reconnect opened
     mirror._end_gap(1)
     # the server re-sends p0's old value (same source time) and a new p1
-    mirror._on_datachange(1, 1.0, dv(now))
-    mirror._on_datachange(2, 3.0, dv(now + 0.5))
+    sink.offer("p0", 1.0, now, good)
+    sink.offer("p1", 3.0, now + 0.5, good)
     snap = mirror.snapshot()
     assert snap.stale_required == ["p0"]
     assert "held from before connection gap #1" in snap.points["p0"].why
     assert snap.points["p1"].reading == Reading(3.0, now + 0.5, good)
     # an older message after a newer one: the latest value is kept
-    mirror._on_datachange(2, 9.0, dv(now + 0.1))
+    sink.offer("p1", 9.0, now + 0.1, good)
     assert mirror.snapshot().points["p1"].reading == Reading(3.0, now + 0.5, good)
     assert mirror.out_of_order == 2  # the re-sent copy of p0 and the late p1
     events = mirror.take_events()

@@ -1,170 +1,52 @@
-"""The mirror: a live, timestamped copy of the field's points, fed by one OPC UA subscription.
+"""The mirror: a live, timestamped copy of the field's points, whatever protocol reads them.
 
-``async with Mirror(field, clock, security=...) as mirror`` connects (through
-``opcua.connect_client``, so security is the same as everywhere else),
-resolves the scenario's namespace, checks that every point and input node
-exists (reporting every missing one at once), and creates a single
-subscription with one monitored item per point, in batches.  A point may be
-``event_driven`` (a setpoint that changes only when written): like a deadband
-point, its age counts from the subscription's last sign of life.  Each point may
-set its own sampling interval and absolute deadband in the scenario.
+``async with Mirror(field, clock, endpoint=..., security=..., **options) as mirror``
+asks the protocol ``field.protocol`` names for a reader (``field.protocol.FieldReader``;
+``options`` are that reader's tuning keywords) and opens it: the reader connects,
+checks the mapping and then hands every reading to the mirror's sink.  What a reading
+must be to be believed (declared type, plausible range, a source time not beyond the
+clock skew, order per point with recovery from a source clock stepping back) is
+decided by the pure ``point_table``; a refused reading makes its point stale and is
+journaled through ``take_events``.  ``snapshot()`` judges freshness against the clock.
 
-Starting scales with the point count: monitored items are created in batches
-of ``BATCH_SIZE`` (fewer if the server's MaxMonitoredItemsPerCall says so), each
-request bounded by ``timeout_s`` plus ``START_S_PER_POINT`` per item, the whole
-start (or reconnect) by ``start_budget_s`` (``[field] start_timeout_s``, default
-``timeout_s`` plus ``START_S_PER_POINT`` per point), with progress logged every
-``PROGRESS_EVERY_S``.  A point the server does not know shows in its monitored
-item's status; only those are then read to say why.  asyncua's own health probe
-gets as long as a request: its default (1 s) drops a busy server's connection.
-
-Notifications are applied synchronously, in the publish callback, to one slot
-per point that keeps only the latest value (by source timestamp): a burst of
-10,000 changes costs 10,000 dictionary writes, never a queue that grows.
-``snapshot()`` judges freshness against the clock.  What a reading must be to
-be believed (declared type, plausible range, a source time not beyond the
-clock skew, order per point with recovery from a source clock stepping back)
-is decided by the pure ``point_table``; a refused reading makes its point stale
-and is journaled through ``take_events``.
-
-The data-change filter uses the ``StatusValueTimestamp`` trigger, so a point
-whose value does not change but whose source timestamp advances still counts
-as fresh.  A point with a deadband reports only changes beyond it, so its age
-counts from the later of its source time and the last sign of life of the
-subscription (a keep-alive says "nothing moved beyond the deadband").
-
-Connection gaps.  The mirror watches its own link rather than trusting
-asyncua's reconnect: the session state (a closed socket shows at once) and the
-time since the last publish response (data or keep-alive; a silent link shows
-after ``keepalive_ms`` x ``SILENCE_FACTOR``) and the subscription's status
-notifications.  On a gap it records a ``LinkEvent``, marks every point as held
-from before the gap (stale, whatever its age), drops the session and
-reconnects with exponential backoff, re-resolving the namespace and
-re-creating the subscription.  ``snapshot()`` also checks the session state and
-the silence itself, so a closed socket or a silent link shows in the very next
-snapshot, however late the watcher task runs on a loaded machine.  After the gap
-a point is fresh again only once a reading arrives whose source time is newer
-than the last one before the gap (or its source clock is seen to have stepped
+Connection gaps.  The mirror watches the link through the reader's ``problem()`` (a
+closed socket, a silent link, whatever the protocol can tell), from a watcher task
+and from ``snapshot()`` itself, so a lost link shows in the very next snapshot,
+however late the watcher runs on a loaded machine.  On a problem it records a
+``LinkEvent``, marks every point as held from before the gap (stale, whatever its
+age), closes the reader and reopens it with exponential backoff (``backoff.Backoff``),
+each time with a fresh sink: readings a closed session still delivers are dropped.
+After the gap a point is fresh again only once a reading arrives whose source time is
+newer than the last one before the gap (or its source clock is seen to have stepped
 back, see ``point_table``): data from before a gap is never handed out as fresh.
 
-Errors of asyncua and the network are translated here or in ``opcua``:
-``FieldConnectionError`` (unreachable endpoint, timeout, lost session),
-``NodeMappingError`` (a namespace or NodeId of the scenario is not on the
-server), ``SecurityError`` (certificates, users).
+The first ``open`` must succeed: a wrong endpoint or mapping is an error to report
+(``FieldConnectionError``, ``NodeMappingError``, ``SecurityError``), not a gap to wait
+out; ``reconnect`` False leaves a gap open (tests, ``browse``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
-import math
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
-from asyncua import ua
-from asyncua.client.client import Client
-from asyncua.client.ua_client import UaClientState
-from asyncua.common.subscription import Subscription
-from asyncua.ua.attribute_ids import AttributeIds
-from asyncua.ua.object_ids import ObjectIds
-from asyncua.ua.uaerrors import UaError
-
 from parallelcity.backoff import Backoff
 from parallelcity.clock import Clock
-from parallelcity.errors import (
-    FieldConnectionError,
-    FieldError,
-    NodeIdError,
-    NodeMappingError,
-    SecurityError,
-)
-from parallelcity.field.opcua.session import (
-    ClientSecurity,
-    connect_client,
-    deadline,
-    parse_node_id,
-    raised_by_asyncua,
-)
+from parallelcity.errors import FieldConnectionError, FieldError, SecurityError
+from parallelcity.field.config import FieldConfig
 from parallelcity.field.point_table import PointEvent, PointRule, PointTable
+from parallelcity.field.protocol import FieldReader
+from parallelcity.field.protocols import protocol_of
 from parallelcity.field.snapshot import PointSpec, Reading, Snapshot, assess
-from parallelcity.scenario.definition import FieldConfig
 
 _log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT_S = 5.0
-BATCH_SIZE = 2000  # monitored items / attribute reads per request (capped by the server's limits)
-# Starting costs the server (and the client) time per point; a server that also serves other
-# clients takes longer.  The start budget and each request's timeout grow with the count.
-START_S_PER_POINT = 0.004
-PROGRESS_EVERY_S = 2.0  # how often a long start logs how far it got
-KEEPALIVE_MS = 2000.0  # an idle subscription still sends a keep-alive this often
-SILENCE_FACTOR = 2.5  # no publish response for this many keep-alive periods: the link is dead
-SESSION_TIMEOUT_MS = 60000  # asyncua asks for an hour by default; servers cap it anyway
-LIFETIME_MS = 60000.0  # the server drops the subscription after this long without the client
-
-# Errors that mean "the server could not be reached or stopped answering".
-_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncio.TimeoutError,
-    ConnectionError,
-    UaError,
-)
-# ... plus what asyncua raises when used on a connection it already considers closed.
-_SHUTDOWN_ERRORS: tuple[type[BaseException], ...] = (*_TRANSPORT_ERRORS, RuntimeError)
-
-
-def _epoch(when: dt.datetime) -> float:
-    if when.tzinfo is None:  # asyncua decodes UA DateTime as naive UTC in some versions
-        when = when.replace(tzinfo=dt.UTC)
-    return when.timestamp()
-
-
-def _as_float(value: Any) -> float:
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, int | float):
-        return float(value)
-    return math.nan
-
-
-def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-class _Progress:
-    """Logs "subscribed 4000/10000 points" at most every ``PROGRESS_EVERY_S`` of a long step."""
-
-    def __init__(self, verb: str, what: str, total: int, endpoint: str) -> None:
-        self.verb, self.what, self.total, self.endpoint = verb, what, total, endpoint
-        self.done = 0
-        self._next = time.monotonic() + PROGRESS_EVERY_S
-
-    def add(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now >= self._next and self.done < self.total:
-            self._next = now + PROGRESS_EVERY_S
-            _log.info(
-                "mirror: %s %d/%d %s on %s",
-                self.verb,
-                self.done,
-                self.total,
-                self.what,
-                self.endpoint,
-            )
-
-
-@dataclass(frozen=True)
-class _Mapped:
-    name: str  # scenario point / input name (a model signal)
-    node: str  # NodeId as written in the scenario
-    nodeid: ua.NodeId
+WATCH_PERIOD_S = 0.05  # how often the watcher asks the reader for a problem
 
 
 @dataclass(frozen=True)
@@ -179,56 +61,29 @@ class LinkEvent:
     attempts: int = 0  # reconnect attempts it took ("restored" only)
 
 
-class _LatestValueSubscription(Subscription):
-    """A subscription that hands every publish response straight to the mirror.
+class _Sink:
+    """The mirror's side of one reader session; dead once the session is given up."""
 
-    asyncua's handler path starts one task per notification; at thousands of
-    points that costs more than the notification itself, so the mirror takes the
-    whole message synchronously instead.
-    """
+    def __init__(self, mirror: Mirror) -> None:
+        self._mirror: Mirror | None = mirror
 
-    def __init__(
-        self, session: Any, params: ua.CreateSubscriptionParameters, mirror: Mirror, generation: int
-    ) -> None:
-        super().__init__(session, params, handler=None, queue_maxsize=1)
-        self._mirror = mirror
-        self.generation = generation
+    def offer(self, name: str, raw: object, source: float, status: int) -> None:
+        if self._mirror is not None:
+            self._mirror._offer(name, raw, source, status)
 
-    async def publish_callback(self, publish_result: ua.PublishResult) -> None:
-        self.last_publish_at = time.monotonic()
-        if self.generation != self._mirror._generation:
-            return  # a late message of a session the mirror has already given up
-        message = publish_result.NotificationMessage
-        self._mirror._on_publish(self.last_publish_at)
-        if message.NotificationData is None:
-            return  # a keep-alive: the subscription is alive and nothing changed
-        self.last_sequence_number = int(message.SequenceNumber)
-        for notif in message.NotificationData:
-            if isinstance(notif, ua.DataChangeNotification):
-                on_change = self._mirror._on_datachange
-                for item in notif.MonitoredItems:
-                    value = item.Value
-                    raw = value.Value.Value if value is not None and value.Value else None
-                    on_change(item.ClientHandle, raw, value)
-            elif isinstance(notif, ua.StatusChangeNotification):
-                self._mirror._on_status_change(notif)
+    def alive(self) -> None:
+        if self._mirror is not None:
+            self._mirror._alive_at = self._mirror.clock.now()
+
+    def kill(self) -> None:
+        self._mirror = None
 
 
 class Mirror:
-    """A live copy of the field's points over one OPC UA subscription, reconnecting on gaps.
-
-    ``endpoint`` overrides ``field.endpoint``; ``security`` (default NoSecurity:
-    the runtime decides whether that is allowed) is passed to
-    ``opcua.connect_client``; ``queue_size`` is the monitored items' server-side
-    queue (1: only the latest value, 0: the server's default); ``timeout_s``
-    bounds connecting and, plus ``START_S_PER_POINT`` per item, each request batch;
-    ``start_timeout_s`` bounds a whole start or reconnect (default
-    ``field.start_timeout_s``, else derived from the point count: ``start_budget_s``);
-    ``batch_size`` caps the items per CreateMonitoredItems / Read request (the
-    server's MaxMonitoredItemsPerCall / MaxNodesPerRead cap it further);
-    ``reconnect`` False leaves a gap open (tests, ``browse``); ``keepalive_ms`` is
-    the longest the server may stay silent on a healthy subscription.
-    """
+    """A live copy of the field's points through the scenario's protocol, reconnecting on
+    gaps.  ``endpoint`` overrides ``field.endpoint``; ``security`` is the protocol's own
+    security object (None: an unauthenticated lab link); ``reader`` replaces the one the
+    protocol would build (tests, embedding)."""
 
     def __init__(
         self,
@@ -236,48 +91,28 @@ class Mirror:
         clock: Clock,
         *,
         endpoint: str | None = None,
-        security: ClientSecurity | None = None,
-        queue_size: int = 1,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
-        start_timeout_s: float | None = None,
-        batch_size: int = BATCH_SIZE,
+        security: object | None = None,
         reconnect: bool = True,
         backoff: Backoff | None = None,
-        keepalive_ms: float = KEEPALIVE_MS,
+        reader: FieldReader | None = None,
+        **options: Any,
     ) -> None:
         url = endpoint if endpoint is not None else field.endpoint
-        if not url:
-            raise ValueError(
-                "Mirror needs an endpoint: the field config has none and none was given"
+        if reader is None:
+            if not url:
+                raise ValueError(
+                    "Mirror needs an endpoint: the field config has none and none was given"
+                )
+            reader = protocol_of(field).reader(
+                field, clock, endpoint=url, security=security, **options
             )
-        if queue_size < 0:
-            raise ValueError(f"queue_size must be >= 0, got {queue_size}")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-        if not keepalive_ms > 0:
-            raise ValueError(f"keepalive_ms must be positive, got {keepalive_ms}")
-        if start_timeout_s is None:
-            start_timeout_s = field.start_timeout_s
-        if start_timeout_s is not None and not start_timeout_s > 0:
-            raise ValueError(f"start_timeout_s must be positive, got {start_timeout_s}")
         self.field = field
         self.clock = clock
-        self.security = security if security is not None else ClientSecurity.insecure()
-        self._endpoint = url
-        self.queue_size = int(queue_size)
-        self.timeout_s = float(timeout_s)
-        self.batch_size = self._batch = max(1, int(batch_size))
-        items = len(field.points) + len(field.inputs)
-        self.start_budget_s = (
-            float(start_timeout_s)
-            if start_timeout_s is not None
-            else self.timeout_s + START_S_PER_POINT * items
-        )
+        self.reader = reader
         self.reconnect = reconnect
         self.backoff = backoff or Backoff()
-        self.keepalive_ms = float(keepalive_ms)
         self.specs: dict[str, PointSpec] = {
-            p.name: PointSpec(p.name, p.max_age_s, p.required, p.deadband, p.event_driven)
+            p.name: PointSpec(p.name, p.max_age_s, p.required, event_driven=p.on_change_only)
             for p in field.points
         }
         skew = field.max_clock_skew_s
@@ -289,46 +124,32 @@ class Mirror:
                 for p in field.points
             }
         )
+        self._sink: _Sink | None = None
         self._held_why = ""
-        self._server_time_fallback: set[str] = set()
-        self._handles: dict[int, str] = {}
-        self._missing: list[str] = []  # inputs that are not Variables on the server
-        self._points: list[_Mapped] = []
-        self._inputs: list[_Mapped] = []
-        self._client: Client | None = None
-        self._subscription: _LatestValueSubscription | None = None
-        self._ns_index: int | None = None
         self._all_received = asyncio.Event()
         self._received: set[str] = set()
         self._watch_task: asyncio.Task[None] | None = None
-        self._generation = 0  # sessions opened so far; only the latest one's messages count
-        self._last_publish = 0.0  # monotonic
-        self._alive_at: float | None = None  # clock time of the last publish response
-        self._link_problem: str | None = None
+        self._alive_at: float | None = None  # clock time of the reader's last sign of life
         self._gap_started: float | None = None
         self._events: list[LinkEvent] = []
         self.gaps = 0
         self.reconnects = 0
         self.notifications = 0
-        self.last_status_change: int | None = None
-        self.stage = "not started"  # how far the last start or reconnect got
 
     # -- public API ----------------------------------------------------------------------------
 
     @property
     def endpoint(self) -> str:
-        return self._endpoint
+        return self.reader.endpoint
 
     @property
-    def namespace_index(self) -> int:
-        if self._ns_index is None:
-            raise RuntimeError("the mirror is not connected")
-        return self._ns_index
+    def start_budget_s(self) -> float:
+        return self.reader.start_budget_s
 
     @property
     def connected(self) -> bool:
-        """True while a session with a live subscription feeds the mirror (no open gap)."""
-        return self._gap_started is None and self._subscription is not None
+        """True while an open session feeds the mirror (no open gap)."""
+        return self._gap_started is None and self._sink is not None
 
     @property
     def readings(self) -> Mapping[str, Reading]:
@@ -345,11 +166,6 @@ class Mirror:
         """Readings refused (implausible value or type, source time beyond the skew)."""
         return self._table.refusals
 
-    @property
-    def server_time_fallback(self) -> frozenset[str]:
-        """Points whose latest reading had no SourceTimestamp (ServerTimestamp used instead)."""
-        return frozenset(self._server_time_fallback)
-
     def snapshot(self) -> Snapshot:
         """Every point, fresh or stale, judged at the clock's current time."""
         readings = self._table.readings
@@ -357,7 +173,7 @@ class Mirror:
         link_why = ""
         if self._gap_started is not None:
             link_why = f"connection gap #{self.gaps} since {self._gap_started:.0f}"
-        elif self._watch_task is not None and (problem := self._problem()) is not None:
+        elif self._watch_task is not None and (problem := self.reader.problem()) is not None:
             # the watcher has not run yet; the snapshot must not wait for it
             link_why = f"link lost ({problem}), gap not yet opened"
         up = self.connected and not link_why
@@ -386,49 +202,23 @@ class Mirror:
         return LinkEvent(event.kind, event.t, self.gaps, event.detail)
 
     async def wait_all_received(self, timeout_s: float | None = None) -> bool:
-        """Wait until every point has at least one reading; False on timeout."""
+        """Wait until every point has at least one reading; False on timeout (default: the
+        reader's start budget)."""
         try:
-            async with asyncio.timeout(self.timeout_s if timeout_s is None else timeout_s):
+            async with asyncio.timeout(self.start_budget_s if timeout_s is None else timeout_s):
                 await self._all_received.wait()
         except TimeoutError:
             return False
         return True
 
-    async def wait_connected(self, timeout_s: float) -> bool:
-        """Wait until no gap is open; False on timeout."""
-        until = time.monotonic() + timeout_s
-        while not self.connected:
-            if time.monotonic() >= until:
-                return False
-            await asyncio.sleep(0.02)
-        return True
-
     async def read_inputs(self) -> dict[str, float]:
-        """The values the input nodes hold now, read once in one request per batch."""
-        client = self._connected()
-        values: dict[str, float] = {}
-        bad: list[str] = []
-        try:
-            async with deadline(self.timeout_s):
-                for batch in _batches(self._inputs, self.batch_size):
-                    nodes = [client.get_node(m.nodeid) for m in batch]
-                    for m, dv in zip(batch, await client.read_attributes(nodes), strict=True):
-                        status = dv.StatusCode.value if dv.StatusCode is not None else 0
-                        raw = dv.Value.Value if dv.Value is not None else None
-                        value = _as_float(raw)
-                        if (status >> 30) != 0 or not math.isfinite(value):
-                            bad.append(f"{m.name} ({m.node}): status 0x{status:08X}, value {raw!r}")
-                        else:
-                            values[m.name] = value
-        except _TRANSPORT_ERRORS as exc:
+        """The values the input addresses hold now."""
+        if not self.connected:
             raise FieldConnectionError(
-                f"reading the input nodes from {self._endpoint} failed: {exc!r}"
-            ) from exc
-        if bad:
-            raise FieldError(
-                f"input nodes on {self._endpoint} hold no usable value: {'; '.join(bad)}"
+                f"the mirror has no session to {self.endpoint} right now"
+                + (f" (gap #{self.gaps})" if self._gap_started is not None else "")
             )
-        return values
+        return await self.reader.read_inputs()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -445,125 +235,58 @@ class Mirror:
         await self.stop()
 
     async def start(self) -> None:
-        """Connect, check the mapping and subscribe; on any failure leave nothing open.
-
-        The first connection must succeed (a wrong endpoint or mapping is an error
-        to report, not a gap to wait out); later losses are reconnected.
-        """
-        if self._client is not None or self._watch_task is not None:
+        """Open the reader (it leaves nothing open on failure), then watch the link."""
+        if self._sink is not None or self._watch_task is not None:
             raise RuntimeError("the mirror is already started")
         await self._open()
-        self._watch_task = asyncio.create_task(self._watch(), name=f"mirror {self._endpoint}")
+        self._watch_task = asyncio.create_task(self._watch(), name=f"mirror {self.endpoint}")
 
     async def stop(self) -> None:
-        """Stop watching, delete the subscription and disconnect; errors are only logged."""
+        """Stop watching and close the reader; errors are only logged."""
         task, self._watch_task = self._watch_task, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._close(delete=True)
+        await self._close()
 
     # -- the link ------------------------------------------------------------------------------
 
-    def _connected(self) -> Client:
-        if self._client is None or self._subscription is None or self._gap_started is not None:
-            raise FieldConnectionError(
-                f"the mirror has no session to {self._endpoint} right now"
-                + (f" (gap #{self.gaps})" if self._gap_started is not None else "")
-            )
-        return self._client
-
     async def _open(self) -> None:
-        """Connect, resolve and subscribe within ``start_budget_s``; translate every failure."""
-        budget = self.start_budget_s
-        self.stage = "connecting"
-        started = time.monotonic()
+        sink = _Sink(self)
         try:
-            async with deadline(budget):
-                client = await connect_client(
-                    self._endpoint,
-                    self.security,
-                    timeout_s=self.timeout_s,
-                    session_timeout_ms=SESSION_TIMEOUT_MS,
-                    name="parallelcity mirror",
-                    request_timeout_s=self._request_timeout(self.batch_size),
-                    watchdog_s=self._request_timeout(self.batch_size),
-                )
-                self._client = client
-                await self._resolve(client)
-                await self._subscribe(client)
-        except BaseException as exc:
-            await self._close(delete=False)
-            if isinstance(exc, TimeoutError):
-                raise FieldConnectionError(
-                    f"starting the mirror on {self._endpoint} did not finish within its "
-                    f"budget of {budget:.0f} s ({self.stage}); a slow or busy server needs "
-                    "a larger [field] start_timeout_s"
-                ) from exc
-            if isinstance(exc, Exception) and raised_by_asyncua(exc):
-                raise FieldConnectionError(
-                    f"starting the mirror on {self._endpoint} failed ({self.stage}): {exc!r}"
-                ) from exc
+            await self.reader.open(sink)
+        except BaseException:
+            sink.kill()
             raise
-        self._last_publish = time.monotonic()
-        self._link_problem = None
-        self.stage = f"started in {time.monotonic() - started:.1f} s"
-        _log.info(
-            "mirror: %d points subscribed on %s in %.1f s",
-            len(self._points),
-            self._endpoint,
-            time.monotonic() - started,
-        )
+        self._sink = sink
 
-    def _request_timeout(self, items: int) -> float:
-        return self.timeout_s + START_S_PER_POINT * items
+    async def _close(self) -> None:
+        sink, self._sink = self._sink, None
+        if sink is not None:
+            sink.kill()
+        await self.reader.close()
 
-    async def _close(self, *, delete: bool) -> None:
-        client, self._client = self._client, None
-        sub, self._subscription = self._subscription, None
-        if client is None:
+    def _offer(self, name: str, raw: object, source: float, status: int) -> None:
+        if name not in self.specs:
+            _log.warning("reading for unknown point %r from %s", name, self.endpoint)
             return
-        alive = client.uaclient.state is UaClientState.CONNECTED
-        if delete and sub is not None and alive:
-            try:
-                async with deadline(self.timeout_s):
-                    await sub.delete()
-            except _SHUTDOWN_ERRORS as exc:
-                _log.debug("deleting the subscription on %s failed: %r", self._endpoint, exc)
-        try:
-            async with deadline(self.timeout_s if alive else 0.5):
-                await client.disconnect()
-        except _SHUTDOWN_ERRORS as exc:
-            _log.debug("disconnecting from %s failed: %r", self._endpoint, exc)
-        finally:
-            client.disconnect_socket()
-
-    def _problem(self) -> str | None:
-        """Why the link is not healthy now, or None."""
-        if self._link_problem is not None:
-            return self._link_problem
-        client = self._client
-        if client is None or self._subscription is None:
-            return "no session"
-        state = client.uaclient.state
-        if state is not UaClientState.CONNECTED:
-            return f"session {state.value}"
-        silent = time.monotonic() - self._last_publish
-        if silent > SILENCE_FACTOR * self.keepalive_ms / 1000.0:
-            return f"no publish response or keep-alive for {silent:.1f} s"
-        return None
+        self.notifications += 1
+        self._table.offer(name, raw, source, status, self.clock.now())
+        if not self._all_received.is_set():
+            self._received.add(name)  # a refused reading counts: the point did answer
+            if len(self._received) == len(self.specs):
+                self._all_received.set()
 
     async def _watch(self) -> None:
-        period = min(0.1, self.keepalive_ms / 4000.0)
         while True:
-            await asyncio.sleep(period)
-            problem = self._problem()
+            await asyncio.sleep(WATCH_PERIOD_S)
+            problem = self.reader.problem()
             if problem is None:
                 continue
             self._begin_gap(problem)
             if not self.reconnect:
-                await self._close(delete=False)
+                await self._close()
                 return
             attempts = await self._reconnect()
             self._end_gap(attempts)
@@ -572,13 +295,14 @@ class Mirror:
         now = self.clock.now()
         self.gaps += 1
         self._gap_started = now
-        self._generation += 1  # whatever the old session still delivers is ignored
+        if self._sink is not None:
+            self._sink.kill()  # whatever the old session still delivers is ignored
         self._table.hold()
         self._held_why = f"held from before connection gap #{self.gaps} ({problem})"
         self._events.append(LinkEvent("lost", now, self.gaps, problem))
         _log.warning(
             "mirror: lost the field at %s (%s); every point is stale until it reconnects",
-            self._endpoint,
+            self.endpoint,
             problem,
         )
 
@@ -588,14 +312,14 @@ class Mirror:
         self._gap_started = None
         self.reconnects += 1
         detail = (
-            f"resubscribed {len(self._points)} points after {now - started:.1f} s "
+            f"resubscribed {len(self.specs)} points after {now - started:.1f} s "
             f"(clock) and {attempts} attempt(s)"
         )
         self._events.append(LinkEvent("restored", now, self.gaps, detail, attempts))
-        _log.warning("mirror: field at %s is back: %s", self._endpoint, detail)
+        _log.warning("mirror: field at %s is back: %s", self.endpoint, detail)
 
     async def _reconnect(self) -> int:
-        await self._close(delete=False)
+        await self._close()
         for attempts, delay in enumerate(self.backoff.delays(), start=1):
             try:
                 await self._open()
@@ -604,227 +328,9 @@ class Mirror:
                 _log.info(
                     "mirror: reconnect attempt %d to %s failed: %s; next in %.2f s",
                     attempts,
-                    self._endpoint,
+                    self.endpoint,
                     exc,
                     delay,
                 )
             await asyncio.sleep(delay)
         raise AssertionError("unreachable: the backoff never ends")
-
-    # -- connecting ----------------------------------------------------------------------------
-
-    async def _resolve(self, client: Client) -> None:
-        uri = self.field.namespace
-        self.stage = "reading the namespace array and operation limits"
-        try:
-            async with deadline(self.timeout_s):
-                namespaces = await client.get_namespace_array()
-                self._batch = await self._batch_limit(client)
-        except _TRANSPORT_ERRORS as exc:
-            raise FieldConnectionError(
-                f"reading the namespace array of {self._endpoint} failed: {exc!r}"
-            ) from exc
-        if uri not in namespaces:
-            raise NodeMappingError(
-                f"namespace {uri!r} is not on the server at {self._endpoint} "
-                f"(server namespaces: {', '.join(map(repr, namespaces))})"
-            )
-        self._ns_index = namespaces.index(uri)
-
-        problems: list[str] = []
-        self._points = self._map("point", [(p.name, p.node) for p in self.field.points], problems)
-        self._inputs = self._map("input", [(i.name, i.node) for i in self.field.inputs], problems)
-        if problems:
-            raise NodeMappingError(
-                f"{len(problems)} scenario NodeId(s) are malformed: " + "; ".join(problems)
-            )
-
-        # The points are checked by creating their monitored items (the server says which
-        # NodeIds it does not know); the inputs are only read, so they are checked here.
-        self._missing = await self._check(client, [("input", m) for m in self._inputs])
-
-    async def _check(self, client: Client, checks: list[tuple[str, _Mapped]]) -> list[str]:
-        """Why each of ``checks`` is not a Variable on the server (nothing: all fine)."""
-        missing: list[str] = []
-        progress = _Progress("checked", "nodes", len(checks), self._endpoint)
-        try:
-            for chunk in _batches(checks, self._batch):
-                self.stage = f"checking nodes ({progress.done}/{len(checks)} done)"
-                async with deadline(self._request_timeout(len(chunk))):
-                    nodes = [client.get_node(m.nodeid) for _, m in chunk]
-                    results = await client.read_attributes(nodes, AttributeIds.NodeClass)
-                for (role, m), dv in zip(chunk, results, strict=True):
-                    status = dv.StatusCode
-                    if status is not None and not status.is_good():
-                        missing.append(f"{role} {m.name!r}: NodeId {m.node!r} ({status.name})")
-                        continue
-                    node_class = dv.Value.Value if dv.Value is not None else None
-                    if node_class != ua.NodeClass.Variable:
-                        missing.append(
-                            f"{role} {m.name!r}: NodeId {m.node!r} is not a Variable "
-                            f"(node class {node_class!r})"
-                        )
-                progress.add(len(chunk))
-        except _TRANSPORT_ERRORS as exc:
-            raise FieldConnectionError(
-                f"checking the scenario's nodes on {self._endpoint} failed "
-                f"({progress.done}/{len(checks)} checked): {exc!r}"
-            ) from exc
-        return missing
-
-    async def _batch_limit(self, client: Client) -> int:
-        """``batch_size``, capped by the server's MaxMonitoredItemsPerCall and MaxNodesPerRead."""
-        limits = ObjectIds
-        nodes = [
-            client.get_node(ua.NodeId(ua.Int32(i)))
-            for i in (
-                limits.Server_ServerCapabilities_OperationLimits_MaxMonitoredItemsPerCall,
-                limits.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead,
-            )
-        ]
-        batch = self.batch_size
-        for dv in await client.read_attributes(nodes, AttributeIds.Value):
-            value = dv.Value.Value if dv.Value is not None else None
-            good = dv.StatusCode is None or dv.StatusCode.is_good()
-            if good and isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                batch = min(batch, value)  # 0 means "no limit"
-        return batch
-
-    def _map(self, role: str, pairs: list[tuple[str, str]], problems: list[str]) -> list[_Mapped]:
-        assert self._ns_index is not None
-        mapped: list[_Mapped] = []
-        for name, node in pairs:
-            try:
-                mapped.append(_Mapped(name, node, parse_node_id(node, self._ns_index)))
-            except NodeIdError as exc:
-                problems.append(f"{role} {name!r}: {exc}")
-        return mapped
-
-    async def _subscribe(self, client: Client) -> None:
-        interval = float(self.field.sampling_interval_ms)
-        per_point = {p.name: p for p in self.field.points}
-        failed: dict[_Mapped, str] = {}
-        total = len(self._points)
-        progress = _Progress("subscribed", "points", total, self._endpoint)
-        self.stage = "creating the subscription"
-        try:
-            batch = self._batch
-            async with deadline(self.timeout_s):
-                self._generation += 1
-                sub = _LatestValueSubscription(
-                    client.uaclient.session, self._parameters(interval), self, self._generation
-                )
-                await sub.init()
-            self._subscription = sub
-            self._handles = {}
-            handle = 0
-            for chunk in _batches(self._points, batch):
-                self.stage = f"subscribing ({progress.done}/{total} points done)"
-                requests = []
-                for m in chunk:
-                    # Client handles are ours: 1..n in point order.  Nothing else
-                    # subscribes on this subscription, so they cannot collide.
-                    handle += 1
-                    self._handles[handle] = m.name
-                    p = per_point[m.name]
-                    sampling = p.sampling_interval_ms or interval
-                    requests.append(self._request(m.nodeid, handle, sampling, p.deadband))
-                async with deadline(self._request_timeout(len(chunk))):
-                    results = await sub.create_monitored_items(requests)
-                for m, res in zip(chunk, results, strict=True):
-                    if isinstance(res, ua.StatusCode):
-                        failed[m] = res.name
-                progress.add(len(chunk))
-        except _TRANSPORT_ERRORS as exc:
-            raise FieldConnectionError(
-                f"subscribing to the points on {self._endpoint} failed "
-                f"({progress.done}/{total} subscribed): {exc!r}"
-            ) from exc
-        if failed or self._missing:
-            await self._refuse_mapping(client, failed)
-
-    async def _refuse_mapping(self, client: Client, failed: dict[_Mapped, str]) -> None:
-        """Every point the server would not monitor and every unusable input, at once."""
-        missing = await self._check(client, [("point", m) for m in failed])
-        described = {line.split(":", 1)[0] for line in missing}
-        missing += [
-            f"point {m.name!r}: NodeId {m.node!r} (monitoring refused: {why})"
-            for m, why in failed.items()
-            if f"point {m.name!r}" not in described
-        ]
-        missing += self._missing
-        raise NodeMappingError(
-            f"{len(missing)} scenario node(s) not found in namespace {self.field.namespace!r} "
-            f"(index {self._ns_index}) on {self._endpoint}: " + "; ".join(missing)
-        )
-
-    def _parameters(self, interval_ms: float) -> ua.CreateSubscriptionParameters:
-        """Keep-alive about every ``keepalive_ms``, lifetime at least a minute."""
-        keepalive = max(1, math.ceil(self.keepalive_ms / interval_ms))
-        params = ua.CreateSubscriptionParameters()
-        params.RequestedPublishingInterval = interval_ms
-        params.RequestedMaxKeepAliveCount = keepalive
-        params.RequestedLifetimeCount = max(3 * keepalive, math.ceil(LIFETIME_MS / interval_ms))
-        params.MaxNotificationsPerPublish = 0  # no limit
-        params.PublishingEnabled = True
-        params.Priority = 0
-        return params
-
-    def _request(
-        self, nodeid: ua.NodeId, handle: int, sampling_ms: float, deadband: float | None
-    ) -> ua.MonitoredItemCreateRequest:
-        flt = ua.DataChangeFilter(
-            Trigger=ua.DataChangeTrigger.StatusValueTimestamp,
-            DeadbandType=ua.DeadbandType.Absolute if deadband else ua.DeadbandType.None_,
-            DeadbandValue=float(deadband or 0.0),
-        )
-        params = ua.MonitoringParameters()
-        params.ClientHandle = handle
-        params.SamplingInterval = sampling_ms
-        params.QueueSize = self.queue_size
-        params.DiscardOldest = True
-        params.Filter = flt
-        request = ua.MonitoredItemCreateRequest()
-        request.ItemToMonitor = ua.ReadValueId(NodeId=nodeid, AttributeId=AttributeIds.Value)
-        request.MonitoringMode = ua.MonitoringMode.Reporting
-        request.RequestedParameters = params
-        return request
-
-    # -- notifications (called synchronously from the publish callback) ---------------------
-
-    def _on_publish(self, monotonic: float) -> None:
-        self._last_publish = monotonic
-        self._alive_at = self.clock.now()
-
-    def _on_datachange(self, handle: int, val: Any, dv: ua.DataValue | None) -> None:
-        name = self._handles.get(handle)
-        if name is None:
-            _log.warning("notification for unknown client handle %s on %s", handle, self._endpoint)
-            return
-        self.notifications += 1
-        status = 0
-        source: float
-        if dv is not None and dv.StatusCode is not None:
-            status = dv.StatusCode.value
-        if dv is not None and dv.SourceTimestamp is not None:
-            source = _epoch(dv.SourceTimestamp)
-            self._server_time_fallback.discard(name)
-        elif dv is not None and dv.ServerTimestamp is not None:
-            source = _epoch(dv.ServerTimestamp)
-            self._server_time_fallback.add(name)
-        else:
-            # No timestamp at all: the reading's age is unknown, so it can never be fresh.
-            source = -math.inf
-            self._server_time_fallback.add(name)
-        self._table.offer(name, val, source, status, self.clock.now())
-        if not self._all_received.is_set():
-            self._received.add(name)  # a refused reading counts: the point did answer
-            if len(self._received) == len(self.specs):
-                self._all_received.set()
-
-    def _on_status_change(self, status: ua.StatusChangeNotification) -> None:
-        code = status.Status.value if status.Status is not None else 0
-        self.last_status_change = code
-        _log.warning("subscription status on %s changed: 0x%08X", self._endpoint, code)
-        if (code >> 30) != 0:  # bad: the server timed out or shut the subscription down
-            self._link_problem = f"subscription status {ua.StatusCode(ua.UInt32(code)).name}"

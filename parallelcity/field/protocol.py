@@ -57,10 +57,11 @@ and supplies four things:
    ``available`` and ``aclose()``.  Every wait is bounded.  Link losses and recoveries
    go to ``on_link(kind, detail)`` with kind ``field_lost`` / ``field_restored``.
 
-4. Optionally a **stand-in** (``stand_in()``): a server on 127.0.0.1 that serves a
-   plant simulator's outputs at the point addresses and applies what is written to
-   the input addresses (the embedded rig and ``parallelcity field``), and a
-   **browse** (``browse()``) that lists a live server's points as scenario TOML.
+4. Optionally a **stand-in** (``stand_in()`` returns a ``FieldStandIn``): a server on
+   127.0.0.1 that serves a plant simulator's outputs at the point addresses and
+   applies what is written to the input addresses (the simulated rig's field, so
+   ``run`` and ``parallelcity field`` work on the protocol), and a **browse**
+   (``browse()``) that lists a live server's variables as scenario TOML.
 
 Security objects (``security=``) are the protocol's own (OPC UA: ``ClientSecurity``);
 None means an unauthenticated lab link, which callers allow only for an
@@ -71,6 +72,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 from parallelcity.errors import PluginError
@@ -79,6 +81,8 @@ from parallelcity.field.config import FieldConfig
 if TYPE_CHECKING:
     from parallelcity.clock import Clock
     from parallelcity.scenario.definition import Scenario
+    from parallelcity.twin.model import Array
+    from parallelcity.verify.rig import AppliedInput
 
 GROUP = "parallelcity.protocols"
 
@@ -152,16 +156,51 @@ class FieldWriter(SetpointWriter, Protocol):
     async def aclose(self) -> None:
         """Disconnect; bounded; errors only logged."""
 
+    async def __aenter__(self) -> FieldWriter:
+        """``connect()``."""
+        ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """``aclose()``."""
+
 
 class FieldStandIn(Protocol):
-    """A plant served on 127.0.0.1 at the scenario's addresses."""
+    """A plant simulator served on loopback at the scenario's addresses: ``async with`` it.
+
+    Every tick it publishes the plant's outputs at the point addresses (stamped with the
+    simulated time where the protocol carries one) and applies whatever a client writes to
+    an input address to the plant at once, recording it in ``applied``.
+    """
 
     @property
-    def endpoint(self) -> str: ...
+    def endpoint(self) -> str:
+        """Where a reader and a writer reach it (valid once entered)."""
+        ...
 
-    async def start(self) -> None: ...
+    @property
+    def applied(self) -> list[AppliedInput]:
+        """Every value written to an input address, in order."""
+        ...
 
-    async def stop(self) -> None: ...
+    def listen_on(self, host: str, port: int) -> None:
+        """Serve on ``host:port`` instead of a free loopback port (``parallelcity field``)."""
+
+    def allow_insecure_lab(self) -> None:
+        """Serve without the protocol's security whatever the scenario says."""
+
+    async def __aenter__(self) -> FieldStandIn: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
 
 class FieldProtocol(ABC):
@@ -195,12 +234,32 @@ class FieldProtocol(ABC):
     ) -> FieldWriter:
         """A writer of ``field``'s inputs at ``endpoint`` (not yet connected)."""
 
-    def stand_in(self, scenario: Scenario, clock: Clock, **options: Any) -> FieldStandIn:
-        """A field stand-in serving ``scenario``'s rig plant; optional."""
+    def stand_in(
+        self,
+        scenario: Scenario,
+        clock: Clock,
+        *,
+        params: Array,
+        truth: Callable[[float], Array],
+        tick_ms: float = 50.0,
+    ) -> FieldStandIn:
+        """A stand-in serving ``scenario``'s model as a plant (``hil.plant.PlantSimulator``
+        with parameters ``params`` and disturbances ``truth(t)``), ticking every ``tick_ms``
+        wall milliseconds; optional (rigs call it through ``field_stand_in``)."""
         raise PluginError(f"field protocol {self.name!r} has no field stand-in")
+
+    async def browse(self, endpoint: str, security: object | None = None) -> str:
+        """A live server's variables as ``[[field.points]]`` TOML; optional."""
+        raise PluginError(f"field protocol {self.name!r} cannot browse a server")
 
     def describe(self, field: FieldConfig) -> list[tuple[str, str, str]]:
         """``(name, address, role)`` per point and input, for listings."""
-        rows = [(p.name, p.address_text(), f"measurement ({p.type})") for p in field.points]
+        rows = [
+            (p.name, p.address_text(), f"measurement ({p.type}, read-only)") for p in field.points
+        ]
         rows += [(i.name, i.address_text(), "input (writable)") for i in field.inputs]
         return rows
+
+    def summary(self, field: FieldConfig) -> str:
+        """One line saying where the addresses live, for listings."""
+        return f"{self.name}: {len(field.points)} points, {len(field.inputs)} inputs"

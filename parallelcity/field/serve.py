@@ -23,6 +23,7 @@ from parallelcity.clock import SimClock
 from parallelcity.errors import ScenarioError, SecurityError
 from parallelcity.field.opcua.certs import lab_pki_files, make_lab_pki
 from parallelcity.field.opcua.session import SecureStandIn, ServerSecurity, hash_password
+from parallelcity.field.protocols import protocol_of
 from parallelcity.scenario.definition import Scenario
 from parallelcity.verify.rig import ServedStandIn
 
@@ -92,12 +93,11 @@ def server_security(scenario: Scenario, root: Path) -> ServerSecurity:
 
 def point_table(scenario: Scenario) -> list[str]:
     """One line per point and input: what a client finds where."""
-    field = scenario.field
-    rows = [(p.name, p.node, f"measurement ({p.type}, read-only)") for p in field.points]
-    rows += [(i.name, i.node, "input (Double, writable)") for i in field.inputs]
+    protocol = protocol_of(scenario.field)
+    rows = protocol.describe(scenario.field)
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
-    head = f"namespace {field.namespace}: {len(field.points)} points, {len(field.inputs)} inputs"
+    head = protocol.summary(scenario.field)
     return [head] + [f"  {a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows]
 
 

@@ -25,13 +25,14 @@ from parallelcity.clock import Clock
 from parallelcity.dispatch.keys import check_z85, read_public_key, read_secret_key
 from parallelcity.dispatch.wire import check_issuer_name
 from parallelcity.errors import GatewayConfigError, SecurityError, WireFormatError
+from parallelcity.field.opcua.protocol import OpcUaField, OpcUaInput
 from parallelcity.field.opcua.session import ClientSecurity
-from parallelcity.field.opcua.writer import OpcUaWriter
+from parallelcity.field.protocols import open_writer
 from parallelcity.gateway.core import DEFAULT_MAX_COMMAND_AGE_S, DEFAULT_RAMP_SLACK_S, GatewayCore
 from parallelcity.gateway.server import FieldGateway, KeyQuota, ServerCurve
 from parallelcity.gateway.store import GatewayStore
 from parallelcity.gateway.zap import AllowList, Grant
-from parallelcity.scenario.definition import FieldConfig, InputMap, OpcUaSecurity, _describe
+from parallelcity.scenario.definition import OpcUaSecurity, _describe
 from parallelcity.specs import InputLimit
 from parallelcity.toml_file import parse_toml, read_text_bounded
 
@@ -195,16 +196,16 @@ class GatewayConfig:
     def safe(self) -> dict[str, float]:
         return {i.name: i.safe for i in self.file.field.inputs if i.safe is not None}
 
-    def field_config(self) -> FieldConfig:
-        """What ``OpcUaWriter`` needs (namespace, input NodeIds); there are no points."""
+    def field_config(self) -> OpcUaField:
+        """What the field writer needs (namespace, input NodeIds); there are no points."""
         f = self.file.field
-        return FieldConfig.model_construct(
+        return OpcUaField.model_construct(
             namespace=f.namespace,
             endpoint=f.endpoint,
             gateway=None,
             sampling_interval_ms=100.0,
             points=[],
-            inputs=[InputMap.model_construct(name=i.name, node=i.node) for i in f.inputs],
+            inputs=[OpcUaInput.model_construct(name=i.name, node=i.node) for i in f.inputs],
         )
 
     def curve(self) -> ServerCurve | None:
@@ -345,9 +346,9 @@ async def serve_gateway(config: GatewayConfig, clock: Clock) -> None:
     core = config.core()
     g = config.file.gateway
     store = GatewayStore(config.resolve(config.file.gateway.state))
-    writer = OpcUaWriter(
-        config.file.field.endpoint,
+    writer = open_writer(
         config.field_config(),
+        config.file.field.endpoint,
         timeout_s=g.write_timeout_s,
         security=opcua,
         on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),

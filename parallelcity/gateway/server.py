@@ -51,7 +51,7 @@ from parallelcity.errors import (
     SecurityError,
     WireFormatError,
 )
-from parallelcity.field.opcua.writer import SetpointWriter
+from parallelcity.field.protocol import SetpointWriter
 from parallelcity.gateway.core import (
     MAX_REMEMBERED_IDS,
     AppliedInput,

@@ -46,7 +46,7 @@ from parallelcity.field.opcua.session import (
     ServerSecurity,
     hash_password,
 )
-from parallelcity.field.opcua.writer import OpcUaWriter
+from parallelcity.field.protocols import open_writer
 from parallelcity.field.snapshot import Snapshot
 from parallelcity.gateway.core import DEFAULT_MAX_COMMAND_AGE_S, GatewayCore
 from parallelcity.gateway.server import FieldGateway, ServerCurve, new_zap_domain
@@ -437,9 +437,9 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
             store = GatewayStore(out_dir / "gateway.sqlite")
             stack.callback(store.close)
             writer = await stack.enter_async_context(
-                OpcUaWriter(
-                    endpoint,
+                open_writer(
                     scenario.field,
+                    endpoint,
                     security=opcua_client,
                     on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),
                 )

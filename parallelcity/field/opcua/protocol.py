@@ -10,7 +10,7 @@ reader, writer and stand-in are imported when they are asked for.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, Field
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from parallelcity.clock import Clock
     from parallelcity.field.protocol import FieldStandIn
     from parallelcity.scenario.definition import Scenario
+    from parallelcity.twin.model import Array
 
 NodeText = Annotated[str, AfterValidator(check_scenario_node)]
 """A NodeId as a scenario writes it (``s=...``, ``i=...``, ``g=...``, ``b=...``)."""
@@ -114,11 +115,32 @@ class OpcUaProtocol(FieldProtocol):
         sec = _client_security(security, ClientSecurity)
         return OpcUaWriter(endpoint, as_opcua(field), security=sec, on_link=on_link, **options)
 
-    def stand_in(self, scenario: Scenario, clock: Clock, **options: Any) -> FieldStandIn:
+    def stand_in(
+        self,
+        scenario: Scenario,
+        clock: Clock,
+        *,
+        params: Array,
+        truth: Callable[[float], Array],
+        tick_ms: float = 50.0,
+    ) -> FieldStandIn:
         from parallelcity.hil.field import EmbeddedField
 
         as_opcua(scenario.field)
-        return EmbeddedField(scenario, clock, **options)
+        served: FieldStandIn = EmbeddedField(
+            scenario, clock, params=params, truth=truth, tick_ms=tick_ms
+        )
+        return served
+
+    def describe(self, field: FieldConfig) -> list[tuple[str, str, str]]:
+        rows = super().describe(field)
+        return [
+            (n, a, "input (Double, writable)" if r.startswith("input") else r) for n, a, r in rows
+        ]
+
+    def summary(self, field: FieldConfig) -> str:
+        f = as_opcua(field)
+        return f"namespace {f.namespace}: {len(f.points)} points, {len(f.inputs)} inputs"
 
 
 def _client_security(security: object | None, kind: type[Any]) -> Any:

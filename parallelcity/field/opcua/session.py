@@ -71,6 +71,17 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    ConnectionError,
+    UaError,
+)
+"""What asyncua and the network raise when the server could not be reached or stopped
+answering (the one list the reader and the writer translate into ``FieldError``s)."""
+SHUTDOWN_ERRORS: tuple[type[BaseException], ...] = (*TRANSPORT_ERRORS, RuntimeError)
+"""... plus what asyncua raises when used on a connection it already considers closed."""
+
 Policy = Literal["Basic256Sha256", "Aes256_Sha256_RsaPss"]
 POLICIES: dict[str, type[security_policies.SecurityPolicy]] = {
     "Basic256Sha256": security_policies.SecurityPolicyBasic256Sha256,

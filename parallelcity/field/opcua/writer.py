@@ -1,7 +1,7 @@
 """The gateway's OPC UA session to the PLC side: where accepted setpoints are written.
 
-``SetpointWriter`` is what the field gateway needs from the field: write a set
-of setpoints, read input values back.  ``OpcUaWriter`` is the production one:
+``SetpointWriter`` (``field.protocol``) is what the field gateway needs from the
+field: write a set of setpoints, read input values back.  ``OpcUaWriter`` is OPC UA's:
 one OPC UA session (``opcua.connect_client``, so SignAndEncrypt unless a lab
 run) to the server holding the input nodes.
 
@@ -21,15 +21,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any
 
 from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.client.ua_client import UaClientState
 from asyncua.ua.attribute_ids import AttributeIds
-from asyncua.ua.uaerrors import UaError
 
 from parallelcity.backoff import Backoff
 from parallelcity.errors import (
@@ -40,8 +39,14 @@ from parallelcity.errors import (
     NodeMappingError,
     SecurityError,
 )
-from parallelcity.field.opcua.session import ClientSecurity, connect_client, parse_node_id
-from parallelcity.scenario.definition import FieldConfig
+from parallelcity.field.opcua.protocol import OpcUaField
+from parallelcity.field.opcua.session import (
+    SHUTDOWN_ERRORS,
+    ClientSecurity,
+    connect_client,
+    parse_node_id,
+)
+from parallelcity.field.protocol import LinkListener
 
 log = logging.getLogger("parallelcity.gateway.server")
 
@@ -51,28 +56,6 @@ CLOSE_TIMEOUT_S = 0.5
 """A dead session gets this long to say goodbye before its socket is dropped."""
 BACKOFF_MAX_S = 2.0
 """Longest wait between reconnect attempts: every second down refuses commands."""
-
-# What a request on a broken or closed session raises.
-_REQUEST_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    ConnectionError,
-    UaError,
-    RuntimeError,  # asyncua on a transport it already considers closed
-)
-
-LinkListener = Callable[[str, str], None]
-"""``on_link(kind, detail)``: kind ``field_lost`` or ``field_restored``."""
-
-
-class SetpointWriter(Protocol):
-    """Where accepted setpoints go. Raise a ``FieldError`` when they could not be written."""
-
-    async def write(self, setpoints: Mapping[str, float]) -> None: ...
-
-    async def read(self, names: Sequence[str]) -> Mapping[str, float]:
-        """The values the field holds now (to settle a write a crash left in doubt)."""
-        ...
 
 
 class OpcUaWriter:
@@ -92,7 +75,7 @@ class OpcUaWriter:
     def __init__(
         self,
         endpoint: str,
-        field: FieldConfig,
+        field: OpcUaField,
         *,
         timeout_s: float = 4.0,
         security: ClientSecurity | None = None,
@@ -169,7 +152,7 @@ class OpcUaWriter:
         uri = self.field.namespace
         try:
             namespaces = await client.get_namespace_array()
-        except _REQUEST_ERRORS as exc:
+        except SHUTDOWN_ERRORS as exc:
             raise FieldConnectionError(
                 f"cannot read the namespace array of {self.endpoint}: {exc}"
             ) from exc
@@ -189,7 +172,7 @@ class OpcUaWriter:
         if nodes:
             try:
                 results = await client.read_attributes(list(nodes.values()), AttributeIds.NodeClass)
-            except _REQUEST_ERRORS as exc:
+            except SHUTDOWN_ERRORS as exc:
                 raise FieldConnectionError(
                     f"cannot read the input nodes on {self.endpoint}: {exc}"
                 ) from exc
@@ -350,7 +333,7 @@ class OpcUaWriter:
             statuses = await client.write_values(
                 [nodes[n] for n in names], values, raise_on_partial_error=False
             )
-        except _REQUEST_ERRORS as exc:
+        except SHUTDOWN_ERRORS as exc:
             why = f"{exc or type(exc).__name__}"
             self._timed_out_or_lost(exc, "write")
             raise FieldConnectionError(
@@ -371,7 +354,7 @@ class OpcUaWriter:
             raise NodeMappingError(f"no field node for input(s) {', '.join(map(repr, unmapped))}")
         try:
             values = await client.read_values([nodes[n] for n in names])
-        except _REQUEST_ERRORS as exc:
+        except SHUTDOWN_ERRORS as exc:
             why = f"{exc or type(exc).__name__}"
             self._timed_out_or_lost(exc, "read")
             raise FieldConnectionError(
