@@ -99,7 +99,6 @@ def test_known_encodings() -> None:
         ({"data_type": "int16"}, 32768, "outside int16"),
         ({"data_type": "uint16"}, -1, "outside uint16"),
         ({"data_type": "uint16", "scale": 0.1}, 6553.6, "outside uint16"),
-        ({"data_type": "int16", "scale": 0.1}, 1.25, "not a whole number"),
         ({"data_type": "uint32"}, 2.0**32, "outside uint32"),
         ({"data_type": "float32"}, 1e39, "too large for float32"),
         ({"data_type": "float64"}, math.inf, "not a finite number"),
@@ -112,6 +111,13 @@ def test_a_value_that_does_not_fit_is_refused_never_wrapped(
 ) -> None:
     with pytest.raises(CodecError, match=why):
         encode(addr(**keys), value)
+
+
+def test_a_scaled_integer_is_rounded_to_the_register_resolution() -> None:
+    a = addr(data_type="uint16", scale=0.001)
+    assert encode(a, 0.3456789) == [346]
+    assert decode(a, [346]) == pytest.approx(0.346)
+    assert encode(addr(data_type="int16"), 2.5) == [2]  # half to even, within 0.5
 
 
 def test_decode_refuses_a_wrong_word_count() -> None:
@@ -179,10 +185,9 @@ def test_an_integer_encoding_never_wraps(dtype: str, scale: float, value: float)
     try:
         words = encode(a, value)
     except CodecError:
-        raw = value / scale
-        assert not lo <= round(raw) <= hi or abs(raw - round(raw)) > 1e-6 * max(1, abs(raw))
+        assert not lo <= round(value / scale) <= hi
         return
-    assert decode(a, words) == pytest.approx(value, rel=1e-9, abs=1e-6)
+    assert decode(a, words) == pytest.approx(value, abs=abs(scale) / 2 + 1e-9)
 
 
 def test_big_word_order_is_the_wire_order_of_the_value() -> None:

@@ -8,9 +8,9 @@ Registers are 16-bit words, each big-endian on the wire (the Modbus rule);
 ``word_order`` says whether the most significant word of a 32- or 64-bit value
 comes first ("big") or last ("little").
 
-``encode`` refuses a value that does not fit its type after scaling (out of
-range, not finite, not a whole number for an integer type): a setpoint is never
-wrapped or truncated on its way to the field.  ``plan_reads`` groups addresses
+``encode`` rounds a value to its register's resolution (``scale``) and refuses
+one that does not fit its type after scaling (out of range, not finite): a
+setpoint is never wrapped on its way to the field.  ``plan_reads`` groups addresses
 into as few read requests as possible: contiguous (or overlapping) ranges of one
 unit and table, at most ``MAX_REGISTERS`` registers or ``MAX_BITS`` bits each.
 """
@@ -185,8 +185,9 @@ def decode(address: ModbusAddress, raw: Sequence[int] | Sequence[bool]) -> bool 
 def encode(address: ModbusAddress, value: float) -> list[int] | list[bool]:
     """The registers (or the bit) that hold engineering ``value`` at ``address``.
 
-    Refuses (``CodecError``) a value that is not finite, does not fit the type after
-    scaling, or is not a whole number where the type needs one: never wrapped.
+    An integer type holds the nearest raw value (the register's resolution is ``scale``);
+    a value that is not finite or does not fit the type after scaling is refused
+    (``CodecError``): never wrapped.
     """
     where = address.describe()
     if isinstance(value, bool):
@@ -201,12 +202,7 @@ def encode(address: ModbusAddress, value: float) -> list[int] | list[bool]:
     dtype = address.dtype
     packed: bytes
     if dtype in _INT_RANGE:
-        whole = round(raw)
-        if abs(raw - whole) > 1e-6 * max(1.0, abs(raw)):
-            raise CodecError(
-                f"{where}: {value!r} is {raw!r} raw, not a whole number (scale "
-                f"{address.scale:g}, offset {address.offset:g})"
-            )
+        whole = round(raw)  # to the register's resolution: at most scale / 2 away
         lo, hi = _INT_RANGE[dtype]
         if not lo <= whole <= hi:
             raise CodecError(f"{where}: {value!r} is {whole} raw, outside {dtype} {lo}..{hi}")

@@ -4,7 +4,10 @@
 every setpoint with the codec first (a value that does not fit its register is
 refused before anything is sent), then writes contiguous runs of holding
 registers or coils, one request each; ``read`` reads the inputs back for the
-gateway's read-back check.  Every request is bounded by ``timeout_s``.
+gateway's read-back check.  A register holds a value rounded to its resolution,
+so ``read`` gives back the value last written when the register holds exactly
+its encoding (the gateway compares read-backs with what it wrote), and the
+decoded value otherwise.  Every request is bounded by ``timeout_s``.
 
 The connection can die (a PLC reboot, a cut link).  The writer watches it and,
 on a loss, reconnects with backoff; until it is back, ``write`` and ``read``
@@ -21,13 +24,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 
+from parallelcity.backoff import Backoff
 from parallelcity.errors import (
     FieldConnectionError,
     FieldError,
     FieldUnavailableError,
     NodeMappingError,
 )
-from parallelcity.field.mirror import Backoff
 
 from .codec import ModbusAddress, decode, encode, plan_reads, write_problem
 from .link import DeviceException, ModbusLink, RequestTimeout, write_runs
@@ -36,6 +39,7 @@ log = logging.getLogger("parallelcity.gateway.server")
 
 WATCH_PERIOD_S = 0.1
 BACKOFF_MAX_S = 2.0
+WRITTEN_KEPT = 8  # written values per input recognised in a read-back
 
 LinkListener = Callable[[str, str], None]
 """``on_link(kind, detail)``: kind ``field_lost`` or ``field_restored``."""
@@ -75,6 +79,8 @@ class ModbusWriter:
         self.outages = 0
         self.reconnects = 0
         self.writes = 0
+        # per input: the encodings of its last few written values -> the value written
+        self._written: dict[str, dict[tuple[int, ...], float]] = {}
 
     @property
     def endpoint(self) -> str:
@@ -214,9 +220,16 @@ class ModbusWriter:
 
     async def write(self, setpoints: Mapping[str, float]) -> None:
         items = self._addresses(list(setpoints))
-        encoded = [(addr, encode(addr, float(setpoints[name]))) for name, addr in items]
+        encoded = {name: (addr, encode(addr, float(setpoints[name]))) for name, addr in items}
         self._check()
-        for unit, table, start, values in write_runs(encoded):
+        for name, (_addr, words) in encoded.items():
+            history = self._written.setdefault(name, {})
+            key = tuple(int(w) for w in words)
+            history.pop(key, None)
+            history[key] = float(setpoints[name])
+            while len(history) > WRITTEN_KEPT:
+                del history[next(iter(history))]
+        for unit, table, start, values in write_runs(list(encoded.values())):
             try:
                 await self._link.write(unit, table, start, values)
             except (RequestTimeout, DeviceException) as exc:
@@ -245,5 +258,8 @@ class ModbusWriter:
             except RequestTimeout as exc:
                 raise FieldConnectionError(str(exc)) from exc
             for name, addr in request.members:
-                out[str(name)] = float(decode(addr, request.slice(addr, raw)))
+                words = request.slice(addr, raw)
+                written = self._written.get(str(name), {}).get(tuple(words))
+                # a register holding exactly what writing a value put there gives that value
+                out[str(name)] = written if written is not None else float(decode(addr, words))
         return out
