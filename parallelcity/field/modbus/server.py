@@ -143,8 +143,9 @@ class ModbusFieldServer:
 
     @property
     def endpoint(self) -> str:
-        if self._server is None:
-            raise RuntimeError("the Modbus server is not running")
+        """Where it serves (or served, once stopped)."""
+        if self._server is None and self.port == 0:
+            raise RuntimeError("the Modbus server has not been started")
         return endpoint_of(self.host, self.port)
 
     @property
