@@ -3,7 +3,7 @@ picked from a scenario's ``[field] protocol`` and its address keys validated wit
 
 from __future__ import annotations
 
-import json
+import asyncio
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
@@ -12,12 +12,23 @@ import pytest
 from pydantic import Field
 
 from parallelcity import plugins
-from parallelcity.clock import Clock
-from parallelcity.errors import PluginError, ScenarioError
+from parallelcity.backoff import Backoff
+from parallelcity.clock import Clock, FakeClock
+from parallelcity.errors import FieldConnectionError, PluginError, ScenarioError
 from parallelcity.field.config import FieldConfig, InputMap, PointMap
+from parallelcity.field.mirror import Mirror
 from parallelcity.field.opcua.protocol import OpcUaField
-from parallelcity.field.protocol import FieldProtocol, FieldReader, FieldWriter, LinkListener
-from parallelcity.scenario.definition import json_schema, parse_scenario
+from parallelcity.field.protocol import (
+    STATUS_BAD,
+    STATUS_GOOD,
+    FieldProtocol,
+    FieldReader,
+    FieldWriter,
+    LinkListener,
+    ReadingSink,
+)
+from parallelcity.field.protocols import field_json_schema
+from parallelcity.scenario.definition import parse_scenario
 
 from .conftest import DH
 
@@ -39,6 +50,45 @@ class RegisterField(FieldConfig):
     inputs: Sequence[RegisterInput] = Field(min_length=1)
 
 
+class PolledReader:
+    """A reader without source times (the reading is stamped when it was taken), driven by
+    the test: ``poll`` offers values, ``down`` makes the link fail."""
+
+    def __init__(self, endpoint: str, clock: Clock) -> None:
+        self._endpoint, self.clock = endpoint, clock
+        self.sink: ReadingSink | None = None
+        self.down: str | None = None
+        self.opens = 0
+
+    @property
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    @property
+    def start_budget_s(self) -> float:
+        return 1.0
+
+    async def open(self, sink: ReadingSink) -> None:
+        if self.down is not None:
+            raise FieldConnectionError(f"{self._endpoint}: {self.down}")
+        self.sink, self.opens = sink, self.opens + 1
+
+    async def close(self) -> None:
+        self.sink = None
+
+    def problem(self) -> str | None:
+        return self.down if self.down is not None else (None if self.sink else "closed")
+
+    async def read_inputs(self) -> dict[str, float]:
+        return {"u": 1.0}
+
+    def poll(self, values: dict[str, object], status: int = STATUS_GOOD) -> ReadingSink:
+        assert self.sink is not None
+        for name, raw in values.items():
+            self.sink.offer(name, raw, self.clock.now(), status)
+        return self.sink
+
+
 class RegisterProtocol(FieldProtocol):
     name: ClassVar[str] = "registers"
     field_model: ClassVar[type[FieldConfig]] = RegisterField
@@ -52,7 +102,7 @@ class RegisterProtocol(FieldProtocol):
         security: object | None = None,
         **options: Any,
     ) -> FieldReader:
-        raise NotImplementedError
+        return PolledReader(endpoint, clock)
 
     def writer(
         self,
@@ -121,16 +171,67 @@ def test_an_unknown_protocol_is_refused_at_its_key(registers: RegisterProtocol) 
 
 
 def test_the_schema_describes_every_installed_protocol(registers: RegisterProtocol) -> None:
+    """The [field] part of `parallelcity schema` (json_schema puts it under field)."""
     jsonschema = pytest.importorskip("jsonschema")
     import tomllib
 
-    schema = json_schema()
-    variants = schema["properties"]["field"]["oneOf"]
+    defs: dict[str, Any] = {}
+    schema = {"$defs": defs, **field_json_schema(defs)}
+    variants = schema["oneOf"]
     assert {v["properties"]["protocol"]["const"] for v in variants} >= {"opcua", "registers"}
-    data = json.loads(json.dumps(tomllib.loads(_on_registers(DH.read_text())), default=str))
+    data = tomllib.loads(_on_registers(DH.read_text()))["field"]
     jsonschema.validate(data, schema)
-    data["field"]["points"][0]["reg"] = "x"
+    data["points"][0]["reg"] = "x"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(data, schema)
-    opcua = json.loads(json.dumps(tomllib.loads(DH.read_text()), default=str))
-    jsonschema.validate(opcua, schema)
+    jsonschema.validate(tomllib.loads(DH.read_text())["field"], schema)  # no protocol: opcua
+
+
+def test_a_reader_without_source_times_feeds_the_generic_mirror(
+    registers: RegisterProtocol,
+) -> None:
+    """Freshness from the time a reading was taken, status onto quality, gaps and reopening."""
+    field = parse_scenario(_on_registers(DH.read_text()), DH).field
+    clock = FakeClock(t=1_000_000.0)
+    names = [p.name for p in field.points]
+    max_age = {p.name: p.max_age_s for p in field.points}
+
+    async def body() -> None:
+        mirror = Mirror(field, clock, endpoint="registers://x", backoff=Backoff(0.01, 0.02))
+        reader = mirror.reader
+        assert isinstance(reader, PolledReader)
+        async with mirror:
+            assert not await mirror.wait_all_received(0.01)
+            reader.poll(dict.fromkeys(names, 20.0))
+            assert await mirror.wait_all_received(1.0)
+            assert mirror.snapshot().stale_required == [] and mirror.snapshot().link_up
+            assert await mirror.read_inputs() == {"u": 1.0}
+            # a point that stops answering is stale once its max age has passed, not before
+            first = names[0]
+            clock.t += max_age[first] - 1.0
+            reader.poll({n: 20.0 for n in names[1:]})
+            assert first not in mirror.snapshot().stale_required
+            clock.t += 2.0
+            assert mirror.snapshot().points[first].why.startswith("age ")
+            reader.poll({first: 20.0}, status=STATUS_BAD | 0x02)
+            assert "status bad" in mirror.snapshot().points[first].why
+            # the link fails: every point is held, the reader reopened with a fresh sink
+            old = reader.poll({first: 20.0})
+            reader.down = "device gone"
+            assert all(p.stale for p in mirror.snapshot().points.values())
+            async with asyncio.timeout(5.0):
+                while mirror.gaps == 0:
+                    await asyncio.sleep(0.01)
+                reader.down = None
+                while not mirror.connected:
+                    await asyncio.sleep(0.01)
+            old.offer(first, 21.0, clock.now() + 1.0, STATUS_GOOD)  # the lost session: dropped
+            assert mirror.snapshot().points[first].reading.value == 20.0  # type: ignore[union-attr]
+            clock.t += 1.0
+            reader.poll(dict.fromkeys(names, 22.0))
+            snap = mirror.snapshot()
+            assert not any(p.stale for p in snap.points.values()) and snap.value(first) == 22.0
+            assert [e.kind for e in mirror.take_events()] == ["lost", "restored"]
+            assert reader.opens == 2
+
+    asyncio.run(body())

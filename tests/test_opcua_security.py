@@ -24,6 +24,8 @@ from parallelcity.clock import SimClock
 from parallelcity.errors import FieldConnectionError, SecurityError
 from parallelcity.field.mirror import Mirror
 from parallelcity.field.opcua.certs import LabPki, make_certificate, make_lab_pki, trust
+from parallelcity.field.opcua.protocol import check_opcua_security as _check_opcua_security
+from parallelcity.field.opcua.protocol import opcua_security as _opcua_security
 from parallelcity.field.opcua.session import (
     ClientSecurity,
     ServerSecurity,
@@ -32,7 +34,6 @@ from parallelcity.field.opcua.session import (
     hash_password,
 )
 from parallelcity.field.opcua.writer import OpcUaWriter
-from parallelcity.run.runner import _check_opcua_security, _opcua_security
 from parallelcity.scenario.definition import Scenario, parse_scenario
 
 from .conftest import lab_text

@@ -70,21 +70,27 @@ None means an unauthenticated lab link, which callers allow only for an
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from parallelcity.errors import PluginError
+from parallelcity.errors import PluginError, SecurityError
 from parallelcity.field.config import FieldConfig
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from parallelcity.clock import Clock
     from parallelcity.scenario.definition import Scenario
     from parallelcity.twin.model import Array
     from parallelcity.verify.rig import AppliedInput
 
 GROUP = "parallelcity.protocols"
+
+_log = logging.getLogger(__name__)
 
 STATUS_GOOD = 0x0000_0000
 STATUS_UNCERTAIN = 0x4000_0000
@@ -203,6 +209,15 @@ class FieldStandIn(Protocol):
     ) -> None: ...
 
 
+@dataclass(frozen=True)
+class LinkSecurity:
+    """What a run secures its field links with: ``client`` goes to the reader and the
+    writer, ``server`` to the embedded stand-in (None: no security on that side)."""
+
+    client: object | None = None
+    server: object | None = None
+
+
 class FieldProtocol(ABC):
     """A field protocol plug-in: subclass it and install an instance as an entry point."""
 
@@ -248,8 +263,37 @@ class FieldProtocol(ABC):
         wall milliseconds; optional (rigs call it through ``field_stand_in``)."""
         raise PluginError(f"field protocol {self.name!r} has no field stand-in")
 
-    async def browse(self, endpoint: str, security: object | None = None) -> str:
-        """A live server's variables as ``[[field.points]]`` TOML; optional."""
+    def check_security(self, scenario: Scenario, *, embedded: bool) -> None:
+        """Refuse (``SecurityError``) a run this protocol cannot secure, before anything
+        starts.  The default, for a protocol without security: only a lab run may reach
+        real equipment; the embedded stand-in listens on loopback only."""
+        if not embedded and not scenario.insecure_lab:
+            raise SecurityError(
+                f"field protocol {self.name!r} has no security: talking to field equipment "
+                "over it needs [security] insecure_lab = true (a lab run)"
+            )
+
+    def security(self, scenario: Scenario, *, embedded: bool, out_dir: Path) -> LinkSecurity:
+        """The run's security objects (generated under ``out_dir`` if need be)."""
+        self.check_security(scenario, embedded=embedded)
+        if embedded and not scenario.insecure_lab:
+            _log.info("embedded %s field stand-in on loopback, without security", self.name)
+        return LinkSecurity()
+
+    def secure_stand_in(self, stand_in: object, server: object) -> None:
+        """Make ``stand_in`` (not yet entered) serve with ``server`` security."""
+        raise SecurityError(f"field protocol {self.name!r} cannot serve with security")
+
+    async def browse(
+        self,
+        endpoint: str,
+        security: object | None = None,
+        *,
+        max_age_s: float = 60.0,
+        **options: Any,
+    ) -> str:
+        """A live server's variables as a ``[field]`` table with one ``[[field.points]]``
+        entry each (``max_age_s`` as their max age), to edit into a scenario; optional."""
         raise PluginError(f"field protocol {self.name!r} cannot browse a server")
 
     def describe(self, field: FieldConfig) -> list[tuple[str, str, str]]:

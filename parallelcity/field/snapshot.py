@@ -35,7 +35,7 @@ class Quality(StrEnum):
 class Reading:
     value: float
     source_time: float  # when the field measured it (simulated epoch seconds)
-    status_code: int = 0  # raw OPC UA StatusCode value
+    status_code: int = 0  # OPC UA severity bits (field.protocol.STATUS_*); protocol detail below
 
     @property
     def quality(self) -> Quality:

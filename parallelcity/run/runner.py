@@ -16,7 +16,6 @@ import asyncio
 import datetime as dt
 import logging
 import math
-import secrets
 import shlex
 import time
 import uuid
@@ -39,14 +38,7 @@ from parallelcity.dispatch.keys import KeyPair, read_public_key, read_secret_key
 from parallelcity.dispatch.wire import AckStatus, Status, WatchdogState
 from parallelcity.errors import DispatchError, JournalError, ParallelCityError, SecurityError
 from parallelcity.field.mirror import Mirror
-from parallelcity.field.opcua.certs import make_lab_pki
-from parallelcity.field.opcua.session import (
-    ClientSecurity,
-    SecureStandIn,
-    ServerSecurity,
-    hash_password,
-)
-from parallelcity.field.protocols import open_writer
+from parallelcity.field.protocols import open_writer, protocol_of
 from parallelcity.field.snapshot import Snapshot
 from parallelcity.gateway.core import DEFAULT_MAX_COMMAND_AGE_S, GatewayCore
 from parallelcity.gateway.server import FieldGateway, ServerCurve, new_zap_domain
@@ -175,57 +167,6 @@ def _estimator(scenario: Scenario) -> ExtendedKalmanFilter | None:
         bias_std=est.bias_std,
         measurement_std=est.measurement_std,
     )
-
-
-def _check_opcua_security(scenario: Scenario, embedded: bool = True) -> None:
-    """Refuse OPC UA without security unless the scenario asks for a lab run.
-
-    Real equipment needs ``[security.opcua]``; the embedded stand-in gets
-    certificates generated for the run (``_opcua_security``).
-    """
-    if scenario.insecure_lab or embedded:
-        return
-    if scenario.file.security.opcua is None:
-        raise SecurityError(
-            "OPC UA to field equipment needs [security.opcua] (certificate, private_key, "
-            "trusted, and a user token; `parallelcity certs DIR` creates a set), or "
-            "[security] insecure_lab = true for a lab run"
-        )
-
-
-def _opcua_security(
-    scenario: Scenario, embedded: bool, out_dir: Path
-) -> tuple[ClientSecurity, ServerSecurity | None]:
-    """The runtime's OPC UA client security, and the embedded stand-in's server security.
-
-    Embedded and not a lab run: a client and a server certificate that trust each
-    other and a random password, generated for this run under ``out_dir/pki``.
-    """
-    if embedded and scenario.insecure_lab:
-        return ClientSecurity.insecure(), None
-    if not embedded:
-        client = ClientSecurity.from_scenario(scenario)
-        if not client.secure and not scenario.insecure_lab:
-            raise SecurityError("OPC UA policy None needs [security] insecure_lab = true")
-        return client, None
-    pki = make_lab_pki(out_dir / "pki")
-    password = secrets.token_urlsafe(24)
-    server = ServerSecurity(
-        pki.server.certificate,
-        pki.server.private_key,
-        pki.server_trusted,
-        users={"parallelcity": hash_password(password)},
-    )
-    client = ClientSecurity(
-        "Basic256Sha256",
-        pki.client.certificate,
-        pki.client.private_key,
-        pki.client_trusted,
-        username="parallelcity",
-        password=password,
-    )
-    log.info("embedded OPC UA: Basic256Sha256 SignAndEncrypt, certificates in %s", pki.root)
-    return client, server
 
 
 def _divergence_monitor(scenario: Scenario) -> DivergenceMonitor | None:
@@ -363,7 +304,8 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | None) -> RunResult:
     meta = scenario.meta
-    _check_opcua_security(scenario, options.field_endpoint is None)
+    field_protocol = protocol_of(scenario.field)
+    field_protocol.check_security(scenario, embedded=options.field_endpoint is None)
     _check_zmq_security(scenario, options.gateway_endpoint is None)
     if scenario.insecure_lab:
         log.warning(INSECURE_BANNER)
@@ -408,7 +350,7 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
     stand_in: FieldStandIn | None = None
     abandoned = ""
     t_first: float | None = None
-    opcua_client, opcua_server = _opcua_security(scenario, embedded, out_dir)
+    link_security = field_protocol.security(scenario, embedded=embedded, out_dir=out_dir)
     issuer = _issuer(scenario, options.gateway_endpoint is None)
     zmq_client, zmq_server = _zmq_security(scenario, options.gateway_endpoint is None, issuer)
 
@@ -421,16 +363,11 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         endpoint = options.field_endpoint
         if endpoint is None:
             stand_in_cm = rig_kind.field_stand_in(scenario.rig_config, scenario, clock)
-            if opcua_server is not None:
-                if not isinstance(stand_in_cm, SecureStandIn):
-                    raise SecurityError(
-                        f"rig kind {scenario.file.rig.kind!r} cannot serve secure OPC UA; "
-                        "set [security] insecure_lab = true for a lab run"
-                    )
-                stand_in_cm.use_opcua_security(opcua_server)
+            if link_security.server is not None:
+                field_protocol.secure_stand_in(stand_in_cm, link_security.server)
             field_stand_in = await stack.enter_async_context(stand_in_cm)
             stand_in, endpoint = field_stand_in, field_stand_in.endpoint
-            log.info("field stand-in serving OPC UA at %s", endpoint)
+            log.info("field stand-in serving %s at %s", scenario.field.protocol, endpoint)
         gateway_endpoint = options.gateway_endpoint
         gateway_task = None
         if gateway_endpoint is None:
@@ -440,7 +377,7 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
                 open_writer(
                     scenario.field,
                     endpoint,
-                    security=opcua_client,
+                    security=link_security.client,
                     on_link=lambda kind, detail: store.record_event(clock.now(), kind, detail),
                 )
             )
@@ -459,7 +396,7 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
             gateway_task = tasks.create_task(gateway.serve(), name="field-gateway")
             log.info("field gateway listening at %s", gateway_endpoint)
         mirror = await stack.enter_async_context(
-            Mirror(scenario.field, clock, endpoint=endpoint, security=opcua_client)
+            Mirror(scenario.field, clock, endpoint=endpoint, security=link_security.client)
         )
         dispatcher = await stack.enter_async_context(
             Dispatcher(

@@ -10,20 +10,34 @@ reader, writer and stand-in are imported when they are asked for.
 
 from __future__ import annotations
 
+import logging
+import secrets
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, Field
 
+from parallelcity.errors import SecurityError
 from parallelcity.field.config import FieldConfig, InputMap, PointMap
 from parallelcity.field.opcua.node_id import check_scenario_node
-from parallelcity.field.protocol import FieldProtocol, FieldReader, FieldWriter, LinkListener
+from parallelcity.field.protocol import (
+    FieldProtocol,
+    FieldReader,
+    FieldWriter,
+    LinkListener,
+    LinkSecurity,
+)
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from parallelcity.clock import Clock
+    from parallelcity.field.opcua.session import ClientSecurity, ServerSecurity
     from parallelcity.field.protocol import FieldStandIn
     from parallelcity.scenario.definition import Scenario
     from parallelcity.twin.model import Array
+
+_log = logging.getLogger(__name__)
 
 NodeText = Annotated[str, AfterValidator(check_scenario_node)]
 """A NodeId as a scenario writes it (``s=...``, ``i=...``, ``g=...``, ``b=...``)."""
@@ -132,6 +146,40 @@ class OpcUaProtocol(FieldProtocol):
         )
         return served
 
+    def check_security(self, scenario: Scenario, *, embedded: bool) -> None:
+        check_opcua_security(scenario, embedded=embedded)
+
+    def security(self, scenario: Scenario, *, embedded: bool, out_dir: Path) -> LinkSecurity:
+        self.check_security(scenario, embedded=embedded)
+        client, server = opcua_security(scenario, embedded, out_dir)
+        return LinkSecurity(client, server)
+
+    def secure_stand_in(self, stand_in: object, server: object) -> None:
+        from parallelcity.field.opcua.session import SecureStandIn, ServerSecurity
+
+        if not isinstance(stand_in, SecureStandIn):
+            raise SecurityError(
+                "this rig kind's field stand-in cannot serve secure OPC UA; "
+                "set [security] insecure_lab = true for a lab run"
+            )
+        if not isinstance(server, ServerSecurity):
+            raise TypeError(f"OPC UA needs a ServerSecurity, got {type(server).__name__}")
+        stand_in.use_opcua_security(server)
+
+    async def browse(
+        self,
+        endpoint: str,
+        security: object | None = None,
+        *,
+        max_age_s: float = 60.0,
+        **options: Any,
+    ) -> str:
+        from parallelcity.field.opcua.browse import browse, points_toml
+        from parallelcity.field.opcua.session import ClientSecurity
+
+        sec = _client_security(security, ClientSecurity) or ClientSecurity.insecure()
+        return points_toml(await browse(endpoint, sec, **options), max_age_s)
+
     def describe(self, field: FieldConfig) -> list[tuple[str, str, str]]:
         rows = super().describe(field)
         return [
@@ -141,6 +189,60 @@ class OpcUaProtocol(FieldProtocol):
     def summary(self, field: FieldConfig) -> str:
         f = as_opcua(field)
         return f"namespace {f.namespace}: {len(f.points)} points, {len(f.inputs)} inputs"
+
+
+def check_opcua_security(scenario: Scenario, embedded: bool = True) -> None:
+    """Refuse OPC UA without security unless the scenario asks for a lab run.
+
+    Real equipment needs ``[security.opcua]``; the embedded stand-in gets
+    certificates generated for the run (``opcua_security``).
+    """
+    if scenario.insecure_lab or embedded:
+        return
+    if scenario.file.security.opcua is None:
+        raise SecurityError(
+            "OPC UA to field equipment needs [security.opcua] (certificate, private_key, "
+            "trusted, and a user token; `parallelcity certs DIR` creates a set), or "
+            "[security] insecure_lab = true for a lab run"
+        )
+
+
+def opcua_security(
+    scenario: Scenario, embedded: bool, out_dir: Path
+) -> tuple[ClientSecurity, ServerSecurity | None]:
+    """The runtime's OPC UA client security, and the embedded stand-in's server security.
+
+    Embedded and not a lab run: a client and a server certificate that trust each
+    other and a random password, generated for this run under ``out_dir/pki``.
+    """
+    from parallelcity.field.opcua.certs import make_lab_pki
+    from parallelcity.field.opcua.session import ClientSecurity, ServerSecurity, hash_password
+
+    if embedded and scenario.insecure_lab:
+        return ClientSecurity.insecure(), None
+    if not embedded:
+        client = ClientSecurity.from_scenario(scenario)
+        if not client.secure and not scenario.insecure_lab:
+            raise SecurityError("OPC UA policy None needs [security] insecure_lab = true")
+        return client, None
+    pki = make_lab_pki(out_dir / "pki")
+    password = secrets.token_urlsafe(24)
+    server = ServerSecurity(
+        pki.server.certificate,
+        pki.server.private_key,
+        pki.server_trusted,
+        users={"parallelcity": hash_password(password)},
+    )
+    client = ClientSecurity(
+        "Basic256Sha256",
+        pki.client.certificate,
+        pki.client.private_key,
+        pki.client_trusted,
+        username="parallelcity",
+        password=password,
+    )
+    _log.info("embedded OPC UA: Basic256Sha256 SignAndEncrypt, certificates in %s", pki.root)
+    return client, server
 
 
 def _client_security(security: object | None, kind: type[Any]) -> Any:
