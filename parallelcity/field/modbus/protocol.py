@@ -79,6 +79,9 @@ class _Address(BaseModel):
 
 
 class ModbusPoint(PointMap, _Address):
+    def address_text(self) -> str:
+        return _Address.address_text(self)
+
     @model_validator(mode="after")
     def _fits(self) -> ModbusPoint:
         why = type_problem(self.type, self._checked())
@@ -88,6 +91,9 @@ class ModbusPoint(PointMap, _Address):
 
 
 class ModbusInput(InputMap, _Address):
+    def address_text(self) -> str:
+        return _Address.address_text(self)
+
     @model_validator(mode="after")
     def _writable(self) -> ModbusInput:
         why = write_problem(self._checked())
