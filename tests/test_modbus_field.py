@@ -16,16 +16,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from parallelcity.backoff import Backoff
 from parallelcity.clock import FakeClock, SimClock
 from parallelcity.dispatch.wire import AckStatus, RefusalCode
-from parallelcity.errors import FieldUnavailableError, NodeMappingError
+from parallelcity.errors import FieldUnavailableError, NodeMappingError, SecurityError
 from parallelcity.field.mirror import Mirror
-from parallelcity.field.modbus.codec import CodecError, ModbusAddress
+from parallelcity.field.modbus.codec import CodecError, ModbusAddress, decode
 from parallelcity.field.modbus.protocol import ModbusField
 from parallelcity.field.modbus.server import ModbusFieldServer, RegisterMap
+from parallelcity.field.modbus.stand_in import ModbusStandIn
 from parallelcity.field.modbus.writer import ModbusWriter
 from parallelcity.field.protocol import STATUS_BAD
 from parallelcity.gateway.core import GatewayCore
@@ -282,3 +284,50 @@ def test_the_gateway_writes_registers_and_settles_an_unanswered_write_by_reading
             await server.stop()
 
     run(main, timeout_s=40.0)
+
+
+class Doubler:
+    """A pure plant for the stand-in: its one output is twice its one input."""
+
+    max_step_s = 60.0
+
+    def __init__(self, t0: float) -> None:
+        self.t = t0
+        self.u = np.array([1.0])
+
+    @property
+    def input_vector(self) -> np.ndarray:
+        return self.u.copy()
+
+    def advance(self, t: float) -> None:
+        self.t = max(self.t, t)
+
+    def outputs(self) -> np.ndarray:
+        return 2.0 * self.u
+
+    def set_input(self, name: str, value: float) -> None:
+        assert name == "u"
+        self.u = np.array([value])
+
+
+def stand_in(clock: SimClock, host: str = "127.0.0.1") -> ModbusStandIn:
+    return ModbusStandIn(
+        {"y": T_ZONE}, {"u": SETPOINT}, outputs=["y"], input_names=["u"],
+        make_plant=Doubler, clock=clock, tick_ms=20.0, host=host,
+    )  # fmt: skip
+
+
+def test_the_stand_in_serves_its_plant_and_applies_what_is_written() -> None:
+    async def main() -> None:
+        clock = SimClock(T0)
+        with pytest.raises(SecurityError, match="no authentication"):
+            await stand_in(clock, host="0.0.0.0").start()
+        async with stand_in(clock) as field:
+            host, port = field.endpoint.removeprefix("modbus://").split(":")
+            async with ModbusWriter(host, int(port), {"u": SETPOINT}, timeout_s=TIMEOUT_S) as w:
+                assert await w.read(["u"]) == {"u": 1.0}
+                await w.write({"u": 3.5})
+            assert [(a.name, a.value) for a in field.applied] == [("u", 3.5)]
+            await until(lambda: decode(T_ZONE, field.registers.words(T_ZONE)) == 7.0, "y = 2u")
+
+    run(main)
