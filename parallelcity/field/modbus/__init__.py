@@ -1,0 +1,1 @@
+"""Modbus TCP, the second field protocol: codec, poller reader, gateway writer, stand-in."""

@@ -1,0 +1,232 @@
+"""Modbus TCP as a field protocol: its scenario keys, and its reader, writer and stand-in.
+
+Scenario keys: ``[field] protocol = "modbus"``, ``endpoint`` (``modbus://host:port`` or
+``host:port``, default port 502; none runs the rig's stand-in), ``poll_interval_ms``
+(wall milliseconds between two polls of every point), ``timeout_s`` (one request);
+per point and input the address keys of ``codec.ModbusAddress``: ``unit``, ``table``
+(``holding``, ``input``, ``coil``, ``discrete``), ``address``, ``data_type``,
+``word_order``, ``scale``, ``offset``.  An input must be a holding register or a coil;
+a point's ``type`` must fit its ``data_type``.  This module imports no Modbus stack:
+``validate`` and ``schema`` use it as it is.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from parallelcity.errors import SecurityError
+from parallelcity.field.config import FieldConfig, InputMap, PointMap
+from parallelcity.field.protocol import FieldProtocol, FieldReader, FieldWriter, LinkListener
+
+from .codec import MAX_UNIT, DataType, ModbusAddress, Table, WordOrder, type_problem, write_problem
+
+if TYPE_CHECKING:
+    from parallelcity.clock import Clock
+    from parallelcity.field.protocol import FieldStandIn
+    from parallelcity.scenario.definition import Scenario
+    from parallelcity.twin.model import Array
+
+DEFAULT_PORT = 502
+_ENDPOINT = re.compile(
+    r"^(?:modbus://)?(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+)(?::(?P<port>\d{1,5}))?$"
+)
+
+
+class _Address(BaseModel):
+    """The address keys of a point or an input (see ``codec.ModbusAddress``)."""
+
+    unit: int = Field(1, ge=0, le=MAX_UNIT, description="unit (slave) id of the device, 0..247")
+    table: Table = Field(
+        description="holding or input registers, coils or discrete inputs (inputs: holding "
+        "registers or coils only)"
+    )
+    address: int = Field(ge=0, le=65535, description="first register or bit, 0-based")
+    data_type: DataType | None = Field(
+        None,
+        description="bool (coils, discrete inputs), int16, uint16, int32, uint32, float32 or "
+        "float64; default bool for bit tables, uint16 for registers",
+    )
+    word_order: WordOrder = Field(
+        "big", description="32/64-bit types: most significant register first (big) or last"
+    )
+    scale: float = Field(1.0, description="engineering value = raw * scale + offset; not 0")
+    offset: float = Field(0.0, description="engineering value = raw * scale + offset")
+
+    def modbus_address(self) -> ModbusAddress:
+        return ModbusAddress(
+            unit=self.unit,
+            table=self.table,
+            address=self.address,
+            data_type=self.data_type,
+            word_order=self.word_order,
+            scale=self.scale,
+            offset=self.offset,
+        )
+
+    def _checked(self) -> ModbusAddress:
+        try:
+            return self.modbus_address()
+        except ValidationError as exc:
+            why = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            raise ValueError(why) from None
+
+    def address_text(self) -> str:
+        return self.modbus_address().describe()
+
+
+class ModbusPoint(PointMap, _Address):
+    def address_text(self) -> str:
+        return _Address.address_text(self)
+
+    @model_validator(mode="after")
+    def _fits(self) -> ModbusPoint:
+        why = type_problem(self.type, self._checked())
+        if why is not None:
+            raise ValueError(why)
+        return self
+
+
+class ModbusInput(InputMap, _Address):
+    def address_text(self) -> str:
+        return _Address.address_text(self)
+
+    @model_validator(mode="after")
+    def _writable(self) -> ModbusInput:
+        why = write_problem(self._checked())
+        if why is not None:
+            raise ValueError(why)
+        return self
+
+
+class ModbusField(FieldConfig):
+    point_model: ClassVar[type[PointMap]] = ModbusPoint
+    input_model: ClassVar[type[InputMap]] = ModbusInput
+
+    poll_interval_ms: float = Field(
+        100.0, gt=0, description="wall milliseconds between two polls of every point"
+    )
+    timeout_s: float = Field(
+        2.0, gt=0, le=60, description="wall seconds one request may take before it counts as lost"
+    )
+    points: Sequence[ModbusPoint] = Field(min_length=1)
+    inputs: Sequence[ModbusInput] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> ModbusField:
+        if self.endpoint is not None:
+            host_port(self.endpoint)
+        return self
+
+
+def host_port(endpoint: str) -> tuple[str, int]:
+    """``modbus://host:port`` or ``host[:port]`` as (host, port); ValueError otherwise."""
+    m = _ENDPOINT.match(endpoint.strip())
+    port = int(m["port"]) if m and m["port"] else DEFAULT_PORT
+    if m is None or not 0 < port < 65536:
+        raise ValueError(f"endpoint {endpoint!r} is not modbus://HOST:PORT or HOST:PORT")
+    return m["host"].strip("[]"), port
+
+
+def as_modbus(field: FieldConfig) -> ModbusField:
+    if not isinstance(field, ModbusField):
+        raise TypeError(f"a Modbus field config is needed, got {type(field).__name__}")
+    return field
+
+
+def _no_security(security: object | None) -> None:
+    """Modbus TCP has none: only None, or another protocol's "insecure" settings (the runtime
+    builds one security object for the run), are accepted."""
+    if security is not None and getattr(security, "secure", True):
+        raise SecurityError(
+            "Modbus TCP has no authentication or encryption: it cannot honour secure settings; "
+            "a Modbus field runs only as an insecure lab link ([security] insecure_lab = true)"
+        )
+
+
+class ModbusProtocol(FieldProtocol):
+    name: ClassVar[str] = "modbus"
+    field_model: ClassVar[type[FieldConfig]] = ModbusField
+
+    def reader(
+        self,
+        field: FieldConfig,
+        clock: Clock,
+        *,
+        endpoint: str,
+        security: object | None = None,
+        **options: Any,
+    ) -> FieldReader:
+        from .reader import ModbusReader
+
+        _no_security(security)
+        f = as_modbus(field)
+        host, port = host_port(endpoint)
+        options.setdefault("poll_interval_s", f.poll_interval_ms / 1000.0)
+        options.setdefault("timeout_s", f.timeout_s)
+        points = [(p.name, p.modbus_address(), p.type) for p in f.points]
+        inputs = {i.name: i.modbus_address() for i in f.inputs}
+        return ModbusReader(points, inputs, clock, host=host, port=port, **options)
+
+    def writer(
+        self,
+        field: FieldConfig,
+        *,
+        endpoint: str,
+        security: object | None = None,
+        on_link: LinkListener | None = None,
+        **options: Any,
+    ) -> FieldWriter:
+        from .writer import ModbusWriter
+
+        _no_security(security)
+        f = as_modbus(field)
+        host, port = host_port(endpoint)
+        options.setdefault("timeout_s", f.timeout_s)
+        inputs = {i.name: i.modbus_address() for i in f.inputs}
+        return ModbusWriter(host, port, inputs, on_link=on_link, **options)
+
+    def stand_in(self, scenario: Scenario, clock: Clock, **options: Any) -> FieldStandIn:
+        """``options``: ``params`` and ``truth`` of the plant, ``tick_ms`` (default 50)."""
+        from parallelcity.hil.plant import PlantSimulator
+
+        from .stand_in import ModbusStandIn
+
+        f = as_modbus(scenario.field)
+        model = scenario.model
+
+        params: Array = options["params"]
+        truth: Callable[[float], Array] = options["truth"]
+
+        def make_plant(t0: float) -> PlantSimulator:
+            return PlantSimulator(model, params, truth, model.x0, model.u0, t0)
+
+        served: FieldStandIn = ModbusStandIn(
+            {p.name: p.modbus_address() for p in f.points},
+            {i.name: i.modbus_address() for i in f.inputs},
+            outputs=model.outputs,
+            input_names=model.inputs,
+            make_plant=make_plant,
+            clock=clock,
+            tick_ms=float(options.get("tick_ms", 50.0)),
+            insecure_lab=scenario.insecure_lab,
+        )
+        return served
+
+    def describe(self, field: FieldConfig) -> list[tuple[str, str, str]]:
+        rows = super().describe(field)
+        return [(n, a, r.replace("(writable)", "(holding/coil, writable)")) for n, a, r in rows]
+
+    def summary(self, field: FieldConfig) -> str:
+        f = as_modbus(field)
+        units = sorted({p.unit for p in f.points} | {i.unit for i in f.inputs})
+        return (
+            f"Modbus TCP, unit(s) {', '.join(map(str, units))}, polled every "
+            f"{f.poll_interval_ms:g} ms: {len(f.points)} points, {len(f.inputs)} inputs"
+        )
+
+
+PROTOCOL = ModbusProtocol()
