@@ -25,7 +25,7 @@ from typing import Protocol
 from parallelcity.clock import Clock
 from parallelcity.errors import SecurityError
 from parallelcity.twin.model import Array
-from parallelcity.verify.rig import AppliedInput
+from parallelcity.verify.rig import ReceivedWrite
 
 from .codec import CodecError, ModbusAddress, Table, decode
 from .server import HOST, ModbusFieldServer, RegisterMap
@@ -94,7 +94,7 @@ class ModbusStandIn:
         self._plant: Plant | None = None
         self._task: asyncio.Task[None] | None = None
         self._frozen: set[str] = set()
-        self.applied: list[AppliedInput] = []
+        self.applied: list[ReceivedWrite] = []
         self.ticks = 0
         self.tick_error: BaseException | None = None
         self.lag_warned = False
@@ -272,7 +272,7 @@ class ModbusStandIn:
             if not math.isfinite(value):
                 continue
             now = self.clock.now()
-            self.applied.append(AppliedInput(now, name, value))
+            self.applied.append(ReceivedWrite(now, name, value))
             try:
                 self._advance(now)  # the old input acted until now; the new one from now on
                 plant.set_input(name, value)
