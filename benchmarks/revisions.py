@@ -12,10 +12,14 @@ machine's load hits both alike, each revision runs its OWN code:
 1. the demo: ``parallelcity run scenarios/district_heating.toml --cycles N`` (embedded rig,
    OPC UA, gateway, all real), cycle time and solve time p50 / p99 from the run's
    ``summary.json`` (from its journal if the summary lacks them);
-2. ``benchmarks.mirror_ingest``: the mirror's snapshot time at 1,000 points, p99 (its
-   ingest part runs at 10 points only, to save time);
-3. ``benchmarks.dispatch_roundtrip`` with reduced counts: command + ack round trip p99 with
-   one command in flight, CURVE, with and without the durable store.
+2. ``benchmarks.mirror_ingest``: the mirror's snapshot time at 1,000 points, p99, from the
+   module's own ``Server`` and ``mirror_cycles`` (without its ingest and polling parts);
+3. ``benchmarks.dispatch_roundtrip``: command + ack round trip p99 with one command in
+   flight, CURVE, with and without the durable store, from the module's own gateway process
+   and ``bench_dispatcher``.
+
+A revision whose benchmark module lacks those names runs the module as a command instead,
+with reduced counts, and its figures are read from what it prints.
 
 The table gives each metric's median over the rounds, and HEAD / BASE.  Absolute times on a
 shared machine are noise; the ratio from one run is the result.
@@ -334,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write every round's figures to this file")
     p.add_argument("--keep", action="store_true", help="keep the temporary worktrees and venvs")
     a = p.parse_args(argv)
+    if a.rounds is not None and a.rounds < 1:
+        p.error("--rounds must be at least 1")
     s = QUICK if a.quick else FULL
     rounds = a.rounds or s.rounds
     started = time.monotonic()
