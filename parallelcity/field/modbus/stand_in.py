@@ -14,13 +14,13 @@ refuses another host unless ``allow_insecure_lab()`` was called.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 
+from parallelcity.aio import cancel_and_wait
 from parallelcity.clock import Clock
 from parallelcity.errors import SecurityError
 from parallelcity.field.protocol import Plant, PlantFactory
@@ -183,10 +183,7 @@ class ModbusStandIn:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         await self._server.stop()
         self._plant = None
 
