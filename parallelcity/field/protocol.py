@@ -258,6 +258,20 @@ class FieldProtocol(ABC):
 
     name: ClassVar[str]
     field_model: ClassVar[type[FieldConfig]]
+    title: ClassVar[str] = ""
+    """How people write the protocol's name (``"Modbus TCP"``); default ``name``."""
+    has_security: ClassVar[bool] = False
+    """True if the protocol authenticates and encrypts (then it overrides ``security`` and
+    ``secure_stand_in``); False: its stand-in serves loopback only unless a lab allows more."""
+
+    @property
+    def label(self) -> str:
+        return self.title or self.name
+
+    @property
+    def can_browse(self) -> bool:
+        """True if the protocol implements ``browse``."""
+        return type(self).browse is not FieldProtocol.browse
 
     @abstractmethod
     def reader(

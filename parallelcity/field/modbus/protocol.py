@@ -155,6 +155,7 @@ def _no_security(security: object | None) -> None:
 class ModbusProtocol(FieldProtocol):
     name: ClassVar[str] = "modbus"
     field_model: ClassVar[type[FieldConfig]] = ModbusField
+    title: ClassVar[str] = "Modbus TCP"
 
     def reader(
         self,

@@ -98,6 +98,8 @@ def as_opcua(field: FieldConfig) -> OpcUaField:
 class OpcUaProtocol(FieldProtocol):
     name: ClassVar[str] = "opcua"
     field_model: ClassVar[type[FieldConfig]] = OpcUaField
+    title: ClassVar[str] = "OPC UA"
+    has_security: ClassVar[bool] = True
 
     def reader(
         self,
