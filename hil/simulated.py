@@ -11,7 +11,8 @@ twin and from each other:
   must hold on all of them;
 * the field stand-in (``field_seed``): a plant with another parameter draw,
   driven by a disturbance truth that departs from the forecast by
-  ``forecast_error``, served over OPC UA on 127.0.0.1 (``parallelcity.hil.field``).
+  ``forecast_error``, served on 127.0.0.1 in the scenario's field protocol (its
+  ``stand_in``, given a factory of ``PlantSimulator``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,13 @@ from parallelcity.twin.model import Array, SubsystemModel
 from parallelcity.verify.machine import RigMachine
 from parallelcity.verify.rig import value_error_lines
 
-from .plant import DisturbanceError, forecast_truth, perturbed_params, sample_seed
+from .plant import (
+    DisturbanceError,
+    PlantSimulator,
+    forecast_truth,
+    perturbed_params,
+    sample_seed,
+)
 
 if TYPE_CHECKING:
     from parallelcity.field.protocol import FieldStandIn
@@ -240,10 +247,14 @@ class _Kind:
             model, cfg.parameter_spread, cfg.spread_parameters, cfg.field_seed
         )
         truth = forecast_truth(model, cfg.forecast_error, cfg.field_seed)
+
+        def make_plant(t0: float) -> PlantSimulator:
+            return PlantSimulator(model, params, truth, model.x0, model.u0, t0)
+
         from parallelcity.field.protocols import protocol_of
 
         protocol = protocol_of(scenario.field)  # the field is served in the scenario's protocol
-        return protocol.stand_in(scenario, clock, params=params, truth=truth, tick_ms=cfg.tick_ms)
+        return protocol.stand_in(scenario, clock, make_plant=make_plant, tick_ms=cfg.tick_ms)
 
 
 KIND = _Kind()

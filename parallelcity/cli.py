@@ -120,9 +120,10 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser(
         "gateway",
-        help="run a field gateway on its own, in front of an OPC UA server",
+        help="run a field gateway on its own, in front of a PLC (any field protocol)",
         description="Serve commands as the gateway CONFIG (TOML) describes, writing accepted "
-        "ones to the PLC over OPC UA. --schema prints the JSON Schema of CONFIG files.",
+        "ones to the PLC over its [field] protocol (OPC UA by default). --schema prints the "
+        "JSON Schema of CONFIG files.",
     )
     g.add_argument("config", type=Path, nargs="?", help="gateway config TOML")
     g.add_argument("--schema", action="store_true", help="print the config JSON Schema and exit")

@@ -19,9 +19,9 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from parallelcity.hil.field import EmbeddedField
 
 from parallelcity.errors import ScenarioError
+from parallelcity.field.opcua.stand_in import EmbeddedField
 from parallelcity.gateway.store import GatewayStore
 from parallelcity.record.records import CycleRecord, RunResult
 from parallelcity.run.runner import RunOptions, _embedded_core, run

@@ -1,4 +1,4 @@
-"""The field stand-in (parallelcity.hil.field) against the real Mirror client, over OPC UA.
+"""The OPC UA field stand-in (field.opcua.stand_in) against the real Mirror client.
 
 Also unit tests of the plant simulator (parallelcity.hil.plant) and the simulated rig kind.
 Async tests are plain functions running ``asyncio.run`` with a timeout each.
@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pytest
 from asyncua import Client, ua
-from parallelcity.hil.field import EmbeddedField, free_port
 from parallelcity.hil.plant import PlantSimulator, forecast_truth, perturbed_params
 from parallelcity.hil.simulated import KIND, Config
 
@@ -24,6 +23,7 @@ from parallelcity.clock import SimClock
 from parallelcity.errors import FieldConnectionError, NodeMappingError, SecurityError
 from parallelcity.field.mirror import Mirror
 from parallelcity.field.opcua.session import parse_node_id
+from parallelcity.field.opcua.stand_in import EmbeddedField, free_port
 from parallelcity.field.snapshot import Quality
 from parallelcity.scenario.definition import Scenario, parse_scenario
 

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from parallelcity.hil.field import EmbeddedField, free_port
 from parallelcity.hil.simulated import KIND
 
 from parallelcity.clock import SimClock
 from parallelcity.errors import SecurityError
 from parallelcity.field.opcua.certs import lab_pki_files
+from parallelcity.field.opcua.stand_in import EmbeddedField, free_port
 from parallelcity.field.serve import ensure_pki, pki_root
 from parallelcity.scenario.definition import Scenario, parse_scenario
 
@@ -38,7 +38,8 @@ def test_the_stand_in_in_lab_mode_says_insecure_lab_mode(
 
     with caplog.at_level(logging.WARNING):
         asyncio.run(body())
-    lines = [r.getMessage() for r in caplog.records if r.name == "parallelcity.hil.field"]
+    logger = "parallelcity.field.opcua.stand_in"
+    lines = [r.getMessage() for r in caplog.records if r.name == logger]
     assert any(line.startswith("INSECURE LAB MODE: the field stand-in") for line in lines)
 
 

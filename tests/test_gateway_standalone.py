@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from parallelcity.hil.field import EmbeddedField, free_port
 from parallelcity.hil.simulated import KIND
 
 from parallelcity.clock import SimClock
@@ -39,6 +38,7 @@ from parallelcity.dispatch.keys import read_public_key, read_secret_key, write_k
 from parallelcity.dispatch.wire import AckStatus, RefusalCode
 from parallelcity.field.opcua.certs import LabPki, describe, load_certificate, make_lab_pki
 from parallelcity.field.opcua.session import ServerSecurity, hash_password
+from parallelcity.field.opcua.stand_in import EmbeddedField, free_port
 from parallelcity.scenario.definition import Scenario, parse_scenario
 
 from .conftest import ROOT, lab_text

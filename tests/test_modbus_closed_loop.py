@@ -18,7 +18,7 @@ from parallelcity.field.modbus.stand_in import ModbusStandIn
 from parallelcity.record.report import summarize
 from parallelcity.run.runner import RunOptions, run
 from parallelcity.scenario.definition import load_scenario
-from parallelcity.specs import TOLERANCE, SafetySpecs
+from parallelcity.specs import TOLERANCE
 
 from .conftest import ROOT
 
@@ -44,7 +44,7 @@ def test_the_district_heating_loop_runs_on_modbus_with_commands_acked(tmp_path: 
     applied = stand_in.applied
     assert applied, "the gateway wrote no register"
     # what the plant received is what the holding registers hold, within the specs
-    limits = {lim.name: lim for lim in SafetySpecs.from_scenario(scenario).inputs}
+    limits = {lim.name: lim for lim in scenario.safety_specs().inputs}
     for a in applied:
         lo, hi = limits[a.name].min, limits[a.name].max
         assert lo - TOLERANCE <= a.value <= hi + TOLERANCE, a

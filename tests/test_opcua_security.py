@@ -17,7 +17,6 @@ import pytest
 from asyncua import Client, ua
 from asyncua.crypto import security_policies
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
-from parallelcity.hil.field import EmbeddedField
 from parallelcity.hil.simulated import KIND
 
 from parallelcity.clock import SimClock
@@ -33,6 +32,7 @@ from parallelcity.field.opcua.session import (
     check_password,
     hash_password,
 )
+from parallelcity.field.opcua.stand_in import EmbeddedField
 from parallelcity.field.opcua.writer import OpcUaWriter
 from parallelcity.scenario.definition import Scenario, parse_scenario
 

@@ -28,13 +28,13 @@ out; ``reconnect`` False leaves a gap open (tests, ``browse``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
+from parallelcity.aio import cancel_and_wait
 from parallelcity.backoff import Backoff
 from parallelcity.clock import Clock
 from parallelcity.errors import FieldConnectionError, FieldError, SecurityError
@@ -244,10 +244,7 @@ class Mirror:
     async def stop(self) -> None:
         """Stop watching and close the reader; errors are only logged."""
         task, self._watch_task = self._watch_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         await self._close()
 
     # -- the link ------------------------------------------------------------------------------

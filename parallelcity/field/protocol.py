@@ -58,10 +58,12 @@ and supplies four things:
    go to ``on_link(kind, detail)`` with kind ``field_lost`` / ``field_restored``.
 
 4. Optionally a **stand-in** (``stand_in()`` returns a ``FieldStandIn``): a server on
-   127.0.0.1 that serves a plant simulator's outputs at the point addresses and
-   applies what is written to the input addresses (the simulated rig's field, so
-   ``run`` and ``parallelcity field`` work on the protocol), and a **browse**
-   (``browse()``) that lists a live server's variables as scenario TOML.
+   127.0.0.1 that serves a plant's outputs at the point addresses and applies what is
+   written to the input addresses (the simulated rig's field, so ``run`` and
+   ``parallelcity field`` work on the protocol).  The plant comes from the rig kind as a
+   factory ``make_plant(t0)`` returning a ``Plant``, so the protocol knows no rig.  And
+   optionally a **browse** (``browse()``, with ``can_browse``) that lists a live server's
+   variables as scenario TOML.
 
 Security objects (``security=``) are the protocol's own (OPC UA: ``ClientSecurity``);
 None means an unauthenticated lab link, which callers allow only for an
@@ -175,6 +177,39 @@ class FieldWriter(SetpointWriter, Protocol):
         """``aclose()``."""
 
 
+class Plant(Protocol):
+    """What a field stand-in needs of the plant it serves (a rig kind's simulator)."""
+
+    @property
+    def t(self) -> float:
+        """The time the plant's state belongs to (epoch seconds on the run's clock)."""
+        ...
+
+    @property
+    def max_step_s(self) -> float:
+        """The longest step one ``advance`` takes (a catch-up is chunked by it)."""
+        ...
+
+    @property
+    def input_vector(self) -> Array:
+        """The inputs held now, in the model's input order."""
+        ...
+
+    def advance(self, t: float) -> None:
+        """Step the plant to ``t`` (a ``t`` in the past is a no-op)."""
+
+    def outputs(self) -> Array:
+        """The outputs now, in the model's output order."""
+        ...
+
+    def set_input(self, name: str, value: float) -> None:
+        """Hold input ``name`` at ``value`` from now on (ValueError if it cannot)."""
+
+
+PlantFactory = Callable[[float], Plant]
+"""``make_plant(t0)``: a new plant at time ``t0``, in its initial state."""
+
+
 class FieldStandIn(Protocol):
     """A plant simulator served on loopback at the scenario's addresses: ``async with`` it.
 
@@ -223,6 +258,20 @@ class FieldProtocol(ABC):
 
     name: ClassVar[str]
     field_model: ClassVar[type[FieldConfig]]
+    title: ClassVar[str] = ""
+    """How people write the protocol's name (``"Modbus TCP"``); default ``name``."""
+    has_security: ClassVar[bool] = False
+    """True if the protocol authenticates and encrypts (then it overrides ``security`` and
+    ``secure_stand_in``); False: its stand-in serves loopback only unless a lab allows more."""
+
+    @property
+    def label(self) -> str:
+        return self.title or self.name
+
+    @property
+    def can_browse(self) -> bool:
+        """True if the protocol implements ``browse``."""
+        return type(self).browse is not FieldProtocol.browse
 
     @abstractmethod
     def reader(
@@ -254,13 +303,12 @@ class FieldProtocol(ABC):
         scenario: Scenario,
         clock: Clock,
         *,
-        params: Array,
-        truth: Callable[[float], Array],
+        make_plant: PlantFactory,
         tick_ms: float = 50.0,
     ) -> FieldStandIn:
-        """A stand-in serving ``scenario``'s model as a plant (``hil.plant.PlantSimulator``
-        with parameters ``params`` and disturbances ``truth(t)``), ticking every ``tick_ms``
-        wall milliseconds; optional (rigs call it through ``field_stand_in``)."""
+        """A stand-in serving the plant ``make_plant(t0)`` makes (``scenario``'s model with
+        the rig's parameters and disturbances) at ``scenario``'s addresses, ticking every
+        ``tick_ms`` wall milliseconds; optional (rig kinds call it in ``field_stand_in``)."""
         raise PluginError(f"field protocol {self.name!r} has no field stand-in")
 
     def check_security(self, scenario: Scenario, *, embedded: bool) -> None:

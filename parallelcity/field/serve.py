@@ -1,10 +1,12 @@
 """``parallelcity field SCENARIO``: a scenario's field stand-in served on its own.
 
-The rig kind's plant simulator behind an OPC UA server on a fixed port, on the
-wall clock (as a real plant runs), until SIGINT or SIGTERM.  Secure by default:
-SignAndEncrypt with the server half of a ``parallelcity certs`` folder (the one
-the scenario's ``[security.opcua]`` certificate lives in, or ``--pki``; made when
-it does not exist yet), trusting that folder's client and user certificates.
+The rig kind's plant simulator behind the scenario's field protocol's stand-in on a
+fixed port, on the wall clock (as a real plant runs), until SIGINT or SIGTERM.  A
+protocol with security (OPC UA) is secure by default: SignAndEncrypt with the server
+half of a ``parallelcity certs`` folder (the one the scenario's ``[security.opcua]``
+certificate lives in, or ``--pki``; made when it does not exist yet), trusting that
+folder's client and user certificates.  A protocol without security (Modbus TCP) serves
+loopback with a loud warning, another host only with ``--insecure-lab``.
 """
 
 from __future__ import annotations
@@ -102,17 +104,39 @@ def point_table(scenario: Scenario) -> list[str]:
 
 
 def next_steps(scenario: Scenario, endpoint: str, insecure: bool) -> list[str]:
-    """What to run against this stand-in next."""
+    """What to run against this stand-in next: only what its protocol supports."""
+    protocol = protocol_of(scenario.field)
     path = scenario.path
-    browse = "--insecure-lab" if insecure else f"--scenario {path}"
-    return [
-        "next, in other terminals:",
-        f"  parallelcity browse {endpoint} {browse}",
+    lines = ["next, in other terminals:"]
+    if protocol.can_browse:
+        browse = "--insecure-lab" if insecure else f"--scenario {path}"
+        lines.append(f"  parallelcity browse {endpoint} {browse}")
+    lines.append(
         "  parallelcity gateway GATEWAY.toml      ([field] endpoint = "
-        f'"{endpoint}"; see docs/site/gateway.toml)',
-        f"  parallelcity run {path} --field {endpoint} --gateway tcp://127.0.0.1:5555",
-        "stop with Ctrl-C or SIGTERM",
-    ]
+        f'"{endpoint}"; see docs/site/gateway.toml)'
+    )
+    run = f"  parallelcity run {path} --field {endpoint} --gateway tcp://127.0.0.1:5555"
+    if not protocol.has_security and not scenario.insecure_lab:
+        run += "   (needs [security] insecure_lab = true)"
+    lines += [run, "stop with Ctrl-C or SIGTERM"]
+    return lines
+
+
+LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def _unsecured(label: str, options: FieldOptions, say: Callable[[str], None]) -> None:
+    """A protocol without security: loopback, or any host with --insecure-lab; said loudly."""
+    if options.host not in LOOPBACK and not options.insecure_lab:
+        raise SecurityError(
+            f"{label} has no authentication or encryption: serving it on {options.host} "
+            "needs --insecure-lab (a lab on an isolated network); 127.0.0.1 needs nothing"
+        )
+    reach = "this machine" if options.host in LOOPBACK else f"anyone who reaches {options.host}"
+    say(
+        f"WARNING: {label} HAS NO SECURITY (no authentication, no encryption): {reach} "
+        "can read the points and write the inputs"
+    )
 
 
 async def serve_field(
@@ -123,6 +147,7 @@ async def serve_field(
 ) -> None:
     """Serve until ``stop`` is set, or SIGINT / SIGTERM arrives; then stop cleanly."""
     kind = plugins.rig_kind(scenario.file.rig.kind)
+    protocol = protocol_of(scenario.field)
     clock = SimClock(epoch=time.time(), speed=1.0)
     try:
         cm = kind.field_stand_in(scenario.rig_config, scenario, clock)
@@ -134,13 +159,15 @@ async def serve_field(
             [f"rig.kind: the field stand-in of {scenario.file.rig.kind!r} cannot be served"],
         )
     cm.listen_on(options.host, options.port)
+    if not protocol.has_security:
+        _unsecured(protocol.label, options, say)
     if options.insecure_lab:
         cm.allow_insecure_lab()
-    else:
+    elif protocol.has_security:
         if not isinstance(cm, SecureStandIn):
             raise SecurityError(
                 f"the field stand-in of rig kind {scenario.file.rig.kind!r} cannot serve "
-                f"{scenario.field.protocol} securely; --insecure-lab serves it without "
+                f"{protocol.label} securely; --insecure-lab serves it without "
                 "security, in a lab only"
             )
         root = pki_root(scenario, options.pki)
@@ -148,7 +175,7 @@ async def serve_field(
             say(f"made certificates in {root} (the same layout as `parallelcity certs {root}`)")
         else:
             say(f"certificates from {root}")
-        cm.use_opcua_security(server_security(scenario, root))
+        protocol.secure_stand_in(cm, server_security(scenario, root))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
@@ -161,7 +188,7 @@ async def serve_field(
             if security:
                 say(f"security: {security}")
             for line in point_table(scenario) + next_steps(
-                scenario, stand_in.endpoint, options.insecure_lab
+                scenario, stand_in.endpoint, options.insecure_lab or not protocol.has_security
             ):
                 say(line)
             await stop.wait()

@@ -1,13 +1,15 @@
 """A stand-alone field gateway's configuration (TOML), and running one from it.
 
-``parallelcity gateway CONFIG`` runs a gateway in front of a PLC's OPC UA
-server with no scenario, model or controller: everything it needs is here -
-where to bind, its CURVE key and the clients it allows (with what each may
-do), the inputs it drives with their NodeIds, bounds, ramps and safe values,
-the watchdog, and where its durable state lives.  Unknown keys are errors;
-paths are relative to the config file.  ``gateway_json_schema()`` is the JSON
-Schema (``parallelcity gateway --schema``).  ``docs/gateway.example.toml`` is a
-commented example.
+``parallelcity gateway CONFIG`` runs a gateway in front of a PLC (any field
+protocol: ``[field] protocol``, default ``"opcua"``) with no scenario, model or
+controller: everything it needs is here - where to bind, its CURVE key and the
+clients it allows (with what each may do), the inputs it drives with their
+addresses (the protocol's input keys: OPC UA ``node``; Modbus ``table``,
+``address``, ...), bounds, ramps and safe values, the watchdog, and where its
+durable state lives.  The protocol's own config model checks the field keys;
+unknown keys are errors; paths are relative to the config file.
+``gateway_json_schema()`` is the JSON Schema (``parallelcity gateway --schema``).
+``docs/gateway.example.toml`` is a commented example.
 """
 
 from __future__ import annotations
@@ -16,21 +18,22 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from parallelcity.clock import Clock
 from parallelcity.dispatch.keys import check_z85, read_public_key, read_secret_key
 from parallelcity.dispatch.wire import check_issuer_name
 from parallelcity.errors import GatewayConfigError, SecurityError, WireFormatError
-from parallelcity.field.config import FieldConfig
-from parallelcity.field.opcua.protocol import OpcUaField, OpcUaInput
+from parallelcity.field.config import DEFAULT_PROTOCOL, FieldConfig
 from parallelcity.field.opcua.session import ClientSecurity
-from parallelcity.field.protocols import open_writer
+from parallelcity.field.protocol import FieldProtocol
+from parallelcity.field.protocols import field_model, open_writer, protocol_of
 from parallelcity.gateway.core import DEFAULT_MAX_COMMAND_AGE_S, DEFAULT_RAMP_SLACK_S, GatewayCore
 from parallelcity.gateway.grants import Grant
 from parallelcity.gateway.server import FieldGateway, KeyQuota, ServerCurve
@@ -136,8 +139,11 @@ class GatewaySecurity(_Strict):
 
 
 class GatewayInput(_Strict):
+    """One input: the gateway's keys here, the protocol's address keys beside them (OPC UA
+    ``node``; Modbus ``unit``, ``table``, ``address``, ``data_type``, ...)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
     name: str = Field(min_length=1, max_length=128)
-    node: str = Field(description="NodeId in the field namespace")
     min: float
     max: float
     max_rate_per_h: float | None = Field(None, gt=0)
@@ -153,8 +159,14 @@ class GatewayInput(_Strict):
 
 
 class GatewayField(_Strict):
-    endpoint: str = Field(description="the PLC's OPC UA endpoint, opc.tcp://HOST:PORT/...")
-    namespace: str = Field(description="OPC UA namespace URI the NodeIds live in")
+    """The field link: the protocol, its endpoint and inputs, and the protocol-wide keys
+    beside them (OPC UA ``namespace``; Modbus ``timeout_s``)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    protocol: str = Field(DEFAULT_PROTOCOL, description="field protocol: opcua, modbus, ...")
+    endpoint: str = Field(
+        description="the PLC's endpoint, e.g. opc.tcp://HOST:PORT/ or modbus://HOST:PORT"
+    )
     inputs: list[GatewayInput] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -178,12 +190,49 @@ class GatewayFile(_Strict):
     watchdog: WatchdogSection = WatchdogSection()
 
 
+NOT_GATEWAY_KEYS = frozenset({"points", "gateway", "watchdog"})
+"""``[field]`` keys of a scenario that mean nothing to a gateway (it has ``[watchdog]``)."""
+
+
+@cache
+def _inputs_only(model: type[FieldConfig]) -> type[FieldConfig]:
+    """``model`` with no points: a gateway writes inputs and reads nothing."""
+    points: Any = (Sequence[model.point_model], Field(default_factory=list, max_length=0))  # type: ignore[name-defined]
+    inputs_only: type[FieldConfig] = create_model(
+        f"Gateway{model.__name__}", __base__=model, points=points
+    )
+    return inputs_only
+
+
+def field_config_of(field: GatewayField) -> FieldConfig:
+    """``field`` checked by its protocol's config model; ``ValidationError`` with key paths
+    under ``field`` (an unknown protocol at ``protocol``)."""
+    extra = dict(field.model_extra or {})
+    raw: dict[str, Any] = {
+        **{k: v for k, v in extra.items() if k not in NOT_GATEWAY_KEYS},
+        "protocol": field.protocol,
+        "endpoint": field.endpoint,
+        "inputs": [{"name": i.name, **(i.model_extra or {})} for i in field.inputs],
+    }
+    model = _inputs_only(field_model(raw))
+    config = model.model_validate(raw)
+    wrong = sorted(NOT_GATEWAY_KEYS & extra.keys())
+    if wrong:
+        raise ValueError(f"not gateway keys: {', '.join(wrong)}")
+    return config
+
+
 class GatewayConfig:
     """A validated gateway config file, with its paths resolved."""
 
-    def __init__(self, path: Path, file: GatewayFile) -> None:
+    def __init__(self, path: Path, file: GatewayFile, field: FieldConfig | None = None) -> None:
         self.path = path
         self.file = file
+        self._field = field_config_of(file.field) if field is None else field
+
+    @property
+    def protocol(self) -> FieldProtocol:
+        return protocol_of(self._field)
 
     def resolve(self, relative: str) -> Path:
         p = Path(relative)
@@ -200,17 +249,10 @@ class GatewayConfig:
     def safe(self) -> dict[str, float]:
         return {i.name: i.safe for i in self.file.field.inputs if i.safe is not None}
 
-    def field_config(self) -> OpcUaField:
-        """What the field writer needs (namespace, input NodeIds); there are no points."""
-        f = self.file.field
-        return OpcUaField.model_construct(
-            namespace=f.namespace,
-            endpoint=f.endpoint,
-            gateway=None,
-            sampling_interval_ms=100.0,
-            points=[],
-            inputs=[OpcUaInput.model_construct(name=i.name, node=i.node) for i in f.inputs],
-        )
+    def field_config(self) -> FieldConfig:
+        """What the field writer needs (the protocol's settings and input addresses); there
+        are no points."""
+        return self._field
 
     def curve(self) -> ServerCurve | None:
         """The CURVE set-up from the key files; ``SecurityError`` if a key is unusable."""
@@ -290,7 +332,19 @@ def parse_gateway_config(text: str, path: str | Path = "<string>") -> GatewayCon
     except ValidationError as exc:
         # The scenario's wording and key paths (field.inputs[0].min), one function for both.
         raise GatewayConfigError(str(path), [_describe(e) for e in exc.errors()]) from exc
-    return GatewayConfig(path, file)
+    try:
+        field = field_config_of(file.field)
+    except ValidationError as exc:
+        lines = [_describe(e, ("field",)) for e in exc.errors()]
+        raise GatewayConfigError(str(path), lines) from exc
+    except ValueError as exc:
+        raise GatewayConfigError(str(path), [f"field: {exc}"]) from exc
+    protocol = protocol_of(field)
+    if file.security.opcua is not None and not protocol.has_security:
+        raise GatewayConfigError(
+            str(path), [f"security.opcua: {protocol.label} has no security settings"]
+        )
+    return GatewayConfig(path, file, field)
 
 
 def load_gateway_config(path: str | Path) -> GatewayConfig:
@@ -329,17 +383,26 @@ async def serve_gateway(config: GatewayConfig, clock: Clock) -> None:
     """
     sec = config.file.security
     curve = config.curve()
-    opcua = config.opcua()
+    protocol = config.protocol
+    opcua = config.opcua() if protocol.has_security else None
+    field_secure = opcua is not None and opcua.secure
+    field_need = (
+        "[security.opcua]" if protocol.has_security else f"a secure field link ({protocol.label})"
+    )
     missing = [
         what
-        for what, present in (("[security.zmq]", curve), ("[security.opcua]", opcua.secure))
+        for what, present in (("[security.zmq]", curve), (field_need, field_secure))
         if not present
     ]
     if missing and not sec.insecure_lab:
+        how = (
+            "OPC UA certificates from `parallelcity certs`"
+            if protocol.has_security
+            else f"{protocol.label} has no security: keep it on an isolated network"
+        )
         raise SecurityError(
             f"{config.path}: the gateway needs {' and '.join(missing)} (CURVE keys from "
-            "`parallelcity keys`, OPC UA certificates from `parallelcity certs`), or "
-            "insecure_lab = true in [security] for a lab run"
+            f"`parallelcity keys`, {how}), or insecure_lab = true in [security] for a lab run"
         )
     if missing:
         log.warning(
@@ -382,7 +445,7 @@ async def serve_gateway(config: GatewayConfig, clock: Clock) -> None:
                 gateway.request_stop(early[0])
             log.info("gateway %s serving on %s", g.name, gateway.endpoint)
             await gateway.serve()
-        log.warning("gateway %s: stopped cleanly; the OPC UA session is closed", g.name)
+        log.warning("gateway %s: stopped cleanly; the field link is closed", g.name)
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)

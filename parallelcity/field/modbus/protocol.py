@@ -13,14 +13,20 @@ a point's ``type`` must fit its ``data_type``.  This module imports no Modbus st
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from parallelcity.errors import SecurityError
 from parallelcity.field.config import FieldConfig, InputMap, PointMap
-from parallelcity.field.protocol import FieldProtocol, FieldReader, FieldWriter, LinkListener
+from parallelcity.field.protocol import (
+    FieldProtocol,
+    FieldReader,
+    FieldWriter,
+    LinkListener,
+    PlantFactory,
+)
 
 from .codec import MAX_UNIT, DataType, ModbusAddress, Table, WordOrder, type_problem, write_problem
 
@@ -28,7 +34,6 @@ if TYPE_CHECKING:
     from parallelcity.clock import Clock
     from parallelcity.field.protocol import FieldStandIn
     from parallelcity.scenario.definition import Scenario
-    from parallelcity.twin.model import Array
 
 DEFAULT_PORT = 502
 _ENDPOINT = re.compile(
@@ -150,6 +155,7 @@ def _no_security(security: object | None) -> None:
 class ModbusProtocol(FieldProtocol):
     name: ClassVar[str] = "modbus"
     field_model: ClassVar[type[FieldConfig]] = ModbusField
+    title: ClassVar[str] = "Modbus TCP"
 
     def reader(
         self,
@@ -189,21 +195,18 @@ class ModbusProtocol(FieldProtocol):
         inputs = {i.name: i.modbus_address() for i in f.inputs}
         return ModbusWriter(host, port, inputs, on_link=on_link, **options)
 
-    def stand_in(self, scenario: Scenario, clock: Clock, **options: Any) -> FieldStandIn:
-        """``options``: ``params`` and ``truth`` of the plant, ``tick_ms`` (default 50)."""
-        from parallelcity.hil.plant import PlantSimulator
-
+    def stand_in(
+        self,
+        scenario: Scenario,
+        clock: Clock,
+        *,
+        make_plant: PlantFactory,
+        tick_ms: float = 50.0,
+    ) -> FieldStandIn:
         from .stand_in import ModbusStandIn
 
         f = as_modbus(scenario.field)
         model = scenario.model
-
-        params: Array = options["params"]
-        truth: Callable[[float], Array] = options["truth"]
-
-        def make_plant(t0: float) -> PlantSimulator:
-            return PlantSimulator(model, params, truth, model.x0, model.u0, t0)
-
         served: FieldStandIn = ModbusStandIn(
             {p.name: p.modbus_address() for p in f.points},
             {i.name: i.modbus_address() for i in f.inputs},
@@ -211,7 +214,7 @@ class ModbusProtocol(FieldProtocol):
             input_names=model.inputs,
             make_plant=make_plant,
             clock=clock,
-            tick_ms=float(options.get("tick_ms", 50.0)),
+            tick_ms=tick_ms,
             insecure_lab=scenario.insecure_lab,
         )
         return served

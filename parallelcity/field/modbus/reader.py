@@ -26,11 +26,11 @@ refuses as illegal is a ``NodeMappingError`` naming every one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
 
+from parallelcity.aio import cancel_and_wait
 from parallelcity.clock import Clock
 from parallelcity.errors import FieldConnectionError, FieldError, NodeMappingError
 from parallelcity.field.protocol import STATUS_BAD, ReadingSink
@@ -126,10 +126,7 @@ class ModbusReader:
     async def close(self) -> None:
         task, self._task = self._task, None
         self._sink = None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         self._link.close()
 
     async def read_inputs(self) -> dict[str, float]:

@@ -4,8 +4,8 @@ Every tick (``tick_ms`` wall milliseconds) the plant is advanced to the clock's
 time and each point's register (or bit) is rewritten with the encoded output;
 whatever a client writes to an input's holding register or coil is decoded,
 recorded in ``applied`` and applied to the plant at once.  The plant is anything
-with the ``Plant`` interface (the rigs' ``PlantSimulator``), made at start by
-``make_plant(t0)``.
+with the ``parallelcity.field.protocol.Plant`` interface, made at start by
+``make_plant(t0)`` (the rig kind supplies the factory).
 
 Modbus TCP has no security: the stand-in serves 127.0.0.1 by default and
 refuses another host unless ``allow_insecure_lab()`` was called.
@@ -14,17 +14,16 @@ refuses another host unless ``allow_insecure_lab()`` was called.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Protocol
 
+from parallelcity.aio import cancel_and_wait
 from parallelcity.clock import Clock
 from parallelcity.errors import SecurityError
-from parallelcity.twin.model import Array
+from parallelcity.field.protocol import Plant, PlantFactory
 from parallelcity.verify.rig import ReceivedWrite
 
 from .codec import CodecError, ModbusAddress, Table, decode
@@ -35,25 +34,6 @@ _log = logging.getLogger(__name__)
 ADVANCE_WALL_S = 0.02
 """Wall time one catch-up of the plant may take (a slower plant falls behind, its points
 go stale, rather than block the event loop)."""
-
-
-class Plant(Protocol):
-    """What the stand-in needs of a plant simulator."""
-
-    @property
-    def t(self) -> float: ...
-
-    @property
-    def max_step_s(self) -> float: ...
-
-    @property
-    def input_vector(self) -> Array: ...
-
-    def advance(self, t: float) -> None: ...
-
-    def outputs(self) -> Array: ...
-
-    def set_input(self, name: str, value: float) -> None: ...
 
 
 class ModbusStandIn:
@@ -71,7 +51,7 @@ class ModbusStandIn:
         *,
         outputs: Sequence[str],
         input_names: Sequence[str],
-        make_plant: Callable[[float], Plant],
+        make_plant: PlantFactory,
         clock: Clock,
         tick_ms: float = 50.0,
         host: str = HOST,
@@ -203,10 +183,7 @@ class ModbusStandIn:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         await self._server.stop()
         self._plant = None
 

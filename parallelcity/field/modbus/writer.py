@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 
+from parallelcity.aio import cancel_and_wait
 from parallelcity.backoff import Backoff
 from parallelcity.errors import (
     FieldConnectionError,
@@ -126,10 +127,7 @@ class ModbusWriter:
 
     async def aclose(self) -> None:
         task, self._watch_task = self._watch_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         self._link.close()
 
     # ------------------------------------------------------------------ the connection

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import AfterValidator, Field
@@ -26,6 +26,7 @@ from parallelcity.field.protocol import (
     FieldWriter,
     LinkListener,
     LinkSecurity,
+    PlantFactory,
 )
 
 if TYPE_CHECKING:
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
     from parallelcity.field.opcua.session import ClientSecurity, ServerSecurity
     from parallelcity.field.protocol import FieldStandIn
     from parallelcity.scenario.definition import Scenario
-    from parallelcity.twin.model import Array
 
 _log = logging.getLogger(__name__)
 
@@ -98,6 +98,8 @@ def as_opcua(field: FieldConfig) -> OpcUaField:
 class OpcUaProtocol(FieldProtocol):
     name: ClassVar[str] = "opcua"
     field_model: ClassVar[type[FieldConfig]] = OpcUaField
+    title: ClassVar[str] = "OPC UA"
+    has_security: ClassVar[bool] = True
 
     def reader(
         self,
@@ -134,15 +136,14 @@ class OpcUaProtocol(FieldProtocol):
         scenario: Scenario,
         clock: Clock,
         *,
-        params: Array,
-        truth: Callable[[float], Array],
+        make_plant: PlantFactory,
         tick_ms: float = 50.0,
     ) -> FieldStandIn:
-        from parallelcity.hil.field import EmbeddedField
+        from parallelcity.field.opcua.stand_in import EmbeddedField
 
         as_opcua(scenario.field)
         served: FieldStandIn = EmbeddedField(
-            scenario, clock, params=params, truth=truth, tick_ms=tick_ms
+            scenario, clock, make_plant=make_plant, tick_ms=tick_ms
         )
         return served
 

@@ -757,6 +757,6 @@ def _install_channel_guard() -> None:
 class SecureStandIn(Protocol):
     """A field stand-in that can serve secure OPC UA.
 
-    ``parallelcity.hil.field.EmbeddedField`` can."""
+    ``parallelcity.field.opcua.stand_in.EmbeddedField`` can."""
 
     def use_opcua_security(self, security: ServerSecurity) -> None: ...

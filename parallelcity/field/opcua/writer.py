@@ -30,6 +30,7 @@ from asyncua.client.client import Client
 from asyncua.client.ua_client import UaClientState
 from asyncua.ua.attribute_ids import AttributeIds
 
+from parallelcity.aio import cancel_and_wait
 from parallelcity.backoff import Backoff
 from parallelcity.errors import (
     FieldConnectionError,
@@ -369,10 +370,7 @@ class OpcUaWriter:
 
     async def aclose(self) -> None:
         task, self._watch_task = self._watch_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         client, self._client = self._client, None
         self._nodes = {}
         if client is not None:
