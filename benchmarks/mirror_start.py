@@ -41,9 +41,9 @@ from parallelcity.hil.field import POINT_NAMESPACE, free_port, point_node
 from parallelcity.clock import SimClock
 from parallelcity.errors import ParallelCityError
 from parallelcity.field.mirror import Mirror
-from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
-from parallelcity.field.opcua.protocol import OpcUaInput as InputMap
-from parallelcity.field.opcua.protocol import OpcUaPoint as PointMap
+from parallelcity.field.opcua.config import OpcUaField as FieldConfig
+from parallelcity.field.opcua.config import OpcUaInput as InputMap
+from parallelcity.field.opcua.config import OpcUaPoint as PointMap
 from parallelcity.field.opcua.session import configure_server, parse_node_id
 
 ROOT = Path(__file__).resolve().parents[1]

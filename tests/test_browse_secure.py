@@ -26,9 +26,9 @@ from parallelcity.clock import SimClock
 from parallelcity.errors import SecurityError
 from parallelcity.field.mirror import Mirror
 from parallelcity.field.opcua.certs import LabPki, make_lab_pki
-from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
-from parallelcity.field.opcua.protocol import OpcUaInput as InputMap
-from parallelcity.field.opcua.protocol import OpcUaPoint as PointMap
+from parallelcity.field.opcua.config import OpcUaField as FieldConfig
+from parallelcity.field.opcua.config import OpcUaInput as InputMap
+from parallelcity.field.opcua.config import OpcUaPoint as PointMap
 from parallelcity.field.opcua.session import (
     ClientSecurity,
     ServerSecurity,

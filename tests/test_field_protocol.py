@@ -17,7 +17,7 @@ from parallelcity.clock import Clock, FakeClock
 from parallelcity.errors import FieldConnectionError, PluginError, ScenarioError
 from parallelcity.field.config import FieldConfig, InputMap, PointMap
 from parallelcity.field.mirror import Mirror
-from parallelcity.field.opcua.protocol import OpcUaField
+from parallelcity.field.opcua.config import OpcUaField
 from parallelcity.field.protocol import (
     STATUS_BAD,
     STATUS_GOOD,

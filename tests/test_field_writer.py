@@ -44,9 +44,9 @@ from parallelcity.dispatch.keys import KeyPair
 from parallelcity.dispatch.wire import Ack, AckStatus, Command, RefusalCode
 from parallelcity.errors import FieldUnavailableError
 from parallelcity.field.opcua.certs import LabPki, make_lab_pki
-from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
-from parallelcity.field.opcua.protocol import OpcUaInput as InputMap
-from parallelcity.field.opcua.protocol import OpcUaPoint as PointMap
+from parallelcity.field.opcua.config import OpcUaField as FieldConfig
+from parallelcity.field.opcua.config import OpcUaInput as InputMap
+from parallelcity.field.opcua.config import OpcUaPoint as PointMap
 from parallelcity.field.opcua.session import ClientSecurity
 from parallelcity.field.opcua.writer import OpcUaWriter
 from parallelcity.gateway.core import GatewayCore

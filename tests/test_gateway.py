@@ -41,7 +41,7 @@ from parallelcity.errors import (
     NodeMappingError,
     SecurityError,
 )
-from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
+from parallelcity.field.opcua.config import OpcUaField as FieldConfig
 from parallelcity.field.opcua.writer import OpcUaWriter
 from parallelcity.gateway.config import parse_gateway_config, serve_gateway
 from parallelcity.gateway.core import GatewayCore, RulingKind

@@ -44,7 +44,11 @@ PURE_MODULES = (
     # field: what the mirror believes, judged on a time passed in
     "parallelcity.field.point_table",
     "parallelcity.field.snapshot",
+    "parallelcity.field.config",
+    "parallelcity.field.protocol",
     "parallelcity.field.opcua.node_id",
+    "parallelcity.field.opcua.config",
+    "parallelcity.field.modbus.codec",
     # scenario models
     "parallelcity.scenario.definition",
     "parallelcity.scenario.text",
@@ -54,12 +58,15 @@ PURE_MODULES = (
     "parallelcity.twin.estimate",
     "parallelcity.twin.divergence",
     "parallelcity.twin.twin",
+    "parallelcity.twin.kind",
     "parallelcity.models.district_heating",
+    "parallelcity.models.pump_tank",
     "parallelcity.hil.plant",
     # decision
     "parallelcity.decide.control",
     "parallelcity.decide.gate",
     "parallelcity.decide.cycle",
+    "parallelcity.decide.choice",
     # dispatch and gateway decisions
     "parallelcity.dispatch.wire",
     "parallelcity.gateway.watchdog",

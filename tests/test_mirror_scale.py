@@ -17,9 +17,9 @@ from parallelcity.cli import EXIT_OK, EXIT_SECURITY, main
 from parallelcity.clock import SimClock
 from parallelcity.field.mirror import Mirror
 from parallelcity.field.opcua.browse import browse, points_toml
-from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
-from parallelcity.field.opcua.protocol import OpcUaInput as InputMap
-from parallelcity.field.opcua.protocol import OpcUaPoint as PointMap
+from parallelcity.field.opcua.config import OpcUaField as FieldConfig
+from parallelcity.field.opcua.config import OpcUaInput as InputMap
+from parallelcity.field.opcua.config import OpcUaPoint as PointMap
 from parallelcity.field.opcua.session import ClientSecurity
 from parallelcity.scenario.definition import Scenario
 

@@ -24,9 +24,9 @@ from parallelcity.hil.field import free_port
 
 from parallelcity.clock import SimClock
 from parallelcity.field.mirror import Mirror
-from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
-from parallelcity.field.opcua.protocol import OpcUaInput as InputMap
-from parallelcity.field.opcua.protocol import OpcUaPoint as PointMap
+from parallelcity.field.opcua.config import OpcUaField as FieldConfig
+from parallelcity.field.opcua.config import OpcUaInput as InputMap
+from parallelcity.field.opcua.config import OpcUaPoint as PointMap
 from parallelcity.field.snapshot import Snapshot
 from parallelcity.record.journal import Journal
 

@@ -41,9 +41,9 @@ from parallelcity.backoff import Backoff
 from parallelcity.clock import FakeClock, SimClock
 from parallelcity.decide.cycle import Outcome
 from parallelcity.field.mirror import Mirror
-from parallelcity.field.opcua.protocol import OpcUaField as FieldConfig
-from parallelcity.field.opcua.protocol import OpcUaInput as InputMap
-from parallelcity.field.opcua.protocol import OpcUaPoint as PointMap
+from parallelcity.field.opcua.config import OpcUaField as FieldConfig
+from parallelcity.field.opcua.config import OpcUaInput as InputMap
+from parallelcity.field.opcua.config import OpcUaPoint as PointMap
 from parallelcity.field.opcua.reader import SILENCE_FACTOR
 from parallelcity.record.journal import Journal
 

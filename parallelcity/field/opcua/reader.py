@@ -59,7 +59,7 @@ from parallelcity.errors import (
     NodeIdError,
     NodeMappingError,
 )
-from parallelcity.field.opcua.protocol import OpcUaField
+from parallelcity.field.opcua.config import OpcUaField
 from parallelcity.field.opcua.session import (
     SHUTDOWN_ERRORS,
     TRANSPORT_ERRORS,

@@ -40,7 +40,7 @@ from asyncua.ua.status_codes import StatusCodes
 from parallelcity.aio import cancel_and_wait
 from parallelcity.clock import Clock
 from parallelcity.errors import FieldConnectionError, SecurityError
-from parallelcity.field.opcua.protocol import as_opcua
+from parallelcity.field.opcua.config import as_opcua
 from parallelcity.field.opcua.session import ServerSecurity, configure_server, parse_node_id
 from parallelcity.field.protocol import Plant, PlantFactory
 from parallelcity.twin.model import Array

@@ -40,7 +40,7 @@ from parallelcity.errors import (
     NodeMappingError,
     SecurityError,
 )
-from parallelcity.field.opcua.protocol import OpcUaField
+from parallelcity.field.opcua.config import OpcUaField
 from parallelcity.field.opcua.session import (
     SHUTDOWN_ERRORS,
     ClientSecurity,
