@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -282,28 +281,7 @@ class GatewayConfig:
         if cfg is None:
             return ClientSecurity.insecure()
 
-        def resolve(p: str | None) -> Path | None:
-            return None if p is None else self.resolve(str(Path(p).expanduser()))
-
-        password = None
-        if cfg.password_env is not None:
-            password = os.environ.get(cfg.password_env)
-            if password is None:
-                raise SecurityError(
-                    f"security.opcua.password_env: environment variable {cfg.password_env!r} "
-                    "is not set"
-                )
-        sec = ClientSecurity(
-            policy=cfg.policy,
-            certificate=resolve(cfg.certificate),
-            private_key=resolve(cfg.private_key),
-            trusted=resolve(cfg.trusted),
-            username=cfg.username,
-            password=password,
-            user_certificate=resolve(cfg.user_certificate),
-            user_private_key=resolve(cfg.user_private_key),
-            anonymous=cfg.anonymous,
-        )
+        sec = ClientSecurity.from_table(cfg, self.path.parent)
         sec.check()
         return sec
 

@@ -67,7 +67,7 @@ from parallelcity.field.opcua.certs import application_uri_of, describe, load_ce
 from parallelcity.field.opcua.node_id import scenario_node
 
 if TYPE_CHECKING:
-    from parallelcity.scenario.definition import Scenario
+    from parallelcity.scenario.definition import OpcUaSecurity, Scenario
 
 _log = logging.getLogger(__name__)
 
@@ -337,16 +337,16 @@ class ClientSecurity:
 
     @classmethod
     def from_scenario(cls, scenario: Scenario) -> ClientSecurity:
-        """The ``[security.opcua]`` table, paths relative to the scenario file.
-
-        The password is read from the environment variable the table names,
-        never from the file.  Without the table: NoSecurity (the caller decides
-        whether that is allowed).
-        """
+        """The scenario's ``[security.opcua]`` table, paths relative to the scenario file;
+        NoSecurity without it (the caller decides whether that is allowed)."""
         cfg = scenario.file.security.opcua
-        if cfg is None:
-            return cls.insecure()
-        base = scenario.path.parent
+        return cls.insecure() if cfg is None else cls.from_table(cfg, scenario.path.parent)
+
+    @classmethod
+    def from_table(cls, cfg: OpcUaSecurity, base: Path) -> ClientSecurity:
+        """A ``[security.opcua]`` table (of a scenario or a gateway config), relative paths
+        against ``base``.  The password is read from the environment variable the table
+        names, never from the file."""
 
         def resolve(p: str | None) -> Path | None:
             if p is None:
