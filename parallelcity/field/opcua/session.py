@@ -71,12 +71,9 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    ConnectionError,
-    UaError,
-)
+_NETWORK_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
+"""The network's own failures (asyncio.TimeoutError is TimeoutError)."""
+TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (*_NETWORK_ERRORS, UaError)
 """What asyncua and the network raise when the server could not be reached or stopped
 answering (the one list the reader and the writer translate into ``FieldError``s)."""
 SHUTDOWN_ERRORS: tuple[type[BaseException], ...] = (*TRANSPORT_ERRORS, RuntimeError)
@@ -92,12 +89,6 @@ SERVER_POLICIES = (
     ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt,
 )
 
-_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncio.TimeoutError,
-    ConnectionError,
-)
 _CERT_REFUSALS = {
     StatusCodes.BadCertificateUntrusted,
     StatusCodes.BadCertificateInvalid,
@@ -460,7 +451,7 @@ async def _secure(client: Client, endpoint: str, sec: ClientSecurity) -> None:
                 f"the OPC UA server at {endpoint} offers no {sec.policy} SignAndEncrypt endpoint"
             ) from exc
         raise
-    except _TRANSPORT_ERRORS:
+    except _NETWORK_ERRORS:
         raise
     except (ValueError, TypeError) as exc:
         raise SecurityError(
@@ -530,7 +521,7 @@ def _translate(
             "add that file to the server's trusted client certificates "
             "(for a parallelcity hil server: its trusted folder; for a PLC: its 'Trusted' store)"
         )
-    if isinstance(exc, _TRANSPORT_ERRORS):
+    if isinstance(exc, _NETWORK_ERRORS):
         return FieldConnectionError(
             f"cannot connect to the OPC UA endpoint {endpoint} within {timeout_s:g} s: {exc!r}"
         )
