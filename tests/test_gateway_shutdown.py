@@ -73,7 +73,7 @@ def test_sigterm_during_traffic_finishes_commits_closes_and_exits_0(tmp_path: Pa
         log = gw.text()
         assert code == 0, log
         assert "SIGTERM: stopping after the batch in hand" in log
-        assert "stopped cleanly; the OPC UA session is closed" in log
+        assert "stopped cleanly; the field link is closed" in log
         assert len(acked) > 5
         store = GatewayStore(tmp_path / "state.sqlite")
         try:

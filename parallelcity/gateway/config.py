@@ -356,7 +356,7 @@ async def serve_gateway(config: GatewayConfig, clock: Clock) -> None:
     ``field_restored``, and commands are refused meanwhile.
 
     SIGTERM and SIGINT stop it cleanly: no new message is taken, the batch in
-    hand is finished and committed, the OPC UA session is closed, and the
+    hand is finished and committed, the field link is closed, and the
     call returns.
     """
     sec = config.file.security
