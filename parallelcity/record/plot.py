@@ -114,6 +114,8 @@ def plot_figure(result: RunResult) -> Figure:
     heights = [1.6] * len(banded) + [1.8] * len(panels) + [1.1]
     fig = Figure(figsize=(11, sum(heights) + 1.0))
     axes = fig.subplots(len(heights), 1, sharex=True, height_ratios=heights, squeeze=False)[:, 0]
+    for ax in axes:  # a near-constant series reads as its value, not '1e-8 + 3e1'
+        ax.ticklabel_format(axis="y", useOffset=False)
     for i, name in enumerate(banded):
         ax, colour = axes[i], f"C{i}"
         vals = _values(recs, name)
