@@ -68,10 +68,9 @@ class CodecError(FieldError, ValueError):
     """A value cannot be encoded for its Modbus address, or registers do not decode."""
 
 
-class ModbusAddress(BaseModel):
-    """Where one value lives on a Modbus device, and how it is encoded."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
+class AddressKeys(BaseModel):
+    """The keys that say where a value lives on a Modbus device and how it is encoded:
+    checked together by ``ModbusAddress``, and carried by a scenario's points and inputs."""
 
     unit: int = Field(1, ge=0, le=MAX_UNIT, description="unit (slave) id of the device, 0..247")
     table: Table = Field(
@@ -89,6 +88,12 @@ class ModbusAddress(BaseModel):
     )
     scale: float = Field(1.0, description="engineering value = raw * scale + offset; not 0")
     offset: float = Field(0.0, description="engineering value = raw * scale + offset")
+
+
+class ModbusAddress(AddressKeys):
+    """Where one value lives on a Modbus device, and how it is encoded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModbusAddress:

@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from parallelcity.errors import SecurityError
 from parallelcity.field.config import FieldConfig, InputMap, PointMap
@@ -28,7 +28,7 @@ from parallelcity.field.protocol import (
     PlantFactory,
 )
 
-from .codec import MAX_UNIT, DataType, ModbusAddress, Table, WordOrder, type_problem, write_problem
+from .codec import AddressKeys, ModbusAddress, type_problem, write_problem
 
 if TYPE_CHECKING:
     from parallelcity.clock import Clock
@@ -41,36 +41,12 @@ _ENDPOINT = re.compile(
 )
 
 
-class _Address(BaseModel):
-    """The address keys of a point or an input (see ``codec.ModbusAddress``)."""
-
-    unit: int = Field(1, ge=0, le=MAX_UNIT, description="unit (slave) id of the device, 0..247")
-    table: Table = Field(
-        description="holding or input registers, coils or discrete inputs (inputs: holding "
-        "registers or coils only)"
-    )
-    address: int = Field(ge=0, le=65535, description="first register or bit, 0-based")
-    data_type: DataType | None = Field(
-        None,
-        description="bool (coils, discrete inputs), int16, uint16, int32, uint32, float32 or "
-        "float64; default bool for bit tables, uint16 for registers",
-    )
-    word_order: WordOrder = Field(
-        "big", description="32/64-bit types: most significant register first (big) or last"
-    )
-    scale: float = Field(1.0, description="engineering value = raw * scale + offset; not 0")
-    offset: float = Field(0.0, description="engineering value = raw * scale + offset")
+class _Address(AddressKeys):
+    """The address keys of a point or an input; an input must be a holding register or a
+    coil."""
 
     def modbus_address(self) -> ModbusAddress:
-        return ModbusAddress(
-            unit=self.unit,
-            table=self.table,
-            address=self.address,
-            data_type=self.data_type,
-            word_order=self.word_order,
-            scale=self.scale,
-            offset=self.offset,
-        )
+        return ModbusAddress(**{key: getattr(self, key) for key in AddressKeys.model_fields})
 
     def _checked(self) -> ModbusAddress:
         try:
