@@ -12,12 +12,14 @@ back) and the ratio rebuild / re-use.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import numpy as np
-from parallelcity.controllers.milp import Config, PumpScheduler, tank_model
+from parallelcity.controllers.milp import Config, PumpScheduler
 
 from parallelcity.decide.control import ControlInput, ControlProblem
+from parallelcity.models import pump_tank
 
 
 def forecast(t0: float, n: int, dt: float) -> np.ndarray:
@@ -35,7 +37,12 @@ def run(
     steps: int, horizon: int, min_up: int = 2, min_down: int = 2, gap: float = 1e-3
 ) -> dict[str, float]:
     dt = 900.0
-    model = tank_model(area_m2=40.0, pump_m3_per_h=60.0, pump_kw=30.0, forecast=forecast)
+    config = pump_tank.Config(
+        step_s=dt,
+        tank=pump_tank.Tank(area_m2=40.0),
+        pump=pump_tank.Pump(flow_m3_per_h=60.0, power_kw=30.0),
+    )
+    model = dataclasses.replace(pump_tank.build(config), forecast=forecast)
     problem = ControlProblem(
         model=model,
         dt=dt,

@@ -1,17 +1,39 @@
-"""Mixed-integer scheduling with Pyomo and HiGHS: a pump filling a storage tank by tariff.
+"""Pump scheduling as a MILP (Pyomo + HiGHS), built from the scenario's model.
 
-Over ``N`` periods of ``dt`` the pump is on or off (``on_k`` binary); the tank level
-follows ``L_{k+1} = L_k + dt (q on_k - demand_k) / area`` and must stay within the
-level band at ``k = 1..N`` (hard: a band the pump cannot hold is ``INFEASIBLE``).  The
-cost is the energy bought, ``price_k * P * on_k * dt``, plus ``start_cost`` per start.
-The pump runs at least ``min_up`` and rests at least ``min_down`` periods, counted
-across the boundary of the horizon from the runs seen in earlier cycles.
+Any discrete-time model with on/off inputs (pumps, switched links) and tanks as states
+schedules this way.  The model's one-cycle map and output map are linearised with exact
+CasADi Jacobians (``milp_form``): ``x+ = A_k x + B_k u + c_k``, ``y = C_k x + D_k u +
+e_k`` per period, with the forecast's disturbances.  A model affine in its states and
+inputs (checked at setup at a few random points) is exact in this form; any other is
+re-linearised every step around the previous plan, shifted, and ``extra["linearisation"]``
+says so.
 
-The model is built once with mutable parameters; every step changes only their values
-and re-solves with a persistent HiGHS instance (``reuse = false`` builds everything
-anew each step, for comparison: benchmarks/milp_reuse.py).  HiGHS gets a time limit
-(the smaller of ``time_limit_s`` and the cycle's deadline) and a relative gap.  Its
-outcome is always reported, in ``extra["milp_status"]``:
+Decisions: the inputs over the ``N`` periods, binary for the ``binary`` ones (default:
+every input named ``*.on`` or ``*.open``), continuous within their bounds and rate
+limits otherwise.  Constraints:
+
+* the bands of ``[specs.bands]`` (tank levels, minimum pressures) at ``k = 1..N``, and
+  at ``k = 0`` too for outputs the inputs move at once (a pressure with the pumps);
+  ``bands = "hard"`` makes a band the plant cannot hold ``INFEASIBLE``, ``"soft"``
+  (default) pays ``slack_price`` per unit and period outside it and reports the
+  largest excursion in ``extra["band_slack"]``;
+* per binary input, runs of at least ``min_up`` periods, rests of at least ``min_down``
+  and at most ``max_starts_per_hour`` starts in any hour, counted across the horizon's
+  start from the states applied in earlier cycles (``milp_switching``);
+* with ``terminal_slack_m``, the end level of each tank (``terminal_states``, default:
+  the states named ``*.level``) at least its level now minus that slack, so a schedule
+  cannot save energy by emptying the tanks.
+
+Cost: the priced outputs (``output_costs``, per unit-hour, like the ``linear_mpc``
+kind's; default ``{"tariff.cost_per_h" = 1}``) integrated over the periods, plus
+``start_cost`` per start.
+
+The Pyomo model is built once with mutable parameters (``milp_build``); each step sets
+their values and re-solves with a persistent HiGHS (``reuse = false`` builds everything
+anew, for comparison: benchmarks/milp_reuse.py), started from the previous plan shifted
+by one period (``warm_start``).  HiGHS gets a time limit (the smaller of ``time_limit_s``
+and the cycle's deadline) and a relative gap.  Its outcome is always a value, in
+``extra["milp_status"]``:
 
 * ``optimal``: proven optimal (gap below 1e-9)  -> ``SOLVED``
 * ``feasible_gap``: a plan, stopped at the gap setting or the time limit, with its
@@ -19,8 +41,7 @@ outcome is always reported, in ``extra["milp_status"]``:
 * ``infeasible``  -> ``INFEASIBLE``;  ``timeout``: no plan within the time  -> ``TIMEOUT``
 * ``failed``: anything else  -> ``FAILED``
 
-The tank is a ``SubsystemModel`` (``tank_model``) like any other, so the verifier
-rolls the schedule out on a rig exactly as it does an NMPC plan.
+The plan's predicted states and outputs are the model's own simulation of it.
 """
 
 from __future__ import annotations
@@ -28,12 +49,10 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-import casadi as ca
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from parallelcity.decide.control import (
     ControlInput,
@@ -42,61 +61,22 @@ from parallelcity.decide.control import (
     KindOf,
     SolveStatus,
     guarded_step,
+    input_problem,
     require_fit,
+    unknown_names,
 )
-from parallelcity.twin.model import Array, SubsystemModel
+from parallelcity.twin.model import Array, ModelForm
+
+from .milp_build import BIG, Layout, build, warm_highs
+from .milp_form import AFFINE_TOLERANCE, AffineForm, Linearisation
+from .milp_switching import SwitchHistory, starts_window
 
 log = logging.getLogger(__name__)
 
 OPTIMAL_GAP = 1e-9  # a smaller relative gap than this counts as proven optimal
-
-LEVEL, PUMP, DEMAND, PRICE = "tank.level", "pump.on", "tank.demand", "tariff.price"
-_PARAMETERS = ("tank.area_m2", "pump.m3_per_h", "pump.kw")  # read from the plan's parameters
-
-
-def tank_model(
-    area_m2: float = 50.0,
-    pump_m3_per_h: float = 60.0,
-    pump_kw: float = 30.0,
-    level0_m: float = 2.0,
-    forecast: Any = None,
-) -> SubsystemModel:
-    """A storage tank filled by one on/off pump and drawn by a demand.
-
-    States ``tank.level`` (m); input ``pump.on`` (0 or 1); disturbances
-    ``tank.demand`` (m3/h) and ``tariff.price`` (per kWh); outputs the level, the
-    pump's power (kW) and the cost rate (per h).  Time in seconds.
-    """
-    x, u = ca.SX.sym("x", 1), ca.SX.sym("u", 1)
-    d, p = ca.SX.sym("d", 2), ca.SX.sym("p", 3)
-    area, q, kw = p[0], p[1], p[2]
-    xdot = (q * u[0] - d[0]) / area / 3600.0
-    y = ca.vertcat(x[0], kw * u[0], kw * u[0] * d[1])
-    f = ca.Function("f", [x, u, d, p], [xdot], ["x", "u", "d", "p"], ["xdot"])
-    h = ca.Function("h", [x, u, d, p], [y], ["x", "u", "d", "p"], ["y"])
-
-    def default_forecast(t0: float, n: int, dt: float) -> Array:
-        hours = ((t0 + dt * np.arange(n)) / 3600.0) % 24.0
-        demand = 30.0 + 20.0 * np.exp(-(((hours - 7.5) / 1.5) ** 2))
-        demand += 15.0 * np.exp(-(((hours - 19.0) / 2.0) ** 2))
-        price = np.where((hours >= 7) & (hours < 22), 0.30, 0.12)
-        return np.column_stack([demand, price])
-
-    return SubsystemModel(
-        name="tank",
-        states=(LEVEL,),
-        inputs=(PUMP,),
-        disturbances=(DEMAND, PRICE),
-        outputs=(LEVEL, "pump.kw", "tariff.cost_per_h"),
-        parameters=_PARAMETERS,
-        nominal=np.array([area_m2, pump_m3_per_h, pump_kw]),
-        f=f,
-        h=h,
-        forecast=forecast or default_forecast,
-        x0=np.array([level0_m]),
-        u0=np.array([0.0]),
-        state_outputs={LEVEL: LEVEL},
-    )
+COST_OUTPUT = "tariff.cost_per_h"  # priced by default
+BINARY_SUFFIXES = (".on", ".open")  # inputs on/off by default
+TERMINAL_SUFFIX = ".level"  # states held at the end of the horizon by default
 
 
 class Config(BaseModel):
@@ -104,47 +84,112 @@ class Config(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     kind: str = "milp_pump"
-    min_up: int = Field(1, ge=1, description="periods the pump runs at least once started")
+    binary: list[str] | None = Field(
+        None, description="inputs that are on/off (default: those named *.on or *.open)"
+    )
+    output_costs: dict[str, float] | None = Field(
+        None,
+        description="output name -> price per unit-hour (default: tariff.cost_per_h = 1)",
+    )
+    bands: Literal["hard", "soft"] = Field(
+        "soft", description="hard: a band that cannot be held is infeasible; soft: priced"
+    )
+    slack_price: float = Field(
+        1e4, gt=0, allow_inf_nan=False, description="cost per unit outside a band per period"
+    )
+    min_up: int = Field(1, ge=1, description="periods a pump runs at least once started")
     min_down: int = Field(1, ge=1, description="periods it rests at least once stopped")
-    start_cost: float = Field(0.0, ge=0, description="cost per start (wear)")
+    max_starts_per_hour: int | None = Field(None, ge=1, description="starts per pump per hour")
+    start_cost: float = Field(0.0, ge=0, allow_inf_nan=False, description="cost per start")
+    terminal_slack_m: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="end level >= level now minus this (None: no end constraint)",
+    )
+    terminal_states: list[str] | None = Field(
+        None, description="states held at the end (default: those named *.level)"
+    )
     time_limit_s: float = Field(10.0, gt=0, description="HiGHS wall-time limit per solve")
     mip_rel_gap: float = Field(1e-6, ge=0, le=1, description="stop within this relative gap")
     reuse: bool = Field(True, description="mutable parameters + persistent HiGHS")
+    warm_start: bool = Field(True, description="start HiGHS from the previous plan, shifted")
+    require_affine: bool = Field(
+        False, description="refuse a model that is not affine in its states and inputs"
+    )
+
+    @field_validator("output_costs")
+    @classmethod
+    def _finite(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        bad = [k for k, w in (v or {}).items() if not math.isfinite(w)]
+        if bad:
+            raise ValueError(f"values must be finite ({', '.join(bad)})")
+        return v
+
+    def binary_inputs(self, inputs: tuple[str, ...]) -> list[str]:
+        if self.binary is not None:
+            return list(self.binary)
+        return [name for name in inputs if name.endswith(BINARY_SUFFIXES)]
+
+    def costs(self, outputs: tuple[str, ...]) -> dict[str, float]:
+        if self.output_costs is not None:
+            return dict(self.output_costs)
+        return {COST_OUTPUT: 1.0} if COST_OUTPUT in outputs else {}
+
+    def terminal(self, states: tuple[str, ...]) -> list[str]:
+        if self.terminal_slack_m is None:
+            return []
+        if self.terminal_states is not None:
+            return list(self.terminal_states)
+        return [name for name in states if name.endswith(TERMINAL_SUFFIX)]
 
     def problems(self, problem: ControlProblem) -> list[str]:
-        """The tank model's signals this kind schedules, and the band on its level
-        (checked by ``validate``)."""
+        """What in this table does not fit the problem (checked by ``validate``)."""
         m = problem.model
-        needs = [("state", LEVEL, m.states), ("input", PUMP, m.inputs)]
-        needs += [("disturbance", name, m.disturbances) for name in (DEMAND, PRICE)]
-        needs += [("parameter", name, m.parameters) for name in _PARAMETERS]
-        missing = [f"{what} {name!r}" for what, name, have in needs if name not in have]
-        if missing:
+        if m.form is not ModelForm.DISCRETE:
             return [
-                f"kind: 'milp_pump' schedules a pump filling a tank and needs a model with "
-                f"{', '.join(missing)} (see parallelcity.controllers.milp.tank_model); "
-                f"model {m.name!r} lacks that"
+                f"kind: 'milp_pump' schedules a discrete-time model; model {m.name!r} is "
+                "continuous-time (use nmpc or linear_mpc)"
             ]
-        out = []
-        if LEVEL not in m.outputs or m.index("outputs", LEVEL) not in problem.banded_outputs:
-            out.append(f"kind: 'milp_pump' needs a band on output {LEVEL!r} ([[specs.bands]])")
-        area, flow, kw = (float(problem.p[m.index("parameters", n)]) for n in _PARAMETERS)
-        if not (area > 0 and flow > 0 and kw >= 0):
-            out.append("kind: 'milp_pump' needs tank area and pump flow > 0, pump power >= 0")
+        out = [
+            f"binary[{i}]: {name!r} is not an input of model {m.name!r} "
+            f"(inputs: {', '.join(m.inputs)})"
+            for i, name in enumerate(self.binary or [])
+            if name not in m.inputs
+        ]
+        out += [
+            f"terminal_states[{i}]: {name!r} is not a state of model {m.name!r} "
+            f"(states: {', '.join(m.states)})"
+            for i, name in enumerate(self.terminal_states or [])
+            if name not in m.states
+        ]
+        if self.output_costs is None and COST_OUTPUT not in m.outputs:
+            out.append(
+                f"output_costs: not given, and model {m.name!r} has no output "
+                f"{COST_OUTPUT!r} to price by default: name the priced outputs"
+            )
+        out += unknown_names("output_costs", self.output_costs or {}, m.outputs, "output", m.name)
+        if out:
+            return out
+        try:
+            lin = Linearisation(m, problem.dt)
+            change = lin.affinity(
+                np.asarray(m.x0, dtype=float),
+                np.asarray(problem.u_min, dtype=float),
+                np.asarray(problem.u_max, dtype=float),
+                np.asarray(m.forecast(0.0, 1, problem.dt), dtype=float)[0],
+                np.asarray(problem.p, dtype=float),
+            )
+        except Exception as exc:  # the model's own error, reported as a line
+            return [f"kind: 'milp_pump' cannot linearise model {m.name!r}: {exc}"]
+        if not math.isfinite(change):
+            return [f"kind: model {m.name!r} has non-finite Jacobians at its initial state"]
+        if self.require_affine and change > AFFINE_TOLERANCE:
+            out.append(
+                f"require_affine: model {m.name!r} is not affine in its states and inputs "
+                f"(its Jacobians change by {change:.2g} between points)"
+            )
         return out
-
-
-@dataclass
-class _History:
-    t0: float
-    on: bool  # state during the period that ended at t0
-    run: int  # periods in that state, up to t0
-
-
-def _pyomo() -> Any:
-    import pyomo.environ as pyo
-
-    return pyo
 
 
 class PumpScheduler:
@@ -155,168 +200,124 @@ class PumpScheduler:
         self._problem: ControlProblem | None = None
         self._model: Any = None
         self._solver: Any = None
-        self._history: _History | None = None
         self._highs_total = 0.0
+        self._last: tuple[float, Array] | None = None  # (t0, plan) of the last usable step
 
     # ---------------------------------------------------------------- setup
 
     def setup(self, problem: ControlProblem) -> None:
-        m = problem.model
-        require_fit("milp_pump", self.config.problems(problem))
-        p = np.asarray(problem.p, dtype=float)
-        self._area, self._flow, self._kw = (float(p[m.index("parameters", n)]) for n in _PARAMETERS)
-        self._i_level = m.index("states", LEVEL)
-        self._i_pump = m.index("inputs", PUMP)
-        self._i_dem, self._i_price = m.index("disturbances", DEMAND), m.index("disturbances", PRICE)
-        self._band = list(problem.banded_outputs).index(m.index("outputs", LEVEL))
+        cfg, m = self.config, problem.model
+        require_fit("milp_pump", cfg.problems(problem))
+        if problem.horizon < 1:
+            raise ValueError(f"milp_pump: horizon must be at least 1, got {problem.horizon}")
+        lin = Linearisation(m, problem.dt)
+        u_lo = np.asarray(problem.u_min, dtype=float)
+        u_hi = np.asarray(problem.u_max, dtype=float)
+        d0 = np.asarray(m.forecast(0.0, 1, problem.dt), dtype=float)[0]
+        change = lin.affinity(np.asarray(m.x0, dtype=float), u_lo, u_hi, d0, problem.p)
+        self._affine = change <= AFFINE_TOLERANCE
+        self._lin_note = (
+            "affine"
+            if self._affine
+            else f"re-linearised every step: the model is not affine (Jacobians change by "
+            f"{change:.2g} between points)"
+        )
+        if not self._affine:
+            log.info("milp_pump: model %s %s", m.name, self._lin_note)
+        binary = tuple(m.index("inputs", name) for name in cfg.binary_inputs(m.inputs))
+        window = starts_window(problem.dt)
+        self._lay = Layout(
+            n=problem.horizon,
+            dt_h=problem.dt / 3600.0,
+            nx=m.nx,
+            nu=m.nu,
+            binary=binary,
+            u_lo=tuple(float(v) for v in u_lo),
+            u_hi=tuple(float(v) for v in u_hi),
+            du_max=tuple(float(v) for v in np.asarray(problem.du_max, dtype=float)),
+            mask_A=lin.mask_A,
+            mask_B=lin.mask_B,
+            mask_C=lin.mask_C,
+            mask_D=lin.mask_D,
+            banded=tuple(problem.banded_outputs),
+            priced={m.index("outputs", k): w for k, w in cfg.costs(m.outputs).items()},
+            terminal=tuple(m.index("states", s) for s in cfg.terminal(m.states)),
+            soft=cfg.bands == "soft",
+            slack_price=cfg.slack_price,
+            min_up=cfg.min_up,
+            min_down=cfg.min_down,
+            max_starts=cfg.max_starts_per_hour,
+            window=window,
+            start_cost=cfg.start_cost,
+        )
+        self._lin = lin
         self._problem = problem
-        self._history = None
-        self._sim = m.step_function(problem.dt)
-        self._model = (
-            self._build(problem.horizon, problem.dt / 3600.0) if self.config.reuse else None
-        )
-        self._solver = self._new_solver() if self.config.reuse else None
+        self._history = SwitchHistory(problem.dt, max(cfg.min_up, cfg.min_down, window))
+        self._last = None
+        self._model = build(self._lay) if cfg.reuse else None
+        self._solver = warm_highs() if cfg.reuse else None
         self._highs_total = 0.0
-
-    def _new_solver(self) -> Any:
-        from pyomo.contrib.solver.solvers.highs import Highs
-
-        solver = Highs()
-        if not solver.available():
-            raise ValueError("HiGHS (highspy) is not installed")
-        # the model's structure never changes between steps: only look at parameters
-        auto = solver.config.auto_updates
-        auto.check_for_new_or_removed_constraints = False
-        auto.check_for_new_or_removed_vars = False
-        auto.check_for_new_or_removed_params = False
-        auto.check_for_new_objective = False
-        auto.update_constraints = False
-        auto.update_vars = False
-        auto.update_named_expressions = False
-        auto.update_objective = False
-        return solver
-
-    def _build(self, n: int, dt_h: float) -> Any:
-        pyo = _pyomo()
-        cfg = self.config
-        M = pyo.ConcreteModel("pump_schedule")
-        M.K = pyo.RangeSet(0, n - 1)
-        M.L = pyo.RangeSet(0, n)
-        M.level0 = pyo.Param(mutable=True, initialize=0.0)
-        M.prev_on = pyo.Param(mutable=True, initialize=0.0)
-        M.demand = pyo.Param(M.K, mutable=True, initialize=0.0)
-        M.price = pyo.Param(M.K, mutable=True, initialize=0.0)
-        M.lo = pyo.Param(M.L, mutable=True, initialize=-1e6)
-        M.hi = pyo.Param(M.L, mutable=True, initialize=1e6)
-        M.must_on = pyo.Param(M.K, mutable=True, initialize=0.0)
-        M.must_off = pyo.Param(M.K, mutable=True, initialize=0.0)
-
-        M.on = pyo.Var(M.K, domain=pyo.Binary)
-        M.start = pyo.Var(M.K, domain=pyo.Binary)
-        M.stop = pyo.Var(M.K, domain=pyo.Binary)
-        M.level = pyo.Var(M.L)
-
-        M.init = pyo.Constraint(expr=M.level[0] == M.level0)
-        rate = dt_h / self._area
-        M.balance = pyo.Constraint(
-            M.K,
-            rule=lambda M, k: (
-                M.level[k + 1] == M.level[k] + rate * (self._flow * M.on[k] - M.demand[k])
-            ),
-        )
-        M.band_lo = pyo.Constraint(M.L, rule=lambda M, k: M.level[k] >= M.lo[k])
-        M.band_hi = pyo.Constraint(M.L, rule=lambda M, k: M.level[k] <= M.hi[k])
-
-        def prev(M: Any, k: int) -> Any:
-            return M.prev_on if k == 0 else M.on[k - 1]
-
-        M.switch = pyo.Constraint(
-            M.K, rule=lambda M, k: M.start[k] - M.stop[k] == M.on[k] - prev(M, k)
-        )
-        M.one_way = pyo.Constraint(M.K, rule=lambda M, k: M.start[k] + M.stop[k] <= 1)
-        up, down = cfg.min_up, cfg.min_down
-        M.min_up = pyo.Constraint(
-            M.K,
-            rule=lambda M, k: sum(M.start[j] for j in range(max(0, k - up + 1), k + 1)) <= M.on[k],
-        )
-        M.min_down = pyo.Constraint(
-            M.K,
-            rule=lambda M, k: (
-                sum(M.stop[j] for j in range(max(0, k - down + 1), k + 1)) <= 1 - M.on[k]
-            ),
-        )
-        # runs that started before the horizon (from the history)
-        M.keep_on = pyo.Constraint(M.K, rule=lambda M, k: M.on[k] >= M.must_on[k])
-        M.keep_off = pyo.Constraint(M.K, rule=lambda M, k: M.on[k] <= 1 - M.must_off[k])
-        M.cost = pyo.Objective(
-            expr=sum(
-                M.price[k] * self._kw * dt_h * M.on[k] + cfg.start_cost * M.start[k] for k in M.K
-            ),
-            sense=pyo.minimize,
-        )
-        return M
 
     # ----------------------------------------------------------------- step
 
     def step(self, inp: ControlInput) -> ControlResult:
-        return guarded_step("milp_pump", self._problem, inp, self._step)
+        return guarded_step("milp_pump", self._problem, inp, self._step, self._forget)
 
-    def _history_now(self, t0: float, on: bool, known: bool) -> tuple[bool, int]:
-        """(state of the period that just ended, how many periods it has lasted)."""
-        assert self._problem is not None
+    def _forget(self) -> None:
+        self._last = None
+
+    def _base(self, inp: ControlInput, x0: Array, dist: Array) -> tuple[Array, Array]:
+        """States and inputs to linearise around: the previous plan shifted to this
+        cycle (else the applied input held), simulated on the model."""
+        problem = self._problem
+        assert problem is not None
+        m, n = problem.model, problem.horizon
+        u = self._shifted(float(inp.t0))
+        if u is None:
+            held = np.asarray(inp.u_prev, dtype=float)
+            held = np.where(np.isfinite(held), held, m.u0)
+            u = np.tile(held, (n, 1))
+        if self._affine:  # any point is exact: skip the simulation
+            return np.tile(x0, (n + 1, 1)), u
+        xs, _ = m.simulate(x0, u, dist, problem.p, problem.dt)
+        return xs, u
+
+    def _shifted(self, t0: float) -> Array | None:
+        """The last plan moved to start at ``t0`` (its last period repeated)."""
+        if self._last is None or self._problem is None:
+            return None
         dt = float(self._problem.dt)
-        h = self._history
-        if not known:
-            return on, 10**6  # unknown past: no constraint from it
-        if h is not None and abs(t0 - h.t0) < 1e-6 * dt:  # the same cycle asked again
-            return h.on, h.run
-        if h is not None and abs(t0 - h.t0 - dt) < 0.5 * dt:
-            return on, (h.run + 1 if h.on == on else 1)
-        return on, 10**6
+        t_last, plan = self._last
+        shift = round((t0 - t_last) / dt)
+        if shift < 0 or shift >= plan.shape[0] or abs(t0 - t_last - shift * dt) > 1e-6 * dt:
+            return None
+        return np.vstack([plan[shift:], np.repeat(plan[-1:], shift, axis=0)])
 
     def _step(self, problem: ControlProblem, inp: ControlInput, t_start: float) -> ControlResult:
-        cfg = self.config
+        cfg, lay = self.config, self._lay
         n, dt = problem.horizon, float(problem.dt)
-        x0 = np.asarray(inp.x0, dtype=float)
-        dist = np.asarray(inp.disturbances, dtype=float)
-        if x0.shape != (problem.model.nx,) or not np.all(np.isfinite(x0)):
-            return self._fail(SolveStatus.FAILED, "bad input: x0 must be finite", t_start)
-        if dist.ndim != 2 or dist.shape[0] < n or not np.all(np.isfinite(dist[:n])):
-            return self._fail(SolveStatus.FAILED, "bad input: disturbances", t_start)
+        why = input_problem(problem, inp)
+        if why:
+            return self._fail(SolveStatus.FAILED, f"bad input: {why}", t_start)
         deadline = float(inp.deadline_s)
+        x0 = np.asarray(inp.x0, dtype=float)
+        dist = np.asarray(inp.disturbances, dtype=float)[:n]
+        u_prev = np.asarray(inp.u_prev, dtype=float)
+        if lay.binary:
+            self._history.observe(float(inp.t0), u_prev[list(lay.binary)])
+        carry = self._history.carry(n, len(lay.binary), cfg.min_up, cfg.min_down, lay.window)
+
+        xb, ub = self._base(inp, x0, dist)
+        form = self._lin.at(xb, ub, dist, np.asarray(problem.p, dtype=float))
+        M = self._model if cfg.reuse else build(lay)
+        self._set(M, form, inp, x0, u_prev, carry)
+        solver = self._solver if cfg.reuse else warm_highs()
+        warm = self._shifted(float(inp.t0)) if cfg.warm_start else None
+        solver.start = self._start(M, warm, carry.prev) if warm is not None else None
+
         left = min(cfg.time_limit_s, deadline - (time.perf_counter() - t_start))
         if left <= 0:
             return self._fail(SolveStatus.TIMEOUT, "no time to solve", t_start, "timeout")
-        u_prev = float(np.asarray(inp.u_prev, dtype=float)[self._i_pump])
-        known = math.isfinite(u_prev)
-        prev_on = known and u_prev > 0.5
-        state, run = self._history_now(float(inp.t0), prev_on, known)
-
-        lo = np.asarray(inp.y_low, dtype=float)[: n + 1, self._band]
-        hi = np.asarray(inp.y_high, dtype=float)[: n + 1, self._band]
-        must_on = np.zeros(n)
-        must_off = np.zeros(n)
-        if known and state and run < cfg.min_up:
-            must_on[: cfg.min_up - run] = 1.0
-        if known and not state and run < cfg.min_down:
-            must_off[: cfg.min_down - run] = 1.0
-
-        M = self._model if cfg.reuse else self._build(n, dt / 3600.0)
-        M.level0.set_value(float(x0[self._i_level]))
-        M.prev_on.set_value(1.0 if prev_on else 0.0)
-        for k in range(n):
-            M.demand[k].set_value(float(dist[k, self._i_dem]))
-            M.price[k].set_value(float(dist[k, self._i_price]))
-            M.must_on[k].set_value(float(must_on[k]))
-            M.must_off[k].set_value(float(must_off[k]))
-        big = 1e6  # HiGHS takes an infinite bound too, but a mutable Param must be finite
-        for k in range(n + 1):
-            M.lo[k].set_value(float(lo[k]) if math.isfinite(lo[k]) else -big)
-            M.hi[k].set_value(float(hi[k]) if math.isfinite(hi[k]) else big)
-        M.lo[0].set_value(-big)  # the level now is what it is
-        M.hi[0].set_value(big)
-
-        solver = self._solver if cfg.reuse else self._new_solver()
         t_solve = time.perf_counter()
         res = solver.solve(
             M,
@@ -326,7 +327,7 @@ class PumpScheduler:
             raise_exception_on_nonoptimal_result=False,
         )
         solve_s = time.perf_counter() - t_solve
-        status, milp_status, gap, why = self._classify(res)
+        status, milp_status, gap, why = classify(res)
         extra: dict[str, Any] = {
             "milp_status": milp_status,
             "gap": gap,
@@ -334,14 +335,18 @@ class PumpScheduler:
             "highs_s": solve_s,  # pyomo's update plus HiGHS
             "highs_run_s": self._highs_run(res, reused=cfg.reuse),
             "termination": str(res.termination_condition),
+            "linearisation": self._lin_note,
+            "warm_start": warm is not None,
+            "warm_start_accepted": solver.start_accepted,
         }
         nodes = int(getattr(res.extra_info, "mip_node_count", 0) or 0)
         if not status.usable:
             return self._fail(status, why, t_start, milp_status, extra, nodes)
         res.solution_loader.load_vars()
-        plan = np.zeros((n, problem.model.nu))
-        plan[:, self._i_pump] = [round(M.on[k].value or 0.0) for k in range(n)]
-        self._history = _History(float(inp.t0), state, run)
+        plan = self._plan(M)
+        extra.update(self._slacks(M))
+        extra["starts"] = round(sum(M.start[kb].value or 0.0 for kb in M.start))
+        self._last = (float(inp.t0), plan)
         xs, ys = problem.model.simulate(x0, plan, dist, problem.p, dt)
         return ControlResult(
             status=status,
@@ -355,6 +360,77 @@ class PumpScheduler:
             extra=extra,
         )
 
+    def _set(
+        self, M: Any, form: AffineForm, inp: ControlInput, x0: Array, u_prev: Array, carry: Any
+    ) -> None:
+        """Every mutable parameter from this cycle's numbers."""
+        lay, cfg = self._lay, self.config
+        n = lay.n
+        for r in range(lay.nx):
+            M.x0[r].set_value(float(x0[r]))
+        for (k, r, c), par in M.A.items():
+            par.set_value(float(form.A[k, r, c]))
+        for (k, r, i), par in M.B.items():
+            par.set_value(float(form.B[k, r, i]))
+        for (k, r), par in M.c.items():
+            par.set_value(float(form.c[k, r]))
+        for (k, j, c), par in M.C.items():
+            par.set_value(float(form.C[k, j, c]))
+        for (k, j, i), par in M.D.items():
+            par.set_value(float(form.D[k, j, i]))
+        for (k, j), par in M.e.items():
+            par.set_value(float(form.e[k, j]))
+        lo = np.asarray(inp.y_low, dtype=float)[: n + 1]
+        hi = np.asarray(inp.y_high, dtype=float)[: n + 1]
+        for (k, b), par in M.lo.items():
+            par.set_value(float(np.clip(lo[k, b], -BIG, BIG)) if lay.banded else -BIG)
+        for (k, b), par in M.hi.items():
+            par.set_value(float(np.clip(hi[k, b], -BIG, BIG)) if lay.banded else BIG)
+        M.terminal_drop.set_value(float(cfg.terminal_slack_m or 0.0))
+        for b in range(len(lay.binary)):
+            M.prev_on[b].set_value(float(carry.prev[b]))
+            for k in range(n):
+                M.must_on[k, b].set_value(float(carry.must_on[k, b]))
+                M.must_off[k, b].set_value(float(carry.must_off[k, b]))
+                M.past_starts[k, b].set_value(float(carry.past_starts[k, b]))
+        for i in range(lay.nu):
+            known = math.isfinite(float(u_prev[i]))
+            M.u_prev[i].set_value(float(u_prev[i]) if known else 0.0)
+            du = lay.du_max[i]
+            M.move0[i].set_value(du if known and math.isfinite(du) else BIG)
+
+    def _start(self, M: Any, plan: Array, prev: Array) -> list[tuple[Any, float]]:
+        """A start for HiGHS: the shifted plan's inputs and the switches they make."""
+        lay = self._lay
+        start = [(M.u[k, i], float(plan[k, i])) for k in range(lay.n) for i in range(lay.nu)]
+        for b, i in enumerate(lay.binary):
+            before = float(prev[b])
+            for k in range(lay.n):
+                now = float(plan[k, i])
+                start += [(M.start[k, b], float(now > before)), (M.stop[k, b], float(now < before))]
+                before = now
+        return start
+
+    def _plan(self, M: Any) -> Array:
+        lay = self._lay
+        plan = np.array(
+            [[float(M.u[k, i].value or 0.0) for i in range(lay.nu)] for k in range(lay.n)]
+        )
+        for i in range(lay.nu):
+            if i in lay.binary:
+                plan[:, i] = np.round(plan[:, i])
+            lo = lay.u_lo[i] if math.isfinite(lay.u_lo[i]) else -np.inf
+            plan[:, i] = np.clip(plan[:, i], lo, lay.u_hi[i])
+        return plan
+
+    def _slacks(self, M: Any) -> dict[str, float]:
+        """The largest band and end-level shortfalls the plan accepts (0 when hard)."""
+        if not self._lay.soft:
+            return {"band_slack": 0.0, "terminal_slack": 0.0}
+        band = max((float(v.value or 0.0) for v in M.slack.values()), default=0.0)
+        end = max((float(v.value or 0.0) for v in getattr(M, "tslack", {}).values()), default=0.0)
+        return {"band_slack": band, "terminal_slack": end}
+
     def _highs_run(self, res: Any, reused: bool) -> float:
         """HiGHS's own time for this solve (a persistent HiGHS keeps a running total)."""
         total = float(getattr(res.timing_info, "highs_time", math.nan))
@@ -362,44 +438,6 @@ class PumpScheduler:
             return total
         last, self._highs_total = self._highs_total, total
         return total - last
-
-    def _classify(self, res: Any) -> tuple[SolveStatus, str, float, str]:
-        from pyomo.contrib.solver.common.results import TerminationCondition as TC
-
-        tc = res.termination_condition
-        inc, bound = res.incumbent_objective, res.objective_bound
-        has_plan = inc is not None and math.isfinite(inc)
-        gap = math.nan
-        if has_plan and bound is not None and math.isfinite(bound):
-            gap = abs(inc - bound) / max(abs(inc), 1e-9)
-        if tc == TC.provenInfeasible or tc == TC.infeasibleOrUnbounded:
-            return SolveStatus.INFEASIBLE, "infeasible", gap, "HiGHS: the schedule is infeasible"
-        if tc == TC.convergenceCriteriaSatisfied and has_plan:
-            if not gap > OPTIMAL_GAP:  # NaN (no bound reported) counts as proven by HiGHS
-                return SolveStatus.SOLVED, "optimal", 0.0 if math.isnan(gap) else gap, "optimal"
-            return (
-                SolveStatus.ACCEPTABLE,
-                "feasible_gap",
-                gap,
-                f"within the gap setting ({gap:.3g})",
-            )
-        if tc == TC.maxTimeLimit:
-            if has_plan:
-                return (
-                    SolveStatus.ACCEPTABLE,
-                    "feasible_gap",
-                    gap,
-                    f"time limit with a plan, gap {gap:.3g}",
-                )
-            return SolveStatus.TIMEOUT, "timeout", gap, "time limit before any plan"
-        if has_plan and tc == TC.iterationLimit:
-            return (
-                SolveStatus.ACCEPTABLE,
-                "feasible_gap",
-                gap,
-                f"node/solution limit, gap {gap:.3g}",
-            )
-        return SolveStatus.FAILED, "failed", gap, f"HiGHS: {tc}"
 
     def _fail(
         self,
@@ -421,6 +459,36 @@ class PumpScheduler:
         )
 
 
+def classify(res: Any) -> tuple[SolveStatus, str, float, str]:
+    """HiGHS's termination as (status, milp_status, gap, why)."""
+    from pyomo.contrib.solver.common.results import TerminationCondition as TC
+
+    tc = res.termination_condition
+    inc, bound = res.incumbent_objective, res.objective_bound
+    has_plan = inc is not None and math.isfinite(inc)
+    gap = math.nan
+    if has_plan and bound is not None and math.isfinite(bound):
+        gap = abs(inc - bound) / max(abs(inc), 1e-9)
+    if tc == TC.provenInfeasible or tc == TC.infeasibleOrUnbounded:
+        return SolveStatus.INFEASIBLE, "infeasible", gap, "HiGHS: the schedule is infeasible"
+    if tc == TC.convergenceCriteriaSatisfied and has_plan:
+        if not gap > OPTIMAL_GAP:  # NaN (no bound reported) counts as proven by HiGHS
+            return SolveStatus.SOLVED, "optimal", 0.0 if math.isnan(gap) else gap, "optimal"
+        return SolveStatus.ACCEPTABLE, "feasible_gap", gap, f"within the gap setting ({gap:.3g})"
+    if tc == TC.maxTimeLimit:
+        if has_plan:
+            return (
+                SolveStatus.ACCEPTABLE,
+                "feasible_gap",
+                gap,
+                f"time limit with a plan, gap {gap:.3g}",
+            )
+        return SolveStatus.TIMEOUT, "timeout", gap, "time limit before any plan"
+    if has_plan and tc == TC.iterationLimit:
+        return SolveStatus.ACCEPTABLE, "feasible_gap", gap, f"node/solution limit, gap {gap:.3g}"
+    return SolveStatus.FAILED, "failed", gap, f"HiGHS: {tc}"
+
+
 KIND = KindOf(Config, PumpScheduler)
 
-__all__ = ["KIND", "OPTIMAL_GAP", "Config", "PumpScheduler", "tank_model"]
+__all__ = ["KIND", "OPTIMAL_GAP", "Config", "PumpScheduler", "classify"]

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from parallelcity.controllers import baseline, milp
+from parallelcity.controllers import baseline
 
 from parallelcity import plugins
 from parallelcity.decide.control import ControlInput, ControlProblem, SolveStatus
+from parallelcity.models import pump_tank
 from parallelcity.scenario.definition import Scenario
 from parallelcity.specs import SafetySpecs
 
@@ -24,7 +25,13 @@ def test_hysteresis_entry_point() -> None:
 
 def tank_problem(n: int = 24) -> ControlProblem:
     return ControlProblem(
-        model=milp.tank_model(area_m2=10.0, pump_m3_per_h=20.0, pump_kw=10.0),
+        model=pump_tank.build(
+            pump_tank.Config(
+                step_s=900.0,
+                tank=pump_tank.Tank(area_m2=10.0),
+                pump=pump_tank.Pump(flow_m3_per_h=20.0, power_kw=10.0),
+            )
+        ),
         dt=900.0,
         horizon=n,
         u_min=np.array([0.0]),
