@@ -107,6 +107,12 @@ class Config(BaseModel):
         allow_inf_nan=False,
         description="end level >= level now minus this (None: no end constraint)",
     )
+    terminal_price: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="soft bands: cost per m of end level below that (default: slack_price)",
+    )
     terminal_states: list[str] | None = Field(
         None, description="states held at the end (default: those named *.level)"
     )
@@ -202,6 +208,7 @@ class PumpScheduler:
         self._solver: Any = None
         self._highs_total = 0.0
         self._last: tuple[float, Array] | None = None  # (t0, plan) of the last usable step
+        self._reserve_s = 0.0  # a step's wall time outside HiGHS's run, kept off the deadline
 
     # ---------------------------------------------------------------- setup
 
@@ -244,6 +251,7 @@ class PumpScheduler:
             terminal=tuple(m.index("states", s) for s in cfg.terminal(m.states)),
             soft=cfg.bands == "soft",
             slack_price=cfg.slack_price,
+            terminal_price=cfg.terminal_price or cfg.slack_price,
             min_up=cfg.min_up,
             min_down=cfg.min_down,
             max_starts=cfg.max_starts_per_hour,
@@ -256,7 +264,10 @@ class PumpScheduler:
         self._last = None
         self._model = build(self._lay) if cfg.reuse else None
         self._solver = warm_highs() if cfg.reuse else None
+        if self._solver is not None:  # load HiGHS now, not in the first cycle's time
+            self._solver.set_instance(self._model)
         self._highs_total = 0.0
+        self._reserve_s = 0.0
 
     # ----------------------------------------------------------------- step
 
@@ -313,9 +324,9 @@ class PumpScheduler:
         self._set(M, form, inp, x0, u_prev, carry)
         solver = self._solver if cfg.reuse else warm_highs()
         warm = self._shifted(float(inp.t0)) if cfg.warm_start else None
-        solver.start = self._start(M, warm, carry.prev) if warm is not None else None
+        solver.start = None if warm is None else self._start(M, warm, carry.prev, form, x0)
 
-        left = min(cfg.time_limit_s, deadline - (time.perf_counter() - t_start))
+        left = min(cfg.time_limit_s, deadline - (time.perf_counter() - t_start) - self._reserve_s)
         if left <= 0:
             return self._fail(SolveStatus.TIMEOUT, "no time to solve", t_start, "timeout")
         t_solve = time.perf_counter()
@@ -348,6 +359,8 @@ class PumpScheduler:
         extra["starts"] = round(sum(M.start[kb].value or 0.0 for kb in M.start))
         self._last = (float(inp.t0), plan)
         xs, ys = problem.model.simulate(x0, plan, dist, problem.p, dt)
+        total = time.perf_counter() - t_start
+        self._learn_reserve(total - extra["highs_run_s"])
         return ControlResult(
             status=status,
             u_plan=plan,
@@ -355,7 +368,7 @@ class PumpScheduler:
             y_pred=ys,
             cost=float(res.incumbent_objective),
             iterations=nodes,
-            solve_time_s=time.perf_counter() - t_start,
+            solve_time_s=total,
             message="" if status is SolveStatus.SOLVED else f"milp_pump: {why}",
             extra=extra,
         )
@@ -399,16 +412,37 @@ class PumpScheduler:
             du = lay.du_max[i]
             M.move0[i].set_value(du if known and math.isfinite(du) else BIG)
 
-    def _start(self, M: Any, plan: Array, prev: Array) -> list[tuple[Any, float]]:
-        """A start for HiGHS: the shifted plan's inputs and the switches they make."""
+    def _start(
+        self, M: Any, plan: Array, prev: Array, form: AffineForm, x0: Array
+    ) -> list[tuple[Any, float]]:
+        """A complete start for HiGHS: the shifted plan, the states and outputs it makes on
+        the affine form, its switches and slacks (HiGHS checks it; a partial one would
+        need a repair LP that a persistent HiGHS's running clock can time out)."""
         lay = self._lay
-        start = [(M.u[k, i], float(plan[k, i])) for k in range(lay.n) for i in range(lay.nu)]
+        n = lay.n
+        u = plan.copy()
+        u[:, list(lay.binary)] = np.round(u[:, list(lay.binary)])
+        xs = np.empty((n + 1, lay.nx))
+        xs[0] = x0
+        for k in range(n):
+            xs[k + 1] = form.A[k] @ xs[k] + form.B[k] @ u[k] + form.c[k]
+        start = [(M.u[k, i], float(u[k, i])) for k in range(n) for i in range(lay.nu)]
+        start += [(M.x[k, r], float(xs[k, r])) for k in range(n + 1) for r in range(lay.nx)]
         for b, i in enumerate(lay.binary):
             before = float(prev[b])
-            for k in range(lay.n):
-                now = float(plan[k, i])
+            for k in range(n):
+                now = float(u[k, i])
                 start += [(M.start[k, b], float(now > before)), (M.stop[k, b], float(now < before))]
                 before = now
+        if lay.soft:
+            for (k, b), var in M.slack.items():
+                j = lay.banded[b]
+                y = form.C[k, j] @ xs[k] + form.D[k, j] @ u[min(k, n - 1)] + form.e[k, j]
+                gap = max(0.0, M.lo[k, b].value - y, y - M.hi[k, b].value)
+                start.append((var, float(gap)))
+            for r, var in getattr(M, "tslack", {}).items():
+                short = M.x0[r].value - M.terminal_drop.value - xs[n, r]
+                start.append((var, float(max(0.0, short))))
         return start
 
     def _plan(self, M: Any) -> Array:
@@ -430,6 +464,12 @@ class PumpScheduler:
         band = max((float(v.value or 0.0) for v in M.slack.values()), default=0.0)
         end = max((float(v.value or 0.0) for v in getattr(M, "tslack", {}).values()), default=0.0)
         return {"band_slack": band, "terminal_slack": end}
+
+    def _learn_reserve(self, outside_s: float) -> None:
+        """The time HiGHS's limit leaves for the rest of a step (a moving average)."""
+        if math.isfinite(outside_s) and outside_s > 0:
+            r = self._reserve_s
+            self._reserve_s = outside_s if r == 0.0 else 0.7 * r + 0.3 * outside_s
 
     def _highs_run(self, res: Any, reused: bool) -> float:
         """HiGHS's own time for this solve (a persistent HiGHS keeps a running total)."""

@@ -38,6 +38,7 @@ class Layout:
     terminal: tuple[int, ...]  # state indices held at the end of the horizon
     soft: bool
     slack_price: float
+    terminal_price: float
     min_up: int
     min_down: int
     max_starts: int | None
@@ -117,7 +118,7 @@ def build(lay: Layout) -> Any:
     slack_cost: Any = 0.0
     if lay.soft:
         M.slack = pyo.Var(bands, domain=pyo.NonNegativeReals)
-        slack_cost = sum(M.slack[kb] for kb in bands)
+        slack_cost = lay.slack_price * sum(M.slack[kb] for kb in bands)
     slack = (lambda k, b: M.slack[k, b]) if lay.soft else (lambda k, b: 0.0)
     M.band_lo = pyo.Constraint(
         bands, rule=lambda M, k, b: y(k, lay.banded[b]) + slack(k, b) >= M.lo[k, b]
@@ -129,7 +130,7 @@ def build(lay: Layout) -> Any:
     if lay.terminal:
         if lay.soft:
             M.tslack = pyo.Var(lay.terminal, domain=pyo.NonNegativeReals)
-            slack_cost = slack_cost + sum(M.tslack[s] for s in lay.terminal)
+            slack_cost = slack_cost + lay.terminal_price * sum(M.tslack[s] for s in lay.terminal)
         short = (lambda s: M.tslack[s]) if lay.soft else (lambda s: 0.0)
         M.end = pyo.Constraint(
             lay.terminal,
@@ -140,9 +141,7 @@ def build(lay: Layout) -> Any:
     _rates(M, lay)
     energy = sum(w * lay.dt_h * y(k, j) for j, w in lay.priced.items() for k in K)
     M.cost = pyo.Objective(
-        expr=energy
-        + lay.start_cost * sum(M.start[kb] for kb in M.start)
-        + lay.slack_price * slack_cost,
+        expr=energy + lay.start_cost * sum(M.start[kb] for kb in M.start) + slack_cost,
         sense=pyo.minimize,
     )
     return M

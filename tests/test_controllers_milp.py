@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import itertools
 
-import casadi as ca
 import numpy as np
 import pytest
 from parallelcity.controllers import milp
 
+from benchmarks.milp_cycle import HEAD_A, HEAD_B, two_tanks
 from parallelcity import plugins
 from parallelcity.decide.control import ControlInput, ControlProblem, SolveStatus
 from parallelcity.models import pump_tank
@@ -153,6 +153,21 @@ def test_a_time_limit_of_almost_nothing_is_a_value_never_an_exception() -> None:
     assert late.status is SolveStatus.TIMEOUT and late.extra["milp_status"] == "timeout"
 
 
+def test_a_warm_start_is_a_plan_at_once_when_the_time_is_too_short_to_search() -> None:
+    problem, inp = day_instance()
+    s = scheduler(problem, min_up=4, min_down=4, mip_rel_gap=0.05)
+    first = s.step(inp)
+    assert first.status.usable, first.message
+    s.config = s.config.model_copy(update={"time_limit_s": 1e-3})
+    nxt = moved(inp, t0=900.0, x0=first.x_pred[1], u_prev=first.u_first)
+    nxt = moved(nxt, disturbances=np.roll(inp.disturbances, -1, axis=0))
+    r = s.step(nxt)
+    assert r.extra["warm_start"] and r.extra["warm_start_accepted"]
+    assert r.status.usable and r.extra["milp_status"] in ("feasible_gap", "optimal"), r.message
+    # no time to search: the plan is the previous one, one period on
+    np.testing.assert_array_equal(r.u_plan[:-1], first.u_plan[1:])
+
+
 def test_a_loose_gap_is_reported_as_feasible_with_gap() -> None:
     problem, inp = day_instance()
     r = scheduler(problem, min_up=4, min_down=4, mip_rel_gap=0.2, bands="hard").step(inp)
@@ -214,51 +229,7 @@ def test_rebuilding_and_cold_starts_give_the_same_schedule_as_reuse_and_warm_sta
 
 
 # ------------------------------------------------ a two-tank, two-pump network model
-
-AREA = np.array([20.0, 30.0])  # m2
-Q = np.array([[50.0, 0.0], [20.0, 40.0]])  # m3/h into tank r from pump i
-KW = np.array([25.0, 20.0])
-HEAD_A, HEAD_B = 5.0, 2.0  # critical pressure = a + b * level of tank 0 (m)
-
-
-def two_tanks(step_s: float = 900.0, square: bool = False) -> SubsystemModel:
-    """Tanks ``t1``, ``t2`` filled by pumps ``p1`` (into t1 mostly) and ``p2``; a node
-    whose pressure follows t1's level (``square``: quadratically, not affine)."""
-    x, u = ca.SX.sym("x", 2), ca.SX.sym("u", 2)
-    d, p = ca.SX.sym("d", 3), ca.SX.sym("p", 1)
-    inflow = ca.mtimes(ca.DM(Q), u)
-    x_next = x + step_s / 3600.0 * (inflow - d[:2]) / ca.DM(AREA) * p[0]
-    head = HEAD_A + HEAD_B * (x[0] ** 2 / 3.0 if square else x[0])
-    power = ca.dot(ca.DM(KW), u)
-    y = ca.vertcat(x[0], x[1], head, power, power * d[2])
-    f = ca.Function("F", [x, u, d, p], [x_next])
-    h = ca.Function("h", [x, u, d, p], [y])
-
-    def forecast(t0: float, n: int, dt: float) -> np.ndarray:
-        hours = ((t0 + dt * np.arange(n)) / 3600.0) % 24.0
-        demand = 20.0 + 15.0 * np.exp(-(((hours - 8.0) / 2.0) ** 2))
-        # a day-ahead price that changes every quarter hour: one clear optimum
-        price = 0.2 + 0.08 * np.sin(2 * np.pi * (hours - 9.0) / 24.0)
-        price += 0.03 * np.sin(2 * np.pi * hours / 1.7)
-        return np.column_stack([demand, 0.8 * demand, price])
-
-    return SubsystemModel(
-        name="two_tanks",
-        states=("t1.level", "t2.level"),
-        inputs=("p1.on", "p2.on"),
-        disturbances=("t1.demand", "t2.demand", "tariff.price"),
-        outputs=("t1.level", "t2.level", "n7.pressure", "pumps.kw", "tariff.cost_per_h"),
-        parameters=("scale",),
-        nominal=np.array([1.0]),
-        f=f,
-        h=h,
-        forecast=forecast,
-        x0=np.array([2.0, 2.0]),
-        u0=np.zeros(2),
-        state_outputs={"t1.level": "t1.level", "t2.level": "t2.level"},
-        form=ModelForm.DISCRETE,
-        step_s=step_s,
-    )
+# (benchmarks/milp_cycle.py's: a linear balance, a node pressure a + b * level of t1)
 
 
 def two_tank_case(
