@@ -226,6 +226,15 @@ def warm_highs() -> Any:
         start: list[tuple[Any, float]] | None = None  # (Pyomo var, value)
         start_accepted: bool | None = None
 
+        def update_parameters(self) -> None:
+            # HiGHS warns on the console for every zero written where its matrix has no
+            # entry; a coefficient that is zero this cycle is expected here
+            self._solver_model.setOptionValue("log_to_console", False)
+            try:
+                super().update_parameters()
+            finally:
+                self._solver_model.setOptionValue("log_to_console", True)
+
         def _solve(self) -> Any:
             self.start_accepted = None
             if self.start:
