@@ -7,10 +7,9 @@ pump schedule is written in:
     power  = P on,    cost rate = P on price
 
 States: the tank level (m).  Input: the pump, 0 (off) to 1 (on).  Disturbances: the
-demand drawn from the tank (m3/h) and the tariff (per kWh).  The signal names are the
-ones the ``milp_pump`` scheduler plans with, so it (and ``hold``, ``hysteresis``) can
-control this kind; the balance is linear, so composed over a cycle it is the
-scheduler's own tank model.
+demand drawn from the tank (m3/h) and the tariff (per kWh).  The ``milp_pump``
+scheduler (and ``hold``, ``hysteresis``) controls this kind; the balance is affine, so
+the scheduler's linearisation of it is exact.
 
 Units: level in m, area in m2, flows in m3/h, power in kW, price per kWh.
 """
