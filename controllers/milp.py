@@ -74,6 +74,7 @@ from .milp_switching import SwitchHistory, starts_window
 log = logging.getLogger(__name__)
 
 OPTIMAL_GAP = 1e-9  # a smaller relative gap than this counts as proven optimal
+DEADLINE_SHARE = 0.97  # of the deadline left: HiGHS stops a little after its time limit
 COST_OUTPUT = "tariff.cost_per_h"  # priced by default
 BINARY_SUFFIXES = (".on", ".open")  # inputs on/off by default
 TERMINAL_SUFFIX = ".level"  # states held at the end of the horizon by default
@@ -326,7 +327,8 @@ class PumpScheduler:
         warm = self._shifted(float(inp.t0)) if cfg.warm_start else None
         solver.start = None if warm is None else self._start(M, warm, carry.prev, form, x0)
 
-        left = min(cfg.time_limit_s, deadline - (time.perf_counter() - t_start) - self._reserve_s)
+        remaining = deadline - (time.perf_counter() - t_start) - self._reserve_s
+        left = min(cfg.time_limit_s, DEADLINE_SHARE * remaining)
         if left <= 0:
             return self._fail(SolveStatus.TIMEOUT, "no time to solve", t_start, "timeout")
         t_solve = time.perf_counter()
