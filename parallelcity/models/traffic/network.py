@@ -37,6 +37,8 @@ TAU_S = 1.0
 DISCHARGE_SPEED_MPS = 10.0  # speed a queue leaves the stop line with, capped by the lane's
 DEFAULT_MIN_GREEN_S = 5.0  # where the program does not set minDur
 QUEUED = "network.queued"  # output: vehicles queued on all approaches together
+# the model parameters after saturation and storage per approach, with their nominal values
+GLOBAL_PARAMETERS = ("demand.scale", "driver.sigma", "driver.tau")
 
 
 @dataclass(frozen=True)
@@ -196,11 +198,20 @@ def signal_names(network: Network) -> dict[str, tuple[str, ...]]:
         for a in network.approaches
         for name in (f"{a.edge}.queue", f"{a.edge}.flow", f"{a.edge}.occupancy")
     ) + (QUEUED,)
+    parameters = (
+        tuple(
+            name
+            for a in network.approaches
+            for name in (f"{a.edge}.saturation", f"{a.edge}.storage")
+        )
+        + GLOBAL_PARAMETERS
+    )
     return {
         "states": states,
         "inputs": tuple(inputs),
         "disturbances": disturbances,
         "outputs": outputs,
+        "parameters": parameters,
     }
 
 
