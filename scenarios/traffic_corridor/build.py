@@ -195,8 +195,9 @@ def write_detectors(net_file: Path, out: Path) -> None:
 
     net = sumolib.net.readNet(str(net_file), withPrograms=True)
     lanes = sorted(
-        {inl.getID(): inl for t in net.getTrafficLights() for inl, _o, _i in t.getConnections()}
-        .items()
+        {
+            inl.getID(): inl for t in net.getTrafficLights() for inl, _o, _i in t.getConnections()
+        }.items()
     )
     lines = [
         '<?xml version="1.0" encoding="UTF-8"?>',
