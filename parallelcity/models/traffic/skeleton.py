@@ -24,7 +24,7 @@ CYCLE_MAX_S = 120.0
 BAND_SHARE = 0.9  # queues are kept below this share of the approach's storage
 SPLIT_MOVE_PER_CYCLE = 0.1
 CYCLE_MOVE_PER_CYCLE_S = 10.0
-HORIZON_CYCLES = 10
+HORIZON_CYCLES = 6
 SPEED = 40.0  # simulated seconds per wall second: two hours in three minutes
 
 
@@ -218,12 +218,19 @@ def skeleton(path: str | Path) -> str:
             "min = 0.0",
             f"max = {cycle_max!r}",
         ]
+    out += [
+        "",
+        "# Spillback bands on the links between two junctions; entry queues are delay, priced",
+        "# through network.queued. low = -1: queues are never negative, only the upper edge binds.",
+    ]
     for a in network.approaches:
+        if a.is_entry:
+            continue
         out += [
             "",
             "[[specs.bands]]",
             f"output = {_q(a.edge + '.queue')}",
-            "low = 0.0",
+            "low = -1.0",
             f"high = {BAND_SHARE * a.storage_veh:.1f}   # {BAND_SHARE:g} of its storage",
         ]
     return "\n".join(out) + "\n"
