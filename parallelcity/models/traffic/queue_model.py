@@ -25,9 +25,11 @@ also counts moving vehicles, so it reads higher in free flow); and ``network.que
 vehicles queued on all approaches: the queues above plus, per approach, the vehicles
 standing at the red light in an average cycle, ``q_a d_a`` with Webster's uniform delay
 ``d_a = C (1 - lambda_a)^2 / (2 (1 - q_a / s_a))`` (``lambda_a = cap_a / s_a``, ``q_a`` the
-arrivals).  A cycle-averaged queue alone would be zero wherever the green suffices; this
-term is what makes the split and cycle matter below saturation (convex in the splits), and
-its time integral is the delay in veh*h the controllers are priced on.
+arrivals), and those queued by random overflow, Webster's ``X^2 / (2 (1 - X))`` at the
+degree of saturation ``X = q_a / (lambda_a s_a)`` (both ratios capped at 0.95).  A
+cycle-averaged queue alone would be zero wherever the green suffices; these terms make
+the split and cycle matter below saturation (convex in the splits), and their time
+integral is the delay in veh*h the controllers are priced on.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ import casadi as ca
 from .network import JAM_SPACING_M, Junction, Network
 
 CAR_LENGTH_M = 5.0
-MAX_FLOW_RATIO = 0.95  # q/s in the uniform delay is capped here (it diverges at 1)
+MAX_FLOW_RATIO = 0.95  # q/s and q/(lambda s) in the delay terms are capped here (they diverge at 1)
+MIN_GREEN_SHARE = 1e-3  # lambda below this counts as this in the saturation q / (lambda s)
 
 
 def greens_sym(junction: Junction, splits: list[ca.SX], cycle_s: ca.SX) -> tuple[ca.SX, ca.SX]:
@@ -102,9 +105,12 @@ def queue_functions(
         x_next.append(x[i] + step_s * (inflow - out[i]))
         # Webster's uniform delay per vehicle, C (1 - lambda)^2 / (2 (1 - q/s)), times the
         # arrival rate (Little): the vehicles standing at the red light in an average cycle.
-        y_ratio = ca.fmin(inflow / (p[2 * i] / 3600.0), MAX_FLOW_RATIO)
+        sat = p[2 * i] / 3600.0
+        y_ratio = ca.fmin(inflow / sat, MAX_FLOW_RATIO)
         delay = cycles[a.junction] * (1.0 - served[i]) ** 2 / (2.0 * (1.0 - y_ratio))
-        cyclic.append(inflow * delay)
+        # and Webster's random-overflow term, X^2 / (2 (1 - X)) vehicles at saturation X
+        x_ratio = ca.fmin(inflow / (sat * ca.fmax(served[i], MIN_GREEN_SHARE)), MAX_FLOW_RATIO)
+        cyclic.append(inflow * delay + x_ratio**2 / (2.0 * (1.0 - x_ratio)))
     y = []
     for i, _a in enumerate(approaches):
         occupancy = 100.0 * x[i] / p[2 * i + 1] * CAR_LENGTH_M / JAM_SPACING_M

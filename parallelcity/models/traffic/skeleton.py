@@ -176,6 +176,9 @@ def skeleton(path: str | Path) -> str:
         'kind = "linear_mpc"',
         f"output_costs = {{ {_q(QUEUED)} = 1.0 }}   # per vehicle-hour of delay",
         "comfort_weight = 10.0                 # per veh^2 of queue above the storage band",
+        "move_weights = { "
+        + ", ".join(f"{_q(j.tls + '.cycle_s')} = 0.01" for j in network.junctions)
+        + " }   # per s^2: a cycle change upsets the coordination",
         "",
         "[fallback]",
         'kind = "webster"',
