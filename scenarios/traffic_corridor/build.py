@@ -17,6 +17,7 @@ Everything is deterministic: running it again reproduces the files byte for byte
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 import tempfile
@@ -106,7 +107,7 @@ def green_wave(net: object) -> dict[str, int]:
     eastbound travel time (length / speed) after the one before it (SUMO's offset is when
     the program's first phase starts)."""
     offsets, t = {WAVE[0]: 0}, 0.0
-    for a, b in zip(WAVE, WAVE[1:], strict=False):
+    for a, b in itertools.pairwise(WAVE):
         edge = net.getEdge(a + b)  # type: ignore[attr-defined]
         t += edge.getLength() / edge.getSpeed()
         offsets[b] = round(t) % CYCLE_S
