@@ -174,7 +174,7 @@ def skeleton(path: str | Path) -> str:
         "",
         "[controller]",
         'kind = "linear_mpc"',
-        f"output_costs = {{ {_q(QUEUED)} = 1.0 }}   # per vehicle-hour of delay",
+        f"output_costs = {{ {_q(QUEUED)} = 20.0 }}  # per vehicle-hour of delay (a value of time)",
         "comfort_weight = 10.0                 # per veh^2 of queue above the storage band",
         "move_weights = { "
         + ", ".join(f"{_q(j.tls + '.cycle_s')} = 0.01" for j in network.junctions)
