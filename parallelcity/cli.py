@@ -641,7 +641,7 @@ def _cmd_skeleton(args: argparse.Namespace) -> int:
     from parallelcity import plugins
 
     suffix = args.file.suffix.lower()
-    kinds = [plugins.model_kind(n) for n in plugins.names("model")]
+    kinds = plugins.available("model").values()  # a kind that fails to load is skipped
     makers = [k for k in kinds if suffix in getattr(k, "skeleton_suffixes", ())]
     if not makers:
         raise _UsageError(f"{args.file}: no installed model kind makes a skeleton of {suffix!r}")
