@@ -198,9 +198,8 @@ def test_linear_mpc_controls_the_corridor_and_its_step_time_is_printed() -> None
         assert np.all(plan >= problem.u_min - 1e-6) and np.all(plan <= problem.u_max + 1e-6)
         u = result.u_first
         x = np.asarray(step(x, u, dist[0], m.nominal), dtype=float).ravel()
-    # DAQP's own tolerance can leave a plan ~1e-5 outside a bound, which linear_mpc reports
-    # as FAILED (the cycle falls back): allow a rare one
-    assert statuses.count(SolveStatus.SOLVED) >= 48, statuses
+    # DAQP's tolerance is relative: a 90 s cycle bound missed by ~1e-5 is put back on it
+    assert all(s is SolveStatus.SOLVED for s in statuses), statuses
     ms = np.array(times[1:]) * 1e3
     print(f"linear_mpc step on the corridor: p50 {np.median(ms):.1f} ms, "
           f"p99 {np.percentile(ms, 99):.1f} ms over {ms.size} steps")  # fmt: skip
