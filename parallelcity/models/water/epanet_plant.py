@@ -41,6 +41,7 @@ EN_FLOW, EN_STATUS, EN_SETTING, EN_ENERGY, EN_PUMP_HCURVE = 8, 11, 12, 13, 19
 EN_DURATION, EN_HYDSTEP, EN_PATTERNSTART, EN_REPORTSTEP = 0, 1, 4, 5
 LONG_RUN_S = 10 * 365 * 86400  # the plant never reaches the end of its run
 ON_THRESHOLD = 0.5  # an on/off input at or above this is on
+HEAD_FACTORS = tuple(round(0.5 + 0.02 * k, 2) for k in range(26))  # worn pumps: 0.5 .. 1.0
 
 log = logging.getLogger(__name__)
 
@@ -231,28 +232,28 @@ class EpanetPlant:
         self._solved = False
 
     def scale_pump_head(self, pump: str, factor: float) -> None:
-        """Pump ``pump`` delivers ``factor`` times its curve's head at every flow (a worn
-        impeller); the curve is copied, so pumps sharing it are unaffected."""
+        """Pump ``pump`` delivers ``factor`` (0.5..1, to the nearest 0.02) times its curve's
+        head at every flow (a worn impeller; 1 restores it)."""
         net = self.layout.network
         spec = next((p for p in net.pumps if p.name == pump), None)
         if spec is None or not spec.curve:
             raise ValueError(f"{pump!r} is not a pump with a head curve")
-        lib, ph = self._en.ENlib, self._en._project
-        cid = f"pc_{pump}_scaled"[:31].encode("latin-1")
-        idx = ctypes.c_int()
-        if lib.EN_getcurveindex(ph, cid, ctypes.byref(idx)) != 0:
-            self._call("EN_addcurve", cid)
-            lib.EN_getcurveindex(ph, cid, ctypes.byref(idx))
-        q = [x for x, _ in spec.curve]
-        h = [y * float(factor) for _, y in spec.curve]
-        n = len(q)
-        arr = ctypes.c_double * n
-        self._call("EN_setcurve", idx, arr(*q), arr(*h), ctypes.c_int(n))
-        link = self._pumps[[p.name for p in net.pumps].index(pump)]
-        self._en.ENsetlinkvalue(link, EN_PUMP_HCURVE, float(idx.value))
+        if not HEAD_FACTORS[0] <= factor <= HEAD_FACTORS[-1]:
+            raise ValueError(f"head factor {factor:g} is outside {HEAD_FACTORS[0]}..1")
+        i = [p.name for p in net.pumps].index(pump)
+        pct = min(HEAD_FACTORS, key=lambda f: abs(f - factor))
+        curve = self._curve_index(i, pct)
+        self._en.ENsetlinkvalue(self._pumps[i], EN_PUMP_HCURVE, float(curve))
         self._solved = False
 
     # --------------------------------------------------------------- helpers
+
+    def _curve_index(self, pump: int, factor: float) -> int:
+        idx = ctypes.c_int()
+        cid = _curve_id(pump, factor).encode("latin-1")
+        if self._en.ENlib.EN_getcurveindex(self._en._project, cid, ctypes.byref(idx)):
+            raise RuntimeError(f"the plant has no curve {cid!r}")
+        return idx.value
 
     def _level(self, idx: int) -> float:
         return float(self._en.ENgetnodevalue(idx, EN_PRESSURE))
@@ -298,12 +299,24 @@ def _rewritten(source: str) -> str:
     for name in list(wn.control_name_list):
         wn.remove_control(name)
     wn.options.hydraulic.demand_multiplier = 1.0  # folded into the base demands (network.py)
+    # every pump's curve scaled in head by each of HEAD_FACTORS, ready for a worn pump
+    # (the bundled EPANET corrupts its heap when a curve is rewritten with EN_setcurve)
+    for i, name in enumerate(wn.pump_name_list):
+        pump = wn.get_link(name)
+        if pump.pump_type == "HEAD":
+            points = wn.get_curve(pump.pump_curve_name).points
+            for f in HEAD_FACTORS:
+                wn.add_curve(_curve_id(i, f), "HEAD", [(q, h * f) for q, h in points])
     fd, path = tempfile.mkstemp(suffix=".inp", prefix="pc_water_")
     os.close(fd)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         wntr.network.write_inpfile(wn, path, units="CMH")
     return path
+
+
+def _curve_id(pump: int, factor: float) -> str:
+    return f"pc{pump}_{round(100 * factor)}"  # EPANET ids are at most 31 characters
 
 
 def plant_factory(layout: Layout, time0: float) -> Callable[[Array], EpanetPlant]:
