@@ -67,7 +67,7 @@ def test_every_name_comes_from_the_inp(net3: SubsystemModel, net1: SubsystemMode
     assert net3.disturbances == (
         "demand.3", "demand.4", "demand.1", "demand.2", "demand.5", "tariff.price",
     )  # fmt: skip
-    assert "River.flow" in net3.outputs and "153.pressure" in net3.outputs
+    assert "River.supply" in net3.outputs and "153.pressure" in net3.outputs
     assert net1.states == ("2.level",) and net1.inputs == ("9.on",)
     assert net1.disturbances == ("demand.1", "tariff.price")
     assert net1.report.baseline == "inp_rules"
@@ -119,7 +119,7 @@ def test_fault_hooks_leak_and_worn_pump(net3: SubsystemModel) -> None:
     u = np.array([1.0, 1.0, 0.0])
     plant.reset(net3.x0, 0.0)
     y0 = plant.outputs(u, d)
-    supply = [net3.index("outputs", "River.flow"), net3.index("outputs", "Lake.flow")]
+    supply = [net3.index("outputs", "River.supply"), net3.index("outputs", "Lake.supply")]
     drawn0 = y0[supply].sum() - plant.tank_inflows().sum()  # all the network consumes
     plant.set_leak("153", 50.0)  # 50 m3/h per sqrt(m): ~270 m3/h at its ~30 m
     y1 = plant.outputs(u, d)

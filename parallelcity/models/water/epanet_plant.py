@@ -86,7 +86,7 @@ class Layout:
             tuple(f"{t.name}.level" for t in n.tanks)
             + tuple(f"{p.name}.flow" for p in n.pumps)
             + tuple(f"{p.name}.kw" for p in n.pumps)
-            + tuple(f"{r}.flow" for r in n.reservoirs)
+            + tuple(f"{r}.supply" for r in n.reservoirs)  # node and link ids may repeat
             + tuple(f"{c}.pressure" for c in self.critical)
             + ("pumps.kw", "tariff.cost_per_h")
         )
