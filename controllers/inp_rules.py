@@ -69,7 +69,9 @@ class InpRulesConfig(BaseModel):
                             f"kind: rule {rule.name!r} reads the level of {node!r}, "
                             "which is not a tank"
                         )
-                elif f"{node}.pressure" not in problem.model.outputs:
+                elif f"{node}.pressure" not in problem.model.outputs and (
+                    f"{node}.level" not in problem.model.states
+                ):
                     out.append(
                         f"kind: rule {rule.name!r} reads the {what} of node {node!r}: list "
                         "it in the model's critical_nodes"
@@ -181,7 +183,8 @@ class InpRulesController:
             elif c.relation == "=":
                 return 0.0 <= c.threshold - now < dt
             return _REL[c.relation](now, c.threshold)
-        signal = f"{c.target}.level" if c.kind == "level" else f"{c.target}.pressure"
+        tank = f"{c.target}.level" in m.states
+        signal = f"{c.target}.level" if c.kind == "level" or tank else f"{c.target}.pressure"
         value = float(y[m.outputs.index(signal)])
         if c.kind == "head":
             value += self._elevation(c.target)

@@ -197,6 +197,7 @@ class EpanetPlant:
             self._en_time += tstep
             self._solved = False
         self._x = np.array([self._level(i) for i in self._tanks])
+        en.errcodelist.clear()  # the binding keeps every warning; a long run needs none
 
     def outputs(self, u: Array, d: Array) -> Array:
         self._apply(u, d)

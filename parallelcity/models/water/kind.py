@@ -206,7 +206,7 @@ def build(config: Config) -> SubsystemModel:
         simulator=plant_factory(layout, time0),
         nonnegative=layout.disturbances,
         report=ReportSpec(
-            banded_label="tank level [m]",
+            banded_label="level, pressure [m]",
             band_name="level band",
             band_kpi="level violation",
             band_unit="m·h",
