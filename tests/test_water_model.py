@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,3 +203,44 @@ def test_simulated_rig_draws_demand_and_steps_epanet(net3: SubsystemModel) -> No
     field = PlantSimulator(net3, net3.nominal, truth, net3.x0, net3.u0, 0.0)
     field.advance(2 * HOUR)
     assert np.all(np.isfinite(field.outputs()))
+
+
+def _net1_with_a_prv(folder: Path) -> Path:
+    """Net1 with node 32 fed only through a pressure-reducing valve (from junction 22)."""
+    import wntr
+
+    wn = wntr.network.WaterNetworkModel(str(load(NET1).source))
+    wn.remove_link("31")
+    wn.remove_link("122")
+    wn.add_valve("v1", "22", "32", diameter=0.152, valve_type="PRV", initial_setting=40.0)
+    path = folder / "net1_prv.inp"
+    wntr.network.write_inpfile(wn, str(path))
+    return path
+
+
+def test_a_valve_is_an_input_of_plant_and_twin(tmp_path: Path) -> None:
+    """A network other than Net3, with a valve, from a relative path of a scenario."""
+    from parallelcity.models.water.skeleton import skeleton
+    from parallelcity.scenario.definition import load_scenario
+
+    inp = _net1_with_a_prv(tmp_path)
+    text = skeleton(str(inp)).replace(f'inp = "{inp.resolve()}"', 'inp = "net1_prv.inp"')
+    if '\n"32" = ' not in text:  # the valve's node is usually a candidate already
+        text = text.replace("[model.critical_nodes]", '[model.critical_nodes]\n"32" = 10.0', 1)
+    assert 'name = "v1.setting"' in text and 'inp = "net1_prv.inp"' in text
+    scenario = tmp_path / "prv.toml"
+    scenario.write_text(text)
+    model = load_scenario(scenario).model  # the .inp resolves against the scenario's folder
+    assert "v1.setting" in model.inputs and "32.pressure" in model.outputs
+    plant = model.plant(model.nominal)
+    plant.reset(model.x0, 0.0)
+    d = model.forecast(0.0, 1, HOUR)[0]
+    col, out = model.index("inputs", "v1.setting"), model.index("outputs", "32.pressure")
+    for setting in (30.0, 40.0):
+        u = np.array(model.u0, dtype=float)
+        u[model.index("inputs", "9.on")] = 1.0
+        u[col] = setting
+        measured = plant.outputs(u, d)[out]
+        assert measured == pytest.approx(setting, abs=0.5)
+        predicted = np.asarray(model.h(model.x0, u, d, model.nominal)).ravel()[out]
+        assert predicted == pytest.approx(measured, abs=3.0)
