@@ -244,3 +244,16 @@ def test_a_valve_is_an_input_of_plant_and_twin(tmp_path: Path) -> None:
         assert measured == pytest.approx(setting, abs=0.5)
         predicted = np.asarray(model.h(model.x0, u, d, model.nominal)).ravel()[out]
         assert predicted == pytest.approx(measured, abs=3.0)
+
+
+def test_the_fit_per_combination_is_the_twins_relation(net3: SubsystemModel) -> None:
+    info = water_info(net3)
+    assert info is not None
+    u = np.array([1.0, 0.0, 1.0])  # 10 on, 335 off, bypass open
+    c, levels, demand, _ = info.identified.affine(u)
+    d = net3.forecast(0.0, 1, HOUR)[0]
+    totals = np.array(list(info.network.group_totals().values()))
+    flows = c + levels @ net3.x0 + demand @ (totals * d[:-1])
+    y = np.asarray(net3.h(net3.x0, u, d, net3.nominal)).ravel()
+    nt = net3.nx
+    assert np.allclose(flows[nt : nt + 2], y[nt : nt + 2])  # pump flows, after the inflows

@@ -49,6 +49,23 @@ class Identified:
     rms: Array
     samples: int
 
+    def affine(self, switches: Array) -> tuple[Array, Array, Array, Array]:
+        """The fit at one on/off combination of ``layout.switches`` as
+        ``targets = c + L @ levels + D @ group_demand + V @ valve_settings``: returns
+        ``(c, L, D, V)``, ``group_demand`` in m3/h (scale * total * multiplier per group);
+        a MILP can plan with these per combination."""
+        net = self.layout.network
+        nt, ng, nv = len(net.tanks), len(net.groups), len(net.valves)
+        nphi = 1 + nt + ng + nv
+        w = basis_np(np.asarray(switches, dtype=float), self.multilinear)
+        blended = np.tensordot(w, self.theta.reshape(len(w), nphi, -1), axes=1).T
+        return (
+            blended[:, 0],
+            blended[:, 1 : 1 + nt],
+            blended[:, 1 + nt : 1 + nt + ng],
+            blended[:, 1 + nt + ng :],
+        )
+
 
 def basis_np(u_sw: Array, multilinear: bool) -> Array:
     u = np.asarray(u_sw, dtype=float)
