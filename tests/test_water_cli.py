@@ -54,8 +54,10 @@ def test_skeleton_lists_the_network_and_validates(
         main(["skeleton", str(tmp_path / "nothing.txt")])
     assert usage.value.code == 2
     assert main(["skeleton", "wntr:NoSuchNet.inp"]) == 2
+    assert main(["skeleton", "wntr:Net2.inp"]) == 2  # a tank, but no pump or valve
     err = capsys.readouterr().err
-    assert "ships no network" in err and "Traceback" not in err
+    assert "ships no network" in err and "nothing to control" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.slow

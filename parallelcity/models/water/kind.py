@@ -151,8 +151,7 @@ def build(config: Config) -> SubsystemModel:
     for name in [*config.tank_limits, *config.initial_levels]:
         if name not in tanks:
             raise ValueError(f"{name!r} is not a tank of {net.source} (tanks: {', '.join(tanks)})")
-    if not net.tanks:
-        raise ValueError(f"{net.source} has no tank: there is no storage to schedule")
+    controllable(net)
     critical = tuple(config.critical_nodes)
     layout = Layout(net, critical)
     mtime = Path(net.source).stat().st_mtime
@@ -220,6 +219,15 @@ def build(config: Config) -> SubsystemModel:
     )
     _INFO[model] = WaterInfo(net, layout, time0, limits, dict(config.critical_nodes), ident)
     return model
+
+
+def controllable(net: Network) -> None:
+    """``ValueError`` for a network with nothing to schedule or nothing to schedule with."""
+    name = Path(net.source).name
+    if not net.tanks:
+        raise ValueError(f"{name} has no tank: there is no storage to schedule")
+    if not (net.pumps or net.valves or net.switched_pipes):
+        raise ValueError(f"{name} has no pump, valve or switched pipe: nothing to control")
 
 
 class _Kind:

@@ -17,10 +17,12 @@ import tempfile
 import warnings
 
 from .epanet_plant import Layout
+from .kind import controllable
 from .network import WNTR_PREFIX, Network, describe, read_wntr, resolve
 
 CANDIDATES = 3
 START = "2026-01-12T00:00:00Z"
+SMALL_NETWORK_JUNCTIONS = 200
 FLOAT32_SLACK_M = 0.01  # a full or empty tank's level, read as a float32 register
 
 
@@ -46,6 +48,7 @@ def skeleton(ref: str) -> str:
     """The scenario skeleton of network ``ref`` (a path or ``wntr:NAME.inp``)."""
     path = resolve(ref)
     net = describe(read_wntr(path), str(path))
+    controllable(net)
     crit = [
         (j, max(0.0, math.floor(0.8 * lo)), 10.0 * math.ceil(1.5 * hi / 10.0))
         for j, lo, hi in critical_candidates(ref)
@@ -83,7 +86,7 @@ def _text(
         "cycle_s = 3600",
         "horizon_steps = 24",
         "cycles = 24",
-        "speed = 1800",
+        f"speed = {_speed(net)}                          # simulated s per wall s (embedded rig)",
         "deadline_s = 600",
         "",
         "[security]",
@@ -174,6 +177,12 @@ def _text(
             "",
         ]
     return "\n".join(lines)
+
+
+def _speed(net: Network) -> int:
+    """A speed at which the embedded field plant (EPANET stepped every simulated minute)
+    and the verification keep up on a small machine: slower for a larger network."""
+    return 1800 if len(net.junctions) <= SMALL_NETWORK_JUNCTIONS else 300
 
 
 def _slug(stem: str) -> str:
