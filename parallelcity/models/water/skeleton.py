@@ -5,8 +5,9 @@ validates as it is: the network's tanks with their level limits as bands, its pu
 valves and switched pipes as Modbus inputs, its outputs as Modbus points, the
 ``inp_rules`` controller, and candidate critical nodes: the junctions with demand whose
 pressure is lowest over one day of the file's own run (EPANET, its own controls), with a
-minimum pressure below what that run keeps (and a ceiling half as much again as its
-highest), so the network's own rules pass.
+minimum pressure below what that run keeps and a ceiling the network cannot exceed (the
+highest source or tank top plus the largest pump shutoff head), so the network's own
+rules pass.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import os
 import tempfile
 import warnings
+from typing import Any
 
 from .epanet_plant import Layout
 from .kind import controllable
@@ -23,6 +25,7 @@ from .network import WNTR_PREFIX, Network, describe, read_wntr, resolve
 CANDIDATES = 3
 START = "2026-01-12T00:00:00Z"
 SMALL_NETWORK_JUNCTIONS = 200
+NO_CEILING_M = 1000.0  # a constant-power pump lifts without bound as its flow falls
 FLOAT32_SLACK_M = 0.01  # a full or empty tank's level, read as a float32 register
 
 
@@ -47,11 +50,14 @@ def critical_candidates(ref: str, n: int = CANDIDATES) -> list[tuple[str, float,
 def skeleton(ref: str) -> str:
     """The scenario skeleton of network ``ref`` (a path or ``wntr:NAME.inp``)."""
     path = resolve(ref)
-    net = describe(read_wntr(path), str(path))
+    wn = read_wntr(path)
+    net = describe(wn, str(path))
     controllable(net)
+    top = _highest_head(wn)
+    elevation = {j.name: j.elevation_m for j in net.junctions}
     crit = [
-        (j, max(0.0, math.floor(0.8 * lo)), 10.0 * math.ceil(1.5 * hi / 10.0))
-        for j, lo, hi in critical_candidates(ref)
+        (j, max(0.0, math.floor(0.8 * lo)), 10.0 * math.ceil((top - elevation[j]) / 10.0))
+        for j, lo, _ in critical_candidates(ref)
     ]
     layout = Layout(net, tuple(j for j, _, _ in crit))
     inp = ref if ref.startswith(WNTR_PREFIX) else str(path.resolve())
@@ -168,7 +174,7 @@ def _text(
             f"high = {_f(t.max_level_m + FLOAT32_SLACK_M)}",
             "",
         ]
-    for j, p, top in crit:  # the ceiling: half as much again as the file's run reaches
+    for j, p, top in crit:  # the ceiling: what the network cannot exceed (_highest_head)
         lines += [
             "[[specs.bands]]",
             f'output = "{j}.pressure"',
@@ -177,6 +183,24 @@ def _text(
             "",
         ]
     return "\n".join(lines)
+
+
+def _highest_head(wn: Any) -> float:
+    """A head no operation of the network exceeds: the highest source or tank top plus the
+    highest pump shutoff head (with a constant-power pump, NO_CEILING_M above the top)."""
+    heads = [wn.get_node(t).elevation + wn.get_node(t).max_level for t in wn.tank_name_list]
+    for r in wn.reservoir_name_list:
+        res = wn.get_node(r)
+        pat = wn.get_pattern(res.head_pattern_name) if res.head_pattern_name else None
+        heads.append(res.base_head * (max(pat.multipliers) if pat is not None else 1.0))
+    lift = 0.0
+    for name in wn.pump_name_list:
+        pump = wn.get_link(name)
+        if pump.pump_type == "HEAD":
+            lift = max(lift, max(h for _, h in wn.get_curve(pump.pump_curve_name).points))
+        else:
+            lift = max(lift, NO_CEILING_M)
+    return float(max(heads)) + lift
 
 
 def _speed(net: Network) -> int:
