@@ -257,3 +257,55 @@ def test_the_fit_per_combination_is_the_twins_relation(net3: SubsystemModel) -> 
     y = np.asarray(net3.h(net3.x0, u, d, net3.nominal)).ravel()
     nt = net3.nx
     assert np.allclose(flows[nt : nt + 2], y[nt : nt + 2])  # pump flows, after the inflows
+
+
+RULES = """[RULES]
+RULE fill
+IF TANK 2 LEVEL BELOW 140
+THEN PUMP 9 STATUS IS OPEN
+ELSE PUMP 9 STATUS IS CLOSED
+PRIORITY 1
+
+RULE morning_peak_off
+IF SYSTEM CLOCKTIME >= 6:00
+AND SYSTEM CLOCKTIME < 8:00
+AND TANK 2 LEVEL ABOVE 115
+THEN PUMP 9 STATUS IS CLOSED
+PRIORITY 5
+"""
+
+
+@pytest.mark.parametrize(
+    ("hour", "level_ft", "pump_on"),
+    [
+        (3.0, 120.0, 1.0),  # fill below 140 ft
+        (7.0, 120.0, 0.0),  # the higher-priority rule wins in the morning peak
+        (7.0, 112.0, 1.0),  # ... unless the tank is low
+        (10.0, 145.0, 0.0),  # ELSE of the fill rule
+    ],
+)
+def test_inp_rules_run_rules_with_else_priority_and_clock_time(
+    tmp_path: Path, hour: float, level_ft: float, pump_on: float
+) -> None:
+    text = Path(load(NET1).source).read_text()
+    text = text.replace(" LINK 9 OPEN IF NODE 2 BELOW 110\n", "")
+    text = text.replace(" LINK 9 CLOSED IF NODE 2 ABOVE 140\n", "")
+    text = text.replace("[RULES]\n", RULES)
+    inp = tmp_path / "net1_rules.inp"
+    inp.write_text(text)
+    model = build(Config(inp=str(inp), step_s=900))
+    info = water_info(model)
+    assert info is not None and {r.name for r in info.network.rules} == {
+        "fill", "morning_peak_off",
+    }  # fmt: skip
+    ctrl = INP_RULES.create(INP_RULES.Config())
+    ctrl.setup(_problem(model, horizon=2))
+    t0 = hour * HOUR
+    empty = np.zeros((3, 0))
+    x0 = np.array([level_ft * 0.3048])
+    inp_ = ControlInput(
+        t0, x0, 1.0 - np.array([pump_on]), model.forecast(t0, 2, HOUR), empty, empty
+    )
+    res = ctrl.step(inp_)
+    assert res.status.usable, res.message
+    assert res.u_plan[0, 0] == pump_on
