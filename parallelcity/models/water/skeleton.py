@@ -16,6 +16,7 @@ import math
 import os
 import tempfile
 import warnings
+from pathlib import Path
 from typing import Any
 
 from .epanet_plant import Layout
@@ -60,8 +61,21 @@ def skeleton(ref: str) -> str:
         for j, lo, _ in critical_candidates(ref)
     ]
     layout = Layout(net, tuple(j for j, _, _ in crit))
-    inp = ref if ref.startswith(WNTR_PREFIX) else str(path.resolve())
+    inp = _reference(ref, path)
     return _text(net, layout, inp, crit, path.stem)
+
+
+def _reference(ref: str, path: Path) -> str:
+    """How the scenario names the file: ``wntr:NAME`` for a network shipped in wntr (the
+    scenario then runs wherever wntr is installed), else the file's absolute path."""
+    if ref.startswith(WNTR_PREFIX):
+        return ref
+    try:
+        if resolve(WNTR_PREFIX + path.name).resolve() == path.resolve():
+            return WNTR_PREFIX + path.name
+    except ValueError:  # wntr ships no network of that name
+        pass
+    return str(path.resolve())
 
 
 def _f(v: float) -> str:
