@@ -30,13 +30,13 @@ class DiagnosisConfig(BaseModel):
         12, ge=2, le=500, description="cycles fitted to isolate a fault, half after its detection"
     )
     warmup_cycles: int = Field(
-        8, ge=1, le=10000, description="cycles learning the fault-free residual baseline"
+        16, ge=1, le=10000, description="cycles learning the fault-free residual baseline"
     )
     baseline_cycles: float = Field(
         96.0, ge=0, description="time constant of the baseline's average, cycles (0: fixed)"
     )
     drift_allowance: float = Field(
-        0.5, gt=0, le=10, description="CUSUM allowance k in noise sigmas (shifts of 2k matter)"
+        1.0, gt=0, le=10, description="CUSUM allowance k in noise sigmas (shifts of 2k matter)"
     )
     min_explained: float = Field(
         0.5, ge=0, lt=1, description="share of the residuals the best fault must explain"
