@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 
@@ -49,6 +50,7 @@ def alarm_rate(h: float, k: float, learnt_from: int) -> float:
     return float(sum(rates)) / math.sqrt(2.0 * math.pi)
 
 
+@cache
 def threshold(k: float, learnt_from: int, rate: float) -> float:
     """The smallest ``h`` whose ``alarm_rate`` is at most ``rate`` per cycle (bisection)."""
     lo, hi = 0.0, 1.0

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -77,11 +77,15 @@ class Alarm:
 
     def describe(self) -> str:
         size = "" if self.size is None else f" size {self.size:.3g} {self.unit}".rstrip()
-        ev = self.evidence
+        ev, up = self.evidence, self.evidence["runner_up"]
+        why = (
+            "its reading repeats bit for bit"
+            if ev["frozen_reading"]
+            else f"margin {ev['margin']:.1f}"
+        )
         return (
-            f"{self.kind} on {self.component}{size} (explains {ev['explained']:.0%}, "
-            f"margin {ev['margin']:.1f} over {ev['runner_up']['kind']} on "
-            f"{ev['runner_up']['component']}); detected on {self.channel}"
+            f"{self.kind} on {self.component}{size} (explains {ev['explained']:.0%}, {why} "
+            f"over {up['kind']} on {up['component']}); detected on {self.channel}"
         )
 
 
@@ -129,6 +133,7 @@ class Diagnoser:
         self.pending: tuple[Detection, float, dict[str, float], float] | None = None
         self.alarms: list[Alarm] = []
         self.adopted: list[tuple[Hypothesis, Alarm]] = []
+        self._unseen: dict[str, float] = {}  # frozen state sensor -> the state as predicted
         self._last_t: float | None = None
 
     def observe(
@@ -140,6 +145,8 @@ class Diagnoser:
         t_from, self._last_t = self._last_t, t
         if pred is None or t_from is None:
             return []
+        for name in self._unseen:  # a frozen sensor's state goes on as the twin predicts it
+            self._unseen[name] = float(pred.y_pred[self.model.index("outputs", name)])
         k = self.k
         self.k += 1
         self.cycles.append(_Cycle(pred, dict(readings), t_from))
@@ -198,6 +205,8 @@ class Diagnoser:
             spec = FaultSpec(kind.name, alarm.component, alarm.size, alarm.start)
             p = ActiveFault(self.model, spec).params(self.predictor.params, alarm.start)
             self.predictor.params = self.isolator.params = p
+        if kind.effect is FaultEffect.STUCK and hyp.state is not None:
+            self._unseen[alarm.component] = alarm.size or 0.0
         self.adopted.append((hyp, alarm))
 
     def _explained(
@@ -211,6 +220,8 @@ class Diagnoser:
                 u_out[list(hyp.index)] = size
             elif kind.applies_to is FaultTarget.SENSOR and kind.effect is FaultEffect.STUCK:
                 out.pop(hyp.component, None)
+                if x_out is not None and hyp.state is not None:
+                    x_out[hyp.state] = self._unseen.get(hyp.component, size)
             elif kind.applies_to is FaultTarget.SENSOR:
                 bias = size * max(0.0, t - alarm.start) / 3600.0
                 if hyp.component in out:
@@ -229,8 +240,12 @@ class Diagnoser:
         w = self._window(window, baseline)
         fits, j0 = self.isolator.rank(w, self.hypotheses)
         best = fits[0]
-        runner = fits[1] if len(fits) > 1 else Fit("none", "", 0.0, j0, best.start)
+        frozen = best.cost > min(f.cost for f in fits)  # put first by its frozen reading
         kind = self.model.fault_kind(best.kind)
+        if kind.applies_to is FaultTarget.SENSOR and kind.effect is FaultEffect.STUCK:
+            # fitted on residuals less their baseline: the reading itself is the sum
+            best = replace(best, size=best.size + baseline.get(best.component, 0.0))
+        runner = fits[1] if len(fits) > 1 else Fit("none", "", 0.0, j0, best.start)
         z = w.r / self.sigma[None, :]
         evidence = {
             "window": [float(w.t_from[0]), float(w.t[-1])],
@@ -248,6 +263,7 @@ class Diagnoser:
             "margin": runner.cost - best.cost,
             "no_fault_cost": j0,
             "explained": 1.0 - best.cost / j0 if j0 > 0 else 0.0,
+            "frozen_reading": frozen,
             "statistic": det.statistic,
             "threshold": self.detector.h,
         }
@@ -280,6 +296,7 @@ class Diagnoser:
             d1=np.array([c.pred.d_now for c in window]),
             y_pred=np.array([c.pred.y_pred for c in window]),
             r=r,
+            y_meas=np.array([[c.readings.get(ch, nan) for ch in self.channels] for c in window]),
             channels=self.channels,
             sigma=self.sigma,
         )

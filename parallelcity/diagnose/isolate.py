@@ -53,6 +53,7 @@ class Window:
     d1: Array  # (W, nd) disturbances at the reading
     y_pred: Array  # (W, ny) the twin's prediction
     r: Array  # (W, C) residual minus its fault-free baseline (NaN: no reading)
+    y_meas: Array  # (W, C) the readings themselves
     channels: tuple[str, ...]
     sigma: Array  # (C,)
 
@@ -213,6 +214,13 @@ class Isolator:
             xs = float(y[0, out_i])
         return out
 
+    def _frozen(self, w: Window, fit: Fit) -> bool:
+        kind = self.model.fault_kind(fit.kind)
+        if not (kind.applies_to is FaultTarget.SENSOR and kind.effect is FaultEffect.STUCK):
+            return False
+        col = w.y_meas[w.t_from >= fit.start, w.channels.index(fit.component)]
+        return len(col) >= MIN_ACTIVE and bool(np.all(col == col[0]))
+
     @staticmethod
     def row_costs(w: Window, pattern: Array) -> Array:
         """Each cycle's share of J: (S, W, C) -> (S, W)."""
@@ -257,7 +265,14 @@ class Isolator:
         return Fit(hyp.kind.name, hyp.component, size, cost, float(w.t_from[first]))
 
     def rank(self, w: Window, hyps: Sequence[Hypothesis]) -> tuple[list[Fit], float]:
-        """Every hypothesis's fit, best first, and ``J_0`` (no fault)."""
+        """Every hypothesis's fit, best first, and ``J_0`` (no fault).
+
+        A reading repeated bit for bit from the fitted start on is a frozen sensor: a live
+        one's noise never repeats exactly, so that stuck hypothesis goes first whatever
+        the fits of the others (a drift cancelling the plant's movement can fit as well
+        while the plant moves in a straight line)."""
         fits = sorted((self.fit(w, h) for h in hyps), key=lambda f: f.cost)
+        frozen = [f for f in fits if self._frozen(w, f)]
+        fits = frozen + [f for f in fits if f not in frozen]
         j0 = float(np.nansum((w.r / w.sigma[None, :]) ** 2))
         return fits, j0
