@@ -36,7 +36,7 @@ from parallelcity.twin.model import (
 from .faults import targets
 
 GRID_POINTS = 25
-GOLDEN_STEPS = 24
+GOLDEN_STEPS = 12  # the bracket is two grid cells: 0.618^12 of it is far below any noise
 MIN_ACTIVE = 3  # a fitted start leaves at least this many faulty cycles in the window
 INV_PHI = (math.sqrt(5.0) - 1.0) / 2.0
 
@@ -155,14 +155,19 @@ class Isolator:
         self.params = np.asarray(model.nominal if params is None else params, dtype=float)
         self._g = _one_step(model, self.dt)
         self._maps: dict[int, ca.Function] = {}
+        self._rollout: tuple[Window, str, Array] | None = None  # the last one rolled out
 
     def _eval(self, x: Array, u: Array, d0: Array, d1: Array, p: Array) -> Array:
         """Outputs (N, ny) of the one-step map over N stacked columns."""
         n = x.shape[0]
-        g = self._maps.get(n)
+        size = 1 << max(0, n - 1).bit_length()  # a few map sizes, padded: building one costs ms
+        g = self._maps.get(size)
         if g is None:
-            g = self._maps[n] = self._g.map(n)
-        return np.asarray(g(x.T, u.T, d0.T, d1.T, p.T), dtype=float).T.reshape(n, -1)
+            g = self._maps[size] = self._g.map(size)
+        cols = [
+            np.concatenate([a, np.repeat(a[-1:], size - n, axis=0)]).T for a in (x, u, d0, d1, p)
+        ]
+        return np.asarray(g(*cols), dtype=float).T.reshape(size, -1)[:n]
 
     def patterns(self, w: Window, hyp: Hypothesis, sizes: Sequence[float], start: float) -> Array:
         """Predicted residuals (S, W, C) of ``hyp`` at each of ``sizes``, as if active over
@@ -202,17 +207,33 @@ class Isolator:
         there (for a sensor of no state: the twin's prediction)."""
         if hyp.state is None:
             return w.y_pred
-        out, out_i, xs = np.array(w.y_pred), hyp.index[0], None
-        for row in range(len(w.t)):
-            if w.t_from[row] < start:
-                continue
-            x = np.array(w.x_from[row])
-            if xs is not None:
-                x[hyp.state] = xs
-            y = self._eval(x[None], w.u[row][None], w.d0[row][None], w.d1[row][None], self.params)
-            out[row] = y[0]
-            xs = float(y[0, out_i])
-        return out
+        last = self._rollout
+        if last is None or last[0] is not w or last[1] != hyp.component:
+            last = self._rollout = (w, hyp.component, self._roll_unseen(w, hyp))
+        return np.asarray(last[2][int(np.searchsorted(w.t_from, start))], dtype=float)
+
+    def _roll_unseen(self, w: Window, hyp: Hypothesis) -> Array:
+        """``_unseen_state`` for every start row at once (F, W, ny): one batch per cycle."""
+        assert hyp.state is not None
+        nw, out_i = len(w.t), hyp.index[0]
+        outs = np.tile(w.y_pred, (nw, 1, 1))
+        xs = np.full(nw, np.nan)  # per start row: the state as carried forward
+        for row in range(nw):
+            firsts = np.arange(row + 1)  # rollouts that have started by this row
+            x = np.tile(w.x_from[row], (len(firsts), 1))
+            carried = firsts < row
+            x[carried, hyp.state] = xs[firsts[carried]]
+            reps = len(firsts)
+            y = self._eval(
+                x,
+                np.tile(w.u[row], (reps, 1)),
+                np.tile(w.d0[row], (reps, 1)),
+                np.tile(w.d1[row], (reps, 1)),
+                np.tile(self.params, (reps, 1)),
+            )
+            outs[firsts, row] = y
+            xs[firsts] = y[:, out_i]
+        return outs
 
     def _frozen(self, w: Window, fit: Fit) -> bool:
         kind = self.model.fault_kind(fit.kind)
@@ -240,7 +261,11 @@ class Isolator:
             wt = 1.0 / (w.sigma[None, :] ** 2)
             for first in firsts:
                 start = float(w.t_from[first])
-                p0, p1 = self.patterns(w, hyp, [0.0, 1.0], start)
+                if hyp.kind.effect is FaultEffect.DRIFT:  # no drift: the twin's prediction
+                    p1 = self.patterns(w, hyp, [1.0], start)[0]
+                    p0 = np.zeros_like(p1)
+                else:
+                    p0, p1 = self.patterns(w, hyp, [0.0, 1.0], start)
                 dp, r = (p1 - p0)[first:], w.r[first:] - p0[first:]
                 den = float(np.nansum(wt * dp * dp))
                 size = float(np.nansum(wt * dp * r)) / den if den > 0 else 0.0
