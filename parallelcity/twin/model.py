@@ -168,7 +168,7 @@ SENSOR_FAULTS = (
         "sensor_drift",
         FaultTarget.SENSOR,
         FaultEffect.DRIFT,
-        min_size=1.0,
+        min_size=4.0,  # a state's sensor needs it (the twin starts from the drifted value)
         unit="per hour",
         relative_to_noise=True,
         description="a reading drifting away from the truth at a constant rate",
