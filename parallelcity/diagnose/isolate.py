@@ -235,12 +235,23 @@ class Isolator:
             xs[firsts] = y[:, out_i]
         return outs
 
-    def _frozen(self, w: Window, fit: Fit) -> bool:
+    def _stuck_readings(self, w: Window, fit: Fit) -> Array | None:
+        """A stuck-sensor fit's readings from its start on (None for other fits)."""
         kind = self.model.fault_kind(fit.kind)
         if not (kind.applies_to is FaultTarget.SENSOR and kind.effect is FaultEffect.STUCK):
-            return False
+            return None
         col = w.y_meas[w.t_from >= fit.start, w.channels.index(fit.component)]
-        return len(col) >= MIN_ACTIVE and bool(np.all(col == col[0]))
+        return np.asarray(col[np.isfinite(col)], dtype=float)
+
+    def _frozen(self, w: Window, fit: Fit) -> bool:
+        col = self._stuck_readings(w, fit)
+        return col is not None and len(col) >= MIN_ACTIVE and bool(np.all(col == col[0]))
+
+    def _moving(self, w: Window, fit: Fit) -> bool:
+        col = self._stuck_readings(w, fit)
+        if col is None or len(col) < 2:
+            return False
+        return float(np.std(col)) > w.sigma[w.channels.index(fit.component)]
 
     @staticmethod
     def row_costs(w: Window, pattern: Array) -> Array:
@@ -298,6 +309,7 @@ class Isolator:
         while the plant moves in a straight line)."""
         fits = sorted((self.fit(w, h) for h in hyps), key=lambda f: f.cost)
         frozen = [f for f in fits if self._frozen(w, f)]
-        fits = frozen + [f for f in fits if f not in frozen]
+        moving = [f for f in fits if self._moving(w, f)]
+        fits = frozen + [f for f in fits if f not in frozen and f not in moving] + moving
         j0 = float(np.nansum((w.r / w.sigma[None, :]) ** 2))
         return fits, j0

@@ -129,7 +129,8 @@ class FaultKind:
     """A fault a model kind declares: what it perturbs and how (``components``: component
     name -> the parameters or inputs it perturbs; a sensor fault applies to every measured
     output).  ``min_size`` is the smallest size the kind promises is diagnosable; with
-    ``relative_to_noise`` it counts diagnosis noise standard deviations of the output."""
+    ``relative_to_noise`` it counts diagnosis noise standard deviations of the output (per
+    cycle, for a drift: ``size * cycle_h / sigma``)."""
 
     name: str
     applies_to: FaultTarget
@@ -168,7 +169,7 @@ SENSOR_FAULTS = (
         "sensor_drift",
         FaultTarget.SENSOR,
         FaultEffect.DRIFT,
-        min_size=4.0,  # a state's sensor needs it (the twin starts from the drifted value)
+        min_size=2.5,  # noise sigmas per cycle: a one-cycle-ahead residual sees rate * cycle
         unit="per hour",
         relative_to_noise=True,
         description="a reading drifting away from the truth at a constant rate",
