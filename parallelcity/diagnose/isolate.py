@@ -251,7 +251,7 @@ class Isolator:
         col = self._stuck_readings(w, fit)
         if col is None or len(col) < 2:
             return False
-        return float(np.std(col)) > w.sigma[w.channels.index(fit.component)]
+        return float(np.std(col)) > float(w.sigma[w.channels.index(fit.component)])
 
     @staticmethod
     def row_costs(w: Window, pattern: Array) -> Array:
