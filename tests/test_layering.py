@@ -62,6 +62,13 @@ PURE_MODULES = (
     "parallelcity.models.district_heating",
     "parallelcity.models.pump_tank",
     "parallelcity.hil.plant",
+    # fault diagnosis
+    "parallelcity.diagnose",
+    "parallelcity.diagnose.config",
+    "parallelcity.diagnose.detect",
+    "parallelcity.diagnose.diagnoser",
+    "parallelcity.diagnose.faults",
+    "parallelcity.diagnose.isolate",
     # decision
     "parallelcity.decide.control",
     "parallelcity.decide.gate",
@@ -132,6 +139,17 @@ STAGE_RULES = (
         "parallelcity.twin",
         ("parallelcity.gateway", "parallelcity.dispatch", "parallelcity.record"),
         "the twin predicts from values, whatever carries them",
+    ),
+    Rule(
+        "parallelcity.diagnose",
+        (
+            "parallelcity.gateway",
+            "parallelcity.dispatch",
+            "parallelcity.decide",
+            "parallelcity.record",
+            "parallelcity.field.mirror",
+        ),
+        "a diagnosis explains residuals from values; it never changes what is dispatched",
     ),
     Rule(
         "parallelcity.specs",

@@ -44,6 +44,9 @@ from parallelcity.decide.cycle import (
     finish_cycle,
 )
 from parallelcity.decide.gate import SimplexGate
+from parallelcity.diagnose.config import settings as diagnosis_settings
+from parallelcity.diagnose.diagnoser import Diagnoser
+from parallelcity.diagnose.faults import FaultTarget
 from parallelcity.dispatch.dispatcher import Dispatcher
 from parallelcity.dispatch.wire import AckStatus, Status, WatchdogState
 from parallelcity.errors import (
@@ -82,7 +85,7 @@ from parallelcity.run.security import zmq_security as _zmq_security
 from parallelcity.scenario.definition import Scenario
 from parallelcity.scenario.text import scenario_toml
 from parallelcity.specs import SafetySpecs
-from parallelcity.twin.divergence import DivergenceMonitor, DivergenceSettings
+from parallelcity.twin.divergence import DivergenceMonitor, DivergenceSettings, fresh_readings
 from parallelcity.twin.estimate import ExtendedKalmanFilter
 from parallelcity.twin.model import Array
 from parallelcity.twin.twin import Twin
@@ -178,6 +181,48 @@ def _watch_divergence(
         )
 
 
+def _diagnoser(scenario: Scenario) -> Diagnoser | None:
+    cfg = scenario.file.diagnosis
+    if cfg is None or not cfg.enabled:
+        return None
+    bounds = {s.name: (s.min, s.max) for s in scenario.specs.inputs}
+    dt_s = scenario.meta.cycle_s
+    return Diagnoser(scenario.model, dt_s, diagnosis_settings(cfg, scenario.model, dt_s, bounds))
+
+
+async def _diagnose(
+    diagnoser: Diagnoser,
+    journal: Journal,
+    k: int,
+    t: float,
+    snap: Snapshot,
+    decision: Decision,
+    u_now: Array,
+    banded: frozenset[str],
+) -> list[dict[str, Any]]:
+    """One cycle of diagnosis, journaled; the alarms it raised.  It only reports: what is
+    dispatched stays the controller's and the fallback's business.  An isolation fits every
+    hypothesis (a few hundred ms on a loaded machine), so it runs off the event loop."""
+    x = decision.x0 if snap.link_up else None
+    events = await asyncio.to_thread(diagnoser.observe, t, fresh_readings(snap), x, u_now)
+    alarms = []
+    for event in events:
+        journal.record_event(k, event.t, "diagnosis", event.kind, event.detail, event.data)
+        if event.alarm is None:
+            log.info("cycle %d: diagnosis %s: %s", k, event.kind, event.detail)
+            continue
+        alarms.append(event.alarm.as_dict())
+        kind = diagnoser.model.fault_kind(event.alarm.kind)
+        hint = ""
+        if kind.applies_to is FaultTarget.SENSOR and event.alarm.component in banded:
+            hint = (
+                "; the twin reads this banded output from the faulty sensor, so its band "
+                "is judged on a wrong value: check the sensor on site"
+            )
+        log.warning("cycle %d: fault alarm: %s%s", k, event.detail, hint)
+    return alarms
+
+
 def _embedded_core(scenario: Scenario, specs: SafetySpecs, speed: float) -> GatewayCore:
     """The embedded gateway's rules: the specs' limits, and the scenario's watchdog if any.
 
@@ -236,6 +281,7 @@ class _Setup:
     specs: SafetySpecs
     logic: CycleLogic
     monitor: DivergenceMonitor | None
+    diagnoser: Diagnoser | None
     pool: PoolSamples | None
     controller_kind: str
     rig_kind: Any
@@ -288,6 +334,7 @@ def _prepare(scenario: Scenario, options: RunOptions) -> _Setup:
         specs,
         logic,
         _divergence_monitor(scenario),
+        _diagnoser(scenario),
         pool,
         controller_kind,
         rig_kind,
@@ -434,6 +481,7 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         signal=stop.signal,
         abandoned=loop.abandoned,
         first_cycle_t=loop.t_first,
+        alarms=loop.alarms,
     )
 
 
@@ -464,6 +512,7 @@ class _Loop:
         self.t_first: float | None = None
         self.ended = False
         self.watchdog_seen = WatchdogState.ARMED
+        self.alarms: list[dict[str, Any]] = []
 
     async def run(self, tasks: asyncio.TaskGroup, gateway_endpoint: str, issuer: str) -> None:
         meta, clock, stop = self.setup.scenario.meta, self.clock, self.stop
@@ -548,6 +597,11 @@ class _Loop:
             )
         if run.monitor is not None:
             _watch_divergence(run.monitor, journal, k, t_k, snap, d, self.u_prev)
+        if run.diagnoser is not None:
+            banded = frozenset(b.output for b in run.specs.bands)
+            self.alarms += await _diagnose(
+                run.diagnoser, journal, k, t_k, snap, d, self.u_prev, banded
+            )
         count_cycle(self.counts, step.outcome, d.source)
         rec = _record(
             k, t_k, snap, step, run.specs, run.scenario.model.inputs, self.u_prev, ack, wall0
