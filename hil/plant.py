@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
-from parallelcity.twin.model import Array, SubsystemModel
+from parallelcity.twin.model import Array, KpiSource, SubsystemModel
 
 Truth = Callable[[float], Array]
 
@@ -109,6 +109,10 @@ class PlantSimulator:
 
     def output_dict(self) -> dict[str, float]:
         return {name: float(v) for name, v in zip(self.model.outputs, self.outputs(), strict=True)}
+
+    def kpis(self) -> dict[str, float]:
+        """The simulator's own KPIs if it measures any (``KpiSource``), else none."""
+        return dict(self._plant.kpis()) if isinstance(self._plant, KpiSource) else {}
 
 
 class DisturbanceError:

@@ -87,7 +87,7 @@ from parallelcity.twin.estimate import ExtendedKalmanFilter
 from parallelcity.twin.model import Array
 from parallelcity.twin.twin import Twin
 from parallelcity.verify.rig import FieldStandIn
-from parallelcity.verify.verifier import PoolSamples, RigRecipe, Verifier
+from parallelcity.verify.verifier import PoolSamples, RigRecipe, SampleRunner, Verifier
 
 __all__ = ["CycleRecord", "RunOptions", "RunResult", "count_cycle", "rearm_command", "run"]
 
@@ -144,7 +144,29 @@ def _estimator(scenario: Scenario) -> ExtendedKalmanFilter | None:
     )
 
 
-def _divergence_monitor(scenario: Scenario) -> DivergenceMonitor | None:
+def cycle_logic(
+    scenario: Scenario,
+    controller_kind: str | None = None,
+    *,
+    runner: SampleRunner | None = None,
+    deadline_s: float | None = None,
+) -> tuple[str, CycleLogic]:
+    """The cycle's pure decision logic, set up: twin, controller and fallback, the verifier
+    on the scenario's rig (its samples on ``runner``, serially if None) and the gate."""
+    specs, model, meta = scenario.safety_specs(), scenario.model, scenario.meta
+    kind, cfg = controller_settings(scenario, controller_kind)
+    controller = plugins.controller_kind(kind).create(cfg)
+    fallback = plugins.controller_kind(scenario.file.fallback.kind).create(scenario.fallback_config)
+    twin = Twin(model, specs, meta.cycle_s, meta.horizon_steps, _estimator(scenario))
+    rig = plugins.rig_kind(scenario.file.rig.kind).verification_rig(scenario.rig_config, model)
+    verifier = Verifier(specs, rig, meta.cycle_s, runner=runner, deadline_s=deadline_s)
+    gate = SimplexGate(scenario.file.verification.reverify_cycles)
+    logic = CycleLogic(twin, controller, fallback, verifier, gate)
+    logic.setup()
+    return kind, logic
+
+
+def divergence_monitor(scenario: Scenario) -> DivergenceMonitor | None:
     cfg = scenario.file.divergence
     if cfg is None:
         return None
@@ -260,23 +282,20 @@ def _prepare(scenario: Scenario, options: RunOptions) -> _Setup:
     else:
         clock = SimClock(epoch=time.time(), speed=1.0)
     specs = scenario.safety_specs()
-    model = scenario.model
     rig_kind = plugins.rig_kind(scenario.file.rig.kind)
-    controller_kind, controller_cfg = controller_settings(scenario, options.controller_kind)
-    controller = plugins.controller_kind(controller_kind).create(controller_cfg)
-    fallback = plugins.controller_kind(scenario.file.fallback.kind).create(scenario.fallback_config)
-    twin = Twin(model, specs, meta.cycle_s, meta.horizon_steps, _estimator(scenario))
     vcfg = scenario.file.verification
     pool = PoolSamples(RigRecipe.from_scenario(scenario), vcfg.workers) if vcfg.workers else None
-    verifier = Verifier(
-        specs,
-        rig_kind.verification_rig(scenario.rig_config, model),
-        meta.cycle_s,
-        runner=pool,
-        deadline_s=None if vcfg.deadline_s is None else vcfg.deadline_s / speed,
-    )
-    logic = CycleLogic(twin, controller, fallback, verifier, SimplexGate(vcfg.reverify_cycles))
-    logic.setup()
+    try:
+        controller_kind, logic = cycle_logic(
+            scenario,
+            options.controller_kind,
+            runner=pool,
+            deadline_s=None if vcfg.deadline_s is None else vcfg.deadline_s / speed,
+        )
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
     cycles = options.cycles or meta.cycles
     return _Setup(
         scenario,
@@ -287,7 +306,7 @@ def _prepare(scenario: Scenario, options: RunOptions) -> _Setup:
         cycles,
         specs,
         logic,
-        _divergence_monitor(scenario),
+        divergence_monitor(scenario),
         pool,
         controller_kind,
         rig_kind,
