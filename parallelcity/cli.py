@@ -9,7 +9,9 @@ Exit codes:
     5  `verify`: a safety spec does not hold on some rig sample
     6  `run` ended without achieving control: commands acked on fewer cycles than
        [scenario] min_acked_share (default 0.5), e.g. every command refused
-  130  `run` interrupted by SIGINT, 143 by SIGTERM (after writing its outputs)
+       (`experiment`: 1 if any run failed, the others still complete)
+  130  `run` interrupted by SIGINT, 143 by SIGTERM (after writing its outputs); `experiment`
+       interrupted by Ctrl-C (finished runs kept)
 """
 
 from __future__ import annotations
@@ -54,6 +56,14 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds such as 3 or 1,2, got {text!r}") from None
+    return seeds
 
 
 def _speed(text: str) -> float:
@@ -117,6 +127,24 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("schema", help="print the JSON Schema of scenario files")
     s.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+    s.add_argument(
+        "--experiment", action="store_true", help="the schema of experiment files instead"
+    )
+
+    e = sub.add_parser(
+        "experiment",
+        help="compare controllers and settings: a scenario under variants x seeds",
+        description="Run EXPERIMENT's base scenario under each variant with each seed, every "
+        "run a closed loop on the rig's field plant (no field, gateway or network), in "
+        "parallel; write a KPI table (CSV, JSON, Markdown), box plots and a manifest to "
+        "--out. Runs already done are skipped. Exit 1 if a run failed.",
+    )
+    e.add_argument("experiment", type=Path, help="experiment TOML file")
+    e.add_argument("--out", type=Path, help="output folder (default experiment-out/NAME/)")
+    e.add_argument("--workers", type=_positive_int, help="parallel runs (default: the file's)")
+    e.add_argument("--only", action="append", metavar="VARIANT", help="run only this variant")
+    e.add_argument("--seeds", type=_seed_list, help="run only these seeds, e.g. 3 or 1,2")
+    e.add_argument("--force", action="store_true", help="rerun runs that are already done")
 
     g = sub.add_parser(
         "gateway",
@@ -291,8 +319,11 @@ def _cmd_validate(paths: Sequence[Path]) -> int:
     return worst
 
 
-def _cmd_schema(output: Path | None) -> int:
-    from parallelcity.scenario.definition import json_schema
+def _cmd_schema(output: Path | None, experiment: bool = False) -> int:
+    if experiment:
+        from parallelcity.experiment.definition import json_schema
+    else:
+        from parallelcity.scenario.definition import json_schema
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if output:
@@ -663,6 +694,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_FIELD
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from parallelcity.experiment.command import Options, experiment_command
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    opts = Options(args.out, args.workers, args.only, args.seeds, args.force)
+    return experiment_command(args.experiment, opts, say)
+
+
 class _UsageError(Exception):
     pass
 
@@ -683,7 +724,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "validate":
             return _cmd_validate(args.scenarios)
         if args.command == "schema":
-            return _cmd_schema(args.output)
+            return _cmd_schema(args.output, args.experiment)
         if args.command == "run":
             return _cmd_run(args)
         if args.command == "gateway":
@@ -702,6 +743,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_report(args)
         if args.command == "field":
             return _cmd_field(args)
+        if args.command == "experiment":
+            return _cmd_experiment(args)
     except _UsageError as exc:
         parser.error(str(exc))
     except ScenarioError as exc:
