@@ -160,3 +160,70 @@ def test_table_files_hold_every_run_and_the_same_statistics() -> None:
     md = markdown(rows, {"loss": "s"})
     assert "| loss [s] | 2 ± 1.41 [1, 3] | 4 ± 0 [4, 4] |" in md
     assert md.splitlines()[0] == "| KPI | mpc (n=2) | pi (n=1) |"
+
+
+def _pi_run(verify: bool, cycles: int = 3) -> RunSpec:
+    from parallelcity.experiment.plan import apply_overrides
+    from parallelcity.scenario.text import tables_toml
+    from parallelcity.toml_file import parse_toml
+
+    from .conftest import DH
+
+    base = parse_toml(DH.read_text())
+    tables, _ = apply_overrides(base, {"controller": base["fallback"]})
+    return RunSpec("pi", 3, cycles, verify, tables_toml(tables), str(DH), "k")
+
+
+def test_plant_kpis_join_the_runs_kpis_and_unverified_runs_still_apply_plans(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plant that is a ``KpiSource`` (as a traffic simulator is) adds its own KPIs, read
+    after the last cycle; ``verify = false`` skips the rig but still applies the plans."""
+    from parallelcity.experiment import loop
+    from parallelcity.twin.model import KpiSource
+
+    made = []
+    real = loop._make_plant
+
+    def counting_plant(scenario, seed):  # the real field plant, with a KPI of its own
+        plant = real(scenario, seed)
+
+        class Counted(type(plant)):  # type: ignore[misc]
+            def kpis(self) -> dict[str, float]:
+                return {"advanced_to_h": (self.t - scenario.meta.start_epoch) / 3600.0}
+
+        plant.__class__ = Counted
+        made.append(plant)
+        return plant
+
+    monkeypatch.setattr(loop, "_make_plant", counting_plant)
+    got = loop.run_one(_pi_run(verify=False), tmp_path)
+    assert isinstance(made[0], KpiSource)
+    assert got.kpis["advanced_to_h"] == 0.75  # 3 cycles of 15 minutes, the last one included
+    assert got.plant_kpis == ("advanced_to_h",)
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data["kpis"]["advanced_to_h"] == 0.75 and data["verify"] is False
+    assert data["summary"]["acked"] == 3 and data["kpis"]["rejected_plans"] == 0
+
+
+def test_a_plant_simulator_reports_its_simulators_kpis(scenario) -> None:
+    from parallelcity.hil.plant import PlantSimulator
+
+    model = scenario.model
+    plant = PlantSimulator(
+        model, model.nominal, lambda t: model.forecast(t, 1, 1.0)[0], model.x0, model.u0, 0.0
+    )
+    assert plant.kpis() == {}  # the CasADi form measures none
+
+    class Measuring:
+        def __init__(self, inner) -> None:
+            self.inner = inner
+
+        def __getattr__(self, name: str):
+            return getattr(self.inner, name)
+
+        def kpis(self) -> dict[str, float]:
+            return {"teleports": 0.0}
+
+    plant._plant = Measuring(plant._plant)
+    assert plant.kpis() == {"teleports": 0.0}

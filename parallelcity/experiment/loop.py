@@ -60,6 +60,7 @@ class RunOutcome:
     kpis: dict[str, float]
     units: dict[str, str]
     wall_s: float
+    plant_kpis: tuple[str, ...] = ()  # which KPIs the plant measured (shown first)
 
 
 class _Readings:
@@ -272,7 +273,7 @@ def run_one(spec: RunSpec, out_dir: Path) -> RunOutcome:
     tmp = out_dir / (SUMMARY + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
     tmp.replace(out_dir / SUMMARY)
-    return RunOutcome(kpis, units, wall_s)
+    return RunOutcome(kpis, units, wall_s, tuple(plant_kpis))
 
 
 def read_summary(path: Path) -> dict[str, Any] | None:

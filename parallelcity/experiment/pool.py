@@ -62,7 +62,13 @@ def _work(spec_data: dict[str, Any], folder: str) -> dict[str, Any]:
             "error": f"{type(exc).__name__}: {exc}",
             "traceback": traceback.format_exc(),
         }
-    return {"status": "done", "kpis": got.kpis, "units": got.units, "wall_s": got.wall_s}
+    return {
+        "status": "done",
+        "kpis": got.kpis,
+        "units": got.units,
+        "wall_s": got.wall_s,
+        "plant_kpis": list(got.plant_kpis),
+    }
 
 
 def _worker_init() -> None:
@@ -74,7 +80,7 @@ def _worker_init() -> None:
 
 def headline(kpis: dict[str, float], names: Sequence[str]) -> str:
     """The first KPIs of a run, for its progress line."""
-    shown = [f"{n} {kpis[n]:.4g}" for n in names if n in kpis][:3]
+    shown = [f"{n} {kpis[n]:.4g}" for n in dict.fromkeys(names) if n in kpis][:3]
     return ", ".join(shown)
 
 
@@ -110,7 +116,7 @@ def run_all(
         if got["status"] == "done":
             rows[spec.run_id] = _row(spec, "done", got["kpis"])
             result.units.update(got["units"])
-            shown = headline(got["kpis"], headline_kpis)
+            shown = headline(got["kpis"], [*got["plant_kpis"], *headline_kpis])
             say(f"{where}: done in {got['wall_s']:.1f} s ({shown})")
         else:
             result.failed += 1
