@@ -67,6 +67,7 @@ PURE_MODULES = (
     "parallelcity.decide.gate",
     "parallelcity.decide.cycle",
     "parallelcity.decide.choice",
+    "parallelcity.decide.assemble",
     # dispatch and gateway decisions
     "parallelcity.dispatch.wire",
     "parallelcity.gateway.watchdog",

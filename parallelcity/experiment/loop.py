@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from parallelcity import plugins
+from parallelcity.decide.assemble import cycle_logic, divergence_monitor
 from parallelcity.decide.cycle import Decision, Outcome, finish_cycle
 from parallelcity.experiment.plan import RunSpec, controller_none
 from parallelcity.field.config import FieldConfig
@@ -30,7 +31,6 @@ from parallelcity.field.protocol import Plant
 from parallelcity.field.snapshot import PointSpec, Snapshot, assess
 from parallelcity.record.records import CycleRecord, RunResult, count_cycle, new_counts
 from parallelcity.record.report import Summary, summarize, write_csv, write_plot
-from parallelcity.run.runner import cycle_logic, divergence_monitor
 from parallelcity.scenario.definition import Scenario
 from parallelcity.specs import SafetySpecs
 from parallelcity.toml_file import parse_toml

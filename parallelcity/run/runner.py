@@ -34,7 +34,7 @@ import numpy as np
 
 from parallelcity import plugins
 from parallelcity.clock import SimClock
-from parallelcity.decide.choice import controller_settings
+from parallelcity.decide.assemble import cycle_logic, divergence_monitor
 from parallelcity.decide.cycle import (
     CycleLogic,
     CycleStep,
@@ -43,7 +43,6 @@ from parallelcity.decide.cycle import (
     Unsolved,
     finish_cycle,
 )
-from parallelcity.decide.gate import SimplexGate
 from parallelcity.dispatch.dispatcher import Dispatcher
 from parallelcity.dispatch.wire import AckStatus, Status, WatchdogState
 from parallelcity.errors import (
@@ -82,12 +81,10 @@ from parallelcity.run.security import zmq_security as _zmq_security
 from parallelcity.scenario.definition import Scenario
 from parallelcity.scenario.text import scenario_toml
 from parallelcity.specs import SafetySpecs
-from parallelcity.twin.divergence import DivergenceMonitor, DivergenceSettings
-from parallelcity.twin.estimate import ExtendedKalmanFilter
+from parallelcity.twin.divergence import DivergenceMonitor
 from parallelcity.twin.model import Array
-from parallelcity.twin.twin import Twin
 from parallelcity.verify.rig import FieldStandIn
-from parallelcity.verify.verifier import PoolSamples, RigRecipe, SampleRunner, Verifier
+from parallelcity.verify.verifier import PoolSamples, RigRecipe
 
 __all__ = ["CycleRecord", "RunOptions", "RunResult", "count_cycle", "rearm_command", "run"]
 
@@ -128,52 +125,6 @@ async def run(
         if first is not None:
             raise first from group
         raise
-
-
-def _estimator(scenario: Scenario) -> ExtendedKalmanFilter | None:
-    est = scenario.file.estimation
-    if est is None:
-        return None
-    return ExtendedKalmanFilter(
-        scenario.model,
-        scenario.meta.cycle_s,
-        biases=est.biases,
-        state_std=est.state_std,
-        bias_std=est.bias_std,
-        measurement_std=est.measurement_std,
-    )
-
-
-def cycle_logic(
-    scenario: Scenario,
-    controller_kind: str | None = None,
-    *,
-    runner: SampleRunner | None = None,
-    deadline_s: float | None = None,
-) -> tuple[str, CycleLogic]:
-    """The cycle's pure decision logic, set up: twin, controller and fallback, the verifier
-    on the scenario's rig (its samples on ``runner``, serially if None) and the gate."""
-    specs, model, meta = scenario.safety_specs(), scenario.model, scenario.meta
-    kind, cfg = controller_settings(scenario, controller_kind)
-    controller = plugins.controller_kind(kind).create(cfg)
-    fallback = plugins.controller_kind(scenario.file.fallback.kind).create(scenario.fallback_config)
-    twin = Twin(model, specs, meta.cycle_s, meta.horizon_steps, _estimator(scenario))
-    rig = plugins.rig_kind(scenario.file.rig.kind).verification_rig(scenario.rig_config, model)
-    verifier = Verifier(specs, rig, meta.cycle_s, runner=runner, deadline_s=deadline_s)
-    gate = SimplexGate(scenario.file.verification.reverify_cycles)
-    logic = CycleLogic(twin, controller, fallback, verifier, gate)
-    logic.setup()
-    return kind, logic
-
-
-def divergence_monitor(scenario: Scenario) -> DivergenceMonitor | None:
-    cfg = scenario.file.divergence
-    if cfg is None:
-        return None
-    settings = DivergenceSettings(
-        cfg.thresholds, cfg.window_cycles, cfg.persist_cycles, cfg.clear_cycles
-    )
-    return DivergenceMonitor(scenario.model, scenario.meta.cycle_s, settings)
 
 
 def _watch_divergence(
