@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -318,3 +319,62 @@ def test_resume_skips_done_runs_and_force_reruns_them(
     assert cli.main([*args, "--seeds", "2"]) == 0
     assert "already done, skipped" not in capsys.readouterr().err
     assert json.loads((out / "runs/field/2/summary.json").read_text())["cycles"] == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_pool_keeps_finished_runs_and_exits_130(tmp_path: Path) -> None:
+    exp = tmp_path / "long.toml"
+    exp.write_text(
+        textwrap.dedent(
+            f"""\
+            [experiment]
+            name = "long"
+            base = "{DH.as_posix()}"
+            seeds = 4
+            cycles = 96
+            workers = 2
+
+            [[variant]]
+            name = "field"
+            [variant.set]
+            "controller" = {{ kind = "none" }}
+            """
+        )
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "parallelcity",
+            "experiment",
+            str(exp),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert proc.stderr is not None
+        lines = []
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:  # bounded: one line per run, four runs
+            line = proc.stderr.readline()
+            lines.append(line)
+            if line.startswith("[1/4]") or not line:
+                break
+        assert lines[-1].startswith("[1/4] field seed"), lines
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGINT: finished runs kept" in err and "Traceback" not in err
+    rows = list(csv.DictReader((tmp_path / "o" / "kpis.csv").open()))
+    assert 1 <= len(rows) < 4 and {r["status"] for r in rows} == {"done"}
+    for r in rows:
+        assert (tmp_path / "o" / "runs" / "field" / r["seed"] / "summary.json").exists()

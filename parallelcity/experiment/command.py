@@ -16,13 +16,13 @@ from parallelcity.experiment.definition import Experiment, load_experiment
 from parallelcity.experiment.loop import PLOT, RunOutcome, run_one
 from parallelcity.experiment.plan import RunSpec, select
 from parallelcity.experiment.plots import boxplots, file_part
-from parallelcity.experiment.pool import PoolResult, run_all, run_dir
+from parallelcity.experiment.pool import PoolResult, run_all, run_dir, terminate_as_interrupt
 from parallelcity.experiment.table import kpi_names, kpis_csv, kpis_json, markdown
 
-EXIT_OK, EXIT_FAILED, EXIT_INTERRUPTED = 0, 1, 130
+EXIT_OK, EXIT_FAILED = 0, 1
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 MANIFEST = "manifest.json"
 LOOP_KPIS = ("cycles", "fallbacks", "holds", "rejected_plans", "solve_p50_ms", "solve_p99_ms")
-NOT_PLOTTED = ("cycles", "wall_s", "solve_p50_ms")
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def plotted_kpis(exp: Experiment, names: Sequence[str]) -> list[str]:
     chosen = exp.file.experiment.kpis
     if chosen is not None:
         return [k for k in chosen if k in names]
-    return [k for k in names if k not in NOT_PLOTTED and k not in LOOP_KPIS[:3]]
+    return [k for k in names if k not in LOOP_KPIS and k != "wall_s"]
 
 
 def experiment_command(path: Path, opts: Options, say: Callable[[str], None]) -> int:
@@ -96,13 +96,14 @@ def experiment_command(path: Path, opts: Options, say: Callable[[str], None]) ->
         f"{len(exp.file.experiment.seeds)} seeds; running {len(chosen)} runs on "
         f"{min(workers, max(1, len(chosen)))} workers (verify={exp.file.experiment.verify})"
     )
-    res = run_all(
-        chosen, out, workers=workers, force=opts.force, say=say, headline_kpis=_headline(exp)
-    )
+    with terminate_as_interrupt():
+        res = run_all(
+            chosen, out, workers=workers, force=opts.force, say=say, headline_kpis=_headline(exp)
+        )
     _write_outputs(exp, res, chosen, out, say)
     if res.interrupted:
-        say(f"interrupted: finished runs kept in {out}")
-        return EXIT_INTERRUPTED
+        say(f"interrupted by {res.interrupted}: finished runs kept in {out}")
+        return EXIT_SIGNAL[res.interrupted]
     return EXIT_FAILED if res.failed else EXIT_OK
 
 

@@ -14,7 +14,8 @@ import multiprocessing
 import signal
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,13 +43,35 @@ def is_done(out: Path, spec: RunSpec) -> bool:
     return data is not None and data.get("run", {}).get("key") == spec.key
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is (``terminate_as_interrupt``)."""
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM stops the runs as Ctrl-C does, so the pool's workers are ended too."""
+
+    def on_term(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @dataclass
 class PoolResult:
     rows: list[dict[str, Any]] = field(default_factory=list)  # in the runs' order
     units: dict[str, str] = field(default_factory=dict)
     skipped: int = 0
     failed: int = 0
-    interrupted: bool = False
+    interrupted: str | None = None  # "SIGINT" or "SIGTERM" when stopped
 
 
 def _work(spec_data: dict[str, Any], folder: str) -> dict[str, Any]:
@@ -130,8 +153,8 @@ def run_all(
                 finished(spec, _work(spec.to_dict(), str(run_dir(out, spec))))
         else:
             _pooled(todo, out, min(workers, len(todo)), finished)
-    except KeyboardInterrupt:
-        result.interrupted = True
+    except KeyboardInterrupt as exc:
+        result.interrupted = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
     result.rows = [rows[s.run_id] for s in runs if s.run_id in rows]
     return result
 
@@ -154,15 +177,15 @@ def _pooled(
                 got = {"status": "failed", "error": f"worker lost: {type(exc).__name__}: {exc}"}
             finished(spec, got)
     except BaseException:
+        procs = list((getattr(pool, "_processes", None) or {}).values())  # shutdown drops them
         pool.shutdown(wait=False, cancel_futures=True)
-        _stop_workers(pool)
+        _stop_workers(procs)
         raise
     pool.shutdown(wait=True)
 
 
-def _stop_workers(pool: cf.ProcessPoolExecutor) -> None:
+def _stop_workers(procs: list[multiprocessing.process.BaseProcess]) -> None:
     """End this pool's own worker processes (Ctrl-C must not wait for running runs)."""
-    procs = list((getattr(pool, "_processes", None) or {}).values())
     for p in procs:
         if p.is_alive():
             p.terminate()
