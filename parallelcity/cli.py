@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 internal error, 2 bad usage or invalid scenario, "
         "3 field unreachable or mis-mapped, 4 refused for security, "
         "5 verify: a spec fails on the rig, 6 run: no control achieved (too few cycles "
-        "with acked commands), 130 / 143 run interrupted by SIGINT / SIGTERM.",
+        "with acked commands; experiment: 1 if a run failed), 130 / 143 run or experiment "
+        "interrupted by SIGINT / SIGTERM.",
     )
     p.add_argument("--version", action="version", version=f"parallelcity {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")

@@ -75,6 +75,9 @@ PURE_MODULES = (
     "parallelcity.gateway.core",
     # what a run leaves behind
     "parallelcity.record.records",
+    # an experiment's matrix and table
+    "parallelcity.experiment.plan",
+    "parallelcity.experiment.table",
 )
 """Modules with no I/O: time, readings and commands are passed in.  To keep a new module
 pure, add it here; the test then keeps it so."""
