@@ -179,11 +179,19 @@ def test_the_schema_describes_experiment_files(capsys: pytest.CaptureFixture[str
             ],
         ),
         (
+            '[experiment]\nname = "x"\nbase = "B"\nseeds = 2\nseries_run = "a/3"\n'
+            '[[variant]]\nname = "a"\n[[variant]]\nname = "a"\n',
+            [
+                "variant[1].name: 'a' is variant[0]'s name too",
+                "experiment.series_run: 'a/3' is not VARIANT/SEED",
+            ],
+        ),
+        (
             '[experiment]\nname = "x"\nbase = "missing.toml"\nseeds = 2\n[[variant]]\nname = "a"\n',
             ["experiment.base: cannot read missing.toml"],
         ),
     ],
-    ids=["seed_count", "unknown_key", "variant_scenarios", "missing_base"],
+    ids=["seed_count", "unknown_key", "variant_scenarios", "names", "missing_base"],
 )
 def test_bad_experiment_files_exit_2_with_key_paths(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str, expected: list[str]
@@ -196,6 +204,17 @@ def test_bad_experiment_files_exit_2_with_key_paths(
     for line in expected:
         assert line in err
     assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_a_selection_outside_the_experiment_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["experiment", str(SHIPPED), "--out", str(tmp_path / "o"), "--only", "mpc"]
+    assert cli.main([*args, "--seeds", "6"]) == 2
+    err = capsys.readouterr().err
+    assert "--only: no variant 'mpc' (variants: nmpc, linear_mpc, pi)" in err
+    assert "--seeds: 6 is not a seed of the experiment" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_rig_kind_without_a_field_plant_cannot_run_an_experiment(

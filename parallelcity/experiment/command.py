@@ -115,7 +115,11 @@ def _write_outputs(
     (out / "kpis.json").write_text(kpis_json(rows, res.units))
     table = markdown(rows, res.units)
     (out / "table.md").write_text(table)
-    boxplots(rows, plotted_kpis(exp, kpi_names(rows)), res.units, out)
+    names = kpi_names(rows)
+    unknown = [k for k in exp.file.experiment.kpis or () if k not in names]
+    if unknown and any(r["status"] == "done" for r in rows):
+        say(f"experiment.kpis: no run has {', '.join(unknown)} (KPIs: {', '.join(names)})")
+    boxplots(rows, plotted_kpis(exp, names), res.units, out)
     for spec in runs:
         plot = run_dir(out, spec) / PLOT
         if spec.series and plot.exists():

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from parallelcity import plugins
 from parallelcity.errors import ExperimentError, PluginError, ScenarioError
@@ -95,20 +95,23 @@ class ExperimentFile(_Strict):
     experiment: ExperimentMeta
     variant: list[Variant] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _names(self) -> ExperimentFile:
-        names = [v.name for v in self.variant]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"variant names repeat: {', '.join(dup)}")
-        run = self.experiment.series_run
-        if run is not None:
-            name, _, seed = run.rpartition("/")
-            if name not in names or not seed.isdigit() or int(seed) not in self.experiment.seeds:
-                raise ValueError(
-                    f"experiment.series_run {run!r} is not VARIANT/SEED of a run of this file"
-                )
-        return self
+
+def _cross_problems(file: ExperimentFile) -> list[str]:
+    """Problems between keys: repeated variant names, a series run that is no run."""
+    problems = []
+    seen: dict[str, int] = {}
+    for i, v in enumerate(file.variant):
+        if v.name in seen:
+            problems.append(f"variant[{i}].name: {v.name!r} is variant[{seen[v.name]}]'s name too")
+        seen.setdefault(v.name, i)
+    run = file.experiment.series_run
+    if run is not None:
+        name, _, seed = run.rpartition("/")
+        if name not in seen or not seed.isdigit() or int(seed) not in file.experiment.seeds:
+            problems.append(
+                f"experiment.series_run: {run!r} is not VARIANT/SEED of a run of this file"
+            )
+    return problems
 
 
 @dataclass(frozen=True)
@@ -208,6 +211,8 @@ def load_experiment(path: str | Path) -> Experiment:
     except ValidationError as exc:
         lines = [f"{_loc(e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise ExperimentError(str(path), lines) from None
+    if cross := _cross_problems(file):
+        raise ExperimentError(str(path), cross)
     base_path = (path.parent / file.experiment.base).resolve()
     base_text, base_bytes = _read(base_path, f"experiment.base: cannot read {base_path.name}")
     try:
