@@ -1,0 +1,1 @@
+"""The traffic domain: signalised networks on SUMO."""
