@@ -133,8 +133,10 @@ def markdown(
                 cells.append(f"{_fmt(s.mean)} ± {_fmt(s.std)} [{_fmt(s.min)}, {_fmt(s.max)}]")
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in rows if r.get("status") == "failed"]
+    if failed:
+        lines.append("")
     for r in failed:
-        lines.append(f"\nfailed: {r['variant']} seed {r['seed']}: {r.get('error', '')}")
+        lines.append(f"failed: {r['variant']} seed {r['seed']}: {r.get('error', '')}")
     return "\n".join(lines) + "\n"
 
 
