@@ -21,7 +21,6 @@ from parallelcity.experiment.plan import (
     RunSpec,
     VariantPlan,
     apply_overrides,
-    controller_none,
     run_matrix,
     validation_tables,
 )
@@ -255,7 +254,3 @@ def json_schema() -> dict[str, Any]:
         "description": meta["seeds"].get("description", ""),
     }
     return schema
-
-
-def controller_is_none(plan: VariantPlan) -> bool:
-    return controller_none(plan.tables)

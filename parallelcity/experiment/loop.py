@@ -25,6 +25,7 @@ from parallelcity import plugins
 from parallelcity.decide.assemble import cycle_logic, divergence_monitor
 from parallelcity.decide.cycle import Decision, Outcome, finish_cycle
 from parallelcity.experiment.plan import RunSpec, controller_none
+from parallelcity.experiment.table import finite_or_null
 from parallelcity.field.config import FieldConfig
 from parallelcity.field.point_table import PointRule, PointTable
 from parallelcity.field.protocol import Plant
@@ -239,14 +240,6 @@ def kpis_of(
     return kpis, units
 
 
-def _json_value(v: Any) -> Any:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    if isinstance(v, dict):
-        return {k: _json_value(x) for k, x in v.items()}
-    return v
-
-
 def run_one(spec: RunSpec, out_dir: Path) -> RunOutcome:
     """Run ``spec`` and write its summary.json and series.csv (and plot.png if it is the
     experiment's series run) into ``out_dir``; summary.json is written last, so its
@@ -265,10 +258,10 @@ def run_one(spec: RunSpec, out_dir: Path) -> RunOutcome:
         "run": {"variant": spec.variant, "seed": spec.seed, "key": spec.key},
         "cycles": spec.cycles,
         "verify": spec.verify,
-        "kpis": _json_value(kpis),
+        "kpis": finite_or_null(kpis),
         "units": units,
         "plant_kpis": sorted(plant_kpis),
-        "summary": _json_value(asdict(summary)),
+        "summary": finite_or_null(asdict(summary)),
     }
     tmp = out_dir / (SUMMARY + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")

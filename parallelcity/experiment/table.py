@@ -92,13 +92,14 @@ def _missing(v: Any) -> bool:
     return v is None or not math.isfinite(float(v))
 
 
-def _finite(v: Any) -> Any:
+def finite_or_null(v: Any) -> Any:
+    """``v`` with every non-finite float as None (strict JSON)."""
     if isinstance(v, float) and not math.isfinite(v):
         return None
     if isinstance(v, dict):
-        return {k: _finite(x) for k, x in v.items()}
+        return {k: finite_or_null(x) for k, x in v.items()}
     if isinstance(v, list):
-        return [_finite(x) for x in v]
+        return [finite_or_null(x) for x in v]
     return v
 
 
@@ -110,7 +111,7 @@ def kpis_json(rows: Sequence[Row], units: Mapping[str, str]) -> str:
         "runs": [dict(r) for r in rows],
         "variants": {v: {k: asdict(s) for k, s in by.items()} for v, by in agg.items()},
     }
-    return json.dumps(_finite(data), indent=2, allow_nan=False) + "\n"
+    return json.dumps(finite_or_null(data), indent=2, allow_nan=False) + "\n"
 
 
 def markdown(
