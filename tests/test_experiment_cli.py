@@ -241,6 +241,8 @@ def test_a_small_experiment_end_to_end(done: tuple[subprocess.CompletedProcess[s
     assert len(lines) == 6
     assert sum("FAILED: RuntimeError: broken controller: cannot set up" in ln for ln in lines) == 2
     assert sum(": done in " in ln for ln in lines) == 4
+    trace = (out / "runs" / "broken" / "1" / "error.txt").read_text()
+    assert "RuntimeError: broken controller: cannot set up" in trace
     assert "| KPI | nmpc (n=2) | field (n=2) | broken (n=0) |" in proc.stdout
     # the table is the per-run summaries'
     rows = list(csv.DictReader((out / "kpis.csv").open()))

@@ -15,7 +15,7 @@ import signal
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,9 @@ from parallelcity.experiment.loop import (
 from parallelcity.experiment.plan import RunSpec
 
 log = logging.getLogger("parallelcity.experiment")
+
+ERROR = "error.txt"
+"""A failed run's traceback, in its run folder."""
 
 Say = Callable[[str], None]
 
@@ -80,11 +83,13 @@ def _work(spec_data: dict[str, Any], folder: str) -> dict[str, Any]:
     try:
         got = run_one(spec, Path(folder))
     except Exception as exc:
-        return {
-            "status": "failed",
-            "error": f"{type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(),
-        }
+        trace = traceback.format_exc()
+        with suppress(OSError):  # the error's detail beside the run, for whoever looks into it
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            (Path(folder) / ERROR).write_text(trace)
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}", "traceback": trace}
+    with suppress(OSError):
+        (Path(folder) / ERROR).unlink(missing_ok=True)  # from an earlier, failed attempt
     return {
         "status": "done",
         "kpis": got.kpis,
