@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from parallelcity.diagnose.faults import ActiveFault
-from parallelcity.twin.model import Array, FormSimulator, Simulator, SubsystemModel
+from parallelcity.twin.model import Array, FormSimulator, KpiSource, Simulator, SubsystemModel
 
 Truth = Callable[[float], Array]
 
@@ -138,6 +138,10 @@ class PlantSimulator:
 
     def output_dict(self) -> dict[str, float]:
         return {name: float(v) for name, v in zip(self.model.outputs, self.outputs(), strict=True)}
+
+    def kpis(self) -> dict[str, float]:
+        """The simulator's own KPIs if it measures any (``KpiSource``), else none."""
+        return dict(self._plant.kpis()) if isinstance(self._plant, KpiSource) else {}
 
 
 def set_params(plant: Simulator, params: Array) -> None:

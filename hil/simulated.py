@@ -19,6 +19,7 @@ twin and from each other:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -264,24 +265,33 @@ class _Kind:
         return RigMachine(_Kind.driver(config, model), use_trace=_as_config(config).whole_trace)
 
     @staticmethod
-    def field_stand_in(config: BaseModel, scenario: Scenario, clock: Clock) -> FieldStandIn:
+    def field_plant(
+        config: BaseModel, scenario: Scenario, seed: int | None = None
+    ) -> Callable[[float], PlantSimulator]:
+        """The field's plant: parameters and disturbance truth drawn with ``field_seed``
+        (or ``seed``), starting in the model's initial state and inputs."""
         cfg = _as_config(config)
         model = scenario.model
         check(cfg, model)
-        params = perturbed_params(
-            model, cfg.parameter_spread, cfg.spread_parameters, cfg.field_seed
-        )
-        truth = forecast_truth(model, cfg.forecast_error, cfg.field_seed)
+        draw = cfg.field_seed if seed is None else seed
+        params = perturbed_params(model, cfg.parameter_spread, cfg.spread_parameters, draw)
+        truth = forecast_truth(model, cfg.forecast_error, draw)
         start = scenario.meta.start_epoch
 
         def make_plant(t0: float) -> PlantSimulator:
             faults = [ActiveFault(model, f.spec(start)) for f in cfg.faults]
             return PlantSimulator(model, params, truth, model.x0, model.u0, t0, faults=faults)
 
+        return make_plant
+
+    @staticmethod
+    def field_stand_in(config: BaseModel, scenario: Scenario, clock: Clock) -> FieldStandIn:
+        make_plant = _Kind.field_plant(config, scenario)
         from parallelcity.field.protocols import protocol_of
 
         protocol = protocol_of(scenario.field)  # the field is served in the scenario's protocol
-        return protocol.stand_in(scenario, clock, make_plant=make_plant, tick_ms=cfg.tick_ms)
+        tick_ms = _as_config(config).tick_ms
+        return protocol.stand_in(scenario, clock, make_plant=make_plant, tick_ms=tick_ms)
 
 
 KIND = _Kind()

@@ -74,6 +74,7 @@ PURE_MODULES = (
     "parallelcity.decide.gate",
     "parallelcity.decide.cycle",
     "parallelcity.decide.choice",
+    "parallelcity.decide.assemble",
     # dispatch and gateway decisions
     "parallelcity.dispatch.wire",
     "parallelcity.gateway.watchdog",
@@ -81,6 +82,9 @@ PURE_MODULES = (
     "parallelcity.gateway.core",
     # what a run leaves behind
     "parallelcity.record.records",
+    # an experiment's matrix and table
+    "parallelcity.experiment.plan",
+    "parallelcity.experiment.table",
 )
 """Modules with no I/O: time, readings and commands are passed in.  To keep a new module
 pure, add it here; the test then keeps it so."""

@@ -34,7 +34,7 @@ import numpy as np
 
 from parallelcity import plugins
 from parallelcity.clock import SimClock
-from parallelcity.decide.choice import controller_settings
+from parallelcity.decide.assemble import cycle_logic, divergence_monitor
 from parallelcity.decide.cycle import (
     CycleLogic,
     CycleStep,
@@ -43,7 +43,6 @@ from parallelcity.decide.cycle import (
     Unsolved,
     finish_cycle,
 )
-from parallelcity.decide.gate import SimplexGate
 from parallelcity.diagnose.config import settings as diagnosis_settings
 from parallelcity.diagnose.diagnoser import Diagnoser
 from parallelcity.diagnose.faults import FaultTarget
@@ -85,12 +84,10 @@ from parallelcity.run.security import zmq_security as _zmq_security
 from parallelcity.scenario.definition import Scenario
 from parallelcity.scenario.text import scenario_toml
 from parallelcity.specs import SafetySpecs
-from parallelcity.twin.divergence import DivergenceMonitor, DivergenceSettings, fresh_readings
-from parallelcity.twin.estimate import ExtendedKalmanFilter
+from parallelcity.twin.divergence import DivergenceMonitor, fresh_readings
 from parallelcity.twin.model import Array
-from parallelcity.twin.twin import Twin
 from parallelcity.verify.rig import FieldStandIn
-from parallelcity.verify.verifier import PoolSamples, RigRecipe, Verifier
+from parallelcity.verify.verifier import PoolSamples, RigRecipe
 
 __all__ = ["CycleRecord", "RunOptions", "RunResult", "count_cycle", "rearm_command", "run"]
 
@@ -131,30 +128,6 @@ async def run(
         if first is not None:
             raise first from group
         raise
-
-
-def _estimator(scenario: Scenario) -> ExtendedKalmanFilter | None:
-    est = scenario.file.estimation
-    if est is None:
-        return None
-    return ExtendedKalmanFilter(
-        scenario.model,
-        scenario.meta.cycle_s,
-        biases=est.biases,
-        state_std=est.state_std,
-        bias_std=est.bias_std,
-        measurement_std=est.measurement_std,
-    )
-
-
-def _divergence_monitor(scenario: Scenario) -> DivergenceMonitor | None:
-    cfg = scenario.file.divergence
-    if cfg is None:
-        return None
-    settings = DivergenceSettings(
-        cfg.thresholds, cfg.window_cycles, cfg.persist_cycles, cfg.clear_cycles
-    )
-    return DivergenceMonitor(scenario.model, scenario.meta.cycle_s, settings)
 
 
 def _watch_divergence(
@@ -306,23 +279,20 @@ def _prepare(scenario: Scenario, options: RunOptions) -> _Setup:
     else:
         clock = SimClock(epoch=time.time(), speed=1.0)
     specs = scenario.safety_specs()
-    model = scenario.model
     rig_kind = plugins.rig_kind(scenario.file.rig.kind)
-    controller_kind, controller_cfg = controller_settings(scenario, options.controller_kind)
-    controller = plugins.controller_kind(controller_kind).create(controller_cfg)
-    fallback = plugins.controller_kind(scenario.file.fallback.kind).create(scenario.fallback_config)
-    twin = Twin(model, specs, meta.cycle_s, meta.horizon_steps, _estimator(scenario))
     vcfg = scenario.file.verification
     pool = PoolSamples(RigRecipe.from_scenario(scenario), vcfg.workers) if vcfg.workers else None
-    verifier = Verifier(
-        specs,
-        rig_kind.verification_rig(scenario.rig_config, model),
-        meta.cycle_s,
-        runner=pool,
-        deadline_s=None if vcfg.deadline_s is None else vcfg.deadline_s / speed,
-    )
-    logic = CycleLogic(twin, controller, fallback, verifier, SimplexGate(vcfg.reverify_cycles))
-    logic.setup()
+    try:
+        controller_kind, logic = cycle_logic(
+            scenario,
+            options.controller_kind,
+            runner=pool,
+            deadline_s=None if vcfg.deadline_s is None else vcfg.deadline_s / speed,
+        )
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
     cycles = options.cycles or meta.cycles
     return _Setup(
         scenario,
@@ -333,7 +303,7 @@ def _prepare(scenario: Scenario, options: RunOptions) -> _Setup:
         cycles,
         specs,
         logic,
-        _divergence_monitor(scenario),
+        divergence_monitor(scenario),
         _diagnoser(scenario),
         pool,
         controller_kind,

@@ -705,6 +705,13 @@ def parse_scenario(text: str, path: str | Path = "<string>") -> Scenario:
         raw = parse_toml(text)
     except ValueError as exc:
         raise ScenarioError(str(path), [str(exc)]) from None
+    return scenario_from_tables(raw, path)
+
+
+def scenario_from_tables(raw: dict[str, Any], path: str | Path) -> Scenario:
+    """Validate a scenario given as parsed TOML tables (relative paths resolve against
+    ``path``'s folder); raise ``ScenarioError`` listing every problem."""
+    path = Path(path)
     try:
         problems, parts = _problems(raw, path)
     except RecursionError:

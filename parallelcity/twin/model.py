@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import casadi as ca
 import numpy as np
@@ -61,6 +61,17 @@ class Simulator(Protocol):
     @property
     def state(self) -> Array:
         """The state now (NaN where the simulator has no counterpart of a model state)."""
+        ...
+
+
+@runtime_checkable
+class KpiSource(Protocol):
+    """A plant that measures KPIs of its own (optional, beside ``Simulator``): a traffic
+    simulator's time loss per vehicle, stops, throughput or teleports.  ``parallelcity
+    experiment`` adds them to each run's KPIs, read once after the run's last cycle."""
+
+    def kpis(self) -> dict[str, float]:
+        """KPI name -> value over the whole run so far (names stable across runs)."""
         ...
 
 
