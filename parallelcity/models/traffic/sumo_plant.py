@@ -52,7 +52,8 @@ log = logging.getLogger(__name__)
 
 GLOBAL_PARAMETERS = ("demand.scale", "driver.sigma", "driver.tau")
 NOMINAL = {"demand.scale": 1.0, "driver.sigma": 0.5, "driver.tau": 1.0}
-TELEPORTS = "network.teleports"
+TELEPORTS = "network.teleports"  # output: teleports since the last reset (0 on a sane plan)
+QUEUED = "network.queued"  # output: vehicles queued on all approaches
 PLAN_PROGRAM = "parallelcity"  # program id of the plans the plant installs
 STOP_LINE_GAP_M = 1.0  # loops this far before the stop line
 LOOP_FREQ_S = 10_000_000  # one detector interval for the whole run: counts are cumulative
@@ -85,13 +86,32 @@ class Received:
     u: Array
 
 
-def plant_factory(network: Network, config: PlantConfig) -> Callable[[Array], SumoPlant]:
-    """``params -> SumoPlant``: the ``SubsystemModel.simulator`` of a signal_corridor model."""
+def plant_factory(network: Network, config: Any) -> Callable[[Array], SumoPlant]:
+    """``params -> SumoPlant``: the ``SubsystemModel.simulator`` of a signal_corridor model.
+    ``config`` is a ``PlantConfig`` or the model kind's ``[model]`` table (``sumocfg``
+    resolved, ``begin`` a datetime, ``seed``)."""
+    cfg = config if isinstance(config, PlantConfig) else plant_config(network, config)
 
     def make(params: Array) -> SumoPlant:
-        return SumoPlant(network, config, params)
+        return SumoPlant(network, cfg, params)
 
     return make
+
+
+def plant_config(network: Network, model_config: Any) -> PlantConfig:
+    """The plant's configuration from a signal_corridor ``[model]`` table."""
+    begin = model_config.begin
+    names = signal_names(network)
+    parameters = names.get("parameters") or (
+        *(f"{a.edge}.{p}" for a in network.approaches for p in ("saturation", "storage")),
+        *GLOBAL_PARAMETERS,
+    )
+    return PlantConfig(
+        sumocfg=Path(model_config.sumocfg),
+        begin=begin.timestamp() if hasattr(begin, "timestamp") else float(begin),
+        seed=int(getattr(model_config, "seed", 0)),
+        parameters=tuple(parameters),
+    )
 
 
 def sumo_binary() -> str:
@@ -221,7 +241,7 @@ class SumoPlant:
         self._teleports = self._teleports_total() - self._teleports0
 
     def outputs(self, u: Array, d: Array) -> Array:
-        values: dict[str, float] = {TELEPORTS: float(self._teleports)}
+        values = {TELEPORTS: float(self._teleports), QUEUED: float(self._halting.sum())}
         for i, a in enumerate(self.network.approaches):
             values[f"{a.edge}.queue"] = float(self._halting[i])
             values[f"{a.edge}.flow"] = float(self._flow[i])
