@@ -115,6 +115,15 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check scenario files and report every problem")
     v.add_argument("scenarios", type=Path, nargs="+", metavar="SCENARIO")
 
+    sk = sub.add_parser(
+        "skeleton",
+        help="list what a model file holds and write a scenario skeleton for it",
+        description="Write a scenario TOML for FILE (e.g. a SUMO .sumocfg), by the model kind "
+        "that reads FILE's suffix; its leading comments list what was found.",
+    )
+    sk.add_argument("file", type=Path, metavar="FILE")
+    sk.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+
     s = sub.add_parser("schema", help="print the JSON Schema of scenario files")
     s.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
 
@@ -627,6 +636,34 @@ def _cmd_browse(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_skeleton(args: argparse.Namespace) -> int:
+    """A scenario skeleton from the first installed model kind that reads FILE's suffix."""
+    from parallelcity import plugins
+
+    suffix = args.file.suffix.lower()
+    kinds = [plugins.model_kind(n) for n in plugins.names("model")]
+    makers = [k for k in kinds if suffix in getattr(k, "skeleton_suffixes", ())]
+    if not makers:
+        raise _UsageError(f"{args.file}: no installed model kind makes a skeleton of {suffix!r}")
+    if not args.file.is_file():
+        raise _UsageError(f"{args.file}: no such file")
+    try:
+        text = str(makers[0].skeleton(str(args.file)))  # type: ignore[attr-defined]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.output is None:
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        args.output.write_text(text)
+    except OSError as exc:
+        raise _UsageError(f"-o {args.output}: cannot write it ({exc.strerror})") from exc
+    sys.stdout.write("".join(ln[2:] + "\n" for ln in text.splitlines() if ln.startswith("# ")))
+    print(f"wrote {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _cmd_field(args: argparse.Namespace) -> int:
     from parallelcity.field.serve import FieldOptions, serve_field
     from parallelcity.scenario.definition import load_scenario
@@ -702,6 +739,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_report(args)
         if args.command == "field":
             return _cmd_field(args)
+        if args.command == "skeleton":
+            return _cmd_skeleton(args)
     except _UsageError as exc:
         parser.error(str(exc))
     except ScenarioError as exc:

@@ -656,7 +656,9 @@ def _problems(raw: dict[str, Any], path: Path) -> tuple[list[str], tuple[Any, ..
     problems.extend(f"{loc}: must be a finite number, not inf or nan" for loc in non_finite)
     found: list[str] = []
     # plug-in tables are checked even when the rest failed, so every problem shows at once
-    model_cfg = _plugin_config("model", raw.get("model"), "model", found, zone)
+    # a model's relative paths (e.g. a simulator's input files) are the scenario's
+    model_ctx = {**zone, BASE_DIR: path.parent}
+    model_cfg = _plugin_config("model", raw.get("model"), "model", found, model_ctx)
     ctrl_cfg = _plugin_config("controller", raw.get("controller"), "controller", found)
     fb_cfg = _plugin_config("controller", raw.get("fallback"), "fallback", found)
     rig_cfg = _plugin_config("rig", raw.get("rig"), "rig", found, {BASE_DIR: path.parent})
