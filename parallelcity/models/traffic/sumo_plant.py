@@ -322,6 +322,8 @@ class SumoPlant:
             str(self._dir / "tripinfo.xml"),
             "--time-to-teleport",
             repr(self.config.time_to_teleport_s),
+            "--route-steps",
+            "0",  # routes read once: a loaded state would otherwise run the flows twice
             "--no-step-log",
             "--duration-log.disable",
             "--log",
