@@ -58,6 +58,7 @@ PLAN_PROGRAM = "parallelcity"  # program id of the plans the plant installs
 STOP_LINE_GAP_M = 1.0  # loops this far before the stop line
 LOOP_FREQ_S = 10_000_000  # one detector interval for the whole run: counts are cumulative
 JAM_SPACING_M = 7.5
+HALTING_MPS = 0.1  # SUMO's halting speed
 MAX_CATCH_UP_S = 3600.0  # a verification reset further than this past the saved state restarts
 _labels = count()
 
@@ -515,11 +516,10 @@ class SumoPlant:
             if i >= len(x0) or not math.isfinite(x0[i]):
                 continue
             want = max(0, round(float(x0[i])))
-            halting = [
-                v for v in conn.edge.getLastStepVehicleIDs(a.edge) if conn.vehicle.getSpeed(v) < 0.1
-            ]
-            have = len(halting)
+            have = int(conn.edge.getLastStepHaltingNumber(a.edge))
             if have > want:
+                ids = conn.edge.getLastStepVehicleIDs(a.edge)
+                halting = [v for v in ids if conn.vehicle.getSpeed(v) < HALTING_MPS]
                 back = sorted(halting, key=conn.vehicle.getLanePosition)[: have - want]
                 for v in back:
                     conn.vehicle.remove(v)
@@ -535,9 +535,10 @@ class SumoPlant:
         if not a.movements:
             return 0
         rear: dict[int, float] = {}  # lane -> position of its rearmost vehicle
-        for v in conn.edge.getLastStepVehicleIDs(edge):
-            lane, pos = int(conn.vehicle.getLaneIndex(v)), float(conn.vehicle.getLanePosition(v))
-            rear[lane] = min(rear.get(lane, math.inf), pos)
+        for lane in range(a.lanes):
+            ids = conn.lane.getLastStepVehicleIDs(f"{edge}_{lane}")  # rearmost first
+            if ids:
+                rear[lane] = float(conn.vehicle.getLanePosition(ids[0]))
         targets: list[tuple[str, int]] = []  # (route id, lane) per movement
         for m in a.movements:
             rid = f"pc_route_{edge}_{m.to_edge}"
