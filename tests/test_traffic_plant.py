@@ -57,6 +57,14 @@ def test_plant_measures_what_sumo_shows_and_closes(net_model) -> None:
     assert y["network.teleports"] == 0
     for j in net.junctions:  # only the program's own states are ever shown
         assert conn.trafficlight.getRedYellowGreenState(j.tls) in {p.state for p in j.phases}
+    flow_at = [model.outputs.index(f"{a.edge}.flow") for a in net.approaches]
+    flows = []
+    for _ in range(120):  # as the field stand-in steps it: a fraction of a second per tick
+        plant.step(_own(model), d, 0.5)
+        flows.append(plant.outputs(_own(model), d)[flow_at])
+    jumps = np.abs(np.diff(np.array(flows), axis=0))
+    # a mean over the last 90 s moves by 40 veh/h a vehicle, not by 3600 (one second's)
+    assert np.sum(flows[-1]) > 0 and jumps.max() <= 8 * 3600.0 / 90.0
     k = plant.kpis()
     assert k["throughput_veh"] > 0 and k["teleports"] == 0 and k["time_loss_s"] > 0
     assert k["max_queue_veh"] >= max(halting)

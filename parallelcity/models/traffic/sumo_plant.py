@@ -35,6 +35,7 @@ import subprocess
 import tempfile
 import weakref
 import xml.etree.ElementTree as ET
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import count
@@ -73,7 +74,8 @@ class PlantConfig:
     parameters: tuple[str, ...] = GLOBAL_PARAMETERS  # the model's parameter names, in order
     outputs: tuple[str, ...] | None = None  # None: signal_names(network)["outputs"]
     max_cycle_s: float = 120.0
-    probe_s: float = 5.0  # queue sampling period (max queue, mean occupancy)
+    probe_s: float = 5.0  # measurement period (queues, occupancy, loop counts, teleports)
+    window_s: float = 90.0  # flow and occupancy are averaged over this much of the past
     time_to_teleport_s: float = 300.0
     sumo_binary: str | None = None  # None: the eclipse-sumo package's
     extra_args: tuple[str, ...] = field(default_factory=tuple)
@@ -168,11 +170,9 @@ class SumoPlant:
         self._links: dict[str, list[list[tuple[str, str, str]]]] = {}
         self._loops: dict[str, list[str]] = {}  # approach edge -> its stop-line loops
         self._halting = np.zeros(len(network.approaches))
-        self._occ_sum = np.zeros(len(network.approaches))
-        self._occ_n = 0
-        self._occ = np.zeros(len(network.approaches))
-        self._flow = np.zeros(len(network.approaches))
-        self._counts = np.zeros(len(network.approaches))
+        # probes since the last reset: (SUMO second, loop counts, occupancy %), oldest first
+        self._probes: deque[tuple[float, Array, Array]] = deque()
+        self._pending_check = False
         self._max_queue = 0.0
         self._teleports0 = 0
         self._teleports = 0
@@ -211,13 +211,12 @@ class SumoPlant:
         self._saved = (self._now, path)
         for tls, ctrl in self._ctrl.items():
             self._install(tls, ctrl.restart_at(self._now))
-        self._read_probe()
-        self._match_queues(np.asarray(x0, dtype=float).reshape(-1))
         self._teleports0 = self._teleports_total()
         self._teleports = 0
-        self._counts = self._loop_counts()
-        self._flow[:] = 0.0
-        self._occ = self._occ_now()
+        self._probes.clear()
+        self._read_probe(direct=True)
+        self._match_queues(np.asarray(x0, dtype=float).reshape(-1))
+        self._pending_check = True
 
     def step(self, u: Array, d: Array, dt: float) -> None:
         if self._conn is None:
@@ -227,26 +226,19 @@ class SumoPlant:
             self.received.append(Received(self.config.begin + self._t, u.copy()))
             self._last_u = u.copy()
         self._write_plans(u)
-        start = self._now
         self._t += float(dt)
-        self._occ_sum[:] = 0.0
-        self._occ_n = 0
         self._run_to(math.floor(self._t + 1e-9))
-        self._drop_pending()
-        counts = self._loop_counts()
-        span = self._now - start
-        if span > 0:
-            self._flow = (counts - self._counts) * 3600.0 / span
-            self._occ = self._occ_sum / max(self._occ_n, 1)
-        self._counts = counts
-        self._teleports = self._teleports_total() - self._teleports0
+        if self._pending_check and self._now > self._saved_at():
+            self._drop_pending()
+            self._pending_check = False
 
     def outputs(self, u: Array, d: Array) -> Array:
         values = {TELEPORTS: float(self._teleports), QUEUED: float(self._halting.sum())}
+        flow, occ = self._window()
         for i, a in enumerate(self.network.approaches):
             values[f"{a.edge}.queue"] = float(self._halting[i])
-            values[f"{a.edge}.flow"] = float(self._flow[i])
-            values[f"{a.edge}.occupancy"] = float(self._occ[i])
+            values[f"{a.edge}.flow"] = float(flow[i])
+            values[f"{a.edge}.occupancy"] = float(occ[i])
         return np.array([values.get(n, math.nan) for n in self.outputs_names], dtype=float)
 
     # -- results ------------------------------------------------------------------------------
@@ -473,26 +465,42 @@ class SumoPlant:
             self._ctrl[j.tls].write(splits, cycle, offset)
             k += n + 2
 
-    def _read_probe(self) -> None:
+    def _read_probe(self, direct: bool = False) -> None:
+        """Queues, occupancies, loop counts and teleports now; kept for ``window_s``.
+        ``direct``: ask SUMO, not the subscriptions (none since a start or a loaded state)."""
         import traci.constants as tc
 
-        res = self._conn.edge.getAllSubscriptionResults()
+        res = {} if direct else self._conn.edge.getAllSubscriptionResults()
+        occ = np.zeros(len(self.network.approaches))
         for i, a in enumerate(self.network.approaches):
             r = res.get(a.edge)
             if r is None:
+                self._halting[i] = float(self._conn.edge.getLastStepHaltingNumber(a.edge))
+                occ[i] = 100.0 * float(self._conn.edge.getLastStepOccupancy(a.edge))
                 continue
             self._halting[i] = float(r[tc.LAST_STEP_VEHICLE_HALTING_NUMBER])
-            self._occ_sum[i] += 100.0 * float(r[tc.LAST_STEP_OCCUPANCY])  # a fraction
-        self._occ_n += 1
+            occ[i] = 100.0 * float(r[tc.LAST_STEP_OCCUPANCY])  # SUMO gives a fraction
         self._max_queue = max(self._max_queue, float(self._halting.max(initial=0.0)))
+        self._teleports = self._teleports_total() - self._teleports0
+        self._probes.append((self._now, self._loop_counts(), occ))
+        while len(self._probes) > 2 and self._probes[1][0] <= self._now - self.config.window_s:
+            self._probes.popleft()
 
-    def _occ_now(self) -> Array:
-        return np.array(
-            [
-                100.0 * float(self._conn.edge.getLastStepOccupancy(a.edge))
-                for a in self.network.approaches
-            ]
-        )
+    def _window(self) -> tuple[Array, Array]:
+        """Flow (veh/h over the loops) and mean occupancy (%) over the last ``window_s``."""
+        n = len(self.network.approaches)
+        if not self._probes:
+            return np.zeros(n), np.zeros(n)
+        t1, c1, _ = self._probes[-1]
+        t0, c0, _ = self._probes[0]
+        flow = (c1 - c0) * 3600.0 / (t1 - t0) if t1 > t0 else np.zeros(n)
+        inside = [o for t, _, o in self._probes if t > t1 - self.config.window_s] or [
+            self._probes[-1][2]
+        ]
+        return flow, np.mean(inside, axis=0)
+
+    def _saved_at(self) -> float:
+        return self._saved[0] if self._saved is not None else -math.inf
 
     def _loop_counts(self) -> Array:
         il = self._conn.inductionloop
