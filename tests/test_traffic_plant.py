@@ -146,3 +146,30 @@ def test_a_forgotten_plant_ends_its_sumo(net_model) -> None:
     assert not _alive(pid)
     assert not Path(folder).exists()
     assert math.isfinite(os.getpid())
+
+
+def test_an_actuated_junction_runs_its_own_logic_until_a_plan_is_written(
+    tmp_path: Path,
+) -> None:
+    cfg = grid(tmp_path, veh_per_h=300.0, tls_type="actuated")
+    net, model = plain_model(cfg, BEGIN)
+    plant = model.plant(model.nominal)
+    try:
+        plant.reset(model.x0, BEGIN)
+        d, own = np.zeros(model.nd), _own(model)
+        for _ in range(4):  # the safe values (the own program) keep the actuated logic
+            plant.step(own, d, 60.0)
+        tls = net.junctions[0].tls
+        assert plant._conn.trafficlight.getProgram(tls) == net.junctions[0].program
+        assert all(c.actuated for t, c in plant.cycles if t == tls)
+        u = own.copy()
+        u[0], u[1] = 0.7, 80.0
+        for _ in range(6):
+            plant.step(u, d, 60.0)
+        ours = [c for t, c in plant.cycles if t == tls]
+        taken = next(i for i, c in enumerate(ours) if not c.actuated)
+        assert ours[taken].start_s >= 240.0  # at the actuated logic's return to phase 0
+        assert ours[-1].length_s == 80.0 and ours[-1].start_s % 80.0 == 0  # offset reached
+        assert plant._conn.trafficlight.getProgram(tls) == "parallelcity"
+    finally:
+        plant.close()

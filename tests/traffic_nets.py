@@ -15,7 +15,6 @@ GRID_ARGS = (
     "--grid.length=200",
     "--grid.attach-length=150",
     "--default-junction-type=traffic_light",
-    "--tls.default-type=static",
     "--tls.allred.time=2",
     "--tls.left-green.time=0",
     "--default.lanenumber=2",
@@ -23,13 +22,21 @@ GRID_ARGS = (
 )
 
 
-def grid(folder: Path, veh_per_h: float = 300.0, end_s: int = 7200) -> Path:
+def grid(
+    folder: Path, veh_per_h: float = 300.0, end_s: int = 7200, tls_type: str = "static"
+) -> Path:
     """A 3 x 2 grid of signalised junctions with through and turning flows from every
     fringe edge; returns its ``.sumocfg``."""
     folder.mkdir(parents=True, exist_ok=True)
     net_file = folder / "grid.net.xml"
     subprocess.run(
-        [sumolib.checkBinary("netgenerate"), *GRID_ARGS, "-o", str(net_file)],
+        [
+            sumolib.checkBinary("netgenerate"),
+            *GRID_ARGS,
+            f"--tls.default-type={tls_type}",
+            "-o",
+            str(net_file),
+        ],
         check=True,
         capture_output=True,
         timeout=60,

@@ -167,6 +167,7 @@ class SumoPlant:
         self._t = 0.0  # SUMO seconds asked for (may lie between steps)
         self._ctrl: dict[str, SignalController] = {}
         self._actuated: dict[str, bool] = {}
+        self._phase: dict[str, int | None] = {}  # actuated junctions: phase at the last probe
         self._links: dict[str, list[list[tuple[str, str, str]]]] = {}
         self._loops: dict[str, list[str]] = {}  # approach edge -> its stop-line loops
         self._halting = np.zeros(len(network.approaches))
@@ -430,8 +431,8 @@ class SumoPlant:
         import traci.constants as tc
 
         phase = self._conn.trafficlight.getSubscriptionResults(tls).get(tc.TL_CURRENT_PHASE)
-        last = getattr(ctrl, "_last_phase", None)
-        ctrl._last_phase = phase  # type: ignore[attr-defined]
+        last = self._phase.get(tls)
+        self._phase[tls] = phase
         if phase == 0 and last not in (None, 0) and ctrl.plan is not None:
             self._install(tls, ctrl.restart_at(self._now))
 
