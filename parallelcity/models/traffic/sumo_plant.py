@@ -371,6 +371,9 @@ class SumoPlant:
             conn.edge.subscribe(
                 a.edge, [tc.LAST_STEP_VEHICLE_HALTING_NUMBER, tc.LAST_STEP_OCCUPANCY]
             )
+        for loops in self._loops.values():
+            for loop in loops:
+                conn.inductionloop.subscribe(loop, [tc.VAR_INTERVAL_NUMBER])
         for tls, actuated in self._actuated.items():
             if actuated:
                 conn.trafficlight.subscribe(tls, [tc.TL_CURRENT_PHASE])
@@ -483,7 +486,7 @@ class SumoPlant:
             occ[i] = 100.0 * float(r[tc.LAST_STEP_OCCUPANCY])  # SUMO gives a fraction
         self._max_queue = max(self._max_queue, float(self._halting.max(initial=0.0)))
         self._teleports = self._teleports_total() - self._teleports0
-        self._probes.append((self._now, self._loop_counts(), occ))
+        self._probes.append((self._now, self._loop_counts(direct), occ))
         while len(self._probes) > 2 and self._probes[1][0] <= self._now - self.config.window_s:
             self._probes.popleft()
 
@@ -503,13 +506,21 @@ class SumoPlant:
     def _saved_at(self) -> float:
         return self._saved[0] if self._saved is not None else -math.inf
 
-    def _loop_counts(self) -> Array:
+    def _loop_counts(self, direct: bool = False) -> Array:
+        """Vehicles over each approach's stop-line loops since SUMO started (or loaded)."""
+        import traci.constants as tc
+
         il = self._conn.inductionloop
+        res = {} if direct else il.getAllSubscriptionResults()
+
+        def count(loop: str) -> float:
+            r = res.get(loop)
+            if r is None:
+                return float(il.getIntervalVehicleNumber(loop))
+            return float(r[tc.VAR_INTERVAL_NUMBER])
+
         return np.array(
-            [
-                sum(float(il.getIntervalVehicleNumber(loop)) for loop in self._loops[a.edge])
-                for a in self.network.approaches
-            ]
+            [sum(count(loop) for loop in self._loops[a.edge]) for a in self.network.approaches]
         )
 
     def _teleports_total(self) -> int:
