@@ -61,6 +61,7 @@ PURE_MODULES = (
     "parallelcity.twin.kind",
     "parallelcity.models.district_heating",
     "parallelcity.models.pump_tank",
+    "parallelcity.models.traffic.signal_controller",
     "parallelcity.hil.plant",
     # fault diagnosis
     "parallelcity.diagnose",
