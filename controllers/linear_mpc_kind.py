@@ -60,7 +60,10 @@ from .objective import Objective, Tracking
 
 log = logging.getLogger(__name__)
 
-CLIP_TOLERANCE = 1e-9  # a plan this far outside [u_min, u_max] is put back on the bound
+# Relative to each input's scale (the larger of 1 and its bounds' magnitudes): a QP
+# solver's feasibility tolerance is relative, so a 90 s cycle bound misses by more than
+# a 0..1 split does.
+CLIP_TOLERANCE = 1e-6  # a plan this far outside [u_min, u_max] is put back on the bound
 LIMIT_TOLERANCE = 1e-6  # one breaking a bound or rate limit by more is reported FAILED
 
 
@@ -136,6 +139,8 @@ class LinearMpcController:
 
         self._problem = problem
         self._u_min, self._u_max, self._du_max = u_min, u_max, du_max
+        bounds = np.abs(np.stack([u_min, u_max]))
+        self._scale = np.maximum(1.0, np.where(np.isfinite(bounds), bounds, 0.0).max(axis=0))
         self._rated = np.flatnonzero(np.isfinite(du_max))
         self._banded = np.asarray(problem.banded_outputs, dtype=np.intp)
         nb, nu, nr = self._banded.size, m.nu, self._rated.size
@@ -400,7 +405,7 @@ class LinearMpcController:
 
         raw = plan
         plan = np.clip(raw, self._u_min, self._u_max)
-        plan = np.where(np.abs(plan - raw) <= CLIP_TOLERANCE, plan, raw)
+        plan = np.where(np.abs(plan - raw) <= CLIP_TOLERANCE * self._scale, plan, raw)
         trouble = self._check_plan(plan, u_prev, known)
         if trouble:
             self._last = None
@@ -561,13 +566,15 @@ class LinearMpcController:
         """Why the plan breaks a limit by more than LIMIT_TOLERANCE ("" if it does not)."""
         if not np.all(np.isfinite(plan)):
             return "has non-finite inputs"
-        worst = float(max((self._u_min - plan).max(), (plan - self._u_max).max()))
+        outside = np.maximum(self._u_min - plan, plan - self._u_max) / self._scale
+        worst = float(outside.max())
         if worst > LIMIT_TOLERANCE:
             return f"breaks an input bound by {worst:.3g}"
         r = self._rated
         if r.size:
             prev = np.vstack([np.where(known, u_prev, plan[0])[None, :], plan[:-1]])
-            worst = float((np.abs(plan - prev)[:, r] - self._du_max[r]).max())
+            over = (np.abs(plan - prev)[:, r] - self._du_max[r]) / self._scale[r]
+            worst = float(over.max())
             if worst > LIMIT_TOLERANCE:
                 return f"breaks a rate limit by {worst:.3g}"
         return ""

@@ -11,16 +11,21 @@ The truth differs from the forecast the twin plans with: ``forecast_truth``
 adds a smooth, seeded error to chosen disturbances, and ``perturbed_params``
 draws plant parameters around the nominal ones, so a rig never matches the
 twin exactly.
+
+``faults`` (``diagnose.faults.ActiveFault``) make the plant faulty from their start
+time: its parameters, the inputs it really gets and the readings it reports change as
+each fault says.  Only the field's plant gets them; the verification rig never does.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from parallelcity.twin.model import Array, SubsystemModel
+from parallelcity.diagnose.faults import ActiveFault
+from parallelcity.twin.model import Array, FormSimulator, KpiSource, Simulator, SubsystemModel
 
 Truth = Callable[[float], Array]
 
@@ -48,6 +53,7 @@ class PlantSimulator:
         u0: Array,
         t0: float,
         max_step_s: float = 60.0,
+        faults: Sequence[ActiveFault] = (),
     ) -> None:
         if not max_step_s > 0:
             raise ValueError(f"max_step_s must be positive, got {max_step_s}")
@@ -59,6 +65,8 @@ class PlantSimulator:
         self._t = float(t0)
         self._plant = model.plant(self.params, self.max_step_s)
         self._plant.reset(_vector(x0, model.nx, "x0"), self._t)
+        self.faults = tuple(faults)
+        self._params_now = self.params
 
     @property
     def t(self) -> float:
@@ -97,18 +105,55 @@ class PlantSimulator:
         """Integrate from the current time to ``t``; a ``t`` in the past is a no-op."""
         while t - self._t > 1e-9:
             h = min(self.max_step_s, t - self._t)
-            self._plant.step(self._u, self.disturbances(self._t), h)
+            if self.faults:
+                self._apply_params(self._t)
+            self._plant.step(self._u_real(self._t), self.disturbances(self._t), h)
             self._t += h
         x = self._plant.state
         if self.model.simulator is None and not np.all(np.isfinite(x)):
             raise FloatingPointError(f"plant state is no longer finite at t={self._t}: {x}")
 
     def outputs(self) -> Array:
-        """Model outputs at the current state, inputs and disturbance truth."""
-        return self._plant.outputs(self._u, self.disturbances(self._t))
+        """Model outputs at the current state, inputs and disturbance truth, as the field's
+        sensors report them."""
+        y = self._plant.outputs(self._u_real(self._t), self.disturbances(self._t))
+        for fault in self.faults:
+            y = fault.readings(y, self._t)
+        return y
+
+    def _u_real(self, t: float) -> Array:
+        """The inputs the plant really gets: the ones held, unless an actuator is faulty."""
+        u = self._u
+        for fault in self.faults:
+            u = fault.inputs(u, t)
+        return u
+
+    def _apply_params(self, t: float) -> None:
+        p = self.params
+        for fault in self.faults:
+            p = fault.params(p, t)
+        if not np.array_equal(p, self._params_now):
+            set_params(self._plant, p)
+            self._params_now = p
 
     def output_dict(self) -> dict[str, float]:
         return {name: float(v) for name, v in zip(self.model.outputs, self.outputs(), strict=True)}
+
+    def kpis(self) -> dict[str, float]:
+        """The simulator's own KPIs if it measures any (``KpiSource``), else none."""
+        return dict(self._plant.kpis()) if isinstance(self._plant, KpiSource) else {}
+
+
+def set_params(plant: Simulator, params: Array) -> None:
+    """Give a running plant new parameters (a parameter fault): the CasADi form takes them
+    as they are; a kind's own simulator needs a ``set_params(params)`` method."""
+    if isinstance(plant, FormSimulator):
+        plant.params = np.asarray(params, dtype=float).reshape(-1)
+        return
+    setter = getattr(plant, "set_params", None)
+    if setter is None:
+        raise ValueError(f"{type(plant).__name__} takes no parameter faults (no set_params)")
+    setter(params)
 
 
 class DisturbanceError:

@@ -12,17 +12,21 @@ twin and from each other:
 * the field stand-in (``field_seed``): a plant with another parameter draw,
   driven by a disturbance truth that departs from the forecast by
   ``forecast_error``, served on 127.0.0.1 in the scenario's field protocol (its
-  ``stand_in``, given a factory of ``PlantSimulator``).
+  ``stand_in``, given a factory of ``PlantSimulator``); ``[[rig.faults]]`` make this
+  plant, and only this one, faulty from their start (a fault to diagnose, with its
+  ground truth in the run's summary).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from parallelcity.clock import Clock
+from parallelcity.diagnose.faults import ActiveFault, FaultSpec, check_spec
 from parallelcity.twin.model import Array, SubsystemModel
 from parallelcity.verify.machine import RigMachine
 from parallelcity.verify.rig import value_error_lines
@@ -38,6 +42,19 @@ from .plant import (
 if TYPE_CHECKING:
     from parallelcity.field.protocol import FieldStandIn
     from parallelcity.scenario.definition import Scenario
+
+
+class RigFault(BaseModel):
+    """``[[rig.faults]]``: a fault the field's plant gets (never the verification rig)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    kind: str = Field(description="a fault kind of the model (docs/diagnosis.md)")
+    component: str = Field(description="a component of the kind, or a measured output")
+    size: float | None = Field(None, description="the fault's size (none for a stuck fault)")
+    start_s: float = Field(ge=0, description="simulated seconds after the scenario's start")
+
+    def spec(self, start_epoch: float) -> FaultSpec:
+        return FaultSpec(self.kind, self.component, self.size, start_epoch + self.start_s)
 
 
 class Config(BaseModel):
@@ -69,6 +86,10 @@ class Config(BaseModel):
         description="std of the disturbance scenarios of samples 1.., per disturbance",
     )
 
+    faults: list[RigFault] = Field(
+        default_factory=list, description="faults injected into the field's plant only"
+    )
+
     @field_validator("forecast_error", "sample_forecast_error")
     @classmethod
     def _finite_std(cls, v: dict[str, float]) -> dict[str, float]:
@@ -98,6 +119,11 @@ def check(config: Config, model: SubsystemModel) -> None:
                 f"rig.spread_parameters: {suffix!r} matches no parameter of model "
                 f"{model.name!r} (parameters: {', '.join(model.parameters)})"
             )
+    for i, fault in enumerate(config.faults):
+        try:
+            check_spec(model, fault.spec(0.0))
+        except ValueError as exc:
+            raise ValueError(f"rig.faults[{i}]: {exc}") from None
 
 
 class SimulatedDriver:
@@ -239,22 +265,33 @@ class _Kind:
         return RigMachine(_Kind.driver(config, model), use_trace=_as_config(config).whole_trace)
 
     @staticmethod
-    def field_stand_in(config: BaseModel, scenario: Scenario, clock: Clock) -> FieldStandIn:
+    def field_plant(
+        config: BaseModel, scenario: Scenario, seed: int | None = None
+    ) -> Callable[[float], PlantSimulator]:
+        """The field's plant: parameters and disturbance truth drawn with ``field_seed``
+        (or ``seed``), starting in the model's initial state and inputs."""
         cfg = _as_config(config)
         model = scenario.model
         check(cfg, model)
-        params = perturbed_params(
-            model, cfg.parameter_spread, cfg.spread_parameters, cfg.field_seed
-        )
-        truth = forecast_truth(model, cfg.forecast_error, cfg.field_seed)
+        draw = cfg.field_seed if seed is None else seed
+        params = perturbed_params(model, cfg.parameter_spread, cfg.spread_parameters, draw)
+        truth = forecast_truth(model, cfg.forecast_error, draw)
+        start = scenario.meta.start_epoch
 
         def make_plant(t0: float) -> PlantSimulator:
-            return PlantSimulator(model, params, truth, model.x0, model.u0, t0)
+            faults = [ActiveFault(model, f.spec(start)) for f in cfg.faults]
+            return PlantSimulator(model, params, truth, model.x0, model.u0, t0, faults=faults)
 
+        return make_plant
+
+    @staticmethod
+    def field_stand_in(config: BaseModel, scenario: Scenario, clock: Clock) -> FieldStandIn:
+        make_plant = _Kind.field_plant(config, scenario)
         from parallelcity.field.protocols import protocol_of
 
         protocol = protocol_of(scenario.field)  # the field is served in the scenario's protocol
-        return protocol.stand_in(scenario, clock, make_plant=make_plant, tick_ms=cfg.tick_ms)
+        tick_ms = _as_config(config).tick_ms
+        return protocol.stand_in(scenario, clock, make_plant=make_plant, tick_ms=tick_ms)
 
 
 KIND = _Kind()

@@ -9,7 +9,9 @@ Exit codes:
     5  `verify`: a safety spec does not hold on some rig sample
     6  `run` ended without achieving control: commands acked on fewer cycles than
        [scenario] min_acked_share (default 0.5), e.g. every command refused
-  130  `run` interrupted by SIGINT, 143 by SIGTERM (after writing its outputs)
+       (`experiment`: 1 if any run failed, the others still complete)
+  130  `run` interrupted by SIGINT, 143 by SIGTERM (after writing its outputs); `experiment`
+       interrupted by Ctrl-C (finished runs kept)
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds such as 3 or 1,2, got {text!r}") from None
+    return seeds
+
+
 def _speed(text: str) -> float:
     try:
         value = float(text)
@@ -80,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 1 internal error, 2 bad usage or invalid scenario, "
         "3 field unreachable or mis-mapped, 4 refused for security, "
         "5 verify: a spec fails on the rig, 6 run: no control achieved (too few cycles "
-        "with acked commands), 130 / 143 run interrupted by SIGINT / SIGTERM.",
+        "with acked commands; experiment: 1 if a run failed), 130 / 143 run or experiment "
+        "interrupted by SIGINT / SIGTERM.",
     )
     p.add_argument("--version", action="version", version=f"parallelcity {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug detail")
@@ -115,8 +126,35 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check scenario files and report every problem")
     v.add_argument("scenarios", type=Path, nargs="+", metavar="SCENARIO")
 
+    sk = sub.add_parser(
+        "skeleton",
+        help="list what a model file holds and write a scenario skeleton for it",
+        description="Write a scenario TOML for FILE (e.g. a SUMO .sumocfg), by the model kind "
+        "that reads FILE's suffix; its leading comments list what was found.",
+    )
+    sk.add_argument("file", type=Path, metavar="FILE")
+    sk.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+
     s = sub.add_parser("schema", help="print the JSON Schema of scenario files")
     s.add_argument("-o", "--output", type=Path, help="write to this file instead of stdout")
+    s.add_argument(
+        "--experiment", action="store_true", help="the schema of experiment files instead"
+    )
+
+    e = sub.add_parser(
+        "experiment",
+        help="compare controllers and settings: a scenario under variants x seeds",
+        description="Run EXPERIMENT's base scenario under each variant with each seed, every "
+        "run a closed loop on the rig's field plant (no field, gateway or network), in "
+        "parallel; write a KPI table (CSV, JSON, Markdown), box plots and a manifest to "
+        "--out. Runs already done are skipped. Exit 1 if a run failed.",
+    )
+    e.add_argument("experiment", type=Path, help="experiment TOML file")
+    e.add_argument("--out", type=Path, help="output folder (default experiment-out/NAME/)")
+    e.add_argument("--workers", type=_positive_int, help="parallel runs (default: the file's)")
+    e.add_argument("--only", action="append", metavar="VARIANT", help="run only this variant")
+    e.add_argument("--seeds", type=_seed_list, help="run only these seeds, e.g. 3 or 1,2")
+    e.add_argument("--force", action="store_true", help="rerun runs that are already done")
 
     g = sub.add_parser(
         "gateway",
@@ -291,8 +329,11 @@ def _cmd_validate(paths: Sequence[Path]) -> int:
     return worst
 
 
-def _cmd_schema(output: Path | None) -> int:
-    from parallelcity.scenario.definition import json_schema
+def _cmd_schema(output: Path | None, experiment: bool = False) -> int:
+    if experiment:
+        from parallelcity.experiment.definition import json_schema
+    else:
+        from parallelcity.scenario.definition import json_schema
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if output:
@@ -627,6 +668,34 @@ def _cmd_browse(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_skeleton(args: argparse.Namespace) -> int:
+    """A scenario skeleton from the first installed model kind that reads FILE's suffix."""
+    from parallelcity import plugins
+
+    suffix = args.file.suffix.lower()
+    kinds = plugins.available("model").values()  # a kind that fails to load is skipped
+    makers = [k for k in kinds if suffix in getattr(k, "skeleton_suffixes", ())]
+    if not makers:
+        raise _UsageError(f"{args.file}: no installed model kind makes a skeleton of {suffix!r}")
+    if not args.file.is_file():
+        raise _UsageError(f"{args.file}: no such file")
+    try:
+        text = str(makers[0].skeleton(str(args.file)))  # type: ignore[attr-defined]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if args.output is None:
+        sys.stdout.write(text)
+        return EXIT_OK
+    try:
+        args.output.write_text(text)
+    except OSError as exc:
+        raise _UsageError(f"-o {args.output}: cannot write it ({exc.strerror})") from exc
+    sys.stdout.write("".join(ln[2:] + "\n" for ln in text.splitlines() if ln.startswith("# ")))
+    print(f"wrote {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
 def _cmd_field(args: argparse.Namespace) -> int:
     from parallelcity.field.serve import FieldOptions, serve_field
     from parallelcity.scenario.definition import load_scenario
@@ -663,6 +732,16 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_FIELD
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from parallelcity.experiment.command import Options, experiment_command
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    opts = Options(args.out, args.workers, args.only, args.seeds, args.force)
+    return experiment_command(args.experiment, opts, say)
+
+
 class _UsageError(Exception):
     pass
 
@@ -683,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "validate":
             return _cmd_validate(args.scenarios)
         if args.command == "schema":
-            return _cmd_schema(args.output)
+            return _cmd_schema(args.output, args.experiment)
         if args.command == "run":
             return _cmd_run(args)
         if args.command == "gateway":
@@ -702,6 +781,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_report(args)
         if args.command == "field":
             return _cmd_field(args)
+        if args.command == "skeleton":
+            return _cmd_skeleton(args)
+        if args.command == "experiment":
+            return _cmd_experiment(args)
     except _UsageError as exc:
         parser.error(str(exc))
     except ScenarioError as exc:

@@ -7,6 +7,7 @@ the module that talks to them, with the original kept as ``__cause__``::
     ParallelCityError
     ├── ScenarioError            a scenario file is missing, unreadable or invalid
     │   └── GatewayConfigError       the same for a stand-alone gateway's config file
+    │   └── ExperimentError          the same for an experiment file (its variants' scenarios)
     │   └── NodeIdError              a NodeId text does not parse (also a ValueError)
     ├── PluginError              a controller / rig / model kind is unknown or broken
     ├── SecurityError            a transport would run without the security it needs
@@ -50,6 +51,12 @@ class GatewayConfigError(ScenarioError):
     """A stand-alone gateway's config file is missing, unreadable or does not validate."""
 
     what = "gateway config"
+
+
+class ExperimentError(ScenarioError):
+    """An experiment file is missing, unreadable or does not validate (its variants included)."""
+
+    what = "experiment"
 
 
 class NodeIdError(ScenarioError, ValueError):

@@ -61,12 +61,21 @@ PURE_MODULES = (
     "parallelcity.twin.kind",
     "parallelcity.models.district_heating",
     "parallelcity.models.pump_tank",
+    "parallelcity.models.traffic.signal_controller",
     "parallelcity.hil.plant",
+    # fault diagnosis
+    "parallelcity.diagnose",
+    "parallelcity.diagnose.config",
+    "parallelcity.diagnose.detect",
+    "parallelcity.diagnose.diagnoser",
+    "parallelcity.diagnose.faults",
+    "parallelcity.diagnose.isolate",
     # decision
     "parallelcity.decide.control",
     "parallelcity.decide.gate",
     "parallelcity.decide.cycle",
     "parallelcity.decide.choice",
+    "parallelcity.decide.assemble",
     # dispatch and gateway decisions
     "parallelcity.dispatch.wire",
     "parallelcity.gateway.watchdog",
@@ -74,6 +83,9 @@ PURE_MODULES = (
     "parallelcity.gateway.core",
     # what a run leaves behind
     "parallelcity.record.records",
+    # an experiment's matrix and table
+    "parallelcity.experiment.plan",
+    "parallelcity.experiment.table",
 )
 """Modules with no I/O: time, readings and commands are passed in.  To keep a new module
 pure, add it here; the test then keeps it so."""
@@ -132,6 +144,17 @@ STAGE_RULES = (
         "parallelcity.twin",
         ("parallelcity.gateway", "parallelcity.dispatch", "parallelcity.record"),
         "the twin predicts from values, whatever carries them",
+    ),
+    Rule(
+        "parallelcity.diagnose",
+        (
+            "parallelcity.gateway",
+            "parallelcity.dispatch",
+            "parallelcity.decide",
+            "parallelcity.record",
+            "parallelcity.field.mirror",
+        ),
+        "a diagnosis explains residuals from values; it never changes what is dispatched",
     ),
     Rule(
         "parallelcity.specs",

@@ -22,10 +22,20 @@ import casadi as ca
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from parallelcity.twin.model import Array, Panel, ReportSpec, SubsystemModel, Total
+from parallelcity.twin.model import (
+    Array,
+    FaultEffect,
+    FaultKind,
+    FaultTarget,
+    Panel,
+    ReportSpec,
+    SubsystemModel,
+    Total,
+)
 from parallelcity.twin.schedule import Period, active
 
 CP_KJ_PER_KG_K = 4.186
+FOULING_VISIBLE_LOSS = 0.02  # a fouled exchanger is diagnosable once it loses this share of Q
 
 
 class Building(BaseModel):
@@ -196,6 +206,7 @@ def build(config: Config) -> SubsystemModel:
         u0=np.array([config.plant.initial_setpoint_c] + [b.initial_flow_kg_per_s for b in bs]),
         state_outputs={s: s for s in states},
         nonnegative=("weather.I_sol", *(f"{b.name}.Q_int" for b in bs)),
+        faults=faults(config),
         report=ReportSpec(
             banded_label="zone temperature [°C]",
             band_name="comfort band",
@@ -209,6 +220,47 @@ def build(config: Config) -> SubsystemModel:
                 Panel("power", ("plant.fuel_kw", "plant.heat_kw", "plant.pump_kw"), "kW"),
                 Panel("flow", tuple(f"{b.name}.m_flow" for b in bs), "kg/s"),
             ),
+        ),
+    )
+
+
+def faults(config: Config) -> tuple[FaultKind, ...]:
+    """A substation's exchanger fouling (its UA_hx scaled down) and a building's flow valve
+    stuck where it stands.
+
+    The exchangers are sized far above their flow (UA_hx / (m c_p) about 10), so
+    ``Q = m c_p (T_s - T_i) (1 - exp(-UA_hx / (m c_p)))`` hardly moves until most of UA_hx
+    is lost: the smallest diagnosable fouling is the fraction at which a substation at its
+    initial flow loses ``FOULING_VISIBLE_LOSS`` of its heat, the largest over buildings."""
+    bs = config.buildings
+    need = [
+        1.0
+        - -math.log(FOULING_VISIBLE_LOSS)
+        * b.initial_flow_kg_per_s
+        * CP_KJ_PER_KG_K
+        / b.ua_hx_kw_per_k
+        for b in bs
+    ]
+    return (
+        FaultKind(
+            "fouled_exchanger",
+            FaultTarget.PARAMETER,
+            FaultEffect.SCALE,
+            min_size=min(0.9, max(0.1, *need)),
+            unit="of UA_hx lost",
+            components={b.name: (f"{b.name}.ua_hx_kw_per_k",) for b in bs},
+            max_size=0.98,
+            description="a substation's heat exchanger fouled: its UA_hx scaled by 1 - size",
+        ),
+        FaultKind(
+            "valve_stuck",
+            FaultTarget.INPUT,
+            FaultEffect.STUCK,
+            min_size=0.0,
+            unit="kg/s",
+            components={b.name: (f"{b.name}.m_flow",) for b in bs},
+            description="a building's flow valve stuck where it stood; diagnosable once the "
+            "commanded flow moves away from it",
         ),
     )
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -67,6 +67,7 @@ class JournalRun:
     results: dict[int, sqlite3.Row]
     end: RunEnd | None
     tripped_at_start: bool = False  # the gateway's watchdog was tripped when the run began
+    alarms: list[dict[str, Any]] = field(default_factory=list)  # diagnosis alarms, in order
 
     def describe_end(self) -> str:
         return self.end.describe() if self.end else NO_END
@@ -182,6 +183,14 @@ def read_journal(path: Path) -> JournalRun:
                     (rid,),
                 )
             ),
+            alarms=[
+                json.loads(r["data"] or "{}")
+                for r in db.execute(
+                    "SELECT data FROM event WHERE run_id = ? AND source = 'diagnosis' "
+                    "AND kind = 'alarm' ORDER BY rowid",
+                    (rid,),
+                )
+            ],
         )
     except sqlite3.Error as exc:
         raise JournalError(f"{path}: cannot read the journal: {exc}") from exc
@@ -309,4 +318,5 @@ def run_result(run: JournalRun, scenario: Scenario, out_dir: Path) -> RunResult:
         signal=end.signal if end else None,
         abandoned=end.abandoned if end else "",
         first_cycle_t=recs[0].t if recs else None,
+        alarms=run.alarms,
     )

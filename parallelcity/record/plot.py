@@ -100,7 +100,7 @@ def _series(result: RunResult, name: str) -> tuple[list[float], str] | None:
 def plot_figure(result: RunResult) -> Figure:
     """The run's story: each banded output in its own panel with its band, the model kind's
     panels (``SubsystemModel.report``), and a strip marking fallback, hold, stale, deadline,
-    refused and undelivered cycles."""
+    refused and undelivered cycles, and the diagnosis's fault alarms."""
     from matplotlib.figure import Figure
 
     recs = result.records
@@ -145,8 +145,13 @@ def plot_figure(result: RunResult) -> Figure:
         ax.scatter(
             at, [row] * len(at), marker=marker, color=colour, s=25, label=f"{what} ({len(at)})"
         )
-    ax.set_yticks(range(len(MARKERS)), [m[0] for m in MARKERS], fontsize=7)
-    ax.set_ylim(-0.7, len(MARKERS) - 0.3)
+    alarm_row = len(MARKERS)
+    for a in result.alarms:  # a fault alarm, at the cycle that raised it
+        when = dt.datetime.fromtimestamp(float(a["raised_at"]), tz)
+        ax.scatter([when], [alarm_row], marker="*", color="crimson", s=60)
+        ax.annotate(f"{a['kind']} {a['component']}", (when, alarm_row), fontsize=6, va="bottom")
+    ax.set_yticks(range(len(MARKERS) + 1), [m[0] for m in MARKERS] + ["fault alarm"], fontsize=7)
+    ax.set_ylim(-0.7, len(MARKERS) + 1.2)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7)
     from matplotlib.dates import DateFormatter
 

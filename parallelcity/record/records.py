@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from parallelcity.decide.cycle import Outcome
 
@@ -50,6 +50,7 @@ class RunResult:
     signal: str | None = None  # "SIGINT" | "SIGTERM" when interrupted
     abandoned: str = ""  # what the stop left unfinished, if anything
     first_cycle_t: float | None = None  # simulated time of the first cycle
+    alarms: list[dict[str, Any]] = field(default_factory=list)  # diagnosis alarms (as_dict)
 
 
 ProgressFn = Callable[[CycleRecord, dict[str, int]], None]

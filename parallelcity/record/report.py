@@ -13,7 +13,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,10 @@ class Summary:
     min_acked_share: float
     success: bool
     verdict: str
+    # diagnosis: its alarms, and the faults the rig planted in the field (ground truth);
+    # times are seconds after the scenario's start, as [[rig.faults]] start_s
+    alarms: list[dict[str, Any]] = field(default_factory=list)
+    faults_injected: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -92,8 +96,17 @@ class Summary:
             f"cycle time        p50 {_ms(self.cycle_wall_p50_ms)}   "
             f"p99 {_ms(self.cycle_wall_p99_ms)}",
             f"solve time        p50 {_ms(self.solve_p50_ms)}   p99 {_ms(self.solve_p99_ms)}",
+            *(
+                f"fault alarm       {a['kind']} on {a['component']} at "
+                f"{_hours(a['raised_s'])} (started about {_hours(a['start_s'])})"
+                for a in self.alarms
+            ),
             f"result            {self.verdict}",
         ]
+
+
+def _hours(s: float | None) -> str:
+    return "?" if s is None else f"{s / 3600:.2f} h"
 
 
 def _ms(v: float) -> str:
@@ -175,6 +188,39 @@ def totals(records: Sequence[CycleRecord], dt_s: float, spec: ReportSpec) -> dic
     return out
 
 
+def alarm_summary(alarm: dict[str, Any], start: float) -> dict[str, Any]:
+    """An alarm as summary.json carries it: what, where, how large, when (seconds after the
+    scenario's start) and how sure; the full evidence stays in the journal."""
+    ev = alarm.get("evidence", {})
+    runner = ev.get("runner_up", {})
+    return {
+        "kind": alarm.get("kind"),
+        "component": alarm.get("component"),
+        "size": alarm.get("size"),
+        "unit": alarm.get("unit", ""),
+        "start_s": _since(alarm.get("start"), start),
+        "detected_s": _since(alarm.get("detected_at"), start),
+        "raised_s": _since(alarm.get("raised_at"), start),
+        "channel": alarm.get("channel"),
+        "explained": ev.get("explained"),
+        "margin": ev.get("margin"),
+        "runner_up": {"kind": runner.get("kind"), "component": runner.get("component")},
+    }
+
+
+def _since(t: Any, start: float) -> float | None:
+    return float(t) - start if isinstance(t, int | float) else None
+
+
+def injected_faults(result: RunResult) -> list[dict[str, Any]]:
+    """The faults the rig planted in the field's plant (``[[rig.faults]]``), if any."""
+    faults = getattr(result.scenario.rig_config, "faults", None) or []
+    return [
+        {"kind": f.kind, "component": f.component, "size": f.size, "start_s": f.start_s}
+        for f in faults
+    ]
+
+
 def summarize(result: RunResult) -> Summary:
     spec = result.scenario.model.report
     recs = result.records
@@ -215,6 +261,8 @@ def summarize(result: RunResult) -> Summary:
         min_acked_share=min_share,
         success=ok,
         verdict=why,
+        alarms=[alarm_summary(a, result.scenario.meta.start_epoch) for a in result.alarms],
+        faults_injected=injected_faults(result),
     )
 
 
@@ -332,6 +380,12 @@ def metrics_text(summary: Summary, scenario: str) -> str:
             f"# TYPE {name} {kind}",
             f"{name}{{{lab}}} {_prom(value)}",
         ]
+    out += [
+        "# HELP parallelcity_alarms_total Fault alarms raised by the diagnosis",
+        "# TYPE parallelcity_alarms_total counter",
+    ]
+    for kind, n in sorted(Counter(str(a["kind"]) for a in summary.alarms).items()):
+        out.append(f'parallelcity_alarms_total{{{lab},kind="{_label_value(kind)}"}} {n}')
     if summary.totals:
         out += [
             "# HELP parallelcity_total The model kind's totals",

@@ -34,7 +34,7 @@ import numpy as np
 
 from parallelcity import plugins
 from parallelcity.clock import SimClock
-from parallelcity.decide.choice import controller_settings
+from parallelcity.decide.assemble import cycle_logic, divergence_monitor
 from parallelcity.decide.cycle import (
     CycleLogic,
     CycleStep,
@@ -43,7 +43,9 @@ from parallelcity.decide.cycle import (
     Unsolved,
     finish_cycle,
 )
-from parallelcity.decide.gate import SimplexGate
+from parallelcity.diagnose.config import settings as diagnosis_settings
+from parallelcity.diagnose.diagnoser import Diagnoser
+from parallelcity.diagnose.faults import FaultTarget
 from parallelcity.dispatch.dispatcher import Dispatcher
 from parallelcity.dispatch.wire import AckStatus, Status, WatchdogState
 from parallelcity.errors import (
@@ -82,12 +84,10 @@ from parallelcity.run.security import zmq_security as _zmq_security
 from parallelcity.scenario.definition import Scenario
 from parallelcity.scenario.text import scenario_toml
 from parallelcity.specs import SafetySpecs
-from parallelcity.twin.divergence import DivergenceMonitor, DivergenceSettings
-from parallelcity.twin.estimate import ExtendedKalmanFilter
+from parallelcity.twin.divergence import DivergenceMonitor, fresh_readings
 from parallelcity.twin.model import Array
-from parallelcity.twin.twin import Twin
 from parallelcity.verify.rig import FieldStandIn
-from parallelcity.verify.verifier import PoolSamples, RigRecipe, Verifier
+from parallelcity.verify.verifier import PoolSamples, RigRecipe
 
 __all__ = ["CycleRecord", "RunOptions", "RunResult", "count_cycle", "rearm_command", "run"]
 
@@ -130,30 +130,6 @@ async def run(
         raise
 
 
-def _estimator(scenario: Scenario) -> ExtendedKalmanFilter | None:
-    est = scenario.file.estimation
-    if est is None:
-        return None
-    return ExtendedKalmanFilter(
-        scenario.model,
-        scenario.meta.cycle_s,
-        biases=est.biases,
-        state_std=est.state_std,
-        bias_std=est.bias_std,
-        measurement_std=est.measurement_std,
-    )
-
-
-def _divergence_monitor(scenario: Scenario) -> DivergenceMonitor | None:
-    cfg = scenario.file.divergence
-    if cfg is None:
-        return None
-    settings = DivergenceSettings(
-        cfg.thresholds, cfg.window_cycles, cfg.persist_cycles, cfg.clear_cycles
-    )
-    return DivergenceMonitor(scenario.model, scenario.meta.cycle_s, settings)
-
-
 def _watch_divergence(
     monitor: DivergenceMonitor,
     journal: Journal,
@@ -176,6 +152,48 @@ def _watch_divergence(
         journal.record_event(
             k, t, "divergence", check.change, detail, {"residuals": dict(check.residuals)}
         )
+
+
+def _diagnoser(scenario: Scenario) -> Diagnoser | None:
+    cfg = scenario.file.diagnosis
+    if cfg is None or not cfg.enabled:
+        return None
+    bounds = {s.name: (s.min, s.max) for s in scenario.specs.inputs}
+    dt_s = scenario.meta.cycle_s
+    return Diagnoser(scenario.model, dt_s, diagnosis_settings(cfg, scenario.model, dt_s, bounds))
+
+
+async def _diagnose(
+    diagnoser: Diagnoser,
+    journal: Journal,
+    k: int,
+    t: float,
+    snap: Snapshot,
+    decision: Decision,
+    u_now: Array,
+    banded: frozenset[str],
+) -> list[dict[str, Any]]:
+    """One cycle of diagnosis, journaled; the alarms it raised.  It only reports: what is
+    dispatched stays the controller's and the fallback's business.  An isolation fits every
+    hypothesis (a few hundred ms on a loaded machine), so it runs off the event loop."""
+    x = decision.x0 if snap.link_up else None
+    events = await asyncio.to_thread(diagnoser.observe, t, fresh_readings(snap), x, u_now)
+    alarms = []
+    for event in events:
+        journal.record_event(k, event.t, "diagnosis", event.kind, event.detail, event.data)
+        if event.alarm is None:
+            log.info("cycle %d: diagnosis %s: %s", k, event.kind, event.detail)
+            continue
+        alarms.append(event.alarm.as_dict())
+        kind = diagnoser.model.fault_kind(event.alarm.kind)
+        hint = ""
+        if kind.applies_to is FaultTarget.SENSOR and event.alarm.component in banded:
+            hint = (
+                "; the twin reads this banded output from the faulty sensor, so its band "
+                "is judged on a wrong value: check the sensor on site"
+            )
+        log.warning("cycle %d: fault alarm: %s%s", k, event.detail, hint)
+    return alarms
 
 
 def _embedded_core(scenario: Scenario, specs: SafetySpecs, speed: float) -> GatewayCore:
@@ -236,6 +254,7 @@ class _Setup:
     specs: SafetySpecs
     logic: CycleLogic
     monitor: DivergenceMonitor | None
+    diagnoser: Diagnoser | None
     pool: PoolSamples | None
     controller_kind: str
     rig_kind: Any
@@ -260,23 +279,20 @@ def _prepare(scenario: Scenario, options: RunOptions) -> _Setup:
     else:
         clock = SimClock(epoch=time.time(), speed=1.0)
     specs = scenario.safety_specs()
-    model = scenario.model
     rig_kind = plugins.rig_kind(scenario.file.rig.kind)
-    controller_kind, controller_cfg = controller_settings(scenario, options.controller_kind)
-    controller = plugins.controller_kind(controller_kind).create(controller_cfg)
-    fallback = plugins.controller_kind(scenario.file.fallback.kind).create(scenario.fallback_config)
-    twin = Twin(model, specs, meta.cycle_s, meta.horizon_steps, _estimator(scenario))
     vcfg = scenario.file.verification
     pool = PoolSamples(RigRecipe.from_scenario(scenario), vcfg.workers) if vcfg.workers else None
-    verifier = Verifier(
-        specs,
-        rig_kind.verification_rig(scenario.rig_config, model),
-        meta.cycle_s,
-        runner=pool,
-        deadline_s=None if vcfg.deadline_s is None else vcfg.deadline_s / speed,
-    )
-    logic = CycleLogic(twin, controller, fallback, verifier, SimplexGate(vcfg.reverify_cycles))
-    logic.setup()
+    try:
+        controller_kind, logic = cycle_logic(
+            scenario,
+            options.controller_kind,
+            runner=pool,
+            deadline_s=None if vcfg.deadline_s is None else vcfg.deadline_s / speed,
+        )
+    except BaseException:
+        if pool is not None:
+            pool.close()
+        raise
     cycles = options.cycles or meta.cycles
     return _Setup(
         scenario,
@@ -287,7 +303,8 @@ def _prepare(scenario: Scenario, options: RunOptions) -> _Setup:
         cycles,
         specs,
         logic,
-        _divergence_monitor(scenario),
+        divergence_monitor(scenario),
+        _diagnoser(scenario),
         pool,
         controller_kind,
         rig_kind,
@@ -434,6 +451,7 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         signal=stop.signal,
         abandoned=loop.abandoned,
         first_cycle_t=loop.t_first,
+        alarms=loop.alarms,
     )
 
 
@@ -464,6 +482,7 @@ class _Loop:
         self.t_first: float | None = None
         self.ended = False
         self.watchdog_seen = WatchdogState.ARMED
+        self.alarms: list[dict[str, Any]] = []
 
     async def run(self, tasks: asyncio.TaskGroup, gateway_endpoint: str, issuer: str) -> None:
         meta, clock, stop = self.setup.scenario.meta, self.clock, self.stop
@@ -548,6 +567,11 @@ class _Loop:
             )
         if run.monitor is not None:
             _watch_divergence(run.monitor, journal, k, t_k, snap, d, self.u_prev)
+        if run.diagnoser is not None:
+            banded = frozenset(b.output for b in run.specs.bands)
+            self.alarms += await _diagnose(
+                run.diagnoser, journal, k, t_k, snap, d, self.u_prev, banded
+            )
         count_cycle(self.counts, step.outcome, d.source)
         rec = _record(
             k, t_k, snap, step, run.specs, run.scenario.model.inputs, self.u_prev, ack, wall0

@@ -29,6 +29,8 @@ from pydantic import (
 
 from parallelcity import plugins
 from parallelcity.decide.control import ControllerKind, ControlProblem
+from parallelcity.diagnose.config import DiagnosisConfig
+from parallelcity.diagnose.config import check as check_diagnosis
 from parallelcity.dispatch.wire import MAX_ISSUER_BYTES, check_issuer_name, name_problem
 from parallelcity.errors import PluginError, ScenarioError, WireFormatError
 from parallelcity.field.config import FieldConfig
@@ -275,6 +277,7 @@ class ScenarioFile(_Strict):
     verification: Verification = Verification()
     divergence: DivergenceConfig | None = None
     estimation: EstimationConfig | None = None
+    diagnosis: DiagnosisConfig | None = None
 
     @field_validator("field", mode="before")
     @classmethod
@@ -387,6 +390,7 @@ class _Parts:
     # in place of the others), so checks that need every item are left out
     field_whole: bool = True
     specs_whole: bool = True
+    diagnosis: DiagnosisConfig | None = None
 
     @classmethod
     def of(cls, raw: dict[str, Any]) -> _Parts:
@@ -429,11 +433,20 @@ class _Parts:
             part(EstimationConfig, "estimation") if "estimation" in raw else None,
             field_whole,
             specs_whole,
+            part(DiagnosisConfig, "diagnosis") if "diagnosis" in raw else None,
         )
 
     @classmethod
     def of_file(cls, f: ScenarioFile) -> _Parts:
-        return cls(f.scenario, f.field, f.specs, f.verification, f.divergence, f.estimation)
+        return cls(
+            f.scenario,
+            f.field,
+            f.specs,
+            f.verification,
+            f.divergence,
+            f.estimation,
+            diagnosis=f.diagnosis,
+        )
 
 
 def _lenient(
@@ -483,6 +496,9 @@ def _cross_check(f: _Parts, m: SubsystemModel | None) -> list[str]:
         for name in f.divergence.thresholds:
             if name not in m.outputs:
                 problems.append(f"divergence.thresholds: {name!r} is not an output of the model")
+    if m is not None and f.diagnosis is not None and f.field is not None:
+        measured = {p.name for p in f.field.points if p is not None}
+        problems.extend(check_diagnosis(f.diagnosis, m, measured))
     if m is not None and m.step_s > 0 and f.meta is not None:
         try:  # a discrete model: every period the runtime steps it by is whole steps
             m.steps_in(f.meta.cycle_s)
@@ -656,7 +672,9 @@ def _problems(raw: dict[str, Any], path: Path) -> tuple[list[str], tuple[Any, ..
     problems.extend(f"{loc}: must be a finite number, not inf or nan" for loc in non_finite)
     found: list[str] = []
     # plug-in tables are checked even when the rest failed, so every problem shows at once
-    model_cfg = _plugin_config("model", raw.get("model"), "model", found, zone)
+    # a model's relative paths (e.g. a simulator's input files) are the scenario's
+    model_ctx = {**zone, BASE_DIR: path.parent}
+    model_cfg = _plugin_config("model", raw.get("model"), "model", found, model_ctx)
     ctrl_cfg = _plugin_config("controller", raw.get("controller"), "controller", found)
     fb_cfg = _plugin_config("controller", raw.get("fallback"), "fallback", found)
     rig_cfg = _plugin_config("rig", raw.get("rig"), "rig", found, {BASE_DIR: path.parent})
@@ -687,6 +705,13 @@ def parse_scenario(text: str, path: str | Path = "<string>") -> Scenario:
         raw = parse_toml(text)
     except ValueError as exc:
         raise ScenarioError(str(path), [str(exc)]) from None
+    return scenario_from_tables(raw, path)
+
+
+def scenario_from_tables(raw: dict[str, Any], path: str | Path) -> Scenario:
+    """Validate a scenario given as parsed TOML tables (relative paths resolve against
+    ``path``'s folder); raise ``ScenarioError`` listing every problem."""
+    path = Path(path)
     try:
         problems, parts = _problems(raw, path)
     except RecursionError:

@@ -38,6 +38,11 @@ def _pairs(d: dict[Any, Any]) -> str:
     return ", ".join(f"{json.dumps(str(k))} = {_value(v)}" for k, v in d.items() if v is not None)
 
 
+def tables_toml(data: dict[str, Any]) -> str:
+    """Parsed TOML tables written back as TOML (``tomllib.loads`` gives them back)."""
+    return "".join(f"{json.dumps(k)} = {_value(v)}\n" for k, v in data.items() if v is not None)
+
+
 def scenario_toml(scenario: Scenario) -> str:
     data = scenario.file.model_dump(mode="python", exclude_none=True, serialize_as_any=True)
-    return "".join(f"{json.dumps(k)} = {_value(v)}\n" for k, v in data.items())
+    return tables_toml(data)

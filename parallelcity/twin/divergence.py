@@ -67,6 +67,88 @@ class _Step:
     d_measured: dict[int, float] = field(default_factory=dict)  # disturbance index -> value
 
 
+def fresh_readings(snapshot: Snapshot) -> dict[str, float]:
+    """The snapshot's fresh values by output name (stale and missing points left out)."""
+    return {
+        n: p.reading.value
+        for n, p in snapshot.points.items()
+        if not p.stale and p.reading is not None
+    }
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One cycle's comparison: the twin's prediction of the outputs at ``t`` from
+    ``window`` cycles earlier, and the field's readings minus it."""
+
+    t: float
+    y_pred: Array  # (ny,) predicted outputs at t
+    residuals: Mapping[str, float]  # measured - predicted, for outputs that could be compared
+    x_from: Array  # the twin's state the prediction started from
+    steps: tuple[tuple[float, Array, Array], ...]  # (t, u, d) of each predicted period
+    d_now: Array  # disturbances at t (measured where a point measures them)
+
+
+class Predictor:
+    """The twin's ``window``-cycle-ahead prediction of the field, cycle by cycle (pure)."""
+
+    def __init__(
+        self,
+        model: SubsystemModel,
+        dt: float,
+        outputs: tuple[str, ...],
+        window: int,
+        params: Array | None = None,
+    ) -> None:
+        self.model = model
+        self.dt = float(dt)
+        self.window = int(window)
+        self.params = np.asarray(model.nominal if params is None else params, dtype=float)
+        self._step = model.step_function(self.dt)
+        self._history: deque[_Step] = deque(maxlen=self.window + 1)
+        self._outputs = {n: model.index("outputs", n) for n in outputs}
+        # outputs that are disturbances passed straight through (a measured disturbance)
+        self._measures_d = {
+            n: model.index("disturbances", n) for n in model.outputs if n in model.disturbances
+        }
+
+    def observe(
+        self, t: float, readings: Mapping[str, float], x: Array | None, u: Array
+    ) -> Prediction | None:
+        """Record cycle ``t`` (fresh ``readings``, the twin's state ``x`` there, inputs
+        ``u`` from then on); the prediction of ``t`` from ``window`` cycles ago, if any."""
+        d_meas = {i: readings[n] for n, i in self._measures_d.items() if n in readings}
+        out: Prediction | None = None
+        if len(self._history) == self.window and self._history[0].x is not None:
+            out = self._predict(t, d_meas, readings)
+        self._history.append(_Step(t, None if x is None else np.array(x), np.array(u), d_meas))
+        while len(self._history) > self.window:
+            self._history.popleft()
+        return out
+
+    def _predict(
+        self, t: float, d_now: Mapping[int, float], readings: Mapping[str, float]
+    ) -> Prediction:
+        steps = list(self._history)
+        x0 = steps[0].x
+        assert x0 is not None
+        x, used = x0, []
+        for s in steps:
+            d = self.disturbances(s.t, s.d_measured)
+            used.append((s.t, s.u, d))
+            x = np.asarray(self._step(x, s.u, d, self.params), dtype=float).reshape(-1)
+        d1 = self.disturbances(t, d_now)
+        y = np.asarray(self.model.h(x, steps[-1].u, d1, self.params), dtype=float).reshape(-1)
+        res = {n: readings[n] - float(y[i]) for n, i in self._outputs.items() if n in readings}
+        return Prediction(t, y, res, x0, tuple(used), d1)
+
+    def disturbances(self, t: float, measured: Mapping[int, float]) -> Array:
+        d = np.array(self.model.forecast(t, 1, self.dt)[0], dtype=float)
+        for i, v in measured.items():
+            d[i] = v
+        return d
+
+
 class DivergenceMonitor:
     """Compare the twin's ``window``-cycle predictions with the field, alarm on persistence."""
 
@@ -84,61 +166,19 @@ class DivergenceMonitor:
         self.model = model
         self.dt = float(dt)
         self.settings = settings
-        self.params = np.asarray(model.nominal if params is None else params, dtype=float)
-        self._step = model.step_function(self.dt)
-        self._history: deque[_Step] = deque(maxlen=settings.window + 1)
-        self._outputs = {n: model.index("outputs", n) for n in settings.thresholds}
-        # outputs that are disturbances passed straight through (a measured disturbance)
-        self._measures_d = self._disturbance_outputs()
+        self.predictor = Predictor(model, dt, tuple(settings.thresholds), settings.window, params)
+        self.params = self.predictor.params
         self._over: dict[str, int] = dict.fromkeys(settings.thresholds, 0)
         self._within = 0
         self.alarm = False
         self.reason = ""
 
-    def _disturbance_outputs(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for name in self.model.outputs:
-            if name in self.model.disturbances:
-                out[name] = self.model.index("disturbances", name)
-        return out
-
     def observe(self, t: float, snapshot: Snapshot, x: Array | None, u: Array) -> Check:
         """Record cycle ``t`` (the twin's state ``x`` there, inputs ``u`` from then on) and
         check the field's outputs at ``t`` against the prediction from ``window`` cycles ago.
         """
-        d_meas = {}
-        for name, i in self._measures_d.items():
-            p = snapshot.points.get(name)
-            if p is not None and not p.stale and p.reading is not None:
-                d_meas[i] = p.reading.value
-        residuals: dict[str, float] = {}
-        if len(self._history) == self.settings.window and self._history[0].x is not None:
-            y_pred = self._predict(t, d_meas, np.asarray(u, dtype=float))
-            for name, i in self._outputs.items():
-                p = snapshot.points.get(name)
-                if p is None or p.stale or p.reading is None:
-                    continue
-                residuals[name] = p.reading.value - float(y_pred[i])
-        self._history.append(_Step(t, None if x is None else np.array(x), np.array(u), d_meas))
-        while len(self._history) > self.settings.window:
-            self._history.popleft()
-        return self._judge(t, residuals)
-
-    def _predict(self, t: float, d_now: Mapping[int, float], u_now: Array) -> Array:
-        steps = list(self._history)
-        x = steps[0].x
-        assert x is not None
-        for s in steps:
-            d = self._disturbances(s.t, s.d_measured)
-            x = np.asarray(self._step(x, s.u, d, self.params), dtype=float).reshape(-1)
-        y = self.model.h(x, steps[-1].u, self._disturbances(t, d_now), self.params)
-        return np.asarray(y, dtype=float).reshape(-1)
-
-    def _disturbances(self, t: float, measured: Mapping[int, float]) -> Array:
-        d = np.array(self.model.forecast(t, 1, self.dt)[0], dtype=float)
-        for i, v in measured.items():
-            d[i] = v
-        return d
+        pred = self.predictor.observe(t, fresh_readings(snapshot), x, np.asarray(u, dtype=float))
+        return self._judge(t, {} if pred is None else pred.residuals)
 
     def _judge(self, t: float, residuals: Mapping[str, float]) -> Check:
         limits = self.settings.thresholds

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import casadi as ca
 import numpy as np
@@ -61,6 +61,17 @@ class Simulator(Protocol):
     @property
     def state(self) -> Array:
         """The state now (NaN where the simulator has no counterpart of a model state)."""
+        ...
+
+
+@runtime_checkable
+class KpiSource(Protocol):
+    """A plant that measures KPIs of its own (optional, beside ``Simulator``): a traffic
+    simulator's time loss per vehicle, stops, throughput or teleports.  ``parallelcity
+    experiment`` adds them to each run's KPIs, read once after the run's last cycle."""
+
+    def kpis(self) -> dict[str, float]:
+        """KPI name -> value over the whole run so far (names stable across runs)."""
         ...
 
 
@@ -107,6 +118,84 @@ class ReportSpec:
     baseline: str = "hold"
 
 
+class FaultTarget(StrEnum):
+    """What a fault kind applies to."""
+
+    SENSOR = "sensor"  # a measured output: the field reports something else than the plant does
+    PARAMETER = "parameter"  # a group of model parameters: the plant itself changed
+    INPUT = "input"  # an actuator: the plant does not get what is commanded
+
+
+class FaultEffect(StrEnum):
+    """How a fault changes the plant, from its start time on (``size`` is the fault's)."""
+
+    SCALE = "scale"  # parameters times (1 - size): size is the fraction lost
+    ADD = "add"  # parameters plus size (a leak's emitter coefficient from zero)
+    DRIFT = "drift"  # a reading plus size per hour since the start
+    STUCK = "stuck"  # a reading, or an input, frozen at its value at the start (no size)
+
+
+@dataclass(frozen=True, eq=False)
+class FaultKind:
+    """A fault a model kind declares: what it perturbs and how (``components``: component
+    name -> the parameters or inputs it perturbs; a sensor fault applies to every measured
+    output).  ``min_size`` is the smallest size the kind promises is diagnosable; with
+    ``relative_to_noise`` it counts diagnosis noise standard deviations of the output (per
+    cycle, for a drift: ``size * cycle_h / sigma``)."""
+
+    name: str
+    applies_to: FaultTarget
+    effect: FaultEffect
+    min_size: float
+    unit: str = ""
+    components: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    max_size: float = math.inf  # the largest size a fit considers (SCALE: below 1)
+    relative_to_noise: bool = False
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        allowed = {
+            FaultTarget.SENSOR: (FaultEffect.DRIFT, FaultEffect.STUCK),
+            FaultTarget.PARAMETER: (FaultEffect.SCALE, FaultEffect.ADD),
+            FaultTarget.INPUT: (FaultEffect.STUCK,),
+        }[self.applies_to]
+        if self.effect not in allowed:
+            raise ValueError(f"fault {self.name}: a {self.applies_to} fault cannot {self.effect}")
+        if (self.applies_to is FaultTarget.SENSOR) == bool(self.components):
+            raise ValueError(
+                f"fault {self.name}: a sensor fault applies to every measured output and "
+                "names no components; parameter and input faults name theirs"
+            )
+        if not (self.min_size >= 0 and self.max_size > self.min_size):
+            raise ValueError(f"fault {self.name}: need 0 <= min_size < max_size")
+
+    @property
+    def sized(self) -> bool:
+        """Whether the fault has a size (a stuck one is frozen at its value at the start)."""
+        return self.effect is not FaultEffect.STUCK
+
+
+SENSOR_FAULTS = (
+    FaultKind(
+        "sensor_drift",
+        FaultTarget.SENSOR,
+        FaultEffect.DRIFT,
+        min_size=2.5,  # noise sigmas per cycle: a one-cycle-ahead residual sees rate * cycle
+        unit="per hour",
+        relative_to_noise=True,
+        description="a reading drifting away from the truth at a constant rate",
+    ),
+    FaultKind(
+        "sensor_stuck",
+        FaultTarget.SENSOR,
+        FaultEffect.STUCK,
+        min_size=0.0,
+        description="a reading frozen at its last value",
+    ),
+)
+"""Generic sensor faults: every model kind has them on every measured output."""
+
+
 @dataclass(frozen=True, eq=False)
 class SubsystemModel:
     """A plant model with named signals and nominal parameters (see the module docstring
@@ -132,6 +221,8 @@ class SubsystemModel:
     simulator: SimulatorFactory | None = None  # an external plant; None: the CasADi form
     # disturbances that are physically never negative (rigs clip their drawn truth at zero)
     nonnegative: tuple[str, ...] = ()
+    # faults the kind's plant can have and its twin explains (the sensor faults come free)
+    faults: tuple[FaultKind, ...] = ()
 
     def __post_init__(self) -> None:
         sizes = {
@@ -158,6 +249,35 @@ class SubsystemModel:
         for s, y in self.state_outputs.items():
             if s not in self.states or y not in self.outputs:
                 raise ValueError(f"model {self.name}: state_outputs maps unknown {s!r} -> {y!r}")
+        self._check_faults()
+
+    def _check_faults(self) -> None:
+        names = [k.name for k in self.fault_kinds]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model {self.name}: fault kind names repeat: {names}")
+        for kind in self.faults:
+            pool = self.parameters if kind.applies_to is FaultTarget.PARAMETER else self.inputs
+            if kind.applies_to is FaultTarget.SENSOR:
+                raise ValueError(f"model {self.name}: sensor faults are generic ({kind.name})")
+            for comp, names_ in kind.components.items():
+                unknown = [n for n in names_ if n not in pool] or ([] if names_ else ["nothing"])
+                if unknown:
+                    raise ValueError(
+                        f"model {self.name}: fault {kind.name} component {comp!r} perturbs "
+                        f"unknown {kind.applies_to}s {unknown}"
+                    )
+
+    @property
+    def fault_kinds(self) -> tuple[FaultKind, ...]:
+        """The kind's declared faults, then the generic sensor faults."""
+        return self.faults + SENSOR_FAULTS
+
+    def fault_kind(self, name: str) -> FaultKind:
+        for kind in self.fault_kinds:
+            if kind.name == name:
+                return kind
+        known = ", ".join(k.name for k in self.fault_kinds)
+        raise KeyError(f"model {self.name} has no fault kind {name!r} (kinds: {known})")
 
     @property
     def nx(self) -> int:

@@ -20,6 +20,7 @@ from parallelcity.twin.model import Array, SubsystemModel
 
 if TYPE_CHECKING:
     from parallelcity.clock import Clock
+    from parallelcity.field.protocol import PlantFactory
     from parallelcity.scenario.definition import Scenario
 
 
@@ -159,6 +160,19 @@ class RigKind(Protocol):
     ) -> AbstractAsyncContextManager[FieldStandIn]:
         """The plant served as the field for an embedded run; ``ValueError`` if this kind
         cannot stand in for the field (it then only verifies)."""
+        ...
+
+
+@runtime_checkable
+class PlantRigKind(RigKind, Protocol):
+    """A rig kind whose field plant can run without any field protocol (``parallelcity
+    experiment`` closes the loop on it directly); optional, a kind without it only serves."""
+
+    def field_plant(
+        self, config: BaseModel, scenario: Scenario, seed: int | None = None
+    ) -> PlantFactory:
+        """``make_plant(t0)``: the plant ``field_stand_in`` serves; ``seed`` replaces the
+        kind's own draw of the field (None: the config's), so runs differ only by it."""
         ...
 
 

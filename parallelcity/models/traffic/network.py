@@ -18,7 +18,8 @@ green ``C - L`` (``L`` the lost time), the last green phase the remainder.
 SUMO plant applies exactly these, and the queue model plans with the same formula.
 
 Signal names (``signal_names``) are derived from SUMO ids, so a scenario's points and
-inputs name approaches by their edge id and junctions by their tls id.
+inputs name approaches by their edge id and junctions by their tls id; the one
+network-wide output, ``network.queued`` (vehicles queued on all approaches), comes last.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ JAM_SPACING_M = 7.5
 TAU_S = 1.0
 DISCHARGE_SPEED_MPS = 10.0  # speed a queue leaves the stop line with, capped by the lane's
 DEFAULT_MIN_GREEN_S = 5.0  # where the program does not set minDur
+QUEUED = "network.queued"  # output: vehicles queued on all approaches together
+# the model parameters after saturation and storage per approach, with their nominal values
+GLOBAL_PARAMETERS = ("demand.scale", "driver.sigma", "driver.tau")
 
 
 @dataclass(frozen=True)
@@ -193,12 +197,21 @@ def signal_names(network: Network) -> dict[str, tuple[str, ...]]:
         name
         for a in network.approaches
         for name in (f"{a.edge}.queue", f"{a.edge}.flow", f"{a.edge}.occupancy")
+    ) + (QUEUED,)
+    parameters = (
+        tuple(
+            name
+            for a in network.approaches
+            for name in (f"{a.edge}.saturation", f"{a.edge}.storage")
+        )
+        + GLOBAL_PARAMETERS
     )
     return {
         "states": states,
         "inputs": tuple(inputs),
         "disturbances": disturbances,
         "outputs": outputs,
+        "parameters": parameters,
     }
 
 
@@ -229,12 +242,13 @@ def read_network(path: str | Path, tls_ids: Iterable[str] | None = None) -> Netw
         if not programs:
             continue
         program_id, program = sorted(programs.items())[0]
+        limits = _phase_limits(programs.values())
         phases = tuple(
             SignalPhase(
                 state=ph.state,
                 duration_s=float(ph.duration),
-                min_s=float(ph.minDur) if ph.minDur is not None and ph.minDur > 0 else 0.0,
-                max_s=float(ph.maxDur) if ph.maxDur is not None and ph.maxDur > 0 else math.inf,
+                min_s=_positive(ph.minDur) or limits.get(ph.state, (0.0, math.inf))[0],
+                max_s=_positive(ph.maxDur) or limits.get(ph.state, (0.0, math.inf))[1],
             )
             for ph in program.getPhases()  # type: ignore[attr-defined]
         )
@@ -300,6 +314,28 @@ def read_network(path: str | Path, tls_ids: Iterable[str] | None = None) -> Netw
     if not final:
         raise ValueError(f"{path}: no traffic light with two or more green phases")
     return Network(str(path), tuple(final), tuple(approaches))
+
+
+def _positive(value: object) -> float:
+    """A phase's minDur/maxDur as a float, 0.0 where unset."""
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0
+    return v if v > 0 and math.isfinite(v) else 0.0
+
+
+def _phase_limits(programs: Iterable[object]) -> dict[str, tuple[float, float]]:
+    """minDur and maxDur by phase state over all programs of a junction: netconvert keeps
+    them only on actuated programs, so a fixed-time program's green phases take the minimum
+    green of the same phase in the junction's actuated program."""
+    limits: dict[str, tuple[float, float]] = {}
+    for program in programs:
+        for ph in program.getPhases():  # type: ignore[attr-defined]
+            lo, hi = _positive(ph.minDur), _positive(ph.maxDur)
+            if lo > 0 and ph.state not in limits:
+                limits[ph.state] = (lo, hi if hi > 0 else math.inf)
+    return limits
 
 
 def _node_ids(tls: object) -> set[str]:

@@ -1,0 +1,623 @@
+"""SUMO as the plant of a signalised network: one ``sumo`` process per plant, stepped through
+TraCI, behind the ``Simulator`` protocol (``parallelcity.twin.model``).
+
+* Time: SUMO second ``s`` is scenario time ``begin + s`` (epoch seconds).
+* Demand: SUMO's own route files (the ``.sumocfg``), scaled by the parameter
+  ``demand.scale`` (``--scale``).  The arrival disturbance ``d`` the twin forecasts is not
+  fed in: the route file is the demand truth.
+* Drivers: ``driver.sigma`` and ``driver.tau`` set the default vehicle type (and every type
+  the routes define, when the plant starts or loads a state).
+* Random seed: derived from the whole parameter vector and ``PlantConfig.seed``, so every
+  parameter draw runs its own reproducible traffic.
+* Signals: each junction's ``SignalController`` (pure) decides every cycle; the plant
+  installs it as a fixed-time program at the cycle boundary (one ``setProgramLogic`` a
+  junction a cycle), or hands the junction back to its own actuated program.
+* Measurements: queue = halting vehicles on the approach edge (all lanes), sampled every
+  ``probe_s``; flow = vehicles over stop-line induction loops the plant adds on every
+  approach lane (veh/h over the last step); occupancy = the edge's occupancy averaged over
+  the probes of the last step (%); ``network.teleports`` = teleports since the last reset.
+* Verification samples (``reset`` again after running): the plant loads the state it saved
+  one step after its previous reset, runs on to ``t0`` if needed, starts a fresh cycle on
+  every junction, then adds or removes standing vehicles on each approach to match ``x0``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import weakref
+import xml.etree.ElementTree as ET
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parallelcity.twin.model import Array
+
+from .network import Network, signal_names
+from .signal_controller import CycleProgram, SignalController
+
+log = logging.getLogger(__name__)
+
+GLOBAL_PARAMETERS = ("demand.scale", "driver.sigma", "driver.tau")
+NOMINAL = {"demand.scale": 1.0, "driver.sigma": 0.5, "driver.tau": 1.0}
+TELEPORTS = "network.teleports"  # output: teleports since the last reset (0 on a sane plan)
+QUEUED = "network.queued"  # output: vehicles queued on all approaches
+PLAN_PROGRAM = "parallelcity"  # program id of the plans the plant installs
+STOP_LINE_GAP_M = 1.0  # loops this far before the stop line
+LOOP_FREQ_S = 10_000_000  # one detector interval for the whole run: counts are cumulative
+JAM_SPACING_M = 7.5
+HALTING_MPS = 0.1  # SUMO's halting speed
+MAX_CATCH_UP_S = 3600.0  # a verification reset further than this past the saved state restarts
+_labels = count()
+
+
+@dataclass(frozen=True)
+class PlantConfig:
+    """What a SUMO plant needs besides the network and its parameters."""
+
+    sumocfg: Path  # absolute: net + routes (+ the scenario's own detectors)
+    begin: float  # scenario epoch seconds of SUMO second 0
+    seed: int = 0
+    parameters: tuple[str, ...] = GLOBAL_PARAMETERS  # the model's parameter names, in order
+    outputs: tuple[str, ...] | None = None  # None: signal_names(network)["outputs"]
+    max_cycle_s: float = 120.0
+    probe_s: float = 5.0  # measurement period (queues, occupancy, loop counts, teleports)
+    window_s: float = 90.0  # flow and occupancy are averaged over this much of the past
+    time_to_teleport_s: float = 300.0
+    sumo_binary: str | None = None  # None: the eclipse-sumo package's
+    extra_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass
+class Received:
+    """Inputs as the plant received them (what reached the field)."""
+
+    t: float
+    u: Array
+
+
+def plant_factory(network: Network, config: Any) -> Callable[[Array], SumoPlant]:
+    """``params -> SumoPlant``: the ``SubsystemModel.simulator`` of a signal_corridor model.
+    ``config`` is a ``PlantConfig`` or the model kind's ``[model]`` table (``sumocfg``
+    resolved, ``begin`` a datetime, ``seed``)."""
+    cfg = config if isinstance(config, PlantConfig) else plant_config(network, config)
+
+    def make(params: Array) -> SumoPlant:
+        return SumoPlant(network, cfg, params)
+
+    return make
+
+
+def plant_config(network: Network, model_config: Any) -> PlantConfig:
+    """The plant's configuration from a signal_corridor ``[model]`` table."""
+    begin = model_config.begin
+    names = signal_names(network)
+    parameters = names.get("parameters") or (
+        *(f"{a.edge}.{p}" for a in network.approaches for p in ("saturation", "storage")),
+        *GLOBAL_PARAMETERS,
+    )
+    return PlantConfig(
+        sumocfg=Path(model_config.sumocfg),
+        begin=begin.timestamp() if hasattr(begin, "timestamp") else float(begin),
+        seed=int(getattr(model_config, "seed", 0)),
+        parameters=tuple(parameters),
+    )
+
+
+def sumo_binary() -> str:
+    import sumolib
+
+    return str(sumolib.checkBinary("sumo"))
+
+
+def derived_seed(params: Array, seed: int) -> int:
+    """SUMO's random seed for one parameter draw: stable across runs and platforms."""
+    digest = hashlib.sha256(np.asarray(params, dtype="<f8").tobytes() + str(seed).encode())
+    return int.from_bytes(digest.digest()[:4], "little") & 0x7FFFFFFF
+
+
+def config_additionals(sumocfg: Path) -> list[str]:
+    """The ``additional-files`` a ``.sumocfg`` names, as absolute paths."""
+    root = ET.parse(sumocfg).getroot()
+    files: list[str] = []
+    for el in root.iter("additional-files"):
+        for name in re.split(r"[,\s]+", el.get("value", "")):
+            if name:
+                files.append(str((sumocfg.parent / name).resolve()))
+    return files
+
+
+class SumoPlant:
+    """One SUMO simulation of the network (see the module docstring)."""
+
+    def __init__(self, network: Network, config: PlantConfig, params: Array) -> None:
+        self.network = network
+        self.config = config
+        self.params = np.asarray(params, dtype=float).reshape(-1)
+        if len(self.params) != len(config.parameters):
+            raise ValueError(f"{len(self.params)} parameters for {len(config.parameters)} names")
+        names = signal_names(network)
+        self.inputs = names["inputs"]
+        self.outputs_names = config.outputs or names["outputs"]
+        self.seed = derived_seed(self.params, config.seed)
+        self.scale = self._param("demand.scale")
+        self.sigma = self._param("driver.sigma")
+        self.tau = self._param("driver.tau")
+        self.received: list[Received] = []
+        self.cycles: list[tuple[str, CycleProgram]] = []  # installed programs, newest last
+        self._dir = Path(tempfile.mkdtemp(prefix="parallelcity-sumo-"))
+        self._conn: Any = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._finalizer: weakref.finalize[Any, Any] | None = None
+        self._label = f"parallelcity-sumo-{os.getpid()}-{next(_labels)}"
+        self._now = 0.0  # SUMO seconds reached (whole steps)
+        self._t = 0.0  # SUMO seconds asked for (may lie between steps)
+        self._ctrl: dict[str, SignalController] = {}
+        self._actuated: dict[str, bool] = {}
+        self._phase: dict[str, int | None] = {}  # actuated junctions: phase at the last probe
+        self._links: dict[str, list[list[tuple[str, str, str]]]] = {}
+        self._loops: dict[str, list[str]] = {}  # approach edge -> its stop-line loops
+        self._halting = np.zeros(len(network.approaches))
+        # probes since the last reset: (SUMO second, loop counts, occupancy %), oldest first
+        self._probes: deque[tuple[float, Array, Array]] = deque()
+        self._pending_check = False
+        self._max_queue = 0.0
+        self._teleports0 = 0
+        self._teleports = 0
+        self._running = 0
+        self._saved: tuple[float, Path] | None = None
+        self._routes: set[str] = set()
+        self._added = count()
+        self._last_u: Array | None = None
+        self._write_additionals()
+
+    # -- Simulator protocol ------------------------------------------------------------------
+
+    @property
+    def state(self) -> Array:
+        return self._halting.copy()
+
+    def reset(self, x0: Array, t0: float) -> None:
+        s0 = float(t0) - self.config.begin
+        to = math.floor(s0 + 1e-9)
+        saved = self._saved
+        if self._conn is None:
+            self._start(to)
+        elif saved is not None and 0 <= to - saved[0] <= MAX_CATCH_UP_S:
+            self._conn.simulation.loadState(str(saved[1]))
+            self._now = saved[0]
+            self._routes.clear()  # routes added after the save are gone
+            self._subscribe()  # a loaded state drops subscriptions
+            self._set_drivers()
+            self._run_to(to)
+        else:
+            self.close()
+            self._start(to)
+        self._t = max(s0, self._now)
+        path = self._dir / "state.xml.gz"
+        self._conn.simulation.saveState(str(path))
+        self._saved = (self._now, path)
+        for tls, ctrl in self._ctrl.items():
+            self._install(tls, ctrl.restart_at(self._now))
+        self._teleports0 = self._teleports_total()
+        self._teleports = 0
+        self._probes.clear()
+        self._read_probe(direct=True)
+        self._match_queues(np.asarray(x0, dtype=float).reshape(-1))
+        self._pending_check = True
+
+    def step(self, u: Array, d: Array, dt: float) -> None:
+        if self._conn is None:
+            raise RuntimeError("reset() the plant before stepping it")
+        u = np.asarray(u, dtype=float).reshape(-1)
+        if self._last_u is None or not np.array_equal(u, self._last_u, equal_nan=True):
+            self.received.append(Received(self.config.begin + self._t, u.copy()))
+            self._last_u = u.copy()
+        self._write_plans(u)
+        self._t += float(dt)
+        self._run_to(math.floor(self._t + 1e-9))
+        if self._pending_check and self._now > self._saved_at():
+            self._drop_pending()
+            self._pending_check = False
+
+    def outputs(self, u: Array, d: Array) -> Array:
+        values = {TELEPORTS: float(self._teleports), QUEUED: float(self._halting.sum())}
+        flow, occ = self._window()
+        for i, a in enumerate(self.network.approaches):
+            values[f"{a.edge}.queue"] = float(self._halting[i])
+            values[f"{a.edge}.flow"] = float(flow[i])
+            values[f"{a.edge}.occupancy"] = float(occ[i])
+        return np.array([values.get(n, math.nan) for n in self.outputs_names], dtype=float)
+
+    # -- results ------------------------------------------------------------------------------
+
+    def kpis(self) -> dict[str, float]:
+        """From SUMO's own outputs: tripinfo (vehicles arrived so far) and the run's counters."""
+        loss, stops, arrived = 0.0, 0.0, 0
+        trip = self._dir / "tripinfo.xml"
+        if trip.is_file():
+            text = trip.read_text(errors="replace")
+            for m in re.finditer(r"<tripinfo ([^>]*)", text):
+                attrs = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+                if "timeLoss" not in attrs:
+                    continue
+                loss += float(attrs["timeLoss"])
+                stops += float(attrs.get("waitingCount", 0))
+                arrived += 1
+        if self._conn is not None:
+            self._running = int(self._conn.vehicle.getIDCount())
+        return {
+            "time_loss_s": loss / arrived if arrived else math.nan,
+            "stops": stops / arrived if arrived else math.nan,
+            "throughput_veh": float(arrived),
+            "max_queue_veh": self._max_queue,
+            "teleports": float(self._teleports_total() if self._conn else self._teleports),
+            "in_network_veh": float(self._running),
+        }
+
+    def close(self) -> None:
+        """End the SUMO process (its outputs stay readable until the plant is collected)."""
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._teleports = self._teleports_total() - self._teleports0
+                self._running = int(self._conn.vehicle.getIDCount())
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        _shutdown(self._conn, self._proc, None)
+        self._conn = None
+        self._proc = None
+        self._saved = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None:
+        return self._proc
+
+    # -- SUMO process -------------------------------------------------------------------------
+
+    def _start(self, begin_s: int) -> None:
+        import sumolib
+        import traci
+
+        cfg = self.config.sumocfg.resolve()
+        adds = [*config_additionals(cfg), str(self._dir / "plant.add.xml")]
+        port = sumolib.miscutils.getFreeSocketPort()
+        cmd = [
+            self.config.sumo_binary or sumo_binary(),
+            "-c",
+            str(cfg),
+            "--begin",
+            str(begin_s),
+            "--seed",
+            str(self.seed),
+            "--scale",
+            repr(self.scale),
+            "--additional-files",
+            ",".join(adds),
+            "--tripinfo-output",
+            str(self._dir / "tripinfo.xml"),
+            "--time-to-teleport",
+            repr(self.config.time_to_teleport_s),
+            "--route-steps",
+            "0",  # routes read once: a loaded state would otherwise run the flows twice
+            "--no-step-log",
+            "--duration-log.disable",
+            "--log",
+            str(self._dir / "sumo.log"),  # warnings (teleports among them) go here
+            "--remote-port",
+            str(port),
+            *self.config.extra_args,
+        ]
+        self._proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+        )
+        self._finalizer = weakref.finalize(self, _shutdown, None, self._proc, None)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # traci prints its retries
+                self._conn = traci.connect(
+                    port, numRetries=200, proc=self._proc, waitBetweenRetries=0.05, label=None
+                )
+        except Exception as exc:
+            _shutdown(None, self._proc, None)
+            self._proc = None
+            raise RuntimeError(
+                f"sumo did not start: {exc} (log: {self._dir / 'sumo.log'})"
+            ) from exc
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _shutdown, self._conn, self._proc, None)
+        self._now = float(self._conn.simulation.getTime())
+        self._setup()
+
+    def _setup(self) -> None:
+
+        conn = self._conn
+        for j in self.network.junctions:
+            logics = conn.trafficlight.getAllProgramLogics(j.tls)
+            own = next((lg for lg in logics if lg.programID == j.program), logics[0])
+            self._actuated[j.tls] = int(own.type) != 0
+            self._links[j.tls] = [
+                [(str(x[0]), str(x[1]), str(x[2])) for x in link]
+                for link in conn.trafficlight.getControlledLinks(j.tls)
+            ]
+            self._ctrl[j.tls] = SignalController(
+                j, self.config.max_cycle_s, actuated=self._actuated[j.tls]
+            )
+        self._subscribe()
+        self._set_drivers()
+
+    def _subscribe(self) -> None:
+        import traci.constants as tc
+
+        conn = self._conn
+        for a in self.network.approaches:
+            conn.edge.subscribe(
+                a.edge, [tc.LAST_STEP_VEHICLE_HALTING_NUMBER, tc.LAST_STEP_OCCUPANCY]
+            )
+        for loops in self._loops.values():
+            for loop in loops:
+                conn.inductionloop.subscribe(loop, [tc.VAR_INTERVAL_NUMBER])
+        for tls, actuated in self._actuated.items():
+            if actuated:
+                conn.trafficlight.subscribe(tls, [tc.TL_CURRENT_PHASE])
+
+    def _set_drivers(self) -> None:
+        conn = self._conn
+        for vtype in conn.vehicletype.getIDList():
+            with contextlib.suppress(Exception):  # types of other vehicle classes may refuse
+                conn.vehicletype.setImperfection(vtype, self.sigma)
+                conn.vehicletype.setTau(vtype, self.tau)
+
+    def _write_additionals(self) -> None:
+        """Stop-line loops on every approach lane and the default vehicle type's drivers."""
+        lines = ["<additional>"]
+        lines.append(f'  <vType id="DEFAULT_VEHTYPE" sigma="{self.sigma!r}" tau="{self.tau!r}"/>')
+        for a in self.network.approaches:
+            ids = []
+            for lane in range(a.lanes):
+                loop = f"pc_loop_{a.edge}_{lane}"
+                pos = max(0.0, a.length_m - STOP_LINE_GAP_M)
+                lines.append(
+                    f'  <inductionLoop id="{_xml(loop)}" lane="{_xml(a.edge)}_{lane}" '
+                    f'pos="{pos:.2f}" period="{LOOP_FREQ_S}" file="{_xml(os.devnull)}"/>'
+                )
+                ids.append(loop)
+            self._loops[a.edge] = ids
+        lines.append("</additional>")
+        (self._dir / "plant.add.xml").write_text("\n".join(lines) + "\n")
+
+    # -- stepping -----------------------------------------------------------------------------
+
+    def _run_to(self, target: float) -> None:
+        """Advance SUMO to whole second ``target``: probing queues every ``probe_s``, and
+        installing each junction's next cycle at its boundary."""
+        conn = self._conn
+        while self._now < target - 1e-9:
+            ends = [
+                c.current.end_s
+                for tls, c in self._ctrl.items()
+                if c.current is not None and not c.current.actuated
+            ]
+            nxt = min([target, self._now + self.config.probe_s, *ends])
+            nxt = max(nxt, self._now + 1.0)
+            conn.simulationStep(float(nxt))
+            self._now = float(nxt)
+            self._read_probe()
+            for tls, ctrl in self._ctrl.items():
+                cur = ctrl.current
+                if cur is None:
+                    continue
+                if cur.actuated:
+                    self._actuated_boundary(tls, ctrl)
+                elif cur.end_s <= self._now + 1e-9:
+                    self._install(tls, ctrl.next_cycle())
+
+    def _actuated_boundary(self, tls: str, ctrl: SignalController) -> None:
+        """An actuated cycle ends when its logic returns to phase 0 and a plan waits."""
+        import traci.constants as tc
+
+        phase = self._conn.trafficlight.getSubscriptionResults(tls).get(tc.TL_CURRENT_PHASE)
+        last = self._phase.get(tls)
+        self._phase[tls] = phase
+        if phase == 0 and last not in (None, 0) and ctrl.plan is not None:
+            self._install(tls, ctrl.restart_at(self._now))
+
+    def _install(self, tls: str, cyc: CycleProgram) -> None:
+        import traci
+
+        tl = self._conn.trafficlight
+        j = self.network.junction(tls)
+        if cyc.actuated:
+            tl.setProgram(tls, j.program)
+            tl.setPhase(tls, 0)
+        else:
+            phases = [
+                traci.trafficlight.Phase(d, p.state, d, d)
+                for d, p in zip(cyc.durations_s, j.phases, strict=True)
+            ]
+            logic = traci.trafficlight.Logic(PLAN_PROGRAM, 0, 0, phases)
+            tl.setProgramLogic(tls, logic)
+            tl.setProgram(tls, PLAN_PROGRAM)
+            tl.setPhase(tls, 0)
+        self.cycles.append((tls, cyc))
+        if len(self.cycles) > 20_000:
+            del self.cycles[:10_000]
+
+    def _write_plans(self, u: Array) -> None:
+        k = 0
+        for j in self.network.junctions:
+            n = len(j.green) - 1
+            splits = [float(v) for v in u[k : k + n]]
+            cycle, offset = float(u[k + n]), float(u[k + n + 1])
+            self._ctrl[j.tls].write(splits, cycle, offset)
+            k += n + 2
+
+    def _read_probe(self, direct: bool = False) -> None:
+        """Queues, occupancies, loop counts and teleports now; kept for ``window_s``.
+        ``direct``: ask SUMO, not the subscriptions (none since a start or a loaded state)."""
+        import traci.constants as tc
+
+        res = {} if direct else self._conn.edge.getAllSubscriptionResults()
+        occ = np.zeros(len(self.network.approaches))
+        for i, a in enumerate(self.network.approaches):
+            r = res.get(a.edge)
+            if r is None:
+                self._halting[i] = float(self._conn.edge.getLastStepHaltingNumber(a.edge))
+                occ[i] = 100.0 * float(self._conn.edge.getLastStepOccupancy(a.edge))
+                continue
+            self._halting[i] = float(r[tc.LAST_STEP_VEHICLE_HALTING_NUMBER])
+            occ[i] = 100.0 * float(r[tc.LAST_STEP_OCCUPANCY])  # SUMO gives a fraction
+        self._max_queue = max(self._max_queue, float(self._halting.max(initial=0.0)))
+        self._teleports = self._teleports_total() - self._teleports0
+        self._probes.append((self._now, self._loop_counts(direct), occ))
+        while len(self._probes) > 2 and self._probes[1][0] <= self._now - self.config.window_s:
+            self._probes.popleft()
+
+    def _window(self) -> tuple[Array, Array]:
+        """Flow (veh/h over the loops) and mean occupancy (%) over the last ``window_s``."""
+        n = len(self.network.approaches)
+        if not self._probes:
+            return np.zeros(n), np.zeros(n)
+        t1, c1, _ = self._probes[-1]
+        t0, c0, _ = self._probes[0]
+        flow = (c1 - c0) * 3600.0 / (t1 - t0) if t1 > t0 else np.zeros(n)
+        inside = [o for t, _, o in self._probes if t > t1 - self.config.window_s] or [
+            self._probes[-1][2]
+        ]
+        return flow, np.mean(inside, axis=0)
+
+    def _saved_at(self) -> float:
+        return self._saved[0] if self._saved is not None else -math.inf
+
+    def _loop_counts(self, direct: bool = False) -> Array:
+        """Vehicles over each approach's stop-line loops since SUMO started (or loaded)."""
+        import traci.constants as tc
+
+        il = self._conn.inductionloop
+        res = {} if direct else il.getAllSubscriptionResults()
+
+        def count(loop: str) -> float:
+            r = res.get(loop)
+            if r is None:
+                return float(il.getIntervalVehicleNumber(loop))
+            return float(r[tc.VAR_INTERVAL_NUMBER])
+
+        return np.array(
+            [sum(count(loop) for loop in self._loops[a.edge]) for a in self.network.approaches]
+        )
+
+    def _teleports_total(self) -> int:
+        return int(self._conn.simulation.getParameter("", "stats.teleports.total") or 0)
+
+    # -- verification: matching a state --------------------------------------------------------
+
+    def _match_queues(self, x0: Array) -> None:
+        """Add standing vehicles behind each approach's queue, or remove the last ones, so
+        its queue is ``x0`` (NaN entries are left alone)."""
+        conn = self._conn
+        for i, a in enumerate(self.network.approaches):
+            if i >= len(x0) or not math.isfinite(x0[i]):
+                continue
+            want = max(0, round(float(x0[i])))
+            have = int(conn.edge.getLastStepHaltingNumber(a.edge))
+            if have > want:
+                ids = conn.edge.getLastStepVehicleIDs(a.edge)
+                halting = [v for v in ids if conn.vehicle.getSpeed(v) < HALTING_MPS]
+                back = sorted(halting, key=conn.vehicle.getLanePosition)[: have - want]
+                for v in back:
+                    conn.vehicle.remove(v)
+                have = want
+            elif want > have:
+                have += self._add_standing(a.edge, a.junction, want - have, a.length_m)
+            self._halting[i] = float(have)  # added vehicles enter at the next step
+
+    def _add_standing(self, edge: str, tls: str, n: int, length: float) -> int:
+        """Adds up to ``n`` standing vehicles behind the queue; returns how many fit."""
+        conn = self._conn
+        a = self.network.approach(edge)
+        if not a.movements:
+            return 0
+        rear: dict[int, float] = {}  # lane -> position of its rearmost vehicle
+        for lane in range(a.lanes):
+            ids = conn.lane.getLastStepVehicleIDs(f"{edge}_{lane}")  # rearmost first
+            if ids:
+                rear[lane] = float(conn.vehicle.getLanePosition(ids[0]))
+        targets: list[tuple[str, int]] = []  # (route id, lane) per movement
+        for m in a.movements:
+            rid = f"pc_route_{edge}_{m.to_edge}"
+            if rid not in self._routes:
+                with contextlib.suppress(Exception):  # already there after a loaded state
+                    conn.route.add(rid, [edge, m.to_edge])
+                self._routes.add(rid)
+            lanes = {
+                int(self._links[tls][i][0][0].rsplit("_", 1)[1])
+                for i in m.link_indices
+                if i < len(self._links[tls]) and self._links[tls][i]
+            }
+            targets += [(rid, lane) for lane in sorted(lanes)]
+        if not targets:
+            return 0
+        added = 0
+        for k in range(n):
+            rid, lane = targets[k % len(targets)]
+            pos = min(rear.get(lane, length + JAM_SPACING_M / 2), length) - JAM_SPACING_M
+            if pos < JAM_SPACING_M:
+                continue
+            rear[lane] = pos
+            vid = f"pc_{next(self._added)}"
+            conn.vehicle.add(
+                vid,
+                rid,
+                depart="now",
+                departLane=str(lane),
+                departPos=f"{pos:.2f}",
+                departSpeed="0",
+            )
+            added += 1
+        return added
+
+    def _drop_pending(self) -> None:
+        """Vehicles added to match a state that found no room are dropped, not held back."""
+        for v in self._conn.simulation.getPendingVehicles():
+            if v.startswith("pc_"):
+                with contextlib.suppress(Exception):
+                    self._conn.vehicle.remove(v)
+
+    def _param(self, name: str) -> float:
+        if name in self.config.parameters:
+            return float(self.params[self.config.parameters.index(name)])
+        return NOMINAL[name]
+
+
+def _xml(s: str) -> str:
+    return s.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
+
+
+def _shutdown(conn: Any, proc: subprocess.Popen[bytes] | None, _unused: object) -> None:
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close(wait=False)
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)

@@ -1,0 +1,1 @@
+"""The water domain: a drinking-water network on EPANET (docs/models/water_network.md)."""
