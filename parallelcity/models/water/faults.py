@@ -40,6 +40,7 @@ HEAD_STEP = 0.2  # head loss fraction of the finite difference
 LEAK_STEP_SHARE = 0.05  # leak of the finite difference: this share of the total base demand
 SENS_POINTS = 3  # operating points per on/off combination
 MAX_HEAD_LOSS = 0.5  # the plant's worn curves go down to half the head
+MIN_HEAD_LOSS = 0.04  # two of the plant's curve steps
 # smallest diagnosable fault: its effect on the tank inflows over one cycle, in level units,
 # this many times the twin's own fit error (root-sum-square over the tanks)
 VISIBLE_SIGMAS = 3.0
@@ -156,18 +157,24 @@ def kinds(
     return tuple(out)
 
 
-def min_sizes(sens: Array, rms: Array, layout: FaultLayout) -> tuple[float, float]:
-    """The smallest leak (m3/h) and head loss (fraction) that moves the twin's targets (tank
-    inflows, pump flows and power, source flows, critical pressures) by ``VISIBLE_SIGMAS``
-    times the twin's own fit error, root-sum-square over the targets, for the least visible
-    district or pump at the on/off combination where it shows most (``sens``: (cases,
-    faults, targets))."""
-    z = sens / np.maximum(rms, 1e-9)[None, None, :]
+def min_sizes(
+    sens: Array, rms: Array, layout: FaultLayout, power: slice
+) -> tuple[float, float]:
+    """The smallest leak (m3/h) and head loss (fraction) that moves the twin's hydraulic
+    targets (tank inflows, pump and source flows, critical pressures; not ``power``, the
+    pump powers, which no sensor of a pump station needs) by ``VISIBLE_SIGMAS`` times the
+    twin's own fit error, root-sum-square over the targets, for the least visible district
+    or pump at the on/off combination where it shows most (``sens``: (cases, faults,
+    targets)).  A head loss is at least ``MIN_HEAD_LOSS``: the plant's worn curves come in
+    steps of 0.02."""
+    keep = np.ones(sens.shape[2], dtype=bool)
+    keep[power] = False
+    z = sens[:, :, keep] / np.maximum(rms[keep], 1e-9)[None, None, :]
     effect = np.sqrt(np.sum(z * z, axis=2)).max(axis=0)  # (faults,)
     need = VISIBLE_SIGMAS / np.maximum(effect, 1e-12)
     nd = len(layout.districts)
     leak = float(need[:nd].max()) if nd else math.inf
-    head = float(need[nd:].max()) if layout.pumps else math.inf
+    head = max(MIN_HEAD_LOSS, float(need[nd:].max())) if layout.pumps else math.inf
     return leak, head
 
 

@@ -238,8 +238,10 @@ def water_faults(ident: Identified, flt: FaultLayout) -> tuple[FaultKind, ...]:
     network's total base demand."""
     if ident.sens_cases is None:
         return ()
-    leak, head = min_sizes(ident.sens_cases, ident.rms, flt)
-    total = sum(ident.layout.network.group_totals().values())
+    net = ident.layout.network
+    nt, npump = len(net.tanks), len(net.pumps)
+    leak, head = min_sizes(ident.sens_cases, ident.rms, flt, slice(nt + npump, nt + 2 * npump))
+    total = sum(net.group_totals().values())
     max_leak = max(0.25 * total, 4.0 * leak)
     return kinds(flt, leak, max_leak, head)
 
