@@ -5,7 +5,7 @@ represents them (the diagnosis fits them):
 
 * ``<district>.leak``: leak flow (m3/h) at the nominal pressure of the district's leak
   node, an EPANET emitter there (coefficient ``leak / sqrt(p_nom)``).  Districts group the
-  junctions by their nearest tank or source along the pipes (length-weighted), so any
+  junctions by their nearest tank along the pipes (length-weighted), so any
   ``.inp`` gets a handful of them; a district's leak node is its junction of largest
   demand (then first by name).
 * ``<pump>.head_scale``: the fraction of its curve's head a pump delivers (1 healthy).
@@ -100,7 +100,9 @@ def _fault_layout(net: Network) -> FaultLayout:
         a, b = link.start_node_name, link.end_node_name
         if not g.has_edge(a, b) or g[a][b]["w"] > length:
             g.add_edge(a, b, w=length)
-    anchors = [t.name for t in net.tanks] + list(net.reservoirs)
+    # tanks only: a junction beside a source is fed straight from it, and its leak reads
+    # the same as one in the nearest tank's district (Net3's lake and river stations)
+    anchors = [t.name for t in net.tanks] or list(net.reservoirs)
     members: dict[str, list[str]] = {a: [] for a in anchors}
     sources = [a for a in anchors if a in g]
     if sources:
@@ -157,9 +159,7 @@ def kinds(
     return tuple(out)
 
 
-def min_sizes(
-    sens: Array, rms: Array, layout: FaultLayout, power: slice
-) -> tuple[float, float]:
+def min_sizes(sens: Array, rms: Array, layout: FaultLayout, power: slice) -> tuple[float, float]:
     """The smallest leak (m3/h) and head loss (fraction) that moves the twin's hydraulic
     targets (tank inflows, pump and source flows, critical pressures; not ``power``, the
     pump powers, which no sensor of a pump station needs) by ``VISIBLE_SIGMAS`` times the
