@@ -10,6 +10,7 @@ the runs' summaries only (``faults_injected`` against ``alarms``).  Pure.
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections import Counter
@@ -30,6 +31,7 @@ MISSED = "missed"
 NO_FAULT = "none"
 WEEK_S = 7 * 86400.0
 MAX_RUNS = 10_000
+SIZE_BINS = (0.0, 1.0, 1.5, 2.0, 3.0, math.inf)  # planted size over the kind's minimum
 
 
 class FaultCampaign(BaseModel):
@@ -248,6 +250,20 @@ def score(runs: Sequence[Scored], kinds: Sequence[str]) -> dict[str, Any]:
             if kd
             else None,
         }
+    by_size = []
+    sized = [r for r in runs if r.planted is not None and r.planted.min_size > 0]
+    for lo, hi in itertools.pairwise(SIZE_BINS):
+        rs = [r for r in sized if r.planted and lo <= _relative(r.planted) < hi]
+        if rs:
+            by_size.append(
+                {
+                    "from": lo,
+                    "to": hi,
+                    "runs": len(rs),
+                    "detected": sum(1 for r in rs if r.isolated != MISSED),
+                    "isolated": sum(1 for r in rs if r.component_right),
+                }
+            )
     if free:
         confusion[NO_FAULT] = {
             "alarms": free_alarms,
@@ -270,7 +286,12 @@ def score(runs: Sequence[Scored], kinds: Sequence[str]) -> dict[str, Any]:
         "alarms_before_planted_start": sum(r.false_alarms for r in runs if r.planted is not None),
         "median_delay_h": statistics.median(delays) if delays else None,
         "per_kind": per_kind,
+        "by_size": by_size,
     }
+
+
+def _relative(p: Planted) -> float:
+    return (p.size or 0.0) / p.min_size
 
 
 def _above(p: Planted) -> bool:
@@ -334,6 +355,17 @@ def markdown(variant: str, s: Mapping[str, Any], kinds: Sequence[str]) -> str:
             + ("n/a" if md is None else f"{md:.1f}")
             + " |"
         )
+    if s["by_size"]:
+        lines += [
+            "",
+            "| sized faults, size / min size | runs | detected | isolated |",
+            "|---|---|---|---|",
+        ]
+        for b in s["by_size"]:
+            hi = "" if math.isinf(b["to"]) else f"{b['to']:g}"
+            lines.append(
+                f"| {b['from']:g} .. {hi} | {b['runs']} | {b['detected']} | {b['isolated']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
