@@ -244,8 +244,13 @@ class Isolator:
         return np.asarray(col[np.isfinite(col)], dtype=float)
 
     def _frozen(self, w: Window, fit: Fit) -> bool:
+        """A reading repeated bit for bit while the twin expected it to move by more than
+        its noise (an idle pump's flow reads exactly 0 on a live sensor)."""
         col = self._stuck_readings(w, fit)
-        return col is not None and len(col) >= MIN_ACTIVE and bool(np.all(col == col[0]))
+        if col is None or len(col) < MIN_ACTIVE or not bool(np.all(col == col[0])):
+            return False
+        pred = w.y_pred[w.t_from >= fit.start, self.model.index("outputs", fit.component)]
+        return float(np.ptp(pred)) > float(w.sigma[w.channels.index(fit.component)])
 
     def _moving(self, w: Window, fit: Fit) -> bool:
         col = self._stuck_readings(w, fit)

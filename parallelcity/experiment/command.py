@@ -12,12 +12,19 @@ from typing import Any
 
 from parallelcity import __version__
 from parallelcity.errors import ExperimentError
+from parallelcity.experiment.campaign import report as campaign_report
 from parallelcity.experiment.definition import Experiment, load_experiment
-from parallelcity.experiment.loop import PLOT, RunOutcome, run_one
+from parallelcity.experiment.loop import PLOT, SUMMARY, RunOutcome, read_summary, run_one
 from parallelcity.experiment.plan import RunSpec, select
 from parallelcity.experiment.plots import boxplots, file_part
 from parallelcity.experiment.pool import PoolResult, run_all, run_dir, terminate_as_interrupt
-from parallelcity.experiment.table import kpi_names, kpis_csv, kpis_json, markdown
+from parallelcity.experiment.table import (
+    finite_or_null,
+    kpi_names,
+    kpis_csv,
+    kpis_json,
+    markdown,
+)
 
 EXIT_OK, EXIT_FAILED = 0, 1
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
@@ -125,12 +132,29 @@ def _write_outputs(
         if spec.series and plot.exists():
             name = f"series_{file_part(spec.variant)}_{spec.seed}.png"
             shutil.copyfile(plot, out / name)
+    if exp.file.experiment.faults is not None:
+        _write_campaign(exp, runs, out)
     done = sum(1 for r in rows if r["status"] == "done")
     say(
         f"{done} of {len(runs)} runs done ({res.skipped} skipped as already done), "
         f"{res.failed} failed; outputs in {out}"
     )
     print(table, end="", flush=True)
+
+
+def _write_campaign(exp: Experiment, runs: Sequence[RunSpec], out: Path) -> None:
+    """The campaign's scores from the finished runs' summaries: diagnosis.json, diagnosis.md
+    (printed)."""
+    assert exp.file.experiment.faults is not None
+    found = []
+    for spec in runs:
+        data = read_summary(run_dir(out, spec) / SUMMARY)
+        ok = data is not None and data.get("run", {}).get("key") == spec.key
+        found.append((spec, data.get("summary") if ok and data is not None else None))
+    data, text = campaign_report(found, exp.scenarios, exp.file.experiment.faults.kinds)
+    (out / "diagnosis.json").write_text(json.dumps(finite_or_null(data), indent=2) + "\n")
+    (out / "diagnosis.md").write_text(text)
+    print(text, end="", flush=True)
 
 
 def rerun(manifest_path: Path, run_id: str, out: Path) -> RunOutcome:

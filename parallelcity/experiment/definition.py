@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from parallelcity import plugins
 from parallelcity.errors import ExperimentError, PluginError, ScenarioError
+from parallelcity.experiment import campaign as fault_campaign
+from parallelcity.experiment.campaign import FaultCampaign
 from parallelcity.experiment.plan import (
     RunSpec,
     VariantPlan,
@@ -55,6 +57,24 @@ class ExperimentMeta(_Strict):
     kpis: list[str] | None = Field(
         None, description="KPIs with a box plot (default: the model's and the plant's)"
     )
+    faults: FaultCampaign | None = Field(
+        None,
+        description="a diagnosis campaign: planted faults per seed; its seeds are 1..runs "
+        "(no seeds key then)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _campaign_seeds(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("faults") is None:
+            return data
+        if "seeds" in data:
+            raise ValueError("seeds: a campaign ([experiment.faults]) numbers its own seeds")
+        try:
+            campaign = FaultCampaign.model_validate(data["faults"])
+        except ValidationError:
+            return data  # reported with its key path by the field's own validation
+        return {**data, "seeds": campaign.seeds}
 
     @field_validator("seeds", mode="before")
     @classmethod
@@ -134,13 +154,17 @@ class Experiment:
 
     def runs(self) -> list[RunSpec]:
         e = self.file.experiment
-        return run_matrix(
+        runs = run_matrix(
             self.variants,
             e.seeds,
             verify=e.verify,
             scenario_path=str(self.base_path),
             series_run=self.series_run,
         )
+        if e.faults is None:
+            return runs
+        plans = {v.name: v for v in self.variants}
+        return fault_campaign.plant(runs, plans, self.scenarios, e.faults)
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -181,7 +205,12 @@ def experiment_problems(scenario: Scenario) -> list[str]:
 
 
 def _variant(
-    i: int, v: Variant, base: dict[str, Any], base_path: Path, cycles: int | None
+    i: int,
+    v: Variant,
+    base: dict[str, Any],
+    base_path: Path,
+    cycles: int | None,
+    campaign: FaultCampaign | None = None,
 ) -> tuple[VariantPlan | None, Scenario | None, list[str]]:
     where = f"variant[{i}] ({v.name})"
     tables, problems = apply_overrides(base, v.set)
@@ -192,6 +221,10 @@ def _variant(
     except ScenarioError as exc:
         return None, None, [f"{where}: {p}" for p in exc.problems]
     found = [f"{where}: {p}" for p in experiment_problems(sc)]
+    if campaign is not None:
+        found += [
+            f"{where}: {p}" for p in fault_campaign.problems(campaign, sc, cycles or sc.meta.cycles)
+        ]
     if found:
         return None, None, found
     plan = VariantPlan(v.name, tables, tables_toml(tables), cycles or sc.meta.cycles, v.set)
@@ -222,7 +255,9 @@ def load_experiment(path: str | Path) -> Experiment:
     plans: list[VariantPlan] = []
     scenarios: dict[str, Scenario] = {}
     for i, v in enumerate(file.variant):
-        plan, sc, found = _variant(i, v, base, base_path, file.experiment.cycles)
+        plan, sc, found = _variant(
+            i, v, base, base_path, file.experiment.cycles, file.experiment.faults
+        )
         problems += found
         if plan is not None and sc is not None:
             plans.append(plan)

@@ -24,6 +24,7 @@ import numpy as np
 from parallelcity import plugins
 from parallelcity.decide.assemble import cycle_logic, divergence_monitor
 from parallelcity.decide.cycle import Decision, Outcome, finish_cycle
+from parallelcity.diagnose.runtime import diagnoser_for, report_events
 from parallelcity.experiment.plan import RunSpec, controller_none
 from parallelcity.experiment.table import finite_or_null
 from parallelcity.field.config import FieldConfig
@@ -35,6 +36,7 @@ from parallelcity.record.report import Summary, summarize, write_csv, write_plot
 from parallelcity.scenario.definition import Scenario
 from parallelcity.specs import SafetySpecs
 from parallelcity.toml_file import parse_toml
+from parallelcity.twin.divergence import fresh_readings
 from parallelcity.twin.model import Array, KpiSource
 from parallelcity.verify.rig import PlantRigKind
 from parallelcity.verify.verifier import Judgement, SampleRun, Trial
@@ -133,11 +135,14 @@ def closed_loop(spec: RunSpec, scenario: Scenario) -> tuple[RunResult, int, dict
     if not none:
         kind, logic = cycle_logic(scenario, runner=None if spec.verify else NoRollout())
         monitor = divergence_monitor(scenario)
+    diagnoser = diagnoser_for(scenario)
+    alarms: list[dict[str, Any]] = []
     counts = new_counts()
     records: list[CycleRecord] = []
     rejected = 0
     u_prev = np.asarray(plant.input_vector, dtype=float)
     bands = specs.bands
+    banded = frozenset(b.output for b in bands)
     try:
         for k in range(spec.cycles):
             wall0 = time.perf_counter()
@@ -169,9 +174,12 @@ def closed_loop(spec: RunSpec, scenario: Scenario) -> tuple[RunResult, int, dict
                     counts["sent"] += 1
                     counts["acked"] += 1
                     ack = "applied"
+                x = d.x0 if snap.link_up else None
                 if monitor is not None:
-                    x = d.x0 if snap.link_up else None
                     monitor.observe(t_k, snap, x, u_prev)
+                if diagnoser is not None:
+                    events = diagnoser.observe(t_k, fresh_readings(snap), x, u_prev)
+                    alarms += report_events(diagnoser, events, k, banded)
                 outcome, source, reason = step.outcome, step.decision.source, step.reason
                 solve = sum(a.result.solve_time_s for a in step.decision.attempts)
             count_cycle(counts, outcome, source)
@@ -206,6 +214,7 @@ def closed_loop(spec: RunSpec, scenario: Scenario) -> tuple[RunResult, int, dict
         controller_kind=kind,
         planned_cycles=spec.cycles,
         first_cycle_t=meta.start_epoch,
+        alarms=alarms,
     )
     return result, rejected, {str(k): float(v) for k, v in plant_kpis.items()}
 

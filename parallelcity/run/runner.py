@@ -43,9 +43,8 @@ from parallelcity.decide.cycle import (
     Unsolved,
     finish_cycle,
 )
-from parallelcity.diagnose.config import settings as diagnosis_settings
 from parallelcity.diagnose.diagnoser import Diagnoser
-from parallelcity.diagnose.faults import FaultTarget
+from parallelcity.diagnose.runtime import diagnoser_for, report_events
 from parallelcity.dispatch.dispatcher import Dispatcher
 from parallelcity.dispatch.wire import AckStatus, Status, WatchdogState
 from parallelcity.errors import (
@@ -154,15 +153,6 @@ def _watch_divergence(
         )
 
 
-def _diagnoser(scenario: Scenario) -> Diagnoser | None:
-    cfg = scenario.file.diagnosis
-    if cfg is None or not cfg.enabled:
-        return None
-    bounds = {s.name: (s.min, s.max) for s in scenario.specs.inputs}
-    dt_s = scenario.meta.cycle_s
-    return Diagnoser(scenario.model, dt_s, diagnosis_settings(cfg, scenario.model, dt_s, bounds))
-
-
 async def _diagnose(
     diagnoser: Diagnoser,
     journal: Journal,
@@ -178,22 +168,7 @@ async def _diagnose(
     hypothesis (a few hundred ms on a loaded machine), so it runs off the event loop."""
     x = decision.x0 if snap.link_up else None
     events = await asyncio.to_thread(diagnoser.observe, t, fresh_readings(snap), x, u_now)
-    alarms = []
-    for event in events:
-        journal.record_event(k, event.t, "diagnosis", event.kind, event.detail, event.data)
-        if event.alarm is None:
-            log.info("cycle %d: diagnosis %s: %s", k, event.kind, event.detail)
-            continue
-        alarms.append(event.alarm.as_dict())
-        kind = diagnoser.model.fault_kind(event.alarm.kind)
-        hint = ""
-        if kind.applies_to is FaultTarget.SENSOR and event.alarm.component in banded:
-            hint = (
-                "; the twin reads this banded output from the faulty sensor, so its band "
-                "is judged on a wrong value: check the sensor on site"
-            )
-        log.warning("cycle %d: fault alarm: %s%s", k, event.detail, hint)
-    return alarms
+    return report_events(diagnoser, events, k, banded, journal)
 
 
 def _embedded_core(scenario: Scenario, specs: SafetySpecs, speed: float) -> GatewayCore:
@@ -304,7 +279,7 @@ def _prepare(scenario: Scenario, options: RunOptions) -> _Setup:
         specs,
         logic,
         divergence_monitor(scenario),
-        _diagnoser(scenario),
+        diagnoser_for(scenario),
         pool,
         controller_kind,
         rig_kind,

@@ -94,14 +94,20 @@ class Layout:
 
 class EpanetPlant:
     """One EPANET project as a ``Simulator`` of a water network model (see the module
-    docstring); ``params`` = (``demand.scale``,)."""
+    docstring); ``params`` = (``demand.scale``, then optionally the fault parameters of
+    ``faults.FaultLayout``, which need ``leak_coef``: emitter coefficient per m3/h of leak
+    of each district)."""
 
-    def __init__(self, layout: Layout, params: Array, time0: float) -> None:
+    def __init__(
+        self, layout: Layout, params: Array, time0: float, leak_coef: Array | None = None
+    ) -> None:
         from wntr.epanet.toolkit import ENepanet
 
         self.layout = layout
         self.scale = float(np.asarray(params, dtype=float).reshape(-1)[0])
         self.time0 = float(time0)
+        self.leak_coef = leak_coef
+        self._faults_now: Array | None = None
         net = layout.network
         self._en = ENepanet(version=2.2)
         path = _rewritten(net.source)
@@ -143,6 +149,8 @@ class EpanetPlant:
         self._cost = 0.0
         self._starts = 0
         self._on_prev: NDArray[np.bool_] | None = None
+        if np.asarray(params).size > 1:
+            self.set_params(params)
 
     # ---------------------------------------------------------------- toolkit
 
@@ -225,6 +233,34 @@ class EpanetPlant:
         return {"energy_kwh": self._kwh, "cost": self._cost, "pump_starts": float(self._starts)}
 
     # ---------------------------------------------------------------- faults
+
+    def set_params(self, params: Array) -> None:
+        """New parameters from now on: ``demand.scale``, leaks and pump head scales (a
+        parameter fault; ``faults.FaultLayout``)."""
+        from .faults import fault_layout
+
+        p = np.asarray(params, dtype=float).reshape(-1)
+        if p[0] != self.scale:
+            self.scale, self._d_applied = float(p[0]), None
+        flt = fault_layout(self.layout.network)
+        q = p[1:]
+        if q.size != len(flt.parameters):
+            raise ValueError(f"expected {1 + len(flt.parameters)} parameters, got {p.size}")
+        old = flt.nominal if self._faults_now is None else self._faults_now
+        nd = len(flt.districts)
+        for i, dist in enumerate(flt.districts):
+            if q[i] != old[i]:
+                if self.leak_coef is None:
+                    raise ValueError("this plant was made without leak coefficients")
+                self.set_leak(dist.leak_node, max(0.0, float(q[i])) * float(self.leak_coef[i]))
+        for j, pump in enumerate(flt.pumps):
+            if q[nd + j] != old[nd + j]:
+                self.scale_pump_head(pump, float(np.clip(q[nd + j], HEAD_FACTORS[0], 1.0)))
+        self._faults_now = q.copy()
+
+    def pressure(self, node: str) -> float:
+        """Pressure (m) at ``node`` at the last hydraulic solution."""
+        return float(self._en.ENgetnodevalue(self._en.ENgetnodeindex(node), EN_PRESSURE))
 
     def set_leak(self, node: str, coefficient: float) -> None:
         """A leak at ``node``: an emitter of ``coefficient`` (m3/h per m of pressure^0.5;
@@ -320,9 +356,11 @@ def _curve_id(pump: int, factor: float) -> str:
     return f"pc{pump}_{round(100 * factor)}"  # EPANET ids are at most 31 characters
 
 
-def plant_factory(layout: Layout, time0: float) -> Callable[[Array], EpanetPlant]:
+def plant_factory(
+    layout: Layout, time0: float, leak_coef: Array | None = None
+) -> Callable[[Array], EpanetPlant]:
     def make(params: Array) -> EpanetPlant:
-        return EpanetPlant(layout, params, time0)
+        return EpanetPlant(layout, params, time0, leak_coef)
 
     return make
 

@@ -20,9 +20,18 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from parallelcity.twin.model import Array, ModelForm, Panel, ReportSpec, SubsystemModel, Total
+from parallelcity.twin.model import (
+    Array,
+    FaultKind,
+    ModelForm,
+    Panel,
+    ReportSpec,
+    SubsystemModel,
+    Total,
+)
 
 from .epanet_plant import Layout, plant_factory
+from .faults import FaultLayout, fault_layout, kinds, min_sizes
 from .network import WNTR_PREFIX, Network, load
 from .tank_model import Identified, casadi_functions, identify
 
@@ -160,6 +169,7 @@ def build(config: Config) -> SubsystemModel:
     bottom = np.array([t.min_level_m for t in net.tanks])
     top = np.array([t.max_level_m for t in net.tanks])
     f, h = casadi_functions(ident, config.step_s, areas, bottom, top)
+    flt = fault_layout(net)
     time0 = config.time0.timestamp()
     tariff = list(config.tariff)
 
@@ -192,8 +202,8 @@ def build(config: Config) -> SubsystemModel:
         inputs=layout.inputs,
         disturbances=layout.disturbances,
         outputs=layout.outputs,
-        parameters=("demand.scale",),
-        nominal=np.array([config.demand_multiplier]),
+        parameters=("demand.scale", *flt.parameters),
+        nominal=np.concatenate([[config.demand_multiplier], flt.nominal]),
         f=f,
         h=h,
         forecast=forecast,
@@ -202,7 +212,8 @@ def build(config: Config) -> SubsystemModel:
         state_outputs={s: s for s in levels},
         form=ModelForm.DISCRETE,
         step_s=config.step_s,
-        simulator=plant_factory(layout, time0),
+        simulator=plant_factory(layout, time0, ident.leak_coef),
+        faults=water_faults(ident, flt),
         nonnegative=layout.disturbances,
         report=ReportSpec(
             banded_label="level, pressure [m]",
@@ -219,6 +230,20 @@ def build(config: Config) -> SubsystemModel:
     )
     _INFO[model] = WaterInfo(net, layout, time0, limits, dict(config.critical_nodes), ident)
     return model
+
+
+def water_faults(ident: Identified, flt: FaultLayout) -> tuple[FaultKind, ...]:
+    """Leak per district, head loss per pump (``faults``), with their smallest diagnosable
+    sizes from the twin's own fit error; the largest leak weighed is a quarter of the
+    network's total base demand."""
+    if ident.sens_cases is None:
+        return ()
+    net = ident.layout.network
+    nt, npump = len(net.tanks), len(net.pumps)
+    leak, head = min_sizes(ident.sens_cases, ident.rms, flt, slice(nt + npump, nt + 2 * npump))
+    total = sum(net.group_totals().values())
+    max_leak = max(0.25 * total, 4.0 * leak)
+    return kinds(flt, leak, max_leak, head)
 
 
 def controllable(net: Network) -> None:

@@ -48,6 +48,11 @@ class Identified:
     theta: Array  # (nbasis * nphi, ntargets)
     rms: Array
     samples: int
+    # fault parameters (``faults.FaultLayout``): targets change by ``deviation @ sens`` blended
+    # like theta: sens (nbasis, nfaults, ntargets); sens_cases as measured per combination
+    sens: Array | None = None
+    sens_cases: Array | None = None
+    leak_coef: Array | None = None  # emitter coefficient per m3/h of leak, per district
 
     def affine(self, switches: Array) -> tuple[Array, Array, Array, Array]:
         """The fit at one on/off combination of ``layout.switches`` as
@@ -95,9 +100,12 @@ def phi_np(layout: Layout, x: Array, d: Array, scale: float, valves: Array) -> A
 
 def identify(layout: Layout, time0: float, samples_per_case: int, seed: int) -> Identified:
     """Fit the relation on EPANET solutions (see the module docstring)."""
+    from .faults import fault_sensitivity
+
     plant = EpanetPlant(layout, np.array([1.0]), time0)
     try:
-        return _fit(layout, plant, samples_per_case, seed)
+        fitted = _fit(layout, plant, samples_per_case, seed)
+        return fault_sensitivity(fitted, plant, seed)
     finally:
         plant.close()
 
@@ -153,12 +161,18 @@ def _fit(layout: Layout, plant: EpanetPlant, per_case: int, seed: int) -> Identi
 def casadi_functions(
     ident: Identified, step_s: float, areas: Array, lo: Array, hi: Array
 ) -> tuple[ca.Function, ca.Function]:
-    """``f(x, u, d, p)`` (levels after ``step_s``) and ``h(x, u, d, p)`` (outputs)."""
+    """``f(x, u, d, p)`` (levels after ``step_s``) and ``h(x, u, d, p)`` (outputs); ``p`` is
+    ``demand.scale`` then the fault parameters (``faults.FaultLayout``)."""
+    from .faults import fault_layout
+
     layout = ident.layout
     net = layout.network
     nt, npump, nv = len(net.tanks), len(net.pumps), len(net.valves)
     nu, nd = len(layout.inputs), len(layout.disturbances)
-    x, u, d, p = ca.SX.sym("x", nt), ca.SX.sym("u", nu), ca.SX.sym("d", nd), ca.SX.sym("p", 1)
+    flt = fault_layout(net)
+    nf = len(flt.parameters)
+    x, u, d = ca.SX.sym("x", nt), ca.SX.sym("u", nu), ca.SX.sym("d", nd)
+    p = ca.SX.sym("p", 1 + nf)
     cols = layout.switch_columns()
     u_sw = ca.vertcat(*[u[i] for i in cols]) if cols else ca.SX(0, 1)
     valves = ca.vertcat(*[u[npump + i] for i in range(nv)]) if nv else ca.SX(0, 1)
@@ -167,10 +181,17 @@ def casadi_functions(
     ng = len(totals)
     theta = ca.DM(ident.theta)
 
+    nd_leak = len(flt.districts)
+    dev = ca.vertcat(*[p[1 + i] if i < nd_leak else 1.0 - p[1 + i] for i in range(nf)])
+
     def targets(level: ca.SX) -> ca.SX:
         phi = ca.vertcat(1.0, level, p[0] * totals * d[:ng], valves)
         feats = ca.kron(basis, phi)
-        return ca.mtimes(theta.T, feats)
+        out = ca.mtimes(theta.T, feats)
+        if ident.sens is not None and nf:
+            for i in range(nf):
+                out += dev[i] * ca.mtimes(ca.DM(ident.sens[:, i, :]).T, basis)
+        return out
 
     n_sub = max(1, math.ceil(step_s / MAX_SUBSTEP_S - 1e-9))
     h_s = step_s / n_sub
