@@ -12,6 +12,7 @@ import pytest
 from parallelcity.models.traffic.network import (
     JAM_SPACING_M,
     QUEUED,
+    TELEPORTS,
     read_network,
     signal_names,
 )
@@ -64,7 +65,7 @@ def test_signal_names_follow_the_network() -> None:
     assert len(names["states"]) == 16 and names["states"][0] == "A0J1.queue"
     assert names["inputs"][:3] == ("J1.split0", "J1.cycle_s", "J1.offset_s")
     assert len(names["disturbances"]) == 10
-    assert names["outputs"][-1] == QUEUED and len(names["outputs"]) == 3 * 16 + 1
+    assert names["outputs"][-2:] == (QUEUED, TELEPORTS) and len(names["outputs"]) == 3 * 16 + 2
     assert names["parameters"][:2] == ("A0J1.saturation", "A0J1.storage")
     assert names["parameters"][-3:] == ("demand.scale", "driver.sigma", "driver.tau")
 
