@@ -78,3 +78,15 @@ def test_a_file_that_is_not_a_network_is_a_value_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no traffic light"):
         read_network(CORRIDOR / "corridor.net.xml", ["J9"])
     assert math.isfinite(read_network(CORRIDOR / "corridor.net.xml", ["J2"]).junctions[0].cycle_s)
+
+
+def test_the_program_key_selects_each_junctions_own_program() -> None:
+    """`model.program = "actuated"` runs SUMO's actuated program as every junction's own
+    (an experiment's baseline); a program the net lacks is a value error."""
+    fixed = read_network(CORRIDOR / "corridor.net.xml")
+    actuated = read_network(CORRIDOR / "corridor.net.xml", program="actuated")
+    assert {j.program for j in fixed.junctions} == {"0"}
+    assert {j.program for j in actuated.junctions} == {"actuated"}
+    assert [j.min_greens_s for j in actuated.junctions] == [j.min_greens_s for j in fixed.junctions]
+    with pytest.raises(ValueError, match="has no program 'nope'"):
+        read_network(CORRIDOR / "corridor.net.xml", program="nope")
