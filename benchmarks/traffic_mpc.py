@@ -22,6 +22,7 @@ from parallelcity import plugins
 from parallelcity.decide.control import ControlInput, ControlProblem
 from parallelcity.scenario.definition import Scenario, load_scenario
 
+TARGET_P99_MS = 20.0
 SCENARIO = Path(__file__).resolve().parent.parent / "scenarios/traffic_corridor/corridor.toml"
 
 
@@ -75,12 +76,19 @@ def main() -> None:
         ("linear_mpc", scenario.controller_config),
         ("webster", scenario.fallback_config),
     ]
+    p99: dict[str, float] = {}
     for kind, config in rows:
         r = run(scenario, kind, config, args.steps)
+        p99[kind] = float(r["p99_ms"])  # type: ignore[arg-type]
         print(
             f"{kind:11s} step p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
             f"max {r['max_ms']:7.2f} ms  {r['statuses']}  delay {r['delay_veh_h']:.1f} veh*h"
         )
+    verdict = "met" if p99["linear_mpc"] < TARGET_P99_MS else "missed"
+    print(
+        f"linear_mpc p99 / webster (baseline) p99: {p99['linear_mpc'] / p99['webster']:.1f}; "
+        f"target p99 < {TARGET_P99_MS:g} ms: {verdict}"
+    )
 
 
 if __name__ == "__main__":

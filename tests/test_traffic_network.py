@@ -12,6 +12,7 @@ import pytest
 from parallelcity.models.traffic.network import (
     JAM_SPACING_M,
     QUEUED,
+    TELEPORTS,
     read_network,
     signal_names,
 )
@@ -64,7 +65,7 @@ def test_signal_names_follow_the_network() -> None:
     assert len(names["states"]) == 16 and names["states"][0] == "A0J1.queue"
     assert names["inputs"][:3] == ("J1.split0", "J1.cycle_s", "J1.offset_s")
     assert len(names["disturbances"]) == 10
-    assert names["outputs"][-1] == QUEUED and len(names["outputs"]) == 3 * 16 + 1
+    assert names["outputs"][-2:] == (QUEUED, TELEPORTS) and len(names["outputs"]) == 3 * 16 + 2
     assert names["parameters"][:2] == ("A0J1.saturation", "A0J1.storage")
     assert names["parameters"][-3:] == ("demand.scale", "driver.sigma", "driver.tau")
 
@@ -77,3 +78,15 @@ def test_a_file_that_is_not_a_network_is_a_value_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no traffic light"):
         read_network(CORRIDOR / "corridor.net.xml", ["J9"])
     assert math.isfinite(read_network(CORRIDOR / "corridor.net.xml", ["J2"]).junctions[0].cycle_s)
+
+
+def test_the_program_key_selects_each_junctions_own_program() -> None:
+    """`model.program = "actuated"` runs SUMO's actuated program as every junction's own
+    (an experiment's baseline); a program the net lacks is a value error."""
+    fixed = read_network(CORRIDOR / "corridor.net.xml")
+    actuated = read_network(CORRIDOR / "corridor.net.xml", program="actuated")
+    assert {j.program for j in fixed.junctions} == {"0"}
+    assert {j.program for j in actuated.junctions} == {"actuated"}
+    assert [j.min_greens_s for j in actuated.junctions] == [j.min_greens_s for j in fixed.junctions]
+    with pytest.raises(ValueError, match="has no program 'nope'"):
+        read_network(CORRIDOR / "corridor.net.xml", program="nope")

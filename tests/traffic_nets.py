@@ -77,7 +77,7 @@ def plain_model(cfg: Path, begin: float, seed: int = 0, extra_outputs: tuple[str
 
     net = read_network(cfg.parent / "grid.net.xml")
     names = signal_names(net)
-    outputs = names["outputs"] + extra_outputs
+    outputs = names["outputs"] + tuple(n for n in extra_outputs if n not in names["outputs"])
     params = (
         tuple(f"{a.edge}.saturation" for a in net.approaches)
         + tuple(f"{a.edge}.storage" for a in net.approaches)

@@ -54,6 +54,10 @@ class Config(BaseModel):
     junctions: list[str] | None = Field(
         None, description="traffic light ids (default: all with two or more green phases)"
     )
+    program: str | None = Field(
+        None,
+        description="program every junction runs on its own, e.g. 'actuated' (default: its first)",
+    )
     demand_scale: float = Field(
         1.0, gt=0, le=10, description="nominal demand.scale: multiplies every route flow"
     )
@@ -105,7 +109,7 @@ def plant_factory(network: Network, config: Config) -> SimulatorFactory:
 
 def load(config: Config) -> Corridor:
     net_file, route_files, _extra = sumocfg_files(config.sumocfg)
-    network = read_network(net_file, config.junctions)
+    network = read_network(net_file, config.junctions, config.program)
     return Corridor(network, read_demand(route_files, network), config)
 
 

@@ -37,6 +37,7 @@ TAU_S = 1.0
 DISCHARGE_SPEED_MPS = 10.0  # speed a queue leaves the stop line with, capped by the lane's
 DEFAULT_MIN_GREEN_S = 5.0  # where the program does not set minDur
 QUEUED = "network.queued"  # output: vehicles queued on all approaches together
+TELEPORTS = "network.teleports"  # output: vehicles teleported (jammed); the model predicts 0
 # the model parameters after saturation and storage per approach, with their nominal values
 GLOBAL_PARAMETERS = ("demand.scale", "driver.sigma", "driver.tau")
 
@@ -197,7 +198,7 @@ def signal_names(network: Network) -> dict[str, tuple[str, ...]]:
         name
         for a in network.approaches
         for name in (f"{a.edge}.queue", f"{a.edge}.flow", f"{a.edge}.occupancy")
-    ) + (QUEUED,)
+    ) + (QUEUED, TELEPORTS)
     parameters = (
         tuple(
             name
@@ -215,10 +216,13 @@ def signal_names(network: Network) -> dict[str, tuple[str, ...]]:
     }
 
 
-def read_network(path: str | Path, tls_ids: Iterable[str] | None = None) -> Network:
+def read_network(
+    path: str | Path, tls_ids: Iterable[str] | None = None, program: str | None = None
+) -> Network:
     """The signalised junctions of a SUMO network file (all with two or more green phases,
-    or those named in ``tls_ids``) and their approaches.  ``ValueError`` for a file that
-    is not a SUMO network or a named junction it lacks."""
+    or those named in ``tls_ids``) and their approaches.  ``program``: the program each
+    junction runs as its own (default: its first by id).  ``ValueError`` for a file that
+    is not a SUMO network, or a named junction or program it lacks."""
     import sumolib  # imported here: reading a network is the only use
 
     path = Path(path)
@@ -241,7 +245,12 @@ def read_network(path: str | Path, tls_ids: Iterable[str] | None = None) -> Netw
         programs: Mapping[str, object] = tls.getPrograms()
         if not programs:
             continue
-        program_id, program = sorted(programs.items())[0]
+        if program is None:
+            program_id, own = sorted(programs.items())[0]
+        elif program in programs:
+            program_id, own = program, programs[program]
+        else:
+            raise ValueError(f"{path}: traffic light {tls_id} has no program {program!r}")
         limits = _phase_limits(programs.values())
         phases = tuple(
             SignalPhase(
@@ -250,14 +259,14 @@ def read_network(path: str | Path, tls_ids: Iterable[str] | None = None) -> Netw
                 min_s=_positive(ph.minDur) or limits.get(ph.state, (0.0, math.inf))[0],
                 max_s=_positive(ph.maxDur) or limits.get(ph.state, (0.0, math.inf))[1],
             )
-            for ph in program.getPhases()  # type: ignore[attr-defined]
+            for ph in own.getPhases()  # type: ignore[attr-defined]
         )
         green = tuple(i for i, ph in enumerate(phases) if ph.is_green)
         if len(green) < 2:
             if wanted is not None:
                 raise ValueError(f"{path}: traffic light {tls_id} has fewer than 2 green phases")
             continue
-        offset = float(getattr(program, "_offset", 0) or 0)
+        offset = float(getattr(own, "_offset", 0) or 0)
         junctions.append(Junction(tls_id, str(program_id), offset, phases, green, approaches=()))
         raw.append((junctions[-1], tls))
     corridor = {j.tls for j in junctions}

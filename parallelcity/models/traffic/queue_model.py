@@ -116,6 +116,7 @@ def queue_functions(
         occupancy = 100.0 * x[i] / p[2 * i + 1] * CAR_LENGTH_M / JAM_SPACING_M
         y += [x[i], 3600.0 * out[i], occupancy]
     y.append(ca.sum1(x) + sum(cyclic, ca.SX(0)))
+    y.append(ca.SX(0))  # network.teleports: a plan the model accepts jams nothing
     f = ca.Function("F", [x, u, d, p], [ca.vertcat(*x_next)], ["x", "u", "d", "p"], ["x_next"])
     h = ca.Function("h", [x, u, d, p], [ca.vertcat(*y)], ["x", "u", "d", "p"], ["y"])
     return f, h

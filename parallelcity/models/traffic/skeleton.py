@@ -16,7 +16,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from .demand import Demand, read_demand, sumo_time, sumocfg_files
-from .network import QUEUED, Network, read_network, signal_names
+from .network import QUEUED, TELEPORTS, Network, read_network, signal_names
 
 SCENARIO_DAY = dt.datetime(2026, 1, 5, tzinfo=dt.UTC)  # a Monday: SUMO second 0 is its midnight
 CYCLE_MIN_S = 60.0  # shortest cycle the specs allow, unless a program needs longer
@@ -24,8 +24,8 @@ CYCLE_MAX_S = 120.0
 BAND_SHARE = 0.9  # queues are kept below this share of the approach's storage
 SPLIT_MOVE_PER_CYCLE = 0.1
 CYCLE_MOVE_PER_CYCLE_S = 10.0
-HORIZON_CYCLES = 6
-SPEED = 40.0  # simulated seconds per wall second: two hours in three minutes
+HORIZON_CYCLES = 4  # 2 SUMO samples x 4 cycles verify within a cycle's wall time at SPEED
+SPEED = 10.0  # simulated seconds per wall second: a 90 s cycle in 9 s
 
 
 def detectors(additional_files: list[Path]) -> dict[str, list[str]]:
@@ -145,6 +145,7 @@ def skeleton(path: str | Path) -> str:
             "flow": 20000.0,
             "occupancy": 100.0,
             "queued": 2 * sum(storage.values()) + 100,
+            "teleports": 100000.0,
         }[what]
         out += [
             "",
@@ -191,7 +192,7 @@ def skeleton(path: str | Path) -> str:
         "field_seed = 11",
         "parameter_spread = 0.1",
         'spread_parameters = ["demand.scale", "driver.sigma"]',
-        "samples = 3",
+        "samples = 2                            # verification within the cycle's deadline",
     ]
     per_h = 3600.0 / cycle
     for j in network.junctions:
@@ -223,8 +224,18 @@ def skeleton(path: str | Path) -> str:
         ]
     out += [
         "",
-        "# Spillback bands on the links between two junctions; entry queues are delay, priced",
-        "# through network.queued. low = -1: queues are never negative, only the upper edge binds.",
+        "# No vehicle may teleport (SUMO's way out of a jam) on any verification sample.",
+        "",
+        "[[specs.bands]]",
+        f"output = {_q(TELEPORTS)}",
+        "low = -1.0",
+        "high = 0.0",
+        "margin_k = 0.0",
+        "enforce_after_s = 0.0",
+        "",
+        "# Spillback bands on the links between two junctions, checked over the whole horizon;",
+        "# entry queues are delay, priced through network.queued. low = -1: queues are never",
+        "# negative, only the upper edge binds.",
     ]
     for a in network.approaches:
         if a.is_entry:
@@ -235,6 +246,7 @@ def skeleton(path: str | Path) -> str:
             f"output = {_q(a.edge + '.queue')}",
             "low = -1.0",
             f"high = {BAND_SHARE * a.storage_veh:.1f}   # {BAND_SHARE:g} of its storage",
+            "enforce_after_s = 0.0",
         ]
     return "\n".join(out) + "\n"
 

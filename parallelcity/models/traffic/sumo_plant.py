@@ -46,15 +46,13 @@ import numpy as np
 
 from parallelcity.twin.model import Array
 
-from .network import Network, signal_names
+from .network import QUEUED, TELEPORTS, Network, signal_names
 from .signal_controller import CycleProgram, SignalController
 
 log = logging.getLogger(__name__)
 
 GLOBAL_PARAMETERS = ("demand.scale", "driver.sigma", "driver.tau")
 NOMINAL = {"demand.scale": 1.0, "driver.sigma": 0.5, "driver.tau": 1.0}
-TELEPORTS = "network.teleports"  # output: teleports since the last reset (0 on a sane plan)
-QUEUED = "network.queued"  # output: vehicles queued on all approaches
 PLAN_PROGRAM = "parallelcity"  # program id of the plans the plant installs
 STOP_LINE_GAP_M = 1.0  # loops this far before the stop line
 LOOP_FREQ_S = 10_000_000  # one detector interval for the whole run: counts are cumulative
