@@ -391,17 +391,9 @@ class HoldController:
         self._problem = problem
 
     def step(self, inp: ControlInput) -> ControlResult:
-        return guarded_step("hold", self._problem, inp, self._step)
+        return guarded_step("hold", self._problem, inp, self._step, check_input=False)
 
     def _step(self, problem: ControlProblem, inp: ControlInput, t_start: float) -> ControlResult:
-        bad = input_problem(problem, inp, bands=False)
-        if bad:
-            return ControlResult.failure(
-                SolveStatus.FAILED,
-                problem,
-                f"hold: bad input: {bad}",
-                time.perf_counter() - t_start,
-            )
         lim = self._limits
         u_start = lim.start(inp.u_prev, problem.model.u0)
         target = u_start.copy()
@@ -482,17 +474,9 @@ class HysteresisController:
         self._problem = problem
 
     def step(self, inp: ControlInput) -> ControlResult:
-        return guarded_step("hysteresis", self._problem, inp, self._step)
+        return guarded_step("hysteresis", self._problem, inp, self._step, check_input=False)
 
     def _step(self, problem: ControlProblem, inp: ControlInput, t_start: float) -> ControlResult:
-        bad = input_problem(problem, inp, bands=False)
-        if bad:
-            return ControlResult.failure(
-                SolveStatus.FAILED,
-                problem,
-                f"hysteresis: bad input: {bad}",
-                time.perf_counter() - t_start,
-            )
         lim, sim = self._limits, self._sim
         n = problem.horizon
         y_low = np.asarray(inp.y_low, dtype=float)

@@ -29,7 +29,6 @@ from parallelcity.decide.control import (
     KindOf,
     SolveStatus,
     guarded_step,
-    input_problem,
     require_fit,
 )
 from parallelcity.models.water.kind import KIND_NAME, WaterInfo, water_info
@@ -110,17 +109,9 @@ class InpRulesController:
         self._rules = sorted(info.network.rules, key=lambda r: r.priority)
 
     def step(self, inp: ControlInput) -> ControlResult:
-        return guarded_step("inp_rules", self._problem, inp, self._plan)
+        return guarded_step("inp_rules", self._problem, inp, self._plan, check_input=False)
 
     def _plan(self, problem: ControlProblem, inp: ControlInput, t_start: float) -> ControlResult:
-        bad = input_problem(problem, inp, bands=False)
-        if bad:
-            return ControlResult.failure(
-                SolveStatus.FAILED,
-                problem,
-                f"inp_rules: bad input: {bad}",
-                time.perf_counter() - t_start,
-            )
         m, n, dt = problem.model, problem.horizon, problem.dt
         p = np.asarray(problem.p, dtype=float)
         dist = np.asarray(inp.disturbances, dtype=float)

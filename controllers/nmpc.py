@@ -67,7 +67,6 @@ from parallelcity.decide.control import (
     KindOf,
     SolveStatus,
     guarded_step,
-    input_problem,
     require_fit,
     unknown_names,
 )
@@ -730,21 +729,13 @@ class NmpcController:
 
     def step(self, inp: ControlInput) -> ControlResult:
         """Plan from ``inp``; every kind of trouble comes back as a status, never raised."""
-        return guarded_step("nmpc", self._problem, inp, self._step, self._forget)
+        return guarded_step("nmpc", self._problem, inp, self._step, self._forget, check_input=True)
 
     def _forget(self) -> None:
         self._last = None
 
     def _step(self, problem: ControlProblem, inp: ControlInput, t_start: float) -> ControlResult:
         n, _, _, _, nb = self._dims
-        bad = input_problem(problem, inp)
-        if bad:
-            return ControlResult.failure(
-                SolveStatus.FAILED,
-                problem,
-                f"nmpc: bad input: {bad}",
-                time.perf_counter() - t_start,
-            )
         deadline = float(inp.deadline_s)
         if deadline <= 0:
             return ControlResult.failure(SolveStatus.TIMEOUT, problem, "nmpc: no time to solve")

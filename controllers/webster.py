@@ -36,7 +36,6 @@ from parallelcity.decide.control import (
     KindOf,
     SolveStatus,
     guarded_step,
-    input_problem,
     require_fit,
 )
 from parallelcity.models.traffic.kind import corridor_of
@@ -185,7 +184,7 @@ class WebsterController:
         self._problem = problem
 
     def step(self, inp: ControlInput) -> ControlResult:
-        return guarded_step("webster", self._problem, inp, self._step)
+        return guarded_step("webster", self._problem, inp, self._step, check_input=False)
 
     def target(self, arrivals: Array) -> Array:
         """The input vector of Webster's plan for entry arrivals (veh/h, model order)."""
@@ -207,14 +206,6 @@ class WebsterController:
         return u
 
     def _step(self, problem: ControlProblem, inp: ControlInput, t_start: float) -> ControlResult:
-        bad = input_problem(problem, inp, bands=False)
-        if bad:
-            return ControlResult.failure(
-                SolveStatus.FAILED,
-                problem,
-                f"webster: bad input: {bad}",
-                time.perf_counter() - t_start,
-            )
         lim = self._limits
         dist = np.asarray(inp.disturbances, dtype=float)
         u_start = lim.start(inp.u_prev, problem.model.u0)

@@ -169,14 +169,27 @@ def guarded_step(
     inp: ControlInput,
     plan: Callable[[ControlProblem, ControlInput, float], ControlResult],
     on_failure: Callable[[], None] | None = None,
+    *,
+    check_input: bool | None = None,
 ) -> ControlResult:
     """Every controller's ``step``: ``plan(problem, inp, t_start)``, with any exception
     turned into a FAILED result (a controller reports trouble, it does not raise it);
-    ``on_failure`` drops state the failed step may have left half-updated.  Calling before
-    ``setup`` is the caller's bug and raises."""
+    ``on_failure`` drops state the failed step may have left half-updated.  With
+    ``check_input`` the input is checked first (``input_problem``, with the band arrays
+    when True, without when False) and a bad one is a FAILED result naming the problem.
+    Calling before ``setup`` is the caller's bug and raises."""
     t_start = time.perf_counter()
     if problem is None:
         raise RuntimeError(f"{kind}: step called before setup")
+    if check_input is not None:
+        bad = input_problem(problem, inp, bands=check_input)
+        if bad:
+            return ControlResult.failure(
+                SolveStatus.FAILED,
+                problem,
+                f"{kind}: bad input: {bad}",
+                time.perf_counter() - t_start,
+            )
     try:
         return plan(problem, inp, t_start)
     except Exception as exc:
