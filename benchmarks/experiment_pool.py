@@ -37,7 +37,7 @@ def wall(experiment: Path, workers: int, out: Path) -> tuple[float, float]:
         capture_output=True,
         text=True,
         cwd=ROOT,
-        timeout=1800,
+        timeout=3600,
     )
     took = time.perf_counter() - started
     if proc.returncode != 0:

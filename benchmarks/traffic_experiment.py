@@ -16,33 +16,18 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 import tempfile
 import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks.experiment_pool import wall
+
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "experiments" / "traffic_programs.toml"
 SUMOCFG = ROOT / "scenarios" / "traffic_corridor" / "corridor.sumocfg"
 TARGET_S = 180.0
-
-
-def experiment_wall(experiment: Path, workers: int, out: Path) -> float:
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "parallelcity", "experiment", str(experiment)]
-        + ["--workers", str(workers), "--force", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=3600,
-    )
-    took = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"experiment exited {proc.returncode}:\n{proc.stderr[-2000:]}")
-    return took
 
 
 def plain_sumo_wall(runs: int, workers: int, end_s: int) -> float:
@@ -78,7 +63,7 @@ def main() -> None:
     base = plain_sumo_wall(runs, args.workers, end_s)
     print(f"baseline: plain sumo, {runs} runs of {end_s} s, {args.workers} at a time: {base:.1f} s")
     with tempfile.TemporaryDirectory() as tmp:
-        took = experiment_wall(args.experiment, args.workers, Path(tmp) / "out")
+        took = wall(args.experiment, args.workers, Path(tmp) / "out")[0]
     print(f"parallelcity experiment {args.experiment.name}, workers={args.workers}: {took:.1f} s")
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
     verdict = "met" if took < TARGET_S else "missed"
