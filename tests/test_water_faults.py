@@ -94,6 +94,7 @@ def test_the_plant_and_the_twin_agree_on_a_leak_and_a_worn_pump(net3: Scenario) 
 def _run(fault: dict[str, Any], cycles: int) -> tuple[list[dict[str, Any]], float]:
     tables = parse_toml(NET3.read_text())
     over = {
+        "controller": {"kind": "inp_rules"},  # the noise was measured under the file's rules
         "diagnosis": {"window_cycles": 8, "noise": NOISE},
         "rig.faults": [fault],
     }
