@@ -11,7 +11,8 @@ import pytest
 
 from parallelcity.experiment.loop import closed_loop, scenario_of
 from parallelcity.experiment.plan import RunSpec, apply_overrides, run_key
-from parallelcity.models.water.faults import HEAD_LOSS, LEAK, fault_layout
+from parallelcity.models.water.districts import fault_layout
+from parallelcity.models.water.faults import HEAD_LOSS, LEAK
 from parallelcity.models.water.kind import water_info
 from parallelcity.scenario.definition import Scenario, load_scenario
 from parallelcity.scenario.text import tables_toml

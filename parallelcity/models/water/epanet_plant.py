@@ -33,6 +33,7 @@ from numpy.typing import NDArray
 
 from parallelcity.twin.model import Array
 
+from .districts import fault_layout
 from .network import Network, read_wntr, resolve
 
 # EPANET toolkit codes (epanet2_enums.h)
@@ -237,8 +238,6 @@ class EpanetPlant:
     def set_params(self, params: Array) -> None:
         """New parameters from now on: ``demand.scale``, leaks and pump head scales (a
         parameter fault; ``faults.FaultLayout``)."""
-        from .faults import fault_layout
-
         p = np.asarray(params, dtype=float).reshape(-1)
         if p[0] != self.scale:
             self.scale, self._d_applied = float(p[0]), None

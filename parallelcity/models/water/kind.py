@@ -30,10 +30,12 @@ from parallelcity.twin.model import (
     Total,
 )
 
+from .districts import FaultLayout, fault_layout
 from .epanet_plant import Layout, plant_factory
-from .faults import FaultLayout, fault_layout, kinds, min_sizes
-from .network import WNTR_PREFIX, Network, load
-from .tank_model import Identified, casadi_functions, identify
+from .faults import identify, kinds, min_sizes
+from .network import WNTR_PREFIX, Network, controllable, load
+from .skeleton import skeleton
+from .tank_model import Identified, casadi_functions
 
 KIND_NAME = "water_network"
 
@@ -246,15 +248,6 @@ def water_faults(ident: Identified, flt: FaultLayout) -> tuple[FaultKind, ...]:
     return kinds(flt, leak, max_leak, head)
 
 
-def controllable(net: Network) -> None:
-    """``ValueError`` for a network with nothing to schedule or nothing to schedule with."""
-    name = Path(net.source).name
-    if not net.tanks:
-        raise ValueError(f"{name} has no tank: there is no storage to schedule")
-    if not (net.pumps or net.valves or net.switched_pipes):
-        raise ValueError(f"{name} has no pump, valve or switched pipe: nothing to control")
-
-
 class _Kind:
     """Entry point object for ``kind = "water_network"`` (``parallelcity.models``)."""
 
@@ -269,8 +262,6 @@ class _Kind:
 
     @staticmethod
     def skeleton(path: str) -> str:
-        from .skeleton import skeleton
-
         return skeleton(path)
 
 

@@ -299,3 +299,12 @@ def _rule(name: str, ctl: Any) -> Rule:
         otherwise=_actions(ctl._else_actions),
         priority=float(ctl._priority),
     )
+
+
+def controllable(net: Network) -> None:
+    """``ValueError`` for a network with nothing to schedule or nothing to schedule with."""
+    name = Path(net.source).name
+    if not net.tanks:
+        raise ValueError(f"{name} has no tank: there is no storage to schedule")
+    if not (net.pumps or net.valves or net.switched_pipes):
+        raise ValueError(f"{name} has no pump, valve or switched pipe: nothing to control")

@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .epanet_plant import Layout
-from .kind import controllable
-from .network import WNTR_PREFIX, Network, describe, read_wntr, resolve
+from .network import WNTR_PREFIX, Network, controllable, describe, read_wntr, resolve
 
 CANDIDATES = 3
 START = "2026-01-12T00:00:00Z"

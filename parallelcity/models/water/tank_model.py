@@ -29,6 +29,7 @@ import numpy as np
 
 from parallelcity.twin.model import Array
 
+from .districts import fault_layout
 from .epanet_plant import EpanetPlant, Layout, solve_snapshot
 
 MAX_COMBINATION_SWITCHES = 6
@@ -98,19 +99,7 @@ def phi_np(layout: Layout, x: Array, d: Array, scale: float, valves: Array) -> A
     return np.concatenate([[1.0], x, scale * totals * np.asarray(d)[:ng], valves])
 
 
-def identify(layout: Layout, time0: float, samples_per_case: int, seed: int) -> Identified:
-    """Fit the relation on EPANET solutions (see the module docstring)."""
-    from .faults import fault_sensitivity
-
-    plant = EpanetPlant(layout, np.array([1.0]), time0)
-    try:
-        fitted = _fit(layout, plant, samples_per_case, seed)
-        return fault_sensitivity(fitted, plant, seed)
-    finally:
-        plant.close()
-
-
-def _fit(layout: Layout, plant: EpanetPlant, per_case: int, seed: int) -> Identified:
+def fit(layout: Layout, plant: EpanetPlant, per_case: int, seed: int) -> Identified:
     net = layout.network
     rng = np.random.default_rng(seed)
     k = len(layout.switches)
@@ -163,8 +152,6 @@ def casadi_functions(
 ) -> tuple[ca.Function, ca.Function]:
     """``f(x, u, d, p)`` (levels after ``step_s``) and ``h(x, u, d, p)`` (outputs); ``p`` is
     ``demand.scale`` then the fault parameters (``faults.FaultLayout``)."""
-    from .faults import fault_layout
-
     layout = ident.layout
     net = layout.network
     nt, npump, nv = len(net.tanks), len(net.pumps), len(net.valves)
