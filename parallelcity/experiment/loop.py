@@ -28,9 +28,8 @@ from parallelcity.diagnose.runtime import diagnoser_for, report_events
 from parallelcity.experiment.plan import RunSpec, controller_none
 from parallelcity.experiment.table import finite_or_null
 from parallelcity.field.config import FieldConfig
-from parallelcity.field.point_table import PointRule, PointTable
 from parallelcity.field.protocol import Plant
-from parallelcity.field.snapshot import PointSpec, Snapshot, assess
+from parallelcity.field.snapshot import Snapshot, assess
 from parallelcity.record.records import CycleRecord, RunResult, count_cycle, new_counts
 from parallelcity.record.report import Summary, summarize, write_csv, write_plot
 from parallelcity.scenario.definition import Scenario
@@ -71,19 +70,8 @@ class _Readings:
 
     def __init__(self, field: FieldConfig, model_outputs: Sequence[str]) -> None:
         self.points = [(p.name, model_outputs.index(p.name), p.type) for p in field.points]
-        self.specs = {
-            p.name: PointSpec(p.name, p.max_age_s, p.required, event_driven=p.on_change_only)
-            for p in field.points
-        }
-        skew = field.max_clock_skew_s
-        self.table = PointTable(
-            {
-                p.name: PointRule(
-                    p.type, p.min, p.max, skew if p.max_clock_skew_s is None else p.max_clock_skew_s
-                )
-                for p in field.points
-            }
-        )
+        self.specs = field.point_specs()
+        self.table = field.point_table()
 
     def snapshot(self, y: Array, t: float) -> Snapshot:
         for name, i, kind in self.points:

@@ -14,7 +14,13 @@ from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from parallelcity.field.point_table import DEFAULT_MAX_CLOCK_SKEW_S, PointType
+from parallelcity.field.point_table import (
+    DEFAULT_MAX_CLOCK_SKEW_S,
+    PointRule,
+    PointTable,
+    PointType,
+)
+from parallelcity.field.snapshot import PointSpec
 
 DEFAULT_PROTOCOL = "opcua"
 
@@ -128,3 +134,22 @@ class FieldConfig(Strict):
                     raise ValueError(f"{what}: {item.name!r} is mapped twice")
                 seen.add(item.name)
         return self
+
+    def point_specs(self) -> dict[str, PointSpec]:
+        """Each point's freshness rule (its age limit, whether it is required)."""
+        return {
+            p.name: PointSpec(p.name, p.max_age_s, p.required, event_driven=p.on_change_only)
+            for p in self.points
+        }
+
+    def point_table(self) -> PointTable:
+        """Each point's plausibility rule (type, range, clock skew)."""
+        skew = self.max_clock_skew_s
+        return PointTable(
+            {
+                p.name: PointRule(
+                    p.type, p.min, p.max, skew if p.max_clock_skew_s is None else p.max_clock_skew_s
+                )
+                for p in self.points
+            }
+        )

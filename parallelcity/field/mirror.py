@@ -39,10 +39,10 @@ from parallelcity.backoff import Backoff
 from parallelcity.clock import Clock
 from parallelcity.errors import FieldConnectionError, FieldError, SecurityError
 from parallelcity.field.config import FieldConfig
-from parallelcity.field.point_table import PointEvent, PointRule, PointTable
+from parallelcity.field.point_table import PointEvent
 from parallelcity.field.protocol import FieldReader
 from parallelcity.field.protocols import protocol_of
-from parallelcity.field.snapshot import PointSpec, Reading, Snapshot, assess
+from parallelcity.field.snapshot import Reading, Snapshot, assess
 
 _log = logging.getLogger(__name__)
 
@@ -111,19 +111,8 @@ class Mirror:
         self.reader = reader
         self.reconnect = reconnect
         self.backoff = backoff or Backoff()
-        self.specs: dict[str, PointSpec] = {
-            p.name: PointSpec(p.name, p.max_age_s, p.required, event_driven=p.on_change_only)
-            for p in field.points
-        }
-        skew = field.max_clock_skew_s
-        self._table = PointTable(
-            {
-                p.name: PointRule(
-                    p.type, p.min, p.max, skew if p.max_clock_skew_s is None else p.max_clock_skew_s
-                )
-                for p in field.points
-            }
-        )
+        self.specs = field.point_specs()
+        self._table = field.point_table()
         self._sink: _Sink | None = None
         self._held_why = ""
         self._all_received = asyncio.Event()
