@@ -383,18 +383,16 @@ class PumpScheduler:
         n = lay.n
         for r in range(lay.nx):
             M.x0[r].set_value(float(x0[r]))
-        for (k, r, c), par in M.A.items():
-            par.set_value(float(form.A[k, r, c]))
-        for (k, r, i), par in M.B.items():
-            par.set_value(float(form.B[k, r, i]))
-        for (k, r), par in M.c.items():
-            par.set_value(float(form.c[k, r]))
-        for (k, j, c), par in M.C.items():
-            par.set_value(float(form.C[k, j, c]))
-        for (k, j, i), par in M.D.items():
-            par.set_value(float(form.D[k, j, i]))
-        for (k, j), par in M.e.items():
-            par.set_value(float(form.e[k, j]))
+        for params, values in (
+            (M.A, form.A),
+            (M.B, form.B),
+            (M.c, form.c),
+            (M.C, form.C),
+            (M.D, form.D),
+            (M.e, form.e),
+        ):  # each Pyomo parameter is indexed as its array: (k, row, column) or (k, row)
+            for index, par in params.items():
+                par.set_value(float(values[index]))
         lo = np.asarray(inp.y_low, dtype=float)[: n + 1]
         hi = np.asarray(inp.y_high, dtype=float)[: n + 1]
         for (k, b), par in M.lo.items():
