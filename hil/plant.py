@@ -25,7 +25,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from parallelcity.diagnose.faults import ActiveFault
-from parallelcity.twin.model import Array, FormSimulator, KpiSource, Simulator, SubsystemModel
+from parallelcity.twin.model import (
+    Array,
+    FormSimulator,
+    KpiSource,
+    MeasuredOnlySource,
+    Simulator,
+    SubsystemModel,
+)
 
 Truth = Callable[[float], Array]
 
@@ -115,11 +122,17 @@ class PlantSimulator:
 
     def outputs(self) -> Array:
         """Model outputs at the current state, inputs and disturbance truth, as the field's
-        sensors report them."""
+        sensors report them; then the model's measured-only signals (NaN where the plant
+        does not measure one), in ``point_signals`` order."""
         y = self._plant.outputs(self._u_real(self._t), self.disturbances(self._t))
         for fault in self.faults:
             y = fault.readings(y, self._t)
-        return y
+        names = self.model.measured_only
+        if not names:
+            return y
+        got = self._plant.measured_only() if isinstance(self._plant, MeasuredOnlySource) else {}
+        extra = np.array([float(got.get(n, math.nan)) for n in names])
+        return np.concatenate([np.asarray(y, dtype=float).reshape(-1), extra])
 
     def _u_real(self, t: float) -> Array:
         """The inputs the plant really gets: the ones held, unless an actuator is faulty."""
@@ -137,7 +150,8 @@ class PlantSimulator:
             self._params_now = p
 
     def output_dict(self) -> dict[str, float]:
-        return {name: float(v) for name, v in zip(self.model.outputs, self.outputs(), strict=True)}
+        y = self.outputs()
+        return {name: float(v) for name, v in zip(self.model.point_signals, y, strict=True)}
 
     def kpis(self) -> dict[str, float]:
         """The simulator's own KPIs if it measures any (``KpiSource``), else none."""

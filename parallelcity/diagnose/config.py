@@ -50,7 +50,12 @@ def check(cfg: DiagnosisConfig, model: SubsystemModel, measured: Collection[str]
     """Problems of the table against the model and the field's points, with key paths."""
     problems = []
     for name, std in cfg.noise.items():
-        if name not in model.outputs:
+        if name in model.measured_only:
+            problems.append(
+                f"diagnosis.noise: {name!r} is measured only: the twin does not predict it, "
+                "so it has no residual"
+            )
+        elif name not in model.outputs:
             problems.append(f"diagnosis.noise: {name!r} is not an output of the model")
         elif name in model.disturbances:
             problems.append(

@@ -115,7 +115,7 @@ def closed_loop(spec: RunSpec, scenario: Scenario) -> tuple[RunResult, int, dict
     meta, model = scenario.meta, scenario.model
     specs = scenario.safety_specs()
     plant = _make_plant(scenario, spec.seed)
-    readings = _Readings(scenario.field, model.outputs)
+    readings = _Readings(scenario.field, model.point_signals)
     none = controller_none(parse_toml(spec.scenario_toml))
     logic = None
     monitor = None

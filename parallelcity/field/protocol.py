@@ -199,7 +199,8 @@ class Plant(Protocol):
         """Step the plant to ``t`` (a ``t`` in the past is a no-op)."""
 
     def outputs(self) -> Array:
-        """The outputs now, in the model's output order."""
+        """What the points may carry now: the model's outputs, then its measured-only
+        signals (``SubsystemModel.point_signals`` order)."""
         ...
 
     def set_input(self, name: str, value: float) -> None:

@@ -495,7 +495,10 @@ def _cross_check(f: _Parts, m: SubsystemModel | None) -> list[str]:
     if m is not None and f.divergence is not None:
         for name in f.divergence.thresholds:
             if name not in m.outputs:
-                problems.append(f"divergence.thresholds: {name!r} is not an output of the model")
+                problems.append(
+                    f"divergence.thresholds: {name!r} is not an output of the model"
+                    + _measured_only_note(m, name)
+                )
     if m is not None and f.diagnosis is not None and f.field is not None:
         measured = {p.name for p in f.field.points if p is not None}
         problems.extend(check_diagnosis(f.diagnosis, m, measured))
@@ -518,14 +521,14 @@ def _field_check(field: FieldConfig, m: SubsystemModel, whole: bool) -> list[str
     """Points and inputs against the model; the checks for what is missing need every
     entry (``whole``): one that did not validate may be the one that maps it."""
     problems = []
-    outputs, inputs = set(m.outputs), set(m.inputs)
+    outputs, inputs = set(m.point_signals), set(m.inputs)
     for i, p in enumerate(field.points):
         if p is None:
             continue
         if p.name not in outputs:
             problems.append(
                 f"field.points[{i}].name: {p.name!r} is not an output of model "
-                f"{m.name!r} (outputs: {', '.join(m.outputs)})"
+                f"{m.name!r} (outputs: {', '.join(m.point_signals)})"
             )
     measured = {p.name for p in field.points if p is not None}
     for state, output in m.state_outputs.items():
@@ -555,7 +558,10 @@ def _specs_check(specs: Specs, m: SubsystemModel, whole: bool) -> list[str]:
             problems.append(f"specs.inputs: model input {name!r} has no bounds")
     for i, b in enumerate(specs.bands):
         if b is not None and b.output not in outputs:
-            problems.append(f"specs.bands[{i}].output: {b.output!r} is not an output of the model")
+            problems.append(
+                f"specs.bands[{i}].output: {b.output!r} is not an output of the model"
+                + _measured_only_note(m, b.output)
+            )
     signals = outputs | inputs
     for i, il in enumerate(specs.interlocks):
         if il is None:
@@ -564,19 +570,25 @@ def _specs_check(specs: Specs, m: SubsystemModel, whole: bool) -> list[str]:
             if pred.signal not in signals:
                 problems.append(
                     f"specs.interlocks[{i}].{key}.signal: {pred.signal!r} is not an input "
-                    "or output of the model"
+                    "or output of the model" + _measured_only_note(m, pred.signal)
                 )
     for i, ts in enumerate(specs.temporal):
         if ts is not None and ts.require.signal not in signals:
             problems.append(
                 f"specs.temporal[{i}].require.signal: {ts.require.signal!r} is not an input "
-                "or output of the model"
+                "or output of the model" + _measured_only_note(m, ts.require.signal)
             )
     names = [il.name for il in specs.interlocks if il is not None]
     names += [ts.name for ts in specs.temporal if ts is not None]
     for dup in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"specs: spec name {dup!r} is used twice")
     return problems
+
+
+def _measured_only_note(m: SubsystemModel, name: str) -> str:
+    if name not in m.measured_only:
+        return ""
+    return " (it is measured only: the field serves it, the twin does not predict it)"
 
 
 def _check_safe_values(field: FieldConfig, specs: Specs, whole: bool = True) -> list[str]:

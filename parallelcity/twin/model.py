@@ -10,6 +10,12 @@ plant with an external simulator (``SubsystemModel.simulator``: an object with
 ``reset``/``step``/``outputs``, no CasADi needed); the CasADi form then is what its
 twin and controllers plan with, and rigs run the simulator (``plant``).
 
+A model may also name **measured-only** signals (``measured_only``): what its plant
+measures and the field serves that the model does not predict (a signal's running phase,
+an event counter).  Field points may carry them, so they are mirrored, journaled and
+checked for range and freshness like any point; ``h`` has no row for them, so the
+estimator, the divergence monitor, diagnosis and the controllers never see them.
+
 The same model object serves the twin (nominal parameters), the controllers
 (symbolic, for optimisation) and the rigs (their own parameters), so the
 parameter vector ``p`` is an explicit argument everywhere.  Disturbances ``d``
@@ -72,6 +78,16 @@ class KpiSource(Protocol):
 
     def kpis(self) -> dict[str, float]:
         """KPI name -> value over the whole run so far (names stable across runs)."""
+        ...
+
+
+@runtime_checkable
+class MeasuredOnlySource(Protocol):
+    """A plant that measures its model's measured-only signals (optional, beside
+    ``Simulator``); a plant without them serves NaN for each."""
+
+    def measured_only(self) -> Mapping[str, float]:
+        """Signal name -> value now (names the plant does not measure may be missing)."""
         ...
 
 
@@ -223,6 +239,8 @@ class SubsystemModel:
     nonnegative: tuple[str, ...] = ()
     # faults the kind's plant can have and its twin explains (the sensor faults come free)
     faults: tuple[FaultKind, ...] = ()
+    # signals the plant measures and field points may carry, but h does not predict
+    measured_only: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         sizes = {
@@ -233,7 +251,14 @@ class SubsystemModel:
         for what, (got, want) in sizes.items():
             if got != want:
                 raise ValueError(f"model {self.name}: {what} has {got} entries, expected {want}")
-        known = set(self.inputs) | set(self.outputs) | set(self.disturbances)
+        taken = set(self.states) | set(self.inputs) | set(self.outputs) | set(self.disturbances)
+        clash = sorted(taken & set(self.measured_only))
+        if clash or len(set(self.measured_only)) != len(self.measured_only):
+            raise ValueError(
+                f"model {self.name}: measured_only names repeat or name other signals: "
+                f"{clash or list(self.measured_only)}"
+            )
+        known = set(self.inputs) | set(self.point_signals) | set(self.disturbances)
         for panel in self.report.panels:
             unknown = [n for n in panel.signals if n not in known]
             if unknown:
@@ -294,6 +319,12 @@ class SubsystemModel:
     @property
     def ny(self) -> int:
         return len(self.outputs)
+
+    @property
+    def point_signals(self) -> tuple[str, ...]:
+        """What a field point may measure: the outputs, then the measured-only signals (the
+        order of a field plant's ``outputs()``)."""
+        return self.outputs + self.measured_only
 
     def index(self, kind: str, name: str) -> int:
         """Position of signal ``name`` among the model's ``kind`` ("states", "inputs", ...)."""

@@ -186,7 +186,7 @@ class ModbusProtocol(FieldProtocol):
         served: FieldStandIn = ModbusStandIn(
             {p.name: p.modbus_address() for p in f.points},
             {i.name: i.modbus_address() for i in f.inputs},
-            outputs=model.outputs,
+            outputs=model.point_signals,
             input_names=model.inputs,
             make_plant=make_plant,
             clock=clock,

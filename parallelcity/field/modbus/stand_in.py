@@ -40,8 +40,8 @@ class ModbusStandIn:
     """A running plant behind a Modbus TCP server; ``async with`` starts and stops it.
 
     ``points`` and ``inputs`` map model output / input names to their addresses;
-    ``outputs`` and ``input_names`` are the model's signal orders (to index the plant's
-    vectors).  ``endpoint`` and ``applied`` make it a ``FieldStandIn``.
+    ``outputs`` (the model's ``point_signals``) and ``input_names`` are the orders of the
+    plant's vectors.  ``endpoint`` and ``applied`` make it a ``FieldStandIn``.
     """
 
     def __init__(

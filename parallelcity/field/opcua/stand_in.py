@@ -71,7 +71,7 @@ class _Var:
     name: str  # model signal
     node: str  # scenario NodeId string
     nodeid: ua.NodeId
-    index: int  # position in model outputs / inputs
+    index: int  # position in the model's point signals / inputs
 
 
 def free_port(host: str = HOST) -> int:
@@ -337,7 +337,7 @@ class EmbeddedField:
 
         for k, p in enumerate(field.points):
             nodeid = parse_node_id(p.node, ns)
-            var = _Var(p.name, p.node, nodeid, model.index("outputs", p.name))
+            var = _Var(p.name, p.node, nodeid, model.index("point_signals", p.name))
             parent = await folder_for(_folder_key(nodeid, k))
             node = await parent.add_variable(
                 nodeid, ua.QualifiedName(_browse_name(nodeid), ns), 0.0, ua.VariantType.Double
