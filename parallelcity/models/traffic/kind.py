@@ -33,6 +33,7 @@ from parallelcity.verify.rig import resolve_path
 from .demand import Demand, read_demand, sumocfg_files
 from .network import QUEUED, Network, read_network, signal_names
 from .queue_model import queue_functions
+from .sumo_plant import junction_points
 
 NAME = "signal_corridor"
 PLANT_MODULE = "parallelcity.models.traffic.sumo_plant"
@@ -163,6 +164,7 @@ def build(config: Config) -> CorridorModel:
             baseline="webster",
         ),
         corridor=corridor,
+        measured_only=junction_points(network),  # served by the plant, not predicted
     )
 
 

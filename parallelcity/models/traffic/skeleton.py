@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .demand import Demand, read_demand, sumo_time, sumocfg_files
 from .network import QUEUED, TELEPORTS, Network, read_network, signal_names
+from .sumo_plant import CYCLE_SECOND, PHASE
 
 SCENARIO_DAY = dt.datetime(2026, 1, 5, tzinfo=dt.UTC)  # a Monday: SUMO second 0 is its midnight
 CYCLE_MIN_S = 60.0  # shortest cycle the specs allow, unless a program needs longer
@@ -158,6 +159,26 @@ def skeleton(path: str | Path) -> str:
         ]
         if what != "queue":
             out.append("required = false")
+    out += [
+        "",
+        "# The signal state each junction's field controller reports (measured only: the twin",
+        "# does not predict it): its running phase (index in its program) and cycle second.",
+    ]
+    for j in network.junctions:
+        for name, high in (
+            (f"{j.tls}.{PHASE}", len(j.phases) - 1),
+            (f"{j.tls}.{CYCLE_SECOND}", 2 * cycle_max),  # an actuated cycle may run long
+        ):
+            out += [
+                "",
+                "[[field.points]]",
+                f"name = {_q(name)}",
+                f"node = {_q('s=tc/' + name)}",
+                f"max_age_s = {3 * cycle}",
+                "min = 0.0",
+                f"max = {high:.0f}.0",
+                "required = false",
+            ]
     safe = dict(zip(names["inputs"], _program_inputs(network), strict=True))
     for name in names["inputs"]:
         out += [

@@ -16,6 +16,9 @@ TraCI, behind the ``Simulator`` protocol (``parallelcity.twin.model``).
   ``probe_s``; flow = vehicles over stop-line induction loops the plant adds on every
   approach lane (veh/h over the last step); occupancy = the edge's occupancy averaged over
   the probes of the last step (%); ``network.teleports`` = teleports since the last reset.
+* Signal state (measured only: the field serves it, the queue model does not predict it):
+  ``<tls>.phase`` = index of the program phase the junction shows, ``<tls>.cycle_second``
+  = seconds since its current cycle began (``junction_points``).
 * Verification samples (``reset`` again after running): the plant loads the state it saved
   one step after its previous reset, runs on to ``t0`` if needed, starts a fresh cycle on
   every junction, then adds or removes standing vehicles on each approach to match ``x0``.
@@ -60,6 +63,13 @@ JAM_SPACING_M = 7.5
 HALTING_MPS = 0.1  # SUMO's halting speed
 MAX_CATCH_UP_S = 3600.0  # a verification reset further than this past the saved state restarts
 _labels = count()
+PHASE = "phase"
+CYCLE_SECOND = "cycle_second"
+
+
+def junction_points(network: Network) -> tuple[str, ...]:
+    """The measured-only signals of the junctions: running phase and cycle second of each."""
+    return tuple(f"{j.tls}.{p}" for j in network.junctions for p in (PHASE, CYCLE_SECOND))
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,7 @@ class SumoPlant:
         self._ctrl: dict[str, SignalController] = {}
         self._actuated: dict[str, bool] = {}
         self._phase: dict[str, int | None] = {}  # actuated junctions: phase at the last probe
+        self._actuated_since: dict[str, float] = {}  # actuated junctions: last return to phase 0
         self._links: dict[str, list[list[tuple[str, str, str]]]] = {}
         self._loops: dict[str, list[str]] = {}  # approach edge -> its stop-line loops
         self._halting = np.zeros(len(network.approaches))
@@ -239,6 +250,28 @@ class SumoPlant:
             values[f"{a.edge}.flow"] = float(flow[i])
             values[f"{a.edge}.occupancy"] = float(occ[i])
         return np.array([values.get(n, math.nan) for n in self.outputs_names], dtype=float)
+
+    def measured_only(self) -> dict[str, float]:
+        """Each junction's running phase (index in its program) and cycle second, as its
+        field-side signal controller has them (an actuated cycle: SUMO's phase, seconds
+        since it last returned to phase 0); NaN before the first reset."""
+        values: dict[str, float] = {}
+        for tls, ctrl in self._ctrl.items():
+            phase, second = math.nan, math.nan
+            cur = ctrl.current
+            if self._conn is not None and cur is not None:
+                if cur.actuated:
+                    p = self._phase.get(tls)
+                    phase = math.nan if p is None else float(p)
+                    second = self._now - max(cur.start_s, self._actuated_since.get(tls, -math.inf))
+                else:
+                    second = self._now - cur.start_s
+                    ends = np.cumsum(cur.durations_s)
+                    # as SUMO shows it: a phase ending at this second still shows
+                    phase = float(min(int(np.searchsorted(ends, second)), len(ends) - 1))
+            values[f"{tls}.{PHASE}"] = phase
+            values[f"{tls}.{CYCLE_SECOND}"] = second
+        return values
 
     # -- results ------------------------------------------------------------------------------
 
@@ -434,6 +467,8 @@ class SumoPlant:
         phase = self._conn.trafficlight.getSubscriptionResults(tls).get(tc.TL_CURRENT_PHASE)
         last = self._phase.get(tls)
         self._phase[tls] = phase
+        if phase == 0 and last not in (None, 0):
+            self._actuated_since[tls] = self._now
         if phase == 0 and last not in (None, 0) and ctrl.plan is not None:
             self._install(tls, ctrl.restart_at(self._now))
 
