@@ -28,6 +28,8 @@ from parallelcity.twin.divergence import DivergenceMonitor, DivergenceSettings
 from parallelcity.twin.estimate import ExtendedKalmanFilter
 from parallelcity.twin.model import ModelForm, SubsystemModel
 
+from .traffic_nets import grid, plain_model
+
 CORRIDOR = Path(__file__).resolve().parent.parent / "scenarios/traffic_corridor/corridor.toml"
 SPEED = 45.0  # simulated s per wall s: more than a 90 s cycle within a few wall seconds
 SAMPLES = 12  # snapshots taken, one per SAMPLE_WALL_S
@@ -183,3 +185,35 @@ def test_a_plant_without_them_serves_nan_and_names_may_not_clash() -> None:
     for clash in (("x",), ("u",), ("c", "c")):
         with pytest.raises(ValueError, match="measured_only"):
             SubsystemModel(**kw, measured_only=clash)  # type: ignore[arg-type]
+
+
+def test_an_actuated_junction_reports_sumos_phase_and_its_own_cycle_second(
+    tmp_path: Path,
+) -> None:
+    """Handed to SUMO's actuated logic, a junction's phase is SUMO's and its cycle second
+    counts from its logic's last return to phase 0 (or the start)."""
+    cfg = grid(tmp_path, veh_per_h=300.0, end_s=600, tls_type="actuated")
+    net, model = plain_model(cfg, 0.0)
+    plant = model.plant(model.nominal)
+    assert isinstance(plant, SumoPlant)
+    try:
+        plant.reset(model.x0, 0.0)
+        conn, d, u = plant._conn, np.zeros(model.nd), np.array(model.u0)
+        began = dict.fromkeys((j.tls for j in net.junctions), conn.simulation.getTime())
+        last = {t: int(conn.trafficlight.getPhase(t)) for t in began}
+        wrapped: set[str] = set()
+        for _ in range(150):  # 150 simulated s, one at a time
+            plant.step(u, d, 1.0)
+            now, mine = conn.simulation.getTime(), plant.measured_only()
+            for t in began:
+                phase = int(conn.trafficlight.getPhase(t))
+                if phase == 0 and last[t] != 0:
+                    began[t] = now
+                    wrapped.add(t)
+                last[t] = phase
+                assert mine[f"{t}.phase"] == phase
+                assert mine[f"{t}.cycle_second"] == now - began[t]
+        assert wrapped == set(began)  # every junction began a new cycle at least once
+        assert all(c.actuated for _, c in plant.cycles)
+    finally:
+        plant.close()
