@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import sqlite3
 
 import pytest
 from hypothesis import example, given, settings
@@ -19,7 +20,8 @@ from parallelcity.clock import FakeClock
 from parallelcity.dispatch.wire import AckStatus, Command, RefusalCode
 from parallelcity.gateway.core import DEFAULT_CLOCK_SKEW_S, GatewayCore, RulingKind
 from parallelcity.gateway.server import FieldGateway
-from parallelcity.run.runner import _embedded_core
+from parallelcity.run.runner import RunOptions, _embedded_core
+from parallelcity.run.runner import run as run_loop
 from parallelcity.run.validity import (
     MIN_TRANSIT_WALL_S,
     command_window,
@@ -157,3 +159,17 @@ def test_late_within_the_cycle_applied_once_past_it_expired_over_zeromq(dh_shipp
 
     run(main, timeout_s=20.0)
     assert writer.writes == [u0]
+
+
+@pytest.mark.slow
+def test_run_stamps_each_command_valid_to_the_end_of_its_cycle(dh, tmp_path) -> None:
+    """The embedded loop as it runs (lab copy, PI for a quick start): what the journal says
+    left for the gateway, and that the gateway applied it."""
+    result = asyncio.run(
+        run_loop(dh, RunOptions(cycles=2, speed=720, controller_kind="pi", out_dir=tmp_path))
+    )
+    with sqlite3.connect(result.journal_path) as db:
+        rows = db.execute("SELECT issued_at, valid_until FROM command ORDER BY seq").fetchall()
+    t0, cycle_s = dh.meta.start_epoch, dh.meta.cycle_s
+    assert rows == [(t0 + k * cycle_s, t0 + (k + 1) * cycle_s) for k in range(2)]
+    assert result.counts["acked"] == 2, result.counts
