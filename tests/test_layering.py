@@ -81,6 +81,8 @@ PURE_MODULES = (
     "parallelcity.gateway.watchdog",
     "parallelcity.gateway.grants",
     "parallelcity.gateway.core",
+    # a cycle's command times
+    "parallelcity.run.validity",
     # what a run leaves behind
     "parallelcity.record.records",
     # an experiment's matrix and table

@@ -35,6 +35,8 @@ MAX_REMEMBERED_IDS = 65_536
 DEFAULT_LEASE_S = 60.0
 DEFAULT_RAMP_SLACK_S = 60.0
 """Seconds of ramp allowance an input may carry over (see ``GatewayCore``)."""
+DEFAULT_CLOCK_SKEW_S = 5.0
+"""Seconds a command counts as valid after its ``valid_until`` (clocks that disagree)."""
 DEFAULT_MAX_COMMAND_AGE_S = 3600.0
 """A command whose ``issued_at`` is older than this (gateway clock, plus the skew) is refused."""
 
@@ -135,7 +137,7 @@ class GatewayCore:
         self,
         limits: Mapping[str, InputLimit],
         *,
-        clock_skew_s: float = 5.0,
+        clock_skew_s: float = DEFAULT_CLOCK_SKEW_S,
         max_age_s: float = DEFAULT_MAX_COMMAND_AGE_S,
         ramp_slack_s: float = DEFAULT_RAMP_SLACK_S,
         state: GatewayState | None = None,

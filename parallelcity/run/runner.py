@@ -58,7 +58,7 @@ from parallelcity.field.protocol import LinkSecurity
 from parallelcity.field.protocols import protocol_of
 from parallelcity.field.snapshot import Snapshot
 from parallelcity.gateway.config import open_gateway
-from parallelcity.gateway.core import DEFAULT_MAX_COMMAND_AGE_S, GatewayCore
+from parallelcity.gateway.core import GatewayCore
 from parallelcity.gateway.server import ServerCurve
 from parallelcity.gateway.watchdog import readable_times
 from parallelcity.record.journal import Journal
@@ -80,6 +80,7 @@ from parallelcity.run.lifecycle import (
 from parallelcity.run.security import check_zmq_security as _check_zmq_security
 from parallelcity.run.security import issuer_name as _issuer
 from parallelcity.run.security import zmq_security as _zmq_security
+from parallelcity.run.validity import command_window, gateway_allowances, transit_problem
 from parallelcity.scenario.definition import Scenario
 from parallelcity.scenario.text import scenario_toml
 from parallelcity.specs import SafetySpecs
@@ -174,16 +175,16 @@ async def _diagnose(
 def _embedded_core(scenario: Scenario, specs: SafetySpecs, speed: float) -> GatewayCore:
     """The embedded gateway's rules: the specs' limits, and the scenario's watchdog if any.
 
-    A command reaches the gateway up to its deadline after its cycle time, so the
-    ramp carries up to a cycle of unused allowance (arrival jitter, gateway clock).
+    Its ramp slack and command age allow for the commands' validity (``run.validity``).
     """
     meta = scenario.meta
+    allow = gateway_allowances(meta.cycle_s)
     core = partial(
         GatewayCore,
         specs.limits,
         lease_s=2 * meta.cycle_s,
-        ramp_slack_s=max(meta.cycle_s, meta.deadline),
-        max_age_s=max(DEFAULT_MAX_COMMAND_AGE_S, 2 * meta.deadline),
+        ramp_slack_s=allow.ramp_slack_s,
+        max_age_s=allow.max_age_s,
     )
     wd = scenario.field.watchdog
     if wd is None:
@@ -247,6 +248,8 @@ def _prepare(scenario: Scenario, options: RunOptions) -> _Setup:
     speed = (options.speed or meta.speed) if embedded else 1.0
     if embedded and (problem := speed_problem(meta.cycle_s, speed)) is not None:
         raise ValueError(problem)
+    if (late := transit_problem(meta.cycle_s, meta.deadline, speed)) is not None:
+        log.warning("%s", late)
     # Embedded: the simulated day stands at the scenario's start until the loop is ready
     # (set-up takes machine-dependent wall time); the plant starts there too.
     if embedded:
@@ -509,12 +512,13 @@ class _Loop:
         snap = self.mirror.snapshot()
         for event in self.mirror.take_events():
             journal.record_event(k, event.t, "mirror", event.kind, event.detail, {"gap": event.gap})
-        deadline_at = t_k + run.scenario.meta.deadline
-        solved = await self._solve(k, t_k, snap, deadline_at)
+        meta = run.scenario.meta
+        window = command_window(t_k, meta.cycle_s, meta.deadline)
+        solved = await self._solve(k, t_k, snap, window.decide_by)
         step = finish_cycle(
             solved,
             decided_at=self.clock.now(),
-            deadline_at=deadline_at,
+            deadline_at=window.decide_by,
             check_dispatch=partial(self._check_dispatch, k),
         )
         d = step.decision
@@ -535,8 +539,8 @@ class _Loop:
                 run.scenario.model.inputs,
                 step.action,
                 self.u_prev,
-                issued_at=t_k,
-                valid_until=deadline_at,
+                issued_at=window.issued_at,
+                valid_until=window.valid_until,
                 digest=verdict.digest,
                 counts=self.counts,
             )
