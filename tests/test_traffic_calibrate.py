@@ -40,6 +40,10 @@ def test_measured_saturation_is_derived_once_and_cached(
 
     monkeypatch.setattr(calibrate, "_measure", no_sumo)
     assert calibrate.measured_saturation(short, files, net, shares) == sat
+    # a scenario ships the figures beside its .sumocfg: used without the user's cache
+    calibrate.write_sidecar(short)
+    monkeypatch.setenv("PARALLELCITY_CACHE", str(short.parent / "empty"))
+    assert calibrate.measured_saturation(short, files, net, shares) == sat
     routes[0].write_text(routes[0].read_text().replace('vehsPerHour="', 'vehsPerHour="1'))
     with pytest.raises(AssertionError, match="measured again"):
         calibrate.measured_saturation(short, files, net, shares)

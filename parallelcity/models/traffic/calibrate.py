@@ -12,7 +12,10 @@ approach's saturation is the sum over its lanes; a lane with too few such second
 its geometric flow times the median ratio measured/geometric of the others.
 
 The result depends only on the files and the settings below: it is cached under the
-user's cache folder by a hash of them (``PARALLELCITY_CACHE`` overrides the folder).
+user's cache folder by a hash of them (``PARALLELCITY_CACHE`` overrides the folder).  A
+scenario can ship it beside its ``.sumocfg`` (``NAME.saturation.json``, written by
+``python -m parallelcity.models.traffic.calibrate NAME.sumocfg``); it is used only while
+its hash matches the files.
 """
 
 from __future__ import annotations
@@ -56,12 +59,18 @@ def measured_saturation(
     sumocfg: Path, files: Iterable[Path], network: Network, shares: dict[str, dict[str, float]]
 ) -> dict[str, float]:
     """Saturation flow (veh/h) per approach edge, from the cache or a SUMO run."""
-    path = cache_dir() / f"saturation-{file_hash(files, network, shares)}.json"
+    digest = file_hash(files, network, shares)
+    edges = {a.edge for a in network.approaches}
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        shipped = json.loads(sidecar(sumocfg).read_text())
+        if shipped["hash"] == digest and set(shipped["saturation_veh_h"]) == edges:
+            return {k: float(v) for k, v in shipped["saturation_veh_h"].items()}
+    path = cache_dir() / f"saturation-{digest}.json"
     with contextlib.suppress(OSError, ValueError):
         cached = json.loads(path.read_text())
-        if set(cached) == {a.edge for a in network.approaches}:
+        if set(cached) == edges:
             return {k: float(v) for k, v in cached.items()}
-    result = _measure(sumocfg, network, shares)
+    result = _measure(sumocfg, network)
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
@@ -71,9 +80,29 @@ def measured_saturation(
     return result
 
 
-def _measure(
-    sumocfg: Path, network: Network, shares: dict[str, dict[str, float]]
-) -> dict[str, float]:
+def sidecar(sumocfg: Path) -> Path:
+    return Path(sumocfg).with_name(Path(sumocfg).stem + ".saturation.json")
+
+
+def write_sidecar(sumocfg: Path) -> Path:
+    """Measure (or take from the cache) and write ``NAME.saturation.json`` beside it."""
+    from .demand import read_demand, sumocfg_files
+    from .network import read_network
+
+    net_file, routes, extra = sumocfg_files(sumocfg)
+    network = read_network(net_file)
+    shares = read_demand(routes, network).shares
+    files = [Path(sumocfg), net_file, *routes, *extra]
+    out = sidecar(sumocfg)
+    with contextlib.suppress(OSError):
+        out.unlink()  # a stale one must not answer for the files it no longer matches
+    result = measured_saturation(Path(sumocfg), files, network, shares)
+    body = {"hash": file_hash(files, network, shares), "saturation_veh_h": result}
+    out.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
+    return out
+
+
+def _measure(sumocfg: Path, network: Network) -> dict[str, float]:
     import sumolib
     import traci
     import traci.constants as tc
@@ -156,3 +185,10 @@ def _run(conn: Any, tc: Any, network: Network) -> dict[str, tuple[float, float]]
                 n, t = seen[lane]
                 seen[lane] = (n + len(was - ids), t + 1.0)
     return seen
+
+
+if __name__ == "__main__":
+    import sys
+
+    for name in sys.argv[1:]:
+        print(write_sidecar(Path(name).resolve()))
