@@ -22,6 +22,7 @@ def short(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return grid(tmp_path / "grid", veh_per_h=500.0, end_s=1800)
 
 
+@pytest.mark.slow  # one short SUMO run through TraCI
 def test_measured_saturation_is_derived_once_and_cached(
     short: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
