@@ -13,7 +13,8 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 from dataclasses import dataclass
-from typing import Any, cast
+from pathlib import Path
+from typing import Any, Literal, cast
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -30,6 +31,7 @@ from parallelcity.twin.model import (
 from parallelcity.twin.schedule import TIME_ZONE
 from parallelcity.verify.rig import resolve_path
 
+from .calibrate import measured_saturation
 from .demand import Demand, read_demand, sumocfg_files
 from .network import QUEUED, Network, read_network, signal_names
 from .queue_model import queue_functions
@@ -65,6 +67,10 @@ class Config(BaseModel):
     driver_sigma: float = Field(0.5, ge=0, le=1, description="nominal Krauss imperfection")
     driver_tau: float = Field(1.0, gt=0, le=5, description="nominal driver reaction time, s")
     initial_queue_veh: float = Field(0.0, ge=0, le=1000, description="on every approach")
+    saturation: Literal["geometry", "measured"] = Field(
+        "geometry",
+        description="saturation flows from lanes and speed, or measured on SUMO (cached)",
+    )
 
     @field_validator("sumocfg")
     @classmethod
@@ -119,7 +125,12 @@ def build(config: Config) -> CorridorModel:
     network, demand = corridor.network, corridor.demand
     names = signal_names(network)
     f, h = queue_functions(network, demand.shares, config.step_s)
-    nominal = [v for a in network.approaches for v in (a.saturation_veh_h, a.storage_veh)]
+    saturation = {a.edge: a.saturation_veh_h for a in network.approaches}
+    if config.saturation == "measured":
+        net_file, route_files, extra = sumocfg_files(config.sumocfg)
+        files = [Path(config.sumocfg), net_file, *route_files, *extra]
+        saturation = measured_saturation(Path(config.sumocfg), files, network, demand.shares)
+    nominal = [v for a in network.approaches for v in (saturation[a.edge], a.storage_veh)]
     nominal += [config.demand_scale, config.driver_sigma, config.driver_tau]
     u0 = []
     for j in network.junctions:

@@ -186,7 +186,6 @@ class SumoPlant:
         self._max_queue = 0.0
         self._teleports0 = 0
         self._teleports = 0
-        self._running = 0
         self._saved: tuple[float, Path] | None = None
         self._routes: set[str] = set()
         self._added = count()
@@ -276,8 +275,14 @@ class SumoPlant:
     # -- results ------------------------------------------------------------------------------
 
     def kpis(self) -> dict[str, float]:
-        """From SUMO's own outputs: tripinfo (vehicles arrived so far) and the run's counters."""
-        loss, stops, arrived = 0.0, 0.0, 0
+        """From SUMO's own tripinfo output, at the end of the run: a plant still running is
+        ended first (SUMO then writes the vehicles still in the network and those still
+        waiting to be inserted).  ``time_loss_s`` is per vehicle due by the end, arrived or
+        not: its time loss driving plus its insertion delay (``departDelay``), so a program
+        that leaves traffic queued in the network or at its edge is charged for it."""
+        if self._conn is not None:
+            self._finish()
+        loss, stops, due, arrived, waiting = 0.0, 0.0, 0, 0, 0
         trip = self._dir / "tripinfo.xml"
         if trip.is_file():
             text = trip.read_text(errors="replace")
@@ -285,26 +290,45 @@ class SumoPlant:
                 attrs = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
                 if "timeLoss" not in attrs:
                     continue
-                loss += float(attrs["timeLoss"])
+                loss += float(attrs["timeLoss"]) + max(0.0, float(attrs.get("departDelay", 0)))
                 stops += float(attrs.get("waitingCount", 0))
-                arrived += 1
-        if self._conn is not None:
-            self._running = int(self._conn.vehicle.getIDCount())
+                due += 1
+                if float(attrs.get("arrival", -1)) >= 0:
+                    arrived += 1
+                elif float(attrs.get("depart", -1)) < 0:
+                    waiting += 1
         return {
-            "time_loss_s": loss / arrived if arrived else math.nan,
-            "stops": stops / arrived if arrived else math.nan,
+            "time_loss_s": loss / due if due else math.nan,
+            "stops": stops / due if due else math.nan,
             "throughput_veh": float(arrived),
             "max_queue_veh": self._max_queue,
-            "teleports": float(self._teleports_total() if self._conn else self._teleports),
-            "in_network_veh": float(self._running),
+            "teleports": float(self._teleports),
+            "in_network_veh": float(due - arrived - waiting),
+            "not_inserted_veh": float(waiting),
         }
+
+    def _finish(self) -> None:
+        """End the simulation as SUMO ends it (outputs written), then the process."""
+        with contextlib.suppress(Exception):
+            self._teleports = self._teleports_total() - self._teleports0
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
+        conn, proc = self._conn, self._proc
+        self._conn, self._proc, self._saved = None, None, None
+        with contextlib.suppress(Exception):
+            conn.close(wait=False)
+        if proc is not None:
+            try:
+                proc.wait(timeout=30)  # SUMO writes the unfinished trips as it exits
+            except subprocess.TimeoutExpired:
+                _shutdown(None, proc, None)
 
     def close(self) -> None:
         """End the SUMO process (its outputs stay readable until the plant is collected)."""
         if self._conn is not None:
             with contextlib.suppress(Exception):
                 self._teleports = self._teleports_total() - self._teleports0
-                self._running = int(self._conn.vehicle.getIDCount())
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
@@ -345,6 +369,8 @@ class SumoPlant:
             ",".join(adds),
             "--tripinfo-output",
             str(self._dir / "tripinfo.xml"),
+            "--tripinfo-output.write-unfinished",
+            "--tripinfo-output.write-undeparted",
             "--time-to-teleport",
             repr(self.config.time_to_teleport_s),
             "--route-steps",
