@@ -26,7 +26,7 @@ import numpy as np
 from parallelcity.twin.divergence import Prediction, Predictor
 from parallelcity.twin.model import Array, FaultEffect, FaultKind, FaultTarget, SubsystemModel
 
-from .detect import CusumDetector, Detection, DetectorSettings
+from .detect import CusumDetector, Detection, DetectorSettings, FrozenDetector
 from .faults import ActiveFault, FaultSpec
 from .isolate import Fit, Hypothesis, Isolator, Window, hypotheses
 
@@ -42,6 +42,8 @@ class DiagnosisSettings:
     input_bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     # an alarm needs a hypothesis explaining at least this share of the window's residuals
     min_explained: float = 0.5
+    # output -> the smallest change its reading shows (a register's scale; 0: a float)
+    resolution: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.window < 2:
@@ -125,7 +127,8 @@ class Diagnoser:
         self.sigma = np.array([settings.detector.sigma[c] for c in self.channels])
         self.predictor = Predictor(model, dt, self.channels, 1, params)
         self.detector = CusumDetector(settings.detector)
-        self.isolator = Isolator(model, dt, params)
+        self.frozen = FrozenDetector(settings.detector.sigma, settings.resolution)
+        self.isolator = Isolator(model, dt, params, settings.resolution)
         self.hypotheses = hypotheses(model, settings.kinds, self.channels, settings.input_bounds)
         self.cycles: deque[_Cycle] = deque(maxlen=MAX_WINDOW_FACTOR * settings.window)
         self.k = 0
@@ -151,8 +154,18 @@ class Diagnoser:
         self.k += 1
         self.cycles.append(_Cycle(pred, dict(readings), t_from))
         events: list[Event] = []
+        det = self.detector.update(k, pred.residuals) if self.pending is None else None
+        base = self.detector.baseline()
+        expected = {
+            c: float(pred.y_pred[self.model.index("outputs", c)]) + base[c] for c in self.channels
+        }
+        stuck = self.frozen.update(k, readings, expected)
+        warm = (
+            stuck is not None
+            and self.detector.channels[stuck.channel].n >= self.detector.settings.warmup
+        )
         if self.pending is None:
-            det = self.detector.update(k, pred.residuals)
+            det = det or (stuck if warm else None)
             if det is not None:
                 start_k = max(det.start_k - LEAD_CYCLES, k - len(self.cycles) + 1)
                 start_t = self.cycles[start_k - k - 1].t_from

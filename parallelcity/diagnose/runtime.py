@@ -30,7 +30,19 @@ def diagnoser_for(scenario: Scenario) -> Diagnoser | None:
         return None
     bounds = {s.name: (s.min, s.max) for s in scenario.specs.inputs}
     dt_s = scenario.meta.cycle_s
-    return Diagnoser(scenario.model, dt_s, settings(cfg, scenario.model, dt_s, bounds))
+    steps = {p.name: resolution(p) for p in scenario.field.points}
+    return Diagnoser(scenario.model, dt_s, settings(cfg, scenario.model, dt_s, bounds, steps))
+
+
+INTEGER_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64"})
+
+
+def resolution(point: object) -> float:
+    """The smallest change a point's reading shows: a register holding an integer shows
+    steps of its ``scale`` (Modbus), an ``int`` point whole units; otherwise 0."""
+    if getattr(point, "data_type", None) in INTEGER_TYPES:
+        return abs(float(getattr(point, "scale", 1.0)))
+    return 1.0 if getattr(point, "type", None) == "int" else 0.0
 
 
 def report_events(
