@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from parallelcity.diagnose.visibility import operating_points, visible_size
 from parallelcity.experiment.plan import RunSpec, VariantPlan, apply_overrides, run_key
 from parallelcity.scenario.definition import Scenario
 from parallelcity.scenario.text import tables_toml
@@ -101,13 +102,31 @@ def problems(campaign: FaultCampaign, scenario: Scenario, cycles: int) -> list[s
     return out
 
 
+_VISIBLE: dict[tuple[int, str, str, str], float] = {}
+
+
 def min_size(kind: FaultKind, component: str, scenario: Scenario) -> float:
-    """The kind's declared minimum size in its own unit (a drift: per hour on ``component``)."""
-    if not kind.relative_to_noise:
-        return kind.min_size
+    """The smallest size the campaign scores detection against, in the kind's unit: a
+    drift's is ``min_size`` noise sigmas of ``component`` per cycle, per hour; a parameter
+    or input fault's is the larger of the kind's declared minimum and the size at which
+    the component's signature becomes visible on the diagnosis channels
+    (``diagnose.visibility``: twice the CUSUM allowance on some channel)."""
     cfg = scenario.file.diagnosis
-    sigma = cfg.noise[component] if cfg is not None else 1.0
-    return kind.min_size * sigma / (scenario.meta.cycle_s / 3600.0)
+    if kind.relative_to_noise:
+        sigma = cfg.noise[component] if cfg is not None else 1.0
+        return kind.min_size * sigma / (scenario.meta.cycle_s / 3600.0)
+    if cfg is None or kind.applies_to is FaultTarget.SENSOR or not kind.sized:
+        return kind.min_size
+    key = (id(scenario.model), repr(sorted(cfg.noise.items())), kind.name, component)
+    found = _VISIBLE.get(key)
+    if found is None:
+        dt = scenario.meta.cycle_s
+        bounds = {s.name: (s.min, s.max) for s in scenario.specs.inputs}
+        points = operating_points(scenario.model, dt, scenario.meta.start_epoch, bounds)
+        found = _VISIBLE[key] = visible_size(
+            scenario.model, kind, component, cfg.noise, cfg.drift_allowance, dt, points
+        )
+    return max(kind.min_size, found)
 
 
 @dataclass(frozen=True)
