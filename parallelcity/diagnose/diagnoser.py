@@ -29,9 +29,15 @@ from parallelcity.twin.model import Array, FaultEffect, FaultKind, FaultTarget, 
 from .detect import CusumDetector, Detection, DetectorSettings, FrozenDetector
 from .faults import ActiveFault, FaultSpec
 from .isolate import Fit, Hypothesis, Isolator, Window, hypotheses
+from .visibility import VISIBLE_ALLOWANCES
 
 MAX_WINDOW_FACTOR = 4  # a window never holds more than this many times ``window`` cycles
+HISTORY_CYCLES = 5000  # cycles kept to judge afterwards where a planted fault showed
 LEAD_CYCLES = 2  # the window starts this many cycles before the detector's change estimate
+# components of the best fit's kind whose fits cost less than this more than the best
+# cannot be told from it by the window (a likelihood-ratio test at 95 %, one degree of
+# freedom): the alarm names them as alike, one isolation class
+ALIKE_MARGIN = 3.84
 
 
 @dataclass(frozen=True)
@@ -85,8 +91,10 @@ class Alarm:
             if ev["frozen_reading"]
             else f"margin {ev['margin']:.1f}"
         )
+        alike = ev.get("alike") or []
+        where = " or ".join([self.component, *alike])
         return (
-            f"{self.kind} on {self.component}{size} (explains {ev['explained']:.0%}, {why} "
+            f"{self.kind} on {where}{size} (explains {ev['explained']:.0%}, {why} "
             f"over {up['kind']} on {up['component']}); detected on {self.channel}"
         )
 
@@ -131,6 +139,7 @@ class Diagnoser:
         self.isolator = Isolator(model, dt, params, settings.resolution)
         self.hypotheses = hypotheses(model, settings.kinds, self.channels, settings.input_bounds)
         self.cycles: deque[_Cycle] = deque(maxlen=MAX_WINDOW_FACTOR * settings.window)
+        self.history: deque[_Cycle] = deque(maxlen=HISTORY_CYCLES)
         self.k = 0
         # the detection waiting for its window: (detection, estimated start, baselines, when)
         self.pending: tuple[Detection, float, dict[str, float], float] | None = None
@@ -153,6 +162,7 @@ class Diagnoser:
         k = self.k
         self.k += 1
         self.cycles.append(_Cycle(pred, dict(readings), t_from))
+        self.history.append(self.cycles[-1])
         events: list[Event] = []
         det = self.detector.update(k, pred.residuals) if self.pending is None else None
         base = self.detector.baseline()
@@ -207,6 +217,26 @@ class Diagnoser:
         self._adopt(alarm)
         return [Event("alarm", t, alarm.describe(), alarm.as_dict(), alarm)]
 
+    def visible_cycles(self, spec: FaultSpec) -> int | None:
+        """Cycles from ``spec.start`` on at which the fault as planted moves some residual
+        channel by at least ``VISIBLE_ALLOWANCES`` CUSUM allowances (its one-cycle-ahead
+        signature at the run's own operating points, against the twin as it was then);
+        None for a sensor fault (not judged: a drift always grows, a stuck reading shows
+        once the true value moves)."""
+        kind = self.model.fault_kind(spec.kind)
+        if kind.applies_to is FaultTarget.SENSOR:
+            return None
+        cycles = [c for c in self.history if c.t_from >= spec.start]
+        if not cycles:
+            return 0
+        hyp = hypotheses(self.model, [kind], self.channels, self.settings.input_bounds)
+        one = next(h for h in hyp if h.component == spec.component)
+        w = self._window(cycles, {})
+        size = 0.0 if spec.size is None else float(spec.size)
+        z = np.abs(self.isolator.patterns(w, one, [size], spec.start)[0]) / self.sigma[None, :]
+        k = self.settings.detector.k
+        return int(np.sum(np.nanmax(z, axis=1) >= VISIBLE_ALLOWANCES * k))
+
     def _adopt(self, alarm: Alarm) -> None:
         """From now on the diagnosis twin has the fault as diagnosed, so only a further
         change shows in its residuals (the runtime's twin is left as it is)."""
@@ -259,6 +289,17 @@ class Diagnoser:
             # fitted on residuals less their baseline: the reading itself is the sum
             best = replace(best, size=best.size + baseline.get(best.component, 0.0))
         runner = fits[1] if len(fits) > 1 else Fit("none", "", 0.0, j0, best.start)
+        alike = (
+            []
+            if frozen
+            else [
+                f.component
+                for f in fits
+                if f.kind == best.kind
+                and f.component != best.component
+                and f.cost - fits[0].cost < ALIKE_MARGIN
+            ]
+        )
         z = w.r / self.sigma[None, :]
         evidence = {
             "window": [float(w.t_from[0]), float(w.t[-1])],
@@ -277,6 +318,7 @@ class Diagnoser:
             "no_fault_cost": j0,
             "explained": 1.0 - best.cost / j0 if j0 > 0 else 0.0,
             "frozen_reading": frozen,
+            "alike": sorted(alike),
             "statistic": det.statistic,
             "threshold": self.detector.h,
         }

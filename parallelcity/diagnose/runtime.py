@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import settings
 from .diagnoser import Diagnoser, Event
-from .faults import FaultTarget
+from .faults import FaultSpec, FaultTarget
 
 if TYPE_CHECKING:
     from parallelcity.scenario.definition import Scenario
@@ -70,3 +70,16 @@ def report_events(
             )
         log.warning("cycle %d: fault alarm: %s%s", k, event.detail, hint)
     return alarms
+
+
+def planted_visibility(diagnoser: Diagnoser | None, scenario: Scenario) -> list[int | None]:
+    """Per fault the rig planted (``[[rig.faults]]``): the cycles at which it showed on the
+    diagnosis channels (``Diagnoser.visible_cycles``); None where not judged."""
+    faults = getattr(scenario.rig_config, "faults", None) or []
+    if diagnoser is None:
+        return [None for _ in faults]
+    t0 = scenario.meta.start_epoch
+    return [
+        diagnoser.visible_cycles(FaultSpec(f.kind, f.component, f.size, t0 + f.start_s))
+        for f in faults
+    ]
