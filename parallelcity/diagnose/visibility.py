@@ -6,7 +6,8 @@ shift of ``2 k`` within about ``h / k`` cycles.  A parameter or input fault is *
 at a size whose signature reaches ``2 k`` sigmas on some channel at the median operating
 point of those where it shows at all (a worn pump's: where it runs).  The operating
 points are the model's initial state with every corner of the inputs' bounds (up to
-``MAX_CORNERS``) over a day of the model's own disturbance forecast.  Pure.
+``MAX_CORNERS``) at ``DAY_POINTS`` times of a day of the model's own disturbance
+forecast.  Pure.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from .faults import targets
 from .isolate import _one_step
 
 VISIBLE_ALLOWANCES = 2.0  # a shift of this many CUSUM allowances k is seen within h / k cycles
-MAX_CORNERS = 64
+MAX_CORNERS = 16
+DAY_POINTS = 24  # times of the day sampled
 DAY_S = 86400.0
-BISECTIONS = 40
+BISECTIONS = 20  # the size to a millionth of its range
 SHOWS_SHARE = 0.05  # a point where the largest size's signature is below this share of its
 # largest anywhere is one where the fault does not show (a pump that is off)
 
@@ -46,7 +48,8 @@ def operating_points(
         corners.append(u)
     n = max(1, math.ceil(DAY_S / dt))
     d = np.asarray(model.forecast(t0, n + 1, dt), dtype=float).reshape(n + 1, -1)
-    rows = [(u, d[i], d[i + 1]) for u in corners for i in range(n)]
+    times = np.unique(np.linspace(0, n - 1, min(n, DAY_POINTS)).round().astype(int))
+    rows = [(u, d[i], d[i + 1]) for u in corners for i in times]
     x = np.tile(np.asarray(model.x0, dtype=float), (len(rows), 1))
     return (
         x,
