@@ -19,7 +19,7 @@ Pure: no clock; cycles are counted by the caller's ``k``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -130,10 +130,14 @@ class CusumDetector:
         self.h = settings.h
         self.channels = {name: _Channel() for name in settings.sigma}
 
-    def reset(self) -> None:
-        """Forget everything: learn the baselines again (after an alarm, the fault is the
-        new normal; only a further change is news)."""
-        self.channels = {name: _Channel() for name in self.settings.sigma}
+    def reset(self, relearn: Collection[str] | None = None) -> None:
+        """Learn the baselines of ``relearn`` (default: every channel) again and restart
+        every statistic from zero (after an alarm the fault is the new normal, only a
+        further change is news; after a dismissed change, the channel that crossed)."""
+        for name in self.settings.sigma if relearn is None else relearn:
+            self.channels[name] = _Channel()
+        for c in self.channels.values():
+            c.g_up = c.g_down = 0.0
 
     def baseline(self) -> dict[str, float]:
         return {n: c.baseline for n, c in self.channels.items()}
@@ -173,8 +177,8 @@ FROZEN_MIN_CYCLES = 3  # repeats (after the first reading of the value) before j
 
 def frozen_moved(departures: Sequence[float], sigma: float, resolution: float) -> bool:
     """Whether a reading repeated bit for bit is a frozen sensor: over its ``n`` repeats the
-    twin expected it to depart from the repeated value (``departures``: its prediction,
-    baseline included, minus the value, per cycle) by more than a live sensor's repeats
+    twin expected it to depart from the repeated value (``departures``: its prediction
+    minus the value, per cycle) by more than a live sensor's repeats
     allow: ``FROZEN_SIGMAS`` prediction errors of the sum, ``sigma sqrt(n)``, plus one
     ``resolution`` step per cycle (a register's scale hides smaller changes; 0 for a
     floating-point reading)."""
@@ -202,8 +206,10 @@ class FrozenDetector:
     def update(
         self, k: int, readings: Mapping[str, float], expected: Mapping[str, float]
     ) -> Detection | None:
-        """Cycle ``k``'s readings and what the twin expected each to read (its prediction
-        plus the channel's baseline); a detection on the clearest frozen channel, if any."""
+        """Cycle ``k``'s readings and what the twin expected each to read (its prediction,
+        no baseline: where the twin expects the very value, as an idle pump's 0 or a full
+        tank's top, a live sensor may repeat it); a detection on the clearest frozen
+        channel, if any."""
         found: Detection | None = None
         for name, sigma in self.sigma.items():
             v, e = readings.get(name), expected.get(name)

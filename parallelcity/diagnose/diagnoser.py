@@ -165,10 +165,7 @@ class Diagnoser:
         self.history.append(self.cycles[-1])
         events: list[Event] = []
         det = self.detector.update(k, pred.residuals) if self.pending is None else None
-        base = self.detector.baseline()
-        expected = {
-            c: float(pred.y_pred[self.model.index("outputs", c)]) + base[c] for c in self.channels
-        }
+        expected = {c: float(pred.y_pred[self.model.index("outputs", c)]) for c in self.channels}
         stuck = self.frozen.update(k, readings, expected)
         warm = (
             stuck is not None
@@ -202,15 +199,20 @@ class Diagnoser:
         if len(window) < self.settings.window or after < self.settings.window // 2:
             return []
         self.pending = None
-        self.detector.reset()
         alarm = self._isolate(window, det, (detected_at, t), baseline)
         explained = float(alarm.evidence["explained"])
         if explained < self.settings.min_explained:
+            # unexplained: only the channel that crossed learns its baseline again, so a
+            # fault starting meanwhile is not learnt into the others' baselines
+            self.detector.reset([det.channel])
+            self.frozen.runs.pop(det.channel, None)
             why = (
                 f"no fault explains it: the best, {alarm.kind} on {alarm.component}, "
                 f"explains {explained:.0%} (at least {self.settings.min_explained:.0%} needed)"
             )
             return [Event("dismissed", t, why, alarm.as_dict())]
+        self.detector.reset()
+        self.frozen.runs.clear()
         if any((a.kind, a.component) == (alarm.kind, alarm.component) for a in self.alarms):
             return []
         self.alarms.append(alarm)

@@ -258,11 +258,12 @@ class Isolator:
         if col is None or len(col) < MIN_ACTIVE or not bool(np.all(col == col[0])):
             return False
         c = w.channels.index(fit.component)
-        r = w.r[w.t_from >= fit.start, c]
-        pred = w.y_pred[w.t_from >= fit.start, self.model.index("outputs", fit.component)]
+        rows = w.t_from >= fit.start
+        pred = w.y_pred[rows, self.model.index("outputs", fit.component)]
         if float(np.ptp(pred)) > float(w.sigma[c]):  # a change was detected: moving is enough
             return True
-        departures = [-float(v) for v in r[1:] if math.isfinite(v)]  # after its first reading
+        gap = (pred - w.y_meas[rows, c])[1:]  # after its first reading
+        departures = [float(v) for v in gap if math.isfinite(v)]
         return frozen_moved(departures, float(w.sigma[c]), self.resolution.get(fit.component, 0.0))
 
     def _moving(self, w: Window, fit: Fit) -> bool:
