@@ -134,3 +134,14 @@ def test_a_frozen_reading_is_detected_while_the_twin_expects_it_to_move() -> Non
     det = FrozenDetector({"x": 0.1}, {})
     for k in range(10):
         assert det.update(k, {"x": 5.0 + 1e-9 * k}, {"x": 5.0 + 0.5 * k}) is None
+
+
+def test_a_partial_reset_relearns_one_channel_and_keeps_the_others_baselines() -> None:
+    det = CusumDetector(DetectorSettings({"a": 1.0, "b": 1.0}, DT, 1.0, warmup=4))
+    for k in range(4):
+        det.update(k, {"a": 2.0, "b": 3.0})
+    det.update(4, {"a": 9.0, "b": 9.0})
+    det.reset(["a"])
+    assert det.channels["a"].n == 0 and det.channels["b"].n == 4
+    assert det.baseline()["b"] == 3.0
+    assert det.channels["b"].g_up == det.channels["b"].g_down == 0.0
