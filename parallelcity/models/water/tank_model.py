@@ -149,10 +149,17 @@ def fit(layout: Layout, plant: EpanetPlant, per_case: int, seed: int) -> Identif
 
 
 def casadi_functions(
-    ident: Identified, step_s: float, areas: Array, lo: Array, hi: Array
+    ident: Identified,
+    step_s: float,
+    areas: Array,
+    lo: Array,
+    hi: Array,
+    close_full_tanks: bool = False,
 ) -> tuple[ca.Function, ca.Function]:
     """``f(x, u, d, p)`` (levels after ``step_s``) and ``h(x, u, d, p)`` (outputs); ``p`` is
-    ``demand.scale`` then the fault parameters (``faults.FaultLayout``)."""
+    ``demand.scale`` then the fault parameters (``faults.FaultLayout``).  With
+    ``close_full_tanks`` a full (empty) tank is closed to inflow (outflow) as EPANET
+    closes it (``closed_levels``)."""
     layout = ident.layout
     net = layout.network
     nt, npump, nv = len(net.tanks), len(net.pumps), len(net.valves)
@@ -187,6 +194,8 @@ def casadi_functions(
     slope = [ca.dot(basis, ca.DM(theta3[:, 1 + i, i])) for i in range(nt)]
 
     def targets(level: ca.SX) -> ca.SX:
+        if not close_full_tanks:
+            return open_targets(level)
         return open_targets(closed_levels(level, open_targets(level)[:nt], slope, lo, hi))
 
     n_sub = max(1, math.ceil(step_s / MAX_SUBSTEP_S - 1e-9))
