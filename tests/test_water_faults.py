@@ -95,10 +95,20 @@ def test_the_plant_and_the_twin_agree_on_a_leak_and_a_worn_pump(net3: Scenario) 
         plant.close()  # type: ignore[attr-defined]
 
 
-def test_the_twin_closes_a_full_tank_as_epanet_does(net3: Scenario) -> None:
-    """A full tank takes no more water: EPANET closes it, and the twin's flows follow
-    (before, the river pump's flow after tank 3 filled was off by hundreds of m3/h)."""
-    m = net3.model
+@pytest.fixture(scope="module")
+def net3_closed() -> Scenario:
+    tables, why = apply_overrides(parse_toml(NET3.read_text()), {"model.close_full_tanks": True})
+    assert not why
+    return scenario_of(
+        RunSpec("t", 1, 1, False, tables_toml(tables), str(NET3), run_key(tables, 1, 1, 0))
+    )
+
+
+def test_the_twin_closes_a_full_tank_as_epanet_does(net3: Scenario, net3_closed: Scenario) -> None:
+    """A full tank takes no more water: EPANET closes it, and with ``close_full_tanks`` the
+    twin's flows follow (without it, the river pump's flow after tank 3 filled was off by
+    hundreds of m3/h)."""
+    m = net3_closed.model
     info = water_info(m)
     assert info is not None and m.simulator is not None
     t0 = net3.meta.start_epoch
@@ -115,13 +125,12 @@ def test_the_twin_closes_a_full_tank_as_epanet_does(net3: Scenario) -> None:
     finally:
         plant.close()  # type: ignore[attr-defined]
     assert abs(inflow[2]) < 1e-6, "EPANET closes the full tank"
-    twin = np.asarray(m.h(full, u, d, m.nominal)).ravel()
-    below = full - np.array([0.0, 0.0, 0.01])  # the same state, the tank still open
-    twin_open = np.asarray(m.h(below, u, d, m.nominal)).ravel()
+    closed = np.asarray(m.h(full, u, d, m.nominal)).ravel()
+    still_open = np.asarray(net3.model.h(full, u, d, net3.model.nominal)).ravel()
     # the closure takes most of the error away; what is left is the affine fit's
-    # extrapolation to the head at which the tank takes nothing (docs/diagnosis.md)
-    assert abs(twin[q335] - y[q335]) < 0.5 * abs(twin_open[q335] - y[q335])
-    assert abs(twin[q335] - y[q335]) < 0.05 * y[q335]
+    # extrapolation to the head at which the tank takes nothing (docs/models/water_network.md)
+    assert abs(closed[q335] - y[q335]) < 0.5 * abs(still_open[q335] - y[q335])
+    assert abs(closed[q335] - y[q335]) < 0.05 * y[q335]
 
 
 def _run(fault: dict[str, Any], cycles: int) -> tuple[list[dict[str, Any]], float]:
@@ -129,6 +138,7 @@ def _run(fault: dict[str, Any], cycles: int) -> tuple[list[dict[str, Any]], floa
     over = {
         "controller": {"kind": "inp_rules"},  # the noise was measured under the file's rules
         "diagnosis": {"window_cycles": 8, "outlier_clip": 4.0, "noise": NOISE},
+        "model.close_full_tanks": True,
         "rig.faults": [fault],
     }
     tables, why = apply_overrides(tables, over)
