@@ -9,9 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parallelcity.diagnose.detect import (
+    FROZEN_MIN_CYCLES,
     WEEK_S,
     CusumDetector,
     DetectorSettings,
+    FrozenDetector,
     alarm_rate,
     threshold,
 )
@@ -90,3 +92,56 @@ def test_a_shift_is_detected_within_its_bound_and_dated(shift: float, at: int, s
             break
     assert found is not None and found.k - first + 1 <= bound
     assert (found.channel, found.direction, found.start_k) == ("b", sign, first)
+
+
+def test_one_outlier_does_not_alarm_a_clipped_cusum_but_a_shift_does() -> None:
+    s = DetectorSettings({"q": 1.0}, 3600.0, 0.5, warmup=16, clip=3.5)
+    det = CusumDetector(s)
+    assert det.h > s.clip - s.k  # one outlier alone stays below
+    for k in range(16):
+        assert det.update(k, {"q": 0.0}) is None
+    assert det.update(16, {"q": 500.0}) is None  # a cycle of a regime the twin misses
+    assert det.update(17, {"q": -300.0}) is None
+    found = None
+    for k in range(18, 18 + 20):
+        found = found or det.update(k, {"q": 2.5})
+    assert found is not None and found.direction == 1
+
+
+def _frozen_run(expected: list[float], reading: float, resolution: float = 0.0) -> int | None:
+    det = FrozenDetector({"x": 0.1}, {"x": resolution})
+    for k, e in enumerate(expected):
+        found = det.update(k, {"x": reading}, {"x": e})
+        if found is not None:
+            assert found.channel == "x" and found.start_k == 0
+            return k
+    return None
+
+
+def test_a_frozen_reading_is_detected_while_the_twin_expects_it_to_move() -> None:
+    # the twin expects the level to rise 0.15 (1.5 sigma) per cycle: a CUSUM with k = 1
+    # needs far longer; repeats bit for bit are judged after FROZEN_MIN_CYCLES
+    rising = [5.0 + 0.15 * i for i in range(12)]
+    k = _frozen_run(rising, 5.0)
+    assert k is not None and FROZEN_MIN_CYCLES <= k <= 6
+    # an idle pump's flow reads exactly 0 and the twin expects 0: not frozen
+    assert _frozen_run([0.0] * 20, 0.0) is None
+    # expected within noise of the repeated value: not frozen
+    assert _frozen_run([5.0 + 0.02 * (-1) ** i for i in range(20)], 5.0) is None
+    # a register of 0.5 m resolution may repeat while the value moves 0.15 per cycle
+    assert _frozen_run(rising[:6], 5.0, resolution=0.5) is None
+    # a reading that changes starts a new run
+    det = FrozenDetector({"x": 0.1}, {})
+    for k in range(10):
+        assert det.update(k, {"x": 5.0 + 1e-9 * k}, {"x": 5.0 + 0.5 * k}) is None
+
+
+def test_a_partial_reset_relearns_one_channel_and_keeps_the_others_baselines() -> None:
+    det = CusumDetector(DetectorSettings({"a": 1.0, "b": 1.0}, DT, 1.0, warmup=4))
+    for k in range(4):
+        det.update(k, {"a": 2.0, "b": 3.0})
+    det.update(4, {"a": 9.0, "b": 9.0})
+    det.reset(["a"])
+    assert det.channels["a"].n == 0 and det.channels["b"].n == 4
+    assert det.baseline()["b"] == 3.0
+    assert det.channels["b"].g_up == det.channels["b"].g_down == 0.0

@@ -3,6 +3,7 @@ cost, and which fault kinds are weighed."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -38,6 +39,12 @@ class DiagnosisConfig(BaseModel):
     drift_allowance: float = Field(
         1.0, gt=0, le=10, description="CUSUM allowance k in noise sigmas (shifts of 2k matter)"
     )
+    outlier_clip: float | None = Field(
+        None,
+        gt=0,
+        description="a cycle's residual counts at most this many noise sigmas in the CUSUM "
+        "(none: as it is); above the drift allowance",
+    )
     min_explained: float = Field(
         0.5, ge=0, lt=1, description="share of the residuals the best fault must explain"
     )
@@ -66,6 +73,8 @@ def check(cfg: DiagnosisConfig, model: SubsystemModel, measured: Collection[str]
             problems.append(f"diagnosis.noise: {name!r} has no point in [[field.points]]")
         if not std > 0:
             problems.append(f"diagnosis.noise.{name}: must be positive, got {std}")
+    if cfg.outlier_clip is not None and cfg.outlier_clip <= cfg.drift_allowance:
+        problems.append("diagnosis.outlier_clip: must exceed drift_allowance")
     known = [k.name for k in model.fault_kinds]
     for i, name in enumerate(cfg.faults or []):
         if name not in known:
@@ -81,6 +90,7 @@ def settings(
     model: SubsystemModel,
     dt: float,
     input_bounds: Mapping[str, tuple[float, float]],
+    resolution: Mapping[str, float] | None = None,
 ) -> DiagnosisSettings:
     chosen = set(cfg.faults) if cfg.faults is not None else None
     kinds = tuple(k for k in model.fault_kinds if chosen is None or k.name in chosen)
@@ -91,7 +101,13 @@ def settings(
         k=cfg.drift_allowance,
         warmup=cfg.warmup_cycles,
         baseline_cycles=cfg.baseline_cycles,
+        clip=math.inf if cfg.outlier_clip is None else cfg.outlier_clip,
     )
     return DiagnosisSettings(
-        detector, kinds, cfg.window_cycles, dict(input_bounds), cfg.min_explained
+        detector,
+        kinds,
+        cfg.window_cycles,
+        dict(input_bounds),
+        cfg.min_explained,
+        {n: float(v) for n, v in (resolution or {}).items() if n in cfg.noise},
     )

@@ -10,6 +10,8 @@ noise.  A one-sided test's average run length is Siegmund's approximation
 mean ``mu = -k`` (in sigmas); a baseline learnt from ``warmup`` residuals is itself off by
 ``N(0, 1 / warmup)``, which shifts ``mu`` and is averaged over (it costs far more than it
 seems: a baseline a third of a sigma off can multiply the false alarms tenfold).
+Residuals may be clipped to ``clip`` sigmas (a winsorised CUSUM): under the declared noise
+that only lowers the false alarms, and a lone outlier adds at most ``clip - k``.
 
 Pure: no clock; cycles are counted by the caller's ``k``.
 """
@@ -17,7 +19,7 @@ Pure: no clock; cycles are counted by the caller's ``k``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -72,6 +74,9 @@ class DetectorSettings:
     k: float = 1.0  # drift allowance, in sigmas: shifts below 2 k sigmas are ignored
     warmup: int = 16  # cycles learning each channel's baseline before detecting
     baseline_cycles: float = 96.0  # time constant of the baseline's average; 0: fixed
+    # a cycle's normalised residual counts at most this many sigmas (inf: as it is), so one
+    # outlier (a regime the twin misses for a cycle) cannot raise an alarm on its own
+    clip: float = math.inf
 
     def __post_init__(self) -> None:
         if not self.sigma:
@@ -83,6 +88,8 @@ class DetectorSettings:
             raise ValueError("false_alarms_per_week, dt and k must be positive")
         if self.warmup < 1 or self.baseline_cycles < 0:
             raise ValueError("warmup must be at least 1 and baseline_cycles at least 0")
+        if not self.clip > self.k:
+            raise ValueError("clip must exceed the drift allowance k")
 
     @property
     def rate_per_test(self) -> float:
@@ -123,10 +130,14 @@ class CusumDetector:
         self.h = settings.h
         self.channels = {name: _Channel() for name in settings.sigma}
 
-    def reset(self) -> None:
-        """Forget everything: learn the baselines again (after an alarm, the fault is the
-        new normal; only a further change is news)."""
-        self.channels = {name: _Channel() for name in self.settings.sigma}
+    def reset(self, relearn: Collection[str] | None = None) -> None:
+        """Learn the baselines of ``relearn`` (default: every channel) again and restart
+        every statistic from zero (after an alarm the fault is the new normal, only a
+        further change is news; after a dismissed change, the channel that crossed)."""
+        for name in self.settings.sigma if relearn is None else relearn:
+            self.channels[name] = _Channel()
+        for c in self.channels.values():
+            c.g_up = c.g_down = 0.0
 
     def baseline(self) -> dict[str, float]:
         return {n: c.baseline for n, c in self.channels.items()}
@@ -145,7 +156,7 @@ class CusumDetector:
                 c.baseline += (r - c.baseline) / c.n
                 c.zero_up = c.zero_down = k
                 continue
-            z = (r - c.baseline) / s.sigma[name]
+            z = min(s.clip, max(-s.clip, (r - c.baseline) / s.sigma[name]))
             c.g_up = max(0.0, c.g_up + z - s.k)
             c.g_down = max(0.0, c.g_down - z - s.k)
             if c.g_up == 0.0:
@@ -157,4 +168,64 @@ class CusumDetector:
             for g, direction, zero in ((c.g_up, 1, c.zero_up), (c.g_down, -1, c.zero_down)):
                 if g > self.h and (found is None or g / self.h > found.statistic / self.h):
                     found = Detection(k, name, direction, zero + 1, g)
+        return found
+
+
+FROZEN_SIGMAS = 3.5  # the twin's expected movement of a repeated reading, in sigma sqrt(n)
+FROZEN_MIN_CYCLES = 3  # repeats (after the first reading of the value) before judging
+
+
+def frozen_moved(departures: Sequence[float], sigma: float, resolution: float) -> bool:
+    """Whether a reading repeated bit for bit is a frozen sensor: over its ``n`` repeats the
+    twin expected it to depart from the repeated value (``departures``: its prediction
+    minus the value, per cycle) by more than a live sensor's repeats
+    allow: ``FROZEN_SIGMAS`` prediction errors of the sum, ``sigma sqrt(n)``, plus one
+    ``resolution`` step per cycle (a register's scale hides smaller changes; 0 for a
+    floating-point reading)."""
+    n = len(departures)
+    if n < FROZEN_MIN_CYCLES:
+        return False
+    return abs(math.fsum(departures)) > FROZEN_SIGMAS * sigma * math.sqrt(n) + n * resolution
+
+
+@dataclass
+class _Run:
+    value: float
+    departures: list[float]
+
+
+class FrozenDetector:
+    """A reading that does not change at all while the twin predicts it moves: per channel,
+    the run of bit-for-bit repeats and the twin's departures from the repeated value."""
+
+    def __init__(self, sigma: Mapping[str, float], resolution: Mapping[str, float]) -> None:
+        self.sigma = dict(sigma)
+        self.resolution = {n: float(resolution.get(n, 0.0)) for n in sigma}
+        self.runs: dict[str, _Run] = {}
+
+    def update(
+        self, k: int, readings: Mapping[str, float], expected: Mapping[str, float]
+    ) -> Detection | None:
+        """Cycle ``k``'s readings and what the twin expected each to read (its prediction,
+        no baseline: where the twin expects the very value, as an idle pump's 0 or a full
+        tank's top, a live sensor may repeat it); a detection on the clearest frozen
+        channel, if any."""
+        found: Detection | None = None
+        for name, sigma in self.sigma.items():
+            v, e = readings.get(name), expected.get(name)
+            if v is None or e is None or not (math.isfinite(v) and math.isfinite(e)):
+                self.runs.pop(name, None)
+                continue
+            run = self.runs.get(name)
+            if run is None or run.value != v:
+                self.runs[name] = _Run(v, [])
+                continue
+            run.departures.append(e - v)
+            if not frozen_moved(run.departures, sigma, self.resolution[name]):
+                continue
+            n = len(run.departures)
+            total = math.fsum(run.departures)
+            stat = abs(total) / (sigma * math.sqrt(n))
+            if found is None or stat > found.statistic:
+                found = Detection(k, name, -1 if total > 0 else 1, k - n, stat)
         return found

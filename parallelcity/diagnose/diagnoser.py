@@ -26,12 +26,18 @@ import numpy as np
 from parallelcity.twin.divergence import Prediction, Predictor
 from parallelcity.twin.model import Array, FaultEffect, FaultKind, FaultTarget, SubsystemModel
 
-from .detect import CusumDetector, Detection, DetectorSettings
+from .detect import CusumDetector, Detection, DetectorSettings, FrozenDetector
 from .faults import ActiveFault, FaultSpec
 from .isolate import Fit, Hypothesis, Isolator, Window, hypotheses
+from .visibility import VISIBLE_ALLOWANCES
 
 MAX_WINDOW_FACTOR = 4  # a window never holds more than this many times ``window`` cycles
+HISTORY_CYCLES = 5000  # cycles kept to judge afterwards where a planted fault showed
 LEAD_CYCLES = 2  # the window starts this many cycles before the detector's change estimate
+# components of the best fit's kind whose fits cost less than this more than the best
+# cannot be told from it by the window (a likelihood-ratio test at 95 %, one degree of
+# freedom): the alarm names them as alike, one isolation class
+ALIKE_MARGIN = 3.84
 
 
 @dataclass(frozen=True)
@@ -42,6 +48,8 @@ class DiagnosisSettings:
     input_bounds: Mapping[str, tuple[float, float]] = field(default_factory=dict)
     # an alarm needs a hypothesis explaining at least this share of the window's residuals
     min_explained: float = 0.5
+    # output -> the smallest change its reading shows (a register's scale; 0: a float)
+    resolution: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.window < 2:
@@ -83,8 +91,10 @@ class Alarm:
             if ev["frozen_reading"]
             else f"margin {ev['margin']:.1f}"
         )
+        alike = ev.get("alike") or []
+        where = " or ".join([self.component, *alike])
         return (
-            f"{self.kind} on {self.component}{size} (explains {ev['explained']:.0%}, {why} "
+            f"{self.kind} on {where}{size} (explains {ev['explained']:.0%}, {why} "
             f"over {up['kind']} on {up['component']}); detected on {self.channel}"
         )
 
@@ -125,9 +135,11 @@ class Diagnoser:
         self.sigma = np.array([settings.detector.sigma[c] for c in self.channels])
         self.predictor = Predictor(model, dt, self.channels, 1, params)
         self.detector = CusumDetector(settings.detector)
-        self.isolator = Isolator(model, dt, params)
+        self.frozen = FrozenDetector(settings.detector.sigma, settings.resolution)
+        self.isolator = Isolator(model, dt, params, settings.resolution)
         self.hypotheses = hypotheses(model, settings.kinds, self.channels, settings.input_bounds)
         self.cycles: deque[_Cycle] = deque(maxlen=MAX_WINDOW_FACTOR * settings.window)
+        self.history: deque[_Cycle] = deque(maxlen=HISTORY_CYCLES)
         self.k = 0
         # the detection waiting for its window: (detection, estimated start, baselines, when)
         self.pending: tuple[Detection, float, dict[str, float], float] | None = None
@@ -150,9 +162,17 @@ class Diagnoser:
         k = self.k
         self.k += 1
         self.cycles.append(_Cycle(pred, dict(readings), t_from))
+        self.history.append(self.cycles[-1])
         events: list[Event] = []
+        det = self.detector.update(k, pred.residuals) if self.pending is None else None
+        expected = {c: float(pred.y_pred[self.model.index("outputs", c)]) for c in self.channels}
+        stuck = self.frozen.update(k, readings, expected)
+        warm = (
+            stuck is not None
+            and self.detector.channels[stuck.channel].n >= self.detector.settings.warmup
+        )
         if self.pending is None:
-            det = self.detector.update(k, pred.residuals)
+            det = det or (stuck if warm else None)
             if det is not None:
                 start_k = max(det.start_k - LEAD_CYCLES, k - len(self.cycles) + 1)
                 start_t = self.cycles[start_k - k - 1].t_from
@@ -179,20 +199,45 @@ class Diagnoser:
         if len(window) < self.settings.window or after < self.settings.window // 2:
             return []
         self.pending = None
-        self.detector.reset()
         alarm = self._isolate(window, det, (detected_at, t), baseline)
         explained = float(alarm.evidence["explained"])
         if explained < self.settings.min_explained:
+            # unexplained: only the channel that crossed learns its baseline again, so a
+            # fault starting meanwhile is not learnt into the others' baselines
+            self.detector.reset([det.channel])
+            self.frozen.runs.pop(det.channel, None)
             why = (
                 f"no fault explains it: the best, {alarm.kind} on {alarm.component}, "
                 f"explains {explained:.0%} (at least {self.settings.min_explained:.0%} needed)"
             )
             return [Event("dismissed", t, why, alarm.as_dict())]
+        self.detector.reset()
+        self.frozen.runs.clear()
         if any((a.kind, a.component) == (alarm.kind, alarm.component) for a in self.alarms):
             return []
         self.alarms.append(alarm)
         self._adopt(alarm)
         return [Event("alarm", t, alarm.describe(), alarm.as_dict(), alarm)]
+
+    def visible_cycles(self, spec: FaultSpec) -> int | None:
+        """Cycles from ``spec.start`` on at which the fault as planted moves some residual
+        channel by at least ``VISIBLE_ALLOWANCES`` CUSUM allowances (its one-cycle-ahead
+        signature at the run's own operating points, against the twin as it was then);
+        None for a sensor fault (not judged: a drift always grows, a stuck reading shows
+        once the true value moves)."""
+        kind = self.model.fault_kind(spec.kind)
+        if kind.applies_to is FaultTarget.SENSOR:
+            return None
+        cycles = [c for c in self.history if c.t_from >= spec.start]
+        if not cycles:
+            return 0
+        hyp = hypotheses(self.model, [kind], self.channels, self.settings.input_bounds)
+        one = next(h for h in hyp if h.component == spec.component)
+        w = self._window(cycles, {})
+        size = 0.0 if spec.size is None else float(spec.size)
+        z = np.abs(self.isolator.patterns(w, one, [size], spec.start)[0]) / self.sigma[None, :]
+        k = self.settings.detector.k
+        return int(np.sum(np.nanmax(z, axis=1) >= VISIBLE_ALLOWANCES * k))
 
     def _adopt(self, alarm: Alarm) -> None:
         """From now on the diagnosis twin has the fault as diagnosed, so only a further
@@ -246,6 +291,17 @@ class Diagnoser:
             # fitted on residuals less their baseline: the reading itself is the sum
             best = replace(best, size=best.size + baseline.get(best.component, 0.0))
         runner = fits[1] if len(fits) > 1 else Fit("none", "", 0.0, j0, best.start)
+        alike = (
+            []
+            if frozen
+            else [
+                f.component
+                for f in fits
+                if f.kind == best.kind
+                and f.component != best.component
+                and f.cost - fits[0].cost < ALIKE_MARGIN
+            ]
+        )
         z = w.r / self.sigma[None, :]
         evidence = {
             "window": [float(w.t_from[0]), float(w.t[-1])],
@@ -264,6 +320,7 @@ class Diagnoser:
             "no_fault_cost": j0,
             "explained": 1.0 - best.cost / j0 if j0 > 0 else 0.0,
             "frozen_reading": frozen,
+            "alike": sorted(alike),
             "statistic": det.statistic,
             "threshold": self.detector.h,
         }

@@ -33,6 +33,7 @@ from parallelcity.twin.model import (
     SubsystemModel,
 )
 
+from .detect import frozen_moved
 from .faults import targets
 
 GRID_POINTS = 25
@@ -149,8 +150,15 @@ def hypotheses(
 class Isolator:
     """Fit every hypothesis to a window (pure; CasADi evaluates the model in batches)."""
 
-    def __init__(self, model: SubsystemModel, dt: float, params: Array | None = None) -> None:
+    def __init__(
+        self,
+        model: SubsystemModel,
+        dt: float,
+        params: Array | None = None,
+        resolution: Mapping[str, float] | None = None,
+    ) -> None:
         self.model = model
+        self.resolution = dict(resolution or {})
         self.dt = float(dt)
         self.params = np.asarray(model.nominal if params is None else params, dtype=float)
         self._g = _one_step(model, self.dt)
@@ -244,13 +252,19 @@ class Isolator:
         return np.asarray(col[np.isfinite(col)], dtype=float)
 
     def _frozen(self, w: Window, fit: Fit) -> bool:
-        """A reading repeated bit for bit while the twin expected it to move by more than
-        its noise (an idle pump's flow reads exactly 0 on a live sensor)."""
+        """A reading repeated bit for bit while the twin expected it to move away
+        (``detect.frozen_moved``; an idle pump's flow reads exactly 0 on a live sensor)."""
         col = self._stuck_readings(w, fit)
         if col is None or len(col) < MIN_ACTIVE or not bool(np.all(col == col[0])):
             return False
-        pred = w.y_pred[w.t_from >= fit.start, self.model.index("outputs", fit.component)]
-        return float(np.ptp(pred)) > float(w.sigma[w.channels.index(fit.component)])
+        c = w.channels.index(fit.component)
+        rows = w.t_from >= fit.start
+        pred = w.y_pred[rows, self.model.index("outputs", fit.component)]
+        if float(np.ptp(pred)) > float(w.sigma[c]):  # a change was detected: moving is enough
+            return True
+        gap = (pred - w.y_meas[rows, c])[1:]  # after its first reading
+        departures = [float(v) for v in gap if math.isfinite(v)]
+        return frozen_moved(departures, float(w.sigma[c]), self.resolution.get(fit.component, 0.0))
 
     def _moving(self, w: Window, fit: Fit) -> bool:
         col = self._stuck_readings(w, fit)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .config import settings
 from .diagnoser import Diagnoser, Event
-from .faults import FaultTarget
+from .faults import FaultSpec, FaultTarget
 
 if TYPE_CHECKING:
     from parallelcity.scenario.definition import Scenario
@@ -30,7 +30,19 @@ def diagnoser_for(scenario: Scenario) -> Diagnoser | None:
         return None
     bounds = {s.name: (s.min, s.max) for s in scenario.specs.inputs}
     dt_s = scenario.meta.cycle_s
-    return Diagnoser(scenario.model, dt_s, settings(cfg, scenario.model, dt_s, bounds))
+    steps = {p.name: resolution(p) for p in scenario.field.points}
+    return Diagnoser(scenario.model, dt_s, settings(cfg, scenario.model, dt_s, bounds, steps))
+
+
+INTEGER_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64"})
+
+
+def resolution(point: object) -> float:
+    """The smallest change a point's reading shows: a register holding an integer shows
+    steps of its ``scale`` (Modbus), an ``int`` point whole units; otherwise 0."""
+    if getattr(point, "data_type", None) in INTEGER_TYPES:
+        return abs(float(getattr(point, "scale", 1.0)))
+    return 1.0 if getattr(point, "type", None) == "int" else 0.0
 
 
 def report_events(
@@ -58,3 +70,16 @@ def report_events(
             )
         log.warning("cycle %d: fault alarm: %s%s", k, event.detail, hint)
     return alarms
+
+
+def planted_visibility(diagnoser: Diagnoser | None, scenario: Scenario) -> list[int | None]:
+    """Per fault the rig planted (``[[rig.faults]]``): the cycles at which it showed on the
+    diagnosis channels (``Diagnoser.visible_cycles``); None where not judged."""
+    faults = getattr(scenario.rig_config, "faults", None) or []
+    if diagnoser is None:
+        return [None for _ in faults]
+    t0 = scenario.meta.start_epoch
+    return [
+        diagnoser.visible_cycles(FaultSpec(f.kind, f.component, f.size, t0 + f.start_s))
+        for f in faults
+    ]

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from parallelcity.diagnose.config import settings as diagnosis_settings
+from parallelcity.diagnose.visibility import operating_points, visible_size
 from parallelcity.experiment.plan import RunSpec, VariantPlan, apply_overrides, run_key
 from parallelcity.scenario.definition import Scenario
 from parallelcity.scenario.text import tables_toml
@@ -101,13 +103,31 @@ def problems(campaign: FaultCampaign, scenario: Scenario, cycles: int) -> list[s
     return out
 
 
+_VISIBLE: dict[tuple[int, str, str, str], float] = {}
+
+
 def min_size(kind: FaultKind, component: str, scenario: Scenario) -> float:
-    """The kind's declared minimum size in its own unit (a drift: per hour on ``component``)."""
-    if not kind.relative_to_noise:
-        return kind.min_size
+    """The smallest size the campaign scores detection against, in the kind's unit: a
+    drift's is ``min_size`` noise sigmas of ``component`` per cycle, per hour; a parameter
+    or input fault's is the larger of the kind's declared minimum and the size at which
+    the component's signature becomes visible on the diagnosis channels
+    (``diagnose.visibility``: twice the CUSUM allowance on some channel)."""
     cfg = scenario.file.diagnosis
-    sigma = cfg.noise[component] if cfg is not None else 1.0
-    return kind.min_size * sigma / (scenario.meta.cycle_s / 3600.0)
+    if kind.relative_to_noise:
+        sigma = cfg.noise[component] if cfg is not None else 1.0
+        return kind.min_size * sigma / (scenario.meta.cycle_s / 3600.0)
+    if cfg is None or kind.applies_to is FaultTarget.SENSOR or not kind.sized:
+        return kind.min_size
+    key = (id(scenario.model), repr(sorted(cfg.noise.items())), kind.name, component)
+    found = _VISIBLE.get(key)
+    if found is None:
+        dt = scenario.meta.cycle_s
+        bounds = {s.name: (s.min, s.max) for s in scenario.specs.inputs}
+        points = operating_points(scenario.model, dt, scenario.meta.start_epoch, bounds)
+        found = _VISIBLE[key] = visible_size(
+            scenario.model, kind, component, cfg.noise, cfg.drift_allowance, dt, points
+        )
+    return max(kind.min_size, found)
 
 
 @dataclass(frozen=True)
@@ -117,6 +137,9 @@ class Planted:
     size: float | None
     start_s: float
     min_size: float  # the kind's declared minimum, in the size's unit (0: unsized)
+    # observable: it showed on the diagnosis channels long enough for the CUSUM to cross
+    # (None: not judged, a sensor fault; see ``observable_cycles``)
+    observable: bool | None = None
 
     def as_table(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -194,6 +217,7 @@ class Scored:
     delay_s: float | None  # first alarm's raised_s - the fault's start
     false_alarms: int  # alarms of a fault-free run, or raised before the planted start
     sim_s: float
+    to_class: bool = False  # right through an alarm naming several alike components
 
 
 def score_run(seed: int, planted: Planted | None, summary: Mapping[str, Any], dt: float) -> Scored:
@@ -206,9 +230,12 @@ def score_run(seed: int, planted: Planted | None, summary: Mapping[str, Any], dt
     if not after:
         return Scored(seed, planted, MISSED, False, None, early, sim_s)
     first = after[0]
-    right = first.get("kind") == planted.kind and first.get("component") == planted.component
+    named = [first.get("component"), *(first.get("alike") or [])]
+    right = first.get("kind") == planted.kind and planted.component in named
     delay = float(first["raised_s"]) - planted.start_s
-    return Scored(seed, planted, str(first.get("kind")), right, delay, early, sim_s)
+    return Scored(
+        seed, planted, str(first.get("kind")), right, delay, early, sim_s, right and len(named) > 1
+    )
 
 
 def _rate(n: int, d: int) -> float | None:
@@ -231,6 +258,8 @@ def score(runs: Sequence[Scored], kinds: Sequence[str]) -> dict[str, Any]:
         right[true] += int(r.component_right)
     big = [r for r in runs if r.planted is not None and _above(r.planted)]
     detected = [r for r in big if r.isolated != MISSED]
+    seen = [r for r in big if r.planted is not None and r.planted.observable is not False]
+    seen_detected = [r for r in seen if r.isolated != MISSED]
     correct = [r for r in detected if r.component_right]
     free = [r for r in runs if r.planted is None]
     free_alarms = sum(r.false_alarms for r in free)
@@ -242,6 +271,10 @@ def score(runs: Sequence[Scored], kinds: Sequence[str]) -> dict[str, Any]:
         kd = [r for r in ks if r.isolated != MISSED]
         per_kind[k] = {
             "runs_above_min": len(ks),
+            "observable": sum(1 for r in ks if r.planted and r.planted.observable is not False),
+            "observable_detected": sum(
+                1 for r in kd if r.planted and r.planted.observable is not False
+            ),
             "detected": len(kd),
             "isolated": sum(1 for r in kd if r.component_right),
             "median_delay_h": statistics.median(
@@ -276,7 +309,11 @@ def score(runs: Sequence[Scored], kinds: Sequence[str]) -> dict[str, Any]:
         "runs_above_min": len(big),
         "detected_above_min": len(detected),
         "detection_rate": _rate(len(detected), len(big)),
+        "runs_observable": len(seen),
+        "detected_observable": len(seen_detected),
+        "detection_rate_observable": _rate(len(seen_detected), len(seen)),
         "isolated_right": len(correct),
+        "isolated_to_class": sum(1 for r in correct if r.to_class),
         "isolation_rate": _rate(len(correct), len(detected)),
         "isolation_rate_of_all": _rate(len(correct), len(big)),
         "fault_free_runs": len(free),
@@ -310,7 +347,7 @@ def markdown(variant: str, s: Mapping[str, Any], kinds: Sequence[str]) -> str:
         "",
         "Confusion (rows: the planted kind; columns: the kind of the first alarm raised at or "
         f"after its start, {MISSED}: none); right component: that alarm names the planted "
-        "kind and component.",
+        "kind and component (alone or among the components it names as alike).",
         "",
         "| planted \\ isolated | " + " | ".join(cols) + " | right component |",
         "|---" * (len(cols) + 2) + "|",
@@ -334,8 +371,12 @@ def markdown(variant: str, s: Mapping[str, Any], kinds: Sequence[str]) -> str:
         "",
         f"- detection rate (faults at or above their minimum size): "
         f"{_pct(s['detection_rate'])} ({s['detected_above_min']} of {s['runs_above_min']})",
+        f"- detection rate of those also observable (a sensor fault, or one that showed "
+        f"for the CUSUM to cross): {_pct(s['detection_rate_observable'])} "
+        f"({s['detected_observable']} of {s['runs_observable']})",
         f"- correct isolation (kind and component) of those detected: "
-        f"{_pct(s['isolation_rate'])} ({s['isolated_right']} of {s['detected_above_min']}); "
+        f"{_pct(s['isolation_rate'])} ({s['isolated_right']} of {s['detected_above_min']}, "
+        f"{s['isolated_to_class']} of them to a class of alike components); "
         f"of all at or above minimum size: {_pct(s['isolation_rate_of_all'])}",
         f"- false alarms: {s['false_alarms']} in {s['fault_free_runs']} fault-free runs "
         f"({s['fault_free_weeks']:.2f} simulated weeks): "
@@ -345,13 +386,15 @@ def markdown(variant: str, s: Mapping[str, Any], kinds: Sequence[str]) -> str:
         "- median detection delay (alarm raised - fault start): "
         + ("n/a" if delay is None else f"{delay:.1f} h"),
         "",
-        "| kind | runs at or above min | detected | isolated | median delay h |",
-        "|---|---|---|---|---|",
+        "| kind | runs at or above min | detected | isolated | observable | detected of "
+        "observable | median delay h |",
+        "|---|---|---|---|---|---|---|",
     ]
     for k, v in s["per_kind"].items():
         md = v["median_delay_h"]
         lines.append(
             f"| {k} | {v['runs_above_min']} | {v['detected']} | {v['isolated']} | "
+            f"{v['observable']} | {v['observable_detected']} | "
             + ("n/a" if md is None else f"{md:.1f}")
             + " |"
         )
@@ -379,7 +422,19 @@ def planted_of(summary: Mapping[str, Any], scenario: Scenario) -> Planted | None
     kind = scenario.model.fault_kind(str(f["kind"]))
     low = min_size(kind, str(f["component"]), scenario) if kind.sized else 0.0
     size = None if f.get("size") is None else float(f["size"])
-    return Planted(kind.name, str(f["component"]), size, float(f["start_s"]), low)
+    seen = f.get("visible_cycles")
+    observable = None if seen is None else int(seen) >= observable_cycles(scenario)
+    return Planted(kind.name, str(f["component"]), size, float(f["start_s"]), low, observable)
+
+
+def observable_cycles(scenario: Scenario) -> int:
+    """Cycles a fault must show at twice the CUSUM allowance ``k`` for its detector to cross
+    the threshold ``h``: ``ceil(h / k)``."""
+    cfg = scenario.file.diagnosis
+    if cfg is None:
+        return 0
+    det = diagnosis_settings(cfg, scenario.model, scenario.meta.cycle_s, {}).detector
+    return math.ceil(det.h / det.k)
 
 
 def report(
@@ -401,9 +456,12 @@ def report(
         runs_json.setdefault(spec.variant, []).append(
             {
                 "seed": r.seed,
-                "planted": None if p is None else {**p.as_table(), "min_size": p.min_size},
+                "planted": None
+                if p is None
+                else {**p.as_table(), "min_size": p.min_size, "observable": p.observable},
                 "isolated": r.isolated,
                 "component_right": r.component_right,
+                "to_class": r.to_class,
                 "delay_s": r.delay_s,
                 "false_alarms": r.false_alarms,
             }

@@ -24,7 +24,7 @@ import numpy as np
 from parallelcity import plugins
 from parallelcity.decide.assemble import cycle_logic, divergence_monitor
 from parallelcity.decide.cycle import Decision, Outcome, finish_cycle
-from parallelcity.diagnose.runtime import diagnoser_for, report_events
+from parallelcity.diagnose.runtime import diagnoser_for, planted_visibility, report_events
 from parallelcity.experiment.plan import RunSpec, controller_none
 from parallelcity.experiment.table import finite_or_null
 from parallelcity.field.config import FieldConfig
@@ -203,6 +203,7 @@ def closed_loop(spec: RunSpec, scenario: Scenario) -> tuple[RunResult, int, dict
         planned_cycles=spec.cycles,
         first_cycle_t=meta.start_epoch,
         alarms=alarms,
+        fault_visible_cycles=planted_visibility(diagnoser, scenario),
     )
     return result, rejected, {str(k): float(v) for k, v in plant_kpis.items()}
 

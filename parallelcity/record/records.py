@@ -51,6 +51,8 @@ class RunResult:
     abandoned: str = ""  # what the stop left unfinished, if anything
     first_cycle_t: float | None = None  # simulated time of the first cycle
     alarms: list[dict[str, Any]] = field(default_factory=list)  # diagnosis alarms (as_dict)
+    # per planted fault: cycles it showed on the diagnosis channels (experiment runs)
+    fault_visible_cycles: list[int | None] = field(default_factory=list)
 
 
 ProgressFn = Callable[[CycleRecord, dict[str, int]], None]

@@ -205,6 +205,7 @@ def alarm_summary(alarm: dict[str, Any], start: float) -> dict[str, Any]:
         "explained": ev.get("explained"),
         "margin": ev.get("margin"),
         "runner_up": {"kind": runner.get("kind"), "component": runner.get("component")},
+        "alike": list(ev.get("alike", [])),
     }
 
 
@@ -215,10 +216,13 @@ def _since(t: Any, start: float) -> float | None:
 def injected_faults(result: RunResult) -> list[dict[str, Any]]:
     """The faults the rig planted in the field's plant (``[[rig.faults]]``), if any."""
     faults = getattr(result.scenario.rig_config, "faults", None) or []
-    return [
+    out = [
         {"kind": f.kind, "component": f.component, "size": f.size, "start_s": f.start_s}
         for f in faults
     ]
+    for f, n in zip(out, result.fault_visible_cycles, strict=False):
+        f["visible_cycles"] = n
+    return out
 
 
 def summarize(result: RunResult) -> Summary:

@@ -74,6 +74,11 @@ class Config(BaseModel):
         dt.datetime(1970, 1, 1, tzinfo=dt.UTC),
         description="when the .inp's time 0 falls on the scenario's clock",
     )
+    close_full_tanks: bool = Field(
+        False,
+        description="the twin closes a full tank to inflow and an empty one to outflow, as "
+        "EPANET does (docs/models/water_network.md)",
+    )
     identify_samples: int = Field(
         24, ge=4, le=1000, description="EPANET solutions per on/off combination fitted"
     )
@@ -170,7 +175,7 @@ def build(config: Config) -> SubsystemModel:
     areas = np.array([t.area_m2 for t in net.tanks])
     bottom = np.array([t.min_level_m for t in net.tanks])
     top = np.array([t.max_level_m for t in net.tanks])
-    f, h = casadi_functions(ident, config.step_s, areas, bottom, top)
+    f, h = casadi_functions(ident, config.step_s, areas, bottom, top, config.close_full_tanks)
     flt = fault_layout(net)
     time0 = config.time0.timestamp()
     tariff = list(config.tariff)

@@ -36,6 +36,7 @@ MAX_COMBINATION_SWITCHES = 6
 MAX_SUBSTEP_S = 300.0
 DEMAND_SPREAD = 0.25  # sampled multipliers within +-25 % of a pattern value
 RIDGE = 1e-8
+AT_LIMIT_M = 1e-3  # a tank this close to its top (bottom) is full (empty)
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,10 +149,17 @@ def fit(layout: Layout, plant: EpanetPlant, per_case: int, seed: int) -> Identif
 
 
 def casadi_functions(
-    ident: Identified, step_s: float, areas: Array, lo: Array, hi: Array
+    ident: Identified,
+    step_s: float,
+    areas: Array,
+    lo: Array,
+    hi: Array,
+    close_full_tanks: bool = False,
 ) -> tuple[ca.Function, ca.Function]:
     """``f(x, u, d, p)`` (levels after ``step_s``) and ``h(x, u, d, p)`` (outputs); ``p`` is
-    ``demand.scale`` then the fault parameters (``faults.FaultLayout``)."""
+    ``demand.scale`` then the fault parameters (``faults.FaultLayout``).  With
+    ``close_full_tanks`` a full (empty) tank is closed to inflow (outflow) as EPANET
+    closes it (``closed_levels``)."""
     layout = ident.layout
     net = layout.network
     nt, npump, nv = len(net.tanks), len(net.pumps), len(net.valves)
@@ -171,7 +179,7 @@ def casadi_functions(
     nd_leak = len(flt.districts)
     dev = ca.vertcat(*[p[1 + i] if i < nd_leak else 1.0 - p[1 + i] for i in range(nf)])
 
-    def targets(level: ca.SX) -> ca.SX:
+    def open_targets(level: ca.SX) -> ca.SX:
         phi = ca.vertcat(1.0, level, p[0] * totals * d[:ng], valves)
         feats = ca.kron(basis, phi)
         out = ca.mtimes(theta.T, feats)
@@ -179,6 +187,16 @@ def casadi_functions(
             for i in range(nf):
                 out += dev[i] * ca.mtimes(ca.DM(ident.sens[:, i, :]).T, basis)
         return out
+
+    # d inflow_i / d level_i at this combination (the fit is affine in the levels)
+    nphi = 1 + nt + ng + nv
+    theta3 = ident.theta.reshape(-1, nphi, ident.theta.shape[1])
+    slope = [ca.dot(basis, ca.DM(theta3[:, 1 + i, i])) for i in range(nt)]
+
+    def targets(level: ca.SX) -> ca.SX:
+        if not close_full_tanks:
+            return open_targets(level)
+        return open_targets(closed_levels(level, open_targets(level)[:nt], slope, lo, hi))
 
     n_sub = max(1, math.ceil(step_s / MAX_SUBSTEP_S - 1e-9))
     h_s = step_s / n_sub
@@ -193,3 +211,19 @@ def casadi_functions(
     y = ca.vertcat(x, rest, total, total * d[nd - 1])
     h = ca.Function("h", [x, u, d, p], [y], ["x", "u", "d", "p"], ["y"])
     return f, h
+
+
+def closed_levels(level: ca.SX, inflow: ca.SX, slope: list[ca.SX], lo: Array, hi: Array) -> ca.SX:
+    """Levels as the rest of the network sees them: EPANET closes a full tank to inflow and
+    an empty one to outflow, and a closed tank is hydraulically a tank whose head stands
+    where its inflow is zero (``level - inflow / slope`` on the affine fit)."""
+    out = []
+    for i in range(level.numel()):
+        s = slope[i]
+        stop = ca.logic_or(
+            ca.logic_and(level[i] >= hi[i] - AT_LIMIT_M, inflow[i] > 0),
+            ca.logic_and(level[i] <= lo[i] + AT_LIMIT_M, inflow[i] < 0),
+        )
+        usable = ca.logic_and(stop, s < -1e-9)
+        out.append(ca.if_else(usable, level[i] - inflow[i] / ca.fmin(s, -1e-9), level[i]))
+    return ca.vertcat(*out)
