@@ -163,7 +163,7 @@ class SignalController:
         t = cyc.start_s
         for i, d in enumerate(cyc.durations_s):
             if i in self.junction.green and i != cyc.coordinated:
-                earliest = t + self.min_greens_s[self.junction.green.index(i)]
+                earliest = t + max(self.min_greens_s[self.junction.green.index(i)], self.step_s)
                 if earliest < t + d - 1e-9:
                     out.append((i, earliest, t + d))
             t += d

@@ -560,13 +560,15 @@ class SumoPlant:
         import traci
 
         j = self.network.junction(tls)
-        rest = [(d, j.phases[i].state) for i, d in enumerate(cyc.durations_s) if i > ended]
-        rest.append((cyc.tail_s, j.phases[0].state))
-        phases = [traci.trafficlight.Phase(d, s, d, d) for d, s in rest if d > 0]
+        # the whole cycle, so SUMO's phase index stays the program's; the tail (phase 0's
+        # state) runs after the last phase, and the next cycle is installed at its end
+        shown = [(d, p.state) for d, p in zip(cyc.durations_s, j.phases, strict=True)]
+        shown.append((cyc.tail_s, j.phases[0].state))
+        phases = [traci.trafficlight.Phase(max(d, 1.0), s, d, d) for d, s in shown]
         tl = self._conn.trafficlight
-        tl.setProgramLogic(tls, traci.trafficlight.Logic(PLAN_PROGRAM, 0, 0, phases))
+        tl.setProgramLogic(tls, traci.trafficlight.Logic(PLAN_PROGRAM, 0, ended + 1, phases))
         tl.setProgram(tls, PLAN_PROGRAM)
-        tl.setPhase(tls, 0)
+        tl.setPhase(tls, ended + 1)
         for k in range(len(self.cycles) - 1, -1, -1):
             if self.cycles[k][0] == tls:
                 self.cycles[k] = (tls, cyc)
