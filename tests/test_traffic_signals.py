@@ -117,6 +117,15 @@ class ControllerMachine(RuleBasedStateMachine):
         self.c.write([s0, s1], cycle, offset)
         assert self.c.current == before  # only a boundary changes what runs
 
+    @rule(
+        s0=st.floats(0.05, 0.6),
+        s1=st.floats(0.05, 0.6),
+        cycle=st.floats(40, 130),
+        offset=st.floats(0, 130),
+    )
+    def write_plausible(self, s0: float, s1: float, cycle: float, offset: float) -> None:
+        self.write(s0, s1, cycle, offset)  # greens above their minimums: room to gap out
+
     @rule()
     def revert(self) -> None:
         self.c.revert()
@@ -127,10 +136,14 @@ class ControllerMachine(RuleBasedStateMachine):
         assert nxt.start_s == self.cycle.end_s
         self.cycle = nxt
 
-    @rule(at=st.floats(min_value=0.0, max_value=1.0))
-    def gap(self, at: float) -> None:
+    @rule(at=st.floats(min_value=0.0, max_value=1.0), inside=st.booleans())
+    def gap(self, at: float, inside: bool) -> None:
         before = self.cycle
         t = before.start_s + at * before.length_s
+        windows = self.c.gap_window(before)
+        if inside and windows:  # mostly where a gap-out may happen
+            _, start, end = windows[int(at * len(windows)) % len(windows)]
+            t = start + (at * len(windows) % 1.0) * (end - start)
         after = self.c.gap_out(t)
         if after is None:
             assert self.c.current == before
