@@ -1,9 +1,9 @@
-"""Wall time of the traffic-programs experiment (3 programs x 5 seeds x the 2 h peak).
+"""Wall time of the traffic-programs experiment (its programs x 5 seeds x the 2 h peak).
 
     .venv/bin/python -m benchmarks.traffic_experiment [--workers 2] [--experiment FILE]
 
 The measurement is ``parallelcity experiment FILE --workers N --force`` as a user runs it
-(process start, validation, pool start-up, the 15 closed loops on SUMO, the table and the
+(process start, validation, pool start-up, the closed loops on SUMO, the table and the
 plots), into a throw-away folder.  The named baseline, in the same run: plain ``sumo`` on
 the same network and demand for the same number of simulations and the same simulated
 time (the net's own programs, no TraCI, no controller), ``N`` at a time.  The ratio is

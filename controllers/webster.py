@@ -10,7 +10,8 @@ For each planned cycle, from the demand forecast of a ``signal_corridor`` model:
   ``Y = sum_k y_k``;
 * Webster's optimum cycle ``C0 = (1.5 L + 5) / (1 - Y)`` (``L`` the junction's lost time,
   its intergreens), ``cycle_max_s`` when ``Y >= 0.95``, clipped to
-  ``[cycle_min_s, cycle_max_s]``; with ``coordinated`` every junction runs the largest
+  ``[cycle_min_s, cycle_max_s]`` (``startup_lost_s`` per green phase adds to ``L``); with
+  ``coordinated`` every junction runs the largest
   (the critical junction's), so offsets mean something;
 * effective green ``C - L`` shared in proportion to ``y_k`` (splits ``y_k / Y``);
 * offsets: a green wave in the direction of travel from ``wave_from`` (default: the
@@ -60,6 +61,9 @@ class Config(BaseModel):
     )
     window_steps: int = Field(
         1, ge=1, le=100, description="forecast periods averaged for each planned cycle"
+    )
+    startup_lost_s: float = Field(
+        0.0, ge=0, le=10, allow_inf_nan=False, description="per green phase, added to L"
     )
 
     @model_validator(mode="after")
@@ -135,7 +139,8 @@ def webster_plan(
                 y[k] = max(y[k], q[edge] * served / saturation[edge])
         ratios[j.tls] = tuple(y)
         total = sum(y)
-        cycles[j.tls] = webster_cycle(j.lost_s, total, config.cycle_min_s, config.cycle_max_s)
+        lost = j.lost_s + config.startup_lost_s * len(j.green)
+        cycles[j.tls] = webster_cycle(lost, total, config.cycle_min_s, config.cycle_max_s)
         splits[j.tls] = tuple(v / total for v in y[:-1]) if total > 0 else tuple(j.splits)
     if config.coordinated:
         common = max(cycles.values())

@@ -172,13 +172,14 @@ def test_discharge_is_linear_in_the_splits_where_the_queue_suffices(
     assert not np.allclose(f[0], f[1])
 
 
-def test_linear_mpc_controls_the_corridor_and_its_step_time_is_printed() -> None:
+def test_the_corridors_mpc_controls_it_and_its_step_time_is_printed() -> None:
     scenario = load_scenario(CORRIDOR / "corridor.toml")
     assert scenario.model.report.baseline == "webster"
     m, meta = scenario.model, scenario.meta
     specs = scenario.safety_specs()
     problem = specs.control_problem(m, meta.cycle_s, meta.horizon_steps)
-    controller = plugins.controller_kind("linear_mpc").create(scenario.controller_config)
+    kind = scenario.controller_config.kind  # coordinated_mpc: linear_mpc on the splits
+    controller = plugins.controller_kind(kind).create(scenario.controller_config)
     controller.setup(problem)
     step = m.step_function(meta.cycle_s)
     x, u, times, statuses = np.array(m.x0), np.array(m.u0), [], []
@@ -201,5 +202,7 @@ def test_linear_mpc_controls_the_corridor_and_its_step_time_is_printed() -> None
     # DAQP's tolerance is relative: a 90 s cycle bound missed by ~1e-5 is put back on it
     assert all(s is SolveStatus.SOLVED for s in statuses), statuses
     ms = np.array(times[1:]) * 1e3
-    print(f"linear_mpc step on the corridor: p50 {np.median(ms):.1f} ms, "
+    cycles = plan[:, [m.inputs.index(f"{j}.cycle_s") for j in ("J1", "J2", "J3", "J4")]]
+    assert np.all(cycles == cycles[:, :1])  # one common cycle
+    print(f"{kind} step on the corridor: p50 {np.median(ms):.1f} ms, "
           f"p99 {np.percentile(ms, 99):.1f} ms over {ms.size} steps")  # fmt: skip

@@ -174,3 +174,50 @@ def test_an_actuated_junction_runs_its_own_logic_until_a_plan_is_written(
         assert plant._conn.trafficlight.getProgram(tls) == "parallelcity"
     finally:
         plant.close()
+
+
+def test_coordinated_actuated_gaps_out_cross_streets_and_keeps_the_cycles() -> None:
+    """On the corridor at the peak with a 3 s gap: cross-street greens end early, the time
+    goes to the arterial, and every cycle starts where the last ended, as planned."""
+    import dataclasses
+    import datetime as dt
+
+    from parallelcity.models.traffic.kind import Config, load
+    from parallelcity.models.traffic.signal_controller import SignalController
+    from parallelcity.models.traffic.sumo_plant import plant_config
+
+    sumocfg = Path(__file__).resolve().parent.parent / "scenarios/traffic_corridor/corridor.sumocfg"
+    begin = dt.datetime(2026, 3, 2, 6, 30, tzinfo=dt.UTC)
+    corridor = load(Config(sumocfg=str(sumocfg), begin=begin, gap_out_s=3.0))
+    net = corridor.network
+    cfg = dataclasses.replace(
+        plant_config(net, corridor.config),
+        parameters=("demand.scale", "driver.sigma", "driver.tau"),
+    )
+    assert cfg.gap_out_s == 3.0
+    plant = SumoPlant(net, cfg, np.array([1.0, 0.5, 1.0]))
+    u = np.array([v for _ in net.junctions for v in (0.55, 90.0, 0.0)])  # aligned at once
+    try:
+        plant.reset(np.zeros(len(net.approaches)), cfg.begin + 2700.0)
+        for _ in range(8):
+            plant.step(u, np.zeros(0), 90.0)
+        conn = plant._conn
+        for j in net.junctions:  # only the program's own states are ever shown
+            assert conn.trafficlight.getRedYellowGreenState(j.tls) in {p.state for p in j.phases}
+    finally:
+        plant.close()
+    gapped = 0
+    for j in net.junctions:
+        ours = [c for tls, c in plant.cycles if tls == j.tls]
+        assert all(ours[i].start_s == ours[i - 1].end_s for i in range(1, len(ours)))
+        shadow = SignalController(j, cfg.max_cycle_s)  # the same plan, without gap-out
+        shadow.write([0.55], 90.0, 0.0)
+        for c in ours[1:-1]:  # the plan's (the last may not have reached its gap)
+            planned = shadow.restart_at(c.start_s)
+            assert not c.own and c.coordinated == 0 and c.length_s == planned.length_s
+            assert all(d >= m for d, m in zip(c.durations_s[::3], j.min_greens_s, strict=True))
+            assert c.durations_s[0] == planned.durations_s[0]
+            assert c.durations_s[3] + c.tail_s == planned.durations_s[3]
+            gapped += c.tail_s > 0
+        assert ours[-1].length_s == 90.0  # aligned on the offset
+    assert gapped >= 8  # most cross-street greens ended early at the peak

@@ -1,6 +1,7 @@
 """The field-side signal controller (pure): whatever is written to it, the signal shows only
 its program's own phases, keeps every minimum green and every intergreen, changes a plan only
-at a cycle boundary and keeps the cycle within its limits."""
+at a cycle boundary and keeps the cycle within its limits; a gap-out (coordinated-actuated)
+never shortens a green below its minimum nor moves a cycle's start, length or end."""
 
 from __future__ import annotations
 
@@ -76,6 +77,26 @@ def test_actuated_program_is_handed_back() -> None:
     assert not cyc.actuated and cyc.start_s == 77.0
 
 
+def test_gap_out_gives_the_time_to_the_coordinated_phase_and_keeps_the_cycle() -> None:
+    c = SignalController(_junction(), MAX_CYCLE, gap_out_s=3.0)
+    c.start(0.0)
+    assert c.current is not None and c.current.coordinated is None  # the own program
+    c.write([0.6], 90.0, 0.0)
+    cyc = c.next_cycle()  # 90 s from 84 s: realigns, then a plan cycle of 90 s
+    while cyc.length_s != 90.0:
+        cyc = c.next_cycle()
+    assert cyc.coordinated == 0 and cyc.durations_s == (49, 3, 2, 32, 4)
+    start3 = cyc.start_s + 54
+    assert c.gap_out(start3 + 4.0) is None  # before its minimum green (5 s)
+    gapped = c.gap_out(start3 + 12.0)
+    assert gapped is not None and gapped.durations_s == (49, 3, 2, 12, 4)
+    assert gapped.tail_s == 20 and gapped.length_s == 90 and gapped.end_s == cyc.end_s
+    assert gapped.phase_at(12 + 54 + 4 + 1) == 0  # the tail shows the coordinated green
+    assert c.gap_out(start3 + 15.0) is None  # that green is over
+    assert c.gap_out(cyc.start_s + 20.0) is None  # the coordinated phase never gaps out
+    assert c.next_cycle().start_s == cyc.end_s
+
+
 values = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.floats(min_value=-10, max_value=400),
@@ -86,7 +107,7 @@ class ControllerMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.j = _junction(three=True)
-        self.c = SignalController(self.j, MAX_CYCLE)
+        self.c = SignalController(self.j, MAX_CYCLE, gap_out_s=3.0)
         self.cycle = self.c.start(0.0)
         self.cycles = [self.cycle]
 
@@ -95,6 +116,15 @@ class ControllerMachine(RuleBasedStateMachine):
         before = self.c.current
         self.c.write([s0, s1], cycle, offset)
         assert self.c.current == before  # only a boundary changes what runs
+
+    @rule(
+        s0=st.floats(0.05, 0.6),
+        s1=st.floats(0.05, 0.6),
+        cycle=st.floats(40, 130),
+        offset=st.floats(0, 130),
+    )
+    def write_plausible(self, s0: float, s1: float, cycle: float, offset: float) -> None:
+        self.write(s0, s1, cycle, offset)  # greens above their minimums: room to gap out
 
     @rule()
     def revert(self) -> None:
@@ -105,6 +135,39 @@ class ControllerMachine(RuleBasedStateMachine):
         nxt = self.c.next_cycle()
         assert nxt.start_s == self.cycle.end_s
         self.cycle = nxt
+
+    @rule(at=st.floats(min_value=0.0, max_value=1.0), inside=st.booleans())
+    def gap(self, at: float, inside: bool) -> None:
+        before = self.cycle
+        t = before.start_s + at * before.length_s
+        windows = self.c.gap_window(before)
+        if inside and windows:  # mostly where a gap-out may happen
+            _, start, end = windows[int(at * len(windows)) % len(windows)]
+            t = start + (at * len(windows) % 1.0) * (end - start)
+        after = self.c.gap_out(t)
+        if after is None:
+            assert self.c.current == before
+            return
+        assert before.coordinated is not None and not before.own
+        assert (after.start_s, after.length_s, after.end_s) == (
+            before.start_s,
+            before.length_s,
+            before.end_s,
+        )
+        changed = [
+            i
+            for i, (a, b) in enumerate(zip(before.durations_s, after.durations_s, strict=True))
+            if a != b
+        ]
+        ended = changed[0]
+        assert ended != before.coordinated and ended in self.j.green
+        assert before.start_s + sum(after.durations_s[: ended + 1]) == round(t)
+        gained = (after.tail_s - before.tail_s) + sum(
+            after.durations_s[i] - before.durations_s[i] for i in changed[1:]
+        )
+        assert changed[1:] in ([], [before.coordinated])
+        assert gained == before.durations_s[ended] - after.durations_s[ended] > 0
+        self.cycle = after
 
     @invariant()
     def safe(self) -> None:
@@ -118,6 +181,13 @@ class ControllerMachine(RuleBasedStateMachine):
             if i not in self.j.green:
                 assert d[i] == p.duration_s
         assert self.c.min_cycle_s - 1e-9 <= cyc.length_s <= MAX_CYCLE + 1e-9
+        assert cyc.tail_s == 0 or cyc.coordinated == 0  # the tail shows the coordinated green
+        # shown in order, each state the program's: no conflicting green, every intergreen
+        shown = [self.j.phases[i].state for i, x in enumerate(d) if x > 0]
+        shown += [self.j.phases[0].state] * (cyc.tail_s > 0)
+        assert shown == [p.state for p in self.j.phases] + [self.j.phases[0].state] * (
+            cyc.tail_s > 0
+        )
 
 
 TestControllerMachine = ControllerMachine.TestCase

@@ -71,6 +71,13 @@ class Config(BaseModel):
         "geometry",
         description="saturation flows from lanes and speed, or measured on SUMO (cached)",
     )
+    gap_out_s: float = Field(
+        0.0,
+        ge=0,
+        le=30,
+        description="> 0: coordinated-actuated field operation; a planned non-coordinated "
+        "green ends after its minimum once its stop-line loops saw no vehicle for this long",
+    )
 
     @field_validator("sumocfg")
     @classmethod

@@ -17,13 +17,22 @@ Rules it keeps whatever is written to it:
   program is the plan of its own splits, cycle and offset; an actuated program (``actuated``)
   is handed back to the simulator's own logic (``CycleProgram.actuated``), and a written plan
   takes over again at the actuated program's next return to its first phase.
+
+Coordinated-actuated operation (``gap_out_s > 0``): a plan's greens are maximum greens.  In a
+planned cycle the *coordinated* phase is the green phase with the longest green (on an
+arterial, the main street's); every other green phase may gap out (``gap_out``) once its
+minimum green has run, when the caller's stop-line loops saw no vehicle for ``gap_out_s``.
+The time it leaves goes to the coordinated phase: to its green later in the same cycle, or,
+when the coordinated phase is the program's first, as an early start of its next green (a
+``tail_s`` after the cycle's last phase, showing phase 0).  The cycle's start, length and end
+never change, so neither do the offsets; intergreens stay as programmed.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .network import Junction, greens
 
@@ -49,10 +58,22 @@ class CycleProgram:
     durations_s: tuple[float, ...]
     own: bool  # the junction's own program (no plan, or the plan equal to it)
     actuated: bool = False
+    coordinated: int | None = None  # program phase that takes the time others gap out of
+    tail_s: float = 0.0  # phase 0 shown early after the last phase (time gapped out)
 
     @property
     def length_s(self) -> float:
-        return sum(self.durations_s)
+        return sum(self.durations_s) + self.tail_s
+
+    def phase_at(self, second: float) -> int:
+        """Program phase shown ``second`` s into the cycle (a phase ending then still shows;
+        in the tail, phase 0)."""
+        end = 0.0
+        for i, d in enumerate(self.durations_s):
+            end += d
+            if second <= end + 1e-9:
+                return i
+        return 0 if self.tail_s > 0 else len(self.durations_s) - 1
 
     @property
     def end_s(self) -> float:
@@ -70,6 +91,7 @@ class SignalController:
         actuated: bool = False,
         step_s: float = 1.0,
         max_shift: float = DEFAULT_MAX_SHIFT,
+        gap_out_s: float = 0.0,
     ) -> None:
         if not (step_s > 0 and math.isfinite(step_s)):
             raise ValueError(f"step_s must be positive, got {step_s}")
@@ -79,6 +101,9 @@ class SignalController:
         self.step_s = float(step_s)
         self.actuated = actuated
         self.max_shift = float(max_shift)
+        if not (gap_out_s >= 0 and math.isfinite(gap_out_s)):
+            raise ValueError(f"gap_out_s must be >= 0, got {gap_out_s}")
+        self.gap_out_s = float(gap_out_s)
         mins = [self._up(m) for m in junction.min_greens_s]
         self.min_greens_s = tuple(mins)
         self.lost_s = tuple(
@@ -129,6 +154,47 @@ class SignalController:
         self.current = self._cycle(self._round(t_s))
         return self.current
 
+    def gap_window(self, cyc: CycleProgram) -> list[tuple[int, float, float]]:
+        """``(phase, from_s, to_s)``: when each phase of ``cyc`` may gap out (simulation
+        seconds from its minimum green to its planned end); empty without gap-out."""
+        if cyc.coordinated is None:
+            return []
+        out: list[tuple[int, float, float]] = []
+        t = cyc.start_s
+        for i, d in enumerate(cyc.durations_s):
+            if i in self.junction.green and i != cyc.coordinated:
+                earliest = t + max(self.min_greens_s[self.junction.green.index(i)], self.step_s)
+                if earliest < t + d - 1e-9:
+                    out.append((i, earliest, t + d))
+            t += d
+        return out
+
+    def gap_out(self, now_s: float) -> CycleProgram | None:
+        """End the running non-coordinated green at ``now_s`` (the caller saw a gap on its
+        loops); returns the changed cycle, or None where it may not gap out."""
+        cyc = self.current
+        if cyc is None:
+            return None
+        now = self._round(now_s)
+        window = [w for w in self.gap_window(cyc) if w[1] - 1e-9 <= now < w[2] - 1e-9]
+        if not window:
+            return None
+        i, _, end = window[0]
+        c = cyc.coordinated
+        assert c is not None
+        left = end - now
+        durations = list(cyc.durations_s)
+        durations[i] -= left
+        tail = cyc.tail_s
+        if c > i:
+            durations[c] += left
+        elif c == 0:
+            tail += left
+        else:
+            return None  # the coordinated green does not follow: keep the maximum green
+        self.current = replace(cyc, durations_s=tuple(durations), tail_s=tail)
+        return self.current
+
     # -- decisions ---------------------------------------------------------------------------
 
     def _cycle(self, start: float) -> CycleProgram:
@@ -150,7 +216,10 @@ class SignalController:
             else:
                 durations.append(self.lost_s[li])
                 li += 1
-        return CycleProgram(start, tuple(durations), own=own)
+        coordinated = None
+        if self.gap_out_s > 0 and not own:
+            coordinated = max(self.junction.green, key=lambda i: durations[i])
+        return CycleProgram(start, tuple(durations), own=own, coordinated=coordinated)
 
     def _aligned_length(self, start: float, cycle: float, offset: float) -> float:
         """This cycle's length: ``cycle``, shortened or lengthened (bounded) so the cycles

@@ -85,6 +85,7 @@ class PlantConfig:
     probe_s: float = 5.0  # measurement period (queues, occupancy, loop counts, teleports)
     window_s: float = 90.0  # flow and occupancy are averaged over this much of the past
     time_to_teleport_s: float = 300.0
+    gap_out_s: float = 0.0  # > 0: coordinated-actuated (signal_controller); loops' gap, s
     sumo_binary: str | None = None  # None: the eclipse-sumo package's
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
@@ -122,6 +123,7 @@ def plant_config(network: Network, model_config: Any) -> PlantConfig:
         begin=begin.timestamp() if hasattr(begin, "timestamp") else float(begin),
         seed=int(getattr(model_config, "seed", 0)),
         parameters=tuple(parameters),
+        gap_out_s=float(getattr(model_config, "gap_out_s", 0.0)),
     )
 
 
@@ -179,6 +181,8 @@ class SumoPlant:
         self._actuated_since: dict[str, float] = {}  # actuated junctions: last return to phase 0
         self._links: dict[str, list[list[tuple[str, str, str]]]] = {}
         self._loops: dict[str, list[str]] = {}  # approach edge -> its stop-line loops
+        self._phase_loops: dict[str, list[set[str]]] = {}  # tls -> per phase, its green loops
+        self._loop_res: dict[str, Any] = {}  # the loops' subscription results, last probe
         self._halting = np.zeros(len(network.approaches))
         # probes since the last reset: (SUMO second, loop counts, occupancy %), oldest first
         self._probes: deque[tuple[float, Array, Array]] = deque()
@@ -265,9 +269,8 @@ class SumoPlant:
                     second = self._now - max(cur.start_s, self._actuated_since.get(tls, -math.inf))
                 else:
                     second = self._now - cur.start_s
-                    ends = np.cumsum(cur.durations_s)
                     # as SUMO shows it: a phase ending at this second still shows
-                    phase = float(min(int(np.searchsorted(ends, second)), len(ends) - 1))
+                    phase = float(cur.phase_at(second))
             values[f"{tls}.{PHASE}"] = phase
             values[f"{tls}.{CYCLE_SECOND}"] = second
         return values
@@ -415,8 +418,12 @@ class SumoPlant:
                 for link in conn.trafficlight.getControlledLinks(j.tls)
             ]
             self._ctrl[j.tls] = SignalController(
-                j, self.config.max_cycle_s, actuated=self._actuated[j.tls]
+                j,
+                self.config.max_cycle_s,
+                actuated=self._actuated[j.tls],
+                gap_out_s=self.config.gap_out_s,
             )
+            self._phase_loops[j.tls] = self._green_loops(j.tls)
         self._subscribe()
         self._set_drivers()
 
@@ -430,7 +437,9 @@ class SumoPlant:
             )
         for loops in self._loops.values():
             for loop in loops:
-                conn.inductionloop.subscribe(loop, [tc.VAR_INTERVAL_NUMBER])
+                conn.inductionloop.subscribe(
+                    loop, [tc.VAR_INTERVAL_NUMBER, tc.LAST_STEP_TIME_SINCE_DETECTION]
+                )
         for tls, actuated in self._actuated.items():
             if actuated:
                 conn.trafficlight.subscribe(tls, [tc.TL_CURRENT_PHASE])
@@ -472,7 +481,7 @@ class SumoPlant:
                 for tls, c in self._ctrl.items()
                 if c.current is not None and not c.current.actuated
             ]
-            nxt = min([target, self._now + self.config.probe_s, *ends])
+            nxt = min([target, self._now + self.config.probe_s, *ends, *self._gap_times()])
             nxt = max(nxt, self._now + 1.0)
             conn.simulationStep(float(nxt))
             self._now = float(nxt)
@@ -485,6 +494,85 @@ class SumoPlant:
                     self._actuated_boundary(tls, ctrl)
                 elif cur.end_s <= self._now + 1e-9:
                     self._install(tls, ctrl.next_cycle())
+                elif cur.coordinated is not None:
+                    self._check_gap(tls, ctrl)
+
+    def _gap_times(self) -> list[float]:
+        """Seconds to stop at for gap-out: the next second inside a gap window, else the
+        windows' starts ahead."""
+        times: list[float] = []
+        for ctrl in self._ctrl.values():
+            cur = ctrl.current
+            if cur is None or cur.coordinated is None:
+                continue
+            for _, start, end in ctrl.gap_window(cur):
+                if start <= self._now + 1e-9 < end:
+                    times.append(self._now + 1.0)
+                elif start > self._now:
+                    times.append(start)
+        return times
+
+    def _green_loops(self, tls: str) -> list[set[str]]:
+        """Per program phase, the stop-line loops on the lanes it shows green."""
+        j = self.network.junction(tls)
+        known = {loop for loops in self._loops.values() for loop in loops}
+        out: list[set[str]] = []
+        for p in j.phases:
+            loops = set()
+            for i, link in enumerate(self._links[tls]):
+                if link and i < len(p.state) and p.state[i] in "Gg":
+                    loop = f"pc_loop_{link[0][0]}"
+                    if loop in known:
+                        loops.add(loop)
+            out.append(loops)
+        return out
+
+    def _check_gap(self, tls: str, ctrl: SignalController) -> None:
+        """Gap out the running non-coordinated green when its own loops (not those the
+        coordinated phase serves too) saw no vehicle for ``gap_out_s``."""
+        import traci.constants as tc
+
+        cur = ctrl.current
+        assert cur is not None and cur.coordinated is not None
+        windows = [w for w in ctrl.gap_window(cur) if w[1] <= self._now + 1e-9 < w[2]]
+        if not windows:
+            return
+        phase = windows[0][0]
+        per_phase = self._phase_loops[tls]
+        loops = per_phase[phase] - per_phase[cur.coordinated]
+        if not loops:
+            return
+        for loop in loops:
+            r = self._loop_res.get(loop)
+            since = (
+                float(self._conn.inductionloop.getTimeSinceDetection(loop))
+                if r is None
+                else float(r[tc.LAST_STEP_TIME_SINCE_DETECTION])
+            )
+            if since < ctrl.gap_out_s:
+                return
+        cyc = ctrl.gap_out(self._now)
+        if cyc is not None:
+            self._install_rest(tls, cyc, phase)
+
+    def _install_rest(self, tls: str, cyc: CycleProgram, ended: int) -> None:
+        """The rest of a cycle after phase ``ended`` gapped out, from now on."""
+        import traci
+
+        j = self.network.junction(tls)
+        # the whole cycle, so SUMO's phase index stays the program's; the tail (phase 0's
+        # state) runs after the last phase, and the next cycle is installed at its end
+        shown = [(d, p.state) for d, p in zip(cyc.durations_s, j.phases, strict=True)]
+        shown.append((cyc.tail_s, j.phases[0].state))
+        phases = [traci.trafficlight.Phase(max(d, 1.0), s, d, d) for d, s in shown]
+        tl = self._conn.trafficlight
+        tl.setProgramLogic(tls, traci.trafficlight.Logic(PLAN_PROGRAM, 0, ended + 1, phases))
+        tl.setProgram(tls, PLAN_PROGRAM)
+        tl.setPhase(tls, ended + 1)
+        for k in range(len(self.cycles) - 1, -1, -1):
+            if self.cycles[k][0] == tls:
+                self.cycles[k] = (tls, cyc)
+                break
 
     def _actuated_boundary(self, tls: str, ctrl: SignalController) -> None:
         """An actuated cycle ends when its logic returns to phase 0 and a plan waits."""
@@ -571,6 +659,7 @@ class SumoPlant:
 
         il = self._conn.inductionloop
         res = {} if direct else il.getAllSubscriptionResults()
+        self._loop_res = res
 
         def count(loop: str) -> float:
             r = res.get(loop)
