@@ -25,11 +25,11 @@ limits otherwise.  Constraints:
   start from the states applied in earlier cycles (``milp_switching``);
 * with ``terminal_slack_m``, the end level of each tank (``terminal_states``, default:
   the states named ``*.level``) at least its level now minus that slack, so a schedule
-  cannot save energy by emptying the tanks.  ``terminal_at = "run_end"`` holds the
-  run instead: each tank at least at its level at the run's start (the first cycle
-  this controller planned) minus the slack, at the horizon's end until the run's end
-  (``ControlProblem.end_t``) falls within the horizon, then at the stage where the run
-  ends (none after it); without a known end, at the horizon's end.
+  cannot save energy by emptying the tanks.  ``terminal_at = "run_end"`` aims at the
+  run's end too: once the run's end (``ControlProblem.end_t``) falls within the
+  horizon, each tank at least at its level at the run's start (the first cycle this
+  controller planned) minus the slack, at the stage where the run ends (none after
+  it); before that, and without a known end, as above.
 
 With ``bias_gain`` above 0 the plan corrects the model's one-cycle error per state: the
 level measured now against what the affine form predicted a cycle ago from the inputs
@@ -134,8 +134,8 @@ class Config(BaseModel):
     )
     terminal_at: Literal["horizon", "run_end"] = Field(
         "horizon",
-        description="horizon: each horizon's end >= the level now; run_end: the run's end "
-        ">= the level at the run's start (at the horizon's end until the run's end is in it)",
+        description="horizon: each horizon's end >= the level now; run_end: besides, once "
+        "the run's end is within the horizon, the run's end >= the level at the run's start",
     )
     bias_gain: float = Field(
         0.0,
@@ -381,9 +381,10 @@ class PumpScheduler:
         self._one_step = (float(inp.t0), x0, dist[0])
         if cfg.bias_gain > 0:
             form = replace(form, c=form.c + self._bias)
-        end_stage = self._end_stage(float(inp.t0))
+        end_stage, run_end = self._end_stage(float(inp.t0))
         M = self._model if cfg.reuse else build(lay)
-        self._set(M, form, inp, x0, u_prev, carry, end_stage)
+        ref = self._x_start if run_end and self._x_start is not None else x0
+        self._set(M, form, inp, x0, u_prev, carry, end_stage, ref)
         solver = self._solver if cfg.reuse else warm_highs()
         warm = self._shifted(float(inp.t0)) if cfg.warm_start else None
         solver.start = None if warm is None else self._start(M, warm, carry.prev, form, x0)
@@ -413,6 +414,7 @@ class PumpScheduler:
             "warm_start": warm is not None,
             "warm_start_accepted": solver.start_accepted,
             "terminal_stage": end_stage,
+            "terminal_run_end": run_end,
             "bias": [float(v) for v in self._bias],
         }
         nodes = int(getattr(res.extra_info, "mip_node_count", 0) or 0)
@@ -438,15 +440,16 @@ class PumpScheduler:
             extra=extra,
         )
 
-    def _end_stage(self, t0: float) -> int:
-        """The stage whose states the end constraint holds (0: none this cycle)."""
+    def _end_stage(self, t0: float) -> tuple[int, bool]:
+        """The stage whose states the end constraint holds (0: none this cycle), and
+        whether it is the run's end (held at the run's start levels, else at those now)."""
         problem = self._problem
         assert problem is not None
         n = problem.horizon
         if self.config.terminal_at == "horizon" or problem.end_t is None:
-            return n
+            return n, False
         left = round((problem.end_t - t0) / problem.dt)
-        return min(n, left) if left >= 1 else 0
+        return (left, True) if 1 <= left <= n else (0 if left < 1 else n, False)
 
     def _learn_bias(self, t0: float, x0: Array, u_prev: Array) -> None:
         """Move the bias towards the model's error over the cycle that just ended (its
@@ -472,6 +475,7 @@ class PumpScheduler:
         u_prev: Array,
         carry: Any,
         end_stage: int,
+        ref: Array,
     ) -> None:
         """Every mutable parameter from this cycle's numbers."""
         lay, cfg = self._lay, self.config
@@ -494,7 +498,6 @@ class PumpScheduler:
             par.set_value(float(np.clip(lo[k, b], -BIG, BIG)) if lay.banded else -BIG)
         for (k, b), par in M.hi.items():
             par.set_value(float(np.clip(hi[k, b], -BIG, BIG)) if lay.banded else BIG)
-        ref = x0 if cfg.terminal_at == "horizon" or self._x_start is None else self._x_start
         drop = float(cfg.terminal_slack_m or 0.0)
         for r in range(lay.nx):
             M.x_ref[r].set_value(float(ref[r]) - drop if end_stage else -BIG)

@@ -73,9 +73,13 @@ def test_the_run_end_holds_the_start_level_at_the_stage_where_the_run_ends() -> 
     assert later.extra["terminal_stage"] == 2 and later.extra["terminal_slack"] == 0.0
     assert later.x_pred[2, 0] >= 2.0 - 1e-6
     assert later.x_pred[-1, 0] < 2.0  # after the end, the cheapest is not to refill
-    # a horizon that does not reach the end holds the start level at its own end
-    early = scheduler(problem(end_t=20 * H), terminal_at="run_end").step(cycle(0.0, 2.0, 0.0))
-    assert early.extra["terminal_stage"] == 8 and early.x_pred[-1, 0] >= 2.0 - 1e-6
+    assert later.extra["terminal_run_end"]
+    # before the run's end is in view, each horizon ends at least at the level now
+    far = scheduler(problem(end_t=20 * H), terminal_at="run_end")
+    far.step(cycle(0.0, 2.0, 0.0))
+    early = far.step(cycle(H, 1.0, 0.0))
+    assert early.extra["terminal_stage"] == 8 and not early.extra["terminal_run_end"]
+    assert 1.0 - 1e-6 <= early.x_pred[-1, 0] < 2.0
     done = s.step(cycle(4 * H, 2.0, 0.0))
     assert done.status.usable and done.extra["terminal_stage"] == 0
 
