@@ -161,6 +161,7 @@ def run_scenario(path: Path, cycles: int | None, seed: int = 0) -> dict[str, Any
     own = sc.controller_config.model_dump()
     config = own if own.get("kind") == "milp_pump" else dict(SCENARIO_CONFIG)
     config.pop("kind", None)
+    config.pop("warm_start", None)  # each variant sets its own
     nonneg = np.array([name in m.nonnegative for name in m.disturbances], dtype=float)
 
     def band(t0: float) -> tuple[np.ndarray, np.ndarray]:
