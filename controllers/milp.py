@@ -29,7 +29,9 @@ limits otherwise.  Constraints:
   run's end too: once the run's end (``ControlProblem.end_t``) falls within the
   horizon, each tank at least at its level at the run's start (the first cycle this
   controller planned) minus the slack, at the stage where the run ends (none after
-  it); before that, and without a known end, as above.
+  it); before that, the horizon's end at least at the lower of the level now and the
+  run's start level (a tank fuller than at the start may come down; the target does
+  not ratchet up); without a known end, as above.
 
 With ``bias_gain`` above 0 the plan corrects the model's one-cycle error per state: the
 level measured now against what the affine form predicted a cycle ago from the inputs
@@ -134,8 +136,9 @@ class Config(BaseModel):
     )
     terminal_at: Literal["horizon", "run_end"] = Field(
         "horizon",
-        description="horizon: each horizon's end >= the level now; run_end: besides, once "
-        "the run's end is within the horizon, the run's end >= the level at the run's start",
+        description="horizon: each horizon's end >= the level now; run_end: the run's end "
+        ">= the level at the run's start once it is within the horizon, before that each "
+        "horizon's end >= the lower of the level now and the run's start level",
     )
     bias_gain: float = Field(
         0.0,
@@ -267,8 +270,6 @@ class PumpScheduler:
             else f"re-linearised every step: the model is not affine (Jacobians change by "
             f"{change:.2g} between points)"
         )
-        if not self._affine:
-            log.info("milp_pump: model %s %s", m.name, self._lin_note)
         binary = tuple(m.index("inputs", name) for name in cfg.binary_inputs(m.inputs))
         window = starts_window(problem.dt)
         combos: tuple[tuple[int, ...], ...] = ()
@@ -279,6 +280,8 @@ class PumpScheduler:
                 f"every combination of its {len(binary)} on/off inputs, linearised in "
                 "the rest around the previous plan: the model is not affine"
             )
+        if not self._affine:
+            log.info("milp_pump: model %s %s", m.name, self._lin_note)
         self._lay = Layout(
             n=problem.horizon,
             dt_h=problem.dt / 3600.0,
@@ -383,7 +386,10 @@ class PumpScheduler:
             form = replace(form, c=form.c + self._bias)
         end_stage, run_end = self._end_stage(float(inp.t0))
         M = self._model if cfg.reuse else build(lay)
-        ref = self._x_start if run_end and self._x_start is not None else x0
+        ref = x0
+        if cfg.terminal_at == "run_end" and self._x_start is not None:
+            # before the end is in view, never above the run's start: no ratchet upwards
+            ref = self._x_start if run_end else np.minimum(x0, self._x_start)
         self._set(M, form, inp, x0, u_prev, carry, end_stage, ref)
         solver = self._solver if cfg.reuse else warm_highs()
         warm = self._shifted(float(inp.t0)) if cfg.warm_start else None

@@ -80,6 +80,9 @@ def test_the_run_end_holds_the_start_level_at_the_stage_where_the_run_ends() -> 
     early = far.step(cycle(H, 1.0, 0.0))
     assert early.extra["terminal_stage"] == 8 and not early.extra["terminal_run_end"]
     assert 1.0 - 1e-6 <= early.x_pred[-1, 0] < 2.0
+    # and never above the run's start level: a tank fuller than at the start may come down
+    full = far.step(cycle(2 * H, 4.0, 0.0))
+    assert 2.0 - 1e-6 <= full.x_pred[-1, 0] < 4.0
     done = s.step(cycle(4 * H, 2.0, 0.0))
     assert done.status.usable and done.extra["terminal_stage"] == 0
 
