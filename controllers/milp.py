@@ -6,7 +6,10 @@ CasADi Jacobians (``milp_form``): ``x+ = A_k x + B_k u + c_k``, ``y = C_k x + D_
 e_k`` per period, with the forecast's disturbances.  A model affine in its states and
 inputs (checked at setup at a few random points) is exact in this form; any other is
 re-linearised every step around the previous plan, shifted, and ``extra["linearisation"]``
-says so.
+says so.  A model that is not affine only through few on/off inputs (at most
+``MAX_COMBINATION_SWITCHES``; a water network's fits blended across pump combinations)
+is taken exactly in them (every combination's one-cycle map, ``milp_form.combinations``)
+and linearised only in its states and continuous inputs (``switch_combinations``).
 
 Decisions: the inputs over the ``N`` periods, binary for the ``binary`` ones (default:
 every input named ``*.on`` or ``*.open``), continuous within their bounds and rate
@@ -22,7 +25,19 @@ limits otherwise.  Constraints:
   start from the states applied in earlier cycles (``milp_switching``);
 * with ``terminal_slack_m``, the end level of each tank (``terminal_states``, default:
   the states named ``*.level``) at least its level now minus that slack, so a schedule
-  cannot save energy by emptying the tanks.
+  cannot save energy by emptying the tanks.  ``terminal_at = "run_end"`` aims at the
+  run's end too: once the run's end (``ControlProblem.end_t``) falls within the
+  horizon, each tank at least at its level at the run's start (the first cycle this
+  controller planned) minus the slack, at the stage where the run ends (none after
+  it); before that, the horizon's end at least at the lower of the level now and the
+  run's start level (a tank fuller than at the start may come down; the target does
+  not ratchet up); without a known end, as above.
+
+With ``bias_gain`` above 0 the plan corrects the model's one-cycle error per state: the
+level measured now against what the affine form predicted a cycle ago from the inputs
+actually applied, smoothed (``b <- (1 - gain) b + gain error``) and added to every
+period's state update, so the end levels hold on the plant and not only on the model
+(``extra["bias"]``).
 
 Cost: the priced outputs (``output_costs``, per unit-hour, like the ``linear_mpc``
 kind's; default ``{"tariff.cost_per_h" = 1}``) integrated over the periods, plus
@@ -49,6 +64,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import replace
 from typing import Any, Literal
 
 import numpy as np
@@ -68,7 +84,7 @@ from parallelcity.decide.control import (
 from parallelcity.twin.model import Array, ModelForm
 
 from .milp_build import BIG, Layout, build, warm_highs
-from .milp_form import AFFINE_TOLERANCE, AffineForm, Linearisation
+from .milp_form import AFFINE_TOLERANCE, AffineForm, Linearisation, switch_combinations
 from .milp_switching import SwitchHistory, starts_window
 
 log = logging.getLogger(__name__)
@@ -78,6 +94,7 @@ DEADLINE_SHARE = 0.97  # of the deadline left: HiGHS stops a little after its ti
 COST_OUTPUT = "tariff.cost_per_h"  # priced by default
 BINARY_SUFFIXES = (".on", ".open")  # inputs on/off by default
 TERMINAL_SUFFIX = ".level"  # states held at the end of the horizon by default
+MAX_COMBINATION_SWITCHES = 4  # at most 16 on/off combinations taken exactly
 
 
 class Config(BaseModel):
@@ -117,10 +134,29 @@ class Config(BaseModel):
     terminal_states: list[str] | None = Field(
         None, description="states held at the end (default: those named *.level)"
     )
+    terminal_at: Literal["horizon", "run_end"] = Field(
+        "horizon",
+        description="horizon: each horizon's end >= the level now; run_end: the run's end "
+        ">= the level at the run's start once it is within the horizon, before that each "
+        "horizon's end >= the lower of the level now and the run's start level",
+    )
+    bias_gain: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="smoothing gain of the per-state correction of the model's one-cycle "
+        "error (0: none)",
+    )
     time_limit_s: float = Field(10.0, gt=0, description="HiGHS wall-time limit per solve")
     mip_rel_gap: float = Field(1e-6, ge=0, le=1, description="stop within this relative gap")
     reuse: bool = Field(True, description="mutable parameters + persistent HiGHS")
     warm_start: bool = Field(True, description="start HiGHS from the previous plan, shifted")
+    switch_combinations: bool = Field(
+        True,
+        description="a model not affine in its on/off inputs, with at most "
+        f"{MAX_COMBINATION_SWITCHES} of them: every on/off combination taken exactly",
+    )
     require_affine: bool = Field(
         False, description="refuse a model that is not affine in its states and inputs"
     )
@@ -144,7 +180,7 @@ class Config(BaseModel):
         return {COST_OUTPUT: 1.0} if COST_OUTPUT in outputs else {}
 
     def terminal(self, states: tuple[str, ...]) -> list[str]:
-        if self.terminal_slack_m is None:
+        if self.terminal_slack_m is None and self.terminal_at == "horizon":
             return []
         if self.terminal_states is not None:
             return list(self.terminal_states)
@@ -210,6 +246,10 @@ class PumpScheduler:
         self._highs_total = 0.0
         self._last: tuple[float, Array] | None = None  # (t0, plan) of the last usable step
         self._reserve_s = 0.0  # a step's wall time outside HiGHS's run, kept off the deadline
+        self._x_start: Array | None = None  # the states the run started from
+        self._bias: Array = np.zeros(0)  # per state, added to each period's update
+        self._one_step: tuple[float, Array, Array] | None = None  # t0, x0, d0 of the last step
+        self._gf: tuple[Array, Array] | None = None  # per-combination constants this cycle
 
     # ---------------------------------------------------------------- setup
 
@@ -230,10 +270,18 @@ class PumpScheduler:
             else f"re-linearised every step: the model is not affine (Jacobians change by "
             f"{change:.2g} between points)"
         )
-        if not self._affine:
-            log.info("milp_pump: model %s %s", m.name, self._lin_note)
         binary = tuple(m.index("inputs", name) for name in cfg.binary_inputs(m.inputs))
         window = starts_window(problem.dt)
+        combos: tuple[tuple[int, ...], ...] = ()
+        few = 0 < len(binary) <= MAX_COMBINATION_SWITCHES
+        if not self._affine and cfg.switch_combinations and few:
+            combos = tuple(switch_combinations(len(binary)))
+            self._lin_note = (
+                f"every combination of its {len(binary)} on/off inputs, linearised in "
+                "the rest around the previous plan: the model is not affine"
+            )
+        if not self._affine:
+            log.info("milp_pump: model %s %s", m.name, self._lin_note)
         self._lay = Layout(
             n=problem.horizon,
             dt_h=problem.dt / 3600.0,
@@ -258,6 +306,7 @@ class PumpScheduler:
             max_starts=cfg.max_starts_per_hour,
             window=window,
             start_cost=cfg.start_cost,
+            combos=combos,
         )
         self._lin = lin
         self._problem = problem
@@ -269,6 +318,9 @@ class PumpScheduler:
             self._solver.set_instance(self._model)
         self._highs_total = 0.0
         self._reserve_s = 0.0
+        self._x_start = None
+        self._bias = np.zeros(m.nx)
+        self._one_step = None
 
     # ----------------------------------------------------------------- step
 
@@ -319,10 +371,26 @@ class PumpScheduler:
             self._history.observe(float(inp.t0), u_prev[list(lay.binary)])
         carry = self._history.carry(n, len(lay.binary), cfg.min_up, cfg.min_down, lay.window)
 
+        if self._x_start is None:
+            self._x_start = x0.copy()
         xb, ub = self._base(inp, x0, dist)
-        form = self._lin.at(xb, ub, dist, np.asarray(problem.p, dtype=float))
+        p = np.asarray(problem.p, dtype=float)
+        form = self._lin.at(xb, ub, dist, p)
+        self._gf = None
+        if lay.combos:
+            form, g, f = self._lin.combinations(form, xb, ub, dist, p, lay.binary)
+            self._gf = (g, f)
+        self._learn_bias(float(inp.t0), x0, u_prev)
+        self._one_step = (float(inp.t0), x0, dist[0])
+        if cfg.bias_gain > 0:
+            form = replace(form, c=form.c + self._bias)
+        end_stage, run_end = self._end_stage(float(inp.t0))
         M = self._model if cfg.reuse else build(lay)
-        self._set(M, form, inp, x0, u_prev, carry)
+        ref = x0
+        if cfg.terminal_at == "run_end" and self._x_start is not None:
+            # before the end is in view, never above the run's start: no ratchet upwards
+            ref = self._x_start if run_end else np.minimum(x0, self._x_start)
+        self._set(M, form, inp, x0, u_prev, carry, end_stage, ref)
         solver = self._solver if cfg.reuse else warm_highs()
         warm = self._shifted(float(inp.t0)) if cfg.warm_start else None
         solver.start = None if warm is None else self._start(M, warm, carry.prev, form, x0)
@@ -351,6 +419,9 @@ class PumpScheduler:
             "linearisation": self._lin_note,
             "warm_start": warm is not None,
             "warm_start_accepted": solver.start_accepted,
+            "terminal_stage": end_stage,
+            "terminal_run_end": run_end,
+            "bias": [float(v) for v in self._bias],
         }
         nodes = int(getattr(res.extra_info, "mip_node_count", 0) or 0)
         if not status.usable:
@@ -375,8 +446,42 @@ class PumpScheduler:
             extra=extra,
         )
 
+    def _end_stage(self, t0: float) -> tuple[int, bool]:
+        """The stage whose states the end constraint holds (0: none this cycle), and
+        whether it is the run's end (held at the run's start levels, else at those now)."""
+        problem = self._problem
+        assert problem is not None
+        n = problem.horizon
+        if self.config.terminal_at == "horizon" or problem.end_t is None:
+            return n, False
+        left = round((problem.end_t - t0) / problem.dt)
+        return (left, True) if 1 <= left <= n else (0 if left < 1 else n, False)
+
+    def _learn_bias(self, t0: float, x0: Array, u_prev: Array) -> None:
+        """Move the bias towards the model's error over the cycle that just ended (its
+        one-cycle map from the states then under the inputs applied since)."""
+        gain, last = self.config.bias_gain, self._one_step
+        if gain <= 0 or last is None or self._problem is None:
+            return
+        t_last, x_last, d_last = last
+        problem = self._problem
+        dt = float(problem.dt)
+        if abs(t0 - t_last - dt) > 1e-6 * dt or not np.all(np.isfinite(u_prev)):
+            return  # not the next cycle, or the applied inputs are unknown
+        xs, _ = problem.model.simulate(x_last, u_prev[None, :], d_last[None, :], problem.p, dt)
+        error = x0 - xs[1]
+        self._bias = (1.0 - gain) * self._bias + gain * error
+
     def _set(
-        self, M: Any, form: AffineForm, inp: ControlInput, x0: Array, u_prev: Array, carry: Any
+        self,
+        M: Any,
+        form: AffineForm,
+        inp: ControlInput,
+        x0: Array,
+        u_prev: Array,
+        carry: Any,
+        end_stage: int,
+        ref: Array,
     ) -> None:
         """Every mutable parameter from this cycle's numbers."""
         lay, cfg = self._lay, self.config
@@ -399,7 +504,17 @@ class PumpScheduler:
             par.set_value(float(np.clip(lo[k, b], -BIG, BIG)) if lay.banded else -BIG)
         for (k, b), par in M.hi.items():
             par.set_value(float(np.clip(hi[k, b], -BIG, BIG)) if lay.banded else BIG)
-        M.terminal_drop.set_value(float(cfg.terminal_slack_m or 0.0))
+        drop = float(cfg.terminal_slack_m or 0.0)
+        for r in range(lay.nx):
+            M.x_ref[r].set_value(float(ref[r]) - drop if end_stage else -BIG)
+        for k in range(1, n + 1):
+            M.at[k].set_value(1.0 if k == end_stage else 0.0)
+        if self._gf is not None:
+            g, f = self._gf
+            for (k, s, r), par in M.g.items():
+                par.set_value(float(g[k, s, r]))
+            for (k, s, j), par in M.f.items():
+                par.set_value(float(f[k, s, j]))
         for b in range(len(lay.binary)):
             M.prev_on[b].set_value(float(carry.prev[b]))
             for k in range(n):
@@ -422,11 +537,17 @@ class PumpScheduler:
         n = lay.n
         u = plan.copy()
         u[:, list(lay.binary)] = np.round(u[:, list(lay.binary)])
+        combo = self._combo_index(u)
+        g, f = self._gf if self._gf is not None else (None, None)
         xs = np.empty((n + 1, lay.nx))
         xs[0] = x0
         for k in range(n):
             xs[k + 1] = form.A[k] @ xs[k] + form.B[k] @ u[k] + form.c[k]
+            if g is not None:
+                xs[k + 1] += g[k, combo[k]]
         start = [(M.u[k, i], float(u[k, i])) for k in range(n) for i in range(lay.nu)]
+        ns = len(lay.combos)
+        start += [(M.z[k, s], float(s == combo[k])) for k in range(n) for s in range(ns)]
         start += [(M.x[k, r], float(xs[k, r])) for k in range(n + 1) for r in range(lay.nx)]
         for b, i in enumerate(lay.binary):
             before = float(prev[b])
@@ -437,13 +558,25 @@ class PumpScheduler:
         if lay.soft:
             for (k, b), var in M.slack.items():
                 j = lay.banded[b]
-                y = form.C[k, j] @ xs[k] + form.D[k, j] @ u[min(k, n - 1)] + form.e[k, j]
+                ku = min(k, n - 1)
+                y = form.C[k, j] @ xs[k] + form.D[k, j] @ u[ku] + form.e[k, j]
+                if f is not None:
+                    y += f[k, combo[ku], j]
                 gap = max(0.0, M.lo[k, b].value - y, y - M.hi[k, b].value)
                 start.append((var, float(gap)))
+            at = np.array([M.at[k].value for k in range(1, n + 1)])
             for r, var in getattr(M, "tslack", {}).items():
-                short = M.x0[r].value - M.terminal_drop.value - xs[n, r]
+                short = M.x_ref[r].value - float(at @ xs[1:, r])
                 start.append((var, float(max(0.0, short))))
         return start
+
+    def _combo_index(self, u: Array) -> list[int]:
+        """Per stage, the index of its on/off combination in ``Layout.combos``."""
+        lay = self._lay
+        if not lay.combos:
+            return [0] * u.shape[0]
+        where = {c: s for s, c in enumerate(lay.combos)}
+        return [where[tuple(int(v > 0.5) for v in row[list(lay.binary)])] for row in u]
 
     def _plan(self, M: Any) -> Array:
         lay = self._lay

@@ -35,7 +35,7 @@ class Layout:
     mask_D: Any  # (ny, nu)
     banded: tuple[int, ...]  # output indices with a band, in the band arrays' order
     priced: dict[int, float]  # output index -> price per unit-hour
-    terminal: tuple[int, ...]  # state indices held at the end of the horizon
+    terminal: tuple[int, ...]  # state indices held at an end stage (``milp.Config.terminal``)
     soft: bool
     slack_price: float
     terminal_price: float
@@ -44,6 +44,8 @@ class Layout:
     max_starts: int | None
     window: int
     start_cost: float
+    # on/off combinations taken exactly (``milp_form.combinations``); empty: linearised
+    combos: tuple[tuple[int, ...], ...] = ()
 
     @property
     def outputs(self) -> tuple[int, ...]:
@@ -69,9 +71,10 @@ def build(lay: Layout) -> Any:
     K, L = range(n), range(n + 1)
     ys = lay.outputs
     a_nz = [(r, c) for r in range(nx) for c in range(nx) if lay.mask_A[r, c]]
-    b_nz = [(r, i) for r in range(nx) for i in range(nu) if lay.mask_B[r, i]]
+    exact = set(lay.binary) if lay.combos else set()  # columns the combinations carry
+    b_nz = [(r, i) for r in range(nx) for i in range(nu) if lay.mask_B[r, i] and i not in exact]
     c_nz = [(j, c) for j in ys for c in range(nx) if lay.mask_C[j, c]]
-    d_nz = [(j, i) for j in ys for i in range(nu) if lay.mask_D[j, i]]
+    d_nz = [(j, i) for j in ys for i in range(nu) if lay.mask_D[j, i] and i not in exact]
     M.x0 = pyo.Param(range(nx), mutable=True, initialize=0.0)
     M.A = pyo.Param([(k, *rc) for k in K for rc in a_nz], mutable=True, initialize=0.0)
     M.B = pyo.Param([(k, *ri) for k in K for ri in b_nz], mutable=True, initialize=0.0)
@@ -94,6 +97,19 @@ def build(lay: Layout) -> Any:
 
     M.u = pyo.Var(K, range(nu), domain=u_domain, bounds=u_bounds)
     M.x = pyo.Var(L, range(nx))
+    S = range(len(lay.combos))
+    M.g = pyo.Param(K, S, range(nx), mutable=True, initialize=0.0)
+    M.f = pyo.Param(L, S, ys, mutable=True, initialize=0.0)
+    M.z = pyo.Var(K, S, bounds=(0.0, 1.0))  # one-hot once the inputs are whole
+    if lay.combos:
+        M.one_combo = pyo.Constraint(K, rule=lambda M, k: sum(M.z[k, s] for s in S) == 1)
+        M.combo_of = pyo.Constraint(
+            K,
+            range(len(lay.binary)),
+            rule=lambda M, k, b: (
+                sum(M.z[k, s] for s in S if lay.combos[s][b]) == M.u[k, lay.binary[b]]
+            ),
+        )
     M.init = pyo.Constraint(range(nx), rule=lambda M, r: M.x[0, r] == M.x0[r])
     M.dyn = pyo.Constraint(
         K,
@@ -103,6 +119,7 @@ def build(lay: Layout) -> Any:
             == sum(M.A[k, r, c] * M.x[k, c] for (rr, c) in a_nz if rr == r)
             + sum(M.B[k, r, i] * M.u[k, i] for (rr, i) in b_nz if rr == r)
             + M.c[k, r]
+            + sum(M.g[k, s, r] * M.z[k, s] for s in S)
         ),
     )
 
@@ -112,6 +129,7 @@ def build(lay: Layout) -> Any:
             sum(M.C[k, j, c] * M.x[k, c] for (jj, c) in c_nz if jj == j)
             + sum(M.D[k, j, i] * M.u[ku, i] for (jj, i) in d_nz if jj == j)
             + M.e[k, j]
+            + sum(M.f[k, s, j] * M.z[ku, s] for s in S)
         )
 
     bands = [(k, b) for b, j in enumerate(lay.banded) for k in L if k >= lay.band_from(j)]
@@ -126,7 +144,9 @@ def build(lay: Layout) -> Any:
     M.band_hi = pyo.Constraint(
         bands, rule=lambda M, k, b: y(k, lay.banded[b]) - slack(k, b) <= M.hi[k, b]
     )
-    M.terminal_drop = pyo.Param(mutable=True, initialize=0.0)
+    # the end level: the state at the one stage ``at`` selects (weight 1) at least ``x_ref``
+    M.at = pyo.Param(range(1, n + 1), mutable=True, initialize=0.0)
+    M.x_ref = pyo.Param(range(nx), mutable=True, initialize=-BIG)
     if lay.terminal:
         if lay.soft:
             M.tslack = pyo.Var(lay.terminal, domain=pyo.NonNegativeReals)
@@ -134,7 +154,9 @@ def build(lay: Layout) -> Any:
         short = (lambda s: M.tslack[s]) if lay.soft else (lambda s: 0.0)
         M.end = pyo.Constraint(
             lay.terminal,
-            rule=lambda M, s: M.x[n, s] + short(s) >= M.x0[s] - M.terminal_drop,
+            rule=lambda M, s: (
+                sum(M.at[k] * M.x[k, s] for k in range(1, n + 1)) + short(s) >= M.x_ref[s]
+            ),
         )
 
     _switching(M, lay)

@@ -10,10 +10,20 @@ input, as ``SubsystemModel.simulate`` does.  A model that is affine in its state
 inputs (a tank balance, a pressure ``a + b level``, a cost ``P on price``) has the same
 Jacobians at every base point for given ``d_k``, so any base point gives the exact
 model; ``affinity`` finds out by comparing them at a few random points.
+
+A model that is not affine in its on/off inputs (fits blended across pump combinations)
+is taken exactly in them instead, when they are few: ``combinations`` evaluates the
+one-cycle map and the outputs at every on/off combination ``s`` around the base states,
+
+    x_{k+1} = A_k x_k + B_k u_k + sum_s z_ks g_ks,     y_k = C_k x_k + D_k u_k + sum_s z_ks f_ks
+
+with ``B``, ``D`` zero in the on/off columns and ``z_k`` the one-hot of stage ``k``'s
+combination, so only the states' effect is linearised.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +65,7 @@ class Linearisation:
         fx, y = step(x, u, d, p), model.h(x, u, d, p)
         outs = [fx, ca.jacobian(fx, x), ca.jacobian(fx, u), y, ca.jacobian(y, x), ca.jacobian(y, u)]
         self._jac = ca.Function("milp_jac", [x, u, d, p], outs)
+        self._fh = ca.Function("milp_fh", [x, u, d, p], [fx, y])
         # structural nonzeros: the entries a MILP needs a coefficient for
         self.mask_A, self.mask_B, self.mask_C, self.mask_D = (
             np.array(self._jac.sparsity_out(i), dtype=bool) for i in (1, 2, 4, 5)
@@ -80,6 +91,44 @@ class Linearisation:
         e = y.T - np.einsum("kij,kj->ki", C, xs) - np.einsum("kij,kj->ki", D, us)
         return AffineForm(A=A[:n], B=B[:n], c=c[:n], C=C, D=D, e=e)
 
+    def combinations(
+        self, form: AffineForm, xb: Array, ub: Array, d: Array, p: Array, binary: tuple[int, ...]
+    ) -> tuple[AffineForm, Array, Array]:
+        """``form`` exact in the on/off inputs ``binary``: the form with their columns of
+        ``B`` and ``D`` and the constants zeroed, and per stage and combination (in
+        ``switch_combinations`` order) the state constants ``g`` (n, ns, nx) and the
+        output constants ``f`` (n + 1, ns, ny) at the base states ``xb``."""
+        n = ub.shape[0]
+        combos = switch_combinations(len(binary))
+        u_ext = np.vstack([ub, ub[-1:]])
+        d_ext = np.vstack([d[:n], d[n - 1 : n]])
+        cols = list(binary)
+        cont = [i for i in range(ub.shape[1]) if i not in binary]
+        B, D = form.B.copy(), form.D.copy()
+        B[:, :, cols] = 0.0
+        D[:, :, cols] = 0.0
+        ns = len(combos)
+        us = np.repeat(u_ext, ns, axis=0)  # stage-major, combination-minor
+        us[:, cols] = np.tile(np.array(combos, dtype=float), (n + 1, 1))
+        xs = np.repeat(xb[: n + 1], ns, axis=0)
+        ds = np.repeat(d_ext, ns, axis=0)
+        fx, y = (
+            np.asarray(r, dtype=float).T for r in self._fh.map(ns * (n + 1))(xs.T, us.T, ds.T, p)
+        )
+        fx = fx.reshape(n + 1, ns, -1)
+        y = y.reshape(n + 1, ns, -1)
+        base_x = np.einsum("kij,kj->ki", form.A, xb[:n]) + np.einsum(
+            "kij,kj->ki", form.B[:, :, cont], ub[:, cont]
+        )
+        base_y = np.einsum("kij,kj->ki", form.C, xb[: n + 1]) + np.einsum(
+            "kij,kj->ki", form.D[:, :, cont], u_ext[:, cont]
+        )
+        g = fx[:n] - base_x[:, None, :]
+        f = y - base_y[:, None, :]
+        zero_c, zero_e = np.zeros_like(form.c), np.zeros_like(form.e)
+        exact = AffineForm(A=form.A, B=B, c=zero_c, C=form.C, D=D, e=zero_e)
+        return exact, g, f
+
     def affinity(
         self, x: Array, u_lo: Array, u_hi: Array, d: Array, p: Array, points: int = 4
     ) -> float:
@@ -103,3 +152,8 @@ class Linearisation:
                 scale = 1.0 + float(np.max(np.abs(j0), initial=0.0))
                 worst = max(worst, float(np.max(np.abs(j1 - j0), initial=0.0)) / scale)
         return worst
+
+
+def switch_combinations(nb: int) -> list[tuple[int, ...]]:
+    """Every on/off combination of ``nb`` inputs, the first input varying slowest."""
+    return [tuple(c) for c in itertools.product((0, 1), repeat=nb)]

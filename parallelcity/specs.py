@@ -312,8 +312,10 @@ class SafetySpecs:
             tuple(temporal),
         )
 
-    def control_problem(self, model: SubsystemModel, dt: float, horizon: int) -> ControlProblem:
-        """The controllers' problem bounded by these specs."""
+    def control_problem(
+        self, model: SubsystemModel, dt: float, horizon: int, end_t: float | None = None
+    ) -> ControlProblem:
+        """The controllers' problem bounded by these specs (``end_t``: when the run ends)."""
         return ControlProblem(
             model=model,
             dt=dt,
@@ -322,6 +324,7 @@ class SafetySpecs:
             u_max=self.u_max,
             du_max=self.du_max(dt),
             banded_outputs=self.banded_outputs,
+            end_t=end_t,
         )
 
     @property

@@ -319,6 +319,9 @@ def test_a_model_that_is_not_affine_is_re_linearised_every_step() -> None:
     s = scheduler(problem)
     r = s.step(inp)
     assert r.status.usable, r.message
+    assert r.extra["linearisation"].startswith("every combination of its 2 on/off inputs")
+    r = scheduler(problem, switch_combinations=False).step(inp)
+    assert r.status.usable, r.message
     assert r.extra["linearisation"].startswith("re-linearised every step")
     assert milp.KIND.check(milp.Config(require_affine=True), problem)[0].startswith(
         "require_affine: model 'two_tanks' is not affine"

@@ -40,9 +40,11 @@ def cycle_logic(
     *,
     runner: SampleRunner | None = None,
     deadline_s: float | None = None,
+    end_t: float | None = None,
 ) -> tuple[str, CycleLogic]:
     """The cycle's pure decision logic, set up: twin, controller and fallback, the verifier
-    on the scenario's rig (its samples on ``runner``, serially if None) and the gate."""
+    on the scenario's rig (its samples on ``runner``, serially if None) and the gate;
+    ``end_t``, the simulated time the run ends, is the controllers' to know."""
     specs, model, meta = scenario.safety_specs(), scenario.model, scenario.meta
     kind, cfg = controller_settings(scenario, controller_kind)
     controller = plugins.controller_kind(kind).create(cfg)
@@ -51,7 +53,7 @@ def cycle_logic(
     rig = plugins.rig_kind(scenario.file.rig.kind).verification_rig(scenario.rig_config, model)
     verifier = Verifier(specs, rig, meta.cycle_s, runner=runner, deadline_s=deadline_s)
     gate = SimplexGate(scenario.file.verification.reverify_cycles)
-    logic = CycleLogic(twin, controller, fallback, verifier, gate)
+    logic = CycleLogic(twin, controller, fallback, verifier, gate, end_t)
     logic.setup()
     return kind, logic
 

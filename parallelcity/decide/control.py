@@ -45,6 +45,7 @@ class ControlProblem:
     du_max: Array  # (nu,) largest move per sample period; inf where unlimited
     banded_outputs: tuple[int, ...]  # output indices that carry a comfort/safety band
     params: Array | None = None  # model parameters the controller plans with (nominal if None)
+    end_t: float | None = None  # simulated time the run ends (None: not known)
 
     @property
     def p(self) -> Array:

@@ -129,13 +129,14 @@ class CycleLogic:
         fallback: Controller,
         verifier: Verifier,
         gate: SimplexGate | None = None,
+        end_t: float | None = None,
     ) -> None:
         self.twin = twin
         self.controller = controller
         self.fallback = fallback
         self.verifier = verifier
         self.gate = gate if gate is not None else SimplexGate()
-        self.problem = twin.specs.control_problem(twin.model, twin.dt, twin.horizon)
+        self.problem = twin.specs.control_problem(twin.model, twin.dt, twin.horizon, end_t)
 
     def setup(self) -> None:
         self.controller.setup(self.problem)

@@ -121,7 +121,11 @@ def closed_loop(spec: RunSpec, scenario: Scenario) -> tuple[RunResult, int, dict
     monitor = None
     kind = "none"
     if not none:
-        kind, logic = cycle_logic(scenario, runner=None if spec.verify else NoRollout())
+        kind, logic = cycle_logic(
+            scenario,
+            runner=None if spec.verify else NoRollout(),
+            end_t=meta.start_epoch + spec.cycles * meta.cycle_s,
+        )
         monitor = divergence_monitor(scenario)
     diagnoser = diagnoser_for(scenario)
     alarms: list[dict[str, Any]] = []

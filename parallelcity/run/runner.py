@@ -260,18 +260,20 @@ def _prepare(scenario: Scenario, options: RunOptions) -> _Setup:
     rig_kind = plugins.rig_kind(scenario.file.rig.kind)
     vcfg = scenario.file.verification
     pool = PoolSamples(RigRecipe.from_scenario(scenario), vcfg.workers) if vcfg.workers else None
+    cycles = options.cycles or meta.cycles
     try:
         controller_kind, logic = cycle_logic(
             scenario,
             options.controller_kind,
             runner=pool,
             deadline_s=None if vcfg.deadline_s is None else vcfg.deadline_s / speed,
+            # embedded, the first cycle is at the scenario's start; else when the clock says
+            end_t=meta.start_epoch + cycles * meta.cycle_s if embedded else None,
         )
     except BaseException:
         if pool is not None:
             pool.close()
         raise
-    cycles = options.cycles or meta.cycles
     return _Setup(
         scenario,
         options,

@@ -149,6 +149,8 @@ class EpanetPlant:
         self._kwh = 0.0
         self._cost = 0.0
         self._starts = 0
+        self._areas = np.array([t.area_m2 for t in net.tanks])
+        self._stored0: float | None = None  # m3 in the tanks at the first reset
         self._on_prev: NDArray[np.bool_] | None = None
         if np.asarray(params).size > 1:
             self.set_params(params)
@@ -187,6 +189,8 @@ class EpanetPlant:
         self._x = np.clip(x, [t.min_level_m for t in net.tanks], [t.max_level_m for t in net.tanks])
         self._elapsed, self._en_time, self._solved = 0.0, 0, False
         self._u_applied = self._d_applied = None
+        if self._stored0 is None:
+            self._stored0 = float(self._areas @ self._x)
 
     def step(self, u: Array, d: Array, dt: float) -> None:
         self._apply(u, d)
@@ -230,8 +234,17 @@ class EpanetPlant:
         return np.array([self._en.ENgetnodevalue(i, EN_DEMAND) for i in self._tanks])
 
     def kpis(self) -> dict[str, float]:
-        """Energy (kWh), its cost, and pump starts since the plant was made."""
-        return {"energy_kwh": self._kwh, "cost": self._cost, "pump_starts": float(self._starts)}
+        """Energy (kWh), its cost, and pump starts since the plant was made; the water
+        stored in the tanks now and its change since the first reset (m3)."""
+        stored = float(self._areas @ self._x)
+        change = stored - self._stored0 if self._stored0 is not None else math.nan
+        return {
+            "energy_kwh": self._kwh,
+            "cost": self._cost,
+            "pump_starts": float(self._starts),
+            "stored_m3": stored,
+            "stored_change_m3": change,
+        }
 
     # ---------------------------------------------------------------- faults
 
