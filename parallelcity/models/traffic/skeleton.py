@@ -57,6 +57,20 @@ def _step_for(cycle_s: int) -> int:
     return next(s for s in (10, 9, 8, 6, 5, 4, 3, 2, 1) if cycle_s % s == 0)
 
 
+def _point(name: str, cycle: int, low: float, high: float, *, required: bool) -> list[str]:
+    """One `[[field.points]]` table, stale after three cycles."""
+    lines = [
+        "",
+        "[[field.points]]",
+        f"name = {_q(name)}",
+        f"node = {_q('s=tc/' + name)}",
+        f"max_age_s = {3 * cycle}",
+        f"min = {low:.1f}",
+        f"max = {high:.0f}.0",
+    ]
+    return lines if required else [*lines, "required = false"]
+
+
 def _q(text: str) -> str:
     """A TOML basic string."""
     return json.dumps(text, ensure_ascii=False)
@@ -148,17 +162,7 @@ def skeleton(path: str | Path) -> str:
             "queued": 2 * sum(storage.values()) + 100,
             "teleports": 100000.0,
         }[what]
-        out += [
-            "",
-            "[[field.points]]",
-            f"name = {_q(name)}",
-            f"node = {_q('s=tc/' + name)}",
-            f"max_age_s = {3 * cycle}",
-            "min = -1.0",
-            f"max = {high:.0f}.0",
-        ]
-        if what != "queue":
-            out.append("required = false")
+        out += _point(name, cycle, -1.0, high, required=what == "queue")
     out += [
         "",
         "# The signal state each junction's field controller reports (measured only: the twin",
@@ -169,16 +173,7 @@ def skeleton(path: str | Path) -> str:
             (f"{j.tls}.{PHASE}", len(j.phases) - 1),
             (f"{j.tls}.{CYCLE_SECOND}", 2 * cycle_max),  # an actuated cycle may run long
         ):
-            out += [
-                "",
-                "[[field.points]]",
-                f"name = {_q(name)}",
-                f"node = {_q('s=tc/' + name)}",
-                f"max_age_s = {3 * cycle}",
-                "min = 0.0",
-                f"max = {high:.0f}.0",
-                "required = false",
-            ]
+            out += _point(name, cycle, 0.0, high, required=False)
     safe = dict(zip(names["inputs"], _program_inputs(network), strict=True))
     for name in names["inputs"]:
         out += [
