@@ -95,24 +95,14 @@ class CoordinatedMpcController:
         lim, idx = self._limits, self._coord
         dist = np.asarray(inp.disturbances, dtype=float)
         plan = np.array(res.u_plan, dtype=float)
-        u = lim.start(inp.u_prev, problem.model.u0)
+        u_start = lim.start(inp.u_prev, problem.model.u0)
+        u = u_start
         for k in range(problem.horizon):
-            target = plan[k].copy()
-            target[idx] = self._webster.target(np.clip(dist[k], 0.0, None))[idx]
-            row = plan[k].copy()
-            row[idx] = lim.move(target, u)[idx]
-            plan[k] = row
-            u = row
-        out = _result(
-            problem,
-            lim,
-            self._sim,
-            inp,
-            lim.start(inp.u_prev, problem.model.u0),
-            plan,
-            None,
-            t_start,
-        )
+            # moves are element-wise, so only the cycle and offset entries take Webster's
+            wave = self._webster.target(np.clip(dist[k], 0.0, None))
+            plan[k, idx] = lim.move(wave, u)[idx]
+            u = plan[k]
+        out = _result(problem, lim, self._sim, inp, u_start, plan, None, t_start)
         if out.status is SolveStatus.SOLVED:
             out.extra.update(res.extra)
         return out
