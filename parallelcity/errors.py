@@ -46,6 +46,10 @@ class ScenarioError(ParallelCityError):
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{path}: invalid {self.what}\n{lines}")
 
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        # rebuilt from its own arguments, so it survives a process pool or a cluster worker
+        return type(self), (self.path, self.problems)
+
 
 class GatewayConfigError(ScenarioError):
     """A stand-alone gateway's config file is missing, unreadable or does not validate."""
@@ -66,6 +70,9 @@ class NodeIdError(ScenarioError, ValueError):
         self.node = node
         self.why = why
         super().__init__("NodeId", [f"NodeId {node!r}: {why}"])
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return type(self), (self.node, self.why)
 
     def __str__(self) -> str:
         return f"NodeId {self.node!r}: {self.why}"
