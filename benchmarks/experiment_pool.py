@@ -21,19 +21,23 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = ROOT / "experiments" / "district_heating_controllers.toml"
 
 
-def wall(experiment: Path, workers: int, out: Path) -> tuple[float, float]:
-    """Wall seconds and CPU seconds (the command and its workers) of one call."""
+def wall(
+    experiment: Path, workers: int, out: Path, extra: Sequence[str] = ()
+) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (the command and its workers) of one call; ``extra``
+    are further options of ``parallelcity experiment``."""
     cpu0 = _children_cpu()
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "parallelcity", "experiment", str(experiment)]
-        + ["--workers", str(workers), "--force", "--out", str(out)],
+        + ["--workers", str(workers), "--force", "--out", str(out), *extra],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -152,7 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("experiment", type=Path, help="experiment TOML file")
     e.add_argument("--out", type=Path, help="output folder (default experiment-out/NAME/)")
     e.add_argument("--workers", type=_positive_int, help="parallel runs (default: the file's)")
-    e.add_argument("--only", action="append", metavar="VARIANT", help="run only this variant")
+    e.add_argument(
+        "--only", action="append", metavar="VARIANT", help="run only this variant (repeatable)"
+    )
     e.add_argument("--seeds", type=_seed_list, help="run only these seeds, e.g. 3 or 1,2")
     e.add_argument("--force", action="store_true", help="rerun runs that are already done")
 
