@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
+import weakref
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ from parallelcity.diagnose.visibility import operating_points, visible_size
 from parallelcity.experiment.plan import RunSpec, VariantPlan, apply_overrides, run_key
 from parallelcity.scenario.definition import Scenario
 from parallelcity.scenario.text import tables_toml
-from parallelcity.twin.model import FaultEffect, FaultKind, FaultTarget
+from parallelcity.twin.model import FaultEffect, FaultKind, FaultTarget, SubsystemModel
 
 FAULT_KEY = "rig.faults"
 MISSED = "missed"
@@ -103,7 +104,8 @@ def problems(campaign: FaultCampaign, scenario: Scenario, cycles: int) -> list[s
     return out
 
 
-_VISIBLE: dict[tuple[int, str, str, str], float] = {}
+# visible sizes per model, by everything else they depend on; an entry goes with its model
+_VISIBLE: weakref.WeakKeyDictionary[SubsystemModel, dict[str, float]] = weakref.WeakKeyDictionary()
 
 
 def min_size(kind: FaultKind, component: str, scenario: Scenario) -> float:
@@ -118,13 +120,15 @@ def min_size(kind: FaultKind, component: str, scenario: Scenario) -> float:
         return kind.min_size * sigma / (scenario.meta.cycle_s / 3600.0)
     if cfg is None or kind.applies_to is FaultTarget.SENSOR or not kind.sized:
         return kind.min_size
-    key = (id(scenario.model), repr(sorted(cfg.noise.items())), kind.name, component)
-    found = _VISIBLE.get(key)
+    dt, t0 = scenario.meta.cycle_s, scenario.meta.start_epoch
+    bounds = {s.name: (s.min, s.max) for s in scenario.specs.inputs}
+    noise, k = sorted(cfg.noise.items()), cfg.drift_allowance
+    key = repr((kind.name, component, noise, k, dt, t0, sorted(bounds.items())))
+    sizes = _VISIBLE.setdefault(scenario.model, {})
+    found = sizes.get(key)
     if found is None:
-        dt = scenario.meta.cycle_s
-        bounds = {s.name: (s.min, s.max) for s in scenario.specs.inputs}
-        points = operating_points(scenario.model, dt, scenario.meta.start_epoch, bounds)
-        found = _VISIBLE[key] = visible_size(
+        points = operating_points(scenario.model, dt, t0, bounds)
+        found = sizes[key] = visible_size(
             scenario.model, kind, component, cfg.noise, cfg.drift_allowance, dt, points
         )
     return max(kind.min_size, found)
