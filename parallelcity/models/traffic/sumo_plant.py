@@ -182,7 +182,6 @@ class SumoPlant:
         self._links: dict[str, list[list[tuple[str, str, str]]]] = {}
         self._loops: dict[str, list[str]] = {}  # approach edge -> its stop-line loops
         self._phase_loops: dict[str, list[set[str]]] = {}  # tls -> per phase, its green loops
-        self._loop_res: dict[str, Any] = {}  # the loops' subscription results, last probe
         self._halting = np.zeros(len(network.approaches))
         # probes since the last reset: (SUMO second, loop counts, occupancy %), oldest first
         self._probes: deque[tuple[float, Array, Array]] = deque()
@@ -310,17 +309,25 @@ class SumoPlant:
             "not_inserted_veh": float(waiting),
         }
 
-    def _finish(self) -> None:
-        """End the simulation as SUMO ends it (outputs written), then the process."""
-        with contextlib.suppress(Exception):
-            self._teleports = self._teleports_total() - self._teleports0
+    def _release(self) -> tuple[Any, subprocess.Popen[bytes] | None]:
+        """Let go of the simulation (its teleports counted, the finalizer off): the
+        connection and process, for the caller to end."""
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._teleports = self._teleports_total() - self._teleports0
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
         conn, proc = self._conn, self._proc
         self._conn, self._proc, self._saved = None, None, None
-        with contextlib.suppress(Exception):
-            conn.close(wait=False)
+        return conn, proc
+
+    def _finish(self) -> None:
+        """End the simulation as SUMO ends it (outputs written), then the process."""
+        conn, proc = self._release()
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close(wait=False)
         if proc is not None:
             try:
                 proc.wait(timeout=30)  # SUMO writes the unfinished trips as it exits
@@ -329,16 +336,8 @@ class SumoPlant:
 
     def close(self) -> None:
         """End the SUMO process (its outputs stay readable until the plant is collected)."""
-        if self._conn is not None:
-            with contextlib.suppress(Exception):
-                self._teleports = self._teleports_total() - self._teleports0
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        _shutdown(self._conn, self._proc, None)
-        self._conn = None
-        self._proc = None
-        self._saved = None
+        conn, proc = self._release()
+        _shutdown(conn, proc, None)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -542,8 +541,9 @@ class SumoPlant:
         loops = per_phase[phase] - per_phase[cur.coordinated]
         if not loops:
             return
+        res = self._conn.inductionloop.getAllSubscriptionResults()  # this step's
         for loop in loops:
-            r = self._loop_res.get(loop)
+            r = res.get(loop)
             since = (
                 float(self._conn.inductionloop.getTimeSinceDetection(loop))
                 if r is None
@@ -659,7 +659,6 @@ class SumoPlant:
 
         il = self._conn.inductionloop
         res = {} if direct else il.getAllSubscriptionResults()
-        self._loop_res = res
 
         def count(loop: str) -> float:
             r = res.get(loop)
