@@ -26,11 +26,10 @@ def short(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
 def test_measured_saturation_is_derived_once_and_cached(
     short: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    net_file, routes, extra = sumocfg_files(short)
+    net_file, routes, _extra = sumocfg_files(short)
     net = read_network(net_file)
     shares = read_demand(routes, net).shares
-    files = [short, net_file, *routes, *extra]
-    sat = calibrate.measured_saturation(short, files, net, shares)
+    sat = calibrate.measured_saturation(short, net, shares)
     assert set(sat) == {a.edge for a in net.approaches}
     for a in net.approaches:
         # a lane shared by turns (and left turns yielding) discharges below the geometry
@@ -40,11 +39,11 @@ def test_measured_saturation_is_derived_once_and_cached(
         raise AssertionError("measured again although the files did not change")
 
     monkeypatch.setattr(calibrate, "_measure", no_sumo)
-    assert calibrate.measured_saturation(short, files, net, shares) == sat
+    assert calibrate.measured_saturation(short, net, shares) == sat
     # a scenario ships the figures beside its .sumocfg: used without the user's cache
     calibrate.write_sidecar(short)
     monkeypatch.setenv("PARALLELCITY_CACHE", str(short.parent / "empty"))
-    assert calibrate.measured_saturation(short, files, net, shares) == sat
+    assert calibrate.measured_saturation(short, net, shares) == sat
     routes[0].write_text(routes[0].read_text().replace('vehsPerHour="', 'vehsPerHour="1'))
     with pytest.raises(AssertionError, match="measured again"):
-        calibrate.measured_saturation(short, files, net, shares)
+        calibrate.measured_saturation(short, net, shares)

@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import tempfile
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +45,28 @@ def cache_dir() -> Path:
     return (root if os.environ.get("PARALLELCITY_CACHE") else root / "parallelcity") / "sumo"
 
 
-def file_hash(files: Iterable[Path], network: Network, shares: dict[str, dict[str, float]]) -> str:
+def input_files(sumocfg: Path) -> list[Path]:
+    """The files a measurement depends on: the ``.sumocfg`` and every file it names."""
+    from .demand import sumocfg_files
+
+    net_file, routes, extra = sumocfg_files(sumocfg)
+    return [Path(sumocfg), net_file, *routes, *extra]
+
+
+def file_hash(sumocfg: Path, network: Network, shares: dict[str, dict[str, float]]) -> str:
     h = hashlib.sha256(f"v{VERSION} {SCALE} {DURATION_S} {SEED}".encode())
-    for f in files:
-        h.update(Path(f).read_bytes())
+    for f in input_files(sumocfg):
+        h.update(f.read_bytes())
     h.update(json.dumps([j.tls for j in network.junctions]).encode())
     h.update(json.dumps(shares, sort_keys=True).encode())
     return h.hexdigest()[:32]
 
 
 def measured_saturation(
-    sumocfg: Path, files: Iterable[Path], network: Network, shares: dict[str, dict[str, float]]
+    sumocfg: Path, network: Network, shares: dict[str, dict[str, float]]
 ) -> dict[str, float]:
     """Saturation flow (veh/h) per approach edge, from the cache or a SUMO run."""
-    digest = file_hash(files, network, shares)
+    digest = file_hash(sumocfg, network, shares)
     edges = {a.edge for a in network.approaches}
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         shipped = json.loads(sidecar(sumocfg).read_text())
@@ -89,15 +96,14 @@ def write_sidecar(sumocfg: Path) -> Path:
     from .demand import read_demand, sumocfg_files
     from .network import read_network
 
-    net_file, routes, extra = sumocfg_files(sumocfg)
+    net_file, routes, _extra = sumocfg_files(sumocfg)
     network = read_network(net_file)
     shares = read_demand(routes, network).shares
-    files = [Path(sumocfg), net_file, *routes, *extra]
     out = sidecar(sumocfg)
     with contextlib.suppress(OSError):
         out.unlink()  # a stale one must not answer for the files it no longer matches
-    result = measured_saturation(Path(sumocfg), files, network, shares)
-    body = {"hash": file_hash(files, network, shares), "saturation_veh_h": result}
+    result = measured_saturation(Path(sumocfg), network, shares)
+    body = {"hash": file_hash(Path(sumocfg), network, shares), "saturation_veh_h": result}
     out.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
     return out
 

@@ -134,9 +134,7 @@ def build(config: Config) -> CorridorModel:
     f, h = queue_functions(network, demand.shares, config.step_s)
     saturation = {a.edge: a.saturation_veh_h for a in network.approaches}
     if config.saturation == "measured":
-        net_file, route_files, extra = sumocfg_files(config.sumocfg)
-        files = [Path(config.sumocfg), net_file, *route_files, *extra]
-        saturation = measured_saturation(Path(config.sumocfg), files, network, demand.shares)
+        saturation = measured_saturation(Path(config.sumocfg), network, demand.shares)
     nominal = [v for a in network.approaches for v in (saturation[a.edge], a.storage_veh)]
     nominal += [config.demand_scale, config.driver_sigma, config.driver_tau]
     u0 = []
