@@ -50,6 +50,10 @@ def ensure_env() -> None:
     for old in VENV.glob(".installed-*"):
         old.unlink()
     stamp.touch()
+    if hasattr(os, "sync"):
+        # the install leaves hundreds of MB to write back; a run's journal commits with
+        # fsync, and its first commits would otherwise wait behind them (a missed deadline)
+        os.sync()
 
 
 # Spins until its parent (this script) is gone, so a killed run leaves no burner behind.
