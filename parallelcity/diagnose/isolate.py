@@ -87,7 +87,9 @@ class Fit:
 
 
 @cache
-def _one_step(model: SubsystemModel, dt: float) -> ca.Function:
+def one_step(model: SubsystemModel, dt: float) -> ca.Function:
+    """``G(x, u, d0, d1, p)``: the outputs one step of ``dt`` after state ``x`` (inputs
+    ``u`` and disturbances ``d0`` over the step, ``d1`` at its end)."""
     x = ca.SX.sym("x", model.nx)
     u = ca.SX.sym("u", model.nu)
     d0 = ca.SX.sym("d0", model.nd)
@@ -161,7 +163,7 @@ class Isolator:
         self.resolution = dict(resolution or {})
         self.dt = float(dt)
         self.params = np.asarray(model.nominal if params is None else params, dtype=float)
-        self._g = _one_step(model, self.dt)
+        self._g = one_step(model, self.dt)
         self._maps: dict[int, ca.Function] = {}
         self._rollout: tuple[Window, str, Array] | None = None  # the last one rolled out
 

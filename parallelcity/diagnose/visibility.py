@@ -21,7 +21,7 @@ import numpy as np
 from parallelcity.twin.model import Array, FaultEffect, FaultKind, FaultTarget, SubsystemModel
 
 from .faults import targets
-from .isolate import _one_step
+from .isolate import one_step
 
 VISIBLE_ALLOWANCES = 2.0  # a shift of this many CUSUM allowances k is seen within h / k cycles
 MAX_CORNERS = 16
@@ -78,7 +78,7 @@ def visible_size(
     x, u, d0, d1 = points
     p0 = np.asarray(model.nominal if params is None else params, dtype=float)
     n = x.shape[0]
-    g = _one_step(model, float(dt)).map(n)
+    g = one_step(model, float(dt)).map(n)
     chan = [model.index("outputs", c) for c in sigma]
     s = np.array([sigma[c] for c in sigma])
     idx = list(targets(model, kind, component))
