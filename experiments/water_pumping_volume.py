@@ -5,8 +5,9 @@ Usage: python experiments/water_pumping_volume.py OUT_DIR [SCENARIO]
 For every run in OUT_DIR (an `parallelcity experiment` output folder) it reads the run's
 energy cost and the water stored in the tanks at the start and at the end of the run as
 the field plant measured them (the plant KPIs `cost`, `stored_m3`, `stored_change_m3`),
-and the pumps' flows per cycle (`series.csv`) with the tanks and pumps of the scenario's
-network.  Per seed, `milp_pump` against the other variant (the network's own rules):
+and the pumps' flows per cycle (`series.csv`, its end-of-run row left out) with the tanks
+and pumps of the scenario's network.  Per seed, `milp_pump` against the other variant
+(the network's own rules):
 
 - the saving `1 - cost / cost_rules`;
 - the end-volume condition: `milp_pump` ends with at least the water it started with
@@ -35,8 +36,8 @@ MPC = "milp_pump"
 
 
 def _pumped(path: Path, pumps: list[str], cycle_h: float) -> float:
-    with path.open(newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    with path.open(newline="") as fh:  # each cycle's row stands for its cycle; the end's for none
+        rows = [r for r in csv.DictReader(fh) if r["outcome"] != "end"]
     return sum(float(r.get(f"{p}.flow") or 0.0) for r in rows for p in pumps) * cycle_h
 
 

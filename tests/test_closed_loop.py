@@ -116,7 +116,8 @@ def test_the_journal_holds_every_cycle_command_and_verdict(dh, day) -> None:
 def test_the_run_leaves_csv_plot_summary_and_metrics(day) -> None:
     summary, paths = write_all(day)
     lines = paths["csv"].read_text().splitlines()
-    assert len(lines) == 97 and lines[0].startswith("time,cycle,outcome")
+    assert len(lines) == 98 and lines[0].startswith("time,cycle,outcome")
+    assert lines[-1].startswith("2026-01-13T00:00:00Z,,end,")  # the day's end, no cycle
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "parallelcity_commands_acked_total" in paths["metrics"].read_text()
     assert any("comfort violation" in line for line in summary.lines())

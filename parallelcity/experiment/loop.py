@@ -5,7 +5,9 @@ outputs into a snapshot (the mirror's plausibility and freshness rules), plan wi
 runner's pure logic (``decide.cycle``: twin and estimator, controller, verified fallback,
 simplex gate, ``finish_cycle``), apply the chosen inputs to the plant and advance it one
 cycle of simulated time, as fast as it computes.  There is no wall-clock deadline: the
-controllers solve to completion and the solve time is reported instead.
+controllers solve to completion and the solve time is reported instead.  After the last
+cycle the plant's outputs at the run's end are read once more (``EndState``), so the
+series ends at the run's end as ``run``'s does.
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ from parallelcity.experiment.table import finite_or_null
 from parallelcity.field.config import FieldConfig
 from parallelcity.field.protocol import Plant
 from parallelcity.field.snapshot import Snapshot, assess
-from parallelcity.record.records import CycleRecord, RunResult, count_cycle, new_counts
+from parallelcity.record.records import (
+    CycleRecord,
+    RunResult,
+    count_cycle,
+    end_state,
+    new_counts,
+)
 from parallelcity.record.report import Summary, summarize, write_csv, write_plot
 from parallelcity.scenario.definition import Scenario
 from parallelcity.specs import SafetySpecs
@@ -190,7 +198,12 @@ def closed_loop(spec: RunSpec, scenario: Scenario) -> tuple[RunResult, int, dict
                     wall_s=time.perf_counter() - wall0,
                 )
             )
-        plant.advance(meta.start_epoch + spec.cycles * meta.cycle_s)  # the last cycle's effect
+        t_end = meta.start_epoch + spec.cycles * meta.cycle_s
+        plant.advance(t_end)  # the last cycle's effect
+        end = None
+        if records:
+            snap = readings.snapshot(plant.outputs(), t_end)
+            end = end_state(t_end, snap, bands, model.inputs, u_prev)
         plant_kpis = plant.kpis() if isinstance(plant, KpiSource) else {}
     finally:
         close = getattr(plant, "close", None)
@@ -208,6 +221,7 @@ def closed_loop(spec: RunSpec, scenario: Scenario) -> tuple[RunResult, int, dict
         first_cycle_t=meta.start_epoch,
         alarms=alarms,
         fault_visible_cycles=planted_visibility(diagnoser, scenario),
+        end_state=end,
     )
     return result, rejected, {str(k): float(v) for k, v in plant_kpis.items()}
 
@@ -253,7 +267,7 @@ def run_one(spec: RunSpec, out_dir: Path) -> RunOutcome:
     summary = summarize(result)
     kpis, units = kpis_of(summary, rejected, plant_kpis, wall_s)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(result.records, out_dir / SERIES)
+    write_csv(result.records, out_dir / SERIES, result.end_state)
     if spec.series:
         write_plot(result, out_dir / PLOT)
     data = {

@@ -100,19 +100,21 @@ def _json(value: Any) -> str:
     return json.dumps(clean(value), separators=(",", ":"))
 
 
-def _snapshot_json(s: Snapshot) -> str:
-    return _json(
-        {
-            name: {
-                "value": p.reading.value if p.reading else None,
-                "source_time": p.reading.source_time if p.reading else None,
-                "status": p.reading.status_code if p.reading else None,
-                "stale": p.stale,
-                "why": p.why,
-            }
-            for name, p in s.points.items()
+def _snapshot_dict(s: Snapshot) -> dict[str, dict[str, Any]]:
+    return {
+        name: {
+            "value": p.reading.value if p.reading else None,
+            "source_time": p.reading.source_time if p.reading else None,
+            "status": p.reading.status_code if p.reading else None,
+            "stale": p.stale,
+            "why": p.why,
         }
-    )
+        for name, p in s.points.items()
+    }
+
+
+def _snapshot_json(s: Snapshot) -> str:
+    return _json(_snapshot_dict(s))
 
 
 class Journal:
@@ -308,6 +310,24 @@ class Journal:
                 "INSERT INTO event VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (self.run_id, k, t, source, kind, detail, _json(dict(data or {}))),
             )
+
+    def record_end_state(
+        self,
+        k: int,
+        t: float,
+        snapshot: Snapshot,
+        applied: Mapping[str, float],
+        bands: Mapping[str, tuple[float, float]],
+    ) -> None:
+        """The field at the run's end, after its ``k`` cycles (an event of source "run",
+        kind "end_state": journals from before it simply lack it).  The snapshot is stored
+        as a cycle's is."""
+        data = {
+            "snapshot": _snapshot_dict(snapshot),
+            "applied": dict(applied),
+            "bands": {n: list(b) for n, b in bands.items()},
+        }
+        self.record_event(k, t, "run", "end_state", "the field after the last cycle", data)
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         self._db.row_factory = sqlite3.Row

@@ -1,9 +1,11 @@
-"""Reading a journal back: a run's cycle records, counts and end, for ``parallelcity report``.
+"""Reading a journal back: a run's cycle records, counts, end state and end, for
+``parallelcity report``.
 
 The file is opened read-only and never written.  Journals without the ``cycle_result``
 table (older ones), and a last cycle cut short by a crash, are rebuilt from the cycle,
 plan, command and ack rows: the cycle's wall time then leaves out its dispatch, and the
-applied inputs are unknown (NaN) until the first acknowledged command.
+applied inputs are unknown (NaN) until the first acknowledged command.  Journals without
+the end-state event (older ones, and runs that did not complete) have no end state.
 """
 
 from __future__ import annotations
@@ -17,10 +19,16 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from parallelcity.errors import JournalError, ScenarioError
-from parallelcity.record.records import CycleRecord, RunResult, count_cycle, new_counts
+from parallelcity.record.records import (
+    CycleRecord,
+    EndState,
+    RunResult,
+    count_cycle,
+    new_counts,
+)
 
 if TYPE_CHECKING:  # imported where used: a file that is no journal is refused at once
-    from parallelcity.record.records import CycleRecord, RunResult
+    from parallelcity.record.records import CycleRecord, EndState, RunResult
     from parallelcity.scenario.definition import Scenario
 
 LOCK_TIMEOUT_S = 2.0
@@ -68,6 +76,7 @@ class JournalRun:
     end: RunEnd | None
     tripped_at_start: bool = False  # the gateway's watchdog was tripped when the run began
     alarms: list[dict[str, Any]] = field(default_factory=list)  # diagnosis alarms, in order
+    end_state: sqlite3.Row | None = None  # the field at the run's end (completed runs)
 
     def describe_end(self) -> str:
         return self.end.describe() if self.end else NO_END
@@ -131,6 +140,17 @@ def _run_end(db: sqlite3.Connection, run_id: int) -> RunEnd | None:
     )
 
 
+def _end_state_row(db: sqlite3.Connection, run_id: int) -> sqlite3.Row | None:
+    rows = list(
+        db.execute(
+            "SELECT t, data FROM event WHERE run_id = ? AND source = 'run' "
+            "AND kind = 'end_state' ORDER BY rowid DESC LIMIT 1",
+            (run_id,),
+        )
+    )
+    return rows[0] if rows else None
+
+
 def read_journal(path: Path) -> JournalRun:
     """The last run in the journal at ``path`` (or in the run folder ``path``);
     ``JournalError`` if it is not one."""
@@ -191,6 +211,7 @@ def read_journal(path: Path) -> JournalRun:
                     (rid,),
                 )
             ],
+            end_state=_end_state_row(db, rid),
         )
     except sqlite3.Error as exc:
         raise JournalError(f"{path}: cannot read the journal: {exc}") from exc
@@ -293,12 +314,30 @@ def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dic
     return out, counts
 
 
+def end_state(run: JournalRun) -> EndState | None:
+    """The field at the run's end as the runner read it, or None if the journal has none."""
+    from parallelcity.record.records import EndState
+
+    if run.end_state is None:
+        return None
+    data = json.loads(run.end_state["data"])
+    snap = data["snapshot"]
+    return EndState(
+        t=float(run.end_state["t"]),
+        values={n: None if p.get("value") is None else float(p["value"]) for n, p in snap.items()},
+        bands={n: (_num(b[0]), _num(b[1])) for n, b in data["bands"].items()},
+        applied={n: _num(v) for n, v in data["applied"].items()},
+        stale=tuple(n for n, p in snap.items() if p.get("stale")),
+    )
+
+
 def run_result(run: JournalRun, scenario: Scenario, out_dir: Path) -> RunResult:
     """The run as ``runner.run`` returned it, to write its outputs into ``out_dir``."""
     from parallelcity.record.records import RunResult
 
     try:
         recs, counts = records(run, scenario)
+        end_row = end_state(run)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
         raise JournalError(f"{run.path}: the journal holds a malformed row: {exc!r}") from exc
     kind = str(run.info.get("controller") or scenario.file.controller.kind)
@@ -319,4 +358,5 @@ def run_result(run: JournalRun, scenario: Scenario, out_dir: Path) -> RunResult:
         abandoned=end.abandoned if end else "",
         first_cycle_t=recs[0].t if recs else None,
         alarms=run.alarms,
+        end_state=end_row,
     )

@@ -2,7 +2,8 @@
 
 One panel per banded output with its band in the output's own colour, the
 panels the model kind declares (``SubsystemModel.report``), and a strip marking the
-cycles that did not go as planned.  Times are shown in the scenario's time zone.
+cycles that did not go as planned.  The lines end at the run's end when the run read
+the field there (``EndState``).  Times are shown in the scenario's time zone.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from parallelcity.twin.model import Panel
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from parallelcity.record.records import CycleRecord, RunResult
+    from parallelcity.record.records import CycleRecord, EndState, RunResult
+
+    Row = CycleRecord | EndState
 
 log = logging.getLogger("parallelcity.record.plot")
 
@@ -78,13 +81,19 @@ def plot_title(result: RunResult) -> str:
     )
 
 
-def _values(recs: Sequence[CycleRecord], name: str) -> list[float]:
+def _rows(result: RunResult) -> list[Row]:
+    """The cycles, then the field at the run's end if the run read it."""
+    end = [result.end_state] if result.end_state is not None and result.records else []
+    return [*result.records, *end]
+
+
+def _values(recs: Sequence[Row], name: str) -> list[float]:
     return [math.nan if (v := r.values.get(name)) is None else v for r in recs]
 
 
 def _series(result: RunResult, name: str) -> tuple[list[float], str] | None:
-    """A panel signal's values per cycle and how it was obtained, or None if unknown."""
-    recs = result.records
+    """A panel signal's values per row (``_rows``) and how it was obtained, or None."""
+    recs = _rows(result)
     model = result.scenario.model
     if recs and name in recs[0].values:
         return _values(recs, name), ""
@@ -104,10 +113,11 @@ def plot_figure(result: RunResult) -> Figure:
     from matplotlib.figure import Figure
 
     recs = result.records
+    rows = _rows(result)
     model = result.scenario.model
     spec = model.report
     tz = _zone(result)
-    times = [dt.datetime.fromtimestamp(r.t, tz) for r in recs]
+    times = [dt.datetime.fromtimestamp(r.t, tz) for r in rows]
     banded = list(recs[0].bands) if recs else []
     panels = list(spec.panels) or [Panel("inputs", model.inputs)]
     panels = [p for p in panels if any(_series(result, n) for n in p.signals)]
@@ -118,9 +128,9 @@ def plot_figure(result: RunResult) -> Figure:
         ax.ticklabel_format(axis="y", useOffset=False)
     for i, name in enumerate(banded):
         ax, colour = axes[i], f"C{i}"
-        vals = _values(recs, name)
-        lo = [r.bands[name][0] for r in recs]
-        hi = [r.bands[name][1] for r in recs]
+        vals = _values(rows, name)
+        lo = [r.bands[name][0] for r in rows]
+        hi = [r.bands[name][1] for r in rows]
         ax.fill_between(times, lo, hi, color=colour, alpha=0.18, step="post", label=spec.band_name)
         ax.plot(times, vals, color=colour, marker=".", label=name)
         ax.set_ylabel(spec.banded_label, fontsize=8)
@@ -140,8 +150,8 @@ def plot_figure(result: RunResult) -> Figure:
         ax.set_ylabel(f"{panel.title}{unit}", fontsize=8)
         ax.legend(loc="upper left", fontsize=8)
     ax = axes[-1]
-    for row, (what, marker, colour) in enumerate(MARKERS):
-        at = [tm for tm, r in zip(times, recs, strict=True) if what in cycle_events(r)]
+    for row, (what, marker, colour) in enumerate(MARKERS):  # cycles only: zip drops the end
+        at = [tm for tm, r in zip(times, recs, strict=False) if what in cycle_events(r)]
         ax.scatter(
             at, [row] * len(at), marker=marker, color=colour, s=25, label=f"{what} ({len(at)})"
         )

@@ -1,4 +1,5 @@
-"""What a run leaves behind, as values: each cycle's record, the run's counters and result.
+"""What a run leaves behind, as values: each cycle's record, the field's state at the
+run's end, the run's counters and result.
 
 Pure (no I/O): the runner fills these live, ``record.journal_read`` rebuilds them
 from a journal, and the report and plot read them.
@@ -6,7 +7,7 @@ from a journal, and the report and plot read them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 from parallelcity.decide.cycle import Outcome
 
 if TYPE_CHECKING:
+    from parallelcity.field.snapshot import Snapshot
     from parallelcity.scenario.definition import Scenario
+    from parallelcity.specs import Band
     from parallelcity.verify.rig import FieldStandIn
 
 
@@ -31,6 +34,39 @@ class CycleRecord:
     ack: str  # "applied" | "refused:<code>" | "duplicate" | "undelivered" | ""
     solve_time_s: float
     wall_s: float
+
+
+@dataclass(frozen=True)
+class EndState:
+    """The field as read at the run's end, once the last cycle's interval has passed.
+
+    Not a cycle: nothing was decided or sent, so it is kept apart from ``records`` and
+    no counter or KPI counts it; the CSV and the plot end with it.  Read only when a run
+    completes (an interrupted or failed run has none).
+    """
+
+    t: float
+    values: dict[str, float | None]  # the last readings, as a cycle records them
+    bands: dict[str, tuple[float, float]]
+    applied: dict[str, float]  # the inputs in force, as the last cycle left them
+    stale: tuple[str, ...] = ()  # points whose reading was stale at the end
+
+
+def end_state(
+    t: float,
+    snap: Snapshot,
+    bands: Sequence[Band],
+    inputs: Sequence[str],
+    u_in_force: Iterable[float],
+) -> EndState:
+    """The end state from the snapshot read at the run's end ``t``."""
+    return EndState(
+        t=t,
+        values=snap.values(),
+        bands={b.output: b.limits(t) for b in bands},
+        applied={n: float(v) for n, v in zip(inputs, u_in_force, strict=True)},
+        stale=tuple(n for n, p in snap.points.items() if p.stale),
+    )
 
 
 @dataclass
@@ -53,6 +89,7 @@ class RunResult:
     alarms: list[dict[str, Any]] = field(default_factory=list)  # diagnosis alarms (as_dict)
     # per planted fault: cycles it showed on the diagnosis channels (experiment runs)
     fault_visible_cycles: list[int | None] = field(default_factory=list)
+    end_state: EndState | None = None  # the field after the last cycle (completed runs)
 
 
 ProgressFn = Callable[[CycleRecord, dict[str, int]], None]

@@ -3,6 +3,8 @@
 The KPIs are the model kind's (``SubsystemModel.report``): the band KPI is the time
 integral of the distance outside the bands, in the banded outputs' unit times hours,
 measured from the mirror's values at the cycle instants; each total integrates an output.
+Each cycle's value stands for its cycle's interval, so the end state (``EndState``, the
+field at the run's end) enters no KPI: it ends the CSV and the plot only.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from parallelcity.decide.cycle import Outcome
-from parallelcity.record.records import CycleRecord, RunResult
+from parallelcity.record.records import CycleRecord, EndState, RunResult
 from parallelcity.twin.model import ReportSpec
 
 EXIT_OK, EXIT_NO_CONTROL = 0, 6
@@ -274,7 +276,19 @@ def _iso(t: float) -> str:
     return dt.datetime.fromtimestamp(t, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def write_csv(records: Sequence[CycleRecord], path: Path) -> None:
+END_OUTCOME = "end"
+"""The outcome column of the CSV's last row when the run completed: the field at the
+run's end, not a cycle (no cycle number, no command, no solve)."""
+
+
+def end_reason(end: EndState) -> str:
+    """The reason column of the end row: what it is, and which readings were stale."""
+    why = "the field at the run's end, after the last cycle; nothing sent"
+    return why + (f"; stale: {', '.join(end.stale)}" if end.stale else "")
+
+
+def write_csv(records: Sequence[CycleRecord], path: Path, end: EndState | None = None) -> None:
+    """One row per cycle, then (``end``) one row for the field at the run's end."""
     if not records:
         path.write_text("")
         return
@@ -294,12 +308,31 @@ def write_csv(records: Sequence[CycleRecord], path: Path) -> None:
         for r in records:
             w.writerow(
                 [_iso(r.t), r.k, Outcome(r.outcome).value, r.source, r.ack]
-                + ["" if r.values.get(p) is None else f"{r.values[p]:.4f}" for p in points]
-                + [r.bands[b][0] for b in bands]
-                + [r.bands[b][1] for b in bands]
-                + [f"{r.applied[i]:.4f}" for i in inputs]
+                + _state_cells(r.values, r.bands, r.applied, points, bands, inputs)
                 + [f"{r.solve_time_s:.4f}", f"{r.wall_s:.4f}", r.reason]
             )
+        if end is not None:
+            w.writerow(
+                [_iso(end.t), "", END_OUTCOME, "", ""]
+                + _state_cells(end.values, end.bands, end.applied, points, bands, inputs)
+                + ["", "", end_reason(end)]
+            )
+
+
+def _state_cells(
+    values: dict[str, float | None],
+    band: dict[str, tuple[float, float]],
+    applied: dict[str, float],
+    points: list[str],
+    bands: list[str],
+    inputs: list[str],
+) -> list[Any]:
+    return (
+        ["" if values.get(p) is None else f"{values[p]:.4f}" for p in points]
+        + [band[b][0] for b in bands]
+        + [band[b][1] for b in bands]
+        + [f"{applied[i]:.4f}" for i in inputs]
+    )
 
 
 def write_plot(result: RunResult, path: Path) -> None:
@@ -419,7 +452,7 @@ def write_all(result: RunResult) -> tuple[Summary, dict[str, Path]]:
         "summary": out / "summary.json",
         "metrics": out / "metrics.prom",
     }
-    write_csv(result.records, paths["csv"])
+    write_csv(result.records, paths["csv"], result.end_state)
     write_plot(result, paths["plot"])
     paths["summary"].write_text(summary_json(summary))
     paths["metrics"].write_text(metrics_text(summary, result.scenario.meta.name))

@@ -64,9 +64,11 @@ from parallelcity.gateway.watchdog import readable_times
 from parallelcity.record.journal import Journal
 from parallelcity.record.records import (
     CycleRecord,
+    EndState,
     ProgressFn,
     RunResult,
     count_cycle,
+    end_state,
     new_counts,
 )
 from parallelcity.run.lifecycle import (
@@ -432,6 +434,7 @@ async def _run(scenario: Scenario, options: RunOptions, progress: ProgressFn | N
         abandoned=loop.abandoned,
         first_cycle_t=loop.t_first,
         alarms=loop.alarms,
+        end_state=loop.end_state,
     )
 
 
@@ -452,6 +455,7 @@ class _Loop:
         self.stop, self.u_prev, self.progress = stop, u_now, progress
         self.clock = setup.clock
         self.records: list[CycleRecord] = []
+        self.end_state: EndState | None = None
         self.counts = new_counts()
         self.worker = SolveWorker()
         self.solving: Future[Decision] | None = None
@@ -501,6 +505,8 @@ class _Loop:
                 except Stopped:
                     break
                 await self.cycle(k, t_k)
+            if self.records and not stop.requested:
+                await self.read_end(t_first + self.setup.cycles * meta.cycle_s)
             heartbeats.cancel()
             with suppress(DispatchError):  # a clean end hands the equipment leases back
                 await self.dispatcher.heartbeat(release=True, sent_at=clock.now())
@@ -568,6 +574,25 @@ class _Loop:
         self.records.append(rec)
         if self.progress:
             self.progress(rec, self.counts)
+
+    async def read_end(self, t_end: float) -> None:
+        """Once every cycle ran: wait out the last cycle's interval (heartbeats go on, the
+        last command stays in force) and read the field at the run's end.  A stop while
+        waiting leaves no end state: the run did not reach its end."""
+        try:
+            await unless_stopped(self.clock.sleep_until(t_end), self.stop)
+        except Stopped:
+            return
+        k = len(self.records)
+        snap = self.mirror.snapshot()
+        for event in self.mirror.take_events():
+            self.journal.record_event(
+                k, event.t, "mirror", event.kind, event.detail, {"gap": event.gap}
+            )
+        run = self.setup
+        end = end_state(t_end, snap, run.specs.bands, run.scenario.model.inputs, self.u_prev)
+        self.journal.record_end_state(k, t_end, snap, end.applied, end.bands)
+        self.end_state = end
 
     async def _solve(
         self, k: int, t_k: float, snap: Snapshot, deadline_at: float
