@@ -191,7 +191,8 @@ def _parser() -> argparse.ArgumentParser:
     ra.add_argument(
         "--issuer",
         default="operator",
-        help="the issuer the gateway binds to your key (its client name unless set)",
+        help="the issuer the gateway binds to your key: that client's `issuer` in the "
+        "gateway config, else its `name` (default: %(default)s)",
     )
 
     c = sub.add_parser(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import time
@@ -417,6 +418,36 @@ def test_garbage_gets_a_malformed_refusal_and_the_gateway_keeps_serving() -> Non
             finally:
                 raw.close(linger=0)
             assert gw.counters.malformed == 4 and gw.counters.applied == 1
+            assert writer.writes == [GOOD]
+
+    run(main)
+
+
+def test_a_command_spelled_otherwise_is_applied_and_its_canonical_resend_is_a_duplicate() -> None:
+    # Decoders accept any valid JSON, `1.0` or `1` or `1e0` (docs/wire-protocol.md): a peer
+    # whose encoder writes `"v": 1.0, "seq": 3.0` sends the same command as the canonical
+    # bytes, so the gateway applies it once and answers the canonical resend `duplicate`.
+    writer, clock = FakeWriter(), FakeClock(T0)
+    good = command(seq=3)
+    body = good.to_json() | {"v": 1.0, "seq": 3.0}
+    spelled = json.dumps(body, indent=1, sort_keys=False).encode()
+    assert spelled != good.encode() and b'"seq": 3.0' in spelled and b'"v": 1.0' in spelled
+
+    async def main() -> None:
+        async with zmq_context() as ctx, serving(ctx, writer, clock) as gw:
+            raw = ctx.socket(zmq.DEALER)
+            raw.setsockopt(zmq.LINGER, 0)
+            raw.connect(gw.endpoint)
+            try:
+                await raw.send(spelled)
+                ack = await recv_ack(raw)
+                assert (ack.id, ack.seq, ack.status) == (good.id, 3, AckStatus.APPLIED), ack
+                await raw.send(good.encode())
+                again = await recv_ack(raw)
+                assert (again.id, again.status) == (good.id, AckStatus.DUPLICATE), again
+                assert again.applied_at == ack.applied_at
+            finally:
+                raw.close(linger=0)
             assert writer.writes == [GOOD]
 
     run(main)

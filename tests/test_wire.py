@@ -159,7 +159,10 @@ def test_ack_round_trip(ack: Ack) -> None:
         (raw(command_json(issuer="x" * 65)), "field 'issuer' is 65 UTF-8 bytes, at most 64"),
         (raw(command_json(issuer="a\nb")), "U+000A (category Cc) at byte 1 is not allowed"),
         (raw(command_json(seq=-1)), "field 'seq'"),
-        (raw(command_json(seq=1.0)), "field 'seq'"),
+        (raw(command_json(seq=1.5)), "field 'seq'"),
+        (raw(command_json(seq=float(MAX_SEQ + 1))), "expected an integer in 0..2**53-1"),
+        (raw(command_json(v=1.5)), "unsupported protocol version 1.5"),
+        (raw(command_json(v=2.0)), "unsupported protocol version 2"),
         (raw(command_json(seq=False)), "field 'seq'"),
         (raw(command_json(seq=2**63)), "field 'seq'"),
         (raw(command_json(seq=MAX_SEQ + 1)), "expected an integer in 0..2**53-1"),
@@ -231,6 +234,33 @@ def test_constructing_or_encoding_an_invalid_message_fails_early() -> None:
         Command(ID, "cycle", 0, 0.0, 1.0, {"\N{GRINNING FACE}" * 100 + "abc": 1.0}, VERDICT)
     with pytest.raises(WireFormatError, match="refusal code"):
         Ack(ID, 0, AckStatus.REFUSED)
+
+
+def test_integer_fields_are_read_by_value_in_any_spelling() -> None:
+    # The page: decoders accept `1.0` or `1` or `1e0`. A JavaScript end cannot tell them
+    # apart (JSON.parse), and a command's digest is that of its canonical encoding, which
+    # writes all three as `1`: so `v`, `seq` and `last_seq` are read by their value.
+    canonical = decode_command(raw(command_json()))
+    for v, seq in (("1.0", "7.0"), ("1e0", "7E0"), ("10e-1", "0.7e1")):
+        spelled = (
+            raw(command_json())
+            .replace(b'"v": 1,', b'"v": ' + v.encode() + b",")
+            .replace(b'"seq": 7,', b'"seq": ' + seq.encode() + b",")
+        )
+        assert spelled != raw(command_json())
+        cmd = decode_command(spelled)
+        assert cmd == canonical and type(cmd.seq) is int
+        assert cmd.digest == canonical.digest and cmd.encode() == canonical.encode()
+        assert type(decode_request(spelled).seq) is int  # type: ignore[union-attr]
+        assert recover_id(spelled.replace(b'"verdict"', b'"verdict_"')) == (ID, 7)
+    ack = Ack(ID, 7, AckStatus.APPLIED, applied_at=1768179611.25)
+    spelled_ack = ack.encode().replace(b'"seq":7', b'"seq":7.0').replace(b'"v":1', b'"v":1.0')
+    assert decode_ack(spelled_ack) == ack and type(decode_ack(spelled_ack).seq) is int
+    status = Status(ID, "cycle", 42, WatchdogState.ARMED, "", {}, 1768179700.5, 1.0)
+    spelled_status = status.encode().replace(b'"last_seq":42', b'"last_seq":4.2e1')
+    assert decode_status(spelled_status) == status
+    assert type(decode_status(spelled_status).last_seq) is int
+    assert decode_reply(spelled_status) == status
 
 
 def test_recover_id() -> None:

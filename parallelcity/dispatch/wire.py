@@ -724,6 +724,16 @@ Reply = Ack | Status
 # --------------------------------------------------------------------------- decoding
 
 
+def _wire_int(value: Any) -> Any:
+    """An integer field (``v``, ``seq``, ``last_seq``) read by its value, as every JSON
+    parser reads it: ``6.0`` and ``6e0`` are the number 6 (JavaScript's ``JSON.parse``
+    cannot tell them apart, and the canonical encoding writes all three as ``6``). Anything
+    else is returned as it is, for the field's own check to refuse."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
 def _reject_constant(name: str) -> NoReturn:
     _bad(f"not JSON: {name} is not a JSON number")
 
@@ -762,7 +772,7 @@ def _parse(data: bytes, *kinds: str) -> dict[str, Any]:
         _bad(f"not a JSON object: got a JSON {_json_kind(obj)}")
     if "v" not in obj:
         _bad("missing field 'v' (protocol version)")
-    v = obj["v"]
+    v = _wire_int(obj["v"])
     if isinstance(v, bool) or not isinstance(v, int) or v != PROTOCOL_VERSION:
         _bad(f"unsupported protocol version {_show(v)}: this end speaks v={PROTOCOL_VERSION}")
     if "type" not in obj:
@@ -802,7 +812,7 @@ def _command(obj: dict[str, Any]) -> Command:
     return Command(  # the constructor checks every field
         id=obj["id"],
         issuer=obj["issuer"],
-        seq=obj["seq"],
+        seq=_wire_int(obj["seq"]),
         issued_at=obj["issued_at"],
         valid_until=obj["valid_until"],
         setpoints=obj["setpoints"],
@@ -838,7 +848,7 @@ def _ack(obj: dict[str, Any]) -> Ack:
             )
     return Ack(  # the constructor checks every field
         id=obj["id"],
-        seq=obj["seq"],
+        seq=_wire_int(obj["seq"]),
         status=status,
         code=code,
         detail=obj["detail"],
@@ -866,7 +876,7 @@ def _status(obj: dict[str, Any]) -> Status:
         )
     last_seq = obj["last_seq"]
     if last_seq is not None:
-        last_seq = _check_seq(last_seq)
+        last_seq = _check_seq(_wire_int(last_seq))
     return Status(
         id=obj["id"],
         issuer=obj["issuer"],
@@ -925,7 +935,7 @@ def recover_id(data: bytes) -> tuple[str, int]:
     msg_id = obj.get("id")
     if not isinstance(msg_id, str) or not _ID.fullmatch(msg_id):
         return NULL_ID, 0
-    seq = obj.get("seq")
+    seq = _wire_int(obj.get("seq"))
     if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
         seq = 0
     return msg_id, seq
