@@ -261,12 +261,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     f = sub.add_parser(
         "field",
-        help="serve a scenario's field stand-in (its plant simulator) over OPC UA on a port",
-        description="Serve the plant simulator of SCENARIO's rig behind an OPC UA server on "
-        "HOST:PORT, on the wall clock, until Ctrl-C or SIGTERM (exit 0). Secure by default: "
+        help="serve a scenario's field stand-in (its plant simulator) over its field protocol "
+        "(OPC UA, Modbus TCP) on a port",
+        description="Serve the plant simulator of SCENARIO's rig over the scenario's field "
+        "protocol on HOST:PORT, on the wall clock, until Ctrl-C or SIGTERM (exit 0). OPC UA is "
+        "secure by default: "
         "SignAndEncrypt with the server certificate of a `parallelcity certs` folder (--pki; "
         "default: the folder of the scenario's [security.opcua] certificate, else field-pki/; "
         "made when it does not exist), trusting that folder's client and user certificates. "
+        "Modbus TCP has no security: 127.0.0.1 only, another --host needs --insecure-lab. "
         "Prints the endpoint, the point table and what to run next.",
     )
     f.add_argument("scenario", type=Path, help="scenario TOML file")
