@@ -101,9 +101,11 @@ def _parser() -> argparse.ArgumentParser:
         "run",
         help="run a scenario's closed loop",
         description=(
-            "Run the closed loop of SCENARIO. Without --field, the scenario's rig is started "
-            "in-process as the field (a plant simulator behind an OPC UA server on 127.0.0.1) "
-            "together with a field gateway, so the whole path runs for real on this machine. "
+            "Run the closed loop of SCENARIO. Against real equipment: --field and --gateway, "
+            "or the scenario's [field] endpoint and gateway. With neither, the scenario's rig "
+            "is started in-process as the field (a plant simulator behind the scenario's field "
+            "protocol on 127.0.0.1) together with a field gateway, so the whole path runs for "
+            "real on this machine. "
             "Writes the journal, a CSV time series, a plot and a summary to --out."
         ),
     )
@@ -118,8 +120,17 @@ def _parser() -> argparse.ArgumentParser:
         "(embedded rig only)",
     )
     r.add_argument("--out", type=Path, default=Path("runs"), help="output folder (default runs/)")
-    r.add_argument("--field", metavar="OPC.TCP://…", help="OPC UA endpoint of real equipment")
-    r.add_argument("--gateway", metavar="TCP://…", help="ZeroMQ address of a running gateway")
+    r.add_argument(
+        "--field",
+        metavar="ENDPOINT",
+        help="endpoint of real equipment in the scenario's protocol (opc.tcp://HOST:PORT, "
+        "modbus://HOST:PORT); default: the scenario's [field] endpoint",
+    )
+    r.add_argument(
+        "--gateway",
+        metavar="TCP://…",
+        help="ZeroMQ address of a running gateway; default: the scenario's [field] gateway",
+    )
     r.add_argument("--controller", metavar="KIND", help="use this controller kind instead")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -251,12 +262,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     f = sub.add_parser(
         "field",
-        help="serve a scenario's field stand-in (its plant simulator) over OPC UA on a port",
-        description="Serve the plant simulator of SCENARIO's rig behind an OPC UA server on "
-        "HOST:PORT, on the wall clock, until Ctrl-C or SIGTERM (exit 0). Secure by default: "
+        help="serve a scenario's field stand-in (its plant simulator) over its field protocol "
+        "(OPC UA, Modbus TCP) on a port",
+        description="Serve the plant simulator of SCENARIO's rig over the scenario's field "
+        "protocol on HOST:PORT, on the wall clock, until Ctrl-C or SIGTERM (exit 0). OPC UA is "
+        "secure by default: "
         "SignAndEncrypt with the server certificate of a `parallelcity certs` folder (--pki; "
         "default: the folder of the scenario's [security.opcua] certificate, else field-pki/; "
         "made when it does not exist), trusting that folder's client and user certificates. "
+        "Modbus TCP has no security: 127.0.0.1 only, another --host needs --insecure-lab. "
         "Prints the endpoint, the point table and what to run next.",
     )
     f.add_argument("scenario", type=Path, help="scenario TOML file")
@@ -360,24 +374,40 @@ def _write_output(output: Path, text: str) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from parallelcity.decide.choice import controller_settings
+    from parallelcity.field.protocols import protocol_of
     from parallelcity.record.records import CycleRecord
     from parallelcity.record.report import band_violation, write_all
     from parallelcity.run.lifecycle import run_bounded, speed_problem
     from parallelcity.run.runner import RunOptions, run
     from parallelcity.scenario.definition import load_scenario
 
-    for opt, url, scheme in (
-        ("--field", args.field, "opc.tcp"),
-        ("--gateway", args.gateway, "tcp"),
-    ):
-        if url is not None and not _is_url(url, scheme):
-            article = "an" if scheme == "opc.tcp" else "a"
-            raise _UsageError(f"{opt} {url!r} is not {article} {scheme}:// URL (HOST:PORT needed)")
-    if args.field and not args.gateway:
-        raise _UsageError("--field needs --gateway: real equipment is driven through its gateway")
+    if args.gateway is not None and not _is_url(args.gateway, "tcp"):
+        raise _UsageError(f"--gateway {args.gateway!r} is not a tcp:// URL (HOST:PORT needed)")
     scenario = load_scenario(args.scenario)
+    # The field and its gateway: the options, else the scenario's [field] endpoint and gateway
+    # (a scenario naming neither runs the embedded rig).  Each is checked for the scenario's
+    # protocol before anything starts.
+    field_url = args.field if args.field is not None else scenario.field.endpoint
+    gateway_url = args.gateway if args.gateway is not None else scenario.field.gateway
+    field_opt = "--field" if args.field is not None else "field.endpoint"
+    gateway_opt = "--gateway" if args.gateway is not None else "field.gateway"
+    protocol = protocol_of(scenario.field)
+    if field_url is not None and (problem := protocol.endpoint_problem(field_url)) is not None:
+        raise _UsageError(f"{field_opt}: {problem} ({protocol.label} field)")
+    if gateway_url is not None and not _is_url(gateway_url, "tcp"):
+        raise _UsageError(f"{gateway_opt} {gateway_url!r} is not a tcp:// URL (HOST:PORT needed)")
+    if field_url is not None and gateway_url is None:
+        raise _UsageError(
+            f"{field_opt} needs a gateway (--gateway or [field] gateway): real equipment is "
+            "driven through its gateway"
+        )
+    if gateway_url is not None and field_url is None:
+        raise _UsageError(
+            f"{gateway_opt} needs a field (--field or [field] endpoint): the embedded rig's "
+            "simulated readings must not drive a gateway in front of real equipment"
+        )
     controller_settings(scenario, args.controller)  # the same rule `run` applies; exit 2 here
-    if args.field is None:
+    if field_url is None:
         problem = speed_problem(scenario.meta.cycle_s, args.speed or scenario.meta.speed)
         if problem is not None:
             raise _UsageError(f"--speed: {problem}" if args.speed else problem)
@@ -410,12 +440,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         cycles=args.cycles,
         speed=args.speed,
         out_dir=args.out,
-        field_endpoint=args.field,
-        gateway_endpoint=args.gateway,
+        field_endpoint=field_url,
+        gateway_endpoint=gateway_url,
         controller_kind=args.controller,
         handle_signals=True,
     )
-    where = "embedded rig" if args.field is None else args.field
+    where = "embedded rig" if field_url is None else field_url
     print(
         f"running {scenario.meta.name}: {cycles} cycles of {scenario.meta.cycle_s:g} s "
         f"against the {where}",
@@ -423,7 +453,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     gateway_log = logging.getLogger("parallelcity.gateway.server")
     level = gateway_log.level
-    if not args.verbose and args.gateway is None:
+    if not args.verbose and gateway_url is None:
         # the embedded gateway's line per command would drown the progress; the journal has them
         gateway_log.setLevel(logging.WARNING)
     try:
@@ -643,7 +673,7 @@ def _browse_security(args: argparse.Namespace) -> ClientSecurity:
 
 def _cmd_browse(args: argparse.Namespace) -> int:
     from parallelcity.field.opcua.browse import browse, points_toml
-    from parallelcity.field.opcua.session import endpoint_problem
+    from parallelcity.field.opcua.config import endpoint_problem
 
     if (problem := endpoint_problem(args.endpoint)) is not None:
         raise _UsageError(problem)

@@ -318,7 +318,7 @@ def test_controller_kind_takes_the_scenarios_table_or_is_refused(dh: Any) -> Non
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--field", "garbage", "--gateway", "tcp://127.0.0.1:9"], "not an opc.tcp:// URL"),
+        (["--field", "garbage", "--gateway", "tcp://127.0.0.1:9"], "opc.tcp://HOST:PORT URL"),
         (["--field", "opc.tcp://127.0.0.1:9", "--gateway", "garbage"], "not a tcp:// URL"),
         (["--speed", "inf"], "finite"),
         (["--speed", "1e-9"], "from 0.001"),

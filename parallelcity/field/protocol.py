@@ -312,6 +312,11 @@ class FieldProtocol(ABC):
         ``tick_ms`` wall milliseconds; optional (rig kinds call it in ``field_stand_in``)."""
         raise PluginError(f"field protocol {self.name!r} has no field stand-in")
 
+    def endpoint_problem(self, endpoint: str) -> str | None:
+        """Why ``endpoint`` is not an address this protocol's reader and writer can use
+        (``run --field``, ``[field] endpoint``), or None; the default accepts any."""
+        return None
+
     def check_security(self, scenario: Scenario, *, embedded: bool) -> None:
         """Refuse (``SecurityError``) a run this protocol cannot secure, before anything
         starts.  The default, for a protocol without security: only a lab run may reach

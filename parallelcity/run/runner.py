@@ -98,7 +98,7 @@ log = logging.getLogger("parallelcity.run.runner")
 MIN_WATCHDOG_WALL_S = 0.5
 """An embedded watchdog window shorter than this in wall time gets a warning."""
 INSECURE_BANNER = (
-    "INSECURE LAB MODE: OPC UA without encryption and ZeroMQ without CURVE "
+    "INSECURE LAB MODE: {field} without encryption and ZeroMQ without CURVE "
     "([security] insecure_lab = true). Never point this at real equipment."
 )
 
@@ -245,7 +245,7 @@ def _prepare(scenario: Scenario, options: RunOptions) -> _Setup:
     field_protocol.check_security(scenario, embedded=options.field_endpoint is None)
     _check_zmq_security(scenario, options.gateway_endpoint is None)
     if scenario.insecure_lab:
-        log.warning(INSECURE_BANNER)
+        log.warning(INSECURE_BANNER.format(field=field_protocol.label))
     embedded = options.field_endpoint is None
     speed = (options.speed or meta.speed) if embedded else 1.0
     if embedded and (problem := speed_problem(meta.cycle_s, speed)) is not None:

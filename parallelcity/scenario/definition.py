@@ -643,11 +643,16 @@ def controller_problems(
     return [f"{where}.{p}" for p in plugins.controller_kind(kind_name).check(config, problem)]
 
 
-def validation_problem(f: ScenarioFile | None, model: SubsystemModel) -> ControlProblem:
+def validation_problem(
+    f: ScenarioFile | None, model: SubsystemModel, meta: Meta | None = None
+) -> ControlProblem:
     """The problem the controllers get at run start, as far as the file tells it: from a
     file whose specs fit the model, its bands, limits, cycle and horizon; otherwise every
     output counted as banded and the inputs unbounded, so that only what the model alone
-    decides is checked (the specs' own problems are reported on their own)."""
+    decides is checked (the specs' own problems are reported on their own), over the
+    ``[scenario]`` table's cycle and horizon when ``meta`` (that table, validated on its
+    own) has them and the cycle fits the model, else over one model step (a cycle the
+    model cannot take is reported as ``scenario.cycle_s``, not as the controller's)."""
     from parallelcity.specs import SafetySpecs
 
     if f is not None:
@@ -660,7 +665,15 @@ def validation_problem(f: ScenarioFile | None, model: SubsystemModel) -> Control
         except (KeyError, ValueError):
             pass
     inf = np.full(model.nu, np.inf)
-    return ControlProblem(model, 1.0, 1, -inf, inf, inf, tuple(range(model.ny)))
+    cycle_s, horizon = (model.step_s if model.step_s > 0 else 1.0), 1
+    if meta is not None:
+        try:
+            if model.step_s > 0:
+                model.steps_in(meta.cycle_s)
+            cycle_s, horizon = meta.cycle_s, meta.horizon_steps
+        except ValueError:
+            pass
+    return ControlProblem(model, cycle_s, horizon, -inf, inf, inf, tuple(range(model.ny)))
 
 
 def _problems(raw: dict[str, Any], path: Path) -> tuple[list[str], tuple[Any, ...] | None]:
@@ -697,9 +710,10 @@ def _problems(raw: dict[str, Any], path: Path) -> tuple[list[str], tuple[Any, ..
             model = plugins.model_kind(model_cfg_kind(raw)).build(model_cfg)
         except (ValueError, TypeError, ArithmeticError) as exc:
             problems.append(f"model: cannot build the model: {exc}")
-    problems.extend(_cross_check(_Parts.of_file(f) if f is not None else _Parts.of(raw), model))
+    parts = _Parts.of_file(f) if f is not None else _Parts.of(raw)
+    problems.extend(_cross_check(parts, model))
     if model is not None:
-        problem = validation_problem(f, model)
+        problem = validation_problem(f, model, parts.meta)
         for where, cfg in (("controller", ctrl_cfg), ("fallback", fb_cfg)):
             if cfg is not None:
                 problems.extend(controller_problems(where, raw[where]["kind"], cfg, problem))

@@ -133,6 +133,13 @@ class ModbusProtocol(FieldProtocol):
     field_model: ClassVar[type[FieldConfig]] = ModbusField
     title: ClassVar[str] = "Modbus TCP"
 
+    def endpoint_problem(self, endpoint: str) -> str | None:
+        try:
+            host_port(endpoint)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
     def reader(
         self,
         field: FieldConfig,

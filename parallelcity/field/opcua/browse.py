@@ -42,6 +42,7 @@ NUMERIC_TYPES = {
     ObjectIds.Float,
     ObjectIds.Double,
 }
+INTEGER_TYPES = NUMERIC_TYPES - {ObjectIds.Boolean, ObjectIds.Float, ObjectIds.Double}
 BATCH = 500
 
 
@@ -50,6 +51,7 @@ class BrowsedPoint:
     name: str  # dotted browse path below Objects
     node: str  # scenario NodeId ("s=..." or "i=...")
     writable: bool
+    type: str = "float"  # the point's `type`: float (Float, Double), int, bool (Boolean)
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,15 @@ async def _walk(
                 continue
             level = acc.Value.Value if acc.Value is not None else 0
             writable = bool(int(level or 0) & (1 << ua.AccessLevel.CurrentWrite))
-            points.append(BrowsedPoint(".".join(path), text, writable))
+            assert isinstance(datatype, ua.NodeId)
+            kind = (
+                "bool"
+                if datatype.Identifier == ObjectIds.Boolean
+                else "int"
+                if datatype.Identifier in INTEGER_TYPES
+                else "float"
+            )
+            points.append(BrowsedPoint(".".join(path), text, writable, kind))
     return BrowseResult(endpoint, namespaces[wanted], tuple(points), skipped)
 
 
@@ -184,6 +194,8 @@ def points_toml(result: BrowseResult, max_age_s: float) -> str:
             f'node = "{p.node}"',
             f"max_age_s = {max_age_s:g}",
         ]
+        if p.type != "float":  # float is the default; another type read as float is refused
+            lines.append(f'type = "{p.type}"')
         if p.writable:
             lines.append("# event_driven = true")
         lines.append("")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Annotated, ClassVar
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field
 
@@ -67,3 +68,19 @@ def as_opcua(field: FieldConfig) -> OpcUaField:
     if not isinstance(field, OpcUaField):
         raise TypeError(f"an OPC UA field config is needed, got {type(field).__name__}")
     return field
+
+
+def endpoint_problem(url: str) -> str | None:
+    """Why ``url`` is not an ``opc.tcp://HOST:PORT`` endpoint URL, or None."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        return f"{url!r} is not an opc.tcp://HOST:PORT URL ({exc})"
+    if parts.scheme.lower() != "opc.tcp":
+        return f"{url!r} is not an opc.tcp://HOST:PORT URL (scheme {parts.scheme or 'missing'!r})"
+    if not parts.hostname:
+        return f"{url!r} is not an opc.tcp://HOST:PORT URL (no host)"
+    if port is None:
+        return f"{url!r} has no port: write opc.tcp://{parts.hostname}:4840 for the default"
+    return None

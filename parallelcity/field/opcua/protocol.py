@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from parallelcity.errors import SecurityError
 from parallelcity.field.config import FieldConfig
-from parallelcity.field.opcua.config import OpcUaField, as_opcua
+from parallelcity.field.opcua.config import OpcUaField, as_opcua, endpoint_problem
 from parallelcity.field.protocol import (
     FieldProtocol,
     FieldReader,
@@ -85,6 +85,9 @@ class OpcUaProtocol(FieldProtocol):
             scenario, clock, make_plant=make_plant, tick_ms=tick_ms
         )
         return served
+
+    def endpoint_problem(self, endpoint: str) -> str | None:
+        return endpoint_problem(endpoint)
 
     def check_security(self, scenario: Scenario, *, embedded: bool) -> None:
         check_opcua_security(scenario, embedded=embedded)

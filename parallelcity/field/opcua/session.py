@@ -41,7 +41,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
-from urllib.parse import urlsplit
 
 from asyncua import ua
 from asyncua.client.client import Client
@@ -64,6 +63,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from parallelcity.dispatch.keys import check_owner_only
 from parallelcity.errors import FieldConnectionError, SecurityError
 from parallelcity.field.opcua.certs import application_uri_of, describe, load_certificate
+from parallelcity.field.opcua.config import endpoint_problem
 from parallelcity.field.opcua.node_id import scenario_node
 
 if TYPE_CHECKING:
@@ -138,22 +138,6 @@ def raised_by_asyncua(exc: BaseException) -> bool:
         module = tb.tb_frame.f_globals.get("__name__", "")
         tb = tb.tb_next
     return module.split(".", 1)[0] in ("asyncua", "wait_for2")
-
-
-def endpoint_problem(url: str) -> str | None:
-    """Why ``url`` is not an ``opc.tcp://HOST:PORT`` endpoint URL, or None."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        return f"{url!r} is not an opc.tcp://HOST:PORT URL ({exc})"
-    if parts.scheme.lower() != "opc.tcp":
-        return f"{url!r} is not an opc.tcp://HOST:PORT URL (scheme {parts.scheme or 'missing'!r})"
-    if not parts.hostname:
-        return f"{url!r} is not an opc.tcp://HOST:PORT URL (no host)"
-    if port is None:
-        return f"{url!r} has no port: write opc.tcp://{parts.hostname}:4840 for the default"
-    return None
 
 
 def parse_node_id(text: str, ns_index: int = 0) -> ua.NodeId:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
@@ -29,6 +31,7 @@ from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.client.ua_client import UaClientState
 from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.object_ids import ObjectIds
 
 from parallelcity.aio import cancel_and_wait
 from parallelcity.backoff import Backoff
@@ -64,8 +67,12 @@ class OpcUaWriter:
 
     ``async with`` connects, resolves the field namespace and checks that every
     input node exists and is a variable (``NodeMappingError`` naming each one
-    that is not): the first connection must succeed.  ``write`` writes all
-    values as Doubles in one request.  Security: the session is set up by
+    that is not, or whose DataType is not a number or a Boolean): the first connection
+    must succeed.  ``write`` writes all values in one request, each as its node's
+    DataType (``encode``: a Boolean takes 0 or 1, an integer type the nearest whole
+    value within its range, a Float a value within its range; anything else is refused,
+    nothing sent), and ``read`` gives back the value written when a node holds exactly
+    its encoding.  Security: the session is set up by
     ``opcua.connect_client`` with ``security`` (default NoSecurity, which
     callers allow only for an ``insecure_lab`` run), at every reconnect too.
 
@@ -96,6 +103,8 @@ class OpcUaWriter:
         self._client: Client | None = None
         self._nodes: dict[str, Any] = {}
         self._node_ids: dict[str, str] = {m.name: m.node for m in field.inputs}
+        self._types: dict[str, ua.VariantType] = {}  # each input node's DataType, as resolved
+        self._written: dict[str, tuple[object, float]] = {}  # last encoding written, its value
         self._down: str | None = None  # why the session is down, while it is
         self._down_since = 0.0  # monotonic
         self._attempts = 0  # reconnect attempts in the current outage
@@ -177,7 +186,8 @@ class OpcUaWriter:
                 raise FieldConnectionError(
                     f"cannot read the input nodes on {self.endpoint}: {exc}"
                 ) from exc
-            for (name, _node), dv in zip(nodes.items(), results, strict=True):
+            variables: dict[str, Any] = {}
+            for (name, node), dv in zip(nodes.items(), results, strict=True):
                 text = self._node_ids[name]
                 status = dv.StatusCode
                 if status is not None and not status.is_good():
@@ -189,6 +199,28 @@ class OpcUaWriter:
                     problems.append(
                         f"input {name!r}: NodeId {text!r} in namespace {uri!r} is not a variable"
                     )
+                else:
+                    variables[name] = node
+            if variables:
+                try:
+                    kinds = await client.read_attributes(
+                        list(variables.values()), AttributeIds.DataType
+                    )
+                except SHUTDOWN_ERRORS as exc:
+                    raise FieldConnectionError(
+                        f"cannot read the input nodes' data types on {self.endpoint}: {exc}"
+                    ) from exc
+                for name, dv in zip(variables, kinds, strict=True):
+                    data_type = dv.Value.Value if dv.Value is not None else None
+                    variant = variant_of_data_type(data_type)
+                    if variant is None:
+                        problems.append(
+                            f"input {name!r}: NodeId {self._node_ids[name]!r} has DataType "
+                            f"{data_type}; an input must be a Boolean, an integer type, Float "
+                            "or Double"
+                        )
+                    else:
+                        self._types[name] = variant
         if problems:
             raise NodeMappingError(
                 f"{self.endpoint}: {len(problems)} input node(s) cannot be used:\n"
@@ -328,9 +360,13 @@ class OpcUaWriter:
         if unmapped:
             raise NodeMappingError(f"no field node for input(s) {', '.join(map(repr, unmapped))}")
         names = list(setpoints)
-        values = [
-            ua.DataValue(ua.Variant(float(setpoints[n]), ua.VariantType.Double)) for n in names
-        ]
+        encoded = {
+            n: encode(n, self._types.get(n, ua.VariantType.Double), setpoints[n]) for n in names
+        }  # every value first: one that does not fit its node's type sends nothing
+        for n in names:
+            self._written[n] = (encoded[n], float(setpoints[n]))
+        values = [ua.DataValue(ua.Variant(encoded[n], self._types.get(n, ua.VariantType.Double)))
+                  for n in names]  # fmt: skip
         try:
             statuses = await client.write_values(
                 [nodes[n] for n in names], values, raise_on_partial_error=False
@@ -364,8 +400,13 @@ class OpcUaWriter:
             ) from exc
         out: dict[str, float] = {}
         for name, value in zip(names, values, strict=True):
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                out[name] = float(value)
+            if isinstance(value, bool | int | float):
+                written = self._written.get(name)
+                # a node holding exactly what writing a value put there gives that value
+                if written is not None and type(written[0]) is type(value) and written[0] == value:
+                    out[name] = written[1]
+                else:
+                    out[name] = float(value)
         return out
 
     async def aclose(self) -> None:
@@ -386,3 +427,77 @@ async def _close(client: Client, endpoint: str) -> None:
         log.debug("OPC UA disconnect from %s failed: %r", endpoint, exc)
     finally:
         client.disconnect_socket()
+
+
+_NUMERIC_TYPES: dict[int, ua.VariantType] = {
+    v.value: v
+    for v in (
+        ua.VariantType.Boolean,
+        ua.VariantType.SByte,
+        ua.VariantType.Byte,
+        ua.VariantType.Int16,
+        ua.VariantType.UInt16,
+        ua.VariantType.Int32,
+        ua.VariantType.UInt32,
+        ua.VariantType.Int64,
+        ua.VariantType.UInt64,
+        ua.VariantType.Float,
+        ua.VariantType.Double,
+    )
+}  # the built-in DataTypes ns=0;i=1..11 share their VariantType's number
+_ABSTRACT_TYPES: dict[int, ua.VariantType] = {
+    ObjectIds.BaseDataType: ua.VariantType.Double,
+    ObjectIds.Number: ua.VariantType.Double,
+    ObjectIds.Integer: ua.VariantType.Int64,
+    ObjectIds.UInteger: ua.VariantType.UInt64,
+}
+_INT_RANGE: dict[ua.VariantType, tuple[int, int]] = {
+    ua.VariantType.SByte: (-(2**7), 2**7 - 1),
+    ua.VariantType.Byte: (0, 2**8 - 1),
+    ua.VariantType.Int16: (-(2**15), 2**15 - 1),
+    ua.VariantType.UInt16: (0, 2**16 - 1),
+    ua.VariantType.Int32: (-(2**31), 2**31 - 1),
+    ua.VariantType.UInt32: (0, 2**32 - 1),
+    ua.VariantType.Int64: (-(2**63), 2**63 - 1),
+    ua.VariantType.UInt64: (0, 2**64 - 1),
+}
+_FLOAT_MAX = 3.4028234663852886e38
+
+
+def variant_of_data_type(data_type: object) -> ua.VariantType | None:
+    """The VariantType a setpoint is written as to a node of DataType ``data_type`` (a
+    NodeId), or None if it is not a number or a Boolean."""
+    if not isinstance(data_type, ua.NodeId) or data_type.NamespaceIndex != 0:
+        return None
+    ident = data_type.Identifier
+    if not isinstance(ident, int):
+        return None
+    return _NUMERIC_TYPES.get(ident) or _ABSTRACT_TYPES.get(ident)
+
+
+def encode(name: str, variant: ua.VariantType, value: float) -> bool | int | float:
+    """``value`` as a node of ``variant`` holds it: a Boolean is 0 or 1, an integer type
+    the nearest whole value, a Float or Double the value; refused (``FieldError``) if not
+    finite or outside the type, never wrapped or saturated."""
+    if isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        raise FieldError(f"input {name!r}: {value!r} is not a finite number")
+    if variant == ua.VariantType.Boolean:
+        if value not in (0.0, 1.0):
+            raise FieldError(f"input {name!r} is a Boolean node: 0 or 1, not {value!r}")
+        return bool(value)
+    if variant in _INT_RANGE:
+        whole = round(value)
+        lo, hi = _INT_RANGE[variant]
+        if not lo <= whole <= hi:
+            raise FieldError(
+                f"input {name!r}: {value!r} is outside its node's {variant.name} {lo}..{hi}"
+            )
+        return whole
+    if variant == ua.VariantType.Float:
+        if abs(value) > _FLOAT_MAX:
+            raise FieldError(f"input {name!r}: {value!r} is too large for its node's Float")
+        single: float = struct.unpack("<f", struct.pack("<f", value))[0]
+        return single  # what the node will hold, so that a read-back matches it exactly
+    return float(value)
