@@ -267,6 +267,9 @@ def read_network(
                 raise ValueError(f"{path}: traffic light {tls_id} has fewer than 2 green phases")
             continue
         offset = float(getattr(own, "_offset", 0) or 0)
+        cycle = sum(ph.duration_s for ph in phases)
+        if cycle > 0:  # SUMO takes any offset (negative, beyond the cycle) modulo the cycle
+            offset %= cycle
         junctions.append(Junction(tls_id, str(program_id), offset, phases, green, approaches=()))
         raw.append((junctions[-1], tls))
     corridor = {j.tls for j in junctions}
