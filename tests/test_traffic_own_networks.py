@@ -84,3 +84,29 @@ def test_the_skeleton_of_short_cycles_left_phases_and_odd_offsets_validates(
     # the program's own plan (the inputs' safe values: a 6 s left green, a 50 s cycle, the
     # offset) lies inside the bounds the skeleton writes, so the scenario validates as it is
     assert main(["validate", str(out)]) == 0
+
+
+def test_a_plant_with_demand_scaled_up_reloads_its_state_after_originals_arrive(
+    pockets: Path,
+) -> None:
+    """randomTrips' vehicles carry their routes inside; SUMO's copies (``--scale`` 2) share
+    them, and once an original arrived the state saved at a reset could not be loaded."""
+    import numpy as np
+
+    from parallelcity.models.traffic.network import read_network
+    from parallelcity.models.traffic.sumo_plant import PlantConfig, SumoPlant
+
+    net = read_network(pockets / "pockets.net.xml")
+    config = PlantConfig(
+        sumocfg=pockets / "pockets.sumocfg", begin=0.0, seed=1, parameters=("demand.scale",)
+    )
+    plant = SumoPlant(net, config, np.array([2.0]))
+    u = np.array([v for j in net.junctions for v in (*j.splits, j.cycle_s, j.offset_s)])
+    try:
+        for k in range(10):  # a verification sample: reset at each cycle, run on beyond it
+            plant.reset(np.full(len(net.approaches), np.nan), 100.0 + 50.0 * k)
+            for _ in range(10):
+                plant.step(u, np.zeros(0), 10.0)
+        assert plant.kpis()["throughput_veh"] > 0
+    finally:
+        plant.close()

@@ -219,6 +219,7 @@ class SumoPlant:
             self._start(to)
         self._t = max(s0, self._now)
         path = self._dir / "state.xml.gz"
+        self._keep_routes()
         self._conn.simulation.saveState(str(path))
         self._saved = (self._now, path)
         for tls, ctrl in self._ctrl.items():
@@ -229,6 +230,22 @@ class SumoPlant:
         self._read_probe(direct=True)
         self._match_queues(np.asarray(x0, dtype=float).reshape(-1))
         self._pending_check = True
+
+    def _keep_routes(self) -> None:
+        """Make every vehicle's route one the saved state will hold.  With ``--scale`` above
+        1, SUMO's copies of a vehicle share its route (``!id`` for a route given inside the
+        vehicle); once the original has arrived that route is gone from SUMO's route
+        table and the state saved next cannot be loaded ("route '!id' ... is not known").
+        Adding it back under its id (same edges) keeps the state loadable."""
+        if self.scale <= 1.0:
+            return
+        conn = self._conn
+        known = set(conn.route.getIDList())
+        for v in (*conn.vehicle.getIDList(), *conn.simulation.getPendingVehicles()):
+            rid = conn.vehicle.getRouteID(v)
+            if rid not in known:
+                conn.route.add(rid, conn.vehicle.getRoute(v))
+                known.add(rid)
 
     def step(self, u: Array, d: Array, dt: float) -> None:
         if self._conn is None:
