@@ -110,3 +110,35 @@ def test_a_plant_with_demand_scaled_up_reloads_its_state_after_originals_arrive(
         assert plant.kpis()["throughput_veh"] > 0
     finally:
         plant.close()
+
+
+def test_an_entry_behind_an_unsignalised_junction_counts_the_traffic_reaching_it(
+    tmp_path: Path,
+) -> None:
+    """Signals at A0 and C0, a priority junction B0 between them: B0C0 is an entry of
+    the corridor, and the flow from A0 that reaches it is an arrival there (it was counted
+    nowhere: the twin saw a third of the traffic at C0)."""
+    from parallelcity.models.traffic.demand import read_demand
+    from parallelcity.models.traffic.network import read_network
+
+    _netgenerate(
+        tmp_path, "row.net.xml",
+        "--grid", "--grid.x-number", "3", "--grid.y-number", "1", "--grid.length", "200",
+        "--grid.attach-length", "150", "--default-junction-type", "priority",
+        "--tls.set", "A0,C0", "--no-turnarounds", "true",
+    )  # fmt: skip
+    (tmp_path / "row.rou.xml").write_text(
+        "<routes>\n"
+        '  <flow id="through" from="left0A0" to="C0right0" begin="0" end="3600" '
+        'vehsPerHour="600"/>\n'
+        '  <flow id="side" from="top1B0" to="C0right0" begin="0" end="3600" '
+        'vehsPerHour="300"/>\n'
+        "</routes>\n"
+    )
+    net = read_network(tmp_path / "row.net.xml")
+    assert net.approach("B0C0").is_entry and net.approach("left0A0").is_entry
+    demand = read_demand([tmp_path / "row.rou.xml"], net)
+    rates = demand.mean_rates(["left0A0", "B0C0"], [0.0], 3600.0)[0]
+    assert rates[0] == pytest.approx(600.0)
+    assert rates[1] == pytest.approx(900.0)  # the through flow and the side street's
+    assert demand.unattributed_veh == 0
