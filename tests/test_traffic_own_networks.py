@@ -142,3 +142,60 @@ def test_an_entry_behind_an_unsignalised_junction_counts_the_traffic_reaching_it
     assert rates[0] == pytest.approx(600.0)
     assert rates[1] == pytest.approx(900.0)  # the through flow and the side street's
     assert demand.unattributed_veh == 0
+
+
+def test_turn_pockets_do_not_cut_the_links_between_junctions(pockets: Path) -> None:
+    """netconvert starts a turn pocket with a node of its own (A1A0 -> A1A0.140.00): the
+    approach to A0 is both edges, from junction A1, not an entry of 44 m; the flow A1
+    sends on reaches it, and the skeleton bands its spillback."""
+    from controllers.webster import approach_flows
+    from parallelcity.models.traffic.demand import read_demand
+    from parallelcity.models.traffic.network import read_network
+    from parallelcity.models.traffic.skeleton import skeleton
+
+    net = read_network(pockets / "pockets.net.xml")
+    a = net.approach("A1A0.140.00")
+    assert a.upstream == "A1" and not a.is_entry
+    assert a.edges == ("A1A0", "A1A0.140.00") and a.lanes == 3
+    assert a.total_length_m > 150 and a.storage_veh > 40
+    feeding = [m for b in net.approaches for m in b.movements if m.to_edge == "A1A0"]
+    assert feeding and all(net.downstream(m) == a for m in feeding)
+    entries = [b.edge for b in net.approaches if b.is_entry]
+    assert len(entries) == 8 and all(
+        e.startswith(("left", "right", "top", "bottom")) for e in entries
+    )
+    demand = read_demand([pockets / "pockets.rou.xml"], net)
+    flows = approach_flows(net, demand.shares, dict.fromkeys(entries, 100.0))
+    assert flows["A1A0.140.00"] > 10  # carried on from A1's approaches
+    text = skeleton(pockets / "pockets.sumocfg")
+    assert "A1A0.140.00 -> A0 (from A1, via A1A0 (2 lanes))" in text
+    assert 'output = "A1A0.140.00.queue"' in text  # a spillback band: a link, not an entry
+
+
+def test_the_plant_counts_a_queue_back_past_the_pocket(pockets: Path) -> None:
+    import numpy as np
+
+    from parallelcity.models.traffic.network import read_network
+    from parallelcity.models.traffic.sumo_plant import PlantConfig, SumoPlant
+
+    net = read_network(pockets / "pockets.net.xml")
+    config = PlantConfig(
+        sumocfg=pockets / "pockets.sumocfg", begin=0.0, seed=1, parameters=("demand.scale",)
+    )
+    plant = SumoPlant(net, config, np.array([0.01]))  # next to no demand of its own
+    u = np.array([v for j in net.junctions for v in (*j.splits, j.cycle_s, j.offset_s)])
+    i = [a.edge for a in net.approaches].index("A1A0.140.00")
+    try:
+        plant.reset(np.full(len(net.approaches), np.nan), 0.0)
+        conn = plant._conn  # three cars held standing on the feeder, before the pocket
+        conn.route.add("held", ["A1A0", "A1A0.140.00", "A0B0"])
+        for k in range(3):
+            conn.vehicle.add(f"held{k}", "held", departPos=str(20 + 10 * k), departSpeed="0")
+        plant.step(u, np.zeros(0), 2.0)
+        for k in range(3):
+            conn.vehicle.setSpeed(f"held{k}", 0.0)
+        plant.step(u, np.zeros(0), 10.0)
+        assert plant.state[i] >= 3
+        assert plant.outputs(u, np.zeros(0))[3 * i + 2] > 0  # its occupancy too
+    finally:
+        plant.close()

@@ -95,9 +95,13 @@ def listing(network: Network, demand: Demand, lane_detectors: dict[str, list[str
     lines.append(f"{len(network.approaches)} approaches:")
     for a in network.approaches:
         where = "entry" if a.is_entry else f"from {a.upstream}"
-        dets = [d for i in range(a.lanes) for d in lane_detectors.get(f"{a.edge}_{i}", [])]
+        if a.feeders:
+            where += ", via " + " ".join(f"{f.edge} ({f.lanes} lanes)" for f in a.feeders)
+        lanes = [f"{a.edge}_{i}" for i in range(a.lanes)]
+        lanes += [f"{f.edge}_{i}" for f in a.feeders for i in range(f.lanes)]
+        dets = [d for lane in lanes for d in lane_detectors.get(lane, [])]
         lines.append(
-            f"  {a.edge} -> {a.junction} ({where}): {a.lanes} lanes, {a.length_m:.0f} m, "
+            f"  {a.edge} -> {a.junction} ({where}): {a.lanes} lanes, {a.total_length_m:.0f} m, "
             f"storage {a.storage_veh:.1f} veh, saturation {a.saturation_veh_h:.0f} veh/h, "
             f"detectors: {', '.join(dets) if dets else 'NONE'}"
         )

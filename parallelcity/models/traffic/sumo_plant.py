@@ -12,7 +12,7 @@ TraCI, behind the ``Simulator`` protocol (``parallelcity.twin.model``).
 * Signals: each junction's ``SignalController`` (pure) decides every cycle; the plant
   installs it as a fixed-time program at the cycle boundary (one ``setProgramLogic`` a
   junction a cycle), or hands the junction back to its own actuated program.
-* Measurements: queue = halting vehicles on the approach edge (all lanes), sampled every
+* Measurements: queue = halting vehicles on the approach's edges (all lanes), sampled every
   ``probe_s``; flow = vehicles over stop-line induction loops the plant adds on every
   approach lane (veh/h over the last step); occupancy = the edge's occupancy averaged over
   the probes of the last step (%); ``network.teleports`` = teleports since the last reset.
@@ -183,6 +183,13 @@ class SumoPlant:
         self._loops: dict[str, list[str]] = {}  # approach edge -> its stop-line loops
         self._phase_loops: dict[str, list[set[str]]] = {}  # tls -> per phase, its green loops
         self._halting = np.zeros(len(network.approaches))
+        self._edge_weights = {  # approach -> (edge, lanes x length) over its edges
+            a.edge: [
+                *((f.edge, f.lanes * f.length_m) for f in a.feeders),
+                (a.edge, a.lanes * a.length_m),
+            ]
+            for a in network.approaches
+        }
         # probes since the last reset: (SUMO second, loop counts, occupancy %), oldest first
         self._probes: deque[tuple[float, Array, Array]] = deque()
         self._pending_check = False
@@ -448,9 +455,10 @@ class SumoPlant:
 
         conn = self._conn
         for a in self.network.approaches:
-            conn.edge.subscribe(
-                a.edge, [tc.LAST_STEP_VEHICLE_HALTING_NUMBER, tc.LAST_STEP_OCCUPANCY]
-            )
+            for edge in a.edges:
+                conn.edge.subscribe(
+                    edge, [tc.LAST_STEP_VEHICLE_HALTING_NUMBER, tc.LAST_STEP_OCCUPANCY]
+                )
         for loops in self._loops.values():
             for loop in loops:
                 conn.inductionloop.subscribe(
@@ -641,13 +649,18 @@ class SumoPlant:
         res = {} if direct else self._conn.edge.getAllSubscriptionResults()
         occ = np.zeros(len(self.network.approaches))
         for i, a in enumerate(self.network.approaches):
-            r = res.get(a.edge)
-            if r is None:
-                self._halting[i] = float(self._conn.edge.getLastStepHaltingNumber(a.edge))
-                occ[i] = 100.0 * float(self._conn.edge.getLastStepOccupancy(a.edge))
-                continue
-            self._halting[i] = float(r[tc.LAST_STEP_VEHICLE_HALTING_NUMBER])
-            occ[i] = 100.0 * float(r[tc.LAST_STEP_OCCUPANCY])  # SUMO gives a fraction
+            halting = occupied = 0.0
+            for edge, lane_m in self._edge_weights[a.edge]:
+                r = res.get(edge)
+                if r is None:
+                    halting += float(self._conn.edge.getLastStepHaltingNumber(edge))
+                    occupied += lane_m * float(self._conn.edge.getLastStepOccupancy(edge))
+                else:
+                    halting += float(r[tc.LAST_STEP_VEHICLE_HALTING_NUMBER])
+                    occupied += lane_m * float(r[tc.LAST_STEP_OCCUPANCY])
+            self._halting[i] = halting
+            # SUMO gives a fraction; over the approach's edges, weighted by lane metres
+            occ[i] = 100.0 * occupied / max(sum(w for _, w in self._edge_weights[a.edge]), 1e-9)
         self._max_queue = max(self._max_queue, float(self._halting.max(initial=0.0)))
         self._teleports = self._teleports_total() - self._teleports0
         self._probes.append((self._now, self._loop_counts(direct), occ))
@@ -700,12 +713,15 @@ class SumoPlant:
             if i >= len(x0) or not math.isfinite(x0[i]):
                 continue
             want = max(0, round(float(x0[i])))
-            have = int(conn.edge.getLastStepHaltingNumber(a.edge))
+            have = sum(int(conn.edge.getLastStepHaltingNumber(e)) for e in a.edges)
             if have > want:
-                ids = conn.edge.getLastStepVehicleIDs(a.edge)
-                halting = [v for v in ids if conn.vehicle.getSpeed(v) < HALTING_MPS]
-                back = sorted(halting, key=conn.vehicle.getLanePosition)[: have - want]
-                for v in back:
+                halting = [  # (edge in driving order, position): the rearmost first
+                    (k, conn.vehicle.getLanePosition(v), v)
+                    for k, e in enumerate(a.edges)
+                    for v in conn.edge.getLastStepVehicleIDs(e)
+                    if conn.vehicle.getSpeed(v) < HALTING_MPS
+                ]
+                for _k, _pos, v in sorted(halting)[: have - want]:
                     conn.vehicle.remove(v)
                 have = want
             elif want > have:
