@@ -199,3 +199,33 @@ def test_the_plant_counts_a_queue_back_past_the_pocket(pockets: Path) -> None:
         assert plant.outputs(u, np.zeros(0))[3 * i + 2] > 0  # its occupancy too
     finally:
         plant.close()
+
+
+def test_a_sumocfg_naming_a_missing_file_is_refused_and_sumo_says_why_it_quit(
+    pockets: Path, tmp_path: Path
+) -> None:
+    """A missing additional file passed the skeleton and validation, and the run ended in
+    a traceback ("Connection closed by SUMO"); a file SUMO refuses gave no reason."""
+    import numpy as np
+
+    from parallelcity.cli import main
+    from parallelcity.models.traffic.network import read_network
+    from parallelcity.models.traffic.sumo_plant import PlantConfig, SumoPlant
+
+    missing = tmp_path / "missing.sumocfg"
+    missing.write_text(
+        SUMOCFG.format(net=pockets / "pockets.net.xml", routes=pockets / "pockets.rou.xml").replace(
+            "</input>", '<additional-files value="detectors.add.xml"/></input>'
+        )
+    )
+    assert main(["skeleton", str(missing), "-o", str(tmp_path / "x.toml")]) == 2
+    assert not (tmp_path / "x.toml").exists()
+    (tmp_path / "detectors.add.xml").write_text(
+        '<additional><e1Detector id="d" lane="nowhere_0" pos="5" period="60" file="NUL"/>'
+        "</additional>\n"
+    )
+    net = read_network(pockets / "pockets.net.xml")
+    plant = SumoPlant(net, PlantConfig(sumocfg=missing, begin=0.0, parameters=()), np.zeros(0))
+    with pytest.raises(RuntimeError, match=r"sumo did not start.*nowhere_0"):
+        plant.reset(np.full(len(net.approaches), np.nan), 0.0)
+    plant.close()

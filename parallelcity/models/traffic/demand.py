@@ -88,7 +88,11 @@ def sumocfg_files(sumocfg: str | Path) -> tuple[Path, list[Path], list[Path]]:
     nets = values("net-file")
     if len(nets) != 1:
         raise ValueError(f"{path}: names {len(nets)} net-file values, expected one")
-    return nets[0], values("route-files"), values("additional-files")
+    routes, additional = values("route-files"), values("additional-files")
+    missing = [str(p) for p in (*nets, *routes, *additional) if not p.is_file()]
+    if missing:  # SUMO would refuse to start (and say so only in its own log)
+        raise ValueError(f"{path}: names files that do not exist: {', '.join(missing)}")
+    return nets[0], routes, additional
 
 
 def sumo_time(text: str | None, default: float) -> float:

@@ -418,16 +418,23 @@ class SumoPlant:
                 self._conn = traci.connect(
                     port, numRetries=200, proc=self._proc, waitBetweenRetries=0.05, label=None
                 )
+            self._now = float(self._conn.simulation.getTime())  # SUMO loads its files first
         except Exception as exc:
-            _shutdown(None, self._proc, None)
-            self._proc = None
-            raise RuntimeError(
-                f"sumo did not start: {exc} (log: {self._dir / 'sumo.log'})"
-            ) from exc
+            _shutdown(self._conn, self._proc, None)
+            self._conn, self._proc = None, None
+            raise RuntimeError(f"sumo did not start ({exc}){self._log_errors()}") from exc
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _shutdown, self._conn, self._proc, None)
-        self._now = float(self._conn.simulation.getTime())
         self._setup()
+
+    def _log_errors(self) -> str:
+        """SUMO's own error lines from its log (the folder goes with the plant)."""
+        try:
+            lines = (self._dir / "sumo.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        errors = [line.strip() for line in lines if line.startswith("Error")][:5]
+        return ": " + " ".join(errors) if errors else ""
 
     def _setup(self) -> None:
 
