@@ -229,3 +229,39 @@ def test_a_sumocfg_naming_a_missing_file_is_refused_and_sumo_says_why_it_quit(
     with pytest.raises(RuntimeError, match=r"sumo did not start.*nowhere_0"):
         plant.reset(np.full(len(net.approaches), np.nan), 0.0)
     plant.close()
+
+
+def test_the_plant_leaves_the_users_detector_and_summary_files_alone(
+    pockets: Path, tmp_path: Path
+) -> None:
+    """Every SUMO the plant runs (the field's, each sample's) wrote the detector outputs an
+    additional file names, and the .sumocfg's own, into the user's folder, all at once."""
+    import numpy as np
+
+    from parallelcity.models.traffic.network import read_network
+    from parallelcity.models.traffic.sumo_plant import PlantConfig, SumoPlant
+
+    (tmp_path / "det" / "out").mkdir(parents=True)
+    (tmp_path / "det" / "loops.add.xml").write_text(
+        '<additional>\n  <e1Detector id="mine" lane="A1A0.140.00_0" pos="30" period="60" '
+        'file="out/loops.xml"/>\n</additional>\n'
+    )
+    cfg = tmp_path / "mine.sumocfg"
+    cfg.write_text(
+        SUMOCFG.format(net=pockets / "pockets.net.xml", routes=pockets / "pockets.rou.xml")
+        .replace("</input>", '<additional-files value="det/loops.add.xml"/></input>')
+        .replace("</configuration>", '<output><summary-output value="sum.xml"/></output>\n')
+        + "</configuration>\n"
+    )
+    net = read_network(pockets / "pockets.net.xml")
+    plant = SumoPlant(net, PlantConfig(sumocfg=cfg, begin=0.0, parameters=()), np.zeros(0))
+    u = np.array([v for j in net.junctions for v in (*j.splits, j.cycle_s, j.offset_s)])
+    try:
+        plant.reset(np.full(len(net.approaches), np.nan), 0.0)
+        for _ in range(6):
+            plant.step(u, np.zeros(0), 10.0)
+        assert "mine" in plant._conn.inductionloop.getIDList()  # still there, for its users
+    finally:
+        plant.close()
+    names = sorted(p.name for p in tmp_path.rglob("*"))
+    assert names == ["det", "loops.add.xml", "mine.sumocfg", "out"]

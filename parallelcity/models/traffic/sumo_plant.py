@@ -150,6 +150,74 @@ def config_additionals(sumocfg: Path) -> list[str]:
     return files
 
 
+# elements of additional files that write a file of their own (detectors, mean data)
+OUTPUT_ELEMENTS = frozenset(
+    {
+        "e1Detector",
+        "inductionLoop",
+        "instantInductionLoop",
+        "e2Detector",
+        "laneAreaDetector",
+        "e3Detector",
+        "entryExitDetector",
+        "edgeData",
+        "laneData",
+        "routeProbe",
+        "vTypeProbe",
+    }
+)
+NO_FILE = ("NUL", "nul", os.devnull)
+
+
+def quiet_additionals(files: list[str], folder: Path) -> list[str]:
+    """``files`` with the outputs they would write sent to NUL: every SUMO the plant runs
+    (the field's and each sample's) would otherwise write the same detector files beside
+    the user's own, all at once.  A file that writes none is used as it is; one that does
+    is copied into ``folder``, its other relative paths made absolute."""
+    out: list[str] = []
+    for k, name in enumerate(files):
+        src = Path(name)
+        try:
+            tree = ET.parse(src)
+        except (OSError, ET.ParseError):
+            out.append(name)  # SUMO says what is wrong with it
+            continue
+        writers = [
+            el
+            for el in tree.getroot().iter()
+            if el.tag in OUTPUT_ELEMENTS and el.get("file", "NUL") not in NO_FILE
+        ]
+        if not writers:
+            out.append(name)
+            continue
+        for el in writers:
+            el.set("file", "NUL")
+        for el in tree.getroot().iter():
+            for attr in ("file", "href"):
+                value = el.get(attr)
+                if value and value not in NO_FILE and not Path(value).is_absolute():
+                    el.set(attr, str((src.parent / value).resolve()))
+        copy = folder / f"quiet{k}-{src.name}"
+        tree.write(copy, encoding="utf-8", xml_declaration=True)
+        out.append(str(copy))
+    return out
+
+
+def config_outputs(sumocfg: Path, own: tuple[str, ...] = ("tripinfo-output",)) -> list[str]:
+    """Options sending the outputs a ``.sumocfg`` asks for (``summary-output``, ``fcd-output``
+    and the like) to NUL, for the reason ``quiet_additionals`` gives; ``own``: the plant's."""
+    args: list[str] = []
+    for el in ET.parse(sumocfg).getroot().iter():
+        tag, value = el.tag, el.get("value")
+        if (
+            tag.endswith(("-output", "-dump"))
+            and tag not in own
+            and value not in (None, "", *NO_FILE)
+        ):
+            args += [f"--{tag}", "NUL"]
+    return args
+
+
 class SumoPlant:
     """One SUMO simulation of the network (see the module docstring)."""
 
@@ -379,7 +447,10 @@ class SumoPlant:
         import traci
 
         cfg = self.config.sumocfg.resolve()
-        adds = [*config_additionals(cfg), str(self._dir / "plant.add.xml")]
+        adds = [
+            *quiet_additionals(config_additionals(cfg), self._dir),
+            str(self._dir / "plant.add.xml"),
+        ]
         port = sumolib.miscutils.getFreeSocketPort()
         cmd = [
             self.config.sumo_binary or sumo_binary(),
@@ -407,6 +478,7 @@ class SumoPlant:
             str(self._dir / "sumo.log"),  # warnings (teleports among them) go here
             "--remote-port",
             str(port),
+            *config_outputs(cfg),
             *self.config.extra_args,
         ]
         self._proc = subprocess.Popen(
