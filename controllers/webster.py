@@ -101,11 +101,12 @@ def approach_flows(
     """Flow (veh/h) on every approach: entry arrivals carried on by the turning shares."""
     edges = [a.edge for a in network.approaches]
     index = {e: i for i, e in enumerate(edges)}
+    fed = {a.edges[0]: i for i, a in enumerate(network.approaches)}  # first edge -> approach
     s = np.zeros((len(edges), len(edges)))
     for a in network.approaches:
         for m in a.movements:
-            if m.to_edge in index:
-                s[index[m.to_edge], index[a.edge]] += shares[a.edge][m.to_edge]
+            if m.to_edge in fed:
+                s[fed[m.to_edge], index[a.edge]] += shares[a.edge][m.to_edge]
     e = np.array([arrivals.get(edge, 0.0) for edge in edges])
     q = np.linalg.solve(np.eye(len(edges)) - s, e)
     return {edge: max(0.0, float(v)) for edge, v in zip(edges, q, strict=True)}
@@ -158,7 +159,7 @@ def green_wave(network: Network, cycles: dict[str, float], start: str | None) ->
         up = todo.popleft()
         for a in network.approaches:
             if a.upstream == up and a.junction not in offsets:
-                travel = a.length_m / a.speed_mps if a.speed_mps > 0 else 0.0
+                travel = a.total_length_m / a.speed_mps if a.speed_mps > 0 else 0.0
                 offsets[a.junction] = (offsets[up] + travel) % cycles[a.junction]
                 todo.append(a.junction)
     return {j.tls: offsets.get(j.tls, 0.0) for j in network.junctions}

@@ -4,7 +4,9 @@
 
 * an **arrival profile** per entry approach: piecewise-constant rates (veh/h) over SUMO
   time, from each flow's rate and interval (single vehicles are counted in bins of
-  ``bin_s``); a vehicle counts where its route first meets a corridor approach;
+  ``bin_s``); a vehicle counts at every entry approach its route meets (the first
+  corridor approach it meets, and any entry reached after leaving the corridor through an
+  unsignalised junction: an entry has no modelled inflow);
 * **turning shares** per approach: the share of the vehicles passing it that take each
   of its movements, over the whole file (vehicles weighted by how many there are).
 
@@ -86,7 +88,11 @@ def sumocfg_files(sumocfg: str | Path) -> tuple[Path, list[Path], list[Path]]:
     nets = values("net-file")
     if len(nets) != 1:
         raise ValueError(f"{path}: names {len(nets)} net-file values, expected one")
-    return nets[0], values("route-files"), values("additional-files")
+    routes, additional = values("route-files"), values("additional-files")
+    missing = [str(p) for p in (*nets, *routes, *additional) if not p.is_file()]
+    if missing:  # SUMO would refuse to start (and say so only in its own log)
+        raise ValueError(f"{path}: names files that do not exist: {', '.join(missing)}")
+    return nets[0], routes, additional
 
 
 def sumo_time(text: str | None, default: float) -> float:
@@ -192,16 +198,19 @@ def read_demand(
             if weight <= 0 or not math.isfinite(weight) or not edges:
                 continue
             total += weight
-            first = next((e for e in edges if e in approaches), None)
-            if first is None:
+            met = [e for e in edges if e in approaches]
+            if not met:
                 continue
-            if not approaches[first].is_entry:
+            if not approaches[met[0]].is_entry:
                 unattributed += weight
-            elif el.tag == "flow":
-                segments.setdefault(first, []).append(Segment(begin, end, rate))
-            else:
-                key = (first, int(begin // bin_s))
-                binned[key] = binned.get(key, 0.0) + weight
+            # an entry has no modelled inflow: every vehicle reaching it arrives there, also
+            # one that came from a corridor junction through an unsignalised junction
+            for entry in (e for e in met if approaches[e].is_entry):
+                if el.tag == "flow":
+                    segments.setdefault(entry, []).append(Segment(begin, end, rate))
+                else:
+                    key = (entry, int(begin // bin_s))
+                    binned[key] = binned.get(key, 0.0) + weight
             for a, b in itertools.pairwise(edges):
                 if a in counts:
                     counts[a][b] = counts[a].get(b, 0.0) + weight

@@ -6,10 +6,12 @@ here, derived from the network file and nothing typed by hand:
 * a **junction** is a traffic light system (``tlLogic``) with at least two green
   phases; its program's phases split into *green phases* (no yellow, some green) and
   *intergreens* (yellow and all-red), whose durations are the junction's lost time;
-* an **approach** is an edge entering a junction: its lanes, length and speed give its
-  storage (vehicles standing on it) and its saturation flow (vehicles per hour leaving
-  it on green), and its **movements** say which outgoing edge each turn goes to and in
-  which green phases it has right of way.
+* an **approach** is an edge entering a junction, with the edges that alone feed it back
+  to the previous junction (through nodes that only join two edges: a lane-count change,
+  the start of a turn pocket): its lanes, length and speed give its storage (vehicles
+  standing on it) and its saturation flow (vehicles per hour leaving it on green), and
+  its **movements** say which outgoing edge each turn goes to and in which green phases
+  it has right of way.
 
 The signal plan a controller writes is, per junction, the cycle length ``C``, the
 offset, and the *splits*: green phase ``k < P - 1`` gets ``split_k`` of the effective
@@ -28,6 +30,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Jam spacing of a standing passenger car (SUMO's default length 5 m + minGap 2.5 m).
 JAM_SPACING_M = 7.5
@@ -66,21 +69,44 @@ class Movement:
 
 
 @dataclass(frozen=True)
+class Feeder:
+    """An edge before an approach's stop-line edge, joined to it by a node that only links
+    the two (a change of lane count or speed, the start of a turn pocket)."""
+
+    edge: str
+    lanes: int
+    length_m: float
+
+
+@dataclass(frozen=True)
 class Approach:
-    """An edge entering a junction."""
+    """An edge entering a junction (``edge``, named after it), with the edges that feed
+    it alone back to the previous junction (``feeders``, in driving order)."""
 
     edge: str
     junction: str  # tls id
-    lanes: int
-    length_m: float
+    lanes: int  # at the stop line
+    length_m: float  # of the stop-line edge
     speed_mps: float
     movements: tuple[Movement, ...]
     upstream: str | None  # tls id of the corridor junction this edge leaves, if any
+    feeders: tuple[Feeder, ...] = ()
+
+    @property
+    def edges(self) -> tuple[str, ...]:
+        """The approach's edges in driving order, the stop-line edge last."""
+        return (*(f.edge for f in self.feeders), self.edge)
+
+    @property
+    def total_length_m(self) -> float:
+        """From the previous junction (or the network's edge) to the stop line."""
+        return self.length_m + sum(f.length_m for f in self.feeders)
 
     @property
     def storage_veh(self) -> float:
         """Vehicles standing on the approach when it is jammed end to end."""
-        return self.lanes * self.length_m / JAM_SPACING_M
+        lane_m = self.lanes * self.length_m + sum(f.lanes * f.length_m for f in self.feeders)
+        return lane_m / JAM_SPACING_M
 
     @property
     def saturation_veh_h(self) -> float:
@@ -155,7 +181,7 @@ class Network:
     def downstream(self, movement: Movement) -> Approach | None:
         """The corridor approach a movement feeds, or None if it leaves the corridor."""
         for a in self.approaches:
-            if a.edge == movement.to_edge:
+            if a.edges[0] == movement.to_edge:
                 return a
         return None
 
@@ -267,9 +293,13 @@ def read_network(
                 raise ValueError(f"{path}: traffic light {tls_id} has fewer than 2 green phases")
             continue
         offset = float(getattr(own, "_offset", 0) or 0)
+        cycle = sum(ph.duration_s for ph in phases)
+        if cycle > 0:  # SUMO takes any offset (negative, beyond the cycle) modulo the cycle
+            offset %= cycle
         junctions.append(Junction(tls_id, str(program_id), offset, phases, green, approaches=()))
         raw.append((junctions[-1], tls))
     corridor = {j.tls for j in junctions}
+    tls_of_node = {n: t for t in sorted(by_id) for n in _node_ids(by_id[t])}
     approaches: list[Approach] = []
     final: list[Junction] = []
     for junction, tls in raw:
@@ -291,13 +321,9 @@ def read_network(
                     if all(junction.phases[pi].state[i] in "Gg" for i in indices)
                 )
                 movements.append(Movement(to_edge, indices, served, len(conns)))
-            from_node = edge.getFromNode()
-            from_tls = from_node.getID() if from_node.getType() == "traffic_light" else None
-            upstream = None
-            if from_tls is not None:
-                for j2 in junctions:
-                    if j2.tls == from_tls or from_tls in _node_ids(by_id.get(j2.tls)):
-                        upstream = j2.tls
+            feeders = _feeders(edge, tls_of_node)
+            first = net.getEdge(feeders[0].edge) if feeders else edge
+            upstream = tls_of_node.get(first.getFromNode().getID())
             approaches.append(
                 Approach(
                     edge=edge_id,
@@ -307,6 +333,7 @@ def read_network(
                     speed_mps=float(edge.getSpeed()),
                     movements=tuple(movements),
                     upstream=upstream if upstream in corridor else None,
+                    feeders=feeders,
                 )
             )
             edges.append(edge_id)
@@ -345,6 +372,43 @@ def _phase_limits(programs: Iterable[object]) -> dict[str, tuple[float, float]]:
             if lo > 0 and ph.state not in limits:
                 limits[ph.state] = (lo, hi if hi > 0 else math.inf)
     return limits
+
+
+def _feeders(edge: Any, tls_of_node: Mapping[str, str]) -> tuple[Feeder, ...]:
+    """The edges that alone lead to ``edge``: back through nodes that no traffic light
+    controls and that join one road edge to the next only (the opposite direction of a
+    two-way road aside), as netconvert makes them where the lane count or the speed
+    changes or a turn pocket begins."""
+
+    def road(e: Any) -> bool:
+        return bool(e.allows("passenger"))
+
+    chain: list[Feeder] = []
+    seen = {edge.getID()}
+    cur = edge
+    while True:
+        node = cur.getFromNode()
+        if node.getID() in tls_of_node:
+            break
+        # the edges connected on to this one (a U-turn from the opposite direction aside)
+        ins = [
+            e
+            for e in node.getIncoming()
+            if road(e) and cur in e.getOutgoing() and e.getFromNode() != cur.getToNode()
+        ]
+        if len(ins) != 1 or ins[0].getID() in seen:
+            break
+        prev = ins[0]
+        # ... and it leads nowhere else (a U-turn aside)
+        if any(
+            road(e) and e is not cur and e.getToNode() != prev.getFromNode()
+            for e in prev.getOutgoing()
+        ):
+            break
+        chain.append(Feeder(prev.getID(), prev.getLaneNumber(), float(prev.getLength())))
+        seen.add(prev.getID())
+        cur = prev
+    return tuple(reversed(chain))
 
 
 def _node_ids(tls: object) -> set[str]:

@@ -100,7 +100,7 @@ def queue_functions(
         inflow = d[entries.index(f"{a.edge}.arrival")] / 3600.0 if a.is_entry else 0.0
         for up in approaches:
             for m in up.movements:
-                if m.to_edge == a.edge:
+                if m.to_edge == a.edges[0]:
                     inflow += shares[up.edge][m.to_edge] * out[index[up.edge]]
         x_next.append(x[i] + step_s * (inflow - out[i]))
         # Webster's uniform delay per vehicle, C (1 - lambda)^2 / (2 (1 - q/s)), times the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -94,9 +95,13 @@ def listing(network: Network, demand: Demand, lane_detectors: dict[str, list[str
     lines.append(f"{len(network.approaches)} approaches:")
     for a in network.approaches:
         where = "entry" if a.is_entry else f"from {a.upstream}"
-        dets = [d for i in range(a.lanes) for d in lane_detectors.get(f"{a.edge}_{i}", [])]
+        if a.feeders:
+            where += ", via " + " ".join(f"{f.edge} ({f.lanes} lanes)" for f in a.feeders)
+        lanes = [f"{a.edge}_{i}" for i in range(a.lanes)]
+        lanes += [f"{f.edge}_{i}" for f in a.feeders for i in range(f.lanes)]
+        dets = [d for lane in lanes for d in lane_detectors.get(lane, [])]
         lines.append(
-            f"  {a.edge} -> {a.junction} ({where}): {a.lanes} lanes, {a.length_m:.0f} m, "
+            f"  {a.edge} -> {a.junction} ({where}): {a.lanes} lanes, {a.total_length_m:.0f} m, "
             f"storage {a.storage_veh:.1f} veh, saturation {a.saturation_veh_h:.0f} veh/h, "
             f"detectors: {', '.join(dets) if dets else 'NONE'}"
         )
@@ -123,8 +128,13 @@ def skeleton(path: str | Path) -> str:
     step = _step_for(cycle)
     cycles = max(1, round((end_s - begin_s) / cycle))
     start = SCENARIO_DAY + dt.timedelta(seconds=begin_s)
-    cycle_min = float(max(CYCLE_MIN_S, max(j.min_cycle_s for j in network.junctions)))
-    cycle_max = float(max(CYCLE_MAX_S, float(cycle), cycle_min))
+    # per junction: CYCLE_MIN_S, or the program's own cycle if shorter (the own program is
+    # the inputs' safe value, so it must lie inside the bounds), never below the minimum
+    cycle_mins = {
+        j.tls: float(max(j.min_cycle_s, min(CYCLE_MIN_S, j.cycle_s))) for j in network.junctions
+    }
+    cycle_min = min(cycle_mins.values())
+    cycle_max = float(max(CYCLE_MAX_S, float(cycle), max(cycle_mins.values())))
     out = ["# Scenario skeleton for " + sumocfg.name + ", from `parallelcity skeleton`."]
     out += ["# " + line for line in listing(network, demand, found)]
     out += [
@@ -212,16 +222,25 @@ def skeleton(path: str | Path) -> str:
     ]
     per_h = 3600.0 / cycle
     for j in network.junctions:
-        effective = cycle_min - j.lost_s
+        j_min = cycle_mins[j.tls]
+        effective = j_min - j.lost_s
         mins = [m / effective for m in j.min_greens_s]
         for k in range(len(j.green) - 1):
-            low = mins[k]
-            high = 1.0 - (sum(mins) - mins[k])
+            # the bounds hold the program's own split (its safe value) even where a short
+            # green (a left-turn phase) is below its minimum's share of the shortest cycle
+            own = j.splits[k]
+            low = min(mins[k], math.floor(own * 1e4) / 1e4)
+            high = max(1.0 - (sum(mins) - mins[k]), math.ceil(own * 1e4) / 1e4)
+            why = (
+                f"min green {j.min_greens_s[k]:g} s at a {j_min:g} s cycle"
+                if low == mins[k]
+                else f"the program's own split ({own * (j.cycle_s - j.lost_s):g} s green)"
+            )
             out += [
                 "",
                 "[[specs.inputs]]",
                 f"name = {_q(f'{j.tls}.split{k}')}",
-                f"min = {low:.4f}   # min green {j.min_greens_s[k]:g} s at a {cycle_min:g} s cycle",
+                f"min = {low:.4f}   # {why}",
                 f"max = {high:.4f}",
                 f"max_rate_per_h = {SPLIT_MOVE_PER_CYCLE * per_h:g}",
             ]
@@ -229,7 +248,7 @@ def skeleton(path: str | Path) -> str:
             "",
             "[[specs.inputs]]",
             f"name = {_q(j.tls + '.cycle_s')}",
-            f"min = {cycle_min!r}",
+            f"min = {j_min!r}",
             f"max = {cycle_max!r}",
             f"max_rate_per_h = {CYCLE_MOVE_PER_CYCLE_S * per_h:g}",
             "",

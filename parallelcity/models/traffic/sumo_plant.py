@@ -12,7 +12,7 @@ TraCI, behind the ``Simulator`` protocol (``parallelcity.twin.model``).
 * Signals: each junction's ``SignalController`` (pure) decides every cycle; the plant
   installs it as a fixed-time program at the cycle boundary (one ``setProgramLogic`` a
   junction a cycle), or hands the junction back to its own actuated program.
-* Measurements: queue = halting vehicles on the approach edge (all lanes), sampled every
+* Measurements: queue = halting vehicles on the approach's edges (all lanes), sampled every
   ``probe_s``; flow = vehicles over stop-line induction loops the plant adds on every
   approach lane (veh/h over the last step); occupancy = the edge's occupancy averaged over
   the probes of the last step (%); ``network.teleports`` = teleports since the last reset.
@@ -150,6 +150,74 @@ def config_additionals(sumocfg: Path) -> list[str]:
     return files
 
 
+# elements of additional files that write a file of their own (detectors, mean data)
+OUTPUT_ELEMENTS = frozenset(
+    {
+        "e1Detector",
+        "inductionLoop",
+        "instantInductionLoop",
+        "e2Detector",
+        "laneAreaDetector",
+        "e3Detector",
+        "entryExitDetector",
+        "edgeData",
+        "laneData",
+        "routeProbe",
+        "vTypeProbe",
+    }
+)
+NO_FILE = ("NUL", "nul", os.devnull)
+
+
+def quiet_additionals(files: list[str], folder: Path) -> list[str]:
+    """``files`` with the outputs they would write sent to NUL: every SUMO the plant runs
+    (the field's and each sample's) would otherwise write the same detector files beside
+    the user's own, all at once.  A file that writes none is used as it is; one that does
+    is copied into ``folder``, its other relative paths made absolute."""
+    out: list[str] = []
+    for k, name in enumerate(files):
+        src = Path(name)
+        try:
+            tree = ET.parse(src)
+        except (OSError, ET.ParseError):
+            out.append(name)  # SUMO says what is wrong with it
+            continue
+        writers = [
+            el
+            for el in tree.getroot().iter()
+            if el.tag in OUTPUT_ELEMENTS and el.get("file", "NUL") not in NO_FILE
+        ]
+        if not writers:
+            out.append(name)
+            continue
+        for el in writers:
+            el.set("file", "NUL")
+        for el in tree.getroot().iter():
+            for attr in ("file", "href"):
+                value = el.get(attr)
+                if value and value not in NO_FILE and not Path(value).is_absolute():
+                    el.set(attr, str((src.parent / value).resolve()))
+        copy = folder / f"quiet{k}-{src.name}"
+        tree.write(copy, encoding="utf-8", xml_declaration=True)
+        out.append(str(copy))
+    return out
+
+
+def config_outputs(sumocfg: Path, own: tuple[str, ...] = ("tripinfo-output",)) -> list[str]:
+    """Options sending the outputs a ``.sumocfg`` asks for (``summary-output``, ``fcd-output``
+    and the like) to NUL, for the reason ``quiet_additionals`` gives; ``own``: the plant's."""
+    args: list[str] = []
+    for el in ET.parse(sumocfg).getroot().iter():
+        tag, value = el.tag, el.get("value")
+        if (
+            tag.endswith(("-output", "-dump"))
+            and tag not in own
+            and value not in (None, "", *NO_FILE)
+        ):
+            args += [f"--{tag}", "NUL"]
+    return args
+
+
 class SumoPlant:
     """One SUMO simulation of the network (see the module docstring)."""
 
@@ -183,6 +251,13 @@ class SumoPlant:
         self._loops: dict[str, list[str]] = {}  # approach edge -> its stop-line loops
         self._phase_loops: dict[str, list[set[str]]] = {}  # tls -> per phase, its green loops
         self._halting = np.zeros(len(network.approaches))
+        self._edge_weights = {  # approach -> (edge, lanes x length) over its edges
+            a.edge: [
+                *((f.edge, f.lanes * f.length_m) for f in a.feeders),
+                (a.edge, a.lanes * a.length_m),
+            ]
+            for a in network.approaches
+        }
         # probes since the last reset: (SUMO second, loop counts, occupancy %), oldest first
         self._probes: deque[tuple[float, Array, Array]] = deque()
         self._pending_check = False
@@ -219,6 +294,7 @@ class SumoPlant:
             self._start(to)
         self._t = max(s0, self._now)
         path = self._dir / "state.xml.gz"
+        self._keep_routes()
         self._conn.simulation.saveState(str(path))
         self._saved = (self._now, path)
         for tls, ctrl in self._ctrl.items():
@@ -229,6 +305,22 @@ class SumoPlant:
         self._read_probe(direct=True)
         self._match_queues(np.asarray(x0, dtype=float).reshape(-1))
         self._pending_check = True
+
+    def _keep_routes(self) -> None:
+        """Make every vehicle's route one the saved state will hold.  With ``--scale`` above
+        1, SUMO's copies of a vehicle share its route (``!id`` for a route given inside the
+        vehicle); once the original has arrived that route is gone from SUMO's route
+        table and the state saved next cannot be loaded ("route '!id' ... is not known").
+        Adding it back under its id (same edges) keeps the state loadable."""
+        if self.scale <= 1.0:
+            return
+        conn = self._conn
+        known = set(conn.route.getIDList())
+        for v in (*conn.vehicle.getIDList(), *conn.simulation.getPendingVehicles()):
+            rid = conn.vehicle.getRouteID(v)
+            if rid not in known:
+                conn.route.add(rid, conn.vehicle.getRoute(v))
+                known.add(rid)
 
     def step(self, u: Array, d: Array, dt: float) -> None:
         if self._conn is None:
@@ -355,7 +447,10 @@ class SumoPlant:
         import traci
 
         cfg = self.config.sumocfg.resolve()
-        adds = [*config_additionals(cfg), str(self._dir / "plant.add.xml")]
+        adds = [
+            *quiet_additionals(config_additionals(cfg), self._dir),
+            str(self._dir / "plant.add.xml"),
+        ]
         port = sumolib.miscutils.getFreeSocketPort()
         cmd = [
             self.config.sumo_binary or sumo_binary(),
@@ -383,6 +478,7 @@ class SumoPlant:
             str(self._dir / "sumo.log"),  # warnings (teleports among them) go here
             "--remote-port",
             str(port),
+            *config_outputs(cfg),
             *self.config.extra_args,
         ]
         self._proc = subprocess.Popen(
@@ -394,16 +490,23 @@ class SumoPlant:
                 self._conn = traci.connect(
                     port, numRetries=200, proc=self._proc, waitBetweenRetries=0.05, label=None
                 )
+            self._now = float(self._conn.simulation.getTime())  # SUMO loads its files first
         except Exception as exc:
-            _shutdown(None, self._proc, None)
-            self._proc = None
-            raise RuntimeError(
-                f"sumo did not start: {exc} (log: {self._dir / 'sumo.log'})"
-            ) from exc
+            _shutdown(self._conn, self._proc, None)
+            self._conn, self._proc = None, None
+            raise RuntimeError(f"sumo did not start ({exc}){self._log_errors()}") from exc
         self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _shutdown, self._conn, self._proc, None)
-        self._now = float(self._conn.simulation.getTime())
         self._setup()
+
+    def _log_errors(self) -> str:
+        """SUMO's own error lines from its log (the folder goes with the plant)."""
+        try:
+            lines = (self._dir / "sumo.log").read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        errors = [line.strip() for line in lines if line.startswith("Error")][:5]
+        return ": " + " ".join(errors) if errors else ""
 
     def _setup(self) -> None:
 
@@ -431,9 +534,10 @@ class SumoPlant:
 
         conn = self._conn
         for a in self.network.approaches:
-            conn.edge.subscribe(
-                a.edge, [tc.LAST_STEP_VEHICLE_HALTING_NUMBER, tc.LAST_STEP_OCCUPANCY]
-            )
+            for edge in a.edges:
+                conn.edge.subscribe(
+                    edge, [tc.LAST_STEP_VEHICLE_HALTING_NUMBER, tc.LAST_STEP_OCCUPANCY]
+                )
         for loops in self._loops.values():
             for loop in loops:
                 conn.inductionloop.subscribe(
@@ -624,13 +728,18 @@ class SumoPlant:
         res = {} if direct else self._conn.edge.getAllSubscriptionResults()
         occ = np.zeros(len(self.network.approaches))
         for i, a in enumerate(self.network.approaches):
-            r = res.get(a.edge)
-            if r is None:
-                self._halting[i] = float(self._conn.edge.getLastStepHaltingNumber(a.edge))
-                occ[i] = 100.0 * float(self._conn.edge.getLastStepOccupancy(a.edge))
-                continue
-            self._halting[i] = float(r[tc.LAST_STEP_VEHICLE_HALTING_NUMBER])
-            occ[i] = 100.0 * float(r[tc.LAST_STEP_OCCUPANCY])  # SUMO gives a fraction
+            halting = occupied = 0.0
+            for edge, lane_m in self._edge_weights[a.edge]:
+                r = res.get(edge)
+                if r is None:
+                    halting += float(self._conn.edge.getLastStepHaltingNumber(edge))
+                    occupied += lane_m * float(self._conn.edge.getLastStepOccupancy(edge))
+                else:
+                    halting += float(r[tc.LAST_STEP_VEHICLE_HALTING_NUMBER])
+                    occupied += lane_m * float(r[tc.LAST_STEP_OCCUPANCY])
+            self._halting[i] = halting
+            # SUMO gives a fraction; over the approach's edges, weighted by lane metres
+            occ[i] = 100.0 * occupied / max(sum(w for _, w in self._edge_weights[a.edge]), 1e-9)
         self._max_queue = max(self._max_queue, float(self._halting.max(initial=0.0)))
         self._teleports = self._teleports_total() - self._teleports0
         self._probes.append((self._now, self._loop_counts(direct), occ))
@@ -683,12 +792,15 @@ class SumoPlant:
             if i >= len(x0) or not math.isfinite(x0[i]):
                 continue
             want = max(0, round(float(x0[i])))
-            have = int(conn.edge.getLastStepHaltingNumber(a.edge))
+            have = sum(int(conn.edge.getLastStepHaltingNumber(e)) for e in a.edges)
             if have > want:
-                ids = conn.edge.getLastStepVehicleIDs(a.edge)
-                halting = [v for v in ids if conn.vehicle.getSpeed(v) < HALTING_MPS]
-                back = sorted(halting, key=conn.vehicle.getLanePosition)[: have - want]
-                for v in back:
+                halting = [  # (edge in driving order, position): the rearmost first
+                    (k, conn.vehicle.getLanePosition(v), v)
+                    for k, e in enumerate(a.edges)
+                    for v in conn.edge.getLastStepVehicleIDs(e)
+                    if conn.vehicle.getSpeed(v) < HALTING_MPS
+                ]
+                for _k, _pos, v in sorted(halting)[: have - want]:
                     conn.vehicle.remove(v)
                 have = want
             elif want > have:
