@@ -7,6 +7,8 @@ from __future__ import annotations
 import gc
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +223,23 @@ def test_coordinated_actuated_gaps_out_cross_streets_and_keeps_the_cycles() -> N
             gapped += c.tail_s > 0
         assert ours[-1].length_s == 90.0  # aligned on the offset
     assert gapped >= 8  # most cross-street greens ended early at the peak
+
+
+def test_close_lets_sumo_finish_writing_its_outputs(net_model, tmp_path: Path) -> None:
+    # SUMO writes the unfinished trips after TraCI's close; a plant that signalled it at
+    # once left a tripinfo cut short whenever the machine was busy, and its KPIs (read after
+    # close) differed from run to run.  A child standing in for that exit: it writes its
+    # output half a second after it starts, and on SIGTERM exits at once without it.
+    _, model = net_model
+    plant = model.plant(model.nominal)
+    out = tmp_path / "written"
+    code = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(15))\n"
+        "time.sleep(0.5)\n"
+        f"open({str(out)!r}, 'w').write('whole')\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    plant._proc = proc
+    plant.close()
+    assert proc.returncode == 0 and out.read_text() == "whole"

@@ -290,7 +290,7 @@ class SumoPlant:
             self._set_drivers()
             self._run_to(to)
         else:
-            self.close()
+            self._kill()
             self._start(to)
         self._t = max(s0, self._now)
         path = self._dir / "state.xml.gz"
@@ -375,7 +375,7 @@ class SumoPlant:
         not: its time loss driving plus its insertion delay (``departDelay``), so a program
         that leaves traffic queued in the network or at its edge is charged for it."""
         if self._conn is not None:
-            self._finish()
+            self.close()
         loss, stops, due, arrived, waiting = 0.0, 0.0, 0, 0, 0
         trip = self._dir / "tripinfo.xml"
         if trip.is_file():
@@ -414,8 +414,10 @@ class SumoPlant:
         self._conn, self._proc, self._saved = None, None, None
         return conn, proc
 
-    def _finish(self) -> None:
-        """End the simulation as SUMO ends it (outputs written), then the process."""
+    def close(self) -> None:
+        """End the simulation as SUMO ends it, then the process: its outputs (tripinfo, the
+        unfinished trips among them) are whole when this returns and stay readable until
+        the plant is collected."""
         conn, proc = self._release()
         if conn is not None:
             with contextlib.suppress(Exception):
@@ -426,14 +428,14 @@ class SumoPlant:
             except subprocess.TimeoutExpired:
                 _shutdown(None, proc, None)
 
-    def close(self) -> None:
-        """End the SUMO process (its outputs stay readable until the plant is collected)."""
+    def _kill(self) -> None:
+        """End the SUMO process now, its outputs as they are (a restart replaces them)."""
         conn, proc = self._release()
         _shutdown(conn, proc, None)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
-            self.close()
+            self._kill()
             shutil.rmtree(self._dir, ignore_errors=True)
 
     @property
