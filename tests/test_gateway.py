@@ -560,6 +560,75 @@ def test_a_retried_command_is_applied_once(drop: str, status: AckStatus, resent:
     run(main)
 
 
+def test_a_late_status_to_the_loops_last_heartbeat_is_not_taken_for_another_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A run stops its heartbeat loop and says goodbye: the loop's last beat may still be
+    # unanswered, and its status then arrives on the socket before the goodbye's.  It is
+    # the loop's, expected, and must not be logged as a stray reply.
+    writer, clock = FakeWriter(), FakeClock(T0)
+
+    async def holding_proxy(upstream: str, ready: asyncio.Future[str], held: asyncio.Event):
+        """Holds the gateway's reply to the second request until the third arrives."""
+        front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+        for s in (front, back):
+            s.setsockopt(zmq.LINGER, 0)
+        try:
+            front.bind("tcp://127.0.0.1:0")
+            back.connect(upstream)
+            ready.set_result(front.getsockopt_string(zmq.LAST_ENDPOINT))
+            pending: list[bytes] = []
+            n = 0
+            while True:
+                identity, data = await front.recv_multipart()
+                n += 1
+                await back.send(data)
+                assert await back.poll(RECV_TIMEOUT_MS, zmq.POLLIN), "gateway did not answer"
+                reply = await back.recv()
+                if n == 2:
+                    pending.append(reply)
+                    held.set()
+                    continue
+                for late in [*pending, reply]:
+                    await front.send_multipart([identity, late])
+                pending.clear()
+        finally:
+            front.close(linger=0)
+            back.close(linger=0)
+
+    answered = ""
+
+    async def main() -> None:
+        nonlocal ctx, answered
+        async with zmq_context() as ctx, serving(ctx, writer, clock) as gw:
+            loop = asyncio.get_running_loop()
+            ready: asyncio.Future[str] = loop.create_future()
+            held = asyncio.Event()
+            proxy = asyncio.create_task(holding_proxy(gw.endpoint, ready, held))
+            try:
+                async with lab_dispatcher(await ready, "cycle", context=ctx) as disp:
+                    await disp.heartbeat()  # connected: the loop's first beat leaves at once
+                    beats = asyncio.create_task(disp.heartbeat_loop(30.0))
+                    await held.wait()  # the loop's beat reached the gateway; no status yet
+                    beats.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await beats
+                    with caplog.at_level(logging.DEBUG, "parallelcity.dispatch.dispatcher"):
+                        status = await disp.heartbeat(release=True)
+                    answered = status.id
+            finally:
+                proxy.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await proxy
+        messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+        assert not [m for level, m in messages if "another message" in m], messages
+        late = [m for level, m in messages if level == logging.DEBUG and "late status" in m]
+        assert len(late) == 1 and answered not in late[0], (answered, late)
+
+    ctx: zmq.asyncio.Context
+    run(main)
+
+
 # =========================================================================== real OPC UA
 
 

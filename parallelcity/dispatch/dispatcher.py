@@ -74,6 +74,8 @@ class _Link:
     def __init__(self) -> None:
         self.sock: zmq.asyncio.Socket | None = None
         self.lock = asyncio.Lock()
+        # heartbeats the loop sent and awaits a status for: id -> loop time it left
+        self.waiting: dict[str, float] = {}
 
     def close(self) -> None:
         sock, self.sock = self.sock, None
@@ -330,7 +332,7 @@ class Dispatcher:
         link = self._beats
         loop = asyncio.get_running_loop()
         lost_after = max(self.timeout_s, interval_s)
-        waiting: dict[str, float] = {}  # heartbeat id -> loop time it left
+        waiting = link.waiting
         next_at = loop.time()
         while True:
             statuses: list[Status] = []
@@ -399,7 +401,7 @@ class Dispatcher:
             if attempt > 1:
                 self.counters.resent += 1
                 log.info("dispatcher: resending %s (attempt %d/%d)", msg_id, attempt, attempts)
-            reply = await self._attempt(sock, wait_s, msg_id, data, problems)
+            reply = await self._attempt(sock, wait_s, msg_id, data, problems, link.waiting)
             if reply is not None:
                 return reply
             self.counters.timeouts += 1
@@ -418,6 +420,7 @@ class Dispatcher:
         msg_id: str,
         data: bytes,
         problems: list[str],
+        beats: dict[str, float],
     ) -> Reply | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_s
@@ -451,7 +454,11 @@ class Dispatcher:
                 log.warning("dispatcher: ignoring an unreadable reply: %s", exc)
                 continue
             if reply.id != msg_id:
-                log.info("dispatcher: ignoring a reply to another message (%s)", reply.id)
+                if beats.pop(reply.id, None) is not None:
+                    # the loop stopped between a beat and its status: expected at a run's end
+                    log.debug("dispatcher: a late status to heartbeat %s", reply.id)
+                else:
+                    log.info("dispatcher: ignoring a reply to another message (%s)", reply.id)
                 continue
             return reply
 
