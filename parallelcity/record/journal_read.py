@@ -28,7 +28,6 @@ from parallelcity.record.records import (
 )
 
 if TYPE_CHECKING:  # imported where used: a file that is no journal is refused at once
-    from parallelcity.record.records import CycleRecord, EndState, RunResult
     from parallelcity.scenario.definition import Scenario
 
 LOCK_TIMEOUT_S = 2.0
@@ -263,7 +262,6 @@ def _num(v: Any) -> float:
 def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dict[str, int]]:
     """Each cycle's record and the run's counters, as the runner had them."""
     from parallelcity.decide.cycle import Outcome
-    from parallelcity.record.records import CycleRecord
 
     inputs = scenario.model.inputs
     bands = scenario.safety_specs().bands
@@ -316,7 +314,6 @@ def records(run: JournalRun, scenario: Scenario) -> tuple[list[CycleRecord], dic
 
 def end_state(run: JournalRun) -> EndState | None:
     """The field at the run's end as the runner read it, or None if the journal has none."""
-    from parallelcity.record.records import EndState
 
     if run.end_state is None:
         return None
@@ -333,7 +330,6 @@ def end_state(run: JournalRun) -> EndState | None:
 
 def run_result(run: JournalRun, scenario: Scenario, out_dir: Path) -> RunResult:
     """The run as ``runner.run`` returned it, to write its outputs into ``out_dir``."""
-    from parallelcity.record.records import RunResult
 
     try:
         recs, counts = records(run, scenario)
