@@ -103,10 +103,15 @@ class Approach:
         return self.length_m + sum(f.length_m for f in self.feeders)
 
     @property
+    def edge_lane_m(self) -> tuple[tuple[str, float], ...]:
+        """Per edge of the approach, in driving order: its lanes times its length."""
+        stop_line = (self.edge, self.lanes * self.length_m)
+        return (*((f.edge, f.lanes * f.length_m) for f in self.feeders), stop_line)
+
+    @property
     def storage_veh(self) -> float:
         """Vehicles standing on the approach when it is jammed end to end."""
-        lane_m = self.lanes * self.length_m + sum(f.lanes * f.length_m for f in self.feeders)
-        return lane_m / JAM_SPACING_M
+        return sum(m for _, m in self.edge_lane_m) / JAM_SPACING_M
 
     @property
     def saturation_veh_h(self) -> float:

@@ -251,13 +251,7 @@ class SumoPlant:
         self._loops: dict[str, list[str]] = {}  # approach edge -> its stop-line loops
         self._phase_loops: dict[str, list[set[str]]] = {}  # tls -> per phase, its green loops
         self._halting = np.zeros(len(network.approaches))
-        self._edge_weights = {  # approach -> (edge, lanes x length) over its edges
-            a.edge: [
-                *((f.edge, f.lanes * f.length_m) for f in a.feeders),
-                (a.edge, a.lanes * a.length_m),
-            ]
-            for a in network.approaches
-        }
+        self._edge_weights = {a.edge: a.edge_lane_m for a in network.approaches}
         # probes since the last reset: (SUMO second, loop counts, occupancy %), oldest first
         self._probes: deque[tuple[float, Array, Array]] = deque()
         self._pending_check = False
